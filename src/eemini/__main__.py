@@ -1,0 +1,5 @@
+import sys
+
+from eemini.cli import main
+
+sys.exit(main())

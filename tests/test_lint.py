@@ -1,0 +1,27 @@
+"""The linters and the type checker are part of the test suite."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from conftest import REPO
+
+
+def _run(*argv: str) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", *argv], cwd=REPO, capture_output=True, text=True, check=False
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_ruff_check() -> None:
+    _run("ruff", "check", "src", "tests", "bench")
+
+
+def test_ruff_format() -> None:
+    _run("ruff", "format", "--check", "src", "tests", "bench")
+
+
+def test_mypy_strict() -> None:
+    _run("mypy")
