@@ -37,11 +37,10 @@ def veth(ns_a: str, name_a: str, ns_b: str, name_b: str) -> None:
     ip("link", "add", name_a, "netns", ns_a, "type", "veth", "peer", "name", name_b, "netns", ns_b)
 
 
-def python_in(ns: str, argv: Sequence[str], **kw: object) -> subprocess.Popen[str]:
+def python_in(ns: str, argv: Sequence[str]) -> subprocess.Popen[str]:
     return subprocess.Popen(
         ["ip", "netns", "exec", ns, sys.executable, *argv],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        **kw,  # type: ignore[call-overload]
     )
