@@ -19,12 +19,13 @@ S = bc.Source
 
 def test_cmdline_like_the_kernel() -> None:
     c = bc.parse_cmdline(
-        'console=ttyS0,115200 quiet ee.UPSTREAM_URL="http://a b" "ee.X=1 2" ro ee.EMPTY= '
+        'console=ttyS0,115200 quiet ee.dev=1 ee.UPSTREAM_URL="http://a b" "ee.X=1 2" ro ee.EMPTY= '
         "-- init-arg ee.NOPE=1\n"
     )
     assert c.params == (
         ("console", "ttyS0,115200"),
         ("quiet", None),
+        ("ee.dev", "1"),
         ("ee.UPSTREAM_URL", "http://a b"),
         ("ee.X", "1 2"),
         ("ro", None),
@@ -67,8 +68,9 @@ def test_agent_env_parsing() -> None:
     assert got[1].event() == {
         "source": "config-disk",
         "key": "LOG_LEVEL",
-        # sha256("debug"), computed with coreutils: printf debug | sha256sum
-        "value_digest": "sha256:0b8e9e995d8d77f1e4770f0f79665aee6f3f70247b3735422daba73df4c3096f",
+        # SHA-384 of "debug", computed with coreutils: printf debug | sha384sum
+        "value_digest": "sha384:b345909bba936cdc8ea81ae3ffe6c668481d351df7c46efd502f7f7f94dff566"
+        "d40a9ecaa6621609419ad1903f74a799",
     }
 
 

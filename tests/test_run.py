@@ -78,7 +78,7 @@ def test_find_disk(tmp_path: Path) -> None:
     (tmp_path / "a.raw").write_bytes(b"")
     (tmp_path / "disk.qcow2").write_bytes(b"QFI\xfb")
     assert launcher.find_disk(tmp_path) == tmp_path / "a.raw"
-    (tmp_path / "manifest.json").write_text(json.dumps({"outputs": [{"path": "disk.qcow2"}]}))
+    (tmp_path / "manifest.json").write_text(json.dumps({"outputs": {"qcow2": {"file": "disk.qcow2"}}}))
     assert launcher.find_disk(tmp_path) == tmp_path / "disk.qcow2"
     assert launcher.disk_format(tmp_path / "disk.qcow2") == "qcow2"
     assert launcher.disk_format(tmp_path / "a.raw") == "raw"

@@ -113,9 +113,10 @@ def find_disk(target: Path | None) -> Path:
     manifest = target / "manifest.json"
     if manifest.is_file():
         with contextlib.suppress(ValueError, OSError, AttributeError, TypeError):
-            data = json.loads(manifest.read_text())
-            for entry in data.get("outputs", []):
-                name = entry.get("path") or entry.get("name") if isinstance(entry, dict) else entry
+            # manifest.json "outputs": {name: {"file": ..., "sha256": ..., "size": ...}}
+            outputs = json.loads(manifest.read_text()).get("outputs", {})
+            for entry in outputs.values():
+                name = entry.get("file")
                 if isinstance(name, str) and name.endswith(DISK_SUFFIXES) and (target / name).is_file():
                     return target / name
     disks = sorted(p for p in target.iterdir() if p.suffix in DISK_SUFFIXES and p.is_file())

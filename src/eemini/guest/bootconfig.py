@@ -54,7 +54,8 @@ class Setting:
 
     @property
     def digest(self) -> str:
-        return "sha256:" + hashlib.sha256(self.value.encode()).hexdigest()
+        # SHA-384, like every other digest in the runtime event log (eemini.guest.events).
+        return "sha384:" + hashlib.sha384(self.value.encode()).hexdigest()
 
     def event(self) -> dict[str, str]:
         """What the runtime event log records: never the value itself, only its digest."""
@@ -111,10 +112,16 @@ def read_cmdline(path: str = "/proc/cmdline") -> Cmdline:
         return parse_cmdline(f.read())
 
 
+# ee.* names on the cmdline that are image facts, not boot config: ee.dev=1 marks a local-dev
+# image in the measured cmdline (set by the builder, checked by PID 1).
+RESERVED = frozenset({"ee.dev"})
+DEV_MARKER = ("ee.dev", "1")
+
+
 def cmdline_settings(cmdline: Cmdline) -> list[Setting]:
     out = []
     for key, value in cmdline.params:
-        if not key.startswith("ee."):
+        if not key.startswith("ee.") or key in RESERVED:
             continue
         name = key[3:]
         if value is None:
