@@ -22,7 +22,10 @@ class Command(Protocol):
 
 
 # name -> module under eemini.commands. Each module defines HELP, add_arguments() and run().
-COMMANDS: dict[str, str] = {}
+COMMANDS: dict[str, str] = {
+    "dev": "eemini.commands.dev",
+    "call": "eemini.commands.call",
+}
 
 
 class Parser(argparse.ArgumentParser):
