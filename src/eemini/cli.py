@@ -25,6 +25,7 @@ class Command(Protocol):
 COMMANDS: dict[str, str] = {
     "dev": "eemini.commands.dev",
     "call": "eemini.commands.call",
+    "run": "eemini.commands.run",
 }
 
 
