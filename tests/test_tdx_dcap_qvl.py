@@ -17,7 +17,6 @@ from conftest import shared_testdata
 from eemini.tdx.collateral import TcbStatus, parse_collateral
 from eemini.tdx.errors import (
     DebugTdRejected,
-    ServiceTdRejected,
     TcbLevelNotFound,
     TdAttributesRejected,
     UntrustedRoot,
@@ -192,28 +191,6 @@ def test_sept_ve_disable_is_an_option_reported_either_way() -> None:
     v = _verify_lenient(d, e, accept.require_sept_ve_disable(False).build())
     assert v.attributes.sept_ve_disable is False
     assert v.tcb_status == "OutOfDate"
-
-
-def test_mr_servicetd_option_on_v5_quotes() -> None:
-    # No corpus quote has a non-zero MR_SERVICETD, so the check is exercised on a v5 quote whose report
-    # is verified and then judged with a copy whose MR_SERVICETD differs (policy stage only).
-    import dataclasses
-
-    from eemini.tdx.verify import _Context, check_policy
-
-    d, e = _load("go-tdx-guest__quote_v5_sample.bin")
-    v = _verify_lenient(d, e, Policy())
-    assert v.attributes.mr_servicetd_zero is True
-    report = dataclasses.replace(v.quote.report, mr_servicetd=b"\x01" * 48)
-    quote = dataclasses.replace(v.quote, report=report)
-    with pytest.raises(ServiceTdRejected, match=r"^MR_SERVICETD is not zero"):
-        check_policy(_Context(e["verify_at"], (v.trust_anchor,), None), quote, Policy(), v.tcb)
-    check_policy(
-        _Context(e["verify_at"], (v.trust_anchor,), None),
-        quote,
-        Policy(require_zero_mr_servicetd=False),
-        v.tcb,
-    )
 
 
 def test_cache_gives_the_same_results() -> None:
