@@ -17,6 +17,7 @@ from conftest import shared_testdata
 from eemini.tdx.collateral import TcbStatus, parse_collateral
 from eemini.tdx.errors import (
     DebugTdRejected,
+    ServiceTdRejected,
     TcbLevelNotFound,
     TdAttributesRejected,
     UntrustedRoot,
@@ -206,3 +207,15 @@ def test_cache_gives_the_same_results() -> None:
             v = verify(raw, col, policy, e["verify_at"], cache=cache)
             assert v.tcb_status == e["status"]
     assert cache.tcb_infos and cache.links
+
+
+def test_mr_servicetd_option_on_a_real_v5_quote() -> None:
+    # trustee__tdx_quote_5 carries a non-zero MR_SERVICETD (dcap-qvl stops earlier, at its TCB level).
+    d, e = _load("trustee__tdx_quote_5.bin")
+    raw = (d / e["file"]).read_bytes()
+    lenient = Policy(require_collateral=False)
+    with pytest.raises(ServiceTdRejected, match=r"^MR_SERVICETD is not zero"):
+        verify(raw, None, lenient, e["verify_at"])
+    v = verify(raw, None, lenient.replace(require_zero_mr_servicetd=False), e["verify_at"])
+    assert v.attributes.mr_servicetd_zero is False
+    assert v.tcb_status == "NotEvaluated"

@@ -22,7 +22,10 @@ class Command(Protocol):
 
 
 # name -> module under eemini.commands. Each module defines HELP, add_arguments() and run().
-COMMANDS: dict[str, str] = {}
+COMMANDS: dict[str, str] = {
+    "quote": "eemini.commands.quote",
+    "verify": "eemini.commands.verify",
+}
 
 
 class Parser(argparse.ArgumentParser):
