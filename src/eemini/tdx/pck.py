@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 
 from eemini.tdx.errors import CertificateParseError
 
@@ -174,7 +175,12 @@ def load_pem_chain(pem: bytes, what: str) -> list[x509.Certificate]:
     certs = []
     for i, block in enumerate(blocks):
         try:
-            certs.append(x509.load_pem_x509_certificate(block))
-        except ValueError as e:
+            cert = x509.load_pem_x509_certificate(block)
+            # cryptography decodes these lazily; touch them now so a malformed certificate fails
+            # here, as a parse error, instead of in the middle of a check.
+            _ = (cert.subject, cert.issuer, cert.not_valid_before_utc, cert.not_valid_after_utc)
+            _ = (cert.extensions, cert.public_key(), cert.signature_hash_algorithm)
+        except (ValueError, UnsupportedAlgorithm) as e:
             raise CertificateParseError(f"{what}: certificate {i} does not parse: {e}") from None
+        certs.append(cert)
     return certs

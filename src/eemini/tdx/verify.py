@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
@@ -162,7 +162,7 @@ class _Context:
             return
         try:
             child.verify_directly_issued_by(parent)
-        except (ValueError, TypeError, InvalidSignature) as e:
+        except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm) as e:
             raise CertificateChainError(
                 f"{what}: {_name(child)} is not signed by {_name(parent)} ({type(e).__name__}: {e})"
             ) from None
@@ -229,7 +229,10 @@ def _ecdsa_verify(key: ec.EllipticCurvePublicKey, raw_sig: bytes, data: bytes) -
 
 
 def _ec_key(cert: x509.Certificate, what: str) -> ec.EllipticCurvePublicKey:
-    key = cert.public_key()
+    try:
+        key = cert.public_key()
+    except (ValueError, UnsupportedAlgorithm) as e:
+        raise CertificateParseError(f"{what}: {_name(cert)} has an unusable public key: {e}") from None
     if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP256R1):
         raise CertificateParseError(f"{what}: {_name(cert)} does not hold a P-256 key")
     return key
