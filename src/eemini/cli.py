@@ -26,6 +26,8 @@ COMMANDS: dict[str, str] = {
     "dev": "eemini.commands.dev",
     "call": "eemini.commands.call",
     "run": "eemini.commands.run",
+    "quote": "eemini.commands.quote",
+    "verify": "eemini.commands.verify",
 }
 
 
