@@ -22,7 +22,9 @@ class Command(Protocol):
 
 
 # name -> module under eemini.commands. Each module defines HELP, add_arguments() and run().
-COMMANDS: dict[str, str] = {}
+COMMANDS: dict[str, str] = {
+    "measure": "eemini.commands.measure",
+}
 
 
 class Parser(argparse.ArgumentParser):
