@@ -28,6 +28,7 @@ COMMANDS: dict[str, str] = {
     "run": "eemini.commands.run",
     "quote": "eemini.commands.quote",
     "verify": "eemini.commands.verify",
+    "measure": "eemini.commands.measure",
 }
 
 
