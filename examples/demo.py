@@ -97,21 +97,21 @@ def main() -> int:
         events = attest.get("events") or []
         say("")
         say("EasyEnclave Mini demo")
-        say(f"  nonce sent           {nonce.hex()}")
+        say(f"  nonce sent            {nonce.hex()}")
         say(f"  report data (SHA-512) {expected.hex()[:64]}…")
-        say(f"  quote                {len(quote)} bytes, attestation {attest.get('attestation_type')}")
+        say(f"  quote                 {len(quote)} bytes, attestation {attest.get('attestation_type')}")
         if result.get("verified") is True:
-            say(f"  verified             yes: {', '.join(str(c) for c in result.get('checks', []))}")
-            say(f"  trust anchor         {result['trust_anchor']['name']} (production: no)")
+            say(f"  verified              yes: {', '.join(str(c) for c in result.get('checks', []))}")
+            say(f"  trust anchor          {result['trust_anchor']['name']} (production: no)")
             bound = "yes" if result.get("report_data") == expected.hex() else "NO"
-            say(f"  report data bound    {bound}")
-            say(f"  MRTD                 {str(result.get('mr_td'))[:32]}…")
+            say(f"  report data bound     {bound}")
+            say(f"  MRTD                  {str(result.get('mr_td'))[:32]}…")
         else:
             why = result.get("error") or verify.stderr.strip()
-            say(f"  verified             NO: {result.get('check')}: {why}")
+            say(f"  verified              NO: {result.get('check')}: {why}")
         kinds = ", ".join(str(e.get("kind")) for e in events if isinstance(e, dict))
-        say(f"  runtime event log    {kinds}")
-        say(f"  VM                   {outcome.summary} after {outcome.elapsed:.1f} s")
+        say(f"  runtime event log     {kinds}")
+        say(f"  VM                    {outcome.summary} after {outcome.elapsed:.1f} s")
         ok = result.get("verified") is True and outcome.exit_code == 0
         say("" if ok else "demo: FAILED (see above and " + os.fspath(log) + ")")
         return 0 if ok else 1
