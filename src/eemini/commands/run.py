@@ -87,6 +87,7 @@ def run(args: argparse.Namespace) -> int:
         timeout=args.timeout,
         log=args.log,
         qmp=args.qmp,
+        restrict=args.restrict,
     )
     if args.print_tdx_command:
         launcher.print_command(launcher.tdx_command(cfg))
