@@ -41,7 +41,8 @@ class Dev:
         self.root_out = tmp / "root.pem"
         write_workload(tmp, "app", WORKLOAD)
         (tmp / "enclave.toml").write_text(
-            '[workload]\npath = "app"\nrestart = "on-failure"\non_exit = "poweroff"\ninherit_token = true\n'
+            '[workload]\npath = "app"\nrestart = "on-failure"\n'
+            'on_exit = "poweroff"\ninherit_token = true\n'
         )
         self.stderr_path = tmp / "dev.stderr"
         self._err = open(self.stderr_path, "wb")  # noqa: SIM115
@@ -164,6 +165,6 @@ def test_dev_reports_spec_errors(tmp_path: Path) -> None:
     )
     assert proc.returncode == 1
     assert proc.stderr == (
-        f"eemini dev: error: {tmp_path}/enclave.toml: workload.restart: expected one of always, on-failure, "
-        "never, got 'sometimes'\n"
+        f"eemini dev: error: {tmp_path}/enclave.toml: workload.restart: "
+        "expected one of always, on-failure, never, got 'sometimes'\n"
     )
