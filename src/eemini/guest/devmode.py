@@ -64,7 +64,7 @@ def run(spec: EnclaveSpec, options: DevOptions) -> int:
     _write_private(token_path, token.encode() + b"\n")
     root_pem = dev_root_pem()
     root_paths = [os.path.join(directory, DEV_ROOT_FILE)]
-    if options.dev_root_out:
+    if options.dev_root_out and os.path.abspath(options.dev_root_out) not in root_paths:
         root_paths.append(os.path.abspath(options.dev_root_out))
     for path in root_paths:
         with open(path, "wb") as f:
