@@ -25,6 +25,10 @@ class Command(Protocol):
 COMMANDS: dict[str, str] = {
     "dev": "eemini.commands.dev",
     "call": "eemini.commands.call",
+    "run": "eemini.commands.run",
+    "quote": "eemini.commands.quote",
+    "verify": "eemini.commands.verify",
+    "measure": "eemini.commands.measure",
 }
 
 
