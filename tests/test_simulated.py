@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 import struct
+import subprocess
+import sys
+from pathlib import Path
 
 import dcap_qvl
 import pytest
@@ -136,7 +141,7 @@ def test_quote_layout() -> None:
     assert (f["version"], f["key_type"], f["tee_type"], f["reserved"]) == (4, 2, 0x81, 0)
     assert f["qe_vendor_id"] == INTEL_QE_VENDOR_ID
     assert f["report_data"] == REPORT_DATA
-    assert f["td_attributes"] == 1  # TUD.DEBUG
+    assert f["td_attributes"] == 0x10000001  # TUD.DEBUG | SEPT_VE_DISABLE
     assert f["mr_td"] == Measurements().mr_td
     assert (f["cert_type"], f["inner_type"]) == (6, 5)
     assert f["qe_auth"] == QE_AUTH_DATA
@@ -201,3 +206,22 @@ def test_backend_extends_rtmrs() -> None:
     assert parse(backend.quote(REPORT_DATA))["rtmr3"] == expected
     with pytest.raises(ValueError, match=r"RTMR index must be 0..3"):
         backend.extend_rtmr(4, digest)
+
+
+def test_the_project_verifier_accepts_them_only_with_the_dev_root(tmp_path: Path) -> None:
+    quote, root, policy = tmp_path / "quote.bin", tmp_path / "root.pem", tmp_path / "policy.json"
+    quote.write_bytes(make_quote(REPORT_DATA))
+    root.write_bytes(dev_root_pem())
+    policy.write_text(json.dumps({"allow_debug": True, "require_collateral": False}))
+    argv = [sys.executable, "-m", "eemini", "verify", os.fspath(quote), "--policy", os.fspath(policy)]
+    argv += ["--report-data", REPORT_DATA.hex()]
+    untrusted = subprocess.run(argv, capture_output=True, text=True, check=False)
+    assert untrusted.returncode == 1
+    assert "is not a trusted root" in untrusted.stderr
+    trusted = subprocess.run(
+        [*argv, "--trust-dev-root", os.fspath(root), "--json"], capture_output=True, text=True
+    )
+    assert trusted.returncode == 0, trusted.stderr
+    result = json.loads(trusted.stdout)
+    assert result["verified"] is True
+    assert result["attributes"]["debug"] is True
