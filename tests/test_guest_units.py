@@ -12,6 +12,7 @@ import pytest
 from eemini.guest.events import EventLog
 from eemini.guest.logbuf import LineSplitter, LogBuffer
 from eemini.guest.loop import EventLoop
+from eemini.guest.supervisor import Console
 
 
 def test_loop_timers_order_and_cancel() -> None:
@@ -111,3 +112,34 @@ def test_event_log_order_seal_and_hook() -> None:
     assert log.to_list()[0]["digest"] == "sha384:" + hashlib.sha384(b"{}").hexdigest()
     with pytest.raises(RuntimeError, match=r"event log is sealed; cannot append config X"):
         log.append("config", "cmdline", "X", "sha384:00")
+
+
+def test_console_drops_lines_instead_of_blocking() -> None:
+    r, w = os.pipe()
+    os.set_blocking(r, False)
+    console = Console(w, max_pending=64)
+    # Fill the pipe so the console thread blocks in write(), like a slow serial line.
+    os.set_blocking(w, False)
+    try:
+        while True:
+            os.write(w, b"f" * 65536)
+    except BlockingIOError:
+        pass
+    os.set_blocking(w, True)
+    for i in range(50):
+        console.write(f"line {i:02}\n".encode())  # returns at once although nothing drains
+    out = b""
+    while b"lines dropped" not in out:
+        try:
+            out += os.read(r, 1 << 20)
+        except BlockingIOError:
+            continue
+    console.flush()
+    text = out.replace(b"f", b"").decode()
+    kept = [line for line in text.splitlines() if line.startswith("line")]
+    assert kept[0] == "line 00"
+    assert 0 < len(kept) < 50
+    # Every line was either written or counted as dropped.
+    assert f"eemini: console too slow: {50 - len(kept)} lines dropped (see logs)\n" in text
+    os.close(r)
+    os.close(w)

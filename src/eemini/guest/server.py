@@ -315,8 +315,12 @@ class Server:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:
-                # EMFILE/ENFILE: out of fds; the pending connection stays queued for later.
+                # EMFILE/ENFILE: out of fds. The connection stays queued; stop watching the
+                # listener for a moment, or a level-triggered select would spin on it.
                 print(f"eemini: control socket: accept failed: {e.strerror}", file=sys.stderr)
+                fd = self.listener.fileno()
+                self.loop.remove_reader(fd)
+                self.loop.call_later(0.1, lambda fd=fd: self._resume_accept(fd))  # type: ignore[misc]
                 return
             sock.setblocking(False)
             if len(self.conns) >= self.limits.max_connections:
@@ -329,6 +333,10 @@ class Server:
             conn = _Conn(self, sock)
             self.conns.add(conn)
             conn.update()
+
+    def _resume_accept(self, fd: int) -> None:
+        if self.listener is not None and self.listener.fileno() == fd:
+            self.loop.add_reader(fd, self._on_accept)
 
     def _schedule_sweep(self) -> None:
         interval = max(0.05, min(1.0, self.limits.idle_timeout / 4))
