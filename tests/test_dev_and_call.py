@@ -145,6 +145,18 @@ def test_parse_params() -> None:
         parse_params(["x:=["])
 
 
+def test_second_runtime_on_the_same_socket_is_refused(dev: Dev, tmp_path: Path) -> None:
+    token_file = Path(dev.socket).parent / "token"
+    before = token_file.read_text()
+    (tmp_path / "enclave.toml").write_text('[workload]\npath = "/bin/true"\n')
+    argv = [*EEMINI, "dev", "-f", os.fspath(tmp_path / "enclave.toml"), "--socket", dev.socket]
+    proc = subprocess.run(argv, capture_output=True, text=True, check=False)
+    assert proc.returncode == 1
+    assert proc.stderr == f"eemini dev: error: another runtime is serving {dev.socket}\n"
+    assert token_file.read_text() == before
+    assert dev.call("health").returncode == 0
+
+
 def test_ctrl_c_stops_the_workload_cleanly(dev: Dev) -> None:
     dev.proc.send_signal(signal.SIGINT)
     assert dev.proc.wait(15) == 0

@@ -81,6 +81,16 @@ def _json_type_name(value: object) -> str:
     return "an object"
 
 
+def socket_in_use(path: str) -> bool:
+    """True when something accepts connections on the unix socket at `path`."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(path)
+        except OSError:
+            return False
+        return True
+
+
 def _encode(response: Response) -> bytes:
     return json.dumps(response, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
 
@@ -278,6 +288,8 @@ class Server:
             st = os.lstat(self.path)
             if not stat.S_ISSOCK(st.st_mode):
                 raise OSError(errno.EEXIST, f"{self.path} exists and is not a socket")
+            if socket_in_use(self.path):
+                raise OSError(errno.EADDRINUSE, f"another runtime is serving {self.path}")
             os.unlink(self.path)  # a stale socket from an earlier run
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old_umask = os.umask(0o177)  # the socket is born 0600: no window where others connect
