@@ -126,6 +126,15 @@ def test_health_is_wire_compatible(rt: RuntimeProc) -> None:
             ("logs: no workload 'other' (the one workload is 'app')", "not_found"),
         ),
         (b"[" * 60000 + b"\n", ("request is not valid JSON: nested too deeply", "bad_request")),
+        (
+            b'{"tail": ' + b"1" * 5000 + b"}\n",
+            (
+                "request is not valid JSON: Exceeds the limit (4300 digits) for integer string "
+                "conversion: value has 5000 digits; "
+                "use sys.set_int_max_str_digits() to increase the limit",
+                "bad_request",
+            ),
+        ),
     ],
 )
 def test_bad_requests_get_clear_errors(

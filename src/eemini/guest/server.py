@@ -386,6 +386,9 @@ class Server:
         except RecursionError:
             conn.send(error("request is not valid JSON: nested too deeply", "bad_request"))
             return
+        except ValueError as e:  # e.g. an integer beyond the interpreter's digit limit
+            conn.send(error(f"request is not valid JSON: {e}", "bad_request"))
+            return
         if not isinstance(request, dict):
             what = _json_type_name(request)
             conn.send(error(f"request must be a JSON object, got {what}", "bad_request"))

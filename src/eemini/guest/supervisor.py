@@ -431,7 +431,8 @@ class Supervisor:
                 self.state = State.STOPPED
             self._finish_stop()
             return
-        self._restart_requested = self._restart_requested or restart
+        # The latest request wins: a shutdown during a restart's stop cancels the restart.
+        self._restart_requested = restart
         if self.state is State.STOPPING:
             return
         self.state = State.STOPPING
