@@ -57,7 +57,7 @@ from eemini.tdx.errors import (
     TdAttributesRejected,
     UntrustedRoot,
 )
-from eemini.tdx.pck import PckExtension, load_pem_chain, parse_pck_extension
+from eemini.tdx.pck import PckExtension, _tlvs, load_pem_certificate, parse_pck_extension, pem_blocks
 from eemini.tdx.policy import DEFAULT_POLICY, Policy
 from eemini.tdx.quote import Quote, TdReport, parse_quote
 from eemini.tdx.roots import INTEL_ROOT, TrustAnchor
@@ -100,6 +100,89 @@ class VerifiedQuote:
         return self.tcb.advisory_ids if self.tcb else ()
 
 
+@dataclass(frozen=True, slots=True)
+class _Cert:
+    """A parsed certificate with what the checks compare, computed once (names as DER bytes)."""
+
+    cert: x509.Certificate
+    fingerprint: bytes
+    subject: bytes
+    issuer: bytes
+    not_before: datetime.datetime
+    not_after: datetime.datetime
+    key: ec.EllipticCurvePublicKey | None
+
+    @property
+    def name(self) -> str:
+        return _name(self.cert)
+
+
+def _tbs_names(cert: x509.Certificate, what: str) -> tuple[bytes, bytes]:
+    # RFC 5280 4.1: TBSCertificate ::= SEQUENCE { [0] version OPTIONAL, serialNumber, signature,
+    # issuer, validity, subject, ... }. Comparing the encoded names byte for byte avoids building
+    # Name objects (the hot spot of a first verification); Intel's names are binary-identical.
+    outer = _tlvs(cert.tbs_certificate_bytes, what)
+    if len(outer) != 1 or outer[0][0] != 0x30:
+        raise CertificateParseError(f"{what}: TBSCertificate is not a SEQUENCE")
+    fields = _tlvs(outer[0][1], what)
+    first = 1 if fields and fields[0][0] == 0xA0 else 0
+    if len(fields) < first + 6:
+        raise CertificateParseError(f"{what}: TBSCertificate is too short")
+    return fields[first + 2][1], fields[first + 4][1]
+
+
+def _crl_issuer(crl: x509.CertificateRevocationList, what: str) -> bytes:
+    # RFC 5280 5.1: TBSCertList ::= SEQUENCE { version INTEGER OPTIONAL, signature, issuer, ... }
+    try:
+        outer = _tlvs(crl.tbs_certlist_bytes, what)
+        if len(outer) != 1 or outer[0][0] != 0x30:
+            raise CrlInvalid(f"{what}: TBSCertList is not a SEQUENCE")
+        fields = _tlvs(outer[0][1], what)
+    except CertificateParseError as e:
+        raise CrlInvalid(e.message) from None
+    first = 1 if fields and fields[0][0] == 0x02 else 0
+    if len(fields) < first + 3:
+        raise CrlInvalid(f"{what}: TBSCertList is too short")
+    return fields[first + 1][1]
+
+
+def _wrap(cert: x509.Certificate, what: str = "certificate") -> _Cert:
+    try:
+        key = cert.public_key()
+    except (ValueError, UnsupportedAlgorithm):
+        key = None
+    ec_key = (
+        key
+        if isinstance(key, ec.EllipticCurvePublicKey) and isinstance(key.curve, ec.SECP256R1)
+        else None
+    )
+    issuer, subject = _tbs_names(cert, what)
+    try:
+        return _Cert(
+            cert=cert,
+            fingerprint=cert.fingerprint(hashes.SHA256()),
+            subject=subject,
+            issuer=issuer,
+            not_before=cert.not_valid_before_utc,
+            not_after=cert.not_valid_after_utc,
+            key=ec_key,
+        )
+    except ValueError as e:
+        raise CertificateParseError(f"{what}: a certificate does not parse: {e}") from None
+
+
+# Trust anchors are configuration: wrap each once per process.
+_ANCHOR_CERTS: dict[str, _Cert] = {}
+
+
+@dataclass(frozen=True, slots=True)
+class _Crl:
+    crl: x509.CertificateRevocationList
+    issuer: bytes
+    this_update: datetime.datetime
+    next_update: datetime.datetime | None
+
+
 @dataclass
 class VerificationCache:
     """Already-verified certificates, CRLs and signed collateral, keyed by the SHA-256 of their bytes.
@@ -108,13 +191,14 @@ class VerificationCache:
     every verification. Safe to share between quotes and collateral sets; not thread-safe.
     """
 
-    chains: dict[bytes, tuple[x509.Certificate, ...]] = field(default_factory=dict)
+    chains: dict[bytes, tuple[_Cert, ...]] = field(default_factory=dict)
+    certs: dict[bytes, _Cert] = field(default_factory=dict)
+    ca: dict[bytes, bool] = field(default_factory=dict)
     links: set[tuple[bytes, bytes]] = field(default_factory=set)
-    crls: dict[tuple[bytes, bytes], x509.CertificateRevocationList] = field(default_factory=dict)
+    crls: dict[tuple[bytes, bytes], _Crl] = field(default_factory=dict)
     tcb_infos: dict[bytes, TcbInfo] = field(default_factory=dict)
     qe_identities: dict[bytes, QeIdentity] = field(default_factory=dict)
     pck_extensions: dict[bytes, PckExtension] = field(default_factory=dict)
-    fingerprints: dict[int, bytes] = field(default_factory=dict)
 
 
 def _digest(*parts: bytes) -> bytes:
@@ -140,73 +224,89 @@ class _Context:
     def passed(self, name: str) -> None:
         self.checks.append(name)
 
-    def fingerprint(self, cert: x509.Certificate) -> bytes:
-        key = id(cert)
-        fp = self.cache.fingerprints.get(key)
-        if fp is None:
-            fp = cert.fingerprint(hashes.SHA256())
-            self.cache.fingerprints[key] = fp
-        return fp
+    def anchor_cert(self, anchor: TrustAnchor) -> _Cert:
+        got = _ANCHOR_CERTS.get(anchor.sha256)
+        if got is None or got.cert is not anchor.certificate:
+            got = _ANCHOR_CERTS[anchor.sha256] = _wrap(anchor.certificate, anchor.name)
+        return got
 
-    def load_chain(self, pem: bytes, what: str) -> tuple[x509.Certificate, ...]:
+    def is_ca(self, cert: _Cert) -> bool:
+        got = self.cache.ca.get(cert.fingerprint)
+        if got is None:
+            got = self.cache.ca[cert.fingerprint] = _is_ca(cert.cert)
+        return got
+
+    def load_chain(self, pem: bytes, what: str) -> tuple[_Cert, ...]:
         key = _digest(pem)
-        certs = self.cache.chains.get(key)
-        if certs is None:
-            certs = tuple(load_pem_chain(pem, what))
-            self.cache.chains[key] = certs
-        return certs
+        chain = self.cache.chains.get(key)
+        if chain is None:
+            certs = []
+            # The same certificates recur across chains (the root in all four, the platform CA
+            # in two): parse each once.
+            for i, block in enumerate(pem_blocks(pem, what)):
+                block_key = _digest(block)
+                cert = self.cache.certs.get(block_key)
+                if cert is None:
+                    cert = _wrap(load_pem_certificate(block, what, i), what)
+                    self.cache.certs[block_key] = cert
+                certs.append(cert)
+            chain = self.cache.chains[key] = tuple(certs)
+        return chain
 
-    def verify_link(self, child: x509.Certificate, parent: x509.Certificate, what: str) -> None:
-        key = (self.fingerprint(child), self.fingerprint(parent))
+    def verify_link(self, child: _Cert, parent: _Cert, what: str) -> None:
+        key = (child.fingerprint, parent.fingerprint)
         if key in self.cache.links:
             return
         try:
-            child.verify_directly_issued_by(parent)
+            child.cert.verify_directly_issued_by(parent.cert)
         except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm) as e:
             raise CertificateChainError(
-                f"{what}: {_name(child)} is not signed by {_name(parent)} ({type(e).__name__}: {e})"
+                f"{what}: {child.name} is not signed by {parent.name} ({type(e).__name__}: {e})"
             ) from None
         self.cache.links.add(key)
 
-    def check_window(self, cert: x509.Certificate, what: str) -> None:
-        if not cert.not_valid_before_utc <= self.when <= cert.not_valid_after_utc:
+    def check_window(self, cert: _Cert, what: str) -> None:
+        if not cert.not_before <= self.when <= cert.not_after:
             raise CertificateExpired(
-                f"{what}: {_name(cert)} is valid from {cert.not_valid_before_utc.isoformat()} to "
-                f"{cert.not_valid_after_utc.isoformat()}, not at {self.when.isoformat()}"
+                f"{what}: {cert.name} is valid from {cert.not_before.isoformat()} to "
+                f"{cert.not_after.isoformat()}, not at {self.when.isoformat()}"
             )
 
     def verify_chain(
-        self, certs: Sequence[x509.Certificate], what: str
-    ) -> tuple[TrustAnchor, tuple[x509.Certificate, ...]]:
+        self, certs: Sequence[_Cert], what: str
+    ) -> tuple[TrustAnchor, _Cert, tuple[_Cert, ...]]:
         """Check `certs` (leaf first) up to a trusted root; return the anchor and the non-root certs."""
         if len(certs) < 2:
             raise CertificateChainError(f"{what}: expected at least 2 certificates, found {len(certs)}")
         last = certs[-1]
-        last_fp = self.fingerprint(last)
-        anchor = next((a for a in self.anchors if a.sha256 == last_fp.hex()), None)
+        anchor = next((a for a in self.anchors if a.sha256 == last.fingerprint.hex()), None)
         if anchor is not None:
             chain = tuple(certs[:-1])
         else:
-            anchor = next((a for a in self.anchors if a.certificate.subject == last.issuer), None)
+            anchor = next((a for a in self.anchors if self.anchor_cert(a).subject == last.issuer), None)
             if anchor is None or last.issuer == last.subject:
                 raise UntrustedRoot(
-                    f"{what} ends at {_name(last)} (SHA-256 {last_fp.hex()}), "
+                    f"{what} ends at {last.name} (SHA-256 {last.fingerprint.hex()}), "
                     "which is not a trusted root"
                 )
             chain = tuple(certs)
-        path = (*chain, anchor.certificate)
+        root = self.anchor_cert(anchor)
+        path = (*chain, root)
         for i in range(len(chain)):
             self.verify_link(path[i], path[i + 1], what)
-            if i + 1 < len(chain) and not _is_ca(path[i + 1]):
-                raise CertificateChainError(f"{what}: {_name(path[i + 1])} is not a CA certificate")
+            if i + 1 < len(chain) and not self.is_ca(path[i + 1]):
+                raise CertificateChainError(f"{what}: {path[i + 1].name} is not a CA certificate")
         for cert in path:
             self.check_window(cert, what)
-        return anchor, chain
+        return anchor, root, chain
 
 
 def _name(cert: x509.Certificate) -> str:
-    cns = cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
-    return repr(cns[0].value) if cns else repr(cert.subject.rfc4514_string())
+    try:
+        cns = cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+        return repr(cns[0].value) if cns else repr(cert.subject.rfc4514_string())
+    except ValueError:
+        return "(a certificate with an unreadable subject)"
 
 
 def _is_ca(cert: x509.Certificate) -> bool:
@@ -228,14 +328,10 @@ def _ecdsa_verify(key: ec.EllipticCurvePublicKey, raw_sig: bytes, data: bytes) -
     return True
 
 
-def _ec_key(cert: x509.Certificate, what: str) -> ec.EllipticCurvePublicKey:
-    try:
-        key = cert.public_key()
-    except (ValueError, UnsupportedAlgorithm) as e:
-        raise CertificateParseError(f"{what}: {_name(cert)} has an unusable public key: {e}") from None
-    if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP256R1):
-        raise CertificateParseError(f"{what}: {_name(cert)} does not hold a P-256 key")
-    return key
+def _ec_key(cert: _Cert, what: str) -> ec.EllipticCurvePublicKey:
+    if cert.key is None:
+        raise CertificateParseError(f"{what}: {cert.name} does not hold a P-256 key")
+    return cert.key
 
 
 # Checks: quote signature chain ---------------------------------------------------------------------
@@ -244,20 +340,21 @@ def _ec_key(cert: x509.Certificate, what: str) -> ec.EllipticCurvePublicKey:
 @dataclass(frozen=True, slots=True)
 class _PckResult:
     anchor: TrustAnchor
-    chain: tuple[x509.Certificate, ...]  # leaf first, without the root
+    root: _Cert
+    chain: tuple[_Cert, ...]  # leaf first, without the root
     extension: PckExtension
 
 
 def check_pck_chain(ctx: _Context, quote: Quote) -> _PckResult:
     certs = ctx.load_chain(quote.signature_data.certification.pck_chain_pem, "PCK certificate chain")
-    anchor, chain = ctx.verify_chain(certs, "PCK certificate chain")
-    leaf_fp = ctx.fingerprint(chain[0])
-    ext = ctx.cache.pck_extensions.get(leaf_fp)
+    anchor, root, chain = ctx.verify_chain(certs, "PCK certificate chain")
+    leaf = chain[0]
+    ext = ctx.cache.pck_extensions.get(leaf.fingerprint)
     if ext is None:
-        ext = parse_pck_extension(chain[0])
-        ctx.cache.pck_extensions[leaf_fp] = ext
+        ext = parse_pck_extension(leaf.cert)
+        ctx.cache.pck_extensions[leaf.fingerprint] = ext
     ctx.passed("pck-chain")
-    return _PckResult(anchor, chain, ext)
+    return _PckResult(anchor, root, chain, ext)
 
 
 def check_qe_report_signature(ctx: _Context, quote: Quote, pck: _PckResult) -> None:
@@ -300,32 +397,31 @@ def check_quote_signature(ctx: _Context, quote: Quote) -> None:
 
 @dataclass(frozen=True, slots=True)
 class _Crls:
-    root: x509.CertificateRevocationList
-    pck: x509.CertificateRevocationList
+    root: _Crl
+    pck: _Crl
 
 
-def _load_crl(
-    ctx: _Context, der: bytes, issuer: x509.Certificate, what: str
-) -> x509.CertificateRevocationList:
-    key = (_digest(der), ctx.fingerprint(issuer))
+def _load_crl(ctx: _Context, der: bytes, issuer: _Cert, what: str) -> _Crl:
+    key = (_digest(der), issuer.fingerprint)
     crl = ctx.cache.crls.get(key)
     if crl is None:
         try:
-            crl = x509.load_der_x509_crl(der)
+            loaded = x509.load_der_x509_crl(der)
+            crl = _Crl(loaded, _crl_issuer(loaded, what), loaded.last_update_utc, loaded.next_update_utc)
         except ValueError as e:
             raise CrlInvalid(f"{what} is not a DER CRL: {e}") from None
         if crl.issuer != issuer.subject:
             raise CrlInvalid(
-                f"{what} is issued by {crl.issuer.rfc4514_string()}, expected {_name(issuer)}"
+                f"{what} is issued by {loaded.issuer.rfc4514_string()}, expected {issuer.name}"
             )
         try:
-            valid = crl.is_signature_valid(_ec_key(issuer, what))
-        except (TypeError, ValueError):
+            valid = loaded.is_signature_valid(_ec_key(issuer, what))
+        except (TypeError, ValueError, UnsupportedAlgorithm):
             valid = False
         if not valid:
-            raise CrlInvalid(f"{what} is not signed by {_name(issuer)}")
+            raise CrlInvalid(f"{what} is not signed by {issuer.name}")
         ctx.cache.crls[key] = crl
-    this, nxt = crl.last_update_utc, crl.next_update_utc
+    this, nxt = crl.this_update, crl.next_update
     if nxt is None or not this <= ctx.when <= nxt:
         raise CollateralExpired(
             f"{what} is valid from {this.isoformat()} to "
@@ -335,25 +431,13 @@ def _load_crl(
     return crl
 
 
-def check_crls(
-    ctx: _Context, collateral: Collateral, anchor: TrustAnchor
-) -> tuple[_Crls, tuple[x509.Certificate, ...]]:
-    root_crl = _load_crl(ctx, collateral.root_ca_crl, anchor.certificate, "root CA CRL")
+def check_crls(ctx: _Context, collateral: Collateral, root: _Cert) -> tuple[_Crls, tuple[_Cert, ...]]:
+    root_crl = _load_crl(ctx, collateral.root_ca_crl, root, "root CA CRL")
     certs = ctx.load_chain(collateral.pck_crl_issuer_chain.encode(), "PCK CRL issuer chain")
-    _, chain = ctx.verify_chain(certs, "PCK CRL issuer chain")
+    _, _, chain = ctx.verify_chain(certs, "PCK CRL issuer chain")
     pck_crl = _load_crl(ctx, collateral.pck_crl, chain[0], "PCK CRL")
     ctx.passed("crls")
     return _Crls(root_crl, pck_crl), chain
-
-
-def _check_signed_json(
-    ctx: _Context, text: str, signature: bytes, chain_pem: str, what: str
-) -> tuple[x509.Certificate, ...]:
-    certs = ctx.load_chain(chain_pem.encode(), f"{what} issuer chain")
-    _, chain = ctx.verify_chain(certs, f"{what} issuer chain")
-    if not _ecdsa_verify(_ec_key(chain[0], what), signature, text.encode()):
-        raise CollateralSignatureInvalid(f"{what} is not signed by {_name(chain[0])}")
-    return chain
 
 
 def _check_window(ctx: _Context, issue: datetime.datetime, nxt: datetime.datetime, what: str) -> None:
@@ -364,18 +448,25 @@ def _check_window(ctx: _Context, issue: datetime.datetime, nxt: datetime.datetim
         )
 
 
-def check_tcb_info(
-    ctx: _Context, collateral: Collateral
-) -> tuple[TcbInfo, tuple[x509.Certificate, ...]]:
+def _signed_json_chain(
+    ctx: _Context, text: str, signature: bytes, chain_pem: str, what: str, *, verified: bool
+) -> tuple[_Cert, ...]:
+    # The chain is always re-checked (validity at `now`); a cached document skips its signature.
+    certs = ctx.load_chain(chain_pem.encode(), f"{what} issuer chain")
+    _, _, chain = ctx.verify_chain(certs, f"{what} issuer chain")
+    if not verified and not _ecdsa_verify(_ec_key(chain[0], what), signature, text.encode()):
+        raise CollateralSignatureInvalid(f"{what} is not signed by {chain[0].name}")
+    return chain
+
+
+def check_tcb_info(ctx: _Context, collateral: Collateral) -> tuple[TcbInfo, tuple[_Cert, ...]]:
     key = _digest(collateral.tcb_info.encode(), collateral.tcb_info_signature,
                   collateral.tcb_info_issuer_chain.encode())  # fmt: skip
-    # The chain is always re-checked (validity at `now`); the signature and parse are cached.
-    certs = ctx.load_chain(collateral.tcb_info_issuer_chain.encode(), "TCB info issuer chain")
-    _, chain = ctx.verify_chain(certs, "TCB info issuer chain")
     info = ctx.cache.tcb_infos.get(key)
+    chain = _signed_json_chain(ctx, collateral.tcb_info, collateral.tcb_info_signature,
+                               collateral.tcb_info_issuer_chain, "TCB info",
+                               verified=info is not None)  # fmt: skip
     if info is None:
-        _check_signed_json(ctx, collateral.tcb_info, collateral.tcb_info_signature,
-                           collateral.tcb_info_issuer_chain, "TCB info")  # fmt: skip
         try:
             info = parse_tcb_info(collateral.tcb_info)
         except CollateralParseError as e:
@@ -386,17 +477,14 @@ def check_tcb_info(
     return info, chain
 
 
-def check_qe_identity(
-    ctx: _Context, collateral: Collateral
-) -> tuple[QeIdentity, tuple[x509.Certificate, ...]]:
+def check_qe_identity(ctx: _Context, collateral: Collateral) -> tuple[QeIdentity, tuple[_Cert, ...]]:
     key = _digest(collateral.qe_identity.encode(), collateral.qe_identity_signature,
                   collateral.qe_identity_issuer_chain.encode())  # fmt: skip
-    certs = ctx.load_chain(collateral.qe_identity_issuer_chain.encode(), "QE identity issuer chain")
-    _, chain = ctx.verify_chain(certs, "QE identity issuer chain")
     identity = ctx.cache.qe_identities.get(key)
+    chain = _signed_json_chain(ctx, collateral.qe_identity, collateral.qe_identity_signature,
+                               collateral.qe_identity_issuer_chain, "QE identity",
+                               verified=identity is not None)  # fmt: skip
     if identity is None:
-        _check_signed_json(ctx, collateral.qe_identity, collateral.qe_identity_signature,
-                           collateral.qe_identity_issuer_chain, "QE identity")  # fmt: skip
         try:
             identity = parse_qe_identity(collateral.qe_identity)
         except CollateralParseError as e:
@@ -408,21 +496,19 @@ def check_qe_identity(
 
 
 def check_revocation(
-    ctx: _Context, crls: _Crls, anchor: TrustAnchor, chains: Sequence[tuple[x509.Certificate, ...]]
+    ctx: _Context, crls: _Crls, root: _Cert, chains: Sequence[tuple[_Cert, ...]]
 ) -> None:
     for chain in chains:
         for cert in chain:
-            if cert.issuer == anchor.certificate.subject:
+            if cert.issuer == root.subject:
                 crl, what = crls.root, "root CA CRL"
             elif cert.issuer == crls.pck.issuer:
                 crl, what = crls.pck, "PCK CRL"
             else:
-                raise CrlInvalid(
-                    f"no CRL covers {_name(cert)} (issued by {cert.issuer.rfc4514_string()})"
-                )
-            if crl.get_revoked_certificate_by_serial_number(cert.serial_number) is not None:
+                raise CrlInvalid(f"no CRL covers {cert.name} (its issuer issued neither CRL)")
+            if crl.crl.get_revoked_certificate_by_serial_number(cert.cert.serial_number) is not None:
                 raise CertificateRevoked(
-                    f"{_name(cert)} (serial {cert.serial_number:x}) is revoked by the {what}"
+                    f"{cert.name} (serial {cert.cert.serial_number:x}) is revoked by the {what}"
                 )
     ctx.passed("revocation")
 
@@ -430,10 +516,10 @@ def check_revocation(
 def check_collateral(
     ctx: _Context, quote: Quote, collateral: Collateral, pck: _PckResult
 ) -> tcb.TcbEvaluation:
-    crls, crl_chain = check_crls(ctx, collateral, pck.anchor)
+    crls, crl_chain = check_crls(ctx, collateral, pck.root)
     tcb_info, tcb_chain = check_tcb_info(ctx, collateral)
     qe_identity, qe_chain = check_qe_identity(ctx, collateral)
-    check_revocation(ctx, crls, pck.anchor, (pck.chain, crl_chain, tcb_chain, qe_chain))
+    check_revocation(ctx, crls, pck.root, (pck.chain, crl_chain, tcb_chain, qe_chain))
     evaluation = tcb.evaluate(
         tcb_info, qe_identity, pck.extension, quote.report, quote.signature_data.certification.qe_report
     )
