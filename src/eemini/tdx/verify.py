@@ -376,6 +376,8 @@ def check_qe_report_data(ctx: _Context, quote: Quote) -> None:
             "the QE report data does not bind the attestation key and QE authentication data: "
             f"expected {want.hex()}, found {got[:32].hex()}"
         )
+    if any(got[32:]):
+        raise QeReportDataMismatch(f"the QE report data's upper 32 bytes are not zero: {got[32:].hex()}")
     ctx.passed("qe-report-data")
 
 
@@ -539,31 +541,42 @@ def attribute_report(report: TdReport) -> AttributeReport:
     )
 
 
-def check_policy(
-    ctx: _Context, quote: Quote, policy: Policy, evaluation: tcb.TcbEvaluation | None
-) -> None:
-    report = quote.report
-    attrs = attribute_report(report)
-    if attrs.debug and not policy.allow_debug:
+def check_debug(ctx: _Context, report: TdReport, policy: Policy) -> None:
+    if report.debug and not policy.allow_debug:
         raise DebugTdRejected(
             f"the TD is a debug TD (TD_ATTRIBUTES {report.td_attributes.hex()}): "
             "its memory is open to the host"
         )
     ctx.passed("debug")
-    if policy.reject_reserved_td_attributes and attrs.reserved_bits:
-        raise TdAttributesRejected(f"reserved TD_ATTRIBUTES bits are set: 0x{attrs.reserved_bits:016x}")
-    if policy.require_sept_ve_disable and not attrs.sept_ve_disable:
+
+
+def check_td_attributes(ctx: _Context, report: TdReport, policy: Policy) -> None:
+    reserved = report.reserved_attributes
+    if policy.reject_reserved_td_attributes and reserved:
+        raise TdAttributesRejected(f"reserved TD_ATTRIBUTES bits are set: 0x{reserved:016x}")
+    if policy.require_sept_ve_disable and not report.sept_ve_disable:
         raise TdAttributesRejected("SEPT_VE_DISABLE is not set in TD_ATTRIBUTES")
     ctx.passed("td-attributes")
-    if policy.require_zero_mr_servicetd and attrs.mr_servicetd_zero is False:
+
+
+def check_mr_servicetd(ctx: _Context, report: TdReport, policy: Policy) -> None:
+    # TDX 1.5: a non-zero MR_SERVICETD means a service TD (e.g. a migration TD) is bound to this TD.
+    if policy.require_zero_mr_servicetd and report.mr_servicetd is not None and any(report.mr_servicetd):
         raise ServiceTdRejected("MR_SERVICETD is not zero: a service TD is bound to this TD")
     ctx.passed("mr-servicetd")
-    if policy.report_data is not None:
-        if report.report_data != policy.report_data:
-            raise ReportDataMismatch(
-                f"report data is {report.report_data.hex()}, expected {policy.report_data.hex()}"
-            )
-        ctx.passed("report-data")
+
+
+def check_report_data(ctx: _Context, report: TdReport, policy: Policy) -> None:
+    if policy.report_data is None:
+        return
+    if report.report_data != policy.report_data:
+        raise ReportDataMismatch(
+            f"report data is {report.report_data.hex()}, expected {policy.report_data.hex()}"
+        )
+    ctx.passed("report-data")
+
+
+def check_measurements(ctx: _Context, report: TdReport, policy: Policy) -> None:
     if policy.accepted_mr_td is not None:
         if report.mr_td not in policy.accepted_mr_td:
             raise MeasurementMismatch(f"MRTD {report.mr_td.hex()} is not an accepted value")
@@ -573,23 +586,36 @@ def check_policy(
             raise MeasurementMismatch(f"RTMR{i} is {got.hex()}, expected {want.hex()}")
     if any(r is not None for r in policy.rtmrs):
         ctx.passed("rtmrs")
+
+
+def check_tcb_status(ctx: _Context, evaluation: tcb.TcbEvaluation | None, policy: Policy) -> None:
     if evaluation is None:
         if policy.require_collateral:
             raise CollateralRequired("no collateral given, so the TCB status cannot be evaluated")
-    else:
-        if (
-            evaluation.status == TcbStatus.REVOKED
-            or evaluation.status not in policy.accepted_tcb_statuses
-        ):
-            accepted = ", ".join(sorted(s.value for s in policy.accepted_tcb_statuses))
-            raise TcbStatusRejected(
-                f"TCB status is {evaluation.status.value} (advisories: "
-                f"{', '.join(evaluation.advisory_ids) or 'none'}); accepted: {accepted}"
-            )
-        rejected = sorted(set(evaluation.advisory_ids) & policy.rejected_advisory_ids)
-        if rejected:
-            raise TcbStatusRejected(f"the TCB is affected by rejected advisories {', '.join(rejected)}")
-        ctx.passed("tcb-status")
+        return
+    if evaluation.status == TcbStatus.REVOKED or evaluation.status not in policy.accepted_tcb_statuses:
+        accepted = ", ".join(sorted(s.value for s in policy.accepted_tcb_statuses))
+        raise TcbStatusRejected(
+            f"TCB status is {evaluation.status.value} (advisories: "
+            f"{', '.join(evaluation.advisory_ids) or 'none'}); accepted: {accepted}"
+        )
+    rejected = sorted(set(evaluation.advisory_ids) & policy.rejected_advisory_ids)
+    if rejected:
+        raise TcbStatusRejected(f"the TCB is affected by rejected advisories {', '.join(rejected)}")
+    ctx.passed("tcb-status")
+
+
+def check_policy(
+    ctx: _Context, quote: Quote, policy: Policy, evaluation: tcb.TcbEvaluation | None
+) -> None:
+    """The policy stage. Debug comes first: a debug TD proves nothing, whatever else it claims."""
+    report = quote.report
+    check_debug(ctx, report, policy)
+    check_td_attributes(ctx, report, policy)
+    check_mr_servicetd(ctx, report, policy)
+    check_report_data(ctx, report, policy)
+    check_measurements(ctx, report, policy)
+    check_tcb_status(ctx, evaluation, policy)
 
 
 def _unix(now: int | float | datetime.datetime) -> int:
