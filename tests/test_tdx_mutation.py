@@ -18,7 +18,7 @@ from conftest import shared_testdata
 from eemini.tdx import errors
 from eemini.tdx.collateral import parse_collateral
 from eemini.tdx.errors import QuoteError, QuoteParseError
-from eemini.tdx.pck import _tlvs
+from eemini.tdx.pck import split_der
 from eemini.tdx.policy import Policy
 from eemini.tdx.quote import parse_quote
 from eemini.tdx.verify import verify
@@ -243,7 +243,7 @@ def test_fuzz_parser_and_verifier_mutated_quote(flips: list[tuple[int, int]], cu
 @given(st.binary(max_size=300))
 def test_fuzz_der_reader(data: bytes) -> None:
     try:
-        _tlvs(data, "fuzz")
+        split_der(data, "fuzz")
     except errors.CertificateParseError:
         pass
 

@@ -9,6 +9,7 @@ reader below decodes just what the profile uses.
 
 from __future__ import annotations
 
+import binascii
 import functools
 from dataclasses import dataclass
 
@@ -46,7 +47,7 @@ class PckExtension:
     platform_instance_id: bytes | None
 
 
-def _tlvs(data: bytes, what: str) -> list[tuple[int, bytes]]:
+def split_der(data: bytes, what: str) -> list[tuple[int, bytes]]:
     """Split DER `data` into (tag, value) pairs; raises CertificateParseError on malformed input."""
     out: list[tuple[int, bytes]] = []
     pos = 0
@@ -87,12 +88,12 @@ def _oid(value: bytes) -> str:
 
 def _pairs(der: bytes, what: str) -> dict[str, tuple[int, bytes]]:
     """SEQUENCE OF SEQUENCE { OID, value } -> {oid: (tag, value)}."""
-    outer = _tlvs(der, what)
+    outer = split_der(der, what)
     if len(outer) != 1 or outer[0][0] != _TAG_SEQUENCE:
         raise CertificateParseError(f"{what}: expected one SEQUENCE")
     result: dict[str, tuple[int, bytes]] = {}
-    for tag, item in _tlvs(outer[0][1], what):
-        parts = _tlvs(item, what) if tag == _TAG_SEQUENCE else []
+    for tag, item in split_der(outer[0][1], what):
+        parts = split_der(item, what) if tag == _TAG_SEQUENCE else []
         if len(parts) != 2 or parts[0][0] != _TAG_OID:
             raise CertificateParseError(f"{what}: expected SEQUENCE {{ OID, value }}")
         result[_oid(parts[0][1])] = parts[1]
@@ -190,6 +191,29 @@ def pem_blocks(pem: bytes, what: str) -> list[bytes]:
 def load_pem_certificate(block: bytes, what: str, index: int) -> x509.Certificate:
     try:
         cert = x509.load_pem_x509_certificate(block)
+        # cryptography decodes these lazily; touch them now so a malformed certificate fails
+        # here, as a parse error, instead of in the middle of a check.
+        _ = (cert.not_valid_before_utc, cert.not_valid_after_utc, cert.signature_hash_algorithm)
+    except (ValueError, UnsupportedAlgorithm) as e:
+        raise CertificateParseError(f"{what}: certificate {index} does not parse: {e}") from None
+    return cert
+
+
+def pem_block_der(block: bytes, what: str, index: int) -> bytes:
+    """The DER inside one PEM certificate block (as returned by pem_blocks)."""
+    body = block[len(_PEM_BEGIN) : -len(_PEM_END)]
+    try:
+        der = binascii.a2b_base64(body, strict_mode=False)
+    except binascii.Error as e:
+        raise CertificateParseError(f"{what}: certificate {index} is not valid base64: {e}") from None
+    if not der:
+        raise CertificateParseError(f"{what}: certificate {index} is empty")
+    return der
+
+
+def load_der_certificate(der: bytes, what: str, index: int) -> x509.Certificate:
+    try:
+        cert = x509.load_der_x509_certificate(der)
         # cryptography decodes these lazily; touch them now so a malformed certificate fails
         # here, as a parse error, instead of in the middle of a check.
         _ = (cert.not_valid_before_utc, cert.not_valid_after_utc, cert.signature_hash_algorithm)

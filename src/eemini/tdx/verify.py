@@ -57,7 +57,14 @@ from eemini.tdx.errors import (
     TdAttributesRejected,
     UntrustedRoot,
 )
-from eemini.tdx.pck import PckExtension, _tlvs, load_pem_certificate, parse_pck_extension, pem_blocks
+from eemini.tdx.pck import (
+    PckExtension,
+    load_der_certificate,
+    parse_pck_extension,
+    pem_block_der,
+    pem_blocks,
+    split_der,
+)
 from eemini.tdx.policy import DEFAULT_POLICY, Policy
 from eemini.tdx.quote import Quote, TdReport, parse_quote
 from eemini.tdx.roots import INTEL_ROOT, TrustAnchor
@@ -117,14 +124,18 @@ class _Cert:
         return _name(self.cert)
 
 
-def _tbs_names(cert: x509.Certificate, what: str) -> tuple[bytes, bytes]:
-    # RFC 5280 4.1: TBSCertificate ::= SEQUENCE { [0] version OPTIONAL, serialNumber, signature,
-    # issuer, validity, subject, ... }. Comparing the encoded names byte for byte avoids building
-    # Name objects (the hot spot of a first verification); Intel's names are binary-identical.
-    outer = _tlvs(cert.tbs_certificate_bytes, what)
+def _tbs_names(der: bytes, what: str) -> tuple[bytes, bytes]:
+    # RFC 5280 4.1: Certificate ::= SEQUENCE { tbsCertificate, signatureAlgorithm, signature } and
+    # TBSCertificate ::= SEQUENCE { [0] version OPTIONAL, serialNumber, signature, issuer, validity,
+    # subject, ... }. Comparing the encoded names byte for byte avoids building Name objects (the
+    # hot spot of a first verification); Intel's names are binary-identical where they must match.
+    outer = split_der(der, what)
     if len(outer) != 1 or outer[0][0] != 0x30:
+        raise CertificateParseError(f"{what}: certificate is not a SEQUENCE")
+    parts = split_der(outer[0][1], what)
+    if not parts or parts[0][0] != 0x30:
         raise CertificateParseError(f"{what}: TBSCertificate is not a SEQUENCE")
-    fields = _tlvs(outer[0][1], what)
+    fields = split_der(parts[0][1], what)
     first = 1 if fields and fields[0][0] == 0xA0 else 0
     if len(fields) < first + 6:
         raise CertificateParseError(f"{what}: TBSCertificate is too short")
@@ -134,10 +145,10 @@ def _tbs_names(cert: x509.Certificate, what: str) -> tuple[bytes, bytes]:
 def _crl_issuer(crl: x509.CertificateRevocationList, what: str) -> bytes:
     # RFC 5280 5.1: TBSCertList ::= SEQUENCE { version INTEGER OPTIONAL, signature, issuer, ... }
     try:
-        outer = _tlvs(crl.tbs_certlist_bytes, what)
+        outer = split_der(crl.tbs_certlist_bytes, what)
         if len(outer) != 1 or outer[0][0] != 0x30:
             raise CrlInvalid(f"{what}: TBSCertList is not a SEQUENCE")
-        fields = _tlvs(outer[0][1], what)
+        fields = split_der(outer[0][1], what)
     except CertificateParseError as e:
         raise CrlInvalid(e.message) from None
     first = 1 if fields and fields[0][0] == 0x02 else 0
@@ -146,7 +157,7 @@ def _crl_issuer(crl: x509.CertificateRevocationList, what: str) -> bytes:
     return fields[first + 1][1]
 
 
-def _wrap(cert: x509.Certificate, what: str = "certificate") -> _Cert:
+def _wrap(cert: x509.Certificate, der: bytes, fingerprint: bytes, what: str) -> _Cert:
     try:
         key = cert.public_key()
     except (ValueError, UnsupportedAlgorithm):
@@ -156,11 +167,11 @@ def _wrap(cert: x509.Certificate, what: str = "certificate") -> _Cert:
         if isinstance(key, ec.EllipticCurvePublicKey) and isinstance(key.curve, ec.SECP256R1)
         else None
     )
-    issuer, subject = _tbs_names(cert, what)
+    issuer, subject = _tbs_names(der, what)
     try:
         return _Cert(
             cert=cert,
-            fingerprint=cert.fingerprint(hashes.SHA256()),
+            fingerprint=fingerprint,
             subject=subject,
             issuer=issuer,
             not_before=cert.not_valid_before_utc,
@@ -227,7 +238,9 @@ class _Context:
     def anchor_cert(self, anchor: TrustAnchor) -> _Cert:
         got = _ANCHOR_CERTS.get(anchor.sha256)
         if got is None or got.cert is not anchor.certificate:
-            got = _ANCHOR_CERTS[anchor.sha256] = _wrap(anchor.certificate, anchor.name)
+            got = _ANCHOR_CERTS[anchor.sha256] = _wrap(
+                anchor.certificate, anchor.der, bytes.fromhex(anchor.sha256), anchor.name
+            )
         return got
 
     def is_ca(self, cert: _Cert) -> bool:
@@ -244,11 +257,12 @@ class _Context:
             # The same certificates recur across chains (the root in all four, the platform CA
             # in two): parse each once.
             for i, block in enumerate(pem_blocks(pem, what)):
-                block_key = _digest(block)
-                cert = self.cache.certs.get(block_key)
+                der = pem_block_der(block, what, i)
+                fingerprint = hashlib.sha256(der).digest()
+                cert = self.cache.certs.get(fingerprint)
                 if cert is None:
-                    cert = _wrap(load_pem_certificate(block, what, i), what)
-                    self.cache.certs[block_key] = cert
+                    cert = _wrap(load_der_certificate(der, what, i), der, fingerprint, what)
+                    self.cache.certs[fingerprint] = cert
                 certs.append(cert)
             chain = self.cache.chains[key] = tuple(certs)
         return chain
