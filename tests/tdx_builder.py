@@ -244,6 +244,7 @@ def tcb_level(
     return level
 
 
+TCB_SIGNING_KEY = ec.derive_private_key(5000, ec.SECP256R1())
 DEFAULT_LEVELS = (
     tcb_level(1, 11, (3, 0, 4), "UpToDate"),
     tcb_level(1, 11, (2, 0, 2), "OutOfDate", ("INTEL-SA-00837",)),
@@ -261,7 +262,7 @@ def make_collateral(
 ) -> str:
     """QuoteCollateralV3 JSON for `chain` (which must have an intermediate CA), signed like Intel's."""
     assert chain.ca is not None and chain.ca_key is not None
-    signer_key = ec.derive_private_key(5000, ec.SECP256R1())
+    signer_key = TCB_SIGNING_KEY
     signer = _cert(
         "EasyEnclave Mini development TCB signing", chain.root, chain.root_key, signer_key, 77, False
     )

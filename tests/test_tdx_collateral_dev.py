@@ -4,6 +4,8 @@ matching, TDX module identities, QE identity, and the convergence rules."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from eemini.tdx import errors
@@ -12,7 +14,15 @@ from eemini.tdx.policy import PolicyBuilder
 from eemini.tdx.roots import development_root
 from eemini.tdx.tcb import converge
 from eemini.tdx.verify import VerifiedQuote, verify
-from tdx_builder import NOW, build_quote, make_chain, make_collateral, tcb_level
+from tdx_builder import (
+    NOW,
+    TCB_SIGNING_KEY,
+    build_quote,
+    make_chain,
+    make_collateral,
+    raw_sign,
+    tcb_level,
+)
 
 ANY = (
     PolicyBuilder().accepted_tcb_statuses([s.value for s in TcbStatus if s != TcbStatus.REVOKED]).build()
@@ -158,3 +168,27 @@ def test_rejected_advisory() -> None:
         errors.TcbStatusRejected, match=r"^the TCB is affected by rejected advisories INTEL-SA-00837$"
     ):
         verify(quote, parse_collateral(make_collateral(CHAIN)), policy, NOW, trusted_roots=ROOTS)
+
+
+def test_pce_id_mismatch() -> None:
+    doc = json.loads(make_collateral(CHAIN))
+    text = doc["tcb_info"].replace('"pceId":"0000"', '"pceId":"0001"')
+    doc["tcb_info"] = text
+    doc["tcb_info_signature"] = raw_sign(TCB_SIGNING_KEY, text.encode()).hex()
+    with pytest.raises(
+        errors.PceIdMismatch, match=r"^PCK certificate PCE-ID 0000 differs from the TCB info's 0001$"
+    ):
+        _verify(json.dumps(doc))
+
+
+def test_collateral_must_come_from_the_pck_chains_root() -> None:
+    # Both development roots trusted: collateral of root 2 must not vouch for a PCK of root 1.
+    other = make_chain(intermediate=True, seed=2)
+    roots = [*ROOTS, development_root(other.root_pem)]
+    assert verify(
+        build_quote(other), parse_collateral(make_collateral(other)), ANY, NOW, trusted_roots=roots
+    )
+    with pytest.raises(errors.CrlInvalid, match=r"^root CA CRL is not signed by"):
+        verify(
+            build_quote(CHAIN), parse_collateral(make_collateral(other)), ANY, NOW, trusted_roots=roots
+        )

@@ -532,6 +532,9 @@ def check_revocation(
 def check_collateral(
     ctx: _Context, quote: Quote, collateral: Collateral, pck: _PckResult
 ) -> tcb.TcbEvaluation:
+    # Collateral must come from the PCK chain's own root: with a development root trusted as well,
+    # Intel's collateral must not vouch for a development PCK, nor the reverse.
+    ctx.anchors = (pck.anchor,)
     crls, crl_chain = check_crls(ctx, collateral, pck.root)
     tcb_info, tcb_chain = check_tcb_info(ctx, collateral)
     qe_identity, qe_chain = check_qe_identity(ctx, collateral)
