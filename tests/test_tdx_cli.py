@@ -123,6 +123,7 @@ def test_quote_show_text_and_json(tmp_path: Path) -> None:
     assert out["body_type"] == "TD_REPORT_15"
     assert out["td_report"]["mr_td"] == "7d" * 48
     assert out["td_report"]["mr_servicetd"] == "00" * 48
+    assert out["td_report"]["td_attributes_flags"]["names"] == ["SEPT_VE_DISABLE"]
     proc = _eemini("quote", "show", str(q))
     assert proc.returncode == 0
     assert f"td_report.rtmr3: {'13' * 48}\n" in proc.stdout

@@ -50,6 +50,7 @@ def quote_to_dict(quote: Quote) -> dict[str, Any]:
         "td_report": {
             **{k: v.hex() for k, v in report_fields(report).items()},
             "td_attributes_flags": {
+                "names": list(report.td_attribute_names),
                 "debug": report.debug,
                 "sept_ve_disable": report.sept_ve_disable,
                 "reserved_bits": f"0x{report.reserved_attributes:016x}",
