@@ -192,3 +192,11 @@ def test_collateral_must_come_from_the_pck_chains_root() -> None:
         verify(
             build_quote(CHAIN), parse_collateral(make_collateral(other)), ANY, NOW, trusted_roots=roots
         )
+
+
+def test_revoked_root() -> None:
+    with pytest.raises(
+        errors.CertificateRevoked,
+        match=r"^the root 'EasyEnclave Mini development root' is revoked by its own CRL$",
+    ):
+        _verify(make_collateral(CHAIN, revoked_by_root=(1,)))

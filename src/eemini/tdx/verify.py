@@ -514,6 +514,9 @@ def check_qe_identity(ctx: _Context, collateral: Collateral) -> tuple[QeIdentity
 def check_revocation(
     ctx: _Context, crls: _Crls, root: _Cert, chains: Sequence[tuple[_Cert, ...]]
 ) -> None:
+    # The root itself may be listed in its own CRL (dcap-qvl checks this too): then nothing holds.
+    if crls.root.crl.get_revoked_certificate_by_serial_number(root.cert.serial_number) is not None:
+        raise CertificateRevoked(f"the root {root.name} is revoked by its own CRL")
     for chain in chains:
         for cert in chain:
             if cert.issuer == root.subject:
