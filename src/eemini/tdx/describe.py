@@ -115,7 +115,7 @@ def verified_to_dict(v: VerifiedQuote) -> dict[str, Any]:
         },
         "checks": list(v.checks),
         "mr_td": v.report.mr_td.hex(),
-        "rtmrs": [r.hex() for r in v.report.rtmrs],
+        **{f"rtmr{i}": r.hex() for i, r in enumerate(v.report.rtmrs)},
         "report_data": v.report.report_data.hex(),
     }
 
