@@ -49,13 +49,19 @@ class PckExtension:
 
 def split_der(data: bytes, what: str) -> list[tuple[int, bytes]]:
     """Split DER `data` into (tag, value) pairs; raises CertificateParseError on malformed input."""
-    out: list[tuple[int, bytes]] = []
+    return [(tag, data[start:end]) for tag, _, start, end in der_spans(data, what)]
+
+
+def der_spans(data: bytes, what: str) -> list[tuple[int, int, int, int]]:
+    """Split DER `data` into (tag, header start, value start, value end) offsets."""
+    out: list[tuple[int, int, int, int]] = []
     pos = 0
     size = len(data)
     while pos < size:
         if size - pos < 2:
             raise CertificateParseError(f"{what}: truncated DER at byte {pos}")
         tag = data[pos]
+        head = pos
         length = data[pos + 1]
         pos += 2
         if length & 0x80:
@@ -67,7 +73,7 @@ def split_der(data: bytes, what: str) -> list[tuple[int, bytes]]:
         end = pos + length
         if end > size:
             raise CertificateParseError(f"{what}: DER value overruns its container at byte {pos}")
-        out.append((tag, data[pos:end]))
+        out.append((tag, head, pos, end))
         pos = end
     return out
 

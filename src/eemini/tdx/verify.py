@@ -59,6 +59,7 @@ from eemini.tdx.errors import (
 )
 from eemini.tdx.pck import (
     PckExtension,
+    der_spans,
     load_der_certificate,
     parse_pck_extension,
     pem_block_der,
@@ -118,43 +119,83 @@ class _Cert:
     not_before: datetime.datetime
     not_after: datetime.datetime
     key: ec.EllipticCurvePublicKey | None
+    signed: _Signed
 
     @property
     def name(self) -> str:
         return _name(self.cert)
 
 
-def _tbs_names(der: bytes, what: str) -> tuple[bytes, bytes]:
-    # RFC 5280 4.1: Certificate ::= SEQUENCE { tbsCertificate, signatureAlgorithm, signature } and
-    # TBSCertificate ::= SEQUENCE { [0] version OPTIONAL, serialNumber, signature, issuer, validity,
-    # subject, ... }. Comparing the encoded names byte for byte avoids building Name objects (the
-    # hot spot of a first verification); Intel's names are binary-identical where they must match.
-    outer = split_der(der, what)
+# AlgorithmIdentifier contents of ecdsa-with-SHA256 (RFC 5758 3.2: OID 1.2.840.10045.4.3.2, no
+# parameters): what every Intel PCK, TCB signing and CA certificate and CRL is signed with.
+_ECDSA_WITH_SHA256 = bytes.fromhex("06082a8648ce3d040302")
+
+
+@dataclass(frozen=True, slots=True)
+class _Signed:
+    """A DER certificate or CRL cut into what its signature covers (RFC 5280 4.1 and 5.1)."""
+
+    tbs: bytes  # the whole TBSCertificate / TBSCertList TLV: the signed bytes
+    fields: tuple[bytes, ...]  # the TBS fields' values, in order
+    field_tags: tuple[int, ...]
+    algorithm: bytes  # outer signatureAlgorithm contents
+    signature: bytes  # DER ECDSA-Sig-Value, from the BIT STRING
+
+
+def _split_signed(der: bytes, what: str) -> _Signed:
+    outer = der_spans(der, what)
     if len(outer) != 1 or outer[0][0] != 0x30:
-        raise CertificateParseError(f"{what}: certificate is not a SEQUENCE")
-    parts = split_der(outer[0][1], what)
-    if not parts or parts[0][0] != 0x30:
-        raise CertificateParseError(f"{what}: TBSCertificate is not a SEQUENCE")
-    fields = split_der(parts[0][1], what)
-    first = 1 if fields and fields[0][0] == 0xA0 else 0
-    if len(fields) < first + 6:
-        raise CertificateParseError(f"{what}: TBSCertificate is too short")
-    return fields[first + 2][1], fields[first + 4][1]
+        raise CertificateParseError(f"{what}: not a DER SEQUENCE")
+    body = der[outer[0][2] : outer[0][3]]
+    parts = der_spans(body, what)
+    if len(parts) != 3 or parts[0][0] != 0x30 or parts[1][0] != 0x30 or parts[2][0] != 0x03:
+        raise CertificateParseError(f"{what}: not a signed SEQUENCE {{ tbs, algorithm, signature }}")
+    tbs_value = body[parts[0][2] : parts[0][3]]
+    fields = split_der(tbs_value, what)
+    bits = body[parts[2][2] : parts[2][3]]
+    return _Signed(
+        tbs=body[parts[0][1] : parts[0][3]],
+        fields=tuple(v for _, v in fields),
+        field_tags=tuple(t for t, _ in fields),
+        algorithm=body[parts[1][2] : parts[1][3]],
+        signature=bits[1:] if bits[:1] == b"\0" else b"",
+    )
 
 
-def _crl_issuer(crl: x509.CertificateRevocationList, what: str) -> bytes:
-    # RFC 5280 5.1: TBSCertList ::= SEQUENCE { version INTEGER OPTIONAL, signature, issuer, ... }
+def _fast_verify(
+    signed: _Signed, key: ec.EllipticCurvePublicKey | None, tbs_algorithm: bytes
+) -> bool | None:
+    """ECDSA-SHA256 signature check over the raw TBS bytes; None when another path must decide.
+
+    cryptography's verify_directly_issued_by / is_signature_valid re-encode the TBS structure first,
+    which costs as much as the signature check for a large CRL; the signed bytes are right here.
+    """
+    if key is None or signed.algorithm != _ECDSA_WITH_SHA256 or tbs_algorithm != _ECDSA_WITH_SHA256:
+        return None
+    if not signed.signature:
+        return False
     try:
-        outer = split_der(crl.tbs_certlist_bytes, what)
-        if len(outer) != 1 or outer[0][0] != 0x30:
-            raise CrlInvalid(f"{what}: TBSCertList is not a SEQUENCE")
-        fields = split_der(outer[0][1], what)
-    except CertificateParseError as e:
-        raise CrlInvalid(e.message) from None
-    first = 1 if fields and fields[0][0] == 0x02 else 0
-    if len(fields) < first + 3:
-        raise CrlInvalid(f"{what}: TBSCertList is too short")
-    return fields[first + 1][1]
+        key.verify(signed.signature, signed.tbs, _ECDSA_SHA256)
+    except InvalidSignature:
+        return False
+    return True
+
+
+def _tbs_names(signed: _Signed, what: str) -> tuple[bytes, bytes]:
+    # RFC 5280 4.1: TBSCertificate ::= SEQUENCE { [0] version OPTIONAL, serialNumber, signature,
+    # issuer, validity, subject, ... }. Comparing the encoded names byte for byte avoids building
+    # Name objects (the hot spot of a first verification); Intel's names are binary-identical.
+    first = 1 if signed.field_tags and signed.field_tags[0] == 0xA0 else 0
+    if len(signed.fields) < first + 6:
+        raise CertificateParseError(f"{what}: TBSCertificate is too short")
+    return signed.fields[first + 2], signed.fields[first + 4]
+
+
+def _tbs_algorithm(signed: _Signed, index: int) -> bytes:
+    # The AlgorithmIdentifier inside the TBS, as contents (tag 0x30 checked).
+    if len(signed.fields) <= index or signed.field_tags[index] != 0x30:
+        return b""
+    return signed.fields[index]
 
 
 def _wrap(cert: x509.Certificate, der: bytes, fingerprint: bytes, what: str) -> _Cert:
@@ -167,7 +208,8 @@ def _wrap(cert: x509.Certificate, der: bytes, fingerprint: bytes, what: str) -> 
         if isinstance(key, ec.EllipticCurvePublicKey) and isinstance(key.curve, ec.SECP256R1)
         else None
     )
-    issuer, subject = _tbs_names(der, what)
+    signed = _split_signed(der, what)
+    issuer, subject = _tbs_names(signed, what)
     try:
         return _Cert(
             cert=cert,
@@ -177,6 +219,7 @@ def _wrap(cert: x509.Certificate, der: bytes, fingerprint: bytes, what: str) -> 
             not_before=cert.not_valid_before_utc,
             not_after=cert.not_valid_after_utc,
             key=ec_key,
+            signed=signed,
         )
     except ValueError as e:
         raise CertificateParseError(f"{what}: a certificate does not parse: {e}") from None
@@ -271,12 +314,24 @@ class _Context:
         key = (child.fingerprint, parent.fingerprint)
         if key in self.cache.links:
             return
-        try:
-            child.cert.verify_directly_issued_by(parent.cert)
-        except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm) as e:
+        if child.issuer != parent.subject:
             raise CertificateChainError(
-                f"{what}: {child.name} is not signed by {parent.name} ({type(e).__name__}: {e})"
-            ) from None
+                f"{what}: {child.name} is not signed by {parent.name} (its issuer name differs)"
+            )
+        first = 1 if child.signed.field_tags and child.signed.field_tags[0] == 0xA0 else 0
+        ok = _fast_verify(child.signed, parent.key, _tbs_algorithm(child.signed, first + 1))
+        if ok is None:
+            try:
+                child.cert.verify_directly_issued_by(parent.cert)
+                ok = True
+            except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm) as e:
+                raise CertificateChainError(
+                    f"{what}: {child.name} is not signed by {parent.name} ({type(e).__name__}: {e})"
+                ) from None
+        if not ok:
+            raise CertificateChainError(
+                f"{what}: {child.name} is not signed by {parent.name} (InvalidSignature)"
+            )
         self.cache.links.add(key)
 
     def check_window(self, cert: _Cert, what: str) -> None:
@@ -423,17 +478,25 @@ def _load_crl(ctx: _Context, der: bytes, issuer: _Cert, what: str) -> _Crl:
     if crl is None:
         try:
             loaded = x509.load_der_x509_crl(der)
-            crl = _Crl(loaded, _crl_issuer(loaded, what), loaded.last_update_utc, loaded.next_update_utc)
-        except ValueError as e:
+            signed = _split_signed(der, what)
+            # RFC 5280 5.1: TBSCertList ::= SEQUENCE { version INTEGER OPTIONAL, signature, issuer,
+            # thisUpdate, nextUpdate OPTIONAL, ... }
+            first = 1 if signed.field_tags and signed.field_tags[0] == 0x02 else 0
+            if len(signed.fields) < first + 3:
+                raise CrlInvalid(f"{what}: TBSCertList is too short")
+            crl = _Crl(loaded, signed.fields[first + 1], loaded.last_update_utc, loaded.next_update_utc)
+        except (ValueError, CertificateParseError) as e:
             raise CrlInvalid(f"{what} is not a DER CRL: {e}") from None
         if crl.issuer != issuer.subject:
             raise CrlInvalid(
                 f"{what} is issued by {loaded.issuer.rfc4514_string()}, expected {issuer.name}"
             )
-        try:
-            valid = loaded.is_signature_valid(_ec_key(issuer, what))
-        except (TypeError, ValueError, UnsupportedAlgorithm):
-            valid = False
+        valid = _fast_verify(signed, issuer.key, _tbs_algorithm(signed, first))
+        if valid is None:
+            try:
+                valid = loaded.is_signature_valid(_ec_key(issuer, what))
+            except (TypeError, ValueError, UnsupportedAlgorithm):
+                valid = False
         if not valid:
             raise CrlInvalid(f"{what} is not signed by {issuer.name}")
         ctx.cache.crls[key] = crl
