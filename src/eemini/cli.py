@@ -22,7 +22,10 @@ class Command(Protocol):
 
 
 # name -> module under eemini.commands. Each module defines HELP, add_arguments() and run().
-COMMANDS: dict[str, str] = {}
+COMMANDS: dict[str, str] = {
+    "build": "eemini.commands.build",
+    "lock": "eemini.commands.lock",
+}
 
 
 class Parser(argparse.ArgumentParser):
