@@ -292,13 +292,19 @@ class Server:
                 raise OSError(errno.EADDRINUSE, f"another runtime is serving {self.path}")
             os.unlink(self.path)  # a stale socket from an earlier run
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        # Bind and listen under a temporary name, then rename into place: the path appears only
+        # once connections are accepted, so a client that sees it never gets ECONNREFUSED.
+        tmp = os.path.join(parent, f".{os.path.basename(self.path)}.{os.getpid()}")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
         old_umask = os.umask(0o177)  # the socket is born 0600: no window where others connect
         try:
-            sock.bind(self.path)
+            sock.bind(tmp)
         finally:
             os.umask(old_umask)
-        os.chmod(self.path, 0o600)
+        os.chmod(tmp, 0o600)
         sock.listen(min(socket.SOMAXCONN, 4096))
+        os.rename(tmp, self.path)
         sock.setblocking(False)
         self.listener = sock
         self.loop.add_reader(sock.fileno(), self._on_accept)
