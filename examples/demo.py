@@ -61,7 +61,7 @@ def main() -> int:
         with launcher.running(cfg) as vm:
             try:
                 vm.wait_for(READY, timeout=600)
-            except TimeoutError as e:
+            except (TimeoutError, launcher.GuestFailed) as e:
                 say(f"demo: the workload did not come up:\n{e}")
                 return 1
             booted = time.monotonic() - vm.started

@@ -192,3 +192,25 @@ def test_cli_validation(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
 @pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None, reason="QEMU not installed")
 def test_probe_runs_guest_code_under_tcg() -> None:
     assert launcher.probe_accel("tcg") == (True, "ok")
+
+
+def test_wait_for_fails_fast_on_a_panic(tmp_path: Path) -> None:
+    proc = subprocess.Popen(["sleep", "30"], stdout=subprocess.PIPE)
+    vm = launcher.Vm(_cfg(tmp_path), proc, tmp_path / "work", 0.0)
+    vm.lines = [
+        "booting",
+        "[    3.7] Kernel panic - not syncing: Attempted to kill init! exitcode=0x00000100",
+    ]
+    try:
+        with pytest.raises(launcher.GuestFailed, match="the guest failed before 'never' appeared"):
+            vm.wait_for("never", timeout=30)
+        vm.lines = ["eemini: boot failed: nope"]
+        with pytest.raises(launcher.GuestFailed):
+            vm.wait_for("never", timeout=30)
+        vm.lines = ["ready"]
+        with pytest.raises(TimeoutError, match=r"'never' did not appear within 0\.2 s"):
+            vm.wait_for("never", timeout=0.2)
+        assert vm.wait_for("rea(dy)", timeout=1).group(1) == "dy"
+    finally:
+        proc.kill()
+        proc.wait()

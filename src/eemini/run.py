@@ -90,6 +90,10 @@ class VmConfig:
     echo: bool = True
 
 
+class GuestFailed(Exception):
+    """The guest panicked or PID 1 stopped the boot while we waited for something."""
+
+
 @dataclass(frozen=True)
 class Outcome:
     exit_code: int
@@ -470,16 +474,22 @@ class Vm:
             self.cond.notify_all()
 
     def wait_for(self, pattern: str, timeout: float, start: int = 0) -> re.Match[str]:
-        """Block until a console line matches `pattern`; raise TimeoutError (with the tail) if not."""
+        """Block until a console line matches `pattern`; raise TimeoutError (with the tail) if it
+        does not appear in time, GuestFailed at once if the kernel panics or the boot fails."""
         rx = re.compile(pattern)
         deadline = time.monotonic() + timeout
         index = start
         with self.cond:
             while True:
                 while index < len(self.lines):
-                    m = rx.search(self.lines[index])
+                    line = self.lines[index]
+                    m = rx.search(line)
                     if m:
                         return m
+                    if KERNEL_PANIC.search(line) or BOOT_FAILED.match(line):
+                        raise GuestFailed(
+                            f"the guest failed before {pattern!r} appeared:\n" + self.tail()
+                        )
                     index += 1
                 if self.proc.poll() is not None and not (self.reader and self.reader.is_alive()):
                     raise TimeoutError(f"QEMU exited before {pattern!r} appeared:\n" + self.tail())
