@@ -196,23 +196,51 @@ def test_detect_iso9660_label(tmp_path: Path) -> None:
     assert bc.detect_label(os.fspath(other)) is None
 
 
-def test_find_config_disk_scans_block_devices(tmp_path: Path) -> None:
-    dev, sysblock = tmp_path / "dev", tmp_path / "sys"
+def _pci(root: Path, name: str, vendor: str, device: str) -> None:
+    d = root / name
+    d.mkdir(parents=True)
+    (d / "vendor").write_text(vendor + "\n")
+    (d / "device").write_text(device + "\n")
+
+
+def test_find_config_disk_waits_for_every_virtio_disk(tmp_path: Path) -> None:
+    dev, sysblock, pci = tmp_path / "dev", tmp_path / "block", tmp_path / "pci"
     dev.mkdir()
     sysblock.mkdir()
-    for name in ("vda", "vdb", "loop0"):
+    _pci(pci, "0000:00:01.0", "0x1af4", "0x1042")  # virtio-blk (boot disk)
+    _pci(pci, "0000:00:02.0", "0x1af4", "0x1041")  # virtio-net: not a disk
+    _pci(pci, "0000:00:03.0", "0x1af4", "0x1001")  # virtio-blk, transitional (config disk)
+    _pci(pci, "0000:00:04.0", "0x8086", "0x1042")  # someone else's device id
+    assert bc.expected_disks(os.fspath(pci)) == 2
+    for name in ("vda", "vda1", "loop0"):
         (sysblock / name).mkdir()
+    (sysblock / "vda1" / "partition").write_text("1\n")
     _vfat(tmp_path, "ESP", None).rename(dev / "vda")
-    _vfat(tmp_path, "EECONFIG", b"A=1\n").rename(dev / "vdb")
     _vfat(tmp_path, "EECONFIG", b"A=1\n").rename(dev / "loop0")
-    assert bc.find_config_disk(0, os.fspath(dev), os.fspath(sysblock)) == (
-        os.fspath(dev / "vdb"),
-        "vfat",
-    )
-    (dev / "vdb").unlink()
+    _vfat(tmp_path, "EECONFIG", b"A=1\n").rename(dev / "vdb")
+    args = (os.fspath(dev), os.fspath(sysblock), os.fspath(pci))
+
+    def config_disk_appears() -> None:
+        time.sleep(0.3)
+        (sysblock / "vdb").mkdir()
+
+    import threading
+
+    threading.Thread(target=config_disk_appears).start()
     start = time.monotonic()
-    assert bc.find_config_disk(0.2, os.fspath(dev), os.fspath(sysblock)) is None
-    assert time.monotonic() - start >= 0.2
+    assert bc.find_config_disk(5.0, *args) == (os.fspath(dev / "vdb"), "vfat")
+    assert 0.3 <= time.monotonic() - start < 2.0
+    # No config disk: both virtio disks are there at once, so there is no waiting at all.
+    (dev / "vdb").unlink()
+    _vfat(tmp_path, "DATA", None).rename(dev / "vdb")
+    start = time.monotonic()
+    assert bc.find_config_disk(5.0, *args) is None
+    assert time.monotonic() - start < 0.2
+    # A disk that never appears: the wait is bounded.
+    _pci(pci, "0000:00:05.0", "0x1af4", "0x1042")
+    start = time.monotonic()
+    assert bc.find_config_disk(0.3, *args) is None
+    assert time.monotonic() - start >= 0.3
 
 
 MOUNT_SCRIPT = r"""

@@ -283,25 +283,66 @@ def block_devices(sys_block: str = "/sys/class/block") -> list[str]:
         return []
 
 
+# virtio-blk PCI functions: vendor 0x1af4, device 0x1001 (transitional) or 0x1042 (modern),
+# from the virtio spec 1.2 section 4.1.2.
+VIRTIO_VENDOR = "0x1af4"
+VIRTIO_BLK_DEVICES = ("0x1001", "0x1042")
+
+
+def expected_disks(sys_pci: str = "/sys/bus/pci/devices") -> int:
+    """How many virtio-blk disks the machine has (each becomes one whole-disk block device)."""
+    count = 0
+    try:
+        names = os.listdir(sys_pci)
+    except OSError:
+        return 0
+    for name in names:
+        try:
+            with open(os.path.join(sys_pci, name, "vendor")) as f:
+                vendor = f.read().strip()
+            with open(os.path.join(sys_pci, name, "device")) as f:
+                device = f.read().strip()
+        except OSError:
+            continue
+        if vendor == VIRTIO_VENDOR and device in VIRTIO_BLK_DEVICES:
+            count += 1
+    return count
+
+
+def whole_disks(sys_block: str) -> list[str]:
+    return [
+        n
+        for n in block_devices(sys_block)
+        if not n.startswith(("loop", "ram", "zram", "dm-"))
+        and not os.path.exists(os.path.join(sys_block, n, "partition"))
+    ]
+
+
 def find_config_disk(
-    wait: float, dev_dir: str = "/dev", sys_block: str = "/sys/class/block"
+    wait: float,
+    dev_dir: str = "/dev",
+    sys_block: str = "/sys/class/block",
+    sys_pci: str = "/sys/bus/pci/devices",
 ) -> tuple[str, str] | None:
-    """The device holding a filesystem labelled EECONFIG; block drivers probe asynchronously."""
+    """The device holding a filesystem labelled EECONFIG.
+
+    Block drivers probe asynchronously after their module loads: wait (at most `wait` s) until
+    every virtio-blk disk on the PCI bus has its block device, then look once. A machine without
+    virtio disks is looked at once, without waiting.
+    """
     deadline = time.monotonic() + wait
-    while True:
-        for name in block_devices(sys_block):
-            if name.startswith(("loop", "ram", "zram", "dm-")):
-                continue
-            path = os.path.join(dev_dir, name)
-            found = detect_label(path)
-            if found is not None and found[1].upper() == CONFIG_LABEL:
-                return path, found[0]
-        if time.monotonic() >= deadline:
-            return None
-        time.sleep(0.05)
+    expected = expected_disks(sys_pci)
+    while len(whole_disks(sys_block)) < expected and time.monotonic() < deadline:
+        time.sleep(0.02)
+    for name in whole_disks(sys_block):
+        path = os.path.join(dev_dir, name)
+        found = detect_label(path)
+        if found is not None and found[1].upper() == CONFIG_LABEL:
+            return path, found[0]
+    return None
 
 
-def read_config_disk(wait: float = 1.0, mountpoint: str = "/run/eemini/config") -> bytes | None:
+def read_config_disk(wait: float = 2.0, mountpoint: str = "/run/eemini/config") -> bytes | None:
     """agent.env from the config disk, or None when there is no config disk."""
     from eemini.guest import sys as ksys
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-import platform
 
 # <linux/mount.h>
 MS_RDONLY = 1
@@ -104,7 +103,7 @@ def umount(target: str | os.PathLike[str], flags: int = 0) -> None:
 
 
 def syscall_number(name: str) -> int:
-    machine = platform.machine()
+    machine = os.uname().machine
     try:
         return _SYSCALL_NUMBERS[machine][name]
     except KeyError:
