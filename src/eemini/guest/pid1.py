@@ -20,7 +20,6 @@ import os
 import signal
 import sys
 import time
-import traceback
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -459,6 +458,8 @@ def main(paths: Paths | None = None) -> NoReturn:
     except BaseException as e:  # PID 1 logs everything and powers off
         console(f"fatal: {type(e).__name__}: {e}")
         with contextlib.suppress(BaseException):
+            import traceback  # only on this path: it is not a light import
+
             traceback.print_exc()
         reason = "fatal error"
     power_off(reason)
