@@ -43,7 +43,7 @@ def test_simulated_quote_rejected_by_default() -> None:
     ):
         verify(quote, None, Policy(allow_debug=True, require_collateral=False), AT)
     with pytest.raises(
-        DebugTdRejected, match=r"^the TD is a debug TD \(TD_ATTRIBUTES 0100000000000000\)"
+        DebugTdRejected, match=r"^the TD is a debug TD \(TD_ATTRIBUTES 0100001000000000\)"
     ):
         verify(quote, None, Policy(), AT, trusted_roots=[development_root(dev_root_pem())])
 
