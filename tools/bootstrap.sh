@@ -8,6 +8,7 @@ APT_PACKAGES=(
     python3 python3-venv python3-dev gcc libc6-dev make
     qemu-system-x86 qemu-utils ovmf swtpm swtpm-tools
     mtools dosfstools fdisk cpio libarchive-tools binutils zstd xz-utils
+    pesign osslsigncode systemd-boot-efi openssl
 )
 
 missing=()

@@ -1,0 +1,55 @@
+"""`eemini measure`: the measurement events a built UKI causes at boot."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from eemini.log import die
+from eemini.tdx.measure import MeasureError, describe, predict
+
+HELP = "predict the firmware, systemd-stub and kernel measurement events of a built UKI"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "path", metavar="BUILD_DIR|UKI", type=Path, help="a build directory or a UKI file"
+    )
+    parser.add_argument("--json", action="store_true", help="print the prediction as JSON")
+
+
+def find_uki(path: Path) -> Path:
+    """The UKI itself, or the one UKI (*.efi) in a build directory."""
+    if not path.exists():
+        die(f"{path} does not exist")
+    if path.is_file():
+        return path
+    ukis = sorted(p for p in path.rglob("*.efi") if p.is_file())
+    # A disk's ESP copy (EFI/BOOT/BOOTX64.EFI) lives inside disk images, not beside the UKI, but
+    # a staged ESP tree may be: prefer files outside EFI/ directories.
+    top = [p for p in ukis if "EFI" not in p.relative_to(path).parts]
+    ukis = top or ukis
+    if not ukis:
+        die(f"no UKI (*.efi) in {path}", hint="run `eemini build` first, or pass the UKI file itself")
+    if len(ukis) > 1:
+        die(f"{len(ukis)} UKIs in {path}: {', '.join(str(p.relative_to(path)) for p in ukis)}",
+            hint="pass the UKI file itself")  # fmt: skip
+    return ukis[0]
+
+
+def run(args: argparse.Namespace) -> int:
+    uki = find_uki(args.path)
+    try:
+        prediction = predict(uki.read_bytes())
+    except MeasureError as e:
+        die(f"{uki}: {e}")
+    if args.json:
+        json.dump({"uki": str(uki), **prediction.to_json()}, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        print(f"UKI {uki}")
+        for line in describe(prediction):
+            print(line)
+    return 0

@@ -1,0 +1,130 @@
+"""Extend RTMR3 with the runtime event log, where the kernel lets userspace do it.
+
+Linux >= 6.16 exposes the TDX measurement registers as sysfs attributes
+(Documentation/ABI/testing/sysfs-devices-virtual-misc-tdx_guest, "virt: tdx-guest: Expose TDX MRs
+as sysfs attributes"): `/sys/class/misc/tdx_guest/measurements/rtmr3:sha384` reads the current
+48-byte value and, written with exactly 48 bytes at offset 0, extends RTMR3 with them through
+TDG.MR.RTMR.EXTEND, so the register becomes SHA-384(old || written). The kernel keeps no log of
+such extensions: ours is the runtime event log (eemini.guest.events). Earlier kernels (6.12) have
+no such file; then nothing is extended and `health` says so.
+
+Standard library only (this runs as PID 1 inside the image).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Mapping
+
+MEASUREMENTS_DIR = "sys/class/misc/tdx_guest/measurements"
+RTMR3_FILE = "rtmr3:sha384"
+RTMR_SIZE = 48
+# The runtime log's fields that are measured; `time` is informational and left out so a verifier
+# can recompute every extension from the log alone.
+MEASURED_FIELDS = ("seq", "kind", "source", "key", "digest")
+
+
+class RtmrError(OSError):
+    """Extending RTMR3 failed; the runtime log and RTMR3 may no longer agree."""
+
+
+def event_bytes(event: Mapping[str, object]) -> bytes:
+    """The canonical encoding of one runtime event: JSON of its measured fields, sorted keys,
+    compact separators, UTF-8 (the same canonical form as the resolved spec)."""
+    try:
+        fields = {name: event[name] for name in MEASURED_FIELDS}
+    except KeyError as e:
+        raise ValueError(f"runtime event lacks the field {e.args[0]!r}") from None
+    return json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def event_digest(event: Mapping[str, object]) -> bytes:
+    """The 48 bytes written to RTMR3 for one runtime event."""
+    return hashlib.sha384(event_bytes(event)).digest()
+
+
+def replay(events: Iterable[Mapping[str, object]], start: bytes = bytes(RTMR_SIZE)) -> bytes:
+    """RTMR3 after extending `start` with each event in order."""
+    value = start
+    for event in events:
+        value = hashlib.sha384(value + event_digest(event)).digest()
+    return value
+
+
+class Rtmr3:
+    """RTMR3 through sysfs under `root` (tests point `root` at a fake tree)."""
+
+    def __init__(self, root: str = "/") -> None:
+        self.path = os.path.join(root, MEASUREMENTS_DIR, RTMR3_FILE)
+
+    def available(self) -> bool:
+        return os.path.exists(self.path)
+
+    def unavailable_reason(self) -> str | None:
+        """None when RTMR3 can be extended, else a sentence saying why not."""
+        if not os.path.exists(self.path):
+            return f"{self.path} is absent (the kernel exposes RTMR extension from Linux 6.16 on)"
+        if not os.access(self.path, os.W_OK):
+            return f"{self.path} is not writable"
+        return None
+
+    def read(self) -> bytes:
+        with open(self.path, "rb", buffering=0) as f:
+            value = f.read(RTMR_SIZE + 1)
+        if len(value) != RTMR_SIZE:
+            raise RtmrError(f"{self.path} gave {len(value)} bytes, expected {RTMR_SIZE}")
+        return value
+
+    def extend(self, digest: bytes) -> None:
+        """Extend RTMR3 with a 48-byte digest: one write of all 48 bytes at offset 0 (a fresh
+        descriptor's position)."""
+        if len(digest) != RTMR_SIZE:
+            raise ValueError(f"an RTMR3 extension must be {RTMR_SIZE} bytes, got {len(digest)}")
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_CLOEXEC)
+        except OSError as e:
+            raise RtmrError(e.errno, f"cannot open {self.path} to extend RTMR3: {e.strerror}") from None
+        try:
+            written = os.write(fd, digest)
+        except OSError as e:
+            raise RtmrError(
+                e.errno, f"extending RTMR3 through {self.path} failed: {e.strerror}"
+            ) from None
+        finally:
+            os.close(fd)
+        if written != RTMR_SIZE:
+            raise RtmrError(f"short write to {self.path}: {written} of {RTMR_SIZE} bytes")
+
+
+class RuntimeMeasurer:
+    """Extends RTMR3 with each runtime event (when available) and remembers what it did, for
+    `health` and `attest`. Attach `on_append` to the event log: it runs under the log's lock,
+    before the event becomes visible, so log order equals extension order and a failed extension
+    keeps the event out of the log."""
+
+    def __init__(self, rtmr3: Rtmr3 | None = None) -> None:
+        self.rtmr3 = rtmr3 if rtmr3 is not None else Rtmr3()
+        self.reason = self.rtmr3.unavailable_reason()
+        self.extended = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.reason is None
+
+    def on_append(self, event: object) -> None:
+        if self.reason is not None:
+            return
+        to_dict = getattr(event, "to_dict", None)
+        fields = to_dict() if callable(to_dict) else event
+        if not isinstance(fields, Mapping):
+            raise TypeError(f"cannot measure a runtime event of type {type(event).__name__}")
+        self.rtmr3.extend(event_digest(fields))
+        self.extended += 1
+
+    def status(self) -> dict[str, object]:
+        """What `health` reports about RTMR3."""
+        if self.reason is None:
+            return {"rtmr3_extended": True, "rtmr3_events": self.extended}
+        return {"rtmr3_extended": False, "rtmr3_reason": self.reason}

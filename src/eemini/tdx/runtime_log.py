@@ -1,0 +1,43 @@
+"""Checking the guest's runtime event log against RTMR3 (see docs/measurements.md, "Runtime
+events"): where the kernel let PID 1 extend RTMR3, the register is the fold of the log's events."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from enum import StrEnum
+
+from eemini.guest.rtmr import RTMR_SIZE, replay
+
+
+class RuntimeLogMismatch(Exception):
+    """RTMR3 was extended, but not with this runtime log."""
+
+
+class RuntimeLogBinding(StrEnum):
+    BOUND = "bound"  # RTMR3 equals the replay: the quote vouches for every event
+    UNBOUND = "unbound"  # RTMR3 untouched (no kernel support): the log is informational only
+
+
+def check_runtime_log(events: Sequence[Mapping[str, object]], rtmr3: bytes) -> RuntimeLogBinding:
+    """Replay the runtime log against a quote's RTMR3; raise RuntimeLogMismatch naming where it
+    diverged when RTMR3 was extended by something else than this log."""
+    if len(rtmr3) != RTMR_SIZE:
+        raise ValueError(f"RTMR3 must be {RTMR_SIZE} bytes, got {len(rtmr3)}")
+    try:
+        if replay(events) == rtmr3:
+            return RuntimeLogBinding.BOUND if events else RuntimeLogBinding.UNBOUND
+    except ValueError as e:
+        raise RuntimeLogMismatch(f"runtime event log is malformed: {e}") from None
+    if rtmr3 == bytes(RTMR_SIZE):
+        return RuntimeLogBinding.UNBOUND
+    for n in range(len(events)):
+        if replay(events[:n]) == rtmr3:
+            first = events[n]
+            raise RuntimeLogMismatch(
+                f"RTMR3 matches the first {n} runtime events; event seq {first.get('seq')} "
+                f"({first.get('kind')} {first.get('key')!r}) and later ones are not in the quote"
+            )
+    raise RuntimeLogMismatch(
+        f"RTMR3 {rtmr3.hex()} is not the replay of the {len(events)} runtime events (nor any prefix): "
+        "the log was changed, or RTMR3 was extended by something else"
+    )

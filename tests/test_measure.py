@@ -1,0 +1,313 @@
+"""Measurement prediction from a UKI's bytes, matching predicted events in event logs, and the
+`eemini measure` command."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import struct
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+
+from eemini.cli import main
+from eemini.tdx.eventlog import EventType, HashAlg, parse_event_log
+from eemini.tdx.measure import (
+    EventsMissing,
+    MeasureError,
+    Prediction,
+    find_events,
+    kernel_version,
+    pcr_to_mr_index,
+    predict,
+    stub_cmdline,
+)
+from eemini.tdx.pe import DigestAlgorithm, authenticode_digest, parse_pe, section_memory
+from petools import Sec, assemble_uki, make_pe, need_stub
+
+INITRD = bytes(range(256)) * 20
+
+
+def sha384(b: bytes) -> bytes:
+    return hashlib.sha384(b).digest()
+
+
+def fake_kernel(
+    version: bytes = b"6.12.57+deb13-cloud-amd64 (debian-kernel@lists.debian.org) #1 SMP",
+) -> bytes:
+    """A PE image carrying an x86 boot-protocol header ('HdrS' at 0x202, kernel_version at 0x20E)."""
+    body = bytearray(0x400)
+    body[2:6] = b"HdrS"
+    struct.pack_into("<H", body, 0xE, 0x100)  # the string is at 0x100 + 0x200 in the file
+    body[0x100 : 0x100 + len(version) + 1] = version + b"\0"
+    image = make_pe([Sec(".text", bytes(body))])
+    assert image[0x202:0x206] == b"HdrS"
+    return image
+
+
+def synthetic_uki(stub: str, sections: list[Sec]) -> bytes:
+    magic = f"#### LoaderInfo: systemd-stub {stub} ####".encode() + b"\0"
+    return make_pe([Sec(".text", b"\xc3" * 64), Sec(".sdmagic", magic), *sections])
+
+
+def test_pcr_to_mr_index() -> None:
+    assert [pcr_to_mr_index(p) for p in range(16)] == [0, 1, 2, 2, 2, 2, 2, 1, 3, 3, 3, 3, 3, 3, 3, 3]
+    with pytest.raises(ValueError, match="PCR 16 has no TDX measurement register"):
+        pcr_to_mr_index(16)
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        (b"console=ttyS0 quiet", "console=ttyS0 quiet"),
+        (b"  console=ttyS0\n", "console=ttyS0"),
+        (b"a\tb\r\nc\x7f\0ignored after NUL", "a b  c"),
+        (b"", ""),
+        ("ee.NAME=caf\u00e9".encode(), "ee.NAME=caf\u00e9"),
+    ],
+)
+def test_stub_cmdline(raw: bytes, expected: str) -> None:
+    assert stub_cmdline(raw) == expected
+
+
+def test_stub_cmdline_rejects_bad_utf8() -> None:
+    with pytest.raises(MeasureError, match="cmdline is not valid UTF-8"):
+        stub_cmdline(b"\xff\xfe")
+
+
+def test_kernel_version() -> None:
+    assert kernel_version(b"6.12.57+deb13-cloud-amd64\0", b"") == "6.12.57+deb13-cloud-amd64"
+    assert kernel_version(None, fake_kernel()) == "6.12.57+deb13-cloud-amd64"
+    assert kernel_version(b"", b"MZ" + bytes(1000)) is None
+
+
+def test_predict_objcopy_uki_on_debian_stub_252(tmp_path: Path) -> None:
+    stub = need_stub()
+    kernel = stub.read_bytes()  # any PE does as a stand-in kernel
+    uki = assemble_uki(
+        tmp_path / "uki.efi", linux=kernel, cmdline=b"console=ttyS0 ee.X=1 \n", initrd=INITRD
+    )
+    data = uki.read_bytes()
+    p = predict(data)
+    assert p.stub_version.startswith("252.")
+    assert p.cmdline == "console=ttyS0 ee.X=1"
+    assert p.uki_sha384 == authenticode_digest(data)
+    image = parse_pe(data)
+    linux = image.section(".linux")
+    assert linux is not None and linux.virtual_size == len(kernel) < linux.size_of_raw_data
+    osrel = b"ID=eemini-test\n"
+    cmdline_mem = b"console=ttyS0 ee.X=1 \n"
+    expected = [
+        (4, "EV_EFI_BOOT_SERVICES_APPLICATION", authenticode_digest(data), True),
+        (4, "EV_EFI_BOOT_SERVICES_APPLICATION", authenticode_digest(kernel), True),
+        # v252 measures into the TPM only (no CC protocol support before v256); .sbat and .uname
+        # are not in v252's list even though the stub has a .sbat.
+        (11, "EV_IPL", sha384(b".linux\0"), False),
+        (11, "EV_IPL", sha384(kernel), False),
+        (11, "EV_IPL", sha384(b".osrel\0"), False),
+        (11, "EV_IPL", sha384(osrel), False),
+        (11, "EV_IPL", sha384(b".cmdline\0"), False),
+        (11, "EV_IPL", sha384(cmdline_mem), False),
+        (11, "EV_IPL", sha384(b".initrd\0"), False),
+        (11, "EV_IPL", sha384(INITRD), False),
+        # The kernel version is unknown (the stand-in kernel has no boot header): TPM only.
+        (9, "EV_EVENT_TAG", sha384("console=ttyS0 ee.X=1\0".encode("utf-16-le")), False),
+        (9, "EV_EVENT_TAG", sha384(INITRD), False),
+    ]
+    assert [(e.pcr, e.event_type.name, e.sha384, e.cc) for e in p.events] == expected
+    assert p.events[0].sha256 == authenticode_digest(data, DigestAlgorithm.SHA256)
+    assert p.events[3].sha256 == hashlib.sha256(kernel).digest()
+    assert [e.rtmr for e in p.events] == [1, 1] + [2] * 10
+    assert Prediction.from_json(json.loads(json.dumps(p.to_json()))) == p
+
+
+def test_predict_stub_257_rules() -> None:
+    kernel = fake_kernel()
+    uki = synthetic_uki(
+        "257.9-1~deb13u1",
+        [
+            Sec(".osrel", b"ID=x\n"),
+            Sec(".cmdline", b"console=ttyS0"),
+            Sec(".initrd", INITRD),
+            Sec(".uname", b"6.12.57+deb13-cloud-amd64"),
+            Sec(".sbat", b"sbat,1\n"),
+            Sec(".linux", kernel),
+            Sec(".empty", b"x", virtual_size=0),
+        ],
+    )
+    p = predict(uki)
+    assert p.kernel_version == "6.12.57+deb13-cloud-amd64"
+    names = [e.what for e in p.events if e.pcr == 11]
+    assert names == [
+        f"section{kind} {n}"
+        for n in (".linux", ".osrel", ".cmdline", ".initrd", ".uname", ".sbat")
+        for kind in (" name", "")
+    ]
+    assert all(e.cc for e in p.events)  # stub >= 256 and kernel >= 6.9 reach the CC log
+    assert p.events[1].what == "kernel from .linux (PE Authenticode)"
+    assert p.events[1].sha384 == authenticode_digest(kernel)
+    # The section bytes are the in-memory ones: VirtualSize, not the 512-byte aligned raw data.
+    sbat = next(e for e in p.events if e.what == "section .sbat")
+    assert sbat.sha384 == sha384(b"sbat,1\n")
+
+
+def test_predict_stub_258_has_no_inner_kernel_event() -> None:
+    uki = synthetic_uki("258.1", [Sec(".cmdline", b"x"), Sec(".linux", fake_kernel())])
+    p = predict(uki)
+    assert [e.what for e in p.events if e.pcr == 4] == ["UKI (PE Authenticode)"]
+
+
+def test_zero_extended_linux_changes_the_inner_kernel_digest() -> None:
+    # ukify 257.0-257.2 set .linux VirtualSize to the kernel's SizeOfImage (systemd#34583): the stub
+    # then LoadImage()s and measures the zero-extended bytes, not the vmlinuz file.
+    kernel = fake_kernel()
+    uki = synthetic_uki("257.2", [Sec(".linux", kernel, virtual_size=len(kernel) + 4096)])
+    p = predict(uki)
+    extended = kernel + bytes(4096)
+    assert section_memory(uki, parse_pe(uki).sections[-1]) == extended
+    assert p.events[1].sha384 == authenticode_digest(extended) != authenticode_digest(kernel)
+    assert next(e for e in p.events if e.what == "section .linux").sha384 == sha384(extended)
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b"MZ" + bytes(10), "not a valid UKI: file is too short for a DOS header"),
+        (make_pe([Sec(".text", b"x")]), "no .sdmagic section: this UKI was not built on systemd-stub"),
+        (make_pe([Sec(".sdmagic", b"hello")]), "holds no 'LoaderInfo: systemd-stub VERSION' marker"),
+        (synthetic_uki("251", []), "systemd-stub 251 predates the UKI measurement rules (v252)"),
+        (synthetic_uki("257", [Sec(".cmdline", b"x")]), "the UKI has no .linux section"),
+        (synthetic_uki("257", [Sec(".linux", b"not a PE")]), "the .linux section is not a PE image"),
+        (synthetic_uki("257", [Sec(".profile", b"ID=a"), Sec(".linux", b"")]), "multi-profile UKIs"),
+        (
+            synthetic_uki(
+                "257", [Sec(".initrd", b"i"), Sec(".ucode", b"u"), Sec(".linux", fake_kernel())]
+            ),
+            "the stub adds .ucode to the initrd it serves",
+        ),
+    ],
+)
+def test_unpredictable_ukis(data: bytes, message: str) -> None:
+    with pytest.raises(MeasureError, match=re.escape(message)):
+        predict(data)
+
+
+# Matching predicted events in logs.
+
+
+def log_bytes(records: Sequence[tuple[int, int, bytes]], algs: tuple[int, ...] = (0x000C,)) -> bytes:
+    sizes = {0x000B: 32, 0x000C: 48}
+    body = b"Spec ID Event03\0" + struct.pack("<IBBBBI", 0, 0, 2, 0, 2, len(algs))
+    body += b"".join(struct.pack("<HH", a, sizes[a]) for a in algs) + b"\0"
+    out = struct.pack("<II20sI", 0, 3, bytes(20), len(body)) + body
+    for reg, etype, digest384 in records:
+        out += struct.pack("<III", reg, etype, len(algs))
+        for a in algs:
+            out += struct.pack("<H", a) + (digest384 if a == 0x000C else bytes(32))
+        out += struct.pack("<I", 4) + b"data"
+    return out
+
+
+def test_find_events_in_a_cc_log() -> None:
+    kernel = fake_kernel()
+    p = predict(
+        synthetic_uki("257.9", [Sec(".cmdline", b"quiet"), Sec(".initrd", b"i"), Sec(".linux", kernel)])
+    )
+    bsa, ipl, tag, act = (
+        EventType.EV_EFI_BOOT_SERVICES_APPLICATION,
+        EventType.EV_IPL,
+        EventType.EV_EVENT_TAG,
+        EventType.EV_EFI_ACTION,
+    )
+    firmware = [(2, act, sha384(b"Calling EFI Application from Boot Option")), (2, 4, sha384(bytes(4)))]
+    ours = [(e.mr_index, e.event_type, e.sha384) for e in p.events]
+    records = firmware + ours[:2] + [(1, 0x80000001, sha384(b"other"))] + ours[2:]
+    records += [(2, act, sha384(b"Exit Boot Services Invocation"))]
+    log = parse_event_log(log_bytes(records))
+    matches = find_events(log, p.events, cc=True)
+    assert [m[1].number for m in matches] == [3, 4, *range(6, 6 + len(ours) - 2)]
+    assert [m[1].event_type for m in matches[:3]] == [bsa, bsa, ipl] and matches[-1][1].event_type == tag
+
+    # Drop the .cmdline contents event: the first missing one is named, with where the search stopped.
+    missing = [r for r in records if r[2] != sha384(b"quiet")]
+    with pytest.raises(
+        EventsMissing,
+        match=re.escape("predicted event 6 of 10, PCR11/RTMR2 EV_IPL section .cmdline sha384 ")
+        + "[0-9a-f]{96}"
+        + re.escape(", is not in RTMR2 after event 8"),
+    ):
+        find_events(parse_event_log(log_bytes(missing)), p.events, cc=True)
+
+    # Swap the two RTMR1 application events: both are there, but out of order.
+    swapped = list(records)
+    swapped[2], swapped[3] = swapped[3], swapped[2]
+    with pytest.raises(
+        EventsMissing, match=re.escape("is not in RTMR1 after event 4 (it is there, but out of order)")
+    ):
+        find_events(parse_event_log(log_bytes(swapped)), p.events, cc=True)
+
+
+def test_find_events_in_a_tpm_log_uses_pcrs() -> None:
+    # Stub 252: the PCR 11 events are TPM-only, so a CC search skips them but a TPM search needs them.
+    p = predict(synthetic_uki("252.39", [Sec(".linux", fake_kernel())]))
+    tpm = [(e.pcr, e.event_type, e.sha384) for e in p.events]
+    log = parse_event_log(log_bytes(tpm, algs=(0x000B, 0x000C)))
+    assert len(find_events(log, p.events, cc=False)) == len(p.events) == 4
+    cc_log = parse_event_log(log_bytes([(e.mr_index, e.event_type, e.sha384) for e in p.events[:2]]))
+    assert len(find_events(cc_log, p.events, cc=True)) == 2
+    short_tpm = parse_event_log(log_bytes(tpm[:2]))
+    message = "predicted event 3 of 4, PCR11/RTMR2 EV_IPL section name .linux sha384 "
+    with pytest.raises(EventsMissing, match=re.escape(message) + "[0-9a-f]{96}, is not in PCR11$"):
+        find_events(short_tpm, p.events, cc=False)
+    assert HashAlg.SHA384 in dict(log.spec_id.algorithms)
+
+
+# The command.
+
+
+def test_measure_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    uki = tmp_path / "build" / "image.efi"
+    uki.parent.mkdir()
+    uki.write_bytes(synthetic_uki("257.9", [Sec(".cmdline", b"quiet"), Sec(".linux", fake_kernel())]))
+    assert main(["measure", str(uki.parent), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["uki"] == str(uki)
+    assert out["uki_authenticode_sha384"] == authenticode_digest(uki.read_bytes()).hex()
+    assert [e["what"] for e in out["events"]][:2] == [
+        "UKI (PE Authenticode)",
+        "kernel from .linux (PE Authenticode)",
+    ]
+    assert main(["measure", str(uki)]) == 0
+    text = capsys.readouterr().out.splitlines()
+    assert text[0] == f"UKI {uki}"
+    assert text[1] == f"UKI Authenticode sha384 {out['uki_authenticode_sha384']}"
+    assert text[3] == "systemd-stub 257.9, kernel 6.12.57+deb13-cloud-amd64"
+    assert re.fullmatch(
+        r"PCR4  RTMR1  EV_EFI_BOOT_SERVICES_APPLICATION +[0-9a-f]{96}  UKI \(PE Authenticode\)", text[5]
+    )
+
+
+@pytest.mark.parametrize(
+    ("setup", "message"),
+    [
+        ("missing", "does not exist"),
+        ("empty", "no UKI (*.efi) in"),
+        ("two", "2 UKIs in"),
+        ("bad", "a.efi: not a valid UKI: not a PE image: DOS magic is 6e6f"),
+    ],
+)
+def test_measure_command_errors(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], setup: str, message: str
+) -> None:
+    target = tmp_path / "d"
+    if setup != "missing":
+        target.mkdir()
+    if setup in ("two", "bad"):
+        (target / "a.efi").write_bytes(b"no" + bytes(100))
+    if setup == "two":
+        (target / "b.efi").write_bytes(b"no")
+    assert main(["measure", str(target)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("eemini measure: error: ") and message in err
