@@ -207,23 +207,30 @@ def test_boot_dhcp_config_disk_restarts_orphans_garbage_poweroff(
     assert got == [b"hello from the guest\n"]
 
 
-def test_forbidden_key_on_config_disk_refuses_the_boot(
-    vm_disk: Path, tmp_path: Path, metadata: tuple[Server, Behaviour]
-) -> None:
+def test_forbidden_key_on_config_disk_refuses_the_boot(vm_disk: Path, tmp_path: Path) -> None:
+    """Through the `eemini run` command line: vfat config disk, isolated network, exit status 1."""
     config = tmp_path / "agent.env"
     config.write_text("GREETING=hi\nLD_PRELOAD=/tmp/evil.so\n")
-    cfg = _vm(
-        vm_disk, tmp_path, metadata[0].port, config=config, config_format=launcher.ConfigFormat.VFAT
-    )
-    with launcher.running(cfg) as vm:
-        outcome = vm.wait(BOOT_TIMEOUT)
-    assert outcome.exit_code == 1
-    assert outcome.summary == (
-        "the guest stopped: boot config key 'LD_PRELOAD' from config-disk is not allowed "
+    log = tmp_path / "console.log"
+    proc = subprocess.run(
+        [
+            sys.executable, "-m", "eemini", "run", os.fspath(vm_disk), "--accel", "tcg", "--restrict",
+            "--config", os.fspath(config), "--config-format", "vfat", "--log", os.fspath(log),
+            "--timeout", str(BOOT_TIMEOUT),
+        ],
+        capture_output=True, text=True, timeout=BOOT_TIMEOUT + 60, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stderr
+    refusal = (
+        "boot config key 'LD_PRELOAD' from config-disk is not allowed "
         "(allowed: EE_DNS, EE_GATEWAY, EE_IP, GREETING, PROBE_HOST, PROBE_MODE, PROBE_PORT)"
     )
-    assert "eemini: powering off (boot failed)" in _console_lines(outcome)
-    assert not any(line.startswith("[probe]") for line in _console_lines(outcome))
+    assert f"the guest stopped: {refusal} after " in proc.stderr
+    console = [line.strip() for line in proc.stdout.splitlines()]
+    assert f"eemini: boot failed: {refusal}" in console
+    assert "eemini: powering off (boot failed)" in console
+    assert not any(line.startswith("[probe]") for line in console)
+    assert log.read_text().splitlines() == proc.stdout.splitlines()
 
 
 def test_cloud_metadata_then_power_button(vm_disk: Path, tmp_path: Path) -> None:
