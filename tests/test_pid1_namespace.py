@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from netns import namespaces, python_in, veth
+
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="PID namespaces need root")
 
 HARNESS = r"""
@@ -71,6 +73,11 @@ if mode == "checks":
     pids = [p for p in os.listdir("/proc") if p.isdigit()]
     zombies = [p for p in pids if open(f"/proc/{p}/stat").read().split(") ")[1][0] == "Z"]
     print("zombies", zombies, flush=True)
+elif mode == "net":
+    routes = open("/proc/net/route").read().splitlines()[1:]
+    print("routes", sorted((r.split()[0], r.split()[1], r.split()[2]) for r in routes), flush=True)
+    print("resolv", open("/mnt/resolv.conf").read().split("\n"), flush=True)
+    time.sleep(float(os.environ.get("GREETING") or 0))
 elif mode == "wait":
     signal.signal(signal.SIGTERM, lambda *a: (os.write(1, b"got SIGTERM\n"), os._exit(0)))
     print("waiting", flush=True)
@@ -110,14 +117,18 @@ def _prepare(tmp: Path, cmdline: str, mode: str, **image: object) -> Path:
     return tmp
 
 
-def _boot(tmp: Path) -> subprocess.Popen[str]:
+def _boot(tmp: Path, netns: str | None = None) -> subprocess.Popen[str]:
+    """PID 1 in new PID and mount namespaces, and a new (empty) network namespace unless the
+    test gives one (with a NIC in it)."""
+    prefix = ["ip", "netns", "exec", netns] if netns else []
     return subprocess.Popen(
         [
+            *prefix,
             "unshare",
             "-m",
             "-p",
             "-f",
-            "-n",
+            *([] if netns else ["-n"]),
             "--mount-proc",
             sys.executable,
             "-c",
@@ -216,3 +227,54 @@ def test_sigterm_stops_the_workload_gracefully(tmp_path: Path) -> None:
     assert "[work.py] got SIGTERM" in lines
     assert lines[-1] == "eemini: powering off (SIGTERM received)"
     assert proc.returncode == -signal.SIGINT
+
+
+def test_static_network_from_boot_config(tmp_path: Path) -> None:
+    cmdline = "console=ttyS0 ee.dev=1 ee.EE_IP=10.9.0.5/24 ee.EE_GATEWAY=10.9.0.1 "
+    cmdline += "ee.EE_DNS=10.9.0.53,10.9.0.54"
+    _prepare(tmp_path, cmdline, "net", network="dhcp")
+    with namespaces("vm", "peer") as (vm, peer):
+        veth(vm, "eth0", peer, "peer0")
+        proc = _boot(tmp_path, vm)
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGINT, err
+    lines = _lines(err)
+    assert "eemini: network: eth0 10.9.0.5/24 via 10.9.0.1 (static, from boot config)" in lines
+    # /proc/net/route: interface, destination, gateway in little-endian hex
+    assert (
+        "[work.py] routes [('eth0', '00000000', '0100090A'), ('eth0', '0000090A', '00000000')]" in lines
+    )
+    assert "[work.py] resolv ['nameserver 10.9.0.53', 'nameserver 10.9.0.54', '']" in lines
+
+
+def test_dhcp_lease_and_renewal_as_pid1(tmp_path: Path) -> None:
+    # GREETING doubles as "how long the workload stays" so the 1 s renewal timer fires meanwhile.
+    _prepare(tmp_path, "console=ttyS0 ee.dev=1 ee.GREETING=2.5", "net", network="dhcp")
+    server_script = Path(__file__).parent / "dhcp_server.py"
+    with namespaces("vm", "srv") as (vm, srv):
+        veth(vm, "eth0", srv, "eesrv0")
+        for argv in (["addr", "add", "10.77.0.1/24", "dev", "eesrv0"], ["link", "set", "eesrv0", "up"]):
+            subprocess.run(["ip", "-n", srv, *argv], check=True)
+        server = python_in(srv, [str(server_script), "eesrv0", "10.77.0.1", "10.77.0.50", "60", "1"])
+        try:
+            assert server.stdout is not None
+            assert json.loads(server.stdout.readline()) == {"ready": True}
+            proc = _boot(tmp_path, vm)
+            _, err = proc.communicate(timeout=60)
+        finally:
+            server.kill()
+            server.communicate()
+    assert proc.returncode == -signal.SIGINT, err
+    lines = _lines(err)
+    assert any(
+        line.startswith(
+            "eemini: network: eth0 10.77.0.50/24 via 10.77.0.1 dns 10.77.0.53,10.77.0.54 "
+            "(DHCP from 10.77.0.1, lease 60 s, "
+        )
+        for line in lines
+    ), err
+    assert (
+        "[work.py] resolv ['search test.lan', 'nameserver 10.77.0.53', 'nameserver 10.77.0.54', '']"
+        in lines
+    )
+    assert "eemini: DHCP lease renewed: 10.77.0.50/24 for 60 s" in lines
