@@ -128,6 +128,40 @@ def load_modules(paths: list[str]) -> int:
     return loaded
 
 
+class ModuleLoader:
+    """load_modules() on a thread, in the same order; join() before anything needs a driver."""
+
+    def __init__(self, paths: list[str]) -> None:
+        import threading
+
+        self.paths = paths
+        self.loaded = 0
+        self.elapsed = 0.0
+        self.thread = threading.Thread(target=self._run, name="eemini-modules", daemon=True)
+
+    def _run(self) -> None:
+        start = time.monotonic()
+        try:
+            self.loaded = load_modules(self.paths)
+        finally:
+            self.elapsed = time.monotonic() - start
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def join(self) -> None:
+        self.thread.join()
+
+
+def preload_runtime() -> None:
+    """Import what the rest of the boot needs while the module loader thread works."""
+    import eemini.guest.dhcp
+    import eemini.guest.events
+    import eemini.guest.netlink
+    import eemini.guest.power
+    import eemini.guest.runtime  # noqa: F401
+
+
 def kill_everything() -> None:
     """At power-off: SIGTERM every other process, a short grace, then SIGKILL; reap them all."""
     for signum, wait in ((signal.SIGTERM, GRACE_KILL), (signal.SIGKILL, 1.0)):
@@ -195,11 +229,10 @@ class Boot:
         modules = image.get("modules", [])
         if not isinstance(modules, list) or not all(isinstance(m, str) for m in modules):
             raise BootFailure(f"{self.paths.image_json}: modules must be a list of paths")
-        start = time.monotonic()
-        loaded = load_modules(modules)
-        console(f"{loaded} of {len(modules)} kernel modules loaded in {time.monotonic() - start:.2f} s")
-        with contextlib.suppress(OSError):
-            mount_all((CONFIGFS,))
+        # Modules load on a thread (finit_module runs without the GIL) while this one reads the
+        # spec and imports the rest of the runtime: drivers' probe waits overlap Python work.
+        loader = ModuleLoader(modules)
+        loader.start()
         try:
             cmdline = bootconfig.parse_cmdline(cmdline_text)
         except bootconfig.ConfigError as e:
@@ -208,6 +241,11 @@ class Boot:
         token = os.getrandom(32).hex()
         spec_bytes, spec = self.load_spec()
         sources = self.config_sources(image)
+        preload_runtime()
+        loader.join()
+        console(f"{loader.loaded} of {len(modules)} kernel modules loaded in {loader.elapsed:.2f} s")
+        with contextlib.suppress(OSError):
+            mount_all((CONFIGFS,))
         allow = spec.workload.allow_env
         try:
             local = bootconfig.collect_local(cmdline, sources, console)
