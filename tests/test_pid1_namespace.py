@@ -249,7 +249,7 @@ def test_static_network_from_boot_config(tmp_path: Path) -> None:
 
 def test_dhcp_lease_and_renewal_as_pid1(tmp_path: Path) -> None:
     # GREETING doubles as "how long the workload stays" so the 1 s renewal timer fires meanwhile.
-    _prepare(tmp_path, "console=ttyS0 ee.dev=1 ee.GREETING=2.5", "net", network="dhcp")
+    _prepare(tmp_path, "console=ttyS0 ee.dev=1 ee.GREETING=6", "net", network="dhcp")
     server_script = Path(__file__).parent / "dhcp_server.py"
     with namespaces("vm", "srv") as (vm, srv):
         veth(vm, "eth0", srv, "eesrv0")
