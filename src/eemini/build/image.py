@@ -60,12 +60,18 @@ class Context:
     sizes: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
-def build(profile: Profile, lock: Lock, spec: ResolvedSpec, out: Path,
-          extra_manifest: dict[str, Any] | None = None) -> Built:  # fmt: skip
-    """Build every output of `profile` into `out` (replacing what an earlier build left there)."""
+def build(profile: Profile, lock: Lock, spec: ResolvedSpec, out: Path, *,
+          extra_manifest: dict[str, Any] | None = None,
+          compression: compress.Compression = compress.DEFAULT) -> Built:  # fmt: skip
+    """Build every output of `profile` into `out` (replacing what an earlier build left there).
+
+    `extra_manifest` adds top-level sections to manifest.json; `compression` exists for the
+    benchmark that justifies the default (docs/build.md)."""
     out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob("initramfs.cpio*"):
+        stale.unlink()
     with tempfile.TemporaryDirectory(dir=out, prefix=".work-") as tmp:
-        ctx = Context(profile, lock, spec, out, Path(tmp), Apt())
+        ctx = Context(profile, lock, spec, out, Path(tmp), Apt(), compression)
         check_workload(ctx)
         fetch_packages(ctx)
         add_layout(ctx)
