@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from eemini.build import pyruntime
-from images import DEMO_HASH, DEMO_PROFILE, REPO, build, image, workload_spec
+from images import DEMO_HASH, DEMO_PROFILE, REPO, build, demo_image, image, workload_spec
 
 GUEST = REPO / "src" / "eemini" / "guest"
 MIB = 1 << 20
@@ -41,10 +41,11 @@ def sha256(path: Path) -> str:
 def test_two_builds_in_different_places_umasks_and_zones_are_identical(tmp_path: Path) -> None:
     first = image(DEMO_PROFILE)
     spec = workload_spec(tmp_path / "other" / "spec")
-    out = tmp_path / "elsewhere" / "out"
-    proc = build(DEMO_PROFILE, out, spec, umask=0o077, env={"TZ": "Pacific/Kiritimati", "LC_ALL": "C"},
-                 cwd=tmp_path)  # fmt: skip
+    # A relative --out, another working directory, umask and time zone.
+    proc = build(DEMO_PROFILE, Path("elsewhere/out"), spec, umask=0o077,
+                 env={"TZ": "Pacific/Kiritimati", "LC_ALL": "C"}, cwd=tmp_path)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
+    out = tmp_path / "elsewhere" / "out"
     names = sorted(p.name for p in first.iterdir())
     assert names == sorted(p.name for p in out.iterdir())
     assert names == ["disk.qcow2", "initramfs.cpio.zst", "manifest.json", "uki.efi"]
@@ -53,7 +54,7 @@ def test_two_builds_in_different_places_umasks_and_zones_are_identical(tmp_path:
 
 
 def test_demo_uki_hash_matches_the_recorded_one() -> None:
-    actual = sha256(image(DEMO_PROFILE) / "uki.efi")
+    actual = sha256(demo_image() / "uki.efi")
     expected = DEMO_HASH.read_text().strip()
     assert actual == expected, (
         f"the demo image's UKI has sha256 {actual}, but {DEMO_HASH.relative_to(REPO)} records "

@@ -67,6 +67,7 @@ def build(profile: Profile, lock: Lock, spec: ResolvedSpec, out: Path, *,
 
     `extra_manifest` adds top-level sections to manifest.json; `compression` exists for the
     benchmark that justifies the default (docs/build.md)."""
+    out = out.absolute()  # the target interpreter reports absolute paths; compare like with like
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob("initramfs.cpio*"):
         stale.unlink()

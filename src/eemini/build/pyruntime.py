@@ -79,7 +79,7 @@ class Target:
     """The pinned Python packages merged into one prefix that the host can execute."""
 
     def __init__(self, packages: list[tuple[Package, Path]], work: Path) -> None:
-        self.root = work / "python-full"
+        self.root = work.absolute() / "python-full"
         self.owner: dict[str, Package] = {}
         shutil.rmtree(self.root, ignore_errors=True)
         for pkg, unpacked in packages:
@@ -146,8 +146,10 @@ def analyze(target: Target, with_simulator: bool) -> Analysis:
     assert isinstance(modules, dict)
     for name, info in modules.items():
         file = info["file"]
-        if file is None or not file.startswith(target.root.as_posix() + "/"):
-            continue
+        if file is None or file.startswith(str(SRC) + "/"):
+            continue  # built in, frozen, or the guest package (shipped as a whole below)
+        if not file.startswith(target.root.as_posix() + "/"):
+            die(f"import analysis found {name} outside the pinned Python: {file}")
         if file.endswith(".py") and file.startswith(stdlib_dir):
             py.append(file[len(stdlib_dir) :])
         elif file.endswith(".so"):
