@@ -345,6 +345,18 @@ def test_lock_file_in_repo_pins_what_the_issue_asks_for() -> None:
     assert lock.Lock.to_json(pinned) == lock.LOCK_PATH.read_text()
 
 
+def test_lock_update_resolves_every_root(private_cache: Path, tmp_path: Path) -> None:
+    fresh = lock.resolve(apt.Apt())
+    roles = {p.name: p.role for p in fresh.packages}
+    assert roles.pop(fresh.kernel.name) is lock.Role.KERNEL
+    assert roles == {r.name: r.role for r in lock.ROOTS if not r.meta}
+    assert re.fullmatch(r"linux-image-6\.12\.\d+\+deb13(\.\d+)?-cloud-amd64", fresh.kernel.name)
+    assert all(re.fullmatch(r"[0-9a-f]{64}", p.sha256) and p.size > 0 for p in fresh.packages)
+    lock.save(fresh, tmp_path / "l.json")
+    assert lock.load(tmp_path / "l.json") == fresh
+    assert not (tmp_path / "l.tmp").exists()
+
+
 @pytest.fixture
 def private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("EEMINI_CACHE_DIR", os.fspath(tmp_path / "cache"))

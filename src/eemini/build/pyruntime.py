@@ -16,7 +16,7 @@ from pathlib import Path, PurePosixPath
 from eemini.build import elf
 from eemini.build.lock import Package
 from eemini.build.tree import PROJECT, Origin, Source, Tree
-from eemini.log import complete_step, die
+from eemini.log import complete_step, die, log_debug
 from eemini.proc import run
 
 PYVER = "3.13"
@@ -140,6 +140,9 @@ def analyze(target: Target, with_simulator: bool) -> Analysis:
             "guest_roots": ["eemini"],
         }
         reply = target.call(request)
+    missing = reply.get("missing")
+    if missing:
+        log_debug(f"imported but absent from the pinned Python (optional imports): {missing}")
     stdlib_dir = (target.root / STDLIB).as_posix() + "/"
     py, ext = [], []
     modules = reply["modules"]
