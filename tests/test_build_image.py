@@ -12,6 +12,8 @@ import tarfile
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from eemini.build import pyruntime
 from images import DEMO_HASH, DEMO_PROFILE, REPO, build, demo_image, image, workload_spec
 
@@ -230,19 +232,21 @@ def test_gce_tarball_holds_one_disk_raw_of_whole_gib() -> None:
     assert facts["attestation"] == "configfs-tsm"
 
 
-def test_trimmed_interpreter_imports_every_guest_module(tmp_path: Path) -> None:
+@pytest.mark.parametrize("profile", ["local-dev", "local-tdx-qcow2"])
+def test_trimmed_interpreter_imports_every_guest_module(tmp_path: Path, profile: str) -> None:
     """Unpack the initramfs and import each shipped guest module with the shipped interpreter."""
     root = tmp_path / "root"
     root.mkdir()
-    run("cpio", "-idm", "--quiet", "--no-absolute-filenames", "-D", root, stdin=initramfs(DEMO_PROFILE))
-    sbom = manifest(DEMO_PROFILE)["initramfs"]["files"]
+    run("cpio", "-idm", "--quiet", "--no-absolute-filenames", "-D", root, stdin=initramfs(profile))
+    sbom = manifest(profile)["initramfs"]["files"]
     prefix = pyruntime.GUEST_PREFIX + "/"
     names = sorted(
         e["path"][len(prefix) : -3].replace("/", ".").removesuffix(".__init__")
         for e in sbom
         if e["path"].startswith(prefix) and e["path"].endswith(".py")
     )
-    assert "eemini" in names
+    assert "eemini" in names and "eemini.guest.pid1" in names
+    assert ("eemini.guest.simulated" in names) == (profile == "local-dev")
     script = (
         f"import sys; sys.path.insert(0, {str(root) + pyruntime.GUEST_PREFIX!r})\n"
         f"for n in {names!r}: __import__(n)\n"

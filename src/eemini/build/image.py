@@ -69,8 +69,10 @@ def build(profile: Profile, lock: Lock, spec: ResolvedSpec, out: Path, *,
     benchmark that justifies the default (docs/build.md)."""
     out = out.absolute()  # the target interpreter reports absolute paths; compare like with like
     out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob("initramfs.cpio*"):
-        stale.unlink()
+    # What an earlier build (maybe of another profile) left would pass for this build's output.
+    stale = ["uki.efi", "manifest.json", *(o.filename for o in Output)]
+    for path in [*out.glob("initramfs.cpio*"), *(out / name for name in stale)]:
+        path.unlink(missing_ok=True)
     with tempfile.TemporaryDirectory(dir=out, prefix=".work-") as tmp:
         ctx = Context(profile, lock, spec, out, Path(tmp), Apt(), compression)
         check_workload(ctx)
