@@ -70,7 +70,7 @@ def boot_uptime(disk: Path, work: Path) -> float | None:
 def main() -> None:
     with tempfile.TemporaryDirectory(prefix="eemini-bench-") as tmp:
         work = Path(tmp)
-        spec_file = images.workload_spec(work / "spec")
+        spec_file = images.demo_spec(work / "demo")  # examples/attest-echo, as `make demo` builds it
         prof = profile.load("local-dev")
         pins = lock.load()
         resolved = spec.resolve(spec_file)
