@@ -102,6 +102,9 @@ def test_every_initramfs_byte_has_an_origin() -> None:
         "source": "debian", "package": "libpython3.13-minimal", "version": lock["libpython3.13-minimal"],
         "derived_from": "/usr/lib/python3.13/encodings/utf_8.py",
     }  # fmt: skip
+    assert by_path["/usr/lib/eemini/eemini/guest/__pycache__/pid1.cpython-313.pyc"]["origin"] == {
+        "source": "project", "derived_from": "/usr/lib/eemini/eemini/guest/pid1.py"
+    }  # fmt: skip
     assert by_path["/dev/console"]["rdev"] == [5, 1]
     assert by_path["/init"]["mode"] == "0755"
 

@@ -323,6 +323,14 @@ def test_host_sources_are_read_from_deb822_and_one_line_files(tmp_path: Path) ->
         apt.sources_list([])
 
 
+def test_lock_command_lists_the_pins() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "eemini", "lock"], capture_output=True, text=True, check=True
+    )
+    rows = [line.split("\t") for line in proc.stdout.splitlines()]
+    assert rows == [[p.name, p.version, p.sha256, p.role.value] for p in lock.load().packages]
+
+
 def test_lock_file_errors(tmp_path: Path) -> None:
     with pytest.raises(UserError, match=r"does not exist"):
         lock.load(tmp_path / "missing.json")

@@ -188,7 +188,7 @@ def add_runtime(tree: Tree, target: Target, analysis: Analysis, work: Path) -> N
         image = PurePosixPath(g.image_path)
         cache = image.parent / "__pycache__" / f"{image.stem}.cpython-313.pyc"
         jobs.append((str(g.source), str(out / cache.relative_to("/")), g.image_path, cache.as_posix(),
-                     PROJECT))  # fmt: skip
+                     Origin(Source.PROJECT, derived_from=g.image_path)))  # fmt: skip
         tree.file(g.image_path, g.source.read_bytes(), PROJECT, "guest-runtime")
     with complete_step(f"Precompiling {len(jobs)} modules"):
         target.call({"op": "compile", "files": [[s, c, d] for s, c, d, _, _ in jobs]})
