@@ -21,6 +21,13 @@ DEMO_HASH = REPO / "tests" / "data" / "demo-uki.sha256"
 DEMO_PROFILE = "local-dev"
 
 _session: dict[str, Path] = {}
+_logs: dict[str, tuple[str, str]] = {}
+
+
+def build_output(profile: str) -> tuple[str, str]:
+    """(stdout, stderr) of the session's `eemini build` of `profile`."""
+    image(profile)
+    return _logs[profile]
 
 
 def _root() -> Path:
@@ -83,6 +90,7 @@ def image(profile: str) -> Path:
         if proc.returncode != 0:
             raise RuntimeError(f"eemini build --profile {profile} failed:\n{proc.stderr}")
         _session[key] = out
+        _logs[profile] = (proc.stdout, proc.stderr)
     return _session[key]
 
 

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from eemini.build import pyruntime
-from images import DEMO_HASH, DEMO_PROFILE, REPO, build, demo_image, image, workload_spec
+from images import DEMO_HASH, DEMO_PROFILE, REPO, build, build_output, demo_image, image, workload_spec
 
 GUEST = REPO / "src" / "eemini" / "guest"
 MIB = 1 << 20
@@ -53,6 +53,28 @@ def test_two_builds_in_different_places_umasks_and_zones_are_identical(tmp_path:
     assert names == ["disk.qcow2", "initramfs.cpio.zst", "manifest.json", "uki.efi"]
     for name in names:
         assert sha256(first / name) == sha256(out / name), name
+
+
+def test_build_reports_steps_sizes_and_outputs() -> None:
+    stdout, stderr = build_output("azure")
+    out = image("azure")
+    assert stdout.splitlines() == [f"{name}\t{out / file}" for name, file in (
+        ("initramfs", "initramfs.cpio.zst"), ("manifest", "manifest.json"), ("uki", "uki.efi"),
+        ("vhd", "disk.vhd"))]  # fmt: skip
+    steps = [line.strip() for line in stderr.splitlines() if line.lstrip().startswith("‣")]
+    top = [s for s in steps if not s.startswith("‣ Downloading") and not s.startswith("‣ Unpacking")]
+    assert top[:3] == ["‣ Fetching 9 pinned Debian packages",
+                       "‣ Resolving 6 kernel modules and their dependencies",
+                       "‣ Adding the trimmed Python runtime and the guest runtime"]  # fmt: skip
+    assert top[-2:] == ["‣ Assembling the UKI", "‣ Writing disk.vhd"]
+    sizes = manifest("azure")["sizes"]
+    table = stderr[stderr.index("Size breakdown:") :].splitlines()
+    assert table[1] == f"  {'kernel (vmlinuz)':<28} {sizes['kernel'] / (1 << 20):7.2f} MiB"
+    assert [row[2:30].strip() for row in table[1:]] == [
+        "kernel (vmlinuz)", "kernel modules", "Python runtime", "guest runtime", "workload + spec",
+        "layout, /init, image facts", "initramfs (cpio)", "initramfs compressed", "UKI",
+        "compression ratio",
+    ]  # fmt: skip
 
 
 def test_demo_uki_hash_matches_the_recorded_one() -> None:
