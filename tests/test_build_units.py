@@ -389,6 +389,23 @@ def test_hash_mismatch_is_refused_and_not_cached(private_cache: Path) -> None:
     ).hexdigest() == (real.sha256)
 
 
+def test_concurrent_builds_share_the_cache(private_cache: Path) -> None:
+    """Two processes fetching and unpacking the same package at once into one fresh cache."""
+    code = (
+        "from eemini.build import apt, lock, deb\n"
+        "print(deb.unpacked(apt.Apt(), lock.load().get('libffi8')))\n"
+    )
+    env = {**os.environ, "EEMINI_CACHE_DIR": os.fspath(private_cache)}
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]  # fmt: skip
+    results = [p.communicate() for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], results
+    sha = lock.load().get("libffi8").sha256
+    assert {out.strip() for out, _ in results} == {os.fspath(private_cache / "unpacked" / sha)}
+    assert (private_cache / "unpacked" / sha / "usr/lib/x86_64-linux-gnu/libffi.so.8").is_symlink()
+    assert sorted(p.name for p in (private_cache / "unpacked").iterdir()) == [sha]
+
+
 def test_vanished_version_says_what_to_do(private_cache: Path) -> None:
     with pytest.raises(UserError) as e:
         apt.fetch(apt.Apt(), "libffi8", "0.0-0", "0" * 64)
