@@ -232,6 +232,21 @@ def test_dynamic_workload_is_refused(tmp_path: Path) -> None:
         elf.check_static_workload((tmp_path / "dyn").read_bytes(), "dyn")
 
 
+def test_build_refuses_a_dynamic_workload_before_any_work(tmp_path: Path) -> None:
+    tool("gcc", "-O2", "-o", tmp_path / "app", HELLO)
+    (tmp_path / "enclave.toml").write_text('[workload]\npath = "app"\n')
+    argv = [sys.executable, "-m", "eemini", "build", "-f", os.fspath(tmp_path / "enclave.toml"),
+            "--profile", "local-dev", "--out", os.fspath(tmp_path / "out")]  # fmt: skip
+    proc = subprocess.run(argv, capture_output=True, text=True, check=False)
+    assert proc.returncode == 1
+    assert proc.stderr == (
+        f"eemini build: error: the workload {tmp_path / 'app'} is dynamically linked (it asks for the "
+        "loader /lib64/ld-linux-x86-64.so.2); the image has no shared libraries for workloads\n"
+        "  hint: link it statically (e.g. `gcc -static`, or Go with CGO_ENABLED=0)\n"
+    )
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == []
+
+
 def test_non_elf_workload_is_refused() -> None:
     with pytest.raises(UserError, match=r"^the workload run\.sh is not a static x86-64 executable: "
                        r"not an ELF file \(no \\x7fELF magic\)$"):  # fmt: skip
