@@ -23,6 +23,11 @@ class Command(Protocol):
 
 # name -> module under eemini.commands. Each module defines HELP, add_arguments() and run().
 COMMANDS: dict[str, str] = {
+    "dev": "eemini.commands.dev",
+    "call": "eemini.commands.call",
+    "run": "eemini.commands.run",
+    "quote": "eemini.commands.quote",
+    "verify": "eemini.commands.verify",
     "measure": "eemini.commands.measure",
 }
 

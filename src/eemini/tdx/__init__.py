@@ -1,0 +1,1 @@
+"""Intel TDX quotes: parsing (layout, quote), verification (verify, policy) and rendering (describe)."""

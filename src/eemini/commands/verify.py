@@ -1,0 +1,101 @@
+"""`eemini verify QUOTE`: verify a TDX quote (signatures, chain to Intel's root, collateral, policy).
+
+Exit 0 when verified, 1 when rejected (the failed check in one line on stderr), 2 for usage or
+parse errors (unreadable or malformed quote, collateral, policy or root).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+from eemini.log import die
+
+HELP = "verify a TDX quote against Intel's root, collateral and a policy"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("quote", metavar="QUOTE", help="the quote file: raw bytes, or hex text")
+    parser.add_argument("--collateral", metavar="FILE",
+                        help="collateral JSON (dcap-qvl QuoteCollateralV3 layout); without it the TCB "
+                        "status is not evaluated")  # fmt: skip
+    parser.add_argument(
+        "--at", metavar="UNIX_TIME", type=int, help="verify as of this time (default: now)"
+    )
+    parser.add_argument(
+        "--report-data", metavar="HEX", help="expected report data (zero-padded to 64 bytes)"
+    )
+    parser.add_argument("--policy", metavar="FILE", help="policy JSON (see docs/verify.md)")
+    parser.add_argument("--trust-dev-root", metavar="FILE", action="append", default=[],
+                        help="also trust this development root CA (PEM); never by default")  # fmt: skip
+    parser.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+
+
+def _read(path: str, what: str) -> bytes:
+    try:
+        with open(os.fspath(path), "rb") as f:
+            return f.read()
+    except OSError as e:
+        die(f"cannot read {what} {path}: {e.strerror}", exit_code=2)
+
+
+def run(args: argparse.Namespace) -> int:
+    from eemini.commands.quote import read_quote_bytes
+    from eemini.tdx.collateral import parse_collateral
+    from eemini.tdx.describe import describe_verified, verified_to_dict
+    from eemini.tdx.errors import (
+        CertificateParseError,
+        CollateralParseError,
+        PolicyError,
+        QuoteParseError,
+        VerificationError,
+    )
+    from eemini.tdx.policy import PolicyBuilder, policy_builder_from_json
+    from eemini.tdx.quote import parse_quote
+    from eemini.tdx.roots import INTEL_ROOT, development_root
+    from eemini.tdx.verify import verify
+
+    data = read_quote_bytes(args.quote)
+    try:
+        quote = parse_quote(data)
+    except QuoteParseError as e:
+        die(f"{args.quote} is not a TDX quote: {e}", exit_code=2)
+    collateral = None
+    if args.collateral:
+        try:
+            collateral = parse_collateral(_read(args.collateral, "collateral"))
+        except CollateralParseError as e:
+            die(f"{args.collateral}: {e}", exit_code=2)
+    try:
+        builder = (
+            policy_builder_from_json(_read(args.policy, "policy")) if args.policy else PolicyBuilder()
+        )
+        if args.report_data is not None:
+            builder = builder.report_data(args.report_data)
+        policy = builder.build()
+    except PolicyError as e:
+        where = f"{args.policy}: " if args.policy else ""
+        die(f"{where}{e}", hint="--report-data and a policy file's report_data exclude each other"
+            if "report_data may only be set once" in str(e) else None, exit_code=2)  # fmt: skip
+    roots = [INTEL_ROOT]
+    for path in args.trust_dev_root:
+        try:
+            roots.append(development_root(_read(path, "development root")))
+        except CertificateParseError as e:
+            die(f"{path}: {e.message}", exit_code=2)
+    now = args.at if args.at is not None else int(time.time())
+    try:
+        verified = verify(quote, collateral, policy, now, trusted_roots=roots)
+    except VerificationError as e:
+        if args.json:
+            print(json.dumps({"verified": False, "check": e.check, "error": e.message}, indent=2))
+        print(f"eemini verify: rejected: {e.one_line()}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(verified_to_dict(verified), indent=2))
+    else:
+        print(describe_verified(verified), end="")
+    return 0

@@ -1,0 +1,239 @@
+"""Attestation backends: where TDX quotes come from, and the self-check every quote passes.
+
+`configfs-tsm` follows the kernel ABI (Documentation/ABI/testing/configfs-tsm-report): make a
+report entry, check `provider`, write up to 64 bytes to `inblob`, read `outblob`, check that
+`generation` moved by exactly our one write, remove the entry. The simulated backend lives in
+`eemini.guest.simulated` and is imported only when asked for, so production images can omit it.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import secrets
+import struct
+import threading
+from collections.abc import Callable
+from typing import Protocol
+
+REPORT_DATA_SIZE = 64
+TSM_REPORT_ROOT = "/sys/kernel/config/tsm/report"
+TDX_PROVIDER = "tdx_guest"
+CCEL_PATH = "/sys/firmware/acpi/tables/data/CCEL"
+
+# Intel TDX DCAP Quote Generation Library and Quote Verification Library, appendix "Quote
+# Format": a 48-byte header (version u16, attestation key type u16, TEE type u32, ...).
+QUOTE_HEADER_SIZE = 48
+TEE_TYPE_TDX = 0x00000081
+ATT_KEY_TYPE_ECDSA_P256 = 2
+TD_REPORT10_SIZE = 584  # TDX 1.0 TD report body (quote v4, and v5 body type 2)
+TD_REPORT15_SIZE = 648  # TDX 1.5 TD report body (quote v5 body type 3)
+REPORT_DATA_OFFSET = 520  # report_data is the last 64 bytes of the TDX 1.0 body
+V5_BODY_DESCRIPTOR_SIZE = 2 + 4  # body type u16, body size u32
+
+
+class AttestError(Exception):
+    """A quote could not be produced; the message says why and what to check."""
+
+    def __init__(self, message: str, code: str = "attest_failed") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class Backend(Protocol):
+    """Something that turns 64 bytes of report data into a TDX quote."""
+
+    @property
+    def attestation_type(self) -> str:
+        """The `attestation_type` the socket reports ("tdx", "simulated")."""
+        ...
+
+    def quote(self, report_data: bytes) -> bytes:
+        """A quote whose report data is exactly `report_data` (64 bytes); raises AttestError."""
+        ...
+
+
+def pad_report_data(data: bytes) -> bytes:
+    """Caller data of at most 64 bytes, zero-padded to 64 (as the original runtime did)."""
+    if len(data) > REPORT_DATA_SIZE:
+        raise ValueError(f"report data is {len(data)} bytes; the maximum is {REPORT_DATA_SIZE}")
+    return data.ljust(REPORT_DATA_SIZE, b"\0")
+
+
+def quote_report_data(quote: bytes) -> bytes:
+    """The 64 report-data bytes inside a TDX quote v4 or v5; raises AttestError if it is not one."""
+    if len(quote) < QUOTE_HEADER_SIZE:
+        raise AttestError(f"quote is {len(quote)} bytes, shorter than a quote header (48)")
+    version, key_type, tee_type = struct.unpack_from("<HHI", quote, 0)
+    if tee_type != TEE_TYPE_TDX:
+        raise AttestError(f"quote TEE type is {tee_type:#x}, expected {TEE_TYPE_TDX:#x} (TDX)")
+    if key_type != ATT_KEY_TYPE_ECDSA_P256:
+        raise AttestError(f"quote attestation key type is {key_type}, expected 2 (ECDSA P-256)")
+    if version == 4:
+        body = QUOTE_HEADER_SIZE
+        body_size = TD_REPORT10_SIZE
+    elif version == 5:
+        if len(quote) < QUOTE_HEADER_SIZE + V5_BODY_DESCRIPTOR_SIZE:
+            raise AttestError("quote v5 is too short for its body descriptor")
+        body_type, body_size = struct.unpack_from("<HI", quote, QUOTE_HEADER_SIZE)
+        expected = {2: TD_REPORT10_SIZE, 3: TD_REPORT15_SIZE}.get(body_type)
+        if expected is None or body_size != expected:
+            raise AttestError(f"quote v5 body type {body_type} of {body_size} bytes is not a TD report")
+        body = QUOTE_HEADER_SIZE + V5_BODY_DESCRIPTOR_SIZE
+    else:
+        raise AttestError(f"quote version is {version}, expected 4 or 5")
+    if len(quote) < body + body_size + 4:
+        raise AttestError(f"quote is {len(quote)} bytes, too short for its TD report body")
+    start = body + REPORT_DATA_OFFSET
+    return quote[start : start + REPORT_DATA_SIZE]
+
+
+def check_quote(quote: bytes, report_data: bytes) -> None:
+    """The self-check every quote passes before it leaves the runtime; raises AttestError."""
+    if not quote:
+        raise AttestError("the quote is empty")
+    inside = quote_report_data(quote)
+    if inside != report_data:
+        raise AttestError(
+            f"the report data inside the quote ({inside.hex()}) differs from the request "
+            f"({report_data.hex()})"
+        )
+    (sig_len,) = struct.unpack_from("<I", quote, _sig_len_offset(quote))
+    if sig_len == 0:
+        raise AttestError("the quote carries no signature data")
+
+
+def _sig_len_offset(quote: bytes) -> int:
+    version = struct.unpack_from("<H", quote, 0)[0]
+    if version == 4:
+        return QUOTE_HEADER_SIZE + TD_REPORT10_SIZE
+    _, body_size = struct.unpack_from("<HI", quote, QUOTE_HEADER_SIZE)
+    return QUOTE_HEADER_SIZE + V5_BODY_DESCRIPTOR_SIZE + int(body_size)
+
+
+def read_ccel(path: str = CCEL_PATH) -> bytes | None:
+    """The firmware's CC event log (ACPI CCEL table data), or None when there is none."""
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+class ConfigfsTsmBackend:
+    """TDX quotes through Linux configfs-tsm, one at a time.
+
+    `root` is the report directory (configurable so tests run against a fake tree); `mkdir`
+    and `rmdir` create and remove the report entry (configfs populates the entry's attributes
+    inside mkdir(2) itself, which a fake on an ordinary filesystem can only do from this seam).
+    """
+
+    attestation_type = "tdx"
+
+    def __init__(
+        self,
+        root: str = TSM_REPORT_ROOT,
+        provider: str = TDX_PROVIDER,
+        *,
+        mkdir: Callable[[str], None] = os.mkdir,
+        rmdir: Callable[[str], None] = os.rmdir,
+    ) -> None:
+        self.root = root
+        self.provider = provider
+        self._mkdir = mkdir
+        self._rmdir = rmdir
+        self._lock = threading.Lock()
+
+    def check_available(self) -> None:
+        """Raise AttestError unless the report directory exists."""
+        if not os.path.isdir(self.root):
+            raise AttestError(
+                f"configfs-tsm is not available: {self.root} does not exist (needs a TDX guest "
+                "with the tdx_guest and tsm_report modules loaded and configfs mounted)",
+                "attest_unavailable",
+            )
+
+    def quote(self, report_data: bytes) -> bytes:
+        if len(report_data) != REPORT_DATA_SIZE:
+            raise ValueError(f"report data must be {REPORT_DATA_SIZE} bytes, got {len(report_data)}")
+        with self._lock:
+            self.check_available()
+            # A private entry per request (the ABI's way to avoid conflicts); the random part
+            # keeps two runtimes (or a leftover entry after a crash) from colliding.
+            entry = os.path.join(self.root, f"eemini-{os.getpid()}-{secrets.token_hex(8)}")
+            try:
+                self._mkdir(entry)
+            except OSError as e:
+                msg = f"configfs-tsm: cannot create report entry {entry}: {e.strerror}"
+                raise AttestError(msg) from None
+            try:
+                return self._quote_in(entry, report_data)
+            finally:
+                try:
+                    self._rmdir(entry)
+                except OSError as e:
+                    os.write(2, f"eemini: warning: cannot remove {entry}: {e.strerror}\n".encode())
+
+    def _quote_in(self, entry: str, report_data: bytes) -> bytes:
+        provider = _read_attr(entry, "provider").decode("ascii", "replace").strip()
+        if provider != self.provider:
+            raise AttestError(
+                f"configfs-tsm provider is {provider!r}, expected {self.provider!r} "
+                "(this is not a TDX guest, or another TSM driver is loaded)",
+                "attest_unavailable",
+            )
+        before = _read_generation(entry)
+        _write_attr(entry, "inblob", report_data)
+        quote = _read_attr(entry, "outblob")
+        after = _read_generation(entry)
+        # ABI: generation increments on every write of inblob or an option; anything but our
+        # one write means another writer raced us and outblob may answer their inblob.
+        if after != before + 1:
+            raise AttestError(
+                f"configfs-tsm report entry was written concurrently (generation {before} -> "
+                f"{after}, expected {before + 1}); the quote was discarded"
+            )
+        if not quote:
+            raise AttestError(
+                "configfs-tsm returned an empty quote (outblob is empty): the host's quote "
+                "generation service may be unreachable"
+            )
+        check_quote(quote, report_data)
+        return quote
+
+
+def _read_attr(entry: str, name: str) -> bytes:
+    path = os.path.join(entry, name)
+    try:
+        with open(path, "rb", buffering=0) as f:
+            chunks = []
+            while chunk := f.read(65536):
+                chunks.append(chunk)
+            return b"".join(chunks)
+    except OSError as e:
+        if e.errno == errno.EFBIG:
+            raise AttestError(f"configfs-tsm: {path}: report exceeds the kernel's maximum") from None
+        raise AttestError(f"configfs-tsm: cannot read {path}: {e.strerror}") from None
+
+
+def _write_attr(entry: str, name: str, data: bytes) -> None:
+    path = os.path.join(entry, name)
+    try:
+        fd = os.open(path, os.O_WRONLY)
+        try:
+            # configfs binary attributes take the whole value in one write.
+            n = os.write(fd, data)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        raise AttestError(f"configfs-tsm: cannot write {path}: {e.strerror}") from None
+    if n != len(data):
+        raise AttestError(f"configfs-tsm: short write to {path} ({n} of {len(data)} bytes)")
+
+
+def _read_generation(entry: str) -> int:
+    text = _read_attr(entry, "generation").decode("ascii", "replace").strip()
+    try:
+        return int(text)
+    except ValueError:
+        raise AttestError(f"configfs-tsm: generation is not a number: {text!r}") from None

@@ -1,0 +1,153 @@
+"""Dev mode: the guest runtime as an ordinary process, with simulated attestation.
+
+`eemini dev` calls `run()`; `python -m eemini.guest.devmode` is the same runner with the knobs
+tests need (grace period, backoff, socket limits) and a resolved spec JSON instead of TOML.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import sys
+from dataclasses import dataclass, field
+
+from eemini.guest.events import EventLog
+from eemini.guest.runtime import Runtime, RuntimeConfig
+from eemini.guest.server import Limits
+from eemini.guest.spec import EnclaveSpec, SpecError, load
+from eemini.guest.supervisor import Backoff
+
+TOKEN_FILE = "token"  # noqa: S105 - a file name, not a secret
+DEV_ROOT_FILE = "dev-root.pem"
+_DEFAULT_LIMITS = Limits()
+
+
+def default_socket() -> str:
+    """Where dev mode puts its socket unless told otherwise (and where `eemini call` looks)."""
+    base = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/eemini-{os.getuid()}"
+    return os.path.join(base, "eemini", "agent.sock")
+
+
+@dataclass(frozen=True, slots=True)
+class DevOptions:
+    socket_path: str
+    grace: float = 5.0
+    backoff: Backoff = field(default_factory=Backoff)
+    limits: Limits = field(default_factory=Limits)
+    dev_root_out: str | None = None
+    token: str | None = None
+
+
+def _write_private(path: str, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+
+
+def run(spec: EnclaveSpec, options: DevOptions) -> int:
+    """Run the workload under the runtime until it is done or we are told to stop.
+
+    Returns the workload's exit status when it ended for good under on_exit = poweroff
+    (128 + signal number when killed), and 0 after Ctrl-C, SIGTERM or a `shutdown` request.
+    """
+    from eemini.guest.simulated import SimulatedBackend, dev_root_pem
+
+    socket_path = os.path.abspath(options.socket_path)
+    directory = os.path.dirname(socket_path)
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    token = options.token or secrets.token_hex(32)
+    token_path = os.path.join(directory, TOKEN_FILE)
+    _write_private(token_path, token.encode() + b"\n")
+    root_pem = dev_root_pem()
+    root_paths = [os.path.join(directory, DEV_ROOT_FILE)]
+    if options.dev_root_out:
+        root_paths.append(os.path.abspath(options.dev_root_out))
+    for path in root_paths:
+        with open(path, "wb") as f:
+            f.write(root_pem)
+
+    events = EventLog()
+    events.append_data("spec", "dev", "spec.json", spec.canonical_json())
+    try:
+        with open(spec.workload.path, "rb") as f:
+            events.append_data("workload", "dev", spec.workload.path, f.read())
+    except OSError:
+        pass  # the supervisor reports a workload it cannot start
+    events.seal("dev")
+
+    config = RuntimeConfig(
+        spec=spec,
+        token=token,
+        backend=SimulatedBackend(),
+        socket_path=socket_path,
+        console_fd=2,
+        limits=options.limits,
+        backoff=options.backoff,
+        grace=options.grace,
+        subreaper=True,
+    )
+    runtime = Runtime(config, events=events)
+    runtime.install_stop_signals()
+    print(
+        f"eemini dev: control socket {socket_path}\n"
+        f"eemini dev: token in {token_path} (eemini call finds both; workloads get EE_TOKEN "
+        f"when inherit_token = true)\n"
+        f"eemini dev: development root certificate in {', '.join(root_paths)} "
+        f"(trust it only for dev quotes)\n"
+        f"eemini dev: simulated attestation; Ctrl-C stops the workload and exits",
+        file=sys.stderr,
+        flush=True,
+    )
+    try:
+        runtime.run()
+    finally:
+        for path in (token_path,):
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+    last = runtime.supervisor.runs[-1] if runtime.supervisor.runs else None
+    if runtime.poweroff_reason and runtime.poweroff_reason.startswith("workload done") and last:
+        if last.signal is not None:
+            return 128 + last.signal
+        return last.exit_code or 0
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m eemini.guest.devmode")
+    p.add_argument("--spec-json", required=True, help="resolved spec (canonical JSON)")
+    p.add_argument("--socket", required=True)
+    p.add_argument("--token")
+    p.add_argument("--grace", type=float, default=5.0)
+    p.add_argument("--backoff", default="0.25,2,30,10", help="initial,factor,cap,stable_after")
+    p.add_argument("--max-line", type=int, default=_DEFAULT_LIMITS.max_line)
+    p.add_argument("--max-connections", type=int, default=_DEFAULT_LIMITS.max_connections)
+    p.add_argument("--idle-timeout", type=float, default=_DEFAULT_LIMITS.idle_timeout)
+    args = p.parse_args(argv)
+    try:
+        spec = load(args.spec_json)
+    except (OSError, SpecError) as e:
+        print(f"devmode: {args.spec_json}: {e}", file=sys.stderr)
+        return 2
+    initial, factor, cap, stable = (float(x) for x in args.backoff.split(","))
+    options = DevOptions(
+        socket_path=args.socket,
+        grace=args.grace,
+        backoff=Backoff(initial, factor, cap, stable),
+        limits=Limits(
+            max_line=args.max_line,
+            max_connections=args.max_connections,
+            idle_timeout=args.idle_timeout,
+        ),
+        token=args.token,
+    )
+    return run(spec, options)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

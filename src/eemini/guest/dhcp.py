@@ -1,0 +1,462 @@
+"""A DHCPv4 client of our own (RFC 2131 exchange, RFC 2132 options), standard library only.
+
+The client talks UDP from port 68 on a socket bound to the interface (SO_BINDTODEVICE), so it
+works before the interface has an address: the kernel sends limited broadcasts out of the bound
+device with source 0.0.0.0, and we set the BROADCAST flag (RFC 2131 4.1) so servers answer by
+broadcast too. Renewal (T1, unicast to the server) and rebinding (T2, broadcast) run on the
+PID 1 event loop's timers through `Renewer`.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+import os
+import random
+import select
+import socket
+import struct
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+SERVER_PORT = 67
+CLIENT_PORT = 68
+MAGIC_COOKIE = b"\x63\x82\x53\x63"  # RFC 2131 3, RFC 2132 2
+BOOTREQUEST = 1
+BOOTREPLY = 2
+HTYPE_ETHER = 1
+FLAG_BROADCAST = 0x8000
+MIN_PACKET = 300  # RFC 1542 2.1: BOOTP relays/servers may drop anything shorter
+
+# op, htype, hlen, hops, xid, secs, flags, ciaddr, yiaddr, siaddr, giaddr, chaddr, sname, file
+_FIXED = struct.Struct("!BBBBIHH4s4s4s4s16s64s128s")
+assert _FIXED.size == 236
+
+
+class Option(enum.IntEnum):
+    """RFC 2132 option codes we send or read."""
+
+    PAD = 0
+    SUBNET_MASK = 1
+    ROUTER = 3
+    DNS = 6
+    HOSTNAME = 12
+    DOMAIN_NAME = 15
+    MTU = 26
+    BROADCAST = 28
+    REQUESTED_IP = 50
+    LEASE_TIME = 51
+    OVERLOAD = 52
+    MESSAGE_TYPE = 53
+    SERVER_ID = 54
+    PARAMETER_LIST = 55
+    MESSAGE = 56
+    MAX_MESSAGE_SIZE = 57
+    RENEWAL_TIME = 58
+    REBINDING_TIME = 59
+    CLIENT_ID = 61
+    END = 255
+
+
+class MessageType(enum.IntEnum):
+    """RFC 2132 9.6."""
+
+    DISCOVER = 1
+    OFFER = 2
+    REQUEST = 3
+    DECLINE = 4
+    ACK = 5
+    NAK = 6
+    RELEASE = 7
+    INFORM = 8
+
+
+class DhcpError(Exception):
+    pass
+
+
+ZERO = ipaddress.IPv4Address(0)
+
+
+@dataclass(frozen=True)
+class Packet:
+    op: int
+    xid: int
+    chaddr: bytes
+    options: dict[int, bytes] = field(default_factory=dict)
+    flags: int = 0
+    secs: int = 0
+    ciaddr: ipaddress.IPv4Address = ZERO
+    yiaddr: ipaddress.IPv4Address = ZERO
+    siaddr: ipaddress.IPv4Address = ZERO
+    giaddr: ipaddress.IPv4Address = ZERO
+
+    @property
+    def message_type(self) -> MessageType | None:
+        raw = self.options.get(Option.MESSAGE_TYPE)
+        if raw is None or len(raw) != 1:
+            return None
+        try:
+            return MessageType(raw[0])
+        except ValueError:
+            return None
+
+    def address_option(self, code: int) -> ipaddress.IPv4Address | None:
+        raw = self.options.get(code)
+        return ipaddress.IPv4Address(raw[:4]) if raw is not None and len(raw) >= 4 else None
+
+    def addresses_option(self, code: int) -> tuple[ipaddress.IPv4Address, ...]:
+        raw = self.options.get(code, b"")
+        return tuple(ipaddress.IPv4Address(raw[i : i + 4]) for i in range(0, len(raw) - len(raw) % 4, 4))
+
+    def u32_option(self, code: int) -> int | None:
+        raw = self.options.get(code)
+        return struct.unpack("!I", raw)[0] if raw is not None and len(raw) == 4 else None
+
+
+def encode(packet: Packet) -> bytes:
+    fixed = _FIXED.pack(
+        packet.op,
+        HTYPE_ETHER,
+        len(packet.chaddr),
+        0,
+        packet.xid,
+        packet.secs,
+        packet.flags,
+        packet.ciaddr.packed,
+        packet.yiaddr.packed,
+        packet.siaddr.packed,
+        packet.giaddr.packed,
+        packet.chaddr.ljust(16, b"\0"),
+        b"",
+        b"",
+    )
+    opts = bytearray(MAGIC_COOKIE)
+    # Message type first (RFC 2131 does not require it, some servers do).
+    ordered = sorted(packet.options.items(), key=lambda kv: (kv[0] != Option.MESSAGE_TYPE, kv[0]))
+    for code, value in ordered:
+        for i in range(0, max(len(value), 1), 255):  # RFC 3396: long options are split
+            chunk = value[i : i + 255]
+            opts += bytes([code, len(chunk)]) + chunk
+    opts.append(Option.END)
+    data = fixed + bytes(opts)
+    return data.ljust(MIN_PACKET, b"\0")
+
+
+def _parse_options(data: bytes, into: dict[int, bytes]) -> None:
+    i = 0
+    while i < len(data):
+        code = data[i]
+        if code == Option.END:
+            return
+        if code == Option.PAD:
+            i += 1
+            continue
+        if i + 1 >= len(data):
+            raise DhcpError(f"option {code} is cut off at byte {i}")
+        length = data[i + 1]
+        if i + 2 + length > len(data):
+            raise DhcpError(f"option {code} declares {length} bytes but only {len(data) - i - 2} remain")
+        into[code] = into.get(code, b"") + data[i + 2 : i + 2 + length]  # RFC 3396 concatenation
+        i += 2 + length
+
+
+def decode(data: bytes) -> Packet:
+    """Parse a BOOTP/DHCP message, honouring option overload (RFC 2132 9.3) into sname/file."""
+    if len(data) < _FIXED.size + len(MAGIC_COOKIE):
+        raise DhcpError(f"DHCP message too short: {len(data)} bytes, need at least {_FIXED.size + 4}")
+    op, htype, hlen, _hops, xid, secs, flags, ci, yi, si, gi, chaddr, sname, bootfile = (
+        _FIXED.unpack_from(data)
+    )
+    if data[_FIXED.size : _FIXED.size + 4] != MAGIC_COOKIE:
+        raise DhcpError(f"bad DHCP magic cookie {data[_FIXED.size : _FIXED.size + 4].hex()}")
+    if htype != HTYPE_ETHER or hlen > 16:
+        raise DhcpError(f"unsupported hardware type {htype}/length {hlen}")
+    options: dict[int, bytes] = {}
+    _parse_options(data[_FIXED.size + 4 :], options)
+    overload = options.get(Option.OVERLOAD, b"\0")[0]
+    if overload & 1:
+        _parse_options(bootfile, options)
+    if overload & 2:
+        _parse_options(sname, options)
+    return Packet(
+        op=op,
+        xid=xid,
+        chaddr=chaddr[:hlen],
+        options=options,
+        flags=flags,
+        secs=secs,
+        ciaddr=ipaddress.IPv4Address(ci),
+        yiaddr=ipaddress.IPv4Address(yi),
+        siaddr=ipaddress.IPv4Address(si),
+        giaddr=ipaddress.IPv4Address(gi),
+    )
+
+
+@dataclass(frozen=True)
+class Lease:
+    address: ipaddress.IPv4Interface
+    server: ipaddress.IPv4Address
+    router: ipaddress.IPv4Address | None
+    dns: tuple[ipaddress.IPv4Address, ...]
+    lease_time: int
+    renewal_time: int
+    rebinding_time: int
+    mtu: int | None
+    domain: str | None
+    obtained: float  # time.monotonic() when the ACK arrived
+
+    @classmethod
+    def from_ack(cls, ack: Packet, obtained: float) -> Lease:
+        mask = ack.address_option(Option.SUBNET_MASK)
+        if mask is None:
+            raise DhcpError("the DHCP ACK carries no subnet mask")
+        server = ack.address_option(Option.SERVER_ID) or ack.siaddr
+        lease_time = ack.u32_option(Option.LEASE_TIME)
+        if lease_time is None:
+            raise DhcpError("the DHCP ACK carries no lease time")
+        routers = ack.addresses_option(Option.ROUTER)
+        # RFC 2131 4.4.5: T1 defaults to 0.5 and T2 to 0.875 of the lease.
+        t1 = ack.u32_option(Option.RENEWAL_TIME) or lease_time // 2
+        t2 = ack.u32_option(Option.REBINDING_TIME) or lease_time * 7 // 8
+        mtu_raw = ack.options.get(Option.MTU)
+        mtu = struct.unpack("!H", mtu_raw)[0] if mtu_raw and len(mtu_raw) == 2 else None
+        domain_raw = ack.options.get(Option.DOMAIN_NAME)
+        return cls(
+            address=ipaddress.IPv4Interface(f"{ack.yiaddr}/{mask}"),
+            server=server,
+            router=routers[0] if routers else None,
+            dns=ack.addresses_option(Option.DNS),
+            lease_time=lease_time,
+            renewal_time=min(t1, lease_time),
+            rebinding_time=min(max(t2, t1), lease_time),
+            mtu=mtu if mtu is not None and mtu >= 576 else None,
+            domain=domain_raw.rstrip(b"\0").decode("ascii", "replace") if domain_raw else None,
+            obtained=obtained,
+        )
+
+
+PARAMETERS = bytes(
+    (
+        Option.SUBNET_MASK, Option.ROUTER, Option.DNS, Option.DOMAIN_NAME, Option.MTU,
+        Option.LEASE_TIME, Option.RENEWAL_TIME, Option.REBINDING_TIME,
+    )
+)  # fmt: skip
+
+
+class Client:
+    """DHCP for one interface. `acquire()` blocks (boot); `Renewer` keeps the lease afterwards."""
+
+    def __init__(self, ifname: str, mac: bytes, *, rng: random.Random | None = None) -> None:
+        self.ifname = ifname
+        self.mac = mac
+        self.rng = rng or random.Random(os.urandom(16))
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, ifname.encode())
+        self.sock.bind(("0.0.0.0", CLIENT_PORT))
+        self.xid = 0
+        self.started = time.monotonic()
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def _packet(self, mtype: MessageType, **kw: Any) -> Packet:
+        options: dict[int, bytes] = {
+            Option.MESSAGE_TYPE: bytes([mtype]),
+            Option.CLIENT_ID: bytes([HTYPE_ETHER]) + self.mac,
+            Option.PARAMETER_LIST: PARAMETERS,
+            Option.MAX_MESSAGE_SIZE: struct.pack("!H", 1500),
+        }
+        options.update(kw.pop("options", {}))
+        secs = min(int(time.monotonic() - self.started), 0xFFFF)
+        return Packet(op=BOOTREQUEST, xid=self.xid, chaddr=self.mac, options=options, secs=secs, **kw)
+
+    def discover(self) -> Packet:
+        return self._packet(MessageType.DISCOVER, flags=FLAG_BROADCAST)
+
+    def request_offer(self, offer: Packet) -> Packet:
+        server = offer.address_option(Option.SERVER_ID) or offer.siaddr
+        return self._packet(
+            MessageType.REQUEST,
+            flags=FLAG_BROADCAST,
+            options={Option.REQUESTED_IP: offer.yiaddr.packed, Option.SERVER_ID: server.packed},
+        )
+
+    def request_renew(self, lease: Lease, *, broadcast: bool) -> Packet:
+        # RFC 2131 4.3.2: RENEWING/REBINDING put the address in ciaddr and omit server id/requested ip.
+        return self._packet(
+            MessageType.REQUEST, ciaddr=lease.address.ip, flags=FLAG_BROADCAST if broadcast else 0
+        )
+
+    def send(self, packet: Packet, to: ipaddress.IPv4Address | None = None) -> None:
+        dest = str(to) if to is not None else "255.255.255.255"
+        self.sock.sendto(encode(packet), (dest, SERVER_PORT))
+
+    def receive(self, deadline: float, accept: Callable[[Packet], bool]) -> Packet | None:
+        """The next reply for our xid and MAC that `accept` likes, or None at the deadline."""
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            ready, _, _ = select.select([self.sock], [], [], remaining)
+            if not ready:
+                return None
+            reply = self.read_reply()
+            if reply is not None and accept(reply):
+                return reply
+
+    def read_reply(self) -> Packet | None:
+        data = self.sock.recv(4096)
+        try:
+            reply = decode(data)
+        except DhcpError:
+            return None  # not ours to judge; a broken packet on the wire is skipped
+        if reply.op != BOOTREPLY or reply.xid != self.xid or reply.chaddr != self.mac:
+            return None
+        return reply
+
+    def _new_xid(self) -> None:
+        self.xid = self.rng.getrandbits(32)
+
+    def acquire(self, timeout: float = 30.0, attempts: int = 4) -> Lease:
+        """DISCOVER -> OFFER -> REQUEST -> ACK, retransmitting with doubling waits (RFC 2131 4.1)."""
+        deadline = time.monotonic() + timeout
+        self.started = time.monotonic()
+        wait = 1.0
+        last_problem = "no DHCP server answered"
+        for _ in range(attempts):
+            if time.monotonic() >= deadline:
+                break
+            self._new_xid()
+            self.send(self.discover())
+            step = min(time.monotonic() + wait, deadline)
+            offer = self.receive(step, lambda p: p.message_type == MessageType.OFFER)
+            wait *= 2
+            if offer is None:
+                continue
+            request = self.request_offer(offer)
+            self.send(request)
+            reply = self.receive(
+                min(time.monotonic() + wait, deadline),
+                lambda p: p.message_type in (MessageType.ACK, MessageType.NAK),
+            )
+            if reply is None:
+                last_problem = f"the server offered {offer.yiaddr} but did not answer the request"
+                continue
+            if reply.message_type == MessageType.NAK:
+                msg = reply.options.get(Option.MESSAGE, b"").decode(errors="replace")
+                last_problem = f"the server refused the request ({msg or 'NAK'})"
+                continue
+            return Lease.from_ack(reply, time.monotonic())
+        raise DhcpError(f"no DHCP lease on {self.ifname} after {attempts} attempts: {last_problem}")
+
+
+class Timers(Protocol):
+    """What `Renewer` needs from the event loop (eemini.guest.loop offers these)."""
+
+    def call_later(self, delay: float, callback: Callable[[], None]) -> object: ...
+
+    def add_reader(self, fd: int, callback: Callable[[], None]) -> None: ...
+
+    def remove_reader(self, fd: int) -> None: ...
+
+
+class Renewer:
+    """Keeps a lease: at T1 unicast REQUEST to the server, at T2 broadcast, at expiry give up.
+
+    `on_lease` gets each renewed lease (to re-apply address/routes); `on_expired` is called once
+    if the lease runs out (PID 1 logs it; the address is dropped).
+    """
+
+    RETRY = 10.0
+
+    def __init__(
+        self,
+        client: Client,
+        lease: Lease,
+        timers: Timers,
+        *,
+        on_lease: Callable[[Lease], None],
+        on_expired: Callable[[Lease], None],
+        log: Callable[[str], None],
+    ) -> None:
+        self.client = client
+        self.lease = lease
+        self.timers = timers
+        self.on_lease = on_lease
+        self.on_expired = on_expired
+        self.log = log
+        self.reading = False
+        self.expired = False
+        self.generation = 0  # stale timers (from before a renewal) see a newer generation and stop
+
+    def start(self) -> None:
+        self._schedule()
+
+    def _at(self, seconds: float) -> float:
+        return self.lease.obtained + seconds - time.monotonic()
+
+    def _later(self, delay: float) -> None:
+        generation = self.generation
+        self.timers.call_later(delay, lambda: self._tick(generation))
+
+    def _schedule(self) -> None:
+        self.generation += 1
+        self._later(max(self._at(self.lease.renewal_time), 0.0))
+
+    def _tick(self, generation: int) -> None:
+        if self.expired or generation != self.generation:
+            return
+        now_rel = time.monotonic() - self.lease.obtained
+        if now_rel >= self.lease.lease_time:
+            self.expired = True
+            self._stop_reading()
+            self.log(f"DHCP lease for {self.lease.address} expired")
+            self.on_expired(self.lease)
+            return
+        rebinding = now_rel >= self.lease.rebinding_time
+        self.client._new_xid()
+        try:
+            packet = self.client.request_renew(self.lease, broadcast=rebinding)
+            self.client.send(packet, None if rebinding else self.lease.server)
+        except OSError as e:
+            self.log(f"DHCP {'rebind' if rebinding else 'renew'} failed to send: {e}")
+        if not self.reading:
+            self.timers.add_reader(self.client.fileno(), self._readable)
+            self.reading = True
+        # RFC 2131 4.4.5: retry at half the remaining time, but not more often than every RETRY s.
+        remaining = self.lease.lease_time - now_rel
+        self._later(max(min(remaining, max(remaining / 2, self.RETRY)), 1.0))
+
+    def _stop_reading(self) -> None:
+        if self.reading:
+            self.timers.remove_reader(self.client.fileno())
+            self.reading = False
+
+    def _readable(self) -> None:
+        try:
+            reply = self.client.read_reply()
+        except OSError:
+            return
+        if reply is None or reply.message_type not in (MessageType.ACK, MessageType.NAK):
+            return
+        if reply.message_type == MessageType.NAK:
+            self.log("DHCP server refused the renewal (NAK); keeping the lease until it expires")
+            return
+        try:
+            lease = Lease.from_ack(reply, time.monotonic())
+        except DhcpError as e:
+            self.log(f"DHCP renewal answer unusable: {e}")
+            return
+        self._stop_reading()
+        self.lease = lease
+        self.log(f"DHCP lease renewed: {lease.address} for {lease.lease_time} s")
+        self.on_lease(lease)
+        self._schedule()

@@ -1,0 +1,252 @@
+"""The guest's one event loop: selectors, timers and signals, no asyncio.
+
+Everything PID 1 waits for goes through one `EventLoop`: the control socket and its connections,
+the workload's stdout/stderr pipes, SIGCHLD, the power button, DHCP renewal timers. Callbacks run
+on the loop's thread, one at a time, and must not block; an exception in a callback is printed to
+stderr and the loop carries on (one bad connection must never stop PID 1).
+
+Signals are delivered through `signal.set_wakeup_fd`: the C-level handler writes the signal
+number into a pipe the loop watches, so a signal arriving while the loop sleeps in select() wakes
+it, and the callback runs from the loop like any other event, never in a signal-handler context.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import os
+import selectors
+import signal
+import sys
+import threading
+import time
+import traceback
+from collections import deque
+from collections.abc import Callable
+from types import FrameType
+
+Callback = Callable[[], None]
+
+# Byte written to the wakeup pipe by call_soon_threadsafe(); signal numbers are 1..64.
+_THREAD_WAKEUP = b"\0"
+
+
+class Timer:
+    """A scheduled callback; `cancel()` it any time before it runs (cancelling twice is fine)."""
+
+    __slots__ = ("callback", "cancelled", "when")
+
+    def __init__(self, when: float, callback: Callback) -> None:
+        self.when = when
+        self.callback: Callback | None = callback
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        self.callback = None
+
+
+def _ignore_signal(signum: int, frame: FrameType | None) -> None:
+    # The Python-level handler does nothing: the wakeup fd carries the signal to the loop.
+    pass
+
+
+class EventLoop:
+    """A small single-threaded event loop.
+
+    API used by the runtime and by PID 1:
+
+    - `add_reader(fd, cb)` / `remove_reader(fd)`: call `cb()` whenever `fd` is readable.
+    - `add_writer(fd, cb)` / `remove_writer(fd)`: call `cb()` whenever `fd` is writable.
+    - `call_later(delay, cb) -> Timer`, `call_soon(cb) -> Timer`; `Timer.cancel()`.
+    - `call_soon_threadsafe(cb)`: the only method other threads may call.
+    - `add_signal_handler(signum, cb)` / `remove_signal_handler(signum)` (main thread only).
+    - `run()` until `stop()`; `time()` is the loop's monotonic clock.
+    """
+
+    def __init__(self) -> None:
+        self._selector = selectors.DefaultSelector()
+        self._readers: dict[int, Callback] = {}
+        self._writers: dict[int, Callback] = {}
+        self._timers: list[tuple[float, int, Timer]] = []
+        self._counter = itertools.count()
+        self._ready: deque[Timer] = deque()
+        self._threadsafe: deque[Callback] = deque()
+        self._threadsafe_lock = threading.Lock()
+        self._signal_handlers: dict[int, Callback] = {}
+        self._old_wakeup_fd: int | None = None
+        self._stopping = False
+        self._closed = False
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
+
+    # -- fds ---------------------------------------------------------------------------------
+
+    def _update(self, fd: int) -> None:
+        events = (selectors.EVENT_READ if fd in self._readers else 0) | (
+            selectors.EVENT_WRITE if fd in self._writers else 0
+        )
+        try:
+            key = self._selector.get_key(fd)
+        except KeyError:
+            if events:
+                self._selector.register(fd, events, fd)
+            return
+        if events:
+            if key.events != events:
+                self._selector.modify(fd, events, fd)
+        else:
+            self._selector.unregister(fd)
+
+    def add_reader(self, fd: int, callback: Callback) -> None:
+        """Call `callback()` each time `fd` is readable (replaces an earlier reader of `fd`)."""
+        self._readers[fd] = callback
+        self._update(fd)
+
+    def remove_reader(self, fd: int) -> None:
+        """Stop watching `fd` for reading; a no-op when it was not watched. Call before close()."""
+        if self._readers.pop(fd, None) is not None:
+            self._update(fd)
+
+    def add_writer(self, fd: int, callback: Callback) -> None:
+        """Call `callback()` each time `fd` is writable (replaces an earlier writer of `fd`)."""
+        self._writers[fd] = callback
+        self._update(fd)
+
+    def remove_writer(self, fd: int) -> None:
+        """Stop watching `fd` for writing; a no-op when it was not watched."""
+        if self._writers.pop(fd, None) is not None:
+            self._update(fd)
+
+    # -- timers ------------------------------------------------------------------------------
+
+    def time(self) -> float:
+        """The loop's clock (time.monotonic)."""
+        return time.monotonic()
+
+    def call_later(self, delay: float, callback: Callback) -> Timer:
+        """Run `callback()` on the loop after `delay` seconds; returns a cancellable Timer."""
+        timer = Timer(self.time() + max(0.0, delay), callback)
+        heapq.heappush(self._timers, (timer.when, next(self._counter), timer))
+        return timer
+
+    def call_soon(self, callback: Callback) -> Timer:
+        """Run `callback()` on the next loop iteration; returns a cancellable Timer."""
+        timer = Timer(self.time(), callback)
+        self._ready.append(timer)
+        return timer
+
+    def call_soon_threadsafe(self, callback: Callback) -> None:
+        """From any thread: run `callback()` on the loop thread soon, waking the loop if asleep."""
+        with self._threadsafe_lock:
+            self._threadsafe.append(callback)
+        try:
+            os.write(self._wake_w, _THREAD_WAKEUP)
+        except BlockingIOError:
+            pass  # the pipe is full, so the loop is awake already
+
+    # -- signals -----------------------------------------------------------------------------
+
+    def add_signal_handler(self, signum: int, callback: Callback) -> None:
+        """Run `callback()` on the loop when `signum` arrives (main thread only)."""
+        if self._old_wakeup_fd is None:
+            self._old_wakeup_fd = signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+        self._signal_handlers[signum] = callback
+        signal.signal(signum, _ignore_signal)
+        # Restart interrupted system calls where possible; the loop sees the wakeup byte anyway.
+        signal.siginterrupt(signum, False)
+
+    def remove_signal_handler(self, signum: int) -> None:
+        """Restore the default disposition of `signum`."""
+        if self._signal_handlers.pop(signum, None) is not None:
+            signal.signal(signum, signal.SIG_DFL)
+
+    def _drain_wakeup(self) -> None:
+        signums: list[int] = []
+        while True:
+            try:
+                data = os.read(self._wake_r, 4096)
+            except (BlockingIOError, InterruptedError):
+                break
+            if not data:
+                break
+            signums.extend(b for b in data if b != 0)
+        with self._threadsafe_lock:
+            pending = list(self._threadsafe)
+            self._threadsafe.clear()
+        for cb in pending:
+            self._run_callback(cb)
+        for signum in dict.fromkeys(signums):  # coalesce, keep order: signals are not queued
+            handler = self._signal_handlers.get(signum)
+            if handler is not None:
+                self._run_callback(handler)
+
+    # -- running -----------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Make `run()` return after the current iteration."""
+        self._stopping = True
+
+    def _run_callback(self, callback: Callback) -> None:
+        try:
+            callback()
+        except Exception:
+            # A bug in one callback must not take PID 1 down with it.
+            print("eemini: error in event loop callback:", file=sys.stderr)
+            traceback.print_exc(file=sys.stderr)
+
+    def _timeout(self) -> float | None:
+        if self._ready or self._threadsafe:
+            return 0.0
+        while self._timers and self._timers[0][2].cancelled:
+            heapq.heappop(self._timers)
+        if not self._timers:
+            return None
+        return max(0.0, self._timers[0][0] - self.time())
+
+    def run_once(self) -> None:
+        """One iteration: wait for fds or the next timer, then run what is due."""
+        for key, mask in self._selector.select(self._timeout()):
+            fd = key.fd
+            if fd == self._wake_r:
+                self._drain_wakeup()
+                continue
+            # Look the callback up at dispatch time: an earlier callback may have removed it.
+            if mask & selectors.EVENT_READ and fd in self._readers:
+                self._run_callback(self._readers[fd])
+            if mask & selectors.EVENT_WRITE and fd in self._writers:
+                self._run_callback(self._writers[fd])
+        now = self.time()
+        while self._timers and self._timers[0][0] <= now:
+            _, _, timer = heapq.heappop(self._timers)
+            if not timer.cancelled:
+                self._ready.append(timer)
+        # Only what is ready now; callbacks scheduled meanwhile wait for the next iteration.
+        for _ in range(len(self._ready)):
+            timer = self._ready.popleft()
+            cb = timer.callback
+            if cb is not None and not timer.cancelled:
+                timer.cancel()
+                self._run_callback(cb)
+
+    def run(self) -> None:
+        """Run until `stop()` is called."""
+        self._stopping = False
+        while not self._stopping:
+            self.run_once()
+
+    def close(self) -> None:
+        """Restore signal dispositions and the previous wakeup fd, and release the selector."""
+        if self._closed:
+            return
+        self._closed = True
+        for signum in list(self._signal_handlers):
+            self.remove_signal_handler(signum)
+        if self._old_wakeup_fd is not None:
+            signal.set_wakeup_fd(self._old_wakeup_fd)
+            self._old_wakeup_fd = None
+        self._selector.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)

@@ -1,0 +1,336 @@
+"""rtnetlink, just enough to bring interfaces up and give them an address and routes.
+
+Standard library only. Message layouts follow <linux/netlink.h>, <linux/rtnetlink.h>,
+<linux/if_link.h>, <linux/if_addr.h> (constants copied from those headers); every request asks
+for an ACK so a failure comes back as an errno, raised as OSError naming the operation.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import os
+import socket
+import struct
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+# <linux/netlink.h>
+NETLINK_ROUTE = 0
+NLM_F_REQUEST = 0x1
+NLM_F_ACK = 0x4
+NLM_F_ROOT = 0x100
+NLM_F_MATCH = 0x200
+NLM_F_DUMP = NLM_F_ROOT | NLM_F_MATCH
+NLM_F_REPLACE = 0x100
+NLM_F_EXCL = 0x200
+NLM_F_CREATE = 0x400
+NLMSG_ERROR = 2
+NLMSG_DONE = 3
+
+# <linux/rtnetlink.h>
+RTM_NEWLINK = 16
+RTM_GETLINK = 18
+RTM_NEWADDR = 20
+RTM_DELADDR = 21
+RTM_GETADDR = 22
+RTM_NEWROUTE = 24
+RTM_GETROUTE = 26
+RT_TABLE_MAIN = 254
+RTPROT_BOOT = 3
+RTPROT_STATIC = 4
+RTPROT_DHCP = 16
+RT_SCOPE_UNIVERSE = 0
+RT_SCOPE_LINK = 253
+RT_SCOPE_HOST = 254
+RTN_UNICAST = 1
+RTA_DST = 1
+RTA_OIF = 4
+RTA_GATEWAY = 5
+RTA_PRIORITY = 6
+RTA_PREFSRC = 7
+
+# <linux/if_link.h>
+IFLA_ADDRESS = 1
+IFLA_IFNAME = 3
+IFLA_MTU = 4
+IFLA_OPERSTATE = 16
+
+# <linux/if_addr.h>
+IFA_ADDRESS = 1
+IFA_LOCAL = 2
+IFA_BROADCAST = 4
+IFA_F_PERMANENT = 0x80
+
+# <linux/if.h>
+IFF_UP = 0x1
+IFF_LOOPBACK = 0x8
+IFF_RUNNING = 0x40
+IFF_LOWER_UP = 0x10000
+
+# <linux/if_arp.h>
+ARPHRD_ETHER = 1
+ARPHRD_LOOPBACK = 772
+
+_NLMSGHDR = struct.Struct("=IHHII")  # len, type, flags, seq, pid
+_IFINFOMSG = struct.Struct("=BxHiII")  # family, type, index, flags, change
+_IFADDRMSG = struct.Struct("=BBBBI")  # family, prefixlen, flags, scope, index
+_RTMSG = struct.Struct(
+    "=BBBBBBBBI"
+)  # family, dst_len, src_len, tos, table, protocol, scope, type, flags
+_RTATTR = struct.Struct("=HH")
+
+
+def _align(n: int) -> int:
+    return (n + 3) & ~3
+
+
+def attr(kind: int, payload: bytes) -> bytes:
+    raw = _RTATTR.pack(_RTATTR.size + len(payload), kind) + payload
+    return raw + b"\0" * (_align(len(raw)) - len(raw))
+
+
+def parse_attrs(data: bytes) -> dict[int, bytes]:
+    """rtattr list -> {type: payload}; stays inside the lengths the kernel declares."""
+    out: dict[int, bytes] = {}
+    off = 0
+    while off + _RTATTR.size <= len(data):
+        length, kind = _RTATTR.unpack_from(data, off)
+        if length < _RTATTR.size or off + length > len(data):
+            break
+        out[kind & 0x3FFF] = data[off + _RTATTR.size : off + length]  # strip NLA_F_NESTED etc.
+        off += _align(length)
+    return out
+
+
+@dataclass(frozen=True)
+class Link:
+    index: int
+    name: str
+    kind: int  # ARPHRD_*
+    flags: int
+    mac: bytes
+    mtu: int
+
+    @property
+    def is_up(self) -> bool:
+        return bool(self.flags & IFF_UP)
+
+    @property
+    def carrier(self) -> bool:
+        return bool(self.flags & IFF_LOWER_UP)
+
+
+@dataclass(frozen=True)
+class Address:
+    index: int
+    address: ipaddress.IPv4Interface
+
+
+@dataclass(frozen=True)
+class Route:
+    dst: ipaddress.IPv4Network
+    gateway: ipaddress.IPv4Address | None
+    oif: int
+
+
+class Netlink:
+    """One rtnetlink socket; requests are synchronous (send, then read until the ACK/DONE)."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(
+            socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_ROUTE
+        )
+        self.sock.bind((0, 0))
+        self.seq = int(time.monotonic() * 1000) & 0xFFFF
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> Netlink:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _send(self, kind: int, flags: int, body: bytes) -> int:
+        self.seq += 1
+        header = _NLMSGHDR.pack(_NLMSGHDR.size + len(body), kind, flags | NLM_F_REQUEST, self.seq, 0)
+        self.sock.send(header + body)
+        return self.seq
+
+    def _replies(self, seq: int, what: str) -> Iterator[tuple[int, bytes]]:
+        while True:
+            data = self.sock.recv(1 << 16)
+            off = 0
+            while off + _NLMSGHDR.size <= len(data):
+                length, kind, _flags, mseq, _pid = _NLMSGHDR.unpack_from(data, off)
+                if length < _NLMSGHDR.size:
+                    raise OSError(errno.EPROTO, f"{what}: malformed netlink message")
+                body = data[off + _NLMSGHDR.size : off + length]
+                off += _align(length)
+                if mseq != seq:
+                    continue
+                if kind == NLMSG_DONE:
+                    return
+                if kind == NLMSG_ERROR:
+                    (code,) = struct.unpack_from("=i", body)
+                    if code == 0:
+                        return
+                    raise OSError(-code, f"{what}: {os.strerror(-code)}")
+                yield kind, body
+
+    def request(self, kind: int, flags: int, body: bytes, what: str) -> list[tuple[int, bytes]]:
+        seq = self._send(kind, flags | NLM_F_ACK, body)
+        return list(self._replies(seq, what))
+
+    # --- links ---
+
+    def links(self) -> list[Link]:
+        out = []
+        for kind, body in self.request(
+            RTM_GETLINK, NLM_F_DUMP, _IFINFOMSG.pack(0, 0, 0, 0, 0), "list links"
+        ):
+            if kind != RTM_NEWLINK:
+                continue
+            _fam, ltype, index, flags, _change = _IFINFOMSG.unpack_from(body)
+            attrs = parse_attrs(body[_IFINFOMSG.size :])
+            name = attrs.get(IFLA_IFNAME, b"").rstrip(b"\0").decode(errors="replace")
+            mtu = struct.unpack("=I", attrs[IFLA_MTU])[0] if IFLA_MTU in attrs else 0
+            out.append(Link(index, name, ltype, flags, attrs.get(IFLA_ADDRESS, b""), mtu))
+        return sorted(out, key=lambda link: link.index)
+
+    def link(self, name: str) -> Link:
+        for link in self.links():
+            if link.name == name:
+                return link
+        raise OSError(errno.ENODEV, f"no network interface named {name!r}")
+
+    def set_link(self, index: int, *, up: bool | None = None, mtu: int | None = None) -> None:
+        flags = change = 0
+        if up is not None:
+            change = IFF_UP
+            flags = IFF_UP if up else 0
+        attrs = attr(IFLA_MTU, struct.pack("=I", mtu)) if mtu is not None else b""
+        body = _IFINFOMSG.pack(socket.AF_UNSPEC, 0, index, flags, change) + attrs
+        self.request(RTM_NEWLINK, 0, body, f"configure interface {index}")
+
+    # --- addresses ---
+
+    def add_address(self, index: int, iface: ipaddress.IPv4Interface) -> None:
+        body = _IFADDRMSG.pack(
+            socket.AF_INET, iface.network.prefixlen, IFA_F_PERMANENT, RT_SCOPE_UNIVERSE, index
+        )
+        body += attr(IFA_LOCAL, iface.ip.packed) + attr(IFA_ADDRESS, iface.ip.packed)
+        if iface.network.prefixlen < 31:
+            body += attr(IFA_BROADCAST, iface.network.broadcast_address.packed)
+        # REPLACE: a renewed lease re-adds the same address without failing on EEXIST.
+        self.request(RTM_NEWADDR, NLM_F_CREATE | NLM_F_REPLACE, body, f"add address {iface}")
+
+    def delete_address(self, index: int, iface: ipaddress.IPv4Interface) -> None:
+        body = _IFADDRMSG.pack(socket.AF_INET, iface.network.prefixlen, 0, RT_SCOPE_UNIVERSE, index)
+        body += attr(IFA_LOCAL, iface.ip.packed)
+        self.request(RTM_DELADDR, 0, body, f"delete address {iface}")
+
+    def addresses(self, index: int | None = None) -> list[Address]:
+        out = []
+        body = _IFADDRMSG.pack(socket.AF_INET, 0, 0, 0, 0)
+        for kind, msg in self.request(RTM_GETADDR, NLM_F_DUMP, body, "list addresses"):
+            if kind != RTM_NEWADDR:
+                continue
+            family, prefixlen, _flags, _scope, ifindex = _IFADDRMSG.unpack_from(msg)
+            if family != socket.AF_INET or (index is not None and ifindex != index):
+                continue
+            attrs = parse_attrs(msg[_IFADDRMSG.size :])
+            raw = attrs.get(IFA_LOCAL) or attrs.get(IFA_ADDRESS)
+            if raw:
+                out.append(
+                    Address(ifindex, ipaddress.IPv4Interface((ipaddress.IPv4Address(raw), prefixlen)))
+                )
+        return out
+
+    # --- routes ---
+
+    def add_route(
+        self,
+        index: int,
+        dst: ipaddress.IPv4Network,
+        gateway: ipaddress.IPv4Address | None = None,
+        *,
+        protocol: int = RTPROT_BOOT,
+        src: ipaddress.IPv4Address | None = None,
+    ) -> None:
+        scope = RT_SCOPE_UNIVERSE if gateway is not None else RT_SCOPE_LINK
+        body = _RTMSG.pack(
+            socket.AF_INET, dst.prefixlen, 0, 0, RT_TABLE_MAIN, protocol, scope, RTN_UNICAST, 0
+        )
+        if dst.prefixlen:
+            body += attr(RTA_DST, dst.network_address.packed)
+        if gateway is not None:
+            body += attr(RTA_GATEWAY, gateway.packed)
+        if src is not None:
+            body += attr(RTA_PREFSRC, src.packed)
+        body += attr(RTA_OIF, struct.pack("=i", index))
+        via = f" via {gateway}" if gateway else ""
+        self.request(RTM_NEWROUTE, NLM_F_CREATE | NLM_F_REPLACE, body, f"add route {dst}{via}")
+
+    def routes(self) -> list[Route]:
+        out = []
+        body = _RTMSG.pack(socket.AF_INET, 0, 0, 0, 0, 0, 0, 0, 0)
+        for kind, msg in self.request(RTM_GETROUTE, NLM_F_DUMP, body, "list routes"):
+            if kind != RTM_NEWROUTE:
+                continue
+            family, dst_len, _s, _t, table, _p, _sc, rtype, _f = _RTMSG.unpack_from(msg)
+            if family != socket.AF_INET or table != RT_TABLE_MAIN or rtype != RTN_UNICAST:
+                continue
+            attrs = parse_attrs(msg[_RTMSG.size :])
+            dst = ipaddress.IPv4Address(attrs.get(RTA_DST, b"\0\0\0\0"))
+            gw = ipaddress.IPv4Address(attrs[RTA_GATEWAY]) if RTA_GATEWAY in attrs else None
+            oif = struct.unpack("=i", attrs[RTA_OIF])[0] if RTA_OIF in attrs else 0
+            out.append(Route(ipaddress.IPv4Network((dst, dst_len)), gw, oif))
+        return out
+
+
+def first_nic(links: list[Link]) -> Link | None:
+    """The first Ethernet interface by index (what the firmware/hypervisor enumerated first)."""
+    for link in links:
+        if link.kind == ARPHRD_ETHER and not link.flags & IFF_LOOPBACK and len(link.mac) == 6:
+            return link
+    return None
+
+
+def wait_for_nic(nl: Netlink, timeout: float) -> Link | None:
+    """Drivers probe asynchronously after their module loads: poll briefly for the first NIC."""
+    deadline = time.monotonic() + timeout
+    while True:
+        nic = first_nic(nl.links())
+        if nic is not None or time.monotonic() >= deadline:
+            return nic
+        time.sleep(0.05)
+
+
+def configure(
+    nl: Netlink,
+    link: Link,
+    iface: ipaddress.IPv4Interface,
+    gateway: ipaddress.IPv4Address | None,
+    *,
+    mtu: int | None = None,
+    protocol: int = RTPROT_BOOT,
+) -> None:
+    """Address + routes for one interface, including an on-link gateway outside the prefix.
+
+    GCE hands out /32 leases with a router outside them (RFC 3442 style): the gateway then needs
+    a link-scope host route before the default route via it can exist.
+    """
+    if mtu is not None and mtu != link.mtu:
+        nl.set_link(link.index, mtu=mtu)
+    nl.add_address(link.index, iface)
+    if gateway is None:
+        return
+    if gateway not in iface.network:
+        nl.add_route(link.index, ipaddress.IPv4Network((gateway, 32)), protocol=protocol, src=iface.ip)
+    nl.add_route(
+        link.index, ipaddress.IPv4Network("0.0.0.0/0"), gateway, protocol=protocol, src=iface.ip
+    )

@@ -1,0 +1,357 @@
+"""The runtime: one event loop serving the control socket and supervising the workload.
+
+Dev mode builds it with the simulated backend and runs it as an ordinary process; PID 1 builds it
+with the boot token, the spec from /etc/eemini/spec.json, the configfs-tsm (or simulated) backend,
+the image facts, its event log and an `on_poweroff` callback, adds its own fds and timers to
+`runtime.loop`, and runs the loop itself.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import queue
+import signal
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from eemini import __version__
+from eemini.guest.attest import (
+    REPORT_DATA_SIZE,
+    AttestError,
+    Backend,
+    pad_report_data,
+    read_ccel,
+)
+from eemini.guest.events import EventLog
+from eemini.guest.logbuf import MAX_BYTES, MAX_LINES, LogBuffer
+from eemini.guest.loop import EventLoop
+from eemini.guest.server import Limits, Method, RequestError, Respond, Server, error
+from eemini.guest.spec import EnclaveSpec, OnExit
+from eemini.guest.supervisor import (
+    Backoff,
+    Reaper,
+    RunRecord,
+    Supervisor,
+    set_child_subreaper,
+    workload_env,
+)
+
+DEFAULT_SOCKET = "/var/lib/easyenclave/agent.sock"
+MAX_TAIL = MAX_LINES
+ATTEST_QUEUE = 16
+
+
+@dataclass(frozen=True, slots=True)
+class RuntimeConfig:
+    """Everything the runtime needs; PID 1 and dev mode fill it differently."""
+
+    spec: EnclaveSpec
+    token: str
+    backend: Backend
+    socket_path: str = DEFAULT_SOCKET
+    image: Mapping[str, Any] | None = None  # /etc/eemini/image.json facts (None in dev mode)
+    extra_env: Mapping[str, str] = field(default_factory=dict)  # accepted boot config
+    console_fd: int | None = 2
+    limits: Limits = field(default_factory=Limits)
+    backoff: Backoff = field(default_factory=Backoff)
+    grace: float = 10.0
+    subreaper: bool = False  # dev mode: adopt orphans as PID 1 would
+    ccel_path: str | None = None  # CC event log to return with quotes, when present
+    log_lines: int = MAX_LINES
+    log_bytes: int = MAX_BYTES
+
+
+class AttestWorker:
+    """Produces quotes on one worker thread, one at a time, so the loop never blocks on them."""
+
+    def __init__(self, loop: EventLoop, backend: Backend, max_queue: int = ATTEST_QUEUE) -> None:
+        self.loop = loop
+        self.backend = backend
+        self._queue: queue.Queue[tuple[bytes, Callable[[bytes | AttestError], None]]] = queue.Queue(
+            max_queue
+        )
+        self._thread: threading.Thread | None = None
+        self.quotes = 0
+
+    def submit(self, report_data: bytes, done: Callable[[bytes | AttestError], None]) -> None:
+        """Queue a request; `done(quote or AttestError)` later runs on the loop thread."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._work, name="eemini-attest", daemon=True)
+            self._thread.start()
+        try:
+            self._queue.put_nowait((report_data, done))
+        except queue.Full:
+            raise RequestError(
+                f"too many attestation requests queued ({self._queue.maxsize}); try again",
+                "busy",
+            ) from None
+
+    def _work(self) -> None:
+        while True:
+            report_data, done = self._queue.get()
+            result: bytes | AttestError
+            try:
+                result = self.backend.quote(report_data)
+                self.quotes += 1
+            except AttestError as e:
+                result = e
+            except Exception as e:  # a backend bug must not kill the worker
+                result = AttestError(f"attestation backend failed: {type(e).__name__}: {e}")
+            self.loop.call_soon_threadsafe(lambda r=result, d=done: d(r))  # type: ignore[misc]
+
+
+def decode_report_data(params: Mapping[str, Any]) -> bytes:
+    """The caller's report data from `report_data_b64` or the legacy `nonce` field.
+
+    `report_data_b64` wins when both are present (as in the original runtime). The legacy
+    `nonce` is read as hex when it is an even number of hex digits, otherwise as base64.
+    """
+    if "report_data_b64" in params:
+        field_name, text = "report_data_b64", params["report_data_b64"]
+        data = _b64(field_name, text)
+    elif "nonce" in params:
+        field_name, text = "nonce", params["nonce"]
+        hexdigits = set("0123456789abcdefABCDEF")
+        if text and len(text) % 2 == 0 and set(text) <= hexdigits:
+            data = bytes.fromhex(text)
+        else:
+            data = _b64(field_name, text)
+    else:
+        return b""
+    if len(data) > REPORT_DATA_SIZE:
+        raise RequestError(
+            f"attest: {field_name} decodes to {len(data)} bytes; the maximum is {REPORT_DATA_SIZE}"
+        )
+    return data
+
+
+def _b64(field_name: str, text: str) -> bytes:
+    try:
+        return base64.b64decode(text.encode("ascii"), validate=True)
+    except (binascii.Error, UnicodeEncodeError, ValueError):
+        raise RequestError(f"attest: {field_name} is not valid base64") from None
+
+
+class Runtime:
+    """The guest runtime. Construct, `start()`, then run `runtime.loop` (or call `run()`)."""
+
+    def __init__(
+        self,
+        config: RuntimeConfig,
+        *,
+        loop: EventLoop | None = None,
+        events: EventLog | None = None,
+        on_poweroff: Callable[[str], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.loop = loop if loop is not None else EventLoop()
+        self.events = events if events is not None else EventLog()
+        self.on_poweroff = on_poweroff
+        self.started_mono = time.monotonic()
+        self.started_at = time.time()
+        self.spec_digest = "sha256:" + hashlib.sha256(config.spec.canonical_json()).hexdigest()
+        self.logbuf = LogBuffer(config.log_lines, config.log_bytes)
+        self.reaper = Reaper()
+        env = workload_env(
+            config.spec.workload,
+            token=config.token,
+            extra_env=config.extra_env,
+            socket_path=None if config.socket_path == DEFAULT_SOCKET else config.socket_path,
+        )
+        self.supervisor = Supervisor(
+            self.loop,
+            self.reaper,
+            config.spec.workload,
+            env=env,
+            logbuf=self.logbuf,
+            on_done=self._workload_done,
+            console_fd=config.console_fd,
+            backoff=config.backoff,
+            grace=config.grace,
+        )
+        self.attester = AttestWorker(self.loop, config.backend)
+        self.server = Server(self.loop, config.socket_path, config.token, self._methods(), config.limits)
+        self.shutting_down = False
+        self.poweroff_reason: str | None = None
+
+    def __repr__(self) -> str:  # the config holds the token: never print it
+        return f"Runtime(socket={self.config.socket_path!r})"
+
+    def _methods(self) -> dict[str, Method]:
+        return {
+            "health": Method(self._health),
+            "attest": Method(self._attest, {"report_data_b64": str, "nonce": str}),
+            "list": Method(self._list),
+            "logs": Method(self._logs, {"tail": int, "id": str}),
+            "restart": Method(self._restart, {"id": str}),
+            "shutdown": Method(self._shutdown),
+            "info": Method(self._info),
+        }
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Reap children on SIGCHLD, open the control socket, start the workload."""
+        if self.config.subreaper:
+            set_child_subreaper()
+        self.loop.add_signal_handler(signal.SIGCHLD, self.reaper.reap)
+        self.server.start()
+        self.supervisor.start()
+
+    def install_stop_signals(self) -> None:
+        """SIGINT and SIGTERM stop the workload cleanly and end the runtime (dev mode)."""
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            name = signal.Signals(signum).name
+            self.loop.add_signal_handler(signum, lambda n=name: self.shutdown(f"{n} received"))  # type: ignore[misc]
+
+    def shutdown(self, reason: str) -> None:
+        """Stop the workload (SIGTERM, grace, SIGKILL), then call on_poweroff(reason). Idempotent."""
+        if self.shutting_down:
+            return
+        self.shutting_down = True
+        self.poweroff_reason = reason
+        self.supervisor.note(f"shutting down: {reason}")
+        self.supervisor.stop(self._stopped)
+
+    def _stopped(self) -> None:
+        reason = self.poweroff_reason or "shutdown"
+        if self.on_poweroff is not None:
+            self.on_poweroff(reason)
+        else:
+            self.loop.stop()
+
+    def _workload_done(self, record: RunRecord) -> None:
+        policy = self.config.spec.workload.on_exit
+        if policy is OnExit.POWEROFF:
+            self.shutdown(f"workload done for good ({record.describe()}); on_exit = poweroff")
+        else:
+            self.supervisor.note("workload done for good; on_exit = stay, still serving")
+
+    def run(self) -> None:
+        """Start and run the loop until shutdown completes, then close everything."""
+        self.start()
+        try:
+            self.loop.run()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self.server.close()
+        self.loop.close()
+
+    # -- methods -----------------------------------------------------------------------------
+
+    def uptime(self) -> int:
+        return int(time.monotonic() - self.started_mono)
+
+    def _health(self, params: dict[str, Any], respond: Respond) -> None:
+        respond(
+            {
+                "ok": True,
+                "attestation_type": self.config.backend.attestation_type,
+                "workloads": 1,
+                "uptime_secs": self.uptime(),
+                "workload": self.supervisor.state.value,
+                "version": __version__,
+            }
+        )
+
+    def _attest(self, params: dict[str, Any], respond: Respond) -> None:
+        data = decode_report_data(params)
+        backend = self.config.backend
+
+        def done(result: bytes | AttestError) -> None:
+            if isinstance(result, AttestError):
+                response = error(f"attest: {result}", result.code)
+                response["attestation_type"] = backend.attestation_type
+                respond(response)
+                return
+            ccel = read_ccel(self.config.ccel_path) if self.config.ccel_path else None
+            respond(
+                {
+                    "ok": True,
+                    "attestation_type": backend.attestation_type,
+                    "quote_format": "tdx",
+                    "quote_b64": base64.b64encode(result).decode(),
+                    "report_data_b64": base64.b64encode(data).decode(),
+                    "report_data_len": len(data),
+                    "events": self.events.to_list(),
+                    "cc_eventlog_b64": None if ccel is None else base64.b64encode(ccel).decode(),
+                }
+            )
+
+        self.attester.submit(pad_report_data(data), done)
+
+    def _list(self, params: dict[str, Any], respond: Respond) -> None:
+        respond({"ok": True, "deployments": [self.supervisor.to_dict()]})
+
+    def _check_id(self, method: str, params: Mapping[str, Any]) -> None:
+        wid = params.get("id")
+        name = self.config.spec.workload.name
+        if wid is not None and wid != name:
+            raise RequestError(
+                f"{method}: no workload {wid!r} (the one workload is {name!r})", "not_found"
+            )
+
+    def _logs(self, params: dict[str, Any], respond: Respond) -> None:
+        self._check_id("logs", params)
+        tail = params.get("tail", 100)
+        if not 1 <= tail <= MAX_TAIL:
+            raise RequestError(f"logs: tail must be between 1 and {MAX_TAIL}, got {tail}")
+        lines = self.logbuf.tail(tail)
+        respond(
+            {
+                "ok": True,
+                "lines": [line.text for line in lines],
+                "entries": [line.to_dict() for line in lines],
+                "dropped": self.logbuf.dropped,
+            }
+        )
+
+    def _restart(self, params: dict[str, Any], respond: Respond) -> None:
+        self._check_id("restart", params)
+        if self.shutting_down:
+            raise RequestError("restart: the runtime is shutting down", "shutting_down")
+
+        def restarted() -> None:
+            current = self.supervisor.current
+            respond(
+                {
+                    "ok": True,
+                    "pid": None if current is None else current.pid,
+                    "restarts": self.supervisor.restarts,
+                    "status": self.supervisor.state.value,
+                }
+            )
+
+        self.supervisor.restart(restarted)
+
+    def _shutdown(self, params: dict[str, Any], respond: Respond) -> None:
+        respond({"ok": True, "shutting_down": True})
+        # After the answer is queued: the workload stop may take the whole grace period.
+        self.loop.call_soon(lambda: self.shutdown("shutdown requested over the control socket"))
+
+    def _info(self, params: dict[str, Any], respond: Respond) -> None:
+        respond(
+            {
+                "ok": True,
+                "version": __version__,
+                "attestation_type": self.config.backend.attestation_type,
+                "started_at": round(self.started_at, 3),
+                "uptime_secs": self.uptime(),
+                "spec": self.config.spec.to_dict(),
+                "spec_digest": self.spec_digest,
+                "image": None if self.config.image is None else dict(self.config.image),
+                "events": self.events.to_list(),
+                "limits": {
+                    "max_line": self.config.limits.max_line,
+                    "max_connections": self.config.limits.max_connections,
+                    "idle_timeout_secs": self.config.limits.idle_timeout,
+                },
+            }
+        )

@@ -1,0 +1,432 @@
+"""Supervise the one workload: start, capture output, restart with backoff, stop, reap.
+
+The workload runs in its own process group with exactly the declared argv and environment (plus
+`EE_TOKEN` when the spec grants it), stdin from /dev/null and stdout/stderr on pipes the event loop
+reads line by line. Every child is reaped, including orphans that the kernel reparents to us: as
+PID 1 that is automatic, in dev mode `PR_SET_CHILD_SUBREAPER` makes the same code path apply.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import enum
+import errno
+import os
+import signal
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from eemini.guest.logbuf import LineSplitter, LogBuffer
+from eemini.guest.loop import EventLoop, Timer
+from eemini.guest.spec import WorkloadSpec
+
+# From <linux/prctl.h>.
+PR_SET_CHILD_SUBREAPER = 36
+
+# Signals a spawned workload gets back at their default disposition (Python ignores SIGPIPE and
+# SIGXFSZ, and an ignored disposition survives execve).
+_SIGDEF = tuple(s for s in signal.valid_signals() if s not in (signal.SIGKILL, signal.SIGSTOP))
+
+
+def set_child_subreaper() -> None:
+    """Make orphaned descendants reparent to this process (prctl(2) PR_SET_CHILD_SUBREAPER)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    prctl = libc.prctl
+    prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+    prctl.restype = ctypes.c_int
+    if prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"prctl(PR_SET_CHILD_SUBREAPER): {os.strerror(err)}")
+
+
+class Reaper:
+    """Reaps every child on SIGCHLD and tells whoever watches a pid how it ended.
+
+    PID 1 registers its own children with `watch(pid, callback)`; unwatched pids are orphans
+    reparented to us and are only counted.
+    """
+
+    def __init__(self) -> None:
+        self._watch: dict[int, Callable[[int], None]] = {}
+        self.orphans_reaped = 0
+
+    def watch(self, pid: int, callback: Callable[[int], None]) -> None:
+        """Call `callback(wait_status)` once `pid` has been reaped."""
+        self._watch[pid] = callback
+
+    def reap(self) -> None:
+        """Collect every exited child without blocking (call on SIGCHLD)."""
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            except InterruptedError:
+                continue
+            if pid == 0:
+                return
+            callback = self._watch.pop(pid, None)
+            if callback is None:
+                self.orphans_reaped += 1
+            else:
+                callback(status)
+
+
+class State(enum.StrEnum):
+    STARTING = "starting"
+    RUNNING = "running"
+    BACKOFF = "backoff"  # waiting to restart after an exit
+    STOPPING = "stopping"
+    STOPPED = "stopped"  # stopped on request (shutdown)
+    EXITED = "exited"  # done for good under its restart policy
+
+
+@dataclass(frozen=True, slots=True)
+class Backoff:
+    """Exponential restart delay: initial * factor**(n-1) for the n-th quick exit, capped.
+
+    A run that lasted at least `stable_after` seconds resets the count, so a workload that
+    crashes once a day restarts at once while a crash loop slows down to one try per `cap`.
+    """
+
+    initial: float = 0.25
+    factor: float = 2.0
+    cap: float = 30.0
+    stable_after: float = 10.0
+
+    def delay(self, quick_exits: int) -> float:
+        if quick_exits <= 0:
+            return 0.0
+        return float(min(self.cap, self.initial * self.factor ** (quick_exits - 1)))
+
+
+@dataclass(frozen=True, slots=True)
+class RunRecord:
+    """One run of the workload. exit_code is set for a normal exit, signal when killed."""
+
+    run: int
+    pid: int
+    started_at: float  # wall clock
+    started_mono: float
+    ended_at: float | None = None
+    exit_code: int | None = None
+    signal: int | None = None
+    error: str | None = None  # could not start at all
+
+    @property
+    def running(self) -> bool:
+        return self.ended_at is None
+
+    @property
+    def failed(self) -> bool:
+        return not self.running and self.exit_code != 0
+
+    def describe(self) -> str:
+        if self.error is not None:
+            return f"could not start: {self.error}"
+        if self.signal is not None:
+            try:
+                name = signal.Signals(self.signal).name
+            except ValueError:
+                name = f"signal {self.signal}"
+            return f"killed by {name}"
+        if self.exit_code is not None:
+            return f"exited with status {self.exit_code}"
+        return "running"
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "run": self.run,
+            "pid": self.pid,
+            "started_at": round(self.started_at, 3),
+            "ended_at": None if self.ended_at is None else round(self.ended_at, 3),
+            "exit_code": self.exit_code,
+            "signal": self.signal,
+            "error": self.error,
+        }
+
+
+class _Pipe:
+    """One output pipe of one run, read line by line into the console and the ring buffer."""
+
+    def __init__(self, sup: Supervisor, fd: int, stream: str, prefix: bytes) -> None:
+        self.sup = sup
+        self.fd = fd
+        self.stream = stream
+        self.prefix = prefix
+        self.splitter = LineSplitter(sup.max_line)
+        os.set_blocking(fd, False)
+        sup.loop.add_reader(fd, self.on_readable)
+
+    def on_readable(self) -> None:
+        try:
+            data = os.read(self.fd, 65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.emit(self.splitter.flush())
+            self.sup.loop.remove_reader(self.fd)
+            os.close(self.fd)
+            self.sup.pipes.discard(self)
+            return
+        self.emit(self.splitter.feed(data))
+
+    def emit(self, lines: list[str]) -> None:
+        for line in lines:
+            self.sup.logbuf.append(self.stream, line)
+            self.sup.console(self.prefix + line.encode("utf-8", "replace") + b"\n")
+
+
+class Supervisor:
+    """Runs one workload under its restart policy. All methods run on the loop thread."""
+
+    def __init__(
+        self,
+        loop: EventLoop,
+        reaper: Reaper,
+        workload: WorkloadSpec,
+        *,
+        env: Mapping[str, str],
+        logbuf: LogBuffer,
+        on_done: Callable[[RunRecord], None],
+        console_fd: int | None = 2,
+        backoff: Backoff = Backoff(),
+        grace: float = 10.0,
+        max_line: int = 4096,
+        history: int = 20,
+    ) -> None:
+        self.loop = loop
+        self.reaper = reaper
+        self.workload = workload
+        self.env = dict(env)
+        self.logbuf = logbuf
+        self.on_done = on_done
+        self.console_fd = console_fd
+        self.backoff = backoff
+        self.grace = grace
+        self.max_line = max_line
+        self.history_len = history
+        self.state = State.STARTING
+        self.runs: list[RunRecord] = []  # the newest `history` runs
+        self.current: RunRecord | None = None
+        self.restarts = 0
+        self.quick_exits = 0
+        self.pipes: set[_Pipe] = set()
+        self._restart_timer: Timer | None = None
+        self._kill_timer: Timer | None = None
+        self._after_stop: list[Callable[[], None]] = []
+        self._restart_requested = False
+        self._run_counter = 0
+        self._prefix = workload.name.encode("utf-8", "replace")
+
+    # -- output ------------------------------------------------------------------------------
+
+    def console(self, data: bytes) -> None:
+        if self.console_fd is None:
+            return
+        try:
+            os.write(self.console_fd, data)
+        except OSError:
+            pass  # a console that cannot take the line must not stop supervision
+
+    def note(self, text: str) -> None:
+        """A runtime message about the workload: console and ring buffer."""
+        self.logbuf.append("runtime", text)
+        self.console(b"eemini: " + text.encode("utf-8", "replace") + b"\n")
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the workload (first start, after backoff, or after a restart request)."""
+        self._restart_timer = None
+        run = self._run_counter
+        self._run_counter += 1
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        now, mono = time.time(), time.monotonic()
+        try:
+            pid = os.posix_spawn(
+                self.workload.path,
+                self.workload.argv,
+                self.env,
+                file_actions=[
+                    (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
+                    (os.POSIX_SPAWN_DUP2, out_w, 1),
+                    (os.POSIX_SPAWN_DUP2, err_w, 2),
+                ],
+                setpgroup=0,
+                setsigdef=_SIGDEF,
+                setsigmask=(),
+            )
+        except OSError as e:
+            for fd in (out_r, out_w, err_r, err_w):
+                os.close(fd)
+            reason = e.strerror or str(e)
+            record = RunRecord(run, 0, now, mono, now, 127, None, f"{self.workload.path}: {reason}")
+            self._remember(record)
+            self.note(f"{self.workload.name}: cannot start {self.workload.path}: {reason}")
+            self._after_exit(record)
+            return
+        os.close(out_w)
+        os.close(err_w)
+        self.current = RunRecord(run, pid, now, mono)
+        self._remember(self.current)
+        self.state = State.RUNNING
+        self.reaper.watch(pid, self._on_reaped)
+        prefix = b"[" + self._prefix + b"] "
+        self.pipes.add(_Pipe(self, out_r, "stdout", prefix))
+        self.pipes.add(_Pipe(self, err_r, "stderr", b"[" + self._prefix + b":err] "))
+        self.note(f"{self.workload.name}: started run {run} as pid {pid}")
+
+    def _remember(self, record: RunRecord) -> None:
+        if self.runs and self.runs[-1].run == record.run:
+            self.runs[-1] = record
+        else:
+            self.runs.append(record)
+            del self.runs[: -self.history_len]
+
+    def _on_reaped(self, status: int) -> None:
+        record = self.current
+        assert record is not None
+        code = os.waitstatus_to_exitcode(status)
+        ended = dataclasses.replace(
+            record,
+            ended_at=time.time(),
+            exit_code=code if code >= 0 else None,
+            signal=-code if code < 0 else None,
+        )
+        self.current = None
+        self._remember(ended)
+        # The leader is gone: whatever is left of its process group goes too, so a restart
+        # starts clean (orphans that left the group are still reaped when they exit).
+        self._killpg(ended.pid, signal.SIGKILL)
+        self.note(f"{self.workload.name}: run {ended.run} (pid {ended.pid}) {ended.describe()}")
+        self._after_exit(ended)
+
+    def _after_exit(self, ended: RunRecord) -> None:
+        if self._kill_timer is not None:
+            self._kill_timer.cancel()
+            self._kill_timer = None
+        if self.state is State.STOPPING:
+            if self._restart_requested:
+                self._restart_requested = False
+                self.restarts += 1
+                self.quick_exits = 0
+                self.start()
+            else:
+                self.state = State.STOPPED
+            self._finish_stop()
+            return
+        lasted = time.monotonic() - ended.started_mono
+        if lasted >= self.backoff.stable_after:
+            self.quick_exits = 0
+        if self.workload.restart.restarts_after(failed=ended.failed):
+            self.quick_exits += 1
+            delay = self.backoff.delay(self.quick_exits)
+            self.state = State.BACKOFF
+            self.note(f"{self.workload.name}: restarting in {delay:g} s ({self.workload.restart})")
+            self._restart_timer = self.loop.call_later(delay, self._restart_after_backoff)
+        else:
+            self.state = State.EXITED
+            self.on_done(ended)
+
+    def _restart_after_backoff(self) -> None:
+        self.restarts += 1
+        self.start()
+
+    def _killpg(self, pgid: int, signum: int) -> None:
+        if pgid <= 0:
+            return
+        try:
+            os.killpg(pgid, signum)
+        except OSError as e:
+            if e.errno not in (errno.ESRCH, errno.EPERM):
+                raise
+
+    def _finish_stop(self) -> None:
+        callbacks, self._after_stop = self._after_stop, []
+        for cb in callbacks:
+            cb()
+
+    def stop(self, then: Callable[[], None] | None = None, *, restart: bool = False) -> None:
+        """SIGTERM to the group, SIGKILL after the grace period; then start again or stay down.
+
+        `then()` runs once the workload is down (or has been restarted).
+        """
+        if then is not None:
+            self._after_stop.append(then)
+        if self._restart_timer is not None:
+            self._restart_timer.cancel()
+            self._restart_timer = None
+        if self.current is None:
+            # Not running (backoff, exited, never started): nothing to signal.
+            if restart:
+                self.restarts += 1
+                self.quick_exits = 0
+                self.start()
+            elif self.state is not State.EXITED:
+                self.state = State.STOPPED
+            self._finish_stop()
+            return
+        self._restart_requested = self._restart_requested or restart
+        if self.state is State.STOPPING:
+            return
+        self.state = State.STOPPING
+        pid = self.current.pid
+        self.note(f"{self.workload.name}: stopping pid {pid} (SIGTERM, {self.grace:g} s grace)")
+        self._killpg(pid, signal.SIGTERM)
+        self._kill_timer = self.loop.call_later(self.grace, lambda: self._kill(pid))
+
+    def _kill(self, pid: int) -> None:
+        self._kill_timer = None
+        if self.current is not None and self.current.pid == pid:
+            self.note(f"{self.workload.name}: pid {pid} still running after {self.grace:g} s: SIGKILL")
+            self._killpg(pid, signal.SIGKILL)
+
+    def restart(self, then: Callable[[], None] | None = None) -> None:
+        """Stop the current run (if any) and start a new one at once, without backoff."""
+        self.stop(then, restart=True)
+
+    # -- reporting ---------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, object]:
+        last = self.runs[-1] if self.runs else None
+        return {
+            "id": self.workload.name,
+            "app_name": self.workload.name,
+            "path": self.workload.path,
+            "status": self.state.value,
+            "pid": self.current.pid if self.current is not None else None,
+            "started_at": None if last is None else round(last.started_at, 3),
+            "restarts": self.restarts,
+            "restart_policy": self.workload.restart.value,
+            "on_exit": self.workload.on_exit.value,
+            "last_exit": None if last is None or last.running else last.describe(),
+            "runs": [r.to_dict() for r in self.runs],
+        }
+
+
+def workload_env(
+    workload: WorkloadSpec,
+    *,
+    token: str | None,
+    extra_env: Mapping[str, str] | None = None,
+    socket_path: str | None = None,
+) -> dict[str, str]:
+    """The workload's whole environment: declared env, accepted boot config, and the token."""
+    env = dict(workload.env)
+    for key, value in (extra_env or {}).items():
+        if key not in workload.allow_env:
+            raise ValueError(f"{key}: not in workload.allow_env, so boot config may not set it")
+        env[key] = value
+    if workload.inherit_token and token is not None:
+        env["EE_TOKEN"] = token
+        if socket_path is not None:
+            # Only when it differs from the image's fixed path (dev mode): the token is useless
+            # to a workload that cannot find the socket.
+            env["EE_SOCKET_PATH"] = socket_path
+    return env

@@ -1,0 +1,178 @@
+"""The PID 1 syscall layer: the few Linux calls the standard library does not wrap.
+
+Standard library and ctypes only, and please keep it that way: this module is part of every
+image and runs before anything else is mounted. Constants are copied from the kernel's UAPI
+headers (named next to each block); the one libc handle declares argtypes/restype for every
+function it uses, and every failure goes through `oserror()`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import platform
+
+# <linux/mount.h>
+MS_RDONLY = 1
+MS_NOSUID = 2
+MS_NODEV = 4
+MS_NOEXEC = 8
+MS_REMOUNT = 32
+MS_BIND = 4096
+MS_REC = 16384
+MS_PRIVATE = 1 << 18
+MS_RELATIME = 1 << 21
+
+# <linux/fs.h> (umount2 flags)
+MNT_FORCE = 1
+MNT_DETACH = 2
+
+# <linux/module.h>: finit_module(2) flags. COMPRESSED_FILE lets the kernel decompress a .ko.xz/.ko.zst
+# itself (needs CONFIG_MODULE_DECOMPRESS, which Debian's kernels have).
+MODULE_INIT_IGNORE_MODVERSIONS = 1
+MODULE_INIT_IGNORE_VERMAGIC = 2
+MODULE_INIT_COMPRESSED_FILE = 4
+
+# <linux/reboot.h>: the command values glibc's reboot() passes on with the two magic numbers.
+LINUX_REBOOT_CMD_RESTART = 0x01234567
+LINUX_REBOOT_CMD_HALT = 0xCDEF0123
+LINUX_REBOOT_CMD_POWER_OFF = 0x4321FEDC
+LINUX_REBOOT_CMD_CAD_ON = 0x89ABCDEF
+LINUX_REBOOT_CMD_CAD_OFF = 0x00000000
+
+# <linux/prctl.h>
+PR_SET_PDEATHSIG = 1
+PR_SET_NAME = 15
+PR_SET_CHILD_SUBREAPER = 36
+
+# <asm/unistd_64.h> and <asm-generic/unistd.h>: syscall numbers for the calls glibc 2.36+ wraps
+# only partly (finit_module has no glibc wrapper at all).
+_SYSCALL_NUMBERS = {
+    "x86_64": {"finit_module": 313},
+    "aarch64": {"finit_module": 273},
+}
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+_mount = _libc.mount
+_mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
+_mount.restype = ctypes.c_int
+
+_umount2 = _libc.umount2
+_umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+_umount2.restype = ctypes.c_int
+
+_reboot = _libc.reboot
+_reboot.argtypes = [ctypes.c_int]
+_reboot.restype = ctypes.c_int
+
+_prctl = _libc.prctl
+_prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+_prctl.restype = ctypes.c_int
+
+_syscall = _libc.syscall
+_syscall.restype = ctypes.c_long
+
+
+def oserror(call: str, filename: str | None = None) -> OSError:
+    """The OSError for the current errno, named after the call that failed."""
+    code = ctypes.get_errno()
+    if code == errno.ENOSYS:
+        return OSError(code, f"{call}: the kernel does not offer this system call", filename)
+    return OSError(code, f"{call}: {os.strerror(code)}", filename)
+
+
+def _bytes(value: str | os.PathLike[str] | None) -> bytes | None:
+    return None if value is None else os.fsencode(value)
+
+
+def mount(
+    source: str,
+    target: str | os.PathLike[str],
+    fstype: str | None,
+    flags: int = 0,
+    options: str | None = None,
+) -> None:
+    if _mount(_bytes(source), _bytes(target), _bytes(fstype), flags, _bytes(options)) != 0:
+        raise oserror("mount", os.fspath(target))
+
+
+def umount(target: str | os.PathLike[str], flags: int = 0) -> None:
+    if _umount2(_bytes(target), flags) != 0:
+        raise oserror("umount", os.fspath(target))
+
+
+def syscall_number(name: str) -> int:
+    machine = platform.machine()
+    try:
+        return _SYSCALL_NUMBERS[machine][name]
+    except KeyError:
+        raise OSError(errno.ENOSYS, f"{name}: no syscall number known for {machine}") from None
+
+
+def finit_module(fd: int, params: str = "", flags: int = 0) -> None:
+    """Load the kernel module open on `fd` (finit_module(2)); EEXIST means it is already there."""
+    nr = syscall_number("finit_module")
+    ret = _syscall(
+        ctypes.c_long(nr), ctypes.c_int(fd), ctypes.c_char_p(params.encode()), ctypes.c_int(flags)
+    )
+    if ret != 0:
+        raise oserror("finit_module")
+
+
+def load_module(path: str | os.PathLike[str], params: str = "") -> bool:
+    """Load a module file; compressed files are handed to the kernel as they are.
+
+    Returns False when the module was already loaded (or built in), True when it was loaded now.
+    """
+    name = os.fspath(path)
+    flags = MODULE_INIT_COMPRESSED_FILE if name.endswith((".xz", ".zst", ".gz")) else 0
+    fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        finit_module(fd, params, flags)
+    except OSError as e:
+        if e.errno == errno.EEXIST:
+            return False
+        raise OSError(e.errno, e.strerror, name) from None
+    finally:
+        os.close(fd)
+    return True
+
+
+def reboot(cmd: int) -> None:
+    """reboot(2). For POWER_OFF/RESTART/HALT it does not return when it works."""
+    if _reboot(ctypes.c_int(ctypes.c_uint32(cmd).value).value) != 0:
+        raise oserror("reboot")
+
+
+def power_off() -> None:
+    """Flush the filesystems and power the machine off (reboot(2), LINUX_REBOOT_CMD_POWER_OFF)."""
+    os.sync()
+    reboot(LINUX_REBOOT_CMD_POWER_OFF)
+
+
+def set_ctrl_alt_del(kernel_reboots: bool) -> None:
+    """CAD_OFF makes the kernel send SIGINT to PID 1 on Ctrl-Alt-Del instead of rebooting at once."""
+    reboot(LINUX_REBOOT_CMD_CAD_ON if kernel_reboots else LINUX_REBOOT_CMD_CAD_OFF)
+
+
+def sync() -> None:
+    os.sync()
+
+
+def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 0) -> int:
+    ret: int = _prctl(option, arg2, arg3, arg4, arg5)
+    if ret < 0:
+        raise oserror("prctl")
+    return ret
+
+
+def set_child_subreaper() -> None:
+    """Orphans of our descendants come to us (what PID 1 gets anyway; useful in dev mode)."""
+    prctl(PR_SET_CHILD_SUBREAPER, 1)
+
+
+def set_process_name(name: str) -> None:
+    buf = ctypes.create_string_buffer(name.encode()[:15])
+    prctl(PR_SET_NAME, ctypes.cast(buf, ctypes.c_void_p).value or 0)

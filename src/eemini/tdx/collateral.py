@@ -1,0 +1,317 @@
+"""Collateral in the JSON layout of dcap-qvl's `QuoteCollateralV3`, and the typed TCB info / QE identity.
+
+Layout (one JSON object): `pck_crl_issuer_chain`, `tcb_info_issuer_chain`, `qe_identity_issuer_chain`
+(PEM strings: signer certificate, then the root), `tcb_info` and `qe_identity` (the exact signed
+JSON text of Intel's `tcbInfo` / `enclaveIdentity` objects: the signatures cover these bytes, so
+they are kept verbatim), `tcb_info_signature` and `qe_identity_signature` (hex of the 64-byte r||s)
+and `root_ca_crl`, `pck_crl` (hex of DER). Field meanings follow Intel's PCS API v4 "TDX TCB Info"
+(tcbInfo v3) and "TDX QE Identity" (enclaveIdentity v2) schemas.
+"""
+
+from __future__ import annotations
+
+import datetime
+import enum
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from eemini.tdx.errors import CollateralParseError
+
+
+class TcbStatus(enum.StrEnum):
+    UP_TO_DATE = "UpToDate"
+    SW_HARDENING_NEEDED = "SWHardeningNeeded"
+    CONFIGURATION_NEEDED = "ConfigurationNeeded"
+    CONFIGURATION_AND_SW_HARDENING_NEEDED = "ConfigurationAndSWHardeningNeeded"
+    OUT_OF_DATE = "OutOfDate"
+    OUT_OF_DATE_CONFIGURATION_NEEDED = "OutOfDateConfigurationNeeded"
+    REVOKED = "Revoked"
+
+
+@dataclass(frozen=True, slots=True)
+class Collateral:
+    """QuoteCollateralV3, decoded: PEM chains as text, signed JSON kept as the exact signed bytes."""
+
+    pck_crl_issuer_chain: str
+    root_ca_crl: bytes
+    pck_crl: bytes
+    tcb_info_issuer_chain: str
+    tcb_info: str
+    tcb_info_signature: bytes
+    qe_identity_issuer_chain: str
+    qe_identity: str
+    qe_identity_signature: bytes
+
+
+_STR_FIELDS = ("pck_crl_issuer_chain", "tcb_info_issuer_chain", "tcb_info", "qe_identity_issuer_chain",
+               "qe_identity")  # fmt: skip
+_BYTES_FIELDS = ("root_ca_crl", "pck_crl", "tcb_info_signature", "qe_identity_signature")
+
+
+def _hex_or_list(name: str, value: object) -> bytes:
+    # dcap-qvl writes hex strings; serde's default for Vec<u8> (a list of ints) is accepted too.
+    if isinstance(value, str):
+        try:
+            return bytes.fromhex(value.removeprefix("0x"))
+        except ValueError:
+            raise CollateralParseError(f"collateral field {name!r} is not valid hex") from None
+    if isinstance(value, list) and all(isinstance(b, int) and 0 <= b <= 255 for b in value):
+        return bytes(value)
+    raise CollateralParseError(f"collateral field {name!r} must be a hex string")
+
+
+def parse_collateral(text: str | bytes) -> Collateral:
+    """Parse QuoteCollateralV3 JSON (dcap-qvl's layout)."""
+    try:
+        doc = json.loads(text)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CollateralParseError(f"collateral is not JSON: {e}") from None
+    if not isinstance(doc, dict):
+        raise CollateralParseError("collateral must be a JSON object")
+    missing = [k for k in (*_STR_FIELDS, *_BYTES_FIELDS) if k not in doc]
+    if missing:
+        raise CollateralParseError(f"collateral lacks {', '.join(missing)}")
+    values: dict[str, Any] = {}
+    for k in _STR_FIELDS:
+        if not isinstance(doc[k], str):
+            raise CollateralParseError(f"collateral field {k!r} must be a string")
+        values[k] = doc[k]
+    for k in _BYTES_FIELDS:
+        values[k] = _hex_or_list(k, doc[k])
+    return Collateral(**values)
+
+
+@dataclass(frozen=True, slots=True)
+class TcbLevel:
+    sgx_components: tuple[int, ...]
+    pce_svn: int
+    tdx_components: tuple[int, ...]
+    tcb_date: str
+    status: TcbStatus
+    advisory_ids: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class IsvTcbLevel:
+    """A TCB level of the QE identity or of a TDX module identity: keyed by one ISV SVN."""
+
+    isv_svn: int
+    tcb_date: str
+    status: TcbStatus
+    advisory_ids: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class TdxModuleIdentity:
+    id: str
+    mrsigner: bytes
+    attributes: bytes
+    attributes_mask: bytes
+    tcb_levels: tuple[IsvTcbLevel, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class TcbInfo:
+    id: str
+    version: int
+    issue_date: datetime.datetime
+    next_update: datetime.datetime
+    fmspc: bytes
+    pce_id: bytes
+    tcb_type: int
+    tcb_evaluation_data_number: int
+    tdx_module_mrsigner: bytes | None
+    tdx_module_attributes: bytes | None
+    tdx_module_attributes_mask: bytes | None
+    tdx_module_identities: tuple[TdxModuleIdentity, ...]
+    tcb_levels: tuple[TcbLevel, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class QeIdentity:
+    id: str
+    version: int
+    issue_date: datetime.datetime
+    next_update: datetime.datetime
+    tcb_evaluation_data_number: int
+    miscselect: bytes
+    miscselect_mask: bytes
+    attributes: bytes
+    attributes_mask: bytes
+    mrsigner: bytes
+    isv_prod_id: int
+    tcb_levels: tuple[IsvTcbLevel, ...]
+
+
+class _Doc:
+    """Typed field access into one JSON object; every mismatch is a CollateralParseError."""
+
+    def __init__(self, doc: object, where: str) -> None:
+        if not isinstance(doc, dict):
+            raise CollateralParseError(f"{where} must be a JSON object")
+        self.doc: dict[str, object] = doc
+        self.where = where
+
+    def _get(self, key: str) -> object:
+        if key not in self.doc:
+            raise CollateralParseError(f"{self.where} lacks {key!r}")
+        return self.doc[key]
+
+    def has(self, key: str) -> bool:
+        return key in self.doc
+
+    def text(self, key: str) -> str:
+        v = self._get(key)
+        if not isinstance(v, str):
+            raise CollateralParseError(f"{self.where}.{key} must be a string")
+        return v
+
+    def uint(self, key: str) -> int:
+        v = self._get(key)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            raise CollateralParseError(f"{self.where}.{key} must be a non-negative integer")
+        return v
+
+    def hexbytes(self, key: str, size: int | None = None) -> bytes:
+        s = self.text(key)
+        try:
+            v = bytes.fromhex(s)
+        except ValueError:
+            raise CollateralParseError(f"{self.where}.{key} is not valid hex") from None
+        if size is not None and len(v) != size:
+            raise CollateralParseError(f"{self.where}.{key}: expected {size} bytes, found {len(v)}")
+        return v
+
+    def when(self, key: str) -> datetime.datetime:
+        s = self.text(key)
+        try:
+            t = datetime.datetime.fromisoformat(s)
+        except ValueError:
+            raise CollateralParseError(f"{self.where}.{key} is not an RFC 3339 time: {s!r}") from None
+        if t.tzinfo is None:
+            raise CollateralParseError(f"{self.where}.{key} has no time zone: {s!r}")
+        return t
+
+    def items(self, key: str) -> list[object]:
+        v = self._get(key)
+        if not isinstance(v, list):
+            raise CollateralParseError(f"{self.where}.{key} must be a list")
+        return v
+
+    def obj(self, key: str) -> _Doc:
+        return _Doc(self._get(key), f"{self.where}.{key}")
+
+    def status(self, key: str) -> TcbStatus:
+        s = self.text(key)
+        try:
+            return TcbStatus(s)
+        except ValueError:
+            raise CollateralParseError(f"{self.where}.{key}: unknown TCB status {s!r}") from None
+
+    def advisories(self) -> tuple[str, ...]:
+        if not self.has("advisoryIDs"):
+            return ()
+        ids = self.items("advisoryIDs")
+        if not all(isinstance(i, str) for i in ids):
+            raise CollateralParseError(f"{self.where}.advisoryIDs must be strings")
+        return tuple(str(i) for i in ids)
+
+
+def _load(text: str, what: str) -> _Doc:
+    try:
+        return _Doc(json.loads(text), what)
+    except ValueError as e:
+        raise CollateralParseError(f"{what} is not JSON: {e}") from None
+
+
+def _svns(doc: _Doc, key: str) -> tuple[int, ...]:
+    out = []
+    for i, c in enumerate(doc.items(key)):
+        svn = _Doc(c, f"{doc.where}.{key}[{i}]").uint("svn")
+        if svn > 255:
+            raise CollateralParseError(f"{doc.where}.{key}[{i}].svn exceeds 255")
+        out.append(svn)
+    if len(out) != 16:
+        raise CollateralParseError(f"{doc.where}.{key}: expected 16 components, found {len(out)}")
+    return tuple(out)
+
+
+def _isv_levels(doc: _Doc) -> tuple[IsvTcbLevel, ...]:
+    levels = []
+    for i, raw in enumerate(doc.items("tcbLevels")):
+        lv = _Doc(raw, f"{doc.where}.tcbLevels[{i}]")
+        levels.append(
+            IsvTcbLevel(
+                lv.obj("tcb").uint("isvsvn"), lv.text("tcbDate"), lv.status("tcbStatus"), lv.advisories()
+            )
+        )
+    return tuple(levels)
+
+
+def parse_tcb_info(text: str) -> TcbInfo:
+    """Parse the signed `tcbInfo` JSON text (TDX TCB info v3)."""
+    d = _load(text, "tcb_info")
+    levels = []
+    for i, raw in enumerate(d.items("tcbLevels")):
+        lv = _Doc(raw, f"tcb_info.tcbLevels[{i}]")
+        tcb = lv.obj("tcb")
+        tdx = _svns(tcb, "tdxtcbcomponents") if tcb.has("tdxtcbcomponents") else ()
+        levels.append(
+            TcbLevel(
+                _svns(tcb, "sgxtcbcomponents"),
+                tcb.uint("pcesvn"),
+                tdx,
+                lv.text("tcbDate"),
+                lv.status("tcbStatus"),
+                lv.advisories(),
+            )
+        )
+    module = d.obj("tdxModule") if d.has("tdxModule") else None
+    identities = []
+    if d.has("tdxModuleIdentities"):
+        for i, raw in enumerate(d.items("tdxModuleIdentities")):
+            m = _Doc(raw, f"tcb_info.tdxModuleIdentities[{i}]")
+            identities.append(
+                TdxModuleIdentity(
+                    m.text("id"),
+                    m.hexbytes("mrsigner", 48),
+                    m.hexbytes("attributes", 8),
+                    m.hexbytes("attributesMask", 8),
+                    _isv_levels(m),
+                )
+            )
+    return TcbInfo(
+        id=d.text("id") if d.has("id") else "",
+        version=d.uint("version"),
+        issue_date=d.when("issueDate"),
+        next_update=d.when("nextUpdate"),
+        fmspc=d.hexbytes("fmspc", 6),
+        pce_id=d.hexbytes("pceId", 2),
+        tcb_type=d.uint("tcbType"),
+        tcb_evaluation_data_number=d.uint("tcbEvaluationDataNumber"),
+        tdx_module_mrsigner=module.hexbytes("mrsigner", 48) if module else None,
+        tdx_module_attributes=module.hexbytes("attributes", 8) if module else None,
+        tdx_module_attributes_mask=module.hexbytes("attributesMask", 8) if module else None,
+        tdx_module_identities=tuple(identities),
+        tcb_levels=tuple(levels),
+    )
+
+
+def parse_qe_identity(text: str) -> QeIdentity:
+    """Parse the signed `enclaveIdentity` JSON text (QE identity v2)."""
+    d = _load(text, "qe_identity")
+    return QeIdentity(
+        id=d.text("id"),
+        version=d.uint("version"),
+        issue_date=d.when("issueDate"),
+        next_update=d.when("nextUpdate"),
+        tcb_evaluation_data_number=d.uint("tcbEvaluationDataNumber"),
+        miscselect=d.hexbytes("miscselect", 4),
+        miscselect_mask=d.hexbytes("miscselectMask", 4),
+        attributes=d.hexbytes("attributes", 16),
+        attributes_mask=d.hexbytes("attributesMask", 16),
+        mrsigner=d.hexbytes("mrsigner", 32),
+        isv_prod_id=d.uint("isvprodid"),
+        tcb_levels=_isv_levels(d),
+    )

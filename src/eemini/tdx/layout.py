@@ -1,0 +1,131 @@
+"""Byte layouts of TDX DCAP quotes v4 and v5: field names, widths, and the enums of their tag values.
+
+Source: Intel TDX DCAP Quoting Library API (quote format, appendix A.3 "Version 4 Quote Format" and
+A.4 "Version 5"), and the Intel SGX DCAP ECDSA quote library reference for the QE report (SGX
+REPORT body) and the certification data types. All integers are little-endian.
+Keep the widths in sync with those tables: the sizes below are sums of them, checked at import.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+
+
+class TeeType(enum.IntEnum):
+    SGX = 0x00000000
+    TDX = 0x00000081
+
+
+class AttestationKeyType(enum.IntEnum):
+    ECDSA_P256 = 2
+    ECDSA_P384 = 3
+
+
+class BodyType(enum.IntEnum):
+    """Quote v5 body descriptor type (A.4): which report follows."""
+
+    SGX_ENCLAVE_REPORT = 1
+    TD_REPORT_10 = 2
+    TD_REPORT_15 = 3
+
+
+class CertificationDataType(enum.IntEnum):
+    PPID_CLEARTEXT = 1
+    PPID_RSA2048_OAEP = 2
+    PPID_RSA3072_OAEP = 3
+    PCK_CERT = 4
+    PCK_CERT_CHAIN = 5
+    QE_REPORT_CERTIFICATION_DATA = 6
+    PLATFORM_MANIFEST = 7
+
+
+INTEL_QE_VENDOR_ID = bytes.fromhex("939a7233f79c4ca9940a0db3957f0607")
+
+# (field, width) tables, in order.
+HEADER_FIELDS: tuple[tuple[str, int], ...] = (
+    ("version", 2),
+    ("attestation_key_type", 2),
+    ("tee_type", 4),
+    # Reserved in TDX quotes (the QE and PCE SVN slots of SGX quotes v3); kept for display.
+    ("qe_svn", 2),
+    ("pce_svn", 2),
+    ("qe_vendor_id", 16),
+    ("user_data", 20),
+)
+HEADER_SIZE = 48
+HEADER_STRUCT = struct.Struct("<HHIHH16s20s")
+
+TD_REPORT_10_FIELDS: tuple[tuple[str, int], ...] = (
+    ("tee_tcb_svn", 16),
+    ("mr_seam", 48),
+    ("mr_signer_seam", 48),
+    ("seam_attributes", 8),
+    ("td_attributes", 8),
+    ("xfam", 8),
+    ("mr_td", 48),
+    ("mr_config_id", 48),
+    ("mr_owner", 48),
+    ("mr_owner_config", 48),
+    ("rtmr0", 48),
+    ("rtmr1", 48),
+    ("rtmr2", 48),
+    ("rtmr3", 48),
+    ("report_data", 64),
+)
+# TDX 1.5 appends these two to the 1.0 report (quote v5 body type 3).
+TD_REPORT_15_EXTRA_FIELDS: tuple[tuple[str, int], ...] = (
+    ("tee_tcb_svn2", 16),
+    ("mr_servicetd", 48),
+)
+TD_REPORT_10_SIZE = 584
+TD_REPORT_15_SIZE = 648
+
+BODY_DESCRIPTOR_SIZE = 2 + 4  # v5: u16 body type, u32 body size
+SIGNATURE_DATA_LEN_SIZE = 4
+
+# ECDSA-256 signature data (A.3.8): signature r||s, attestation public key x||y, certification data.
+ECDSA_SIGNATURE_SIZE = 64
+ECDSA_KEY_SIZE = 64
+CERTIFICATION_HEADER_SIZE = 2 + 4  # u16 type, u32 size
+
+# SGX REPORT body (the QE report), 384 bytes.
+ENCLAVE_REPORT_FIELDS: tuple[tuple[str, int], ...] = (
+    ("cpu_svn", 16),
+    ("misc_select", 4),
+    ("reserved1", 28),
+    ("attributes", 16),
+    ("mr_enclave", 32),
+    ("reserved2", 32),
+    ("mr_signer", 32),
+    ("reserved3", 96),
+    ("isv_prod_id", 2),
+    ("isv_svn", 2),
+    ("reserved4", 60),
+    ("report_data", 64),
+)
+ENCLAVE_REPORT_SIZE = 384
+ENCLAVE_REPORT_STRUCT = struct.Struct("<16sI28s16s32s32s32s96sHH60s64s")
+QE_AUTH_DATA_LEN_SIZE = 2
+
+# TD attributes (TDX module ABI, TDINFO_STRUCT.ATTRIBUTES, a little-endian u64).
+TD_ATTR_DEBUG = 1 << 0  # TUD.DEBUG: the host VMM may read and write the TD's private memory
+TD_ATTR_TUD_MASK = 0xFF  # bits 7:0, the "TD under debug" group: any bit set means not production
+TD_ATTR_SEC_RESERVED_MASK = 0x0FFFFF00  # bits 27:8, reserved in the SEC group
+TD_ATTR_SEPT_VE_DISABLE = 1 << 28  # #VE on pending-page EPT violations is disabled
+TD_ATTR_SEC_RESERVED_BIT29 = 1 << 29
+TD_ATTR_PKS = 1 << 30
+TD_ATTR_KL = 1 << 31
+TD_ATTR_OTHER_RESERVED_MASK = 0x7FFFFFFF_00000000  # bits 62:32
+TD_ATTR_PERFMON = 1 << 63
+
+
+def _check() -> None:
+    assert sum(w for _, w in HEADER_FIELDS) == HEADER_SIZE == HEADER_STRUCT.size
+    assert sum(w for _, w in TD_REPORT_10_FIELDS) == TD_REPORT_10_SIZE
+    assert TD_REPORT_10_SIZE + sum(w for _, w in TD_REPORT_15_EXTRA_FIELDS) == TD_REPORT_15_SIZE
+    assert sum(w for _, w in ENCLAVE_REPORT_FIELDS) == ENCLAVE_REPORT_SIZE
+    assert ENCLAVE_REPORT_STRUCT.size == ENCLAVE_REPORT_SIZE
+
+
+_check()

@@ -1,0 +1,186 @@
+"""The PCK certificate chain and the Intel SGX extensions of the PCK leaf certificate.
+
+The extensions (OID 1.2.840.113741.1.13.1) are specified in "Intel SGX PCK Certificate and
+Certificate Revocation List Profile Specification", section 1.3.5: a SEQUENCE of
+SEQUENCE { OID, value }: PPID, TCB (16 component SVNs, PCESVN, CPUSVN), PCE-ID, FMSPC, SGX Type,
+then optional platform-CA fields. `cryptography` hands us the extension as raw DER; the small
+reader below decodes just what the profile uses.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+
+from eemini.tdx.errors import CertificateParseError
+
+SGX_EXTENSIONS_OID = "1.2.840.113741.1.13.1"
+_OID_PPID = SGX_EXTENSIONS_OID + ".1"
+_OID_TCB = SGX_EXTENSIONS_OID + ".2"
+_OID_PCEID = SGX_EXTENSIONS_OID + ".3"
+_OID_FMSPC = SGX_EXTENSIONS_OID + ".4"
+_OID_SGX_TYPE = SGX_EXTENSIONS_OID + ".5"
+_OID_PLATFORM_INSTANCE_ID = SGX_EXTENSIONS_OID + ".6"
+_OID_PCESVN = _OID_TCB + ".17"
+_OID_CPUSVN = _OID_TCB + ".18"
+
+_TAG_INTEGER = 0x02
+_TAG_OCTET_STRING = 0x04
+_TAG_OID = 0x06
+_TAG_ENUMERATED = 0x0A
+_TAG_SEQUENCE = 0x30
+
+
+@dataclass(frozen=True, slots=True)
+class PckExtension:
+    ppid: bytes
+    tcb_components: tuple[int, ...]  # the 16 SGX TCB component SVNs (OIDs .2.1 to .2.16)
+    pce_svn: int
+    cpu_svn: bytes
+    pce_id: bytes
+    fmspc: bytes
+    sgx_type: int
+    platform_instance_id: bytes | None
+
+
+def _tlvs(data: bytes, what: str) -> list[tuple[int, bytes]]:
+    """Split DER `data` into (tag, value) pairs; raises CertificateParseError on malformed input."""
+    out: list[tuple[int, bytes]] = []
+    pos = 0
+    while pos < len(data):
+        if len(data) - pos < 2:
+            raise CertificateParseError(f"{what}: truncated DER at byte {pos}")
+        tag = data[pos]
+        length = data[pos + 1]
+        pos += 2
+        if length & 0x80:
+            n = length & 0x7F
+            if n == 0 or n > 4 or len(data) - pos < n:
+                raise CertificateParseError(f"{what}: bad DER length at byte {pos - 1}")
+            length = int.from_bytes(data[pos : pos + n], "big")
+            pos += n
+        if len(data) - pos < length:
+            raise CertificateParseError(f"{what}: DER value overruns its container at byte {pos}")
+        out.append((tag, data[pos : pos + length]))
+        pos += length
+    return out
+
+
+def _oid(value: bytes) -> str:
+    if not value:
+        return ""
+    parts = [value[0] // 40, value[0] % 40]
+    n = 0
+    for b in value[1:]:
+        n = (n << 7) | (b & 0x7F)
+        if not b & 0x80:
+            parts.append(n)
+            n = 0
+    return ".".join(map(str, parts))
+
+
+def _pairs(der: bytes, what: str) -> dict[str, tuple[int, bytes]]:
+    """SEQUENCE OF SEQUENCE { OID, value } -> {oid: (tag, value)}."""
+    outer = _tlvs(der, what)
+    if len(outer) != 1 or outer[0][0] != _TAG_SEQUENCE:
+        raise CertificateParseError(f"{what}: expected one SEQUENCE")
+    result: dict[str, tuple[int, bytes]] = {}
+    for tag, item in _tlvs(outer[0][1], what):
+        parts = _tlvs(item, what) if tag == _TAG_SEQUENCE else []
+        if len(parts) != 2 or parts[0][0] != _TAG_OID:
+            raise CertificateParseError(f"{what}: expected SEQUENCE {{ OID, value }}")
+        result[_oid(parts[0][1])] = parts[1]
+    return result
+
+
+def _get(pairs: dict[str, tuple[int, bytes]], oid: str, tag: int, size: int | None = None) -> bytes:
+    if oid not in pairs:
+        raise CertificateParseError(f"PCK certificate SGX extension: {oid} is missing")
+    got_tag, value = pairs[oid]
+    if got_tag != tag or (size is not None and len(value) != size):
+        want = f"tag 0x{tag:02x}" + (f" of {size} bytes" if size is not None else "")
+        raise CertificateParseError(
+            f"PCK certificate SGX extension: {oid} expected {want}, "
+            f"found tag 0x{got_tag:02x} of {len(value)} bytes"
+        )
+    return value
+
+
+def _uint(pairs: dict[str, tuple[int, bytes]], oid: str, tag: int = _TAG_INTEGER) -> int:
+    value = _get(pairs, oid, tag)
+    if not value or len(value) > 3 or value[0] & 0x80:
+        raise CertificateParseError(
+            f"PCK certificate SGX extension: {oid} is not a small unsigned integer"
+        )
+    return int.from_bytes(value, "big")
+
+
+def parse_pck_extension(cert: x509.Certificate) -> PckExtension:
+    """Decode the Intel SGX extensions of a PCK leaf certificate."""
+    try:
+        ext = cert.extensions.get_extension_for_oid(x509.ObjectIdentifier(SGX_EXTENSIONS_OID))
+    except x509.ExtensionNotFound:
+        raise CertificateParseError("PCK certificate has no Intel SGX extension") from None
+    except ValueError as e:
+        raise CertificateParseError(f"PCK certificate extensions do not parse: {e}") from None
+    value = ext.value
+    if not isinstance(value, x509.UnrecognizedExtension):
+        raise CertificateParseError("PCK certificate SGX extension has an unexpected type")
+    top = _pairs(value.value, "PCK certificate SGX extension")
+    tcb = _pairs(_seq(top, _OID_TCB), "SGX TCB")
+    components = tuple(_uint(tcb, f"{_OID_TCB}.{i}") for i in range(1, 17))
+    if any(c > 255 for c in components):
+        raise CertificateParseError("PCK certificate SGX extension: a TCB component SVN exceeds 255")
+    pce_svn = _uint(tcb, _OID_PCESVN)
+    if pce_svn > 0xFFFF:
+        raise CertificateParseError("PCK certificate SGX extension: PCESVN exceeds 65535")
+    platform_instance = top.get(_OID_PLATFORM_INSTANCE_ID)
+    return PckExtension(
+        ppid=_get(top, _OID_PPID, _TAG_OCTET_STRING, 16),
+        tcb_components=components,
+        pce_svn=pce_svn,
+        cpu_svn=_get(tcb, _OID_CPUSVN, _TAG_OCTET_STRING, 16),
+        pce_id=_get(top, _OID_PCEID, _TAG_OCTET_STRING, 2),
+        fmspc=_get(top, _OID_FMSPC, _TAG_OCTET_STRING, 6),
+        sgx_type=_uint(top, _OID_SGX_TYPE, _TAG_ENUMERATED),
+        platform_instance_id=platform_instance[1] if platform_instance else None,
+    )
+
+
+def _seq(pairs: dict[str, tuple[int, bytes]], oid: str) -> bytes:
+    # Re-wrap the TCB SEQUENCE's contents so _pairs can read it like the top level.
+    inner = _get(pairs, oid, _TAG_SEQUENCE)
+    return _der_wrap(_TAG_SEQUENCE, inner)
+
+
+def _der_wrap(tag: int, value: bytes) -> bytes:
+    n = len(value)
+    if n < 0x80:
+        return bytes([tag, n]) + value
+    size = n.to_bytes((n.bit_length() + 7) // 8, "big")
+    return bytes([tag, 0x80 | len(size)]) + size + value
+
+
+_PEM_RE = re.compile(rb"-----BEGIN CERTIFICATE-----\r?\n.+?\r?\n-----END CERTIFICATE-----", re.S)
+
+
+def load_pem_chain(pem: bytes, what: str) -> list[x509.Certificate]:
+    """Certificates of a concatenated PEM chain, leaf first. Real quotes end the chain with a NUL."""
+    blocks = _PEM_RE.findall(pem)
+    if not blocks:
+        raise CertificateParseError(f"{what}: no PEM certificate found")
+    certs = []
+    for i, block in enumerate(blocks):
+        try:
+            cert = x509.load_pem_x509_certificate(block)
+            # cryptography decodes these lazily; touch them now so a malformed certificate fails
+            # here, as a parse error, instead of in the middle of a check.
+            _ = (cert.subject, cert.issuer, cert.not_valid_before_utc, cert.not_valid_after_utc)
+            _ = (cert.extensions, cert.public_key(), cert.signature_hash_algorithm)
+        except (ValueError, UnsupportedAlgorithm) as e:
+            raise CertificateParseError(f"{what}: certificate {i} does not parse: {e}") from None
+        certs.append(cert)
+    return certs

@@ -1,0 +1,124 @@
+"""Helpers for tests that run the guest runtime as a real process (dev-mode runner)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+TOKEN = "t0ken-for-tests-" + "ab" * 16
+
+
+def write_workload(directory: Path, name: str, body: str) -> Path:
+    """A Python workload script run by this interpreter (the workload's env has no PATH)."""
+    path = directory / name
+    path.write_text(f"#!{sys.executable}\n{body}")
+    path.chmod(0o755)
+    return path
+
+
+def write_spec(directory: Path, workload: Path, **fields: Any) -> Path:
+    spec = {"version": 1, "workload": {"path": os.fspath(workload), **fields}}
+    path = directory / "spec.json"
+    path.write_text(json.dumps(spec))
+    return path
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+class RuntimeProc:
+    """`python -m eemini.guest.devmode` in its own process; stderr goes to a file."""
+
+    def __init__(self, tmp: Path, spec: Path, *extra: str, wait: bool = True) -> None:
+        self.socket = os.fspath(tmp / "run" / "agent.sock")
+        self.stderr_path = tmp / "runtime.stderr"
+        self._stderr = open(self.stderr_path, "wb")  # noqa: SIM115
+        argv = [sys.executable, "-m", "eemini.guest.devmode", "--spec-json", os.fspath(spec)]
+        argv += ["--socket", self.socket, "--token", TOKEN, *extra]
+        self.proc = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self._stderr
+        )
+        if wait:
+            wait_for(self._ready, what=f"control socket {self.socket}")
+
+    def _ready(self) -> bool:
+        if self.proc.poll() is not None:
+            raise AssertionError(f"runtime exited early ({self.proc.returncode}): {self.stderr()}")
+        return os.path.exists(self.socket)
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text(errors="replace")
+
+    def connect(self, timeout: float = 10.0) -> socket.socket:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(timeout)
+        s.connect(self.socket)
+        return s
+
+    def call(self, method: str, token: str | None = TOKEN, **params: Any) -> dict[str, Any]:
+        req: dict[str, Any] = {"method": method, **params}
+        if token is not None:
+            req["token"] = token
+        with self.connect() as s:
+            s.sendall(json.dumps(req).encode() + b"\n")
+            return read_json_line(s)
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._stderr.close()
+        return self.proc.returncode
+
+
+def read_json_line(s: socket.socket) -> dict[str, Any]:
+    """Exactly one answer line: peek for the newline, then take just that much."""
+    while True:
+        peeked = s.recv(1 << 22, socket.MSG_PEEK)
+        if not peeked:
+            raise AssertionError("connection closed before a complete answer")
+        nl = peeked.find(b"\n")
+        if nl >= 0:
+            line = b""
+            while len(line) < nl + 1:
+                line += s.recv(nl + 1 - len(line))
+            break
+        time.sleep(0.005)
+    answer = json.loads(line)
+    assert isinstance(answer, dict)
+    return answer
+
+
+def children_of(pid: int) -> list[tuple[int, str]]:
+    """(pid, state) of every process whose parent is `pid`, from /proc."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        # Fields after the command name (which may hold spaces) start after the last ')'.
+        rest = stat[stat.rindex(")") + 2 :].split()
+        state, ppid = rest[0], int(rest[1])
+        if ppid == pid:
+            out.append((int(entry), state))
+    return out

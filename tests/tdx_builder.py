@@ -1,0 +1,187 @@
+"""Independent generator of signed TDX quotes for tests: dev root -> PCK -> QE -> attestation key.
+
+Built with `cryptography` straight from the Intel layouts (quote v4/v5, QE report certification
+data type 6 wrapping a type 5 PEM chain, the SGX PCK certificate extension), without using
+eemini.tdx, so the parser and verifier are checked against a second implementation of the format.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import struct
+from dataclasses import dataclass
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+from cryptography.x509.oid import NameOID
+
+NOT_BEFORE = datetime.datetime(2024, 1, 1, tzinfo=datetime.UTC)
+NOT_AFTER = datetime.datetime(2034, 1, 1, tzinfo=datetime.UTC)
+NOW = int(datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC).timestamp())
+SGX_OID = "1.2.840.113741.1.13.1"
+
+
+def _der(tag: int, value: bytes) -> bytes:
+    n = len(value)
+    if n < 0x80:
+        return bytes([tag, n]) + value
+    size = n.to_bytes((n.bit_length() + 7) // 8, "big")
+    return bytes([tag, 0x80 | len(size)]) + size + value
+
+
+def _oid(dotted: str) -> bytes:
+    parts = [int(p) for p in dotted.split(".")]
+    out = bytearray([parts[0] * 40 + parts[1]])
+    for part in parts[2:]:
+        chunk = [part & 0x7F]
+        rest = part >> 7
+        while rest:
+            chunk.append(0x80 | (rest & 0x7F))
+            rest >>= 7
+        out += bytes(reversed(chunk))
+    return _der(0x06, bytes(out))
+
+
+def _int(v: int) -> bytes:
+    raw = v.to_bytes(max(1, (v.bit_length() + 8) // 8), "big")
+    return _der(0x02, raw)
+
+
+def _pair(oid: str, value: bytes) -> bytes:
+    return _der(0x30, _oid(oid) + value)
+
+
+def sgx_extension(fmspc: bytes, components: tuple[int, ...], pce_svn: int) -> bytes:
+    tcb = b"".join(_pair(f"{SGX_OID}.2.{i + 1}", _int(c)) for i, c in enumerate(components))
+    tcb += _pair(f"{SGX_OID}.2.17", _int(pce_svn)) + _pair(
+        f"{SGX_OID}.2.18", _der(0x04, bytes(components))
+    )
+    return _der(
+        0x30,
+        _pair(f"{SGX_OID}.1", _der(0x04, b"\x11" * 16))
+        + _pair(f"{SGX_OID}.2", _der(0x30, tcb))
+        + _pair(f"{SGX_OID}.3", _der(0x04, b"\x00\x00"))
+        + _pair(f"{SGX_OID}.4", _der(0x04, fmspc))
+        + _pair(f"{SGX_OID}.5", _der(0x0A, b"\x00")),
+    )
+
+
+def _name(cn: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+
+def raw_sign(key: ec.EllipticCurvePrivateKey, data: bytes) -> bytes:
+    r, s = decode_dss_signature(key.sign(data, ec.ECDSA(hashes.SHA256())))
+    return r.to_bytes(32, "big") + s.to_bytes(32, "big")
+
+
+@dataclass(frozen=True)
+class DevChain:
+    root_key: ec.EllipticCurvePrivateKey
+    root: x509.Certificate
+    pck_key: ec.EllipticCurvePrivateKey
+    pck: x509.Certificate
+
+    @property
+    def root_pem(self) -> bytes:
+        return self.root.public_bytes(serialization.Encoding.PEM)
+
+    @property
+    def chain_pem(self) -> bytes:
+        return (
+            b"".join(c.public_bytes(serialization.Encoding.PEM) for c in (self.pck, self.root)) + b"\0"
+        )
+
+
+def make_chain(fmspc: bytes = bytes.fromhex("00906ed50000"), seed: int = 1) -> DevChain:
+    root_key = ec.derive_private_key(1000 + seed, ec.SECP256R1())
+    pck_key = ec.derive_private_key(2000 + seed, ec.SECP256R1())
+    root = (
+        x509.CertificateBuilder()
+        .subject_name(_name("EasyEnclave Mini development root"))
+        .issuer_name(_name("EasyEnclave Mini development root"))
+        .public_key(root_key.public_key())
+        .serial_number(seed)
+        .not_valid_before(NOT_BEFORE)
+        .not_valid_after(NOT_AFTER)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=1), critical=True)
+        .sign(root_key, hashes.SHA256())
+    )
+    pck = (
+        x509.CertificateBuilder()
+        .subject_name(_name("EasyEnclave Mini development PCK"))
+        .issuer_name(root.subject)
+        .public_key(pck_key.public_key())
+        .serial_number(100 + seed)
+        .not_valid_before(NOT_BEFORE)
+        .not_valid_after(NOT_AFTER)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.UnrecognizedExtension(
+                x509.ObjectIdentifier(SGX_OID), sgx_extension(fmspc, (1,) * 16, 11)
+            ),
+            critical=False,
+        )
+        .sign(root_key, hashes.SHA256())
+    )
+    return DevChain(root_key, root, pck_key, pck)
+
+
+TD_REPORT_10_DEFAULTS: dict[str, bytes] = {
+    "tee_tcb_svn": bytes.fromhex("03000400000000000000000000000000"),
+    "mr_seam": b"\x5a" * 48,
+    "mr_signer_seam": b"\0" * 48,
+    "seam_attributes": b"\0" * 8,
+    "td_attributes": bytes.fromhex("0000001000000000"),  # SEPT_VE_DISABLE
+    "xfam": bytes.fromhex("e702060000000000"),
+    "mr_td": b"\x7d" * 48,
+    "mr_config_id": b"\0" * 48,
+    "mr_owner": b"\0" * 48,
+    "mr_owner_config": b"\0" * 48,
+    "rtmr0": b"\x10" * 48,
+    "rtmr1": b"\x11" * 48,
+    "rtmr2": b"\x12" * 48,
+    "rtmr3": b"\x13" * 48,
+    "report_data": bytes(range(64)),
+}
+TD_REPORT_15_EXTRA: dict[str, bytes] = {"tee_tcb_svn2": b"\0" * 16, "mr_servicetd": b"\0" * 48}
+
+
+def build_quote(chain: DevChain, version: int = 4, attestation_seed: int = 7, **fields: bytes) -> bytes:
+    values = dict(TD_REPORT_10_DEFAULTS)
+    if version == 5:
+        values |= TD_REPORT_15_EXTRA
+    values |= fields
+    body = b"".join(values.values())
+    header = struct.pack("<HHIHH", version, 2, 0x81, 0, 0)
+    header += bytes.fromhex("939a7233f79c4ca9940a0db3957f0607") + b"\0" * 20
+    if version == 5:
+        header += struct.pack("<HI", 3, len(body))
+    att_key = ec.derive_private_key(3000 + attestation_seed, ec.SECP256R1())
+    nums = att_key.public_key().public_numbers()
+    att_pub = nums.x.to_bytes(32, "big") + nums.y.to_bytes(32, "big")
+    auth = bytes(range(32))
+    qe_report_data = hashlib.sha256(att_pub + auth).digest() + b"\0" * 32
+    qe_report = (
+        b"\0" * 16  # cpu_svn
+        + struct.pack("<I", 0)
+        + b"\0" * 28
+        + bytes.fromhex("11000000000000000000000000000000")  # attributes: INIT | MODE64BIT
+        + b"\x33" * 32  # mr_enclave
+        + b"\0" * 32
+        + b"\x44" * 32  # mr_signer
+        + b"\0" * 96
+        + struct.pack("<HH", 2, 4)  # isv_prod_id, isv_svn
+        + b"\0" * 60
+        + qe_report_data
+    )
+    assert len(qe_report) == 384
+    pem = chain.chain_pem
+    inner = struct.pack("<HI", 5, len(pem)) + pem
+    cert6 = qe_report + raw_sign(chain.pck_key, qe_report) + struct.pack("<H", len(auth)) + auth + inner
+    signed = header + body
+    sig_data = raw_sign(att_key, signed) + att_pub + struct.pack("<HI", 6, len(cert6)) + cert6
+    return signed + struct.pack("<I", len(sig_data)) + sig_data

@@ -1,0 +1,404 @@
+"""Boot-time config: cmdline parsing, agent.env, key policy, config disks, metadata servers."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from eemini.guest import bootconfig as bc
+from fake_metadata import Behaviour, Server
+
+S = bc.Source
+
+
+def test_cmdline_like_the_kernel() -> None:
+    c = bc.parse_cmdline(
+        'console=ttyS0,115200 quiet ee.dev=1 ee.UPSTREAM_URL="http://a b" "ee.X=1 2" ro ee.EMPTY= '
+        "-- init-arg ee.NOPE=1\n"
+    )
+    assert c.params == (
+        ("console", "ttyS0,115200"),
+        ("quiet", None),
+        ("ee.dev", "1"),
+        ("ee.UPSTREAM_URL", "http://a b"),
+        ("ee.X", "1 2"),
+        ("ro", None),
+        ("ee.EMPTY", ""),
+    )
+    assert c.get("console") == "ttyS0,115200"
+    assert c.get("quiet") == ""
+    assert c.get("absent") is None
+    assert c.has("quiet") and not c.has("console", "tty0")
+    assert [(s.key, s.value) for s in bc.cmdline_settings(c)] == [
+        ("UPSTREAM_URL", "http://a b"),
+        ("X", "1 2"),
+        ("EMPTY", ""),
+    ]
+
+
+def test_cmdline_errors() -> None:
+    with pytest.raises(bc.ConfigError, match="the kernel command line has an unterminated double quote"):
+        bc.parse_cmdline('a="b c')
+    with pytest.raises(
+        bc.ConfigError,
+        match=r"boot config 'ee.FLAG' from cmdline has no value \(expected ee.KEY=VALUE\)",
+    ):
+        bc.cmdline_settings(bc.parse_cmdline("ee.FLAG"))
+    with pytest.raises(
+        bc.ConfigError, match=r"boot config key '1BAD' from cmdline \(ee.1BAD\) is not a valid name"
+    ):
+        bc.cmdline_settings(bc.parse_cmdline("ee.1BAD=x"))
+
+
+def test_agent_env_parsing() -> None:
+    data = b"# comment\n\nUPSTREAM_URL = 'http://x:1/=y'\nLOG_LEVEL=\"debug\"\nEE_IP=10.0.0.5/24\nEMPTY=\r\n"
+    got = bc.parse_env(data, S.DISK)
+    assert [(s.source, s.key, s.value) for s in got] == [
+        (S.DISK, "UPSTREAM_URL", "http://x:1/=y"),
+        (S.DISK, "LOG_LEVEL", "debug"),
+        (S.DISK, "EE_IP", "10.0.0.5/24"),
+        (S.DISK, "EMPTY", ""),
+    ]
+    assert got[1].event() == {
+        "source": "config-disk",
+        "key": "LOG_LEVEL",
+        # SHA-384 of "debug", computed with coreutils: printf debug | sha384sum
+        "value_digest": "sha384:b345909bba936cdc8ea81ae3ffe6c668481d351df7c46efd502f7f7f94dff566"
+        "d40a9ecaa6621609419ad1903f74a799",
+    }
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b"JUST_A_WORD\n", r"agent.env from config-disk line 1 is not KEY=VALUE: 'JUST_A_WORD'"),
+        (b"A=1\n=2\n", r"agent.env from config-disk line 2 is not KEY=VALUE: '=2'"),
+        (b"A=1\nA=2\n", r"boot config key 'A' from config-disk is set twice \(line 2\)"),
+        (b"BAD-KEY=1\n", r"boot config key 'BAD-KEY' from config-disk \(line 1\) is not a valid name"),
+        (b"A=\xff\n", r"agent.env from config-disk is not UTF-8 \(byte 2\)"),
+        (
+            b"A=" + b"x" * 5000,
+            r"boot config key 'A' from config-disk \(line 1\) has a value that is too long",
+        ),
+        (b"A=1\n" * 20000, r"agent.env from config-disk is 80000 bytes, more than 65536"),
+    ],
+)
+def test_agent_env_malformed(data: bytes, message: str) -> None:
+    with pytest.raises(bc.ConfigError, match=message):
+        bc.parse_env(data, S.DISK)
+
+
+def test_policy_accepts_allowed_and_network_keys() -> None:
+    settings = [
+        bc.Setting(S.CMDLINE, "UPSTREAM_URL", "a"),
+        bc.Setting(S.DISK, "UPSTREAM_URL", "b"),
+        bc.Setting(S.DISK, "EE_IP", "192.168.1.9/24"),
+        bc.Setting(S.CMDLINE, "EE_GATEWAY", "192.168.1.1"),
+        bc.Setting(S.DISK, "EE_DNS", "1.1.1.1, 9.9.9.9"),
+    ]
+    cfg = bc.apply_policy(settings, ["UPSTREAM_URL", "OTHER"])
+    assert cfg.env == {"UPSTREAM_URL": "b"}
+    assert cfg.network == bc.NetworkConfig(
+        ipaddress.IPv4Interface("192.168.1.9/24"),
+        ipaddress.IPv4Address("192.168.1.1"),
+        (ipaddress.IPv4Address("1.1.1.1"), ipaddress.IPv4Address("9.9.9.9")),
+    )
+    assert cfg.settings == tuple(settings)
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        (
+            bc.Setting(S.DISK, "PATH", "/evil"),
+            r"boot config key 'PATH' from config-disk is not allowed "
+            r"\(allowed: EE_DNS, EE_GATEWAY, EE_IP, UPSTREAM_URL\)",
+        ),
+        (
+            bc.Setting(S.GCE, "EE_IP", "10.0.0.1/24"),
+            r"boot config key 'EE_IP' from gce-metadata is not allowed: network keys are read before",
+        ),
+        (
+            bc.Setting(S.CMDLINE, "EE_IP", "10.0.0.1"),
+            r"'EE_IP' from cmdline is not valid: needs a prefix length",
+        ),
+        (bc.Setting(S.CMDLINE, "EE_GATEWAY", "10.0.0.300"), r"'EE_GATEWAY' from cmdline is not valid: "),
+        (bc.Setting(S.DISK, "EE_DNS", "1.1.1.1,x"), r"'EE_DNS' from config-disk is not valid: "),
+        (
+            bc.Setting(S.DISK, "EE_GATEWAY", "10.0.0.1"),
+            r"boot config sets EE_GATEWAY/EE_DNS without EE_IP",
+        ),
+    ],
+)
+def test_policy_refuses(setting: bc.Setting, message: str) -> None:
+    with pytest.raises(bc.ConfigError, match=message):
+        bc.apply_policy([setting], ["UPSTREAM_URL"])
+
+
+def test_source_names() -> None:
+    assert bc.Sources.parse(["cmdline", "disk", "gce", "azure-imds"]) == (
+        bc.Sources.CMDLINE,
+        bc.Sources.DISK,
+        bc.Sources.GCE,
+        bc.Sources.AZURE,
+    )
+    with pytest.raises(bc.ConfigError, match=r"image.json names an unknown boot-config source 'ftp'"):
+        bc.Sources.parse(["ftp"])
+
+
+# --- config disks: real filesystem images made by the host tools eemini run uses ---
+
+
+def _vfat(tmp: Path, label: str, content: bytes | None) -> Path:
+    img = tmp / f"{label}.img"
+    subprocess.run(
+        ["/usr/sbin/mkfs.vfat", "-C", "-n", label, os.fspath(img), "1024"],
+        check=True,
+        capture_output=True,
+    )
+    if content is not None:
+        src = tmp / "agent.env"
+        src.write_bytes(content)
+        subprocess.run(["mcopy", "-i", os.fspath(img), os.fspath(src), "::agent.env"], check=True)
+    return img
+
+
+def test_detect_vfat_label(tmp_path: Path) -> None:
+    img = _vfat(tmp_path, "EECONFIG", None)
+    assert bc.detect_label(os.fspath(img)) == ("vfat", "EECONFIG")
+
+
+def test_detect_fat32_label(tmp_path: Path) -> None:
+    img = tmp_path / "f32.img"
+    subprocess.run(
+        ["/usr/sbin/mkfs.vfat", "-F", "32", "-C", "-n", "EECONFIG", os.fspath(img), "40000"],
+        check=True,
+        capture_output=True,
+    )
+    assert bc.detect_label(os.fspath(img)) == ("vfat", "EECONFIG")
+
+
+def test_detect_iso9660_label(tmp_path: Path) -> None:
+    from eemini.run import make_iso9660
+
+    img = tmp_path / "c.iso"
+    make_iso9660(img, {"agent.env": b"A=1\n"}, label="EECONFIG")
+    assert bc.detect_label(os.fspath(img)) == ("iso9660", "EECONFIG")
+    assert bc.detect_label("/nonexistent") is None
+    other = tmp_path / "zero"
+    other.write_bytes(bytes(40000))
+    assert bc.detect_label(os.fspath(other)) is None
+
+
+def test_find_config_disk_scans_block_devices(tmp_path: Path) -> None:
+    dev, sysblock = tmp_path / "dev", tmp_path / "sys"
+    dev.mkdir()
+    sysblock.mkdir()
+    for name in ("vda", "vdb", "loop0"):
+        (sysblock / name).mkdir()
+    _vfat(tmp_path, "ESP", None).rename(dev / "vda")
+    _vfat(tmp_path, "EECONFIG", b"A=1\n").rename(dev / "vdb")
+    _vfat(tmp_path, "EECONFIG", b"A=1\n").rename(dev / "loop0")
+    assert bc.find_config_disk(0, os.fspath(dev), os.fspath(sysblock)) == (
+        os.fspath(dev / "vdb"),
+        "vfat",
+    )
+    (dev / "vdb").unlink()
+    start = time.monotonic()
+    assert bc.find_config_disk(0.2, os.fspath(dev), os.fspath(sysblock)) is None
+    assert time.monotonic() - start >= 0.2
+
+
+MOUNT_SCRIPT = r"""
+import sys
+from eemini.guest import bootconfig as bc, sys as k
+k.mount("none", "/", None, k.MS_REC | k.MS_PRIVATE)
+bc.find_config_disk = lambda wait: (sys.argv[1], sys.argv[2])
+try:
+    print(bc.read_config_disk(0, sys.argv[3]))
+except bc.ConfigError as e:
+    print("error:", e)
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting needs root")
+@pytest.mark.parametrize("kind", ["vfat", "iso9660"])
+def test_read_config_disk_mounts_read_only(tmp_path: Path, kind: str) -> None:
+    from eemini.run import make_iso9660
+
+    if kind == "vfat":
+        img = _vfat(tmp_path, "EECONFIG", b"A=1\n")
+    else:
+        img = tmp_path / "c.iso"
+        make_iso9660(img, {"agent.env": b"A=1\n"}, label="EECONFIG")
+    loop = subprocess.run(
+        ["losetup", "-f", "--show", "-r", os.fspath(img)], capture_output=True, text=True, check=False
+    )
+    if loop.returncode != 0:
+        pytest.skip(f"no loop devices here: {loop.stderr.strip()}")
+    dev = loop.stdout.strip()
+    try:
+        mnt = tmp_path / "mnt"
+        proc = subprocess.run(
+            ["unshare", "-m", sys.executable, "-c", MOUNT_SCRIPT, dev, kind, os.fspath(mnt)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+    finally:
+        subprocess.run(["losetup", "-d", dev], check=False)
+    if "cannot be mounted: No such device" in proc.stdout:
+        pytest.skip(f"the host kernel has no {kind} driver")
+    assert proc.stdout == "b'A=1\\n'\n", proc.stderr
+
+
+# --- metadata servers ---
+
+
+def _fetch(server: Server, **kw: float) -> bc.Fetch:
+    return bc.Fetch(
+        host="127.0.0.1", port=server.port, timeout=kw.get("timeout", 1.0), attempts=2, backoff=0.05
+    )
+
+
+def test_gce_attribute() -> None:
+    b = Behaviour("gce", gce_config=b"UPSTREAM_URL=http://x\n")
+    server = Server(b).start()
+    try:
+        got = bc.collect_remote([bc.Sources.GCE], _fetch(server), print)
+    finally:
+        server.shutdown()
+    assert [(s.source, s.key, s.value) for s in got] == [(S.GCE, "UPSTREAM_URL", "http://x")]
+    path, headers = b.requests[0]
+    assert path == "/computeMetadata/v1/instance/attributes/ee-config"
+    assert headers["metadata-flavor"] == "Google"
+    assert "x-forwarded-for" not in headers
+
+
+def test_gce_absent_attribute_and_absent_server(capsys: pytest.CaptureFixture[str]) -> None:
+    server = Server(Behaviour("gce")).start()
+    try:
+        assert bc.collect_remote([bc.Sources.GCE], _fetch(server), print) == []
+    finally:
+        server.shutdown()
+    # Nothing listening at all: bounded retries, then absent.
+    start = time.monotonic()
+    assert bc.read_gce(bc.Fetch(host="127.0.0.1", port=1, timeout=0.2, attempts=3, backoff=0.05)) is None
+    assert time.monotonic() - start < 2
+    assert capsys.readouterr().out == "boot config: no GCE ee-config attribute\n"
+
+
+def test_gce_slow_server_times_out_then_absent() -> None:
+    b = Behaviour("gce", gce_config=b"A=1\n", delay=0.6)
+    server = Server(b).start()
+    try:
+        start = time.monotonic()
+        assert bc.read_gce(_fetch(server, timeout=0.2)) is None
+        assert time.monotonic() - start < 1.5
+        assert len(b.requests) == 2  # both attempts were made
+        # A slow but sufficient timeout gets the answer.
+        assert bc.read_gce(_fetch(server, timeout=2)) == b"A=1\n"
+    finally:
+        server.shutdown()
+
+
+def test_gce_retries_a_starting_server() -> None:
+    b = Behaviour("gce", gce_config=b"A=1\n", fail_first=1)
+    server = Server(b).start()
+    try:
+        assert bc.read_gce(_fetch(server)) == b"A=1\n"
+    finally:
+        server.shutdown()
+    assert len(b.requests) == 2
+
+
+def test_gce_impostor_without_flavor_header() -> None:
+    import http.server
+    import threading
+
+    class Plain(http.server.BaseHTTPRequestHandler):
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", "4")
+            self.end_headers()
+            self.wfile.write(b"A=1\n")
+
+    srv = http.server.HTTPServer(("127.0.0.1", 0), Plain)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(
+            bc.ConfigError, match="gce-metadata: the answer lacks the 'Metadata-Flavor: Google' header"
+        ):
+            bc.read_gce(bc.Fetch(host="127.0.0.1", port=srv.server_address[1], timeout=1, attempts=1))
+    finally:
+        srv.shutdown()
+
+
+def test_fake_gce_refuses_without_header() -> None:
+    import http.client
+
+    server = Server(Behaviour("gce", gce_config=b"A=1\n")).start()
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=2)
+        conn.request("GET", "/computeMetadata/v1/instance/attributes/ee-config")
+        assert conn.getresponse().status == 403
+    finally:
+        server.shutdown()
+
+
+def test_azure_userdata_first_then_customdata() -> None:
+    b = Behaviour("azure", azure_userdata=b"A=user\n", azure_customdata=b"A=custom\n")
+    server = Server(b).start()
+    try:
+        assert bc.read_azure(_fetch(server)) == (S.AZURE_USERDATA, b"A=user\n")
+        b.azure_userdata = None
+        assert bc.read_azure(_fetch(server)) == (S.AZURE_CUSTOMDATA, b"A=custom\n")
+        b.azure_customdata = None
+        assert bc.read_azure(_fetch(server)) is None
+    finally:
+        server.shutdown()
+    paths = [p for p, _ in b.requests]
+    assert paths[:3] == [bc.AZURE_USERDATA_PATH, bc.AZURE_USERDATA_PATH, bc.AZURE_CUSTOMDATA_PATH]
+    assert all(h["metadata"] == "true" for _, h in b.requests)
+
+
+def test_azure_errors() -> None:
+    b = Behaviour("azure", azure_userdata=b"A=1\n")
+    server = Server(b).start()
+    try:
+        with pytest.raises(bc.ConfigError, match="azure-userdata: IMDS answered HTTP 400"):
+            bc._read_azure(_fetch(server), "/metadata/instance/compute/userData", S.AZURE_USERDATA)
+    finally:
+        server.shutdown()
+
+
+def test_azure_not_base64() -> None:
+    import http.server
+    import threading
+
+    class Bad(http.server.BaseHTTPRequestHandler):
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", "5")
+            self.end_headers()
+            self.wfile.write(b"A=1!\n")
+
+    srv = http.server.HTTPServer(("127.0.0.1", 0), Bad)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(bc.ConfigError, match="azure-userdata: the IMDS answer is not base64"):
+            bc.read_azure(bc.Fetch(host="127.0.0.1", port=srv.server_address[1], timeout=1, attempts=1))
+    finally:
+        srv.shutdown()

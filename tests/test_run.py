@@ -1,0 +1,194 @@
+"""`eemini run` without booting an image: config disks, command lines, outcomes, the KVM probe."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+from eemini import run as launcher
+from eemini.cli import main
+from eemini.log import UserError
+
+
+def test_forward_parse() -> None:
+    assert launcher.Forward.parse("18080:8080") == launcher.Forward(18080, 8080)
+    for bad in ("8080", "0:80", "80:70000", "a:b", "1:2:3"):
+        with pytest.raises(UserError, match=rf"--forward '{bad}' is not HOSTPORT:GUESTPORT"):
+            launcher.Forward.parse(bad)
+
+
+@pytest.mark.skipif(shutil.which("bsdtar") is None, reason="bsdtar (libarchive-tools) not installed")
+def test_iso9660_read_by_libarchive(tmp_path: Path) -> None:
+    iso = tmp_path / "c.iso"
+    launcher.make_iso9660(iso, {"agent.env": b"A=1\nB=2\n", "empty": b"", "big.bin": b"x" * 5000})
+    listing = subprocess.run(
+        ["bsdtar", "-tf", os.fspath(iso)], capture_output=True, text=True, check=True
+    )
+    assert sorted(listing.stdout.split()) == [".", "AGENT.ENV", "BIG.BIN", "EMPTY"]
+    out = tmp_path / "x"
+    out.mkdir()
+    subprocess.run(["bsdtar", "-xf", os.fspath(iso), "-C", os.fspath(out)], check=True)
+    assert (out / "AGENT.ENV").read_bytes() == b"A=1\nB=2\n"
+    assert (out / "BIG.BIN").read_bytes() == b"x" * 5000
+    assert (out / "EMPTY").read_bytes() == b""
+    # Deterministic: the same files give the same bytes.
+    again = tmp_path / "d.iso"
+    launcher.make_iso9660(again, {"big.bin": b"x" * 5000, "empty": b"", "agent.env": b"A=1\nB=2\n"})
+    assert again.read_bytes() == iso.read_bytes()
+
+
+def test_iso9660_refuses_long_names(tmp_path: Path) -> None:
+    with pytest.raises(
+        UserError, match=r"config disk file name 'agent-config.env' does not fit ISO 9660 level 1"
+    ):
+        launcher.make_iso9660(tmp_path / "c.iso", {"agent-config.env": b""})
+
+
+def test_vfat_config_disk_read_by_mtools(tmp_path: Path) -> None:
+    img = tmp_path / "c.img"
+    launcher.make_vfat(img, {"agent.env": b"A=1\n"})
+    got = subprocess.run(["mtype", "-i", os.fspath(img), "::agent.env"], capture_output=True, check=True)
+    assert got.stdout == b"A=1\n"
+    from eemini.guest.bootconfig import detect_label
+
+    assert detect_label(os.fspath(img)) == ("vfat", "EECONFIG")
+
+
+def test_read_config_file_checks_like_the_guest(tmp_path: Path) -> None:
+    bad = tmp_path / "agent.env"
+    bad.write_text("NOT A PAIR\n")
+    with pytest.raises(
+        UserError, match=rf"--config {bad}: agent.env from config-disk line 1 is not KEY=VALUE"
+    ):
+        launcher.read_config_file(bad)
+
+
+def test_find_disk(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match=f"{tmp_path / 'nope'} does not exist"):
+        launcher.find_disk(tmp_path / "nope")
+    with pytest.raises(UserError, match="no disk image"):
+        launcher.find_disk(tmp_path)
+    (tmp_path / "a.raw").write_bytes(b"")
+    (tmp_path / "disk.qcow2").write_bytes(b"QFI\xfb")
+    assert launcher.find_disk(tmp_path) == tmp_path / "a.raw"
+    (tmp_path / "manifest.json").write_text(json.dumps({"outputs": {"qcow2": {"file": "disk.qcow2"}}}))
+    assert launcher.find_disk(tmp_path) == tmp_path / "disk.qcow2"
+    assert launcher.disk_format(tmp_path / "disk.qcow2") == "qcow2"
+    assert launcher.disk_format(tmp_path / "a.raw") == "raw"
+
+
+def _cfg(tmp_path: Path, **kw: object) -> launcher.VmConfig:
+    disk = tmp_path / "disk.qcow2"
+    disk.write_bytes(b"QFI\xfb")
+    return launcher.VmConfig(disk=disk, forwards=(launcher.Forward(18080, 8080),), **kw)  # type: ignore[arg-type]
+
+
+def test_qemu_command(tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path, guestfwd=("tcp:169.254.169.254:80-tcp:127.0.0.1:9999",), net="169.254.169.0/24")
+    argv = launcher.qemu_command(cfg, "tcg", tmp_path / "VARS.fd", tmp_path / "cfg.img")
+    line = shlex.join(argv)
+    assert argv[argv.index("-cpu") + 1] == "max"
+    assert argv[argv.index("-machine") + 1] == "q35,accel=tcg,smm=off"
+    assert f"if=pflash,format=raw,unit=1,file={tmp_path / 'VARS.fd'}" in argv
+    assert f"if=pflash,format=raw,unit=0,readonly=on,file={launcher.OVMF_CODE}" in argv
+    assert (
+        "user,id=net0,net=169.254.169.0/24,hostfwd=tcp:127.0.0.1:18080-:8080,"
+        "guestfwd=tcp:169.254.169.254:80-tcp:127.0.0.1:9999"
+    ) in argv
+    assert f"if=none,id=cfg0,format=raw,readonly=on,file={tmp_path / 'cfg.img'}" in argv
+    assert "snapshot=on" in line and "format=qcow2" in line
+
+
+def test_tdx_command_and_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = _cfg(tmp_path, memory="2048")
+    argv = launcher.tdx_command(cfg)
+    assert argv[argv.index("-object") + 1] == (
+        '{"qom-type":"tdx-guest","id":"tdx0","quote-generation-socket":{"type":"vsock","cid":"2","port":"4050"}}'
+    )
+    assert (
+        "q35,kernel-irqchip=split,confidential-guest-support=tdx0,memory-backend=ram0,hpet=off" in argv
+    )
+    assert "memory-backend-ram,id=ram0,size=2048M" in argv
+    assert argv[argv.index("-bios") + 1] == "/usr/share/ovmf/OVMF.inteltdx.fd"
+    assert "pflash" not in " ".join(argv)
+    code = main(
+        [
+            "run",
+            os.fspath(cfg.disk),
+            "--memory",
+            "2048",
+            "--forward",
+            "18080:8080",
+            "--print-tdx-command",
+        ]
+    )
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert shlex.split(printed) == argv
+
+
+def test_libvirt_xml(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = _cfg(tmp_path)
+    assert main(["run", os.fspath(cfg.disk), "--libvirt-xml", os.fspath(tmp_path / "vm.qcow2")]) == 0
+    root = ET.fromstring(capsys.readouterr().out)
+    assert root.get("type") == "kvm"
+    assert root.findtext("name") == "disk"
+    assert root.find("launchSecurity").get("type") == "tdx"  # type: ignore[union-attr]
+    disk = root.find("devices/disk")
+    assert disk is not None
+    assert disk.find("source").get("file") == os.fspath(tmp_path / "vm.qcow2")  # type: ignore[union-attr]
+    assert disk.find("backingStore/source").get("file") == os.fspath(cfg.disk.resolve())  # type: ignore[union-attr]
+    assert root.find("memoryBacking/access").get("mode") == "private"  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    ("status", "console", "code", "summary"),
+    [
+        (
+            0,
+            "x\neemini: powering off (workload finished)\n",
+            0,
+            "the guest powered off cleanly (workload finished)",
+        ),
+        (
+            0,
+            "eemini: boot failed: boot config key 'X' from config-disk is not allowed\n"
+            "eemini: powering off (boot failed)",
+            1,
+            "the guest stopped: boot config key 'X' from config-disk is not allowed",
+        ),
+        (
+            0,
+            "[ 1.0] Kernel panic - not syncing: Attempted to kill init!",
+            1,
+            "the guest kernel panicked: Attempted to kill init!",
+        ),
+        (1, "", 1, "QEMU failed with exit status 1"),
+        (0, "booting", 1, "QEMU exited but the guest never said it was powering off"),
+    ],
+)
+def test_judge(status: int, console: str, code: int, summary: str) -> None:
+    outcome = launcher.judge(status, console, 1.0)
+    assert (outcome.exit_code, outcome.summary) == (code, summary)
+
+
+def test_cli_validation(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = _cfg(tmp_path)
+    assert main(["run", os.fspath(cfg.disk), "--memory", "lots"]) == 1
+    assert "--memory 'lots' must be a number of MiB, at least 128" in capsys.readouterr().err
+    assert main(["run", os.fspath(cfg.disk), "--forward", "1:2", "--forward", "1:3"]) == 1
+    assert "--forward uses the same host port twice" in capsys.readouterr().err
+    assert main(["run", os.fspath(cfg.disk), "--config", os.fspath(tmp_path / "none.env")]) == 1
+    assert f"--config {tmp_path / 'none.env'} is not a file" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None, reason="QEMU not installed")
+def test_probe_runs_guest_code_under_tcg() -> None:
+    assert launcher.probe_accel("tcg") == (True, "ok")

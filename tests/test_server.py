@@ -1,0 +1,324 @@
+"""The control socket against well-behaved and hostile clients, in a real runtime process."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import selectors
+import socket
+import stat
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from eemini.guest.attest import quote_report_data
+from rtutil import TOKEN, RuntimeProc, read_json_line, write_spec, write_workload
+
+
+@pytest.fixture(scope="module")
+def rt(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RuntimeProc]:
+    tmp = tmp_path_factory.mktemp("server")
+    workload = write_workload(
+        tmp, "app", "import time\nprint('serving', flush=True)\ntime.sleep(3600)\n"
+    )
+    spec = write_spec(tmp, workload, restart="always", on_exit="stay")
+    runtime = RuntimeProc(tmp, spec, "--idle-timeout", "1", "--max-connections", "256")
+    yield runtime
+    runtime.stop()
+    assert TOKEN not in runtime.stderr()
+
+
+def raw(rt: RuntimeProc, payload: bytes) -> dict[str, Any]:
+    with rt.connect() as s:
+        s.sendall(payload)
+        return read_json_line(s)
+
+
+def req(**fields: Any) -> bytes:
+    return json.dumps(fields).encode() + b"\n"
+
+
+def assert_alive(rt: RuntimeProc) -> None:
+    answer = rt.call("health")
+    assert answer["ok"] is True and answer["workloads"] == 1
+
+
+def test_socket_is_private(rt: RuntimeProc) -> None:
+    assert stat.S_IMODE(os.stat(rt.socket).st_mode) == 0o600
+
+
+def test_health_is_wire_compatible(rt: RuntimeProc) -> None:
+    answer = rt.call("health")
+    assert answer["ok"] is True
+    assert answer["attestation_type"] == "simulated"
+    assert answer["workloads"] == 1
+    assert isinstance(answer["uptime_secs"], int) and answer["uptime_secs"] >= 0
+
+
+@pytest.mark.parametrize(
+    ("payload", "expected"),
+    [
+        (
+            b"{not json\n",
+            (
+                "request is not valid JSON: "
+                "Expecting property name enclosed in double quotes at column 2",
+                "bad_request",
+            ),
+        ),
+        (b"\xff\xfe{}\n", ("request is not valid UTF-8 (bad byte at offset 0)", "bad_request")),
+        (b"[1, 2]\n", ("request must be a JSON object, got an array", "bad_request")),
+        (b'"health"\n', ("request must be a JSON object, got a string", "bad_request")),
+        (
+            req(method="health"),
+            ('missing "token": every request carries the boot token', "unauthenticated"),
+        ),
+        (req(method="health", token="wrong"), ("wrong token", "unauthenticated")),
+        (req(method="health", token=12345), ("wrong token", "unauthenticated")),
+        (req(method="health", token=TOKEN[:-1]), ("wrong token", "unauthenticated")),
+        (req(token=TOKEN), ('missing "method"', "bad_request")),
+        (
+            req(method=["health"], token=TOKEN),
+            ('"method" must be a string, got an array', "bad_request"),
+        ),
+        (
+            req(method="exec", token=TOKEN),
+            (
+                "unknown method 'exec' (known: attest, health, info, list, logs, restart, shutdown)",
+                "unknown_method",
+            ),
+        ),
+        (
+            req(method="logs", token=TOKEN, tail="ten"),
+            ("logs: tail must be an integer, got a string", "bad_params"),
+        ),
+        (
+            req(method="logs", token=TOKEN, tail=True),
+            ("logs: tail must be an integer, got a boolean", "bad_params"),
+        ),
+        (
+            req(method="logs", token=TOKEN, tail=0),
+            ("logs: tail must be between 1 and 2000, got 0", "bad_params"),
+        ),
+        (
+            req(method="attest", token=TOKEN, report_data_b64=5),
+            ("attest: report_data_b64 must be a string, got an integer", "bad_params"),
+        ),
+        (
+            req(method="attest", token=TOKEN, report_data_b64="not base64!"),
+            ("attest: report_data_b64 is not valid base64", "bad_params"),
+        ),
+        (
+            req(method="attest", token=TOKEN, report_data_b64=base64.b64encode(bytes(65)).decode()),
+            ("attest: report_data_b64 decodes to 65 bytes; the maximum is 64", "bad_params"),
+        ),
+        (
+            req(method="health", token=TOKEN, verbose=True),
+            ("health: unknown parameter 'verbose' (accepted: none)", "bad_params"),
+        ),
+        (
+            req(method="logs", token=TOKEN, id="other"),
+            ("logs: no workload 'other' (the one workload is 'app')", "not_found"),
+        ),
+        (b"[" * 60000 + b"\n", ("request is not valid JSON: nested too deeply", "bad_request")),
+    ],
+)
+def test_bad_requests_get_clear_errors(
+    rt: RuntimeProc, payload: bytes, expected: tuple[str, str]
+) -> None:
+    message, code = expected
+    assert raw(rt, payload) == {"ok": False, "error": message, "code": code}
+    assert_alive(rt)
+
+
+def test_connection_survives_bad_requests(rt: RuntimeProc) -> None:
+    with rt.connect() as s:
+        s.sendall(b"garbage\n" + req(method="health", token="x") + req(method="health", token=TOKEN))
+        assert read_json_line(s)["code"] == "bad_request"
+        assert read_json_line(s)["code"] == "unauthenticated"
+        assert read_json_line(s)["ok"] is True
+
+
+def test_ten_megabyte_line_is_refused_and_closed(rt: RuntimeProc) -> None:
+    with rt.connect() as s:
+        try:
+            s.sendall(b"x" * (10 * 1024 * 1024))
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the server closed on us after its error line: expected
+        answer = read_json_line(s)
+        assert answer == {
+            "ok": False,
+            "error": "request line exceeds 65536 bytes; closing the connection",
+            "code": "too_large",
+        }
+        assert_closed(s)
+    assert_alive(rt)
+
+
+def assert_closed(s: socket.socket) -> None:
+    # Closing with unread input resets a unix socket peer instead of a clean EOF: both mean closed.
+    try:
+        assert s.recv(100) == b""
+    except ConnectionResetError:
+        pass
+
+
+def test_half_closed_connection_still_gets_its_answer(rt: RuntimeProc) -> None:
+    with rt.connect() as s:
+        s.sendall(req(method="health", token=TOKEN))
+        s.shutdown(socket.SHUT_WR)
+        assert read_json_line(s)["ok"] is True
+        assert s.recv(100) == b""
+    with rt.connect() as s:  # the last request without its newline counts too
+        s.sendall(json.dumps({"method": "list", "token": TOKEN}).encode())
+        s.shutdown(socket.SHUT_WR)
+        assert read_json_line(s)["deployments"][0]["id"] == "app"
+        assert s.recv(100) == b""
+    with rt.connect() as s:  # and a connection closed without a word is just dropped
+        s.shutdown(socket.SHUT_WR)
+        assert s.recv(100) == b""
+    assert_alive(rt)
+
+
+def test_silent_client_times_out_while_others_are_served(rt: RuntimeProc) -> None:
+    silent = rt.connect()
+    partial = rt.connect()
+    partial.sendall(b'{"method": "hea')
+    began = time.monotonic()
+    for _ in range(5):
+        assert_alive(rt)
+    for s in (silent, partial):
+        answer = read_json_line(s)
+        assert answer == {
+            "ok": False,
+            "error": "connection idle for 1 s; closing it",
+            "code": "idle_timeout",
+        }
+        assert s.recv(100) == b""
+        s.close()
+    assert 0.9 <= time.monotonic() - began < 5
+
+
+def test_two_hundred_concurrent_clients(rt: RuntimeProc) -> None:
+    socks = [rt.connect() for _ in range(200)]
+    try:
+        for s in socks:
+            s.setblocking(False)
+        sel = selectors.DefaultSelector()
+        for i, s in enumerate(socks):
+            s.sendall(req(method="health", token=TOKEN))
+            sel.register(s, selectors.EVENT_READ, i)
+        answers: dict[int, bytes] = {}
+        bufs = [b""] * 200
+        deadline = time.monotonic() + 30
+        while len(answers) < 200 and time.monotonic() < deadline:
+            for key, _ in sel.select(1):
+                i = key.data
+                bufs[i] += socks[i].recv(4096)
+                if bufs[i].endswith(b"\n"):
+                    answers[i] = bufs[i]
+                    sel.unregister(socks[i])
+        assert len(answers) == 200
+        assert all(json.loads(a)["ok"] is True for a in answers.values())
+    finally:
+        for s in socks:
+            s.close()
+    assert_alive(rt)
+
+
+def test_client_that_never_reads_does_not_block_others(rt: RuntimeProc) -> None:
+    hog = rt.connect()
+    hog.setblocking(False)
+    sent = 0
+    line = req(method="list", token=TOKEN)
+    try:
+        for _ in range(20000):
+            sent += hog.send(line)
+    except BlockingIOError:
+        pass  # the server stopped reading from us: backpressure
+    assert sent > 0
+    for _ in range(3):
+        assert_alive(rt)
+    hog.close()
+    assert_alive(rt)
+
+
+def test_attest_report_data_round_trip(rt: RuntimeProc) -> None:
+    data = b"exactly these bytes"
+    answer = rt.call("attest", report_data_b64=base64.b64encode(data).decode())
+    assert answer["ok"] is True
+    assert answer["attestation_type"] == "simulated"
+    assert answer["quote_format"] == "tdx"
+    assert answer["report_data_b64"] == base64.b64encode(data).decode()
+    assert answer["report_data_len"] == len(data)
+    assert isinstance(answer["events"], list) and answer["events"][-1]["kind"] == "separator"
+    quote = base64.b64decode(answer["quote_b64"])
+    assert quote_report_data(quote) == data + bytes(64 - len(data))
+
+
+@pytest.mark.parametrize(
+    ("params", "data"),
+    [
+        ({"nonce": "deadbeef"}, bytes.fromhex("deadbeef")),
+        ({"nonce": base64.b64encode(b"freshness").decode()}, b"freshness"),
+        ({"report_data_b64": base64.b64encode(b"\x01" * 32).decode(), "nonce": "00"}, b"\x01" * 32),
+        ({}, b""),
+        ({"report_data_b64": base64.b64encode(b"\xaa" * 64).decode()}, b"\xaa" * 64),
+    ],
+)
+def test_attest_legacy_nonce_and_defaults(rt: RuntimeProc, params: dict[str, str], data: bytes) -> None:
+    answer = rt.call("attest", **params)
+    assert answer["ok"] is True, answer
+    assert base64.b64decode(answer["report_data_b64"]) == data
+    assert answer["report_data_len"] == len(data)
+    assert quote_report_data(base64.b64decode(answer["quote_b64"])) == data.ljust(64, b"\0")
+
+
+def test_pipelined_attests_answer_in_order(rt: RuntimeProc) -> None:
+    with rt.connect() as s:
+        payload = b"".join(
+            req(method="attest", token=TOKEN, report_data_b64=base64.b64encode(bytes([i])).decode())
+            for i in range(10)
+        ) + req(method="health", token=TOKEN)
+        s.sendall(payload)
+        for i in range(10):
+            answer = read_json_line(s)
+            assert base64.b64decode(answer["report_data_b64"]) == bytes([i])
+        assert "uptime_secs" in read_json_line(s)
+
+
+def test_info_and_list(rt: RuntimeProc) -> None:
+    info = rt.call("info")
+    assert info["ok"] is True
+    assert info["spec"]["workload"]["restart"] == "always"
+    assert info["spec_digest"].startswith("sha256:")
+    assert [e["kind"] for e in info["events"]] == ["spec", "workload", "separator"]
+    assert info["limits"] == {"max_line": 65536, "max_connections": 256, "idle_timeout_secs": 1.0}
+    (dep,) = rt.call("list")["deployments"]
+    assert dep["status"] == "running" and dep["restart_policy"] == "always"
+    logs = rt.call("logs", tail=2)
+    assert len(logs["lines"]) <= 2
+
+
+def test_connection_limit(tmp_path: Path) -> None:
+    workload = write_workload(tmp_path, "app", "import time\ntime.sleep(3600)\n")
+    rt2 = RuntimeProc(tmp_path, write_spec(tmp_path, workload, on_exit="stay"), "--max-connections", "4")
+    try:
+        held = [rt2.connect() for _ in range(4)]
+        time.sleep(0.2)
+        with rt2.connect() as extra:
+            assert read_json_line(extra) == {
+                "ok": False,
+                "error": "too many connections (limit 4); try again",
+                "code": "busy",
+            }
+        for s in held:
+            s.close()
+        time.sleep(0.2)
+        assert rt2.call("health")["ok"] is True
+    finally:
+        rt2.stop()

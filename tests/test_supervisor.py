@@ -1,0 +1,220 @@
+"""The supervisor with real workloads in a real runtime process."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from eemini.guest.supervisor import Backoff
+from rtutil import TOKEN, RuntimeProc, children_of, wait_for, write_spec, write_workload
+
+
+@pytest.fixture
+def runtimes() -> Iterator[list[RuntimeProc]]:
+    started: list[RuntimeProc] = []
+    yield started
+    for rt in started:
+        rt.stop()
+
+
+def start(
+    tmp_path: Path, runtimes: list[RuntimeProc], body: str, *extra: str, **fields: object
+) -> RuntimeProc:
+    workload = write_workload(tmp_path, "app", body)
+    rt = RuntimeProc(tmp_path, write_spec(tmp_path, workload, **fields), *extra)
+    runtimes.append(rt)
+    return rt
+
+
+def deployment(rt: RuntimeProc) -> dict[str, object]:
+    answer = rt.call("list")
+    assert answer["ok"] is True
+    (dep,) = answer["deployments"]
+    assert isinstance(dep, dict)
+    return dep
+
+
+def test_backoff_delays() -> None:
+    b = Backoff(initial=0.5, factor=2, cap=3, stable_after=10)
+    assert [b.delay(n) for n in range(6)] == [0.0, 0.5, 1.0, 2.0, 3.0, 3.0]
+
+
+def test_crash_loop_backs_off_exponentially(tmp_path: Path, runtimes: list[RuntimeProc]) -> None:
+    body = "import sys\nprint('crashing', flush=True)\nsys.exit(3)\n"
+    rt = start(tmp_path, runtimes, body, "--backoff", "0.1,2,30,10", restart="on-failure")
+    wait_for(lambda: int(deployment(rt)["restarts"]) >= 4, timeout=15, what="4 restarts")  # type: ignore[call-overload]
+    runs = deployment(rt)["runs"]
+    assert isinstance(runs, list)
+    finished = [r for r in runs if r["ended_at"] is not None][:4]
+    assert [r["exit_code"] for r in finished] == [3, 3, 3, 3]
+    assert [r["signal"] for r in finished] == [None] * 4
+    # The pause between the end of run n and the start of run n+1 follows the backoff.
+    gaps = [runs[i + 1]["started_at"] - runs[i]["ended_at"] for i in range(3)]
+    for gap, expected in zip(gaps, [0.1, 0.2, 0.4], strict=True):
+        assert expected - 0.01 <= gap < expected + 0.5, gaps
+    notes = re.findall(r"restarting in ([0-9.]+) s", rt.stderr())
+    assert notes[:4] == ["0.1", "0.2", "0.4", "0.8"]
+    logs = rt.call("logs", tail=50)["lines"]
+    assert logs.count("crashing") >= 4
+
+
+def test_backoff_resets_after_a_stable_run(tmp_path: Path, runtimes: list[RuntimeProc]) -> None:
+    counter = tmp_path / "count"
+    body = f"""
+import sys, time
+p = {os.fspath(counter)!r}
+try:
+    n = int(open(p).read())
+except FileNotFoundError:
+    n = 0
+open(p, "w").write(str(n + 1))
+if n == 3:
+    time.sleep(0.8)  # a stable run (stable_after = 0.5 s)
+sys.exit(1)
+"""
+    rt = start(tmp_path, runtimes, body, "--backoff", "0.05,2,30,0.5", restart="always")
+    wait_for(lambda: len(re.findall("restarting in", rt.stderr())) >= 5, timeout=15, what="5 restarts")
+    notes = re.findall(r"restarting in ([0-9.]+) s", rt.stderr())
+    assert notes[:5] == ["0.05", "0.1", "0.2", "0.05", "0.1"]
+
+
+def test_orphans_are_reaped(tmp_path: Path, runtimes: list[RuntimeProc]) -> None:
+    # Each grandchild leaves the workload's process group (setsid) so it outlives the workload
+    # and is reparented to the runtime (PR_SET_CHILD_SUBREAPER), which must reap it.
+    body = """
+import os, sys, time
+pids = []
+for i in range(5):
+    pid = os.fork()
+    if pid == 0:
+        os.setsid()
+        time.sleep(0.6 + i * 0.1)
+        os._exit(0)
+    pids.append(pid)
+print("orphans", *pids, flush=True)
+sys.exit(0)
+"""
+    rt = start(tmp_path, runtimes, body, restart="never", on_exit="stay")
+    wait_for(lambda: re.search(r"\] orphans [0-9]", rt.stderr()) is not None, what="orphan pids")
+    pids = [int(p) for p in re.search(r"\] orphans ([0-9 ]+)", rt.stderr()).group(1).split()]  # type: ignore[union-attr]
+    assert len(pids) == 5
+    wait_for(lambda: deployment(rt)["status"] == "exited", what="workload exit")
+    # While they live, the orphans are the runtime's children.
+    adopted = {pid for pid, _ in children_of(rt.proc.pid)}
+    assert set(pids) & adopted, (pids, adopted)
+    wait_for(
+        lambda: not any(os.path.exists(f"/proc/{p}") for p in pids), timeout=10, what="orphans reaped"
+    )
+    assert [c for c in children_of(rt.proc.pid) if c[1] == "Z"] == []
+    assert rt.call("health")["ok"] is True
+
+
+def test_sigterm_ignored_is_killed_after_grace(tmp_path: Path, runtimes: list[RuntimeProc]) -> None:
+    body = """
+import signal, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+print("ready", flush=True)
+while True:
+    time.sleep(1)
+"""
+    rt = start(tmp_path, runtimes, body, "--grace", "1", restart="always")
+    wait_for(lambda: "ready" in rt.stderr(), what="workload ready")
+    began = time.monotonic()
+    assert rt.call("shutdown") == {"ok": True, "shutting_down": True}
+    assert rt.proc.wait(10) == 0
+    elapsed = time.monotonic() - began
+    assert 1.0 <= elapsed < 5.0
+    err = rt.stderr()
+    assert "still running after 1 s: SIGKILL" in err
+    assert "killed by SIGKILL" in err
+
+
+def test_restart_method_starts_a_new_run(tmp_path: Path, runtimes: list[RuntimeProc]) -> None:
+    body = "import time\nprint('up', flush=True)\ntime.sleep(60)\n"
+    rt = start(tmp_path, runtimes, body, restart="never", on_exit="stay")
+    first = deployment(rt)["pid"]
+    answer = rt.call("restart")
+    assert answer["ok"] is True and answer["restarts"] == 1 and answer["status"] == "running"
+    assert answer["pid"] != first
+    runs = deployment(rt)["runs"]
+    assert isinstance(runs, list)
+    assert runs[0]["signal"] == 15 and runs[0]["exit_code"] is None
+    wrong = rt.call("restart", id="nope")
+    assert wrong == {
+        "ok": False,
+        "error": "restart: no workload 'nope' (the one workload is 'app')",
+        "code": "not_found",
+    }
+
+
+def test_exact_environment_stdin_and_process_group(tmp_path: Path, runtimes: list[RuntimeProc]) -> None:
+    body = """
+import json, os
+# /proc/self/environ is what execve() got (Python itself may add LC_CTYPE to os.environ).
+raw = open("/proc/self/environ", "rb").read().split(b"\\0")
+env = dict(e.decode().split("=", 1) for e in raw if e)
+print("ENV", json.dumps(env, sort_keys=True), flush=True)
+print("STDIN", os.readlink("/proc/self/fd/0"), flush=True)
+print("PGRP", os.getpgid(0) == os.getpid(), flush=True)
+"""
+    rt = start(
+        tmp_path,
+        runtimes,
+        body,
+        restart="never",
+        on_exit="stay",
+        env={"A": "1", "B": "two"},
+        inherit_token=True,
+    )
+    wait_for(lambda: "PGRP" in rt.stderr(), what="workload output")
+    lines = rt.call("logs", tail=10)["lines"]
+    env = json.loads(next(line for line in lines if line.startswith("ENV "))[4:])
+    assert env == {"A": "1", "B": "two", "EE_TOKEN": TOKEN, "EE_SOCKET_PATH": rt.socket}
+    assert "STDIN /dev/null" in lines
+    assert "PGRP True" in lines
+
+
+def test_token_only_when_granted(tmp_path: Path, runtimes: list[RuntimeProc]) -> None:
+    body = (
+        "import json\nraw = open('/proc/self/environ', 'rb').read().split(b'\\0')\n"
+        "print('ENV', json.dumps(dict(e.decode().split('=', 1) for e in raw if e)), flush=True)\n"
+    )
+    rt = start(tmp_path, runtimes, body, restart="never", on_exit="stay", env={"X": "y"})
+    wait_for(lambda: "ENV" in rt.stderr(), what="workload output")
+    line = next(x for x in rt.call("logs")["lines"] if x.startswith("ENV "))
+    assert json.loads(line[4:]) == {"X": "y"}
+
+
+def test_poweroff_when_done_exits_with_workload_status(
+    tmp_path: Path, runtimes: list[RuntimeProc]
+) -> None:
+    workload = write_workload(tmp_path, "app", "import sys\nsys.exit(7)\n")
+    spec = write_spec(tmp_path, workload, restart="never", on_exit="poweroff")
+    rt = RuntimeProc(tmp_path, spec, wait=False)
+    runtimes.append(rt)
+    assert rt.proc.wait(10) == 7
+    assert "workload done for good (exited with status 7); on_exit = poweroff" in rt.stderr()
+    assert not os.path.exists(rt.socket)
+
+
+def test_missing_binary_is_a_failed_run(tmp_path: Path, runtimes: list[RuntimeProc]) -> None:
+    spec = write_spec(tmp_path, tmp_path / "does-not-exist", restart="never", on_exit="stay")
+    rt = RuntimeProc(tmp_path, spec)
+    runtimes.append(rt)
+    dep = deployment(rt)
+    assert dep["status"] == "exited"
+    assert dep["last_exit"] == f"could not start: {tmp_path}/does-not-exist: No such file or directory"
+
+
+def test_long_lines_are_split(tmp_path: Path, runtimes: list[RuntimeProc]) -> None:
+    body = "import sys\nsys.stdout.write('x' * 10000 + '\\nshort\\n')\nsys.stdout.flush()\n"
+    rt = start(tmp_path, runtimes, body, restart="never", on_exit="stay")
+    wait_for(lambda: "short" in rt.call("logs")["lines"], what="output")
+    lines = [x for x in rt.call("logs")["lines"] if set(x) == {"x"}]
+    assert [len(x) for x in lines] == [4096, 4096, 1808]
