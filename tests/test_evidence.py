@@ -42,7 +42,7 @@ def prediction_from(log_data: bytes, numbers: list[int]) -> Prediction:
 
 def test_gcp_log_and_predicted_events(gcp: tuple[bytes, list[bytes]]) -> None:
     data, rtmrs = gcp
-    report = check_event_log(rtmrs, data, prediction_from(data, [18, 24, 25, 40]))
+    report = check_event_log(rtmrs, data, prediction_from(data, [18, 24, 25, 40]).events)
     assert [e.number for _, e in report.matched] == [18, 24, 25, 40]
     assert report.runtime is None
     assert report.lines()[0] == "event log: 43 events replay to the quote's RTMR0..3"
@@ -55,7 +55,7 @@ def test_gcp_log_and_predicted_events(gcp: tuple[bytes, list[bytes]]) -> None:
     with pytest.raises(
         EventsMissing, match=re.escape("is not in RTMR1 after event 24 (it is there, but out of order)")
     ):
-        check_event_log(rtmrs, data, swapped)
+        check_event_log(rtmrs, data, swapped.events)
 
 
 def test_gcp_log_against_another_quote(gcp: tuple[bytes, list[bytes]]) -> None:

@@ -83,7 +83,7 @@ def test_replay() -> None:
 
 
 def test_measurer_extends_rtmr3(tmp_path: Path, fake: FakeRtmr3) -> None:
-    m = RuntimeMeasurer(Rtmr3(str(tmp_path)))
+    m = RuntimeMeasurer.sysfs(str(tmp_path))
     assert m.enabled
     evs = [
         Ev(0, "spec", "spec.json", "sha384:" + "00" * 48),
@@ -94,11 +94,11 @@ def test_measurer_extends_rtmr3(tmp_path: Path, fake: FakeRtmr3) -> None:
         fake.observe()
     assert fake.writes == [event_digest(e.to_dict()) for e in evs]
     assert fake.value == replay(e.to_dict() for e in evs)
-    assert m.status() == {"rtmr3_extended": True, "rtmr3_events": 2}
+    assert m.status() == {"rtmr3_extended": True, "rtmr3_via": "sysfs", "rtmr3_events": 2}
 
 
 def test_measurer_without_the_sysfs_file(tmp_path: Path) -> None:
-    m = RuntimeMeasurer(Rtmr3(str(tmp_path)))
+    m = RuntimeMeasurer.sysfs(str(tmp_path))
     assert not m.enabled
     m.on_append(Ev(0, "spec", "k", "sha384:00"))  # nothing to do, no error
     path = tmp_path / MEASUREMENTS_DIR / RTMR3_FILE

@@ -30,6 +30,16 @@ class EventLogReport:
     matched: tuple[tuple[PredictedEvent, Event], ...]
     runtime: RuntimeLogBinding | None
 
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "events": len(self.log.events),
+            "matched": [
+                {"predicted": p.to_json(), "event": e.number, "mr_index": e.register}
+                for p, e in self.matched
+            ],
+            "runtime_log": None if self.runtime is None else self.runtime.value,
+        }
+
     def lines(self) -> list[str]:
         out = [f"event log: {len(self.log.events)} events replay to the quote's RTMR0..3"]
         for p, e in self.matched:
@@ -60,7 +70,7 @@ def load_prediction(path: Path) -> Prediction:
 def check_event_log(
     rtmrs: Sequence[bytes],
     log_data: bytes,
-    prediction: Prediction | None = None,
+    expected: Sequence[PredictedEvent] | None = None,
     runtime_events: Sequence[Mapping[str, object]] | None = None,
 ) -> EventLogReport:
     """Replay the CC event log against the quote's RTMR0..2 (raises ReplayMismatch), then look for
@@ -69,7 +79,7 @@ def check_event_log(
     continues from whatever the CC log put there."""
     log = parse_event_log(log_data)
     check_replay(log, rtmrs, registers=(0, 1, 2))
-    matched = find_events(log, prediction.events, cc=True) if prediction is not None else []
+    matched = find_events(log, expected, cc=True) if expected is not None else []
     runtime = None
     if runtime_events is not None:
         runtime = check_runtime_log(runtime_events, rtmrs[3], start=replay_rtmrs(log)[3])

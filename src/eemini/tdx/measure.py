@@ -20,6 +20,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from eemini.tdx.errors import VerificationError
 from eemini.tdx.eventlog import Event, EventLog, EventType, HashAlg
 from eemini.tdx.pe import (
     DigestAlgorithm,
@@ -38,8 +39,10 @@ class MeasureError(ValueError):
     """The UKI cannot be predicted (the message says why)."""
 
 
-class EventsMissing(Exception):
+class EventsMissing(VerificationError):
     """A predicted event is not in the event log (the message names the first one missing)."""
+
+    check = "expected-events"
 
 
 def pcr_to_mr_index(pcr: int) -> int:

@@ -7,10 +7,13 @@ from collections.abc import Mapping, Sequence
 from enum import StrEnum
 
 from eemini.guest.rtmr import RTMR_SIZE, replay
+from eemini.tdx.errors import VerificationError
 
 
-class RuntimeLogMismatch(Exception):
+class RuntimeLogMismatch(VerificationError):
     """RTMR3 was extended, but not with this runtime log."""
+
+    check = "runtime-log"
 
 
 class RuntimeLogBinding(StrEnum):

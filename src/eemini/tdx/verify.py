@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from cryptography import x509
@@ -47,6 +47,7 @@ from eemini.tdx.errors import (
     CollateralSignatureInvalid,
     CrlInvalid,
     DebugTdRejected,
+    EventLogRequired,
     MeasurementMismatch,
     QeReportDataMismatch,
     QeReportSignatureInvalid,
@@ -57,10 +58,12 @@ from eemini.tdx.errors import (
     TdAttributesRejected,
     UntrustedRoot,
 )
+from eemini.tdx.evidence import EventLogReport, check_event_log
 from eemini.tdx.pck import PckExtension, load_pem_chain, parse_pck_extension
 from eemini.tdx.policy import DEFAULT_POLICY, Policy
 from eemini.tdx.quote import Quote, TdReport, parse_quote
 from eemini.tdx.roots import INTEL_ROOT, TrustAnchor
+from eemini.tdx.runtime_log import check_runtime_log
 
 _ECDSA_SHA256 = ec.ECDSA(hashes.SHA256())
 
@@ -86,6 +89,8 @@ class VerifiedQuote:
     attributes: AttributeReport
     checks: tuple[str, ...]
     verified_at: int
+    # What the CC event log and the runtime log showed (docs/measurements.md), when given.
+    event_log: EventLogReport | None = None
 
     @property
     def report(self) -> TdReport:
@@ -506,6 +511,35 @@ def check_policy(
         ctx.passed("tcb-status")
 
 
+# Checks: event logs (docs/measurements.md) ----------------------------------------------------------
+
+
+def check_event_logs(
+    ctx: _Context,
+    quote: Quote,
+    policy: Policy,
+    event_log: bytes | None,
+    runtime_events: Sequence[Mapping[str, object]] | None,
+) -> EventLogReport | None:
+    rtmrs = quote.report.rtmrs
+    if event_log is None:
+        if policy.expected_events is not None:
+            raise EventLogRequired(
+                "the policy expects measured boot events, but no CC event log was given"
+            )
+        if runtime_events is not None:
+            check_runtime_log(runtime_events, rtmrs[3])
+            ctx.passed("runtime-log")
+        return None
+    report = check_event_log(rtmrs, event_log, policy.expected_events, runtime_events)
+    ctx.passed("event-log")
+    if policy.expected_events is not None:
+        ctx.passed("expected-events")
+    if runtime_events is not None:
+        ctx.passed("runtime-log")
+    return report
+
+
 def _unix(now: int | float | datetime.datetime) -> int:
     if isinstance(now, datetime.datetime):
         if now.tzinfo is None:
@@ -524,11 +558,15 @@ def verify(
     *,
     trusted_roots: Sequence[TrustAnchor] = (INTEL_ROOT,),
     cache: VerificationCache | None = None,
+    event_log: bytes | None = None,
+    runtime_events: Sequence[Mapping[str, object]] | None = None,
 ) -> VerifiedQuote:
     """Verify a TDX quote and return what it proves, or raise the VerificationError of the failed check.
 
     `now` pins the verification time (Unix seconds or an aware datetime); it defaults to the clock.
     `trusted_roots` defaults to Intel's SGX Root CA only; development roots must be passed explicitly.
+    `event_log` (the CC event log, CCEL data) and `runtime_events` (the runtime log from `attest`)
+    are checked against the quote's RTMRs and the policy's expected events.
     """
     if now is None:
         now = datetime.datetime.now(datetime.UTC)
@@ -542,6 +580,7 @@ def verify(
     check_quote_signature(ctx, parsed)
     evaluation = check_collateral(ctx, parsed, collateral, pck) if collateral is not None else None
     check_policy(ctx, parsed, policy, evaluation)
+    event_report = check_event_logs(ctx, parsed, policy, event_log, runtime_events)
     return VerifiedQuote(
         quote=parsed,
         trust_anchor=pck.anchor,
@@ -550,4 +589,5 @@ def verify(
         attributes=attribute_report(parsed.report),
         checks=tuple(ctx.checks),
         verified_at=ctx.now,
+        event_log=event_report,
     )
