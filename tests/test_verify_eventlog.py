@@ -17,7 +17,7 @@ from eemini.tdx.eventlog import EventType, HashAlg, parse_event_log
 from eemini.tdx.measure import PredictedEvent, Prediction
 from eemini.tdx.quote import parse_quote
 from eemini.tdx.runtime_log import RuntimeLogBinding, check_runtime_log
-from rtutil import RuntimeProc, write_spec, write_workload
+from rtutil import RuntimeProc, wait_for, write_spec, write_workload
 
 # The GCP quote's collateral is valid at this instant (shared/testdata/quotes/README.md: verify_at
 # 2025-11-18T17:48:49Z).
@@ -145,7 +145,18 @@ def test_dev_runtime_log_is_bound_to_rtmr3(tmp_path: Path) -> None:
     workload = write_workload(tmp_path, "app", "import time\ntime.sleep(3600)\n")
     rt = RuntimeProc(tmp_path, write_spec(tmp_path, workload, restart="never", on_exit="stay"))
     try:
-        health = rt.call("health")
+        # The socket file appears at bind(), a moment before listen(): retry a refused first call.
+        answers: list[dict[str, object]] = []
+
+        def healthy() -> bool:
+            try:
+                answers.append(rt.call("health"))
+            except ConnectionRefusedError:
+                return False
+            return True
+
+        wait_for(healthy, what="the runtime to answer health")
+        health = answers[-1]
         assert (health["rtmr3_extended"], health["rtmr3_via"], health["rtmr3_events"]) == (
             True,
             "simulated",
