@@ -83,7 +83,7 @@ def test_replay() -> None:
 
 
 def test_measurer_extends_rtmr3(tmp_path: Path, fake: FakeRtmr3) -> None:
-    m = RuntimeMeasurer.sysfs(str(tmp_path))
+    m = RuntimeMeasurer(Rtmr3(str(tmp_path)))
     assert m.enabled
     evs = [
         Ev(0, "spec", "spec.json", "sha384:" + "00" * 48),
@@ -98,7 +98,7 @@ def test_measurer_extends_rtmr3(tmp_path: Path, fake: FakeRtmr3) -> None:
 
 
 def test_measurer_without_the_sysfs_file(tmp_path: Path) -> None:
-    m = RuntimeMeasurer.sysfs(str(tmp_path))
+    m = RuntimeMeasurer(Rtmr3(str(tmp_path)))
     assert not m.enabled
     m.on_append(Ev(0, "spec", "k", "sha384:00"))  # nothing to do, no error
     path = tmp_path / MEASUREMENTS_DIR / RTMR3_FILE

@@ -75,7 +75,7 @@ def run(spec: EnclaveSpec, options: DevOptions) -> int:
     events = EventLog()
     # The simulated TD has an RTMR3 to extend: dev mode binds its runtime log to the quote as a
     # Linux 6.16+ TD does (docs/measurements.md, "Runtime events").
-    measurer = RuntimeMeasurer(lambda digest: backend.extend_rtmr(3, digest), via="simulated")
+    measurer = RuntimeMeasurer(extend=lambda digest: backend.extend_rtmr(3, digest), via="simulated")
     events.on_append = measurer.on_append
     events.append_data("spec", "dev", "spec.json", spec.canonical_json())
     try:

@@ -105,19 +105,23 @@ class RuntimeMeasurer:
     extension keeps the event out of the log."""
 
     def __init__(
-        self, extend: Callable[[bytes], None] | None, reason: str | None = None, via: str = "sysfs"
+        self,
+        rtmr3: Rtmr3 | None = None,
+        *,
+        extend: Callable[[bytes], None] | None = None,
+        via: str = "sysfs",
     ) -> None:
-        self._extend = extend
-        self.reason = reason if extend is None else None
+        """RTMR3 through the kernel's sysfs attribute (`rtmr3`, default the real one) when it
+        exists, or through `extend` (e.g. the simulated backend's register in dev mode)."""
         self.via = via
         self.extended = 0
-
-    @classmethod
-    def sysfs(cls, root: str = "/") -> RuntimeMeasurer:
-        """RTMR3 through the kernel's sysfs attribute, when it exists (Linux 6.16+)."""
-        rtmr3 = Rtmr3(root)
-        reason = rtmr3.unavailable_reason()
-        return cls(rtmr3.extend if reason is None else None, reason)
+        self.reason: str | None = None
+        if extend is not None:
+            self._extend: Callable[[bytes], None] | None = extend
+            return
+        r = rtmr3 if rtmr3 is not None else Rtmr3()
+        self.reason = r.unavailable_reason()
+        self._extend = r.extend if self.reason is None else None
 
     @property
     def enabled(self) -> bool:
