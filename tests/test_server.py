@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import resource
 import selectors
 import socket
 import stat
@@ -125,6 +126,15 @@ def test_health_is_wire_compatible(rt: RuntimeProc) -> None:
             ("logs: no workload 'other' (the one workload is 'app')", "not_found"),
         ),
         (b"[" * 60000 + b"\n", ("request is not valid JSON: nested too deeply", "bad_request")),
+        (
+            b'{"tail": ' + b"1" * 5000 + b"}\n",
+            (
+                "request is not valid JSON: Exceeds the limit (4300 digits) for integer string "
+                "conversion: value has 5000 digits; "
+                "use sys.set_int_max_str_digits() to increase the limit",
+                "bad_request",
+            ),
+        ),
     ],
 )
 def test_bad_requests_get_clear_errors(
@@ -320,5 +330,23 @@ def test_connection_limit(tmp_path: Path) -> None:
             s.close()
         time.sleep(0.2)
         assert rt2.call("health")["ok"] is True
+    finally:
+        rt2.stop()
+
+
+def test_out_of_file_descriptors(tmp_path: Path) -> None:
+    workload = write_workload(tmp_path, "app", "import time\ntime.sleep(3600)\n")
+    spec = write_spec(tmp_path, workload, on_exit="stay")
+    rt2 = RuntimeProc(tmp_path, spec)
+    resource.prlimit(rt2.proc.pid, resource.RLIMIT_NOFILE, (48, 48))
+    try:
+        held = [rt2.connect() for _ in range(80)]  # more than the runtime has fds for
+        time.sleep(1.0)
+        for s in held:
+            s.close()
+        time.sleep(0.3)
+        assert rt2.call("health")["ok"] is True
+        failures = rt2.stderr().count("control socket: accept failed: Too many open files")
+        assert 1 <= failures <= 20  # it backs off instead of spinning on the listener
     finally:
         rt2.stop()

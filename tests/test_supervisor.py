@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from eemini.guest.supervisor import Backoff
-from rtutil import TOKEN, RuntimeProc, children_of, wait_for, write_spec, write_workload
+from rtutil import TOKEN, RuntimeProc, children_of, read_json_line, wait_for, write_spec, write_workload
 
 
 @pytest.fixture
@@ -218,3 +218,23 @@ def test_long_lines_are_split(tmp_path: Path, runtimes: list[RuntimeProc]) -> No
     wait_for(lambda: "short" in rt.call("logs")["lines"], what="output")
     lines = [x for x in rt.call("logs")["lines"] if set(x) == {"x"}]
     assert [len(x) for x in lines] == [4096, 4096, 1808]
+
+
+def test_shutdown_during_a_restart_wins(tmp_path: Path, runtimes: list[RuntimeProc]) -> None:
+    body = """
+import signal, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+print("ready", flush=True)
+while True:
+    time.sleep(1)
+"""
+    rt = start(tmp_path, runtimes, body, "--grace", "1", restart="always")
+    wait_for(lambda: "ready" in rt.stderr(), what="workload ready")
+    with rt.connect() as restarting:
+        restarting.sendall(json.dumps({"method": "restart", "token": TOKEN}).encode() + b"\n")
+        time.sleep(0.2)  # the restart is now waiting for the grace period
+        assert rt.call("shutdown") == {"ok": True, "shutting_down": True}
+        answer = read_json_line(restarting)
+    assert answer == {"ok": True, "pid": None, "restarts": 0, "status": "stopped"}
+    assert rt.proc.wait(10) == 0
+    assert rt.stderr().count("started run") == 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from eemini.log import die
 from eemini.spec import load_spec
 
 HELP = "run the workload under the guest runtime locally, with simulated attestation"
@@ -39,4 +40,7 @@ def run(args: argparse.Namespace) -> int:
         grace=args.grace,
         dev_root_out=args.dev_root_out,
     )
-    return devmode.run(spec, options)
+    try:
+        return devmode.run(spec, options)
+    except OSError as e:
+        die(e.strerror if e.strerror and not e.filename else str(e))

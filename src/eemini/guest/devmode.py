@@ -7,6 +7,7 @@ tests need (grace period, backoff, socket limits) and a resolved spec JSON inste
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import secrets
 import sys
@@ -15,7 +16,7 @@ from dataclasses import dataclass, field
 from eemini.guest.events import EventLog
 from eemini.guest.rtmr import RuntimeMeasurer
 from eemini.guest.runtime import Runtime, RuntimeConfig
-from eemini.guest.server import Limits
+from eemini.guest.server import Limits, socket_in_use
 from eemini.guest.spec import EnclaveSpec, SpecError, load
 from eemini.guest.supervisor import Backoff
 
@@ -60,12 +61,22 @@ def run(spec: EnclaveSpec, options: DevOptions) -> int:
     socket_path = os.path.abspath(options.socket_path)
     directory = os.path.dirname(socket_path)
     os.makedirs(directory, mode=0o700, exist_ok=True)
+    st = os.stat(directory)
+    if st.st_uid != os.getuid() or st.st_mode & 0o077:
+        # The token file goes here: refuse a directory others can read or write.
+        raise PermissionError(
+            f"{directory} must belong to uid {os.getuid()} with mode 0700 "
+            f"(it has uid {st.st_uid}, mode {st.st_mode & 0o777:04o})"
+        )
+    if socket_in_use(socket_path):
+        # Before touching the token file: it belongs to the runtime already serving there.
+        raise OSError(errno.EADDRINUSE, f"another runtime is serving {socket_path}")
     token = options.token or secrets.token_hex(32)
     token_path = os.path.join(directory, TOKEN_FILE)
     _write_private(token_path, token.encode() + b"\n")
     root_pem = dev_root_pem()
     root_paths = [os.path.join(directory, DEV_ROOT_FILE)]
-    if options.dev_root_out:
+    if options.dev_root_out and os.path.abspath(options.dev_root_out) not in root_paths:
         root_paths.append(os.path.abspath(options.dev_root_out))
     for path in root_paths:
         with open(path, "wb") as f:

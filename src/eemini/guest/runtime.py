@@ -224,6 +224,7 @@ class Runtime:
 
     def _stopped(self) -> None:
         reason = self.poweroff_reason or "shutdown"
+        self.supervisor.flush_console()
         if self.on_poweroff is not None:
             self.on_poweroff(reason)
         else:

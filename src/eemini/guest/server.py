@@ -81,6 +81,16 @@ def _json_type_name(value: object) -> str:
     return "an object"
 
 
+def socket_in_use(path: str) -> bool:
+    """True when something accepts connections on the unix socket at `path`."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(path)
+        except OSError:
+            return False
+        return True
+
+
 def _encode(response: Response) -> bytes:
     return json.dumps(response, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
 
@@ -278,15 +288,23 @@ class Server:
             st = os.lstat(self.path)
             if not stat.S_ISSOCK(st.st_mode):
                 raise OSError(errno.EEXIST, f"{self.path} exists and is not a socket")
+            if socket_in_use(self.path):
+                raise OSError(errno.EADDRINUSE, f"another runtime is serving {self.path}")
             os.unlink(self.path)  # a stale socket from an earlier run
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        # Bind and listen under a temporary name, then rename into place: the path appears only
+        # once connections are accepted, so a client that sees it never gets ECONNREFUSED.
+        tmp = os.path.join(parent, f".{os.path.basename(self.path)}.{os.getpid()}")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
         old_umask = os.umask(0o177)  # the socket is born 0600: no window where others connect
         try:
-            sock.bind(self.path)
+            sock.bind(tmp)
         finally:
             os.umask(old_umask)
-        os.chmod(self.path, 0o600)
+        os.chmod(tmp, 0o600)
         sock.listen(min(socket.SOMAXCONN, 4096))
+        os.rename(tmp, self.path)
         sock.setblocking(False)
         self.listener = sock
         self.loop.add_reader(sock.fileno(), self._on_accept)
@@ -315,8 +333,12 @@ class Server:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:
-                # EMFILE/ENFILE: out of fds; the pending connection stays queued for later.
+                # EMFILE/ENFILE: out of fds. The connection stays queued; stop watching the
+                # listener for a moment, or a level-triggered select would spin on it.
                 print(f"eemini: control socket: accept failed: {e.strerror}", file=sys.stderr)
+                fd = self.listener.fileno()
+                self.loop.remove_reader(fd)
+                self.loop.call_later(0.1, lambda fd=fd: self._resume_accept(fd))  # type: ignore[misc]
                 return
             sock.setblocking(False)
             if len(self.conns) >= self.limits.max_connections:
@@ -329,6 +351,10 @@ class Server:
             conn = _Conn(self, sock)
             self.conns.add(conn)
             conn.update()
+
+    def _resume_accept(self, fd: int) -> None:
+        if self.listener is not None and self.listener.fileno() == fd:
+            self.loop.add_reader(fd, self._on_accept)
 
     def _schedule_sweep(self) -> None:
         interval = max(0.05, min(1.0, self.limits.idle_timeout / 4))
@@ -365,6 +391,9 @@ class Server:
             return
         except RecursionError:
             conn.send(error("request is not valid JSON: nested too deeply", "bad_request"))
+            return
+        except ValueError as e:  # e.g. an integer beyond the interpreter's digit limit
+            conn.send(error(f"request is not valid JSON: {e}", "bad_request"))
             return
         if not isinstance(request, dict):
             what = _json_type_name(request)

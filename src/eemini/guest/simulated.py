@@ -47,8 +47,10 @@ CERT_DATA_QE_REPORT = 6  # QE report certification data
 CERT_DATA_PCK_CHAIN = 5  # PCK leaf || intermediate || root, PEM
 assert HEADER_SIZE == 48 and TD_REPORT_SIZE == 584 and SGX_REPORT_SIZE == 384
 
-# TD attributes bit 0 is TUD.DEBUG (Intel TDX module ABI, TDINFO_STRUCT ATTRIBUTES).
+# TD attributes (Intel TDX module ABI, TDINFO_STRUCT ATTRIBUTES): bit 0 is TUD.DEBUG; bit 28 is
+# SEPT_VE_DISABLE, which Linux TD guests require, so every real TD quote has it.
 TD_ATTRIBUTES_DEBUG = 1 << 0
+TD_ATTRIBUTES_SEPT_VE_DISABLE = 1 << 28
 XFAM = 0x00000000000618E7  # x87, SSE, AVX, AVX-512, PK, ... (a common TD value)
 
 # PCK certificate: Intel SGX PCK Certificate and CRL Profile, "SGX Extensions".
@@ -249,7 +251,7 @@ def td_report_body(m: Measurements, report_data: bytes) -> bytes:
             _sha384("eemini simulated TDX module"),  # MRSEAM
             bytes(48),  # MRSIGNERSEAM (zero for Intel's TDX module)
             struct.pack("<Q", 0),  # SEAMATTRIBUTES
-            struct.pack("<Q", TD_ATTRIBUTES_DEBUG),  # TDATTRIBUTES
+            struct.pack("<Q", TD_ATTRIBUTES_DEBUG | TD_ATTRIBUTES_SEPT_VE_DISABLE),  # TDATTRIBUTES
             struct.pack("<Q", XFAM),
             m.mr_td,
             m.mr_config_id,

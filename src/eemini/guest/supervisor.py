@@ -14,6 +14,7 @@ import enum
 import errno
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -72,6 +73,68 @@ class Reaper:
                 self.orphans_reaped += 1
             else:
                 callback(status)
+
+
+class Console:
+    """Writes to the console from a thread, so a slow serial console never stalls the loop.
+
+    At 115200 baud a serial console takes about 11 KiB/s; a chatty workload must not make the
+    control socket wait for it. Beyond `max_pending` unwritten bytes, lines are dropped (the ring
+    buffer still has them) and a count of dropped lines is written once the console catches up.
+    """
+
+    def __init__(self, fd: int, max_pending: int = 256 * 1024) -> None:
+        self.fd = fd
+        self.max_pending = max_pending
+        self._pending: list[bytes] = []
+        self._size = 0
+        self._dropped = 0
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._busy = False  # the thread is writing a chunk
+
+    def write(self, data: bytes) -> None:
+        with self._cond:
+            if self._size + len(data) > self.max_pending:
+                self._dropped += 1
+                return
+            self._pending.append(data)
+            self._size += len(data)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="eemini-console", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+
+    def flush(self, timeout: float = 2.0) -> None:
+        """Wait (up to `timeout`) until everything queued has been written."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while (self._pending or self._busy) and time.monotonic() < deadline:
+                self._cond.wait(0.05)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._pending:
+                    self._busy = False
+                    self._cond.notify_all()
+                    self._cond.wait()
+                chunk = b"".join(self._pending)
+                self._pending.clear()
+                self._size = 0
+                dropped, self._dropped = self._dropped, 0
+                self._busy = True
+            if dropped:
+                chunk += f"eemini: console too slow: {dropped} lines dropped (see logs)\n".encode()
+            view = memoryview(chunk)
+            while view:
+                try:
+                    n = os.write(self.fd, view)
+                except InterruptedError:
+                    continue
+                except OSError:
+                    break  # a console that cannot take the output must not stop supervision
+                view = view[n:]
 
 
 class State(enum.StrEnum):
@@ -205,7 +268,7 @@ class Supervisor:
         self.env = dict(env)
         self.logbuf = logbuf
         self.on_done = on_done
-        self.console_fd = console_fd
+        self._console = Console(console_fd) if console_fd is not None else None
         self.backoff = backoff
         self.grace = grace
         self.max_line = max_line
@@ -226,12 +289,8 @@ class Supervisor:
     # -- output ------------------------------------------------------------------------------
 
     def console(self, data: bytes) -> None:
-        if self.console_fd is None:
-            return
-        try:
-            os.write(self.console_fd, data)
-        except OSError:
-            pass  # a console that cannot take the line must not stop supervision
+        if self._console is not None:
+            self._console.write(data)
 
     def note(self, text: str) -> None:
         """A runtime message about the workload: console and ring buffer."""
@@ -372,7 +431,8 @@ class Supervisor:
                 self.state = State.STOPPED
             self._finish_stop()
             return
-        self._restart_requested = self._restart_requested or restart
+        # The latest request wins: a shutdown during a restart's stop cancels the restart.
+        self._restart_requested = restart
         if self.state is State.STOPPING:
             return
         self.state = State.STOPPING
@@ -390,6 +450,11 @@ class Supervisor:
     def restart(self, then: Callable[[], None] | None = None) -> None:
         """Stop the current run (if any) and start a new one at once, without backoff."""
         self.stop(then, restart=True)
+
+    def flush_console(self, timeout: float = 2.0) -> None:
+        """Wait until queued console output is written (before exiting or powering off)."""
+        if self._console is not None:
+            self._console.flush(timeout)
 
     # -- reporting ---------------------------------------------------------------------------
 

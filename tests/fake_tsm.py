@@ -1,0 +1,103 @@
+"""A fake configfs-tsm report directory that reacts to real file operations.
+
+It follows Documentation/ABI/testing/configfs-tsm-report: an entry `$name` holds `provider`
+(RO, e.g. "tdx_guest"), `generation` (RO, bumped by every write of `inblob`), `inblob` (WO, up to
+64 bytes) and `outblob` (RO, the report for the current inblob). `inblob` and `outblob` are FIFOs
+served by one thread per entry, so the backend's plain open/write/close and open/read calls block
+and complete the way they do against configfs, and a read of `outblob` returns the quote for what
+was just written.
+
+Limits, because this is an ordinary filesystem and not configfs:
+- mkdir(2) cannot populate a directory here, so the backend's `mkdir`/`rmdir` seam calls
+  `FakeTsm.mkdir`/`rmdir`, which do what configfs does inside those syscalls (create/remove the
+  attribute files).
+- A write of more than 64 bytes is not refused with EINVAL, and `outblob` can be read only once
+  per `inblob` write (configfs caches the report and serves it again).
+- `auxblob`, `privlevel` and `privlevel_floor` are not modelled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+
+class FakeTsm:
+    def __init__(
+        self,
+        root: Path,
+        quote: Callable[[bytes], bytes],
+        *,
+        provider: str = "tdx_guest",
+        empty: bool = False,
+        interloper: bool = False,
+    ) -> None:
+        self.root = root
+        self.quote = quote
+        self.provider = provider
+        self.empty = empty  # outblob comes back empty (e.g. the host's QGS is unreachable)
+        self.interloper = interloper  # another writer hits inblob between our write and read
+        self.created: list[str] = []
+        self.removed: list[str] = []
+        self.inblobs: list[bytes] = []
+        self._threads: dict[str, threading.Thread] = {}
+        self._stopping: set[str] = set()
+        root.mkdir(parents=True, exist_ok=True)
+
+    def mkdir(self, path: str) -> None:
+        os.mkdir(path)
+        entry = Path(path)
+        (entry / "provider").write_text(self.provider + "\n")
+        (entry / "generation").write_text("0\n")
+        os.mkfifo(entry / "inblob", 0o200)
+        os.mkfifo(entry / "outblob", 0o400)
+        self.created.append(path)
+        thread = threading.Thread(target=self._serve, args=(entry,), daemon=True)
+        self._threads[path] = thread
+        thread.start()
+
+    def rmdir(self, path: str) -> None:
+        entry = Path(path)
+        self._stopping.add(path)
+        # Wake the entry's thread wherever it blocks: opening inblob to read or outblob to write
+        # (it may not have reached the open yet, so keep knocking until it is gone).
+        thread = self._threads.pop(path)
+        for _ in range(500):
+            for name, flags in (("inblob", os.O_WRONLY), ("outblob", os.O_RDONLY)):
+                with contextlib.suppress(OSError):
+                    os.close(os.open(entry / name, flags | os.O_NONBLOCK))
+            thread.join(0.01)
+            if not thread.is_alive():
+                break
+        for name in ("provider", "generation", "inblob", "outblob"):
+            (entry / name).unlink()
+        os.rmdir(path)
+        self.removed.append(path)
+
+    def live_entries(self) -> list[str]:
+        return sorted(os.listdir(self.root))
+
+    def _bump(self, entry: Path) -> None:
+        gen = int((entry / "generation").read_text())
+        tmp = entry / ".generation.tmp"
+        tmp.write_text(f"{gen + 1}\n")
+        os.replace(tmp, entry / "generation")
+
+    def _serve(self, entry: Path) -> None:
+        while True:
+            with open(entry / "inblob", "rb") as f:
+                data = f.read()
+            if os.fspath(entry) in self._stopping:
+                return
+            self.inblobs.append(data)
+            self._bump(entry)
+            if self.interloper:
+                self._bump(entry)
+            report = b"" if self.empty else self.quote(data.ljust(64, b"\0"))
+            with open(entry / "outblob", "wb") as f:
+                if os.fspath(entry) in self._stopping:
+                    return
+                f.write(report)

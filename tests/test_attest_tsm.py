@@ -1,0 +1,157 @@
+"""The configfs-tsm backend through real file operations on a fake report tree."""
+
+from __future__ import annotations
+
+import os
+import struct
+import threading
+from pathlib import Path
+
+import pytest
+
+from eemini.guest.attest import (
+    AttestError,
+    ConfigfsTsmBackend,
+    check_quote,
+    pad_report_data,
+    quote_report_data,
+)
+from eemini.guest.simulated import make_quote
+from fake_tsm import FakeTsm
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def backend_for(fake: FakeTsm) -> ConfigfsTsmBackend:
+    return ConfigfsTsmBackend(os.fspath(fake.root), mkdir=fake.mkdir, rmdir=fake.rmdir)
+
+
+def test_quote_through_configfs(tmp_path: Path) -> None:
+    fake = FakeTsm(tmp_path / "report", make_quote)
+    backend = backend_for(fake)
+    data = pad_report_data(b"hello tsm")
+    quote = backend.quote(data)
+    assert quote_report_data(quote) == data
+    assert fake.inblobs == [data]
+    assert len(fake.created) == 1 and fake.removed == fake.created
+    assert os.path.basename(fake.created[0]).startswith(f"eemini-{os.getpid()}-")
+    assert fake.live_entries() == []
+
+
+def test_each_request_gets_a_fresh_entry(tmp_path: Path) -> None:
+    fake = FakeTsm(tmp_path / "report", make_quote)
+    backend = backend_for(fake)
+    for i in range(3):
+        backend.quote(pad_report_data(bytes([i])))
+    assert len(set(fake.created)) == 3
+    assert fake.live_entries() == []
+
+
+def test_concurrent_callers_are_serialised(tmp_path: Path) -> None:
+    fake = FakeTsm(tmp_path / "report", make_quote)
+    backend = backend_for(fake)
+    results: dict[int, bytes] = {}
+
+    def worker(i: int) -> None:
+        results[i] = backend.quote(pad_report_data(bytes([i]) * 8))
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert {i: quote_report_data(q)[:8] for i, q in results.items()} == {
+        i: bytes([i]) * 8 for i in range(6)
+    }
+    assert fake.live_entries() == []
+
+
+def test_absent_configfs_tsm(tmp_path: Path) -> None:
+    backend = ConfigfsTsmBackend(os.fspath(tmp_path / "nope"))
+    with pytest.raises(AttestError) as e:
+        backend.quote(bytes(64))
+    assert str(e.value) == (
+        f"configfs-tsm is not available: {tmp_path}/nope does not exist (needs a TDX guest with the "
+        "tdx_guest and tsm_report modules loaded and configfs mounted)"
+    )
+    assert e.value.code == "attest_unavailable"
+
+
+def test_provider_mismatch(tmp_path: Path) -> None:
+    fake = FakeTsm(tmp_path / "report", make_quote, provider="sev_guest")
+    with pytest.raises(
+        AttestError, match=r"^configfs-tsm provider is 'sev_guest', expected 'tdx_guest'"
+    ):
+        backend_for(fake).quote(bytes(64))
+    assert fake.inblobs == []  # refused before writing anything
+    assert fake.removed == fake.created and fake.live_entries() == []
+
+
+def test_generation_race_is_detected(tmp_path: Path) -> None:
+    fake = FakeTsm(tmp_path / "report", make_quote, interloper=True)
+    with pytest.raises(AttestError) as e:
+        backend_for(fake).quote(bytes(64))
+    assert str(e.value) == (
+        "configfs-tsm report entry was written concurrently (generation 0 -> 2, expected 1); "
+        "the quote was discarded"
+    )
+    assert fake.live_entries() == []
+
+
+def test_empty_outblob(tmp_path: Path) -> None:
+    fake = FakeTsm(tmp_path / "report", make_quote, empty=True)
+    with pytest.raises(AttestError, match=r"^configfs-tsm returned an empty quote \(outblob is empty\)"):
+        backend_for(fake).quote(bytes(64))
+    assert fake.live_entries() == []
+
+
+def test_quote_with_other_report_data_is_refused(tmp_path: Path) -> None:
+    fake = FakeTsm(tmp_path / "report", lambda data: make_quote(b"\x55" * 64))
+    with pytest.raises(
+        AttestError, match=r"^the report data inside the quote .* differs from the request"
+    ):
+        backend_for(fake).quote(bytes(64))
+    assert fake.live_entries() == []
+
+
+def test_not_a_tdx_quote_is_refused(tmp_path: Path) -> None:
+    def sev_like(data: bytes) -> bytes:
+        quote = bytearray(make_quote(data))
+        struct.pack_into("<I", quote, 4, 0)  # TEE type 0: SGX
+        return bytes(quote)
+
+    fake = FakeTsm(tmp_path / "report", sev_like)
+    with pytest.raises(AttestError, match=r"^quote TEE type is 0x0, expected 0x81 \(TDX\)$"):
+        backend_for(fake).quote(bytes(64))
+
+
+@pytest.mark.parametrize(
+    ("quote", "message"),
+    [
+        (b"", "the quote is empty"),
+        (b"\x04\x00", "quote is 2 bytes, shorter than a quote header (48)"),
+        (struct.pack("<HHI", 3, 2, 0x81) + bytes(700), "quote version is 3, expected 4 or 5"),
+        (
+            struct.pack("<HHI", 4, 3, 0x81) + bytes(700),
+            "quote attestation key type is 3, expected 2 (ECDSA P-256)",
+        ),
+        (
+            struct.pack("<HHI", 4, 2, 0x81) + bytes(100),
+            "quote is 108 bytes, too short for its TD report body",
+        ),
+        (struct.pack("<HHI", 4, 2, 0x81) + bytes(44 + 584 + 4), "the quote carries no signature data"),
+    ],
+)
+def test_self_check(quote: bytes, message: str) -> None:
+    with pytest.raises(AttestError) as e:
+        check_quote(quote, bytes(64))
+    assert str(e.value) == message
+
+
+def test_self_check_accepts_real_v4_and_v5_quotes() -> None:
+    from conftest import shared_testdata
+
+    quotes = shared_testdata("quotes")
+    for name in ("dcap-qvl__tdx_quote.bin", "dcap-qvl__tdx_quote_outdated_v5.bin"):
+        quote = (quotes / name).read_bytes()
+        check_quote(quote, quote_report_data(quote))

@@ -1,0 +1,145 @@
+"""Small guest pieces on their own: the event loop, the log ring buffer, the event log."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import threading
+
+import pytest
+
+from eemini.guest.events import EventLog
+from eemini.guest.logbuf import LineSplitter, LogBuffer
+from eemini.guest.loop import EventLoop
+from eemini.guest.supervisor import Console
+
+
+def test_loop_timers_order_and_cancel() -> None:
+    loop = EventLoop()
+    seen: list[str] = []
+
+    def last() -> None:
+        seen.append("late")
+        loop.stop()
+
+    loop.call_later(0.03, last)
+    cancelled = loop.call_later(0.01, lambda: seen.append("cancelled"))
+    loop.call_later(0.02, lambda: seen.append("early"))
+    loop.call_soon(lambda: seen.append("soon"))
+    cancelled.cancel()
+    cancelled.cancel()
+    loop.run()
+    loop.close()
+    assert seen == ["soon", "early", "late"]
+
+
+def test_loop_readers_threads_and_signals() -> None:
+    loop = EventLoop()
+    r, w = os.pipe()
+    got: list[object] = []
+
+    def on_read() -> None:
+        got.append(os.read(r, 100))
+        loop.remove_reader(r)
+        threading.Thread(target=lambda: loop.call_soon_threadsafe(lambda: got.append("thread"))).start()
+
+    def on_signal() -> None:
+        got.append("SIGUSR1")
+        loop.stop()
+
+    loop.add_reader(r, on_read)
+    loop.add_signal_handler(signal.SIGUSR1, on_signal)
+    loop.call_later(0.05, lambda: os.kill(os.getpid(), signal.SIGUSR1))
+    os.write(w, b"ping")
+    loop.run()
+    loop.close()
+    os.close(r)
+    os.close(w)
+    assert got == [b"ping", "thread", "SIGUSR1"]
+    assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL
+
+
+def test_loop_survives_a_failing_callback(capsys: pytest.CaptureFixture[str]) -> None:
+    loop = EventLoop()
+
+    def boom() -> None:
+        raise ZeroDivisionError("boom")
+
+    loop.call_soon(boom)
+    loop.call_later(0.01, loop.stop)
+    loop.run()
+    loop.close()
+    assert "ZeroDivisionError" in capsys.readouterr().err
+
+
+def test_log_buffer_bounds_lines_and_bytes() -> None:
+    buf = LogBuffer(max_lines=3, max_bytes=100)
+    for i in range(5):
+        buf.append("stdout", f"line {i}")
+    assert [x.text for x in buf.tail()] == ["line 2", "line 3", "line 4"]
+    assert buf.dropped == 2
+    buf.append("stderr", "y" * 90)
+    assert [x.text for x in buf.tail()] == ["line 4", "y" * 90]
+    assert buf.size == 96
+    buf.append("stderr", "z" * 500)  # bigger than the buffer: keeps its tail
+    assert [x.text for x in buf.tail()] == ["z" * 100]
+    assert [x.seq for x in buf.tail(1)] == [6]
+    assert buf.tail(0) == []
+
+
+def test_line_splitter() -> None:
+    s = LineSplitter(max_line=8)
+    assert s.feed(b"ab") == []
+    assert s.feed(b"c\r\nd\n") == ["abc", "d"]
+    assert s.feed(b"0123456789\n") == ["01234567", "89"]
+    assert s.feed("ééééé".encode()) == ["éééé"]  # 8 bytes, never half a character
+    assert s.feed(b"\xff\n") == ["é\ufffd"]
+    assert s.feed(b"tail") == []
+    assert s.flush() == ["tail"]
+
+
+def test_event_log_order_seal_and_hook() -> None:
+    log = EventLog()
+    hooked: list[str] = []
+    log.on_append = lambda e: hooked.append(e.key)
+    log.append_data("spec", "image", "spec.json", b"{}")
+    log.append("config", "cmdline", "UPSTREAM_URL", "sha384:" + "00" * 48)
+    sep = log.seal()
+    assert [e.seq for e in log.events()] == [0, 1, 2]
+    assert sep.kind == "separator"
+    assert hooked == ["spec.json", "UPSTREAM_URL", ""]
+    assert log.to_list()[0]["digest"] == "sha384:" + hashlib.sha384(b"{}").hexdigest()
+    with pytest.raises(RuntimeError, match=r"event log is sealed; cannot append config X"):
+        log.append("config", "cmdline", "X", "sha384:00")
+
+
+def test_console_drops_lines_instead_of_blocking() -> None:
+    r, w = os.pipe()
+    os.set_blocking(r, False)
+    console = Console(w, max_pending=64)
+    # Fill the pipe so the console thread blocks in write(), like a slow serial line.
+    os.set_blocking(w, False)
+    try:
+        while True:
+            os.write(w, b"f" * 65536)
+    except BlockingIOError:
+        pass
+    os.set_blocking(w, True)
+    for i in range(50):
+        console.write(f"line {i:02}\n".encode())  # returns at once although nothing drains
+    out = b""
+    while b"lines dropped" not in out:
+        try:
+            out += os.read(r, 1 << 20)
+        except BlockingIOError:
+            continue
+    console.flush()
+    text = out.replace(b"f", b"").decode()
+    kept = [line for line in text.splitlines() if line.startswith("line")]
+    assert kept[0] == "line 00"
+    assert 0 < len(kept) < 50
+    # Every line was either written or counted as dropped.
+    assert f"eemini: console too slow: {50 - len(kept)} lines dropped (see logs)\n" in text
+    os.close(r)
+    os.close(w)
