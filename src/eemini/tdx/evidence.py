@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from eemini.tdx.ccel import check_replay, describe_event, replay_rtmrs
+from eemini.tdx.ccel import ReplayMismatch, check_replay, describe_event, replay_rtmrs
 from eemini.tdx.eventlog import Event, EventLog, parse_event_log
 from eemini.tdx.measure import MeasureError, PredictedEvent, Prediction, find_events
 from eemini.tdx.runtime_log import RuntimeLogBinding, check_runtime_log
@@ -84,5 +84,8 @@ def check_event_log(
     if runtime_events is not None:
         runtime = check_runtime_log(runtime_events, rtmrs[3], start=replay_rtmrs(log)[3])
     elif replay_rtmrs(log)[3] != rtmrs[3]:
-        check_replay(log, rtmrs, registers=(3,))
+        raise ReplayMismatch(
+            f"RTMR3 is {rtmrs[3].hex()}, not what the CC event log leaves there: it was extended "
+            "after boot (by the runtime event log?); pass the runtime event log to check it"
+        )
     return EventLogReport(log=log, matched=tuple(matched), runtime=runtime)
