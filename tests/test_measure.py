@@ -147,6 +147,9 @@ def test_predict_stub_257_rules() -> None:
         for kind in (" name", "")
     ]
     assert all(e.cc for e in p.events)  # stub >= 256 and kernel >= 6.9 reach the CC log
+    # With a vTPM the kernel measures into the TPM only: no PCR 9 events in the CC log.
+    assert p.cc_events(vtpm=True) == tuple(e for e in p.events if e.pcr != 9)
+    assert len(p.cc_events()) == len(p.events) == len(p.cc_events(vtpm=True)) + 2
     inner = p.events[13]
     assert inner.what == "kernel from .linux (PE Authenticode)"
     assert inner.sha384 == authenticode_digest(kernel)

@@ -198,3 +198,19 @@ def test_dev_runtime_log_is_bound_to_rtmr3(tmp_path: Path) -> None:
     proc = _eemini(*base, "--runtime-log", str(tmp_path / "attest.json"))
     assert proc.returncode == 1
     assert "is not the replay of the 3 runtime events (nor any prefix)" in proc.stderr
+
+
+def test_vtpm_leaves_the_kernel_events_out(gcp: list[str], tmp_path: Path) -> None:
+    # The GCP guest has a vTPM: its kernel measured LoadOptions and the initrd into the TPM, so the
+    # CC log has no PCR 9 events at all.
+    initrd = PredictedEvent(9, EventType.EV_EVENT_TAG, "initrd", b"\x22" * 48, bytes(32), True)
+    manifest = write_prediction(tmp_path / "manifest.json", [gcp_event(18), initrd])
+    proc = _eemini(*gcp, "--manifest", str(manifest))
+    assert proc.returncode == 1
+    assert (
+        "rejected: expected-events: predicted event 2 of 2, PCR9/RTMR2 EV_EVENT_TAG initrd"
+        in proc.stderr
+    )
+    proc = _eemini(*gcp, "--manifest", str(manifest), "--vtpm", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert [m["event"] for m in json.loads(proc.stdout)["event_log"]["matched"]] == [18]

@@ -43,6 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--manifest", metavar="FILE",
                         help="manifest.json of the build (or `eemini measure --json` output): its "
                         "predicted events must be in the event log, in order")  # fmt: skip
+    parser.add_argument("--vtpm", action="store_true",
+                        help="the TD also has a vTPM (GCP): the kernel's PCR 9 events go there, not "
+                        "to the CC log")  # fmt: skip
     parser.add_argument("--runtime-log", metavar="FILE",
                         help="the runtime event log as JSON (a list, or an attest/info answer with "
                         "\"events\"): checked against RTMR3")  # fmt: skip
@@ -99,7 +102,8 @@ def run(args: argparse.Namespace) -> int:
     event_log, runtime_events = _measured_boot_inputs(args)
     if args.manifest:
         try:
-            builder = builder.expected_events(load_prediction(Path(args.manifest)).cc_events())
+            prediction = load_prediction(Path(args.manifest))
+            builder = builder.expected_events(prediction.cc_events(vtpm=args.vtpm))
             policy = builder.build()
         except (MeasureError, PolicyError) as e:
             die(f"{args.manifest}: {e}", exit_code=2)
