@@ -327,3 +327,39 @@ def test_measure_command_errors(
     assert main(["measure", str(target)]) == 1
     err = capsys.readouterr().err
     assert err.startswith("eemini measure: error: ") and message in err
+
+
+def test_measure_check_log(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    uki = tmp_path / "uki.efi"
+    uki.write_bytes(synthetic_uki("257.9", [Sec(".cmdline", b"quiet"), Sec(".linux", fake_kernel())]))
+    p = predict(uki.read_bytes())
+    cc_log = tmp_path / "ccel.bin"
+    cc_log.write_bytes(log_bytes([(e.mr_index, e.event_type, e.sha384) for e in p.events]))
+    assert main(["measure", str(uki), "--check-log", str(cc_log)]) == 0
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].startswith(
+        "found PCR4/RTMR1 EV_EFI_BOOT_SERVICES_APPLICATION UKI (PE Authenticode): event 1 (RTMR1 "
+    )
+    assert lines[-1] == f"{cc_log}: all {len(p.events)} predicted events are there, in order"
+    # The same log read as a TPM log: registers are then PCRs, and MR index 2 is not PCR 4.
+    assert main(["measure", str(uki), "--check-log", str(cc_log), "--tpm"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(
+        f"eemini measure: error: {cc_log}: predicted event 1 of {len(p.events)}, PCR4/RTMR1 "
+    )
+    assert err.endswith(", is not in PCR4\n")
+    tpm_log = tmp_path / "tpm.bin"
+    tpm_log.write_bytes(
+        log_bytes([(e.pcr, e.event_type, e.sha384) for e in p.events], algs=(0x000B, 0x000C))
+    )
+    assert main(["measure", str(uki), "--check-log", str(tpm_log), "--tpm"]) == 0
+    assert (
+        "found PCR9/RTMR2 EV_EVENT_TAG kernel LoadOptions (cmdline): event " in capsys.readouterr().err
+    )
+    bad = tmp_path / "bad.bin"
+    bad.write_bytes(b"junk")
+    assert main(["measure", str(uki), "--check-log", str(bad)]) == 1
+    assert capsys.readouterr().err == (
+        f"eemini measure: error: {bad} is not an event log: event log is 4 bytes, too short for "
+        "its header event\n"
+    )

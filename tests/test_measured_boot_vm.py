@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from eemini.cli import COMMANDS
+from eemini.cli import COMMANDS, main
 from eemini.tdx.eventlog import EventType, HashAlg, parse_event_log
 from eemini.tdx.measure import Prediction, find_events, predict
 from tpmvm import TpmBoot, boot_with_swtpm, build_dump_workload
@@ -88,3 +88,16 @@ def test_firmware_measured_what_we_predicted(booted: tuple[Prediction, TpmBoot])
     ]
     # The kernel got the command line we predicted the stub would pass.
     assert boot.cmdline.decode().strip() == prediction.cmdline
+
+
+def test_measure_command_checks_the_tpm_log(
+    measured_image: Path,
+    booted: tuple[Prediction, TpmBoot],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    log = tmp_path / "binary_bios_measurements"
+    log.write_bytes(booted[1].tpm_log)
+    assert main(["measure", str(measured_image), "--check-log", str(log), "--tpm"]) == 0
+    err = capsys.readouterr().err
+    assert err.endswith(f"{log}: all {len(booted[0].events)} predicted events are there, in order\n")
