@@ -9,6 +9,7 @@ import sys
 BENCHMARKS: list[str] = [
     "runtime",
     "verify",
+    "measure",
 ]
 
 
