@@ -480,6 +480,11 @@ class Vm:
                     m = rx.search(self.lines[index])
                     if m:
                         return m
+                    if KERNEL_PANIC.search(self.lines[index]):
+                        # Nothing follows a panic: say so now instead of waiting out the timeout.
+                        raise TimeoutError(
+                            f"the guest kernel panicked before {pattern!r} appeared:\n" + self.tail()
+                        )
                     index += 1
                 if self.proc.poll() is not None and not (self.reader and self.reader.is_alive()):
                     raise TimeoutError(f"QEMU exited before {pattern!r} appeared:\n" + self.tail())

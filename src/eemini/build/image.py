@@ -84,8 +84,19 @@ def build(profile: Profile, lock: Lock, spec: ResolvedSpec, out: Path, *,
         initrd = make_initramfs(ctx)
         image = make_uki(ctx, initrd)
         make_disks(ctx, image)
-        write_manifest(ctx, extra_manifest or {})
+        write_manifest(ctx, {**(extra_manifest or {}), **predicted_measurements(image)})
     return Built(out, ctx.outputs, ctx.tree, ctx.sizes, hashlib.sha256(image).hexdigest())
+
+
+def predicted_measurements(image: bytes) -> dict[str, Any]:
+    """The events this UKI causes at boot, predicted from its bytes (docs/measurements.md)."""
+    from eemini.tdx.measure import MeasureError, predict
+
+    with complete_step("Predicting measurement events"):
+        try:
+            return {"measurements": predict(image).to_json()}
+        except MeasureError as e:
+            die(f"cannot predict the measurements of the UKI just built: {e}")
 
 
 def check_workload(ctx: Context) -> None:

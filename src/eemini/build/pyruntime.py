@@ -79,7 +79,7 @@ class Target:
     """The pinned Python packages merged into one prefix that the host can execute."""
 
     def __init__(self, packages: list[tuple[Package, Path]], work: Path) -> None:
-        self.root = work.absolute() / "python-full"
+        self.root = (work / "python-full").absolute()  # analysis compares absolute paths
         self.owner: dict[str, Package] = {}
         shutil.rmtree(self.root, ignore_errors=True)
         for pkg, unpacked in packages:
