@@ -9,6 +9,8 @@ import sys
 BENCHMARKS: list[str] = [
     "runtime",
     "verify",
+    "build",
+    "measure",
     "boot",
 ]
 

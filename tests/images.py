@@ -16,10 +16,18 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 WORKLOAD_DIR = REPO / "tests" / "data" / "workload"
+DEMO_DIR = REPO / "examples" / "attest-echo"
 DEMO_HASH = REPO / "tests" / "data" / "demo-uki.sha256"
 DEMO_PROFILE = "local-dev"
 
 _session: dict[str, Path] = {}
+_logs: dict[str, tuple[str, str]] = {}
+
+
+def build_output(profile: str) -> tuple[str, str]:
+    """(stdout, stderr) of the session's `eemini build` of `profile`."""
+    image(profile)
+    return _logs[profile]
 
 
 def _root() -> Path:
@@ -36,6 +44,22 @@ def workload_spec(dest: Path) -> Path:
     shutil.copy(WORKLOAD_DIR / "enclave.toml", dest / "enclave.toml")
     shutil.copy(WORKLOAD_DIR / "hello.c", dest / "hello.c")
     subprocess.run(["gcc", "-static", "-O2", "-s", "-o", "hello", "hello.c"], cwd=dest, check=True)
+    return dest / "enclave.toml"
+
+
+def demo_spec(root: Path) -> Path:
+    """The demo (examples/attest-echo) under root, compiled exactly as `make demo` does.
+
+    Same argv, same relative paths: the binary (its symbol table names the source file) and so
+    the UKI come out byte for byte as in build/demo, and a `make demo` build can be compared."""
+    dest = root / "examples" / "attest-echo"
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in ("attest-echo.c", "enclave.toml"):
+        shutil.copy(DEMO_DIR / name, dest / name)
+    (dest / "build").mkdir(exist_ok=True)
+    argv = ["gcc", "-static", "-O2", "-Wall", "-Wextra", "-o", "examples/attest-echo/build/attest-echo",
+            "examples/attest-echo/attest-echo.c"]  # fmt: skip
+    subprocess.run(argv, cwd=root, check=True)
     return dest / "enclave.toml"
 
 
@@ -56,7 +80,7 @@ def build(profile: str, out: Path, spec: Path, *, umask: int = 0o022, env: dict[
 
 
 def image(profile: str) -> Path:
-    """The output directory of `profile`, built once per session."""
+    """The output directory of `profile` (with the test workload), built once per session."""
     key = f"image:{profile}"
     if key not in _session:
         root = _root()
@@ -66,4 +90,18 @@ def image(profile: str) -> Path:
         if proc.returncode != 0:
             raise RuntimeError(f"eemini build --profile {profile} failed:\n{proc.stderr}")
         _session[key] = out
+        _logs[profile] = (proc.stdout, proc.stderr)
     return _session[key]
+
+
+def demo_image() -> Path:
+    """The demo image (examples/attest-echo, profile local-dev), built once per session."""
+    if "demo" not in _session:
+        root = _root() / "demo"
+        spec = demo_spec(root)
+        out = root / "out"
+        proc = build(DEMO_PROFILE, out, spec)
+        if proc.returncode != 0:
+            raise RuntimeError(f"eemini build of the demo failed:\n{proc.stderr}")
+        _session["demo"] = out
+    return _session["demo"]

@@ -12,8 +12,10 @@ import tarfile
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from eemini.build import pyruntime
-from images import DEMO_HASH, DEMO_PROFILE, REPO, build, image, workload_spec
+from images import DEMO_HASH, DEMO_PROFILE, REPO, build, build_output, demo_image, image, workload_spec
 
 GUEST = REPO / "src" / "eemini" / "guest"
 MIB = 1 << 20
@@ -41,10 +43,11 @@ def sha256(path: Path) -> str:
 def test_two_builds_in_different_places_umasks_and_zones_are_identical(tmp_path: Path) -> None:
     first = image(DEMO_PROFILE)
     spec = workload_spec(tmp_path / "other" / "spec")
-    out = tmp_path / "elsewhere" / "out"
-    proc = build(DEMO_PROFILE, out, spec, umask=0o077, env={"TZ": "Pacific/Kiritimati", "LC_ALL": "C"},
-                 cwd=tmp_path)  # fmt: skip
+    # A relative --out, another working directory, umask and time zone.
+    proc = build(DEMO_PROFILE, Path("elsewhere/out"), spec, umask=0o077,
+                 env={"TZ": "Pacific/Kiritimati", "LC_ALL": "C"}, cwd=tmp_path)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
+    out = tmp_path / "elsewhere" / "out"
     names = sorted(p.name for p in first.iterdir())
     assert names == sorted(p.name for p in out.iterdir())
     assert names == ["disk.qcow2", "initramfs.cpio.zst", "manifest.json", "uki.efi"]
@@ -52,8 +55,31 @@ def test_two_builds_in_different_places_umasks_and_zones_are_identical(tmp_path:
         assert sha256(first / name) == sha256(out / name), name
 
 
+def test_build_reports_steps_sizes_and_outputs() -> None:
+    stdout, stderr = build_output("azure")
+    out = image("azure")
+    assert stdout.splitlines() == [f"{name}\t{out / file}" for name, file in (
+        ("initramfs", "initramfs.cpio.zst"), ("manifest", "manifest.json"), ("uki", "uki.efi"),
+        ("vhd", "disk.vhd"))]  # fmt: skip
+    steps = [line.strip() for line in stderr.splitlines() if line.lstrip().startswith("‣")]
+    top = [s for s in steps if not s.startswith("‣ Downloading") and not s.startswith("‣ Unpacking")]
+    assert top[:3] == ["‣ Fetching 9 pinned Debian packages",
+                       "‣ Resolving 6 kernel modules and their dependencies",
+                       "‣ Adding the trimmed Python runtime and the guest runtime"]  # fmt: skip
+    uki_step = top.index("‣ Assembling the UKI")
+    assert top[uki_step + 1] == "‣ Writing disk.vhd"
+    sizes = manifest("azure")["sizes"]
+    table = stderr[stderr.index("Size breakdown:") :].splitlines()
+    assert table[1] == f"  {'kernel (vmlinuz)':<28} {sizes['kernel'] / (1 << 20):7.2f} MiB"
+    assert [row[2:30].strip() for row in table[1:]] == [
+        "kernel (vmlinuz)", "kernel modules", "Python runtime", "guest runtime", "workload + spec",
+        "layout, /init, image facts", "initramfs (cpio)", "initramfs compressed", "UKI",
+        "compression ratio",
+    ]  # fmt: skip
+
+
 def test_demo_uki_hash_matches_the_recorded_one() -> None:
-    actual = sha256(image(DEMO_PROFILE) / "uki.efi")
+    actual = sha256(demo_image() / "uki.efi")
     expected = DEMO_HASH.read_text().strip()
     assert actual == expected, (
         f"the demo image's UKI has sha256 {actual}, but {DEMO_HASH.relative_to(REPO)} records "
@@ -98,6 +124,9 @@ def test_every_initramfs_byte_has_an_origin() -> None:
     assert by_path["/usr/lib/python3.13/encodings/utf_8.pyc"]["origin"] == {
         "source": "debian", "package": "libpython3.13-minimal", "version": lock["libpython3.13-minimal"],
         "derived_from": "/usr/lib/python3.13/encodings/utf_8.py",
+    }  # fmt: skip
+    assert by_path["/usr/lib/eemini/eemini/guest/__pycache__/pid1.cpython-313.pyc"]["origin"] == {
+        "source": "project", "derived_from": "/usr/lib/eemini/eemini/guest/pid1.py"
     }  # fmt: skip
     assert by_path["/dev/console"]["rdev"] == [5, 1]
     assert by_path["/init"]["mode"] == "0755"
@@ -229,19 +258,21 @@ def test_gce_tarball_holds_one_disk_raw_of_whole_gib() -> None:
     assert facts["attestation"] == "configfs-tsm"
 
 
-def test_trimmed_interpreter_imports_every_guest_module(tmp_path: Path) -> None:
+@pytest.mark.parametrize("profile", ["local-dev", "local-tdx-qcow2"])
+def test_trimmed_interpreter_imports_every_guest_module(tmp_path: Path, profile: str) -> None:
     """Unpack the initramfs and import each shipped guest module with the shipped interpreter."""
     root = tmp_path / "root"
     root.mkdir()
-    run("cpio", "-idm", "--quiet", "--no-absolute-filenames", "-D", root, stdin=initramfs(DEMO_PROFILE))
-    sbom = manifest(DEMO_PROFILE)["initramfs"]["files"]
+    run("cpio", "-idm", "--quiet", "--no-absolute-filenames", "-D", root, stdin=initramfs(profile))
+    sbom = manifest(profile)["initramfs"]["files"]
     prefix = pyruntime.GUEST_PREFIX + "/"
     names = sorted(
         e["path"][len(prefix) : -3].replace("/", ".").removesuffix(".__init__")
         for e in sbom
         if e["path"].startswith(prefix) and e["path"].endswith(".py")
     )
-    assert "eemini" in names
+    assert "eemini" in names and "eemini.guest.pid1" in names
+    assert ("eemini.guest.simulated" in names) == (profile == "local-dev")
     script = (
         f"import sys; sys.path.insert(0, {str(root) + pyruntime.GUEST_PREFIX!r})\n"
         f"for n in {names!r}: __import__(n)\n"

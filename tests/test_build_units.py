@@ -232,6 +232,21 @@ def test_dynamic_workload_is_refused(tmp_path: Path) -> None:
         elf.check_static_workload((tmp_path / "dyn").read_bytes(), "dyn")
 
 
+def test_build_refuses_a_dynamic_workload_before_any_work(tmp_path: Path) -> None:
+    tool("gcc", "-O2", "-o", tmp_path / "app", HELLO)
+    (tmp_path / "enclave.toml").write_text('[workload]\npath = "app"\n')
+    argv = [sys.executable, "-m", "eemini", "build", "-f", os.fspath(tmp_path / "enclave.toml"),
+            "--profile", "local-dev", "--out", os.fspath(tmp_path / "out")]  # fmt: skip
+    proc = subprocess.run(argv, capture_output=True, text=True, check=False)
+    assert proc.returncode == 1
+    assert proc.stderr == (
+        f"eemini build: error: the workload {tmp_path / 'app'} is dynamically linked (it asks for the "
+        "loader /lib64/ld-linux-x86-64.so.2); the image has no shared libraries for workloads\n"
+        "  hint: link it statically (e.g. `gcc -static`, or Go with CGO_ENABLED=0)\n"
+    )
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == []
+
+
 def test_non_elf_workload_is_refused() -> None:
     with pytest.raises(UserError, match=r"^the workload run\.sh is not a static x86-64 executable: "
                        r"not an ELF file \(no \\x7fELF magic\)$"):  # fmt: skip
@@ -323,6 +338,14 @@ def test_host_sources_are_read_from_deb822_and_one_line_files(tmp_path: Path) ->
         apt.sources_list([])
 
 
+def test_lock_command_lists_the_pins() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "eemini", "lock"], capture_output=True, text=True, check=True
+    )
+    rows = [line.split("\t") for line in proc.stdout.splitlines()]
+    assert rows == [[p.name, p.version, p.sha256, p.role.value] for p in lock.load().packages]
+
+
 def test_lock_file_errors(tmp_path: Path) -> None:
     with pytest.raises(UserError, match=r"does not exist"):
         lock.load(tmp_path / "missing.json")
@@ -343,6 +366,18 @@ def test_lock_file_in_repo_pins_what_the_issue_asks_for() -> None:
     assert {"systemd-boot-efi", "python3.13-minimal", "libpython3.13-minimal", "libpython3.13-stdlib",
             "libc6", "libffi8"} <= names  # fmt: skip
     assert lock.Lock.to_json(pinned) == lock.LOCK_PATH.read_text()
+
+
+def test_lock_update_resolves_every_root(private_cache: Path, tmp_path: Path) -> None:
+    fresh = lock.resolve(apt.Apt())
+    roles = {p.name: p.role for p in fresh.packages}
+    assert roles.pop(fresh.kernel.name) is lock.Role.KERNEL
+    assert roles == {r.name: r.role for r in lock.ROOTS if not r.meta}
+    assert re.fullmatch(r"linux-image-6\.12\.\d+\+deb13(\.\d+)?-cloud-amd64", fresh.kernel.name)
+    assert all(re.fullmatch(r"[0-9a-f]{64}", p.sha256) and p.size > 0 for p in fresh.packages)
+    lock.save(fresh, tmp_path / "l.json")
+    assert lock.load(tmp_path / "l.json") == fresh
+    assert not (tmp_path / "l.tmp").exists()
 
 
 @pytest.fixture
@@ -367,6 +402,23 @@ def test_hash_mismatch_is_refused_and_not_cached(private_cache: Path) -> None:
     assert hashlib.sha256(
         apt.fetch(a, real.name, real.version, real.sha256).read_bytes()
     ).hexdigest() == (real.sha256)
+
+
+def test_concurrent_builds_share_the_cache(private_cache: Path) -> None:
+    """Two processes fetching and unpacking the same package at once into one fresh cache."""
+    code = (
+        "from eemini.build import apt, lock, deb\n"
+        "print(deb.unpacked(apt.Apt(), lock.load().get('libffi8')))\n"
+    )
+    env = {**os.environ, "EEMINI_CACHE_DIR": os.fspath(private_cache)}
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]  # fmt: skip
+    results = [p.communicate() for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], results
+    sha = lock.load().get("libffi8").sha256
+    assert {out.strip() for out, _ in results} == {os.fspath(private_cache / "unpacked" / sha)}
+    assert (private_cache / "unpacked" / sha / "usr/lib/x86_64-linux-gnu/libffi.so.8").is_symlink()
+    assert sorted(p.name for p in (private_cache / "unpacked").iterdir()) == [sha]
 
 
 def test_vanished_version_says_what_to_do(private_cache: Path) -> None:

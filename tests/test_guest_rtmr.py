@@ -94,7 +94,7 @@ def test_measurer_extends_rtmr3(tmp_path: Path, fake: FakeRtmr3) -> None:
         fake.observe()
     assert fake.writes == [event_digest(e.to_dict()) for e in evs]
     assert fake.value == replay(e.to_dict() for e in evs)
-    assert m.status() == {"rtmr3_extended": True, "rtmr3_events": 2}
+    assert m.status() == {"rtmr3_extended": True, "rtmr3_via": "sysfs", "rtmr3_events": 2}
 
 
 def test_measurer_without_the_sysfs_file(tmp_path: Path) -> None:

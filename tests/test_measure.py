@@ -101,7 +101,6 @@ def test_predict_objcopy_uki_on_debian_stub_252(tmp_path: Path) -> None:
     cmdline_mem = b"console=ttyS0 ee.X=1 \n"
     expected = [
         (4, "EV_EFI_BOOT_SERVICES_APPLICATION", authenticode_digest(data), True),
-        (4, "EV_EFI_BOOT_SERVICES_APPLICATION", authenticode_digest(kernel), True),
         # v252 measures into the TPM only (no CC protocol support before v256); .sbat and .uname
         # are not in v252's list even though the stub has a .sbat.
         (11, "EV_IPL", sha384(b".linux\0"), False),
@@ -112,14 +111,16 @@ def test_predict_objcopy_uki_on_debian_stub_252(tmp_path: Path) -> None:
         (11, "EV_IPL", sha384(cmdline_mem), False),
         (11, "EV_IPL", sha384(b".initrd\0"), False),
         (11, "EV_IPL", sha384(INITRD), False),
+        # Then the stub LoadImage()s the kernel: the firmware measures it.
+        (4, "EV_EFI_BOOT_SERVICES_APPLICATION", authenticode_digest(kernel), True),
         # The kernel version is unknown (the stand-in kernel has no boot header): TPM only.
         (9, "EV_EVENT_TAG", sha384("console=ttyS0 ee.X=1\0".encode("utf-16-le")), False),
         (9, "EV_EVENT_TAG", sha384(INITRD), False),
     ]
     assert [(e.pcr, e.event_type.name, e.sha384, e.cc) for e in p.events] == expected
     assert p.events[0].sha256 == authenticode_digest(data, DigestAlgorithm.SHA256)
-    assert p.events[3].sha256 == hashlib.sha256(kernel).digest()
-    assert [e.rtmr for e in p.events] == [1, 1] + [2] * 10
+    assert p.events[2].sha256 == hashlib.sha256(kernel).digest()
+    assert [e.rtmr for e in p.events] == [1, *[2] * 8, 1, 2, 2]
     assert Prediction.from_json(json.loads(json.dumps(p.to_json()))) == p
 
 
@@ -146,8 +147,22 @@ def test_predict_stub_257_rules() -> None:
         for kind in (" name", "")
     ]
     assert all(e.cc for e in p.events)  # stub >= 256 and kernel >= 6.9 reach the CC log
-    assert p.events[1].what == "kernel from .linux (PE Authenticode)"
-    assert p.events[1].sha384 == authenticode_digest(kernel)
+    # With a vTPM the kernel measures into the TPM only: no PCR 9 events in the CC log.
+    assert p.cc_events(vtpm=True) == tuple(e for e in p.events if e.pcr != 9)
+    assert len(p.cc_events()) == len(p.events) == len(p.cc_events(vtpm=True)) + 2
+    inner = p.events[13]
+    assert inner.what == "kernel from .linux (PE Authenticode)"
+    assert inner.sha384 == authenticode_digest(kernel)
+    # v257 serves the kernel .initrd followed by a cpio holding .osrel as /.extra/os-release.
+    osrel_cpio = (
+        b"070701" + b"%08x" * 13 % (1, 0o40555, 0, 0, 1, 0, 0, 0, 0, 0, 0, 7, 0) + b".extra" + bytes(4)
+        + b"070701" + b"%08x" * 13 % (2, 0o100444, 0, 0, 1, 0, 5, 0, 0, 0, 0, 18, 0)
+        + b".extra/os-release\0" + b"ID=x\n\0\0\0"
+        + b"070701" + b"0" * 32 + b"00000001" + b"0" * 48 + b"0000000B00000000TRAILER!!!\0\0\0\0"
+    )  # fmt: skip
+    assert len(INITRD) % 4 == 0
+    assert p.events[-1].what == "initrd (as systemd-stub serves it)"
+    assert p.events[-1].sha384 == sha384(INITRD + osrel_cpio)
     # The section bytes are the in-memory ones: VirtualSize, not the 512-byte aligned raw data.
     sbat = next(e for e in p.events if e.what == "section .sbat")
     assert sbat.sha384 == sha384(b"sbat,1\n")
@@ -167,7 +182,8 @@ def test_zero_extended_linux_changes_the_inner_kernel_digest() -> None:
     p = predict(uki)
     extended = kernel + bytes(4096)
     assert section_memory(uki, parse_pe(uki).sections[-1]) == extended
-    assert p.events[1].sha384 == authenticode_digest(extended) != authenticode_digest(kernel)
+    inner = next(e for e in p.events if e.what.startswith("kernel from"))
+    assert inner.sha384 == authenticode_digest(extended) != authenticode_digest(kernel)
     assert next(e for e in p.events if e.what == "section .linux").sha384 == sha384(extended)
 
 
@@ -223,28 +239,29 @@ def test_find_events_in_a_cc_log() -> None:
     )
     firmware = [(2, act, sha384(b"Calling EFI Application from Boot Option")), (2, 4, sha384(bytes(4)))]
     ours = [(e.mr_index, e.event_type, e.sha384) for e in p.events]
-    records = firmware + ours[:2] + [(1, 0x80000001, sha384(b"other"))] + ours[2:]
+    records = [*firmware, ours[0], (1, 0x80000001, sha384(b"other")), *ours[1:]]
     records += [(2, act, sha384(b"Exit Boot Services Invocation"))]
     log = parse_event_log(log_bytes(records))
     matches = find_events(log, p.events, cc=True)
-    assert [m[1].number for m in matches] == [3, 4, *range(6, 6 + len(ours) - 2)]
-    assert [m[1].event_type for m in matches[:3]] == [bsa, bsa, ipl] and matches[-1][1].event_type == tag
+    assert len(ours) == 10
+    assert [m[1].number for m in matches] == [3, *range(5, 14)]
+    assert [m[1].event_type for m in matches] == [bsa, *[ipl] * 6, bsa, tag, tag]
 
     # Drop the .cmdline contents event: the first missing one is named, with where the search stopped.
     missing = [r for r in records if r[2] != sha384(b"quiet")]
     with pytest.raises(
         EventsMissing,
-        match=re.escape("predicted event 6 of 10, PCR11/RTMR2 EV_IPL section .cmdline sha384 ")
+        match=re.escape("predicted event 5 of 10, PCR11/RTMR2 EV_IPL section .cmdline sha384 ")
         + "[0-9a-f]{96}"
-        + re.escape(", is not in RTMR2 after event 8"),
+        + re.escape(", is not in RTMR2 after event 7"),
     ):
         find_events(parse_event_log(log_bytes(missing)), p.events, cc=True)
 
     # Swap the two RTMR1 application events: both are there, but out of order.
     swapped = list(records)
-    swapped[2], swapped[3] = swapped[3], swapped[2]
+    swapped[2], swapped[10] = swapped[10], swapped[2]
     with pytest.raises(
-        EventsMissing, match=re.escape("is not in RTMR1 after event 4 (it is there, but out of order)")
+        EventsMissing, match=re.escape("is not in RTMR1 after event 11 (it is there, but out of order)")
     ):
         find_events(parse_event_log(log_bytes(swapped)), p.events, cc=True)
 
@@ -255,10 +272,10 @@ def test_find_events_in_a_tpm_log_uses_pcrs() -> None:
     tpm = [(e.pcr, e.event_type, e.sha384) for e in p.events]
     log = parse_event_log(log_bytes(tpm, algs=(0x000B, 0x000C)))
     assert len(find_events(log, p.events, cc=False)) == len(p.events) == 4
-    cc_log = parse_event_log(log_bytes([(e.mr_index, e.event_type, e.sha384) for e in p.events[:2]]))
-    assert len(find_events(cc_log, p.events, cc=True)) == 2
-    short_tpm = parse_event_log(log_bytes(tpm[:2]))
-    message = "predicted event 3 of 4, PCR11/RTMR2 EV_IPL section name .linux sha384 "
+    cc_only = [(e.mr_index, e.event_type, e.sha384) for e in p.events if e.cc]
+    assert len(find_events(parse_event_log(log_bytes(cc_only)), p.events, cc=True)) == 2
+    short_tpm = parse_event_log(log_bytes(tpm[:1]))
+    message = "predicted event 2 of 4, PCR11/RTMR2 EV_IPL section name .linux sha384 "
     with pytest.raises(EventsMissing, match=re.escape(message) + "[0-9a-f]{96}, is not in PCR11$"):
         find_events(short_tpm, p.events, cc=False)
     assert HashAlg.SHA384 in dict(log.spec_id.algorithms)
@@ -275,10 +292,9 @@ def test_measure_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     out = json.loads(capsys.readouterr().out)
     assert out["uki"] == str(uki)
     assert out["uki_authenticode_sha384"] == authenticode_digest(uki.read_bytes()).hex()
-    assert [e["what"] for e in out["events"]][:2] == [
-        "UKI (PE Authenticode)",
-        "kernel from .linux (PE Authenticode)",
-    ]
+    whats = [e["what"] for e in out["events"]]
+    assert whats[:2] == ["UKI (PE Authenticode)", "section name .linux"]
+    assert whats[5] == "kernel from .linux (PE Authenticode)"
     assert main(["measure", str(uki)]) == 0
     text = capsys.readouterr().out.splitlines()
     assert text[0] == f"UKI {uki}"
@@ -311,3 +327,39 @@ def test_measure_command_errors(
     assert main(["measure", str(target)]) == 1
     err = capsys.readouterr().err
     assert err.startswith("eemini measure: error: ") and message in err
+
+
+def test_measure_check_log(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    uki = tmp_path / "uki.efi"
+    uki.write_bytes(synthetic_uki("257.9", [Sec(".cmdline", b"quiet"), Sec(".linux", fake_kernel())]))
+    p = predict(uki.read_bytes())
+    cc_log = tmp_path / "ccel.bin"
+    cc_log.write_bytes(log_bytes([(e.mr_index, e.event_type, e.sha384) for e in p.events]))
+    assert main(["measure", str(uki), "--check-log", str(cc_log)]) == 0
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].startswith(
+        "found PCR4/RTMR1 EV_EFI_BOOT_SERVICES_APPLICATION UKI (PE Authenticode): event 1 (RTMR1 "
+    )
+    assert lines[-1] == f"{cc_log}: all {len(p.events)} predicted events are there, in order"
+    # The same log read as a TPM log: registers are then PCRs, and MR index 2 is not PCR 4.
+    assert main(["measure", str(uki), "--check-log", str(cc_log), "--tpm"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(
+        f"eemini measure: error: {cc_log}: predicted event 1 of {len(p.events)}, PCR4/RTMR1 "
+    )
+    assert err.endswith(", is not in PCR4\n")
+    tpm_log = tmp_path / "tpm.bin"
+    tpm_log.write_bytes(
+        log_bytes([(e.pcr, e.event_type, e.sha384) for e in p.events], algs=(0x000B, 0x000C))
+    )
+    assert main(["measure", str(uki), "--check-log", str(tpm_log), "--tpm"]) == 0
+    assert (
+        "found PCR9/RTMR2 EV_EVENT_TAG kernel LoadOptions (cmdline): event " in capsys.readouterr().err
+    )
+    bad = tmp_path / "bad.bin"
+    bad.write_bytes(b"junk")
+    assert main(["measure", str(uki), "--check-log", str(bad)]) == 1
+    assert capsys.readouterr().err == (
+        f"eemini measure: error: {bad} is not an event log: event log is 4 bytes, too short for "
+        "its header event\n"
+    )

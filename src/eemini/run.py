@@ -486,9 +486,16 @@ class Vm:
                     m = rx.search(line)
                     if m:
                         return m
+<<<<<<< HEAD
                     if KERNEL_PANIC.search(line) or BOOT_FAILED.match(line):
                         raise GuestFailed(
                             f"the guest failed before {pattern!r} appeared:\n" + self.tail()
+=======
+                    if KERNEL_PANIC.search(self.lines[index]):
+                        # Nothing follows a panic: say so now instead of waiting out the timeout.
+                        raise TimeoutError(
+                            f"the guest kernel panicked before {pattern!r} appeared:\n" + self.tail()
+>>>>>>> main
                         )
                     index += 1
                 if self.proc.poll() is not None and not (self.reader and self.reader.is_alive()):

@@ -7,7 +7,9 @@ directory, never in the host's apt state and never in the repository.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import os
 import re
@@ -148,10 +150,18 @@ class Apt:
         (etc / "preferences").touch()
         (etc / "status").touch()
 
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Serialize apt runs of concurrent builds sharing the cache (apt's own locking is off)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        with (self.root / "lock").open("a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            yield
+
     def update(self) -> None:
         find_tool("apt-get", "to fetch the pinned Debian packages", "apt")
-        self._prepare()
-        with complete_step(f"Refreshing the Debian {SUITE} package lists"):
+        with self.locked(), complete_step(f"Refreshing the Debian {SUITE} package lists"):
+            self._prepare()
             run(["apt-get", "-q", *self._options(), "update"], capture=True)
         self.updated = True
 
@@ -162,10 +172,11 @@ class Apt:
         """The package record of name=version (or the candidate), None when the lists lack it."""
         if not self.have_lists():
             self.update()
-        self._prepare()
         spec = f"{name}={version}" if version else name
-        proc = run(["apt-cache", *self._options(), "show", "--no-all-versions", spec],
-                   capture=True, check=False)  # fmt: skip
+        with self.locked():
+            self._prepare()
+            proc = run(["apt-cache", *self._options(), "show", "--no-all-versions", spec],
+                       capture=True, check=False)  # fmt: skip
         if proc.returncode != 0 or not proc.stdout.strip():
             return None
         paras = list(_deb822_paragraphs(proc.stdout.decode()))
@@ -173,9 +184,10 @@ class Apt:
 
     def download(self, name: str, version: str, dest: Path) -> Path:
         """Download name=version into dest (a directory); return the file apt wrote."""
-        self._prepare()
-        proc = run(["apt-get", "-q", *self._options(), "download", f"{name}={version}"],
-                   capture=True, check=False, cwd=dest)  # fmt: skip
+        with self.locked():
+            self._prepare()
+            proc = run(["apt-get", "-q", *self._options(), "download", f"{name}={version}"],
+                       capture=True, check=False, cwd=dest)  # fmt: skip
         if proc.returncode != 0:
             err = proc.stderr.decode(errors="replace").strip().splitlines()
             die(

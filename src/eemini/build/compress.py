@@ -14,11 +14,12 @@ class Compression(StrEnum):
     ZSTD = "zstd"
     XZ = "xz"
     GZIP = "gzip"
+    LZ4 = "lz4"
     NONE = "none"
 
     @property
     def suffix(self) -> str:
-        return {"zstd": ".zst", "xz": ".xz", "gzip": ".gz", "none": ""}[self.value]
+        return {"zstd": ".zst", "xz": ".xz", "gzip": ".gz", "lz4": ".lz4", "none": ""}[self.value]
 
 
 DEFAULT = Compression.ZSTD
@@ -35,6 +36,10 @@ def compress(data: bytes, method: Compression = DEFAULT, level: int | None = Non
         # The kernel's XZ decoder wants CRC32 (or none) as the check and only LZMA2 (+BCJ).
         filters = [{"id": lzma.FILTER_X86}, {"id": lzma.FILTER_LZMA2, "preset": level or 9}]
         return lzma.compress(data, format=lzma.FORMAT_XZ, check=lzma.CHECK_CRC32, filters=filters)
+    if method is Compression.LZ4:
+        find_tool("lz4", "to compress the initramfs", "lz4")
+        # -l: the legacy frame format, the only one the kernel's initramfs unpacker reads.
+        return run(["lz4", "-l", f"-{level or 12}", "-q", "-c", "-"], capture=True, input=data).stdout
     if method is Compression.GZIP:
         return gzip.compress(data, compresslevel=level or 9, mtime=0)
     return data

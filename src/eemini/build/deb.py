@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -27,7 +26,12 @@ def unpacked(apt: Apt, pkg: Package) -> Path:
     ):
         run(["dpkg-deb", "--extract", deb, tmp])
         (Path(tmp) / ".complete").write_text(f"{pkg.name} {pkg.version}\n")
-        shutil.rmtree(root, ignore_errors=True)
-        os.rename(tmp, root)
-        os.mkdir(tmp)  # so TemporaryDirectory's cleanup finds something to remove
+        # Atomic: another build sharing the cache sees the whole tree or nothing. If one got
+        # there first (the rename fails on its non-empty directory), keep its tree, drop ours.
+        try:
+            os.rename(tmp, root)
+            os.mkdir(tmp)  # so TemporaryDirectory's cleanup finds something to remove
+        except OSError:
+            if not (root / ".complete").is_file():
+                raise
     return root

@@ -158,7 +158,7 @@ def resolve(apt: Apt) -> Lock:
             packages.append(
                 Package(name, record["Version"], record["SHA256"], int(record["Size"]), root.role)
             )
-    return Lock(SUITE, ARCH, tuple(packages))
+    return Lock(SUITE, ARCH, tuple(sorted(packages, key=lambda p: p.name)))
 
 
 def save(lock: Lock, path: Path = LOCK_PATH) -> None:

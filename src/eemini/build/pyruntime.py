@@ -16,7 +16,7 @@ from pathlib import Path, PurePosixPath
 from eemini.build import elf
 from eemini.build.lock import Package
 from eemini.build.tree import PROJECT, Origin, Source, Tree
-from eemini.log import complete_step, die
+from eemini.log import complete_step, die, log_debug
 from eemini.proc import run
 
 PYVER = "3.13"
@@ -79,7 +79,7 @@ class Target:
     """The pinned Python packages merged into one prefix that the host can execute."""
 
     def __init__(self, packages: list[tuple[Package, Path]], work: Path) -> None:
-        self.root = work / "python-full"
+        self.root = (work / "python-full").absolute()  # analysis compares absolute paths
         self.owner: dict[str, Package] = {}
         shutil.rmtree(self.root, ignore_errors=True)
         for pkg, unpacked in packages:
@@ -140,14 +140,19 @@ def analyze(target: Target, with_simulator: bool) -> Analysis:
             "guest_roots": ["eemini"],
         }
         reply = target.call(request)
+    missing = reply.get("missing")
+    if missing:
+        log_debug(f"imported but absent from the pinned Python (optional imports): {missing}")
     stdlib_dir = (target.root / STDLIB).as_posix() + "/"
     py, ext = [], []
     modules = reply["modules"]
     assert isinstance(modules, dict)
     for name, info in modules.items():
         file = info["file"]
-        if file is None or not file.startswith(target.root.as_posix() + "/"):
-            continue
+        if file is None or file.startswith(str(SRC) + "/"):
+            continue  # built in, frozen, or the guest package (shipped as a whole below)
+        if not file.startswith(target.root.as_posix() + "/"):
+            die(f"import analysis found {name} outside the pinned Python: {file}")
         if file.endswith(".py") and file.startswith(stdlib_dir):
             py.append(file[len(stdlib_dir) :])
         elif file.endswith(".so"):
@@ -183,7 +188,7 @@ def add_runtime(tree: Tree, target: Target, analysis: Analysis, work: Path) -> N
         image = PurePosixPath(g.image_path)
         cache = image.parent / "__pycache__" / f"{image.stem}.cpython-313.pyc"
         jobs.append((str(g.source), str(out / cache.relative_to("/")), g.image_path, cache.as_posix(),
-                     PROJECT))  # fmt: skip
+                     Origin(Source.PROJECT, derived_from=g.image_path)))  # fmt: skip
         tree.file(g.image_path, g.source.read_bytes(), PROJECT, "guest-runtime")
     with complete_step(f"Precompiling {len(jobs)} modules"):
         target.call({"op": "compile", "files": [[s, c, d] for s, c, d, _, _ in jobs]})

@@ -7,8 +7,8 @@ import json
 import sys
 from pathlib import Path
 
-from eemini.log import die
-from eemini.tdx.measure import MeasureError, describe, predict
+from eemini.log import die, log_notice
+from eemini.tdx.measure import EventsMissing, MeasureError, Prediction, describe, find_events, predict
 
 HELP = "predict the firmware, systemd-stub and kernel measurement events of a built UKI"
 
@@ -18,6 +18,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "path", metavar="BUILD_DIR|UKI", type=Path, help="a build directory or a UKI file"
     )
     parser.add_argument("--json", action="store_true", help="print the prediction as JSON")
+    parser.add_argument(
+        "--check-log",
+        metavar="FILE",
+        type=Path,
+        help="also check that the predicted events are in this event log: a CC event log "
+        "(CCEL data), or with --tpm a TPM log (binary_bios_measurements)",
+    )
+    parser.add_argument(
+        "--tpm", action="store_true", help="--check-log is a TPM log: registers are PCRs"
+    )
 
 
 def find_uki(path: Path) -> Path:
@@ -52,4 +62,32 @@ def run(args: argparse.Namespace) -> int:
         print(f"UKI {uki}")
         for line in describe(prediction):
             print(line)
+    if args.check_log is not None:
+        check_log(prediction, args.check_log, tpm=args.tpm)
     return 0
+
+
+def check_log(prediction: Prediction, path: Path, *, tpm: bool) -> None:
+    """Find the predicted events in a log; one line per match on stderr, or fail naming the first
+    event missing."""
+    from eemini.tdx.ccel import describe_event
+    from eemini.tdx.eventlog import EventLogError, parse_event_log
+
+    try:
+        log = parse_event_log(path.read_bytes())
+    except OSError as e:
+        die(f"cannot read {path}: {e.strerror}")
+    except EventLogError as e:
+        die(f"{path} is not an event log: {e}")
+    try:
+        matches = find_events(log, prediction.events, cc=not tpm)
+    except EventsMissing as e:
+        die(f"{path}: {e}")
+    for predicted, event in matches:
+        where = (
+            f"event {event.number} (PCR{event.register} {event.describe()})"
+            if tpm
+            else describe_event(event)
+        )
+        log_notice(f"found {predicted.label()}: {where}")
+    log_notice(f"{path}: all {len(matches)} predicted events are there, in order")

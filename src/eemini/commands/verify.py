@@ -11,8 +11,12 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 
 from eemini.log import die
+from eemini.tdx.errors import PolicyError
+from eemini.tdx.evidence import load_prediction
+from eemini.tdx.measure import MeasureError
 
 HELP = "verify a TDX quote against Intel's root, collateral and a policy"
 
@@ -32,6 +36,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trust-dev-root", metavar="FILE", action="append", default=[],
                         help="also trust this development root CA (PEM); never by default")  # fmt: skip
     parser.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    # Measured boot (docs/measurements.md).
+    parser.add_argument("--event-log", metavar="FILE",
+                        help="the CC event log (/sys/firmware/acpi/tables/data/CCEL): it must replay "
+                        "to the quote's RTMRs")  # fmt: skip
+    parser.add_argument("--manifest", metavar="FILE",
+                        help="manifest.json of the build (or `eemini measure --json` output): its "
+                        "predicted events must be in the event log, in order")  # fmt: skip
+    parser.add_argument("--vtpm", action="store_true",
+                        help="the TD also has a vTPM (GCP): the kernel's PCR 9 events go there, not "
+                        "to the CC log")  # fmt: skip
+    parser.add_argument("--runtime-log", metavar="FILE",
+                        help="the runtime event log as JSON (a list, or an attest/info answer with "
+                        "\"events\"): checked against RTMR3")  # fmt: skip
 
 
 def _read(path: str, what: str) -> bytes:
@@ -49,7 +66,6 @@ def run(args: argparse.Namespace) -> int:
     from eemini.tdx.errors import (
         CertificateParseError,
         CollateralParseError,
-        PolicyError,
         QuoteParseError,
         VerificationError,
     )
@@ -83,6 +99,14 @@ def run(args: argparse.Namespace) -> int:
         where = f"{args.policy}: " if args.policy else ""
         die(f"{where}{e}", hint="--report-data and a policy file's report_data exclude each other"
             if "report_data may only be set once" in str(e) else None, exit_code=2)  # fmt: skip
+    event_log, runtime_events = _measured_boot_inputs(args)
+    if args.manifest:
+        try:
+            prediction = load_prediction(Path(args.manifest))
+            builder = builder.expected_events(prediction.cc_events(vtpm=args.vtpm))
+            policy = builder.build()
+        except (MeasureError, PolicyError) as e:
+            die(f"{args.manifest}: {e}", exit_code=2)
     roots = [INTEL_ROOT]
     for path in args.trust_dev_root:
         try:
@@ -91,14 +115,48 @@ def run(args: argparse.Namespace) -> int:
             die(f"{path}: {e.message}", exit_code=2)
     now = args.at if args.at is not None else int(time.time())
     try:
-        verified = verify(quote, collateral, policy, now, trusted_roots=roots)
+        verified = verify(
+            quote, collateral, policy, now, trusted_roots=roots,
+            event_log=event_log, runtime_events=runtime_events,
+        )  # fmt: skip
     except VerificationError as e:
         if args.json:
             print(json.dumps({"verified": False, "check": e.check, "error": e.message}, indent=2))
         print(f"eemini verify: rejected: {e.one_line()}", file=sys.stderr)
         return 1
     if args.json:
-        print(json.dumps(verified_to_dict(verified), indent=2))
+        out = verified_to_dict(verified)
+        if verified.event_log is not None:
+            out["event_log"] = verified.event_log.to_dict()
+        print(json.dumps(out, indent=2))
     else:
         print(describe_verified(verified), end="")
+        if verified.event_log is not None:
+            print("\n".join(verified.event_log.lines()))
     return 0
+
+
+def _measured_boot_inputs(
+    args: argparse.Namespace,
+) -> tuple[bytes | None, list[dict[str, object]] | None]:
+    from eemini.tdx.eventlog import EventLogError, parse_event_log
+
+    event_log = None
+    if args.event_log:
+        event_log = _read(args.event_log, "event log")
+        try:
+            parse_event_log(event_log)
+        except EventLogError as e:
+            die(f"{args.event_log} is not a CC event log: {e}", exit_code=2)
+    runtime_events = None
+    if args.runtime_log:
+        try:
+            doc = json.loads(_read(args.runtime_log, "runtime log"))
+        except ValueError as e:
+            die(f"{args.runtime_log} is not JSON: {e}", exit_code=2)
+        if isinstance(doc, dict):
+            doc = doc.get("events")
+        if not isinstance(doc, list) or not all(isinstance(e, dict) for e in doc):
+            die(f"{args.runtime_log} holds no list of runtime events", exit_code=2)
+        runtime_events = doc
+    return event_log, runtime_events

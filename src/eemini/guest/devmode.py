@@ -14,6 +14,7 @@ import sys
 from dataclasses import dataclass, field
 
 from eemini.guest.events import EventLog
+from eemini.guest.rtmr import RuntimeMeasurer
 from eemini.guest.runtime import Runtime, RuntimeConfig
 from eemini.guest.server import Limits, socket_in_use
 from eemini.guest.spec import EnclaveSpec, SpecError, load
@@ -81,7 +82,12 @@ def run(spec: EnclaveSpec, options: DevOptions) -> int:
         with open(path, "wb") as f:
             f.write(root_pem)
 
+    backend = SimulatedBackend()
     events = EventLog()
+    # The simulated TD has an RTMR3 to extend: dev mode binds its runtime log to the quote as a
+    # Linux 6.16+ TD does (docs/measurements.md, "Runtime events").
+    measurer = RuntimeMeasurer(extend=lambda digest: backend.extend_rtmr(3, digest), via="simulated")
+    events.on_append = measurer.on_append
     events.append_data("spec", "dev", "spec.json", spec.canonical_json())
     try:
         with open(spec.workload.path, "rb") as f:
@@ -93,7 +99,7 @@ def run(spec: EnclaveSpec, options: DevOptions) -> int:
     config = RuntimeConfig(
         spec=spec,
         token=token,
-        backend=SimulatedBackend(),
+        backend=backend,
         socket_path=socket_path,
         console_fd=2,
         limits=options.limits,
@@ -101,7 +107,7 @@ def run(spec: EnclaveSpec, options: DevOptions) -> int:
         grace=options.grace,
         subreaper=True,
     )
-    runtime = Runtime(config, events=events)
+    runtime = Runtime(config, events=events, measurer=measurer)
     runtime.install_stop_signals()
     print(
         f"eemini dev: control socket {socket_path}\n"

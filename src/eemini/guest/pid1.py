@@ -262,7 +262,7 @@ class Boot:
             console(f"boot config: {s.key} from {s.source} accepted ({s.digest[:23]}...)")
         backend, measurer = self.backend(image, cmdline)
         events = self.event_log(spec_bytes, spec.workload.path, config.settings, measurer)
-        self.serve(spec, token, backend, image=image, env=config.env, events=events)
+        self.serve(spec, token, backend, image=image, env=config.env, events=events, measurer=measurer)
 
     # --- steps ---
 
@@ -397,7 +397,13 @@ class Boot:
             from eemini.guest.simulated import SimulatedBackend
 
             console("attestation: simulated (local-dev image; quotes are signed by a development key)")
-            return SimulatedBackend(), None
+            from eemini.guest.rtmr import RuntimeMeasurer
+
+            simulated = SimulatedBackend()
+            # The simulated TD's RTMR3 carries the runtime log, as a Linux 6.16+ TD's does.
+            return simulated, RuntimeMeasurer(
+                extend=lambda digest: simulated.extend_rtmr(3, digest), via="simulated"
+            )
         if kind == "configfs-tsm":
             from eemini.guest.attest import AttestError, ConfigfsTsmBackend
             from eemini.guest.rtmr import RuntimeMeasurer
@@ -437,7 +443,17 @@ class Boot:
         events.seal("pid1")
         return events
 
-    def serve(self, spec: Any, token: str, backend: Any, *, image: Any, env: Any, events: Any) -> None:
+    def serve(
+        self,
+        spec: Any,
+        token: str,
+        backend: Any,
+        *,
+        image: Any,
+        env: Any,
+        events: Any,
+        measurer: Any = None,
+    ) -> None:
         from eemini.guest.power import PowerWatch
         from eemini.guest.runtime import Runtime, RuntimeConfig
 
@@ -451,7 +467,7 @@ class Boot:
             console_fd=2,
             ccel_path=CCEL if os.path.exists(CCEL) else None,
         )
-        runtime = Runtime(config, events=events, on_poweroff=power_off)
+        runtime = Runtime(config, events=events, on_poweroff=power_off, measurer=measurer)
         watch = PowerWatch(runtime.loop, runtime.shutdown, console)
         watch.install_signals()
         self.watch_buttons(watch, runtime.loop, retries=3)

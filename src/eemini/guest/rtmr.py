@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 MEASUREMENTS_DIR = "sys/class/misc/tdx_guest/measurements"
 RTMR3_FILE = "rtmr3:sha384"
@@ -99,32 +99,46 @@ class Rtmr3:
 
 
 class RuntimeMeasurer:
-    """Extends RTMR3 with each runtime event (when available) and remembers what it did, for
-    `health` and `attest`. Attach `on_append` to the event log: it runs under the log's lock,
-    before the event becomes visible, so log order equals extension order and a failed extension
-    keeps the event out of the log."""
+    """Extends RTMR3 with each runtime event (when possible) and remembers what it did, for
+    `health` and `attest`. Set `EventLog.on_append = measurer.on_append`: it runs under the log's
+    lock, before the event becomes visible, so log order equals extension order and a failed
+    extension keeps the event out of the log."""
 
-    def __init__(self, rtmr3: Rtmr3 | None = None) -> None:
-        self.rtmr3 = rtmr3 if rtmr3 is not None else Rtmr3()
-        self.reason = self.rtmr3.unavailable_reason()
+    def __init__(
+        self,
+        rtmr3: Rtmr3 | None = None,
+        *,
+        extend: Callable[[bytes], None] | None = None,
+        via: str = "sysfs",
+    ) -> None:
+        """RTMR3 through the kernel's sysfs attribute (`rtmr3`, default the real one) when it
+        exists, or through `extend` (e.g. the simulated backend's register in dev mode)."""
+        self.via = via
         self.extended = 0
+        self.reason: str | None = None
+        if extend is not None:
+            self._extend: Callable[[bytes], None] | None = extend
+            return
+        r = rtmr3 if rtmr3 is not None else Rtmr3()
+        self.reason = r.unavailable_reason()
+        self._extend = r.extend if self.reason is None else None
 
     @property
     def enabled(self) -> bool:
-        return self.reason is None
+        return self._extend is not None
 
     def on_append(self, event: object) -> None:
-        if self.reason is not None:
+        if self._extend is None:
             return
         to_dict = getattr(event, "to_dict", None)
         fields = to_dict() if callable(to_dict) else event
         if not isinstance(fields, Mapping):
             raise TypeError(f"cannot measure a runtime event of type {type(event).__name__}")
-        self.rtmr3.extend(event_digest(fields))
+        self._extend(event_digest(fields))
         self.extended += 1
 
     def status(self) -> dict[str, object]:
-        """What `health` reports about RTMR3."""
-        if self.reason is None:
-            return {"rtmr3_extended": True, "rtmr3_events": self.extended}
-        return {"rtmr3_extended": False, "rtmr3_reason": self.reason}
+        """What `health` and `attest` report about RTMR3."""
+        if self._extend is not None:
+            return {"rtmr3_extended": True, "rtmr3_via": self.via, "rtmr3_events": self.extended}
+        return {"rtmr3_extended": False, "rtmr3_reason": self.reason or "RTMR3 extension is off"}

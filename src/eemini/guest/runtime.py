@@ -30,6 +30,7 @@ from eemini.guest.attest import (
 from eemini.guest.events import EventLog
 from eemini.guest.logbuf import MAX_BYTES, MAX_LINES, LogBuffer
 from eemini.guest.loop import EventLoop
+from eemini.guest.rtmr import RuntimeMeasurer
 from eemini.guest.server import Limits, Method, RequestError, Respond, Server, error
 from eemini.guest.spec import EnclaveSpec, OnExit
 from eemini.guest.supervisor import (
@@ -147,10 +148,13 @@ class Runtime:
         loop: EventLoop | None = None,
         events: EventLog | None = None,
         on_poweroff: Callable[[str], None] | None = None,
+        measurer: RuntimeMeasurer | None = None,
     ) -> None:
         self.config = config
         self.loop = loop if loop is not None else EventLoop()
         self.events = events if events is not None else EventLog()
+        # RTMR3 extension of the runtime log (docs/measurements.md); reported by health and attest.
+        self.measurer = measurer
         self.on_poweroff = on_poweroff
         self.started_mono = time.monotonic()
         self.started_at = time.time()
@@ -259,8 +263,14 @@ class Runtime:
                 "uptime_secs": self.uptime(),
                 "workload": self.supervisor.state.value,
                 "version": __version__,
+                **self._rtmr3_status(),
             }
         )
+
+    def _rtmr3_status(self) -> dict[str, object]:
+        if self.measurer is None:
+            return {"rtmr3_extended": False, "rtmr3_reason": "no RTMR3 measurer configured"}
+        return self.measurer.status()
 
     def _attest(self, params: dict[str, Any], respond: Respond) -> None:
         data = decode_report_data(params)
@@ -282,6 +292,7 @@ class Runtime:
                     "report_data_b64": base64.b64encode(data).decode(),
                     "report_data_len": len(data),
                     "events": self.events.to_list(),
+                    "rtmr3_extended": self._rtmr3_status()["rtmr3_extended"],
                     "cc_eventlog_b64": None if ccel is None else base64.b64encode(ccel).decode(),
                 }
             )

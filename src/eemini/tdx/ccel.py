@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 
+from eemini.tdx.errors import VerificationError
 from eemini.tdx.eventlog import Event, EventLog, EventLogError, EventType, HashAlg
 
 RTMR_COUNT = 4
@@ -33,8 +34,10 @@ class CcType(IntEnum):
     TDX = 2
 
 
-class ReplayMismatch(Exception):
+class ReplayMismatch(VerificationError):
     """The event log does not replay to the RTMR values it is checked against."""
+
+    check = "event-log"
 
 
 @dataclass(frozen=True, slots=True)

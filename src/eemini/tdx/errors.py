@@ -144,5 +144,9 @@ class MeasurementMismatch(VerificationError):
     check = "measurements"
 
 
+class EventLogRequired(VerificationError):
+    check = "event-log"
+
+
 class PolicyError(QuoteError, ValueError):
     """The policy itself is malformed (bad file, bad value, a field set twice)."""

@@ -20,6 +20,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from eemini.tdx.errors import VerificationError
 from eemini.tdx.eventlog import Event, EventLog, EventType, HashAlg
 from eemini.tdx.pe import (
     DigestAlgorithm,
@@ -38,8 +39,10 @@ class MeasureError(ValueError):
     """The UKI cannot be predicted (the message says why)."""
 
 
-class EventsMissing(Exception):
+class EventsMissing(VerificationError):
     """A predicted event is not in the event log (the message names the first one missing)."""
+
+    check = "expected-events"
 
 
 def pcr_to_mr_index(pcr: int) -> int:
@@ -141,8 +144,11 @@ class Prediction:
     cmdline: str
     events: tuple[PredictedEvent, ...]
 
-    def cc_events(self) -> tuple[PredictedEvent, ...]:
-        return tuple(e for e in self.events if e.cc)
+    def cc_events(self, vtpm: bool = False) -> tuple[PredictedEvent, ...]:
+        """The events expected in the CC event log. With a vTPM beside TDX (GCP), the Linux stub
+        measures into the TPM only (it uses the CC protocol only when TCG2 is absent), so its
+        PCR 9 events are not expected there; systemd-stub >= v256 measures into both."""
+        return tuple(e for e in self.events if e.cc and not (vtpm and e.pcr == 9))
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -267,19 +273,6 @@ def predict(data: bytes) -> Prediction:
             digests[SHA384], digests[SHA256], cc=True,
         )
     ]  # fmt: skip
-    if major < 258:
-        # systemd#24777 (v252) .. systemd#37372 (v258): the stub LoadImage()s the in-memory .linux,
-        # so the firmware measures it like any other application (Secure Boot off).
-        try:
-            inner = authenticode_digests(linux)
-        except PeError as e:
-            raise MeasureError(f"the .linux section is not a PE image: {e}") from None
-        events.append(
-            PredictedEvent(
-                4, EventType.EV_EFI_BOOT_SERVICES_APPLICATION, "kernel from .linux (PE Authenticode)",
-                inner[SHA384], inner[SHA256], cc=True,
-            )
-        )  # fmt: skip
     # The stub measures into the CC protocol only from v256 (systemd#30996); TPM from v252.
     stub_cc = major >= 256
     for name in canonical_sections(major):
@@ -290,6 +283,20 @@ def predict(data: bytes) -> Prediction:
         )
         events.append(_event(11, EventType.EV_IPL, f"section {name}", mem[name], stub_cc))
 
+    if major < 258:
+        # systemd#24777 (v252) .. systemd#37372 (v258): the stub LoadImage()s the in-memory .linux,
+        # so the firmware measures it like any other application (Secure Boot off), after the stub
+        # measured the sections.
+        try:
+            inner = authenticode_digests(linux)
+        except PeError as e:
+            raise MeasureError(f"the .linux section is not a PE image: {e}") from None
+        events.append(
+            PredictedEvent(
+                4, EventType.EV_EFI_BOOT_SERVICES_APPLICATION, "kernel from .linux (PE Authenticode)",
+                inner[SHA384], inner[SHA256], cc=True,
+            )
+        )  # fmt: skip
     # Linux EFI stub: LoadOptions (>= 6.1) then the initrd (>= 5.17) to TCG2; to the CC protocol
     # only when no TCG2 protocol exists, from 6.9 (libstub "Measure into CC protocol if TCG2
     # protocol is absent").
@@ -301,13 +308,15 @@ def predict(data: bytes) -> Prediction:
         events.append(
             _event(9, EventType.EV_EVENT_TAG, "kernel LoadOptions (cmdline)", load_options, kernel_cc)
         )
-    if mem.get(".initrd"):
-        if extras := [n for n in _INITRD_EXTRAS if n in mem]:
-            raise MeasureError(
-                f"the stub adds {', '.join(extras)} to the initrd it serves; "
-                "predicting that is not supported"
-            )
-        events.append(_event(9, EventType.EV_EVENT_TAG, "initrd", mem[".initrd"], kernel_cc))
+    if extras := [n for n in _INITRD_EXTRAS if n in mem]:
+        raise MeasureError(
+            f"the stub adds {', '.join(extras)} to the initrd it serves; that is not predicted"
+        )
+    initrd = served_initrd(mem, major)
+    if initrd:
+        events.append(
+            _event(9, EventType.EV_EVENT_TAG, "initrd (as systemd-stub serves it)", initrd, kernel_cc)
+        )
 
     return Prediction(
         uki_sha384=digests[SHA384],
@@ -317,6 +326,46 @@ def predict(data: bytes) -> Prediction:
         cmdline=cmdline,
         events=tuple(events),
     )
+
+
+def _align4(data: bytes) -> bytes:
+    return data + bytes(-len(data) % 4)
+
+
+def _cpio_header(ino: int, mode: int, size: int, name: bytes) -> bytes:
+    # newc header as systemd's src/boot/efi/cpio.c writes it: lowercase hex words, uid/gid 0,
+    # nlink 1, mtime 0 (for stable measurements), devices 0, check 0.
+    words = (ino, mode, 0, 0, 1, 0, size, 0, 0, 0, 0, len(name), 0)
+    return b"070701" + b"".join(b"%08x" % w for w in words) + name
+
+
+# cpio.c pack_cpio_trailer: note the upper-case "B" in the name size, and the fourth NUL.
+_CPIO_TRAILER = b"070701" + b"00000000" * 4 + b"00000001" + b"00000000" * 6 + b"0000000B" + b"00000000"
+_CPIO_TRAILER += b"TRAILER!!!\0\0\0\0"
+
+
+def stub_cpio(directory: str, filename: str, data: bytes) -> bytes:
+    """systemd-stub's `pack_cpio_literal()` archive: the directory (mode 0555), one file (0444),
+    the trailer; every record padded to 4 bytes."""
+    out = _align4(_cpio_header(1, 0o040555, 0, directory.encode() + b"\0"))
+    out += _align4(_cpio_header(2, 0o100444, len(data), f"{directory}/{filename}".encode() + b"\0"))
+    out = _align4(out + data)
+    return out + _CPIO_TRAILER
+
+
+def served_initrd(mem: Mapping[str, bytes], stub_major: int) -> bytes:
+    """The initrd systemd-stub hands to the kernel (LINUX_INITRD_MEDIA_GUID), which the kernel
+    measures: `.initrd`, then (v257+, stub.c `generate_embedded_initrds`) a cpio carrying `.osrel`
+    as /.extra/os-release. Several parts are concatenated, each padded to 4 bytes
+    (`combine_initrds`); a single part is served as it is."""
+    parts = []
+    if mem.get(".initrd"):
+        parts.append(mem[".initrd"])
+    if stub_major >= 257 and ".osrel" in mem:
+        parts.append(stub_cpio(".extra", "os-release", mem[".osrel"]))
+    if len(parts) == 1:
+        return parts[0]
+    return b"".join(_align4(p) for p in parts)
 
 
 def find_events(

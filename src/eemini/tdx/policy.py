@@ -14,6 +14,7 @@ from typing import Any
 
 from eemini.tdx.collateral import TcbStatus
 from eemini.tdx.errors import PolicyError
+from eemini.tdx.measure import MeasureError, PredictedEvent
 
 REPORT_DATA_SIZE = 64
 MEASUREMENT_SIZE = 48
@@ -40,6 +41,9 @@ class Policy:
     reject_reserved_td_attributes: bool = True
     # Advisory IDs that reject a quote even when its TCB status is accepted.
     rejected_advisory_ids: frozenset[str] = field(default_factory=frozenset)
+    # The image's predicted measurement events (docs/measurements.md): when set, a CC event log is
+    # required, must replay to the quote's RTMRs, and must hold these events in order.
+    expected_events: tuple[PredictedEvent, ...] | None = None
 
     def replace(self, **changes: Any) -> Policy:
         return dataclasses.replace(self, **changes)
@@ -124,6 +128,12 @@ class PolicyBuilder:
             raise PolicyError("rejected_advisory_ids must be non-empty strings")
         return self._set("rejected_advisory_ids", values)
 
+    def expected_events(self, events: Iterable[PredictedEvent]) -> PolicyBuilder:
+        got = tuple(events)
+        if not got:
+            raise PolicyError("expected_events needs at least one event")
+        return self._set("expected_events", got)
+
     def build(self) -> Policy:
         changes = dict(self._changes)
         rtmrs = [changes.pop(f"rtmr{i}", None) for i in range(4)]
@@ -172,7 +182,17 @@ _FILE_KEYS: dict[str, Callable[[PolicyBuilder, object], PolicyBuilder]] = {
         _bool("reject_reserved_td_attributes", v)
     ),
     "rejected_advisory_ids": lambda b, v: b.rejected_advisory_ids(_str_list("rejected_advisory_ids", v)),
+    "expected_events": lambda b, v: b.expected_events(_events("expected_events", v)),
 }
+
+
+def _events(name: str, value: object) -> list[PredictedEvent]:
+    if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+        raise PolicyError(f"{name} must be a list of event objects (as in manifest.json)")
+    try:
+        return [PredictedEvent.from_json(v) for v in value]
+    except MeasureError as e:
+        raise PolicyError(f"{name}: {e}") from None
 
 
 def policy_builder_from_json(text: str | bytes) -> PolicyBuilder:

@@ -7,10 +7,13 @@ from collections.abc import Mapping, Sequence
 from enum import StrEnum
 
 from eemini.guest.rtmr import RTMR_SIZE, replay
+from eemini.tdx.errors import VerificationError
 
 
-class RuntimeLogMismatch(Exception):
+class RuntimeLogMismatch(VerificationError):
     """RTMR3 was extended, but not with this runtime log."""
+
+    check = "runtime-log"
 
 
 class RuntimeLogBinding(StrEnum):
@@ -18,20 +21,23 @@ class RuntimeLogBinding(StrEnum):
     UNBOUND = "unbound"  # RTMR3 untouched (no kernel support): the log is informational only
 
 
-def check_runtime_log(events: Sequence[Mapping[str, object]], rtmr3: bytes) -> RuntimeLogBinding:
-    """Replay the runtime log against a quote's RTMR3; raise RuntimeLogMismatch naming where it
-    diverged when RTMR3 was extended by something else than this log."""
+def check_runtime_log(
+    events: Sequence[Mapping[str, object]], rtmr3: bytes, start: bytes = bytes(RTMR_SIZE)
+) -> RuntimeLogBinding:
+    """Replay the runtime log against a quote's RTMR3 (from `start`: the value the CC event log's
+    own RTMR3 events left, normally zero); raise RuntimeLogMismatch naming where it diverged when
+    RTMR3 was extended by something else than this log."""
     if len(rtmr3) != RTMR_SIZE:
         raise ValueError(f"RTMR3 must be {RTMR_SIZE} bytes, got {len(rtmr3)}")
     try:
-        if replay(events) == rtmr3:
+        if replay(events, start) == rtmr3:
             return RuntimeLogBinding.BOUND if events else RuntimeLogBinding.UNBOUND
     except ValueError as e:
         raise RuntimeLogMismatch(f"runtime event log is malformed: {e}") from None
-    if rtmr3 == bytes(RTMR_SIZE):
+    if rtmr3 == start:
         return RuntimeLogBinding.UNBOUND
     for n in range(len(events)):
-        if replay(events[:n]) == rtmr3:
+        if replay(events[:n], start) == rtmr3:
             first = events[n]
             raise RuntimeLogMismatch(
                 f"RTMR3 matches the first {n} runtime events; event seq {first.get('seq')} "

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -51,6 +51,7 @@ from eemini.tdx.errors import (
     CollateralSignatureInvalid,
     CrlInvalid,
     DebugTdRejected,
+    EventLogRequired,
     MeasurementMismatch,
     QeReportDataMismatch,
     QeReportSignatureInvalid,
@@ -60,6 +61,7 @@ from eemini.tdx.errors import (
     TcbStatusRejected,
     TdAttributesRejected,
 )
+from eemini.tdx.evidence import EventLogReport, check_event_log
 from eemini.tdx.pck import (
     PckExtension,
     parse_pck_extension,
@@ -67,6 +69,7 @@ from eemini.tdx.pck import (
 from eemini.tdx.policy import DEFAULT_POLICY, Policy
 from eemini.tdx.quote import Quote, TdReport, parse_quote
 from eemini.tdx.roots import INTEL_ROOT, TrustAnchor
+from eemini.tdx.runtime_log import check_runtime_log
 
 # VerificationCache lives in chain.py; callers import it from here, next to verify().
 __all__ = ["AttributeReport", "VerificationCache", "VerifiedQuote", "verify"]
@@ -93,6 +96,8 @@ class VerifiedQuote:
     attributes: AttributeReport
     checks: tuple[str, ...]
     verified_at: int
+    # What the CC event log and the runtime log showed (docs/measurements.md), when given.
+    event_log: EventLogReport | None = None
 
     @property
     def report(self) -> TdReport:
@@ -365,6 +370,35 @@ def check_policy(
     check_tcb_status(ctx, evaluation, policy)
 
 
+# Checks: event logs (docs/measurements.md) ----------------------------------------------------------
+
+
+def check_event_logs(
+    ctx: Context,
+    quote: Quote,
+    policy: Policy,
+    event_log: bytes | None,
+    runtime_events: Sequence[Mapping[str, object]] | None,
+) -> EventLogReport | None:
+    rtmrs = quote.report.rtmrs
+    if event_log is None:
+        if policy.expected_events is not None:
+            raise EventLogRequired(
+                "the policy expects measured boot events, but no CC event log was given"
+            )
+        if runtime_events is not None:
+            check_runtime_log(runtime_events, rtmrs[3])
+            ctx.passed("runtime-log")
+        return None
+    report = check_event_log(rtmrs, event_log, policy.expected_events, runtime_events)
+    ctx.passed("event-log")
+    if policy.expected_events is not None:
+        ctx.passed("expected-events")
+    if runtime_events is not None:
+        ctx.passed("runtime-log")
+    return report
+
+
 def _unix(now: int | float | datetime.datetime) -> int:
     if isinstance(now, datetime.datetime):
         if now.tzinfo is None:
@@ -383,11 +417,15 @@ def verify(
     *,
     trusted_roots: Sequence[TrustAnchor] = (INTEL_ROOT,),
     cache: VerificationCache | None = None,
+    event_log: bytes | None = None,
+    runtime_events: Sequence[Mapping[str, object]] | None = None,
 ) -> VerifiedQuote:
     """Verify a TDX quote and return what it proves, or raise the VerificationError of the failed check.
 
     `now` pins the verification time (Unix seconds or an aware datetime); it defaults to the clock.
     `trusted_roots` defaults to Intel's SGX Root CA only; development roots must be passed explicitly.
+    `event_log` (the CC event log, CCEL data) and `runtime_events` (the runtime log from `attest`)
+    are checked against the quote's RTMRs and the policy's expected events.
     """
     if now is None:
         now = datetime.datetime.now(datetime.UTC)
@@ -401,6 +439,7 @@ def verify(
     check_quote_signature(ctx, parsed)
     evaluation = check_collateral(ctx, parsed, collateral, pck) if collateral is not None else None
     check_policy(ctx, parsed, policy, evaluation)
+    event_report = check_event_logs(ctx, parsed, policy, event_log, runtime_events)
     return VerifiedQuote(
         quote=parsed,
         trust_anchor=pck.anchor,
@@ -409,4 +448,5 @@ def verify(
         attributes=attribute_report(parsed.report),
         checks=tuple(ctx.checks),
         verified_at=ctx.now,
+        event_log=event_report,
     )
