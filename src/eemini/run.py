@@ -90,8 +90,9 @@ class VmConfig:
     echo: bool = True
 
 
-class GuestFailed(Exception):
-    """The guest panicked or PID 1 stopped the boot while we waited for something."""
+class GuestFailed(TimeoutError):
+    """The guest panicked or PID 1 stopped the boot while we waited for something (a kind of
+    TimeoutError: what was waited for will never come)."""
 
 
 @dataclass(frozen=True)
@@ -486,16 +487,10 @@ class Vm:
                     m = rx.search(line)
                     if m:
                         return m
-<<<<<<< HEAD
+                    # Nothing follows a panic or a refused boot: say so now, not at the timeout.
                     if KERNEL_PANIC.search(line) or BOOT_FAILED.match(line):
                         raise GuestFailed(
                             f"the guest failed before {pattern!r} appeared:\n" + self.tail()
-=======
-                    if KERNEL_PANIC.search(self.lines[index]):
-                        # Nothing follows a panic: say so now instead of waiting out the timeout.
-                        raise TimeoutError(
-                            f"the guest kernel panicked before {pattern!r} appeared:\n" + self.tail()
->>>>>>> main
                         )
                     index += 1
                 if self.proc.poll() is not None and not (self.reader and self.reader.is_alive()):
