@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
-OUT="$PWD/build/demo"  # an absolute --out (relative ones currently yield an image without its stdlib)
+OUT="$PWD/build/demo"
 
 echo "‣ compiling the workload (examples/attest-echo/attest-echo.c, static)" >&2
 mkdir -p examples/attest-echo/build
