@@ -30,7 +30,7 @@ k.mount("none", "/", None, k.MS_REC | k.MS_PRIVATE)
 k.mount(sys.argv[1], "/mnt", None, k.MS_BIND)
 pid1.main(pid1.Paths(
     image_json="/mnt/image.json", spec_json="/mnt/spec.json", cmdline="/mnt/cmdline",
-    socket="/mnt/run/agent.sock", resolv_conf="/mnt/resolv.conf",
+    socket=sys.argv[2] if len(sys.argv) > 2 else "/mnt/run/agent.sock", resolv_conf="/mnt/resolv.conf",
     sys_input="/mnt/no-input", dev_input="/mnt/no-input",
 ))
 """
@@ -117,7 +117,7 @@ def _prepare(tmp: Path, cmdline: str, mode: str, **image: object) -> Path:
     return tmp
 
 
-def _boot(tmp: Path, netns: str | None = None) -> subprocess.Popen[str]:
+def _boot(tmp: Path, netns: str | None = None, socket: str | None = None) -> subprocess.Popen[str]:
     """PID 1 in new PID and mount namespaces, and a new (empty) network namespace unless the
     test gives one (with a NIC in it)."""
     prefix = ["ip", "netns", "exec", netns] if netns else []
@@ -134,6 +134,7 @@ def _boot(tmp: Path, netns: str | None = None) -> subprocess.Popen[str]:
             "-c",
             HARNESS,
             os.fspath(tmp),
+            *([socket] if socket else []),
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -278,3 +279,18 @@ def test_dhcp_lease_and_renewal_as_pid1(tmp_path: Path) -> None:
         in lines
     )
     assert "eemini: DHCP lease renewed: 10.77.0.50/24 for 60 s" in lines
+
+
+def test_unexpected_error_is_logged_and_ends_in_a_clean_power_off(tmp_path: Path) -> None:
+    # The control socket's directory would have to be inside a file: an OSError deep in the
+    # runtime, not a BootFailure. PID 1 must print it and power off (no exit, no panic).
+    _prepare(tmp_path, "console=ttyS0 ee.dev=1", "checks")
+    proc = _boot(tmp_path, socket="/mnt/spec.json/sock/agent.sock")
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGINT, err
+    lines = _lines(err)
+    fatal = [line for line in lines if line.startswith("eemini: fatal: ")]
+    assert len(fatal) == 1 and fatal[0].startswith("eemini: fatal: NotADirectoryError: "), err
+    assert "Traceback (most recent call last):" in lines
+    assert lines[-1] == "eemini: powering off (fatal error)"
+    assert "[work.py]" not in err
