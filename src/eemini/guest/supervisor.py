@@ -177,6 +177,7 @@ class RunRecord:
     exit_code: int | None = None
     signal: int | None = None
     error: str | None = None  # could not start at all
+    ended_mono: float | None = None
 
     @property
     def running(self) -> bool:
@@ -343,7 +344,9 @@ class Supervisor:
             for fd in (out_r, out_w, err_r, err_w):
                 os.close(fd)
             reason = e.strerror or str(e)
-            record = RunRecord(run, 0, now, mono, now, 127, None, f"{self.workload.path}: {reason}")
+            record = RunRecord(
+                run, 0, now, mono, now, 127, None, f"{self.workload.path}: {reason}", ended_mono=mono
+            )
             self._remember(record)
             self.note(f"{self.workload.name}: cannot start {self.workload.path}: {reason}")
             self._after_exit(record)
@@ -373,6 +376,7 @@ class Supervisor:
         ended = dataclasses.replace(
             record,
             ended_at=time.time(),
+            ended_mono=time.monotonic(),
             exit_code=code if code >= 0 else None,
             signal=-code if code < 0 else None,
         )
@@ -423,7 +427,8 @@ class Supervisor:
                 self.state = State.STOPPED
             self._finish_stop()
             return
-        lasted = time.monotonic() - ended.started_mono
+        # From start to reaping: the time spent reading its last output does not count.
+        lasted = (ended.ended_mono or time.monotonic()) - ended.started_mono
         if lasted >= self.backoff.stable_after:
             self.quick_exits = 0
         if self.workload.restart.restarts_after(failed=ended.failed):
