@@ -237,7 +237,7 @@ def test_find_config_disk_waits_for_every_virtio_disk(
     _vfat(tmp_path, "DATA", None).rename(dev / "vdb")
     sleeps: list[float] = []
     with monkeypatch.context() as m:
-        m.setattr(bc.time, "sleep", sleeps.append)
+        m.setattr("eemini.guest.bootconfig.time.sleep", sleeps.append)
         assert bc.find_config_disk(5.0, *args) is None
     assert sleeps == []
     # A disk that never appears: the wait is bounded.
