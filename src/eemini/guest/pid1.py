@@ -20,10 +20,10 @@ import os
 import signal
 import sys
 import time
-from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from eemini.guest import sys as ksys
+from eemini.guest.record import record
 
 MountSpec = tuple[str, str, str, int, str | None]
 
@@ -59,7 +59,7 @@ class BootFailure(Exception):
     """A reason to stop the boot that the operator must read (printed, then power-off)."""
 
 
-@dataclass(frozen=True)
+@record
 class Paths:
     """Where PID 1 reads its inputs; fixed in the image, moved only by tests."""
 
