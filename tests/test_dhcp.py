@@ -139,7 +139,8 @@ with netlink.Netlink() as nl:
     nic = netlink.wait_for_nic(nl, 2.0)
     nl.set_link(nic.index, up=True)
     client = dhcp.Client(nic.name, nic.mac)
-    lease = client.acquire(timeout=10)
+    # One DISCOVER, however slow a loaded machine makes the server: no retransmission before 20 s.
+    lease = client.acquire(timeout=30, first_wait=20)
     netlink.configure(nl, nic, lease.address, lease.router, mtu=lease.mtu, protocol=netlink.RTPROT_DHCP)
     print(json.dumps({
         "nic": nic.name, "address": str(lease.address), "router": str(lease.router),

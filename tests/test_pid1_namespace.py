@@ -24,10 +24,17 @@ from netns import namespaces, python_in, veth
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="PID namespaces need root")
 
 HARNESS = r"""
-import sys
+import os, sys
+import eemini
 from eemini.guest import sys as k, pid1
 k.mount("none", "/", None, k.MS_REC | k.MS_PRIVATE)
 k.mount(sys.argv[1], "/mnt", None, k.MS_BIND)
+# PID 1 mounts empty tmpfs on /run and /tmp: not over the code under test (a checkout or venv
+# in /tmp), which it still imports lazily and runs as the workload's interpreter.
+code = [os.path.dirname(eemini.__file__), sys.prefix, os.path.dirname(os.__file__)]
+pid1.EARLY_MOUNTS = tuple(
+    m for m in pid1.EARLY_MOUNTS if not any(c == m[1] or c.startswith(m[1] + "/") for c in code)
+)
 pid1.main(pid1.Paths(
     image_json="/mnt/image.json", spec_json="/mnt/spec.json", cmdline="/mnt/cmdline",
     socket=sys.argv[2] if len(sys.argv) > 2 else "/mnt/run/agent.sock", resolv_conf="/mnt/resolv.conf",

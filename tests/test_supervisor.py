@@ -5,13 +5,17 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from eemini.guest.supervisor import Backoff
+from eemini.guest.logbuf import LogBuffer
+from eemini.guest.loop import EventLoop
+from eemini.guest.spec import EnclaveSpec
+from eemini.guest.supervisor import Backoff, Reaper, Supervisor
 from rtutil import TOKEN, RuntimeProc, children_of, read_json_line, wait_for, write_spec, write_workload
 
 
@@ -75,10 +79,10 @@ except FileNotFoundError:
     n = 0
 open(p, "w").write(str(n + 1))
 if n == 3:
-    time.sleep(0.8)  # a stable run (stable_after = 0.5 s)
+    time.sleep(2.5)  # a stable run (stable_after = 2 s; a loaded machine may start Python slowly)
 sys.exit(1)
 """
-    rt = start(tmp_path, runtimes, body, "--backoff", "0.05,2,30,0.5", restart="always")
+    rt = start(tmp_path, runtimes, body, "--backoff", "0.05,2,30,2", restart="always")
     wait_for(lambda: len(re.findall("restarting in", rt.stderr())) >= 5, timeout=15, what="5 restarts")
     notes = re.findall(r"restarting in ([0-9.]+) s", rt.stderr())
     assert notes[:5] == ["0.05", "0.1", "0.2", "0.05", "0.1"]
@@ -94,6 +98,9 @@ for i in range(5):
     pid = os.fork()
     if pid == 0:
         os.setsid()
+        null = os.open("/dev/null", os.O_WRONLY)  # detached like a daemon: not on our pipes
+        os.dup2(null, 1)
+        os.dup2(null, 2)
         time.sleep(0.6 + i * 0.1)
         os._exit(0)
     pids.append(pid)
@@ -238,3 +245,161 @@ while True:
     assert answer == {"ok": True, "pid": None, "restarts": 0, "status": "stopped"}
     assert rt.proc.wait(10) == 0
     assert rt.stderr().count("started run") == 1
+
+
+class WatchedOnlyReaper(Reaper):
+    """Reaps only the pids it watches: pytest's other children are not this test's to collect."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.callbacks: dict[int, Callable[[int], None]] = {}
+
+    def watch(self, pid: int, callback: Callable[[int], None]) -> None:
+        self.callbacks[pid] = callback
+
+    def reap(self) -> None:
+        for pid in list(self.callbacks):
+            got, status = os.waitpid(pid, os.WNOHANG)
+            if got:
+                self.callbacks.pop(pid)(status)
+
+
+class InProcess:
+    """A Supervisor on an EventLoop in this process, so a test controls when SIGCHLD is handled."""
+
+    def __init__(self, tmp: Path, body: str, drain: float = 0.5) -> None:
+        workload = write_workload(tmp, "app", body)
+        spec = EnclaveSpec.from_dict(
+            {"version": 1, "workload": {"path": os.fspath(workload), "restart": "never"}}
+        )
+        self.loop = EventLoop()
+        self.reaper = WatchedOnlyReaper()
+        self.logbuf = LogBuffer()
+        self.seen_when_done: list[tuple[str, str]] | None = None
+        self.sup = Supervisor(
+            self.loop,
+            self.reaper,
+            spec.workload,
+            env={},
+            logbuf=self.logbuf,
+            on_done=lambda record: self.done(),
+            console_fd=None,
+            drain=drain,
+        )
+
+    def lines(self) -> list[tuple[str, str]]:
+        return [(line.stream, line.text) for line in self.logbuf.tail()]
+
+    def done(self) -> None:
+        self.seen_when_done = self.lines()
+
+    def run_until(self, predicate: Callable[[], bool], what: str) -> None:
+        deadline = time.monotonic() + 30
+        while not predicate():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out waiting for {what}: {self.lines()}")
+            self.loop.call_later(0.05, lambda: None)  # select() never sleeps longer than this
+            self.loop.run_once()
+
+    def sigchld_before_the_pipes(self, pid: int) -> None:
+        # Wait until the workload has exited (without reaping it), then handle its SIGCHLD
+        # before the loop has looked at the pipes: the order a loaded machine can produce.
+        os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
+        self.reaper.reap()
+
+    def close(self) -> None:
+        for pipe in list(self.sup.pipes):
+            self.loop.remove_reader(pipe.fd)
+            os.close(pipe.fd)
+        self.loop.close()
+
+
+def test_last_output_is_read_before_the_exit_is_acted_on(tmp_path: Path) -> None:
+    body = "import sys\nprint('first', flush=True)\nprint('last words')\nsys.stderr.write('no newline')"
+    rt = InProcess(tmp_path, body)
+    try:
+        rt.sup.start()
+        assert rt.sup.current is not None
+        pid = rt.sup.current.pid
+        rt.sigchld_before_the_pipes(pid)
+        rt.run_until(lambda: rt.seen_when_done is not None, "the workload's end")
+    finally:
+        rt.close()
+    seen = rt.seen_when_done
+    assert seen is not None
+    assert [text for stream, text in seen if stream == "stdout"] == ["first", "last words"]
+    assert [text for stream, text in seen if stream == "stderr"] == ["no newline"]
+    assert [text for stream, text in seen if stream == "runtime"] == [
+        f"app: started run 0 as pid {pid}",
+        f"app: run 0 (pid {pid}) exited with status 0",
+    ]
+    assert seen[-1] == ("runtime", f"app: run 0 (pid {pid}) exited with status 0")
+    assert rt.sup.state.value == "exited"
+
+
+def test_output_after_sigterm_is_read_before_the_stop_completes(tmp_path: Path) -> None:
+    body = """
+import os, signal, time
+signal.signal(signal.SIGTERM, lambda *a: (os.write(1, b"got SIGTERM\\n"), os._exit(0)))
+print("waiting", flush=True)
+while True:
+    time.sleep(1)
+"""
+    rt = InProcess(tmp_path, body)
+    stopped: list[list[tuple[str, str]]] = []
+    try:
+        rt.sup.start()
+        assert rt.sup.current is not None
+        pid = rt.sup.current.pid
+        rt.run_until(lambda: ("stdout", "waiting") in rt.lines(), "the workload's handler")
+        rt.sup.stop(lambda: stopped.append(rt.lines()))
+        rt.sigchld_before_the_pipes(pid)
+        rt.run_until(lambda: bool(stopped), "the stop")
+    finally:
+        rt.close()
+    assert stopped[0][-2:] == [
+        ("stdout", "got SIGTERM"),
+        ("runtime", f"app: run 0 (pid {pid}) exited with status 0"),
+    ]
+    assert rt.sup.state.value == "stopped"
+    assert rt.seen_when_done is None  # a requested stop is not the workload ending on its own
+
+
+def test_a_descendant_holding_the_pipes_delays_the_exit_only_briefly(tmp_path: Path) -> None:
+    # The grandchild leaves the process group (so the group SIGKILL spares it) and keeps the
+    # workload's stdout open: the supervisor reads what is there and moves on after `drain`.
+    body = """
+import os, time
+print("leader", flush=True)
+r, w = os.pipe()
+if os.fork() == 0:
+    os.setsid()
+    print("grandchild", os.getpid(), flush=True)
+    os.write(w, b"x")
+    time.sleep(60)
+    os._exit(0)
+os.read(r, 1)
+print("leader done", flush=True)
+"""
+    rt = InProcess(tmp_path, body, drain=0.5)
+    grandchild = 0
+    try:
+        rt.sup.start()
+        assert rt.sup.current is not None
+        pid = rt.sup.current.pid
+        rt.sigchld_before_the_pipes(pid)
+        rt.run_until(lambda: rt.seen_when_done is not None, "the workload's end")
+        grandchild = int(next(t for s, t in rt.lines() if t.startswith("grandchild "))[11:])
+        assert os.path.exists(f"/proc/{grandchild}")  # still holding the pipe
+    finally:
+        if grandchild:
+            os.kill(grandchild, signal.SIGKILL)
+        rt.close()
+    seen = rt.seen_when_done
+    assert seen is not None
+    assert [text for stream, text in seen if stream == "stdout"] == [
+        "leader",
+        f"grandchild {grandchild}",
+        "leader done",
+    ]
+    assert seen[-1] == ("runtime", f"app: run 0 (pid {pid}) exited with status 0")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
-import hashlib
 import os
 import re
 import shutil
@@ -19,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from eemini.log import complete_step, die, log_debug
-from eemini.proc import find_tool, run
+from eemini.proc import find_tool, run, sha256_file
 
 # The Debian release the image is built from, and the suites searched for it (point releases
 # and security updates; the cloud kernel's security builds live in the latter).
@@ -201,14 +200,6 @@ class Apt:
         return debs[0]
 
 
-def sha256_bytes_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def fetch(apt: Apt, name: str, version: str, sha256: str) -> Path:
     """The cached .deb of name=version, downloading and verifying it first when needed.
 
@@ -219,7 +210,7 @@ def fetch(apt: Apt, name: str, version: str, sha256: str) -> Path:
     debs.mkdir(parents=True, exist_ok=True)
     final = debs / f"{sha256}.deb"
     if final.is_file():
-        if sha256_bytes_of(final) == sha256:
+        if sha256_file(final) == sha256:
             return final
         log_debug(f"removing corrupted cache entry {final}")
         final.unlink()
@@ -230,7 +221,7 @@ def fetch(apt: Apt, name: str, version: str, sha256: str) -> Path:
         tempfile.TemporaryDirectory(dir=debs, prefix=".partial-") as tmp,
     ):
         got = apt.download(name, version, Path(tmp))
-        actual = sha256_bytes_of(got)
+        actual = sha256_file(got)
         if actual != sha256:
             die(
                 f"{name} {version} downloaded with sha256 {actual}, but the lock file pins {sha256}",

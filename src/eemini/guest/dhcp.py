@@ -326,11 +326,15 @@ class Client:
     def _new_xid(self) -> None:
         self.xid = self.rng.getrandbits(32)
 
-    def acquire(self, timeout: float = 30.0, attempts: int = 4) -> Lease:
-        """DISCOVER -> OFFER -> REQUEST -> ACK, retransmitting with doubling waits (RFC 2131 4.1)."""
+    def acquire(self, timeout: float = 30.0, attempts: int = 4, first_wait: float = 1.0) -> Lease:
+        """DISCOVER -> OFFER -> REQUEST -> ACK, retransmitting with doubling waits (RFC 2131 4.1).
+
+        The first wait is 1 s rather than RFC 2131's 4 s: a lost first packet must not cost a
+        boot 4 s. (A test that must see exactly one DISCOVER asks for a longer one.)
+        """
         deadline = time.monotonic() + timeout
         self.started = time.monotonic()
-        wait = 1.0
+        wait = first_wait
         last_problem = "no DHCP server answered"
         for _ in range(attempts):
             if time.monotonic() >= deadline:

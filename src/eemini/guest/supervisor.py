@@ -176,6 +176,7 @@ class RunRecord:
     exit_code: int | None = None
     signal: int | None = None
     error: str | None = None  # could not start at all
+    ended_mono: float | None = None
 
     @property
     def running(self) -> bool:
@@ -213,29 +214,44 @@ class RunRecord:
 class _Pipe:
     """One output pipe of one run, read line by line into the console and the ring buffer."""
 
-    def __init__(self, sup: Supervisor, fd: int, stream: str, prefix: bytes) -> None:
+    def __init__(self, sup: Supervisor, fd: int, stream: str, prefix: bytes, run: int) -> None:
         self.sup = sup
         self.fd = fd
         self.stream = stream
         self.prefix = prefix
+        self.run = run
+        self.closed = False
         self.splitter = LineSplitter(sup.max_line)
         os.set_blocking(fd, False)
         sup.loop.add_reader(fd, self.on_readable)
 
     def on_readable(self) -> None:
+        self.read_once()
+
+    def read_once(self) -> bool:
+        """Read once; False when nothing more is there right now (or the pipe is closed)."""
         try:
             data = os.read(self.fd, 65536)
         except (BlockingIOError, InterruptedError):
-            return
+            return False
         except OSError:
             data = b""
         if not data:
             self.emit(self.splitter.flush())
             self.sup.loop.remove_reader(self.fd)
             os.close(self.fd)
+            self.closed = True
             self.sup.pipes.discard(self)
-            return
+            self.sup.on_pipe_closed(self.run)
+            return False
         self.emit(self.splitter.feed(data))
+        return True
+
+    def read_available(self) -> None:
+        """Read what the pipe holds now (a default pipe buffer is 64 KiB), without waiting."""
+        for _ in range(16):  # bounded: a writer that is still alive may keep writing
+            if self.closed or not self.read_once():
+                return
 
     def emit(self, lines: list[str]) -> None:
         for line in lines:
@@ -260,6 +276,7 @@ class Supervisor:
         grace: float = 10.0,
         max_line: int = 4096,
         history: int = 20,
+        drain: float = 0.5,
     ) -> None:
         self.loop = loop
         self.reaper = reaper
@@ -272,6 +289,7 @@ class Supervisor:
         self.grace = grace
         self.max_line = max_line
         self.history_len = history
+        self.drain = drain
         self.state = State.STARTING
         self.runs: list[RunRecord] = []  # the newest `history` runs
         self.current: RunRecord | None = None
@@ -280,6 +298,7 @@ class Supervisor:
         self.pipes: set[_Pipe] = set()
         self._restart_timer: Timer | None = None
         self._kill_timer: Timer | None = None
+        self._draining: tuple[RunRecord, Timer] | None = None  # ended, its output not yet read
         self._after_stop: list[Callable[[], None]] = []
         self._restart_requested = False
         self._run_counter = 0
@@ -324,7 +343,9 @@ class Supervisor:
             for fd in (out_r, out_w, err_r, err_w):
                 os.close(fd)
             reason = e.strerror or str(e)
-            record = RunRecord(run, 0, now, mono, now, 127, None, f"{self.workload.path}: {reason}")
+            record = RunRecord(
+                run, 0, now, mono, now, 127, None, f"{self.workload.path}: {reason}", ended_mono=mono
+            )
             self._remember(record)
             self.note(f"{self.workload.name}: cannot start {self.workload.path}: {reason}")
             self._after_exit(record)
@@ -336,8 +357,8 @@ class Supervisor:
         self.state = State.RUNNING
         self.reaper.watch(pid, self._on_reaped)
         prefix = b"[" + self._prefix + b"] "
-        self.pipes.add(_Pipe(self, out_r, "stdout", prefix))
-        self.pipes.add(_Pipe(self, err_r, "stderr", b"[" + self._prefix + b":err] "))
+        self.pipes.add(_Pipe(self, out_r, "stdout", prefix, run))
+        self.pipes.add(_Pipe(self, err_r, "stderr", b"[" + self._prefix + b":err] ", run))
         self.note(f"{self.workload.name}: started run {run} as pid {pid}")
 
     def _remember(self, record: RunRecord) -> None:
@@ -354,6 +375,7 @@ class Supervisor:
         ended = replace(
             record,
             ended_at=time.time(),
+            ended_mono=time.monotonic(),
             exit_code=code if code >= 0 else None,
             signal=-code if code < 0 else None,
         )
@@ -362,6 +384,31 @@ class Supervisor:
         # The leader is gone: whatever is left of its process group goes too, so a restart
         # starts clean (orphans that left the group are still reaped when they exit).
         self._killpg(ended.pid, signal.SIGKILL)
+        # The run's last output may still sit in its pipes: SIGCHLD and the pipes' readability
+        # can arrive in either order. Read them to EOF before acting on the exit, so the last
+        # lines reach the console and the ring buffer before a restart or a power-off. Bounded:
+        # a descendant that left the group may hold the pipes open (they stay watched).
+        if any(p.run == ended.run for p in self.pipes):
+            self._draining = (ended, self.loop.call_later(self.drain, self._drained))
+        else:
+            self._exited(ended)
+
+    def on_pipe_closed(self, run: int) -> None:
+        draining = self._draining
+        if draining is not None and draining[0].run == run and all(p.run != run for p in self.pipes):
+            self._drained()
+
+    def _drained(self) -> None:
+        if self._draining is None:
+            return
+        ended, timer = self._draining
+        self._draining = None
+        timer.cancel()
+        for pipe in [p for p in self.pipes if p.run == ended.run]:
+            pipe.read_available()
+        self._exited(ended)
+
+    def _exited(self, ended: RunRecord) -> None:
         self.note(f"{self.workload.name}: run {ended.run} (pid {ended.pid}) {ended.describe()}")
         self._after_exit(ended)
 
@@ -379,7 +426,8 @@ class Supervisor:
                 self.state = State.STOPPED
             self._finish_stop()
             return
-        lasted = time.monotonic() - ended.started_mono
+        # From start to reaping: the time spent reading its last output does not count.
+        lasted = (ended.ended_mono or time.monotonic()) - ended.started_mono
         if lasted >= self.backoff.stable_after:
             self.quick_exits = 0
         if self.workload.restart.restarts_after(failed=ended.failed):
@@ -420,7 +468,7 @@ class Supervisor:
         if self._restart_timer is not None:
             self._restart_timer.cancel()
             self._restart_timer = None
-        if self.current is None:
+        if self.current is None and self._draining is None:
             # Not running (backoff, exited, never started): nothing to signal.
             if restart:
                 self.restarts += 1
@@ -435,6 +483,8 @@ class Supervisor:
         if self.state is State.STOPPING:
             return
         self.state = State.STOPPING
+        if self.current is None:
+            return  # it has exited; its output is being read, then _after_exit sees STOPPING
         pid = self.current.pid
         self.note(f"{self.workload.name}: stopping pid {pid} (SIGTERM, {self.grace:g} s grace)")
         self._killpg(pid, signal.SIGTERM)
