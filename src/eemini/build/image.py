@@ -133,9 +133,10 @@ def add_modules(ctx: Context) -> None:
     kpkg = ctx.lock.kernel
     with complete_step(f"Resolving {len(ctx.profile.modules)} kernel modules and their dependencies"):
         ctx.modules = ctx.kernel.load_order(list(ctx.profile.modules))
-    origin = Origin(Source.DEBIAN, kpkg.name, kpkg.version)
     for m in ctx.modules:
-        ctx.tree.file(str(m.path), m.source.read_bytes(), origin, "modules")
+        derived = None if m.path == m.packaged else str(m.packaged)
+        origin = Origin(Source.DEBIAN, kpkg.name, kpkg.version, derived)
+        ctx.tree.file(str(m.path), m.data(), origin, "modules")
 
 
 def add_python(ctx: Context) -> None:

@@ -28,9 +28,20 @@ def _name_of(path: Path) -> str:
 @dataclasses.dataclass(frozen=True)
 class Module:
     name: str
-    path: PurePosixPath  # path inside the image, absolute
+    path: PurePosixPath  # path inside the image, absolute (an .xz module is shipped decompressed)
     source: Path  # file in the unpacked kernel package
     depends: tuple[str, ...]
+    packaged: PurePosixPath  # the package's path of the file, absolute
+
+    def data(self) -> bytes:
+        """The module as the image ships it.
+
+        Debian compresses modules with xz; the kernel would decompress each one on every boot
+        (finit_module's MODULE_INIT_COMPRESSED_FILE), slowly under TCG. The initramfs is
+        compressed as a whole anyway, so its size hardly changes.
+        """
+        raw = self.source.read_bytes()
+        return lzma.decompress(raw) if self.source.name.endswith(".xz") else raw
 
 
 class KernelTree:
@@ -75,8 +86,10 @@ class KernelTree:
     def module(self, name: str) -> Module:
         info = self.modinfo(name)
         deps = sorted({d.replace("-", "_") for v in info.get("depends", []) for d in v.split(",") if d})
-        rel = self.files[name].relative_to(self.root)
-        return Module(name, PurePosixPath("/") / rel.as_posix(), self.files[name], tuple(deps))
+        source = self.files[name]
+        packaged = PurePosixPath("/") / source.relative_to(self.root).as_posix()
+        path = packaged.with_name(packaged.name.removesuffix(".xz"))
+        return Module(name, path, source, tuple(deps), packaged)
 
     def _soft_pre(self, name: str) -> list[str]:
         pre: list[str] = []

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path, PurePosixPath
 
+from eemini.guest.record import replace
 from eemini.spec import load_spec
 
 APP_DIR = PurePosixPath("/app")
@@ -25,6 +26,6 @@ def resolve(file: Path) -> ResolvedSpec:
     spec = load_spec(file)
     workload = Path(spec.workload.path)
     image_path = APP_DIR / workload.name
-    in_image = dataclasses.replace(spec.workload, path=str(image_path))
-    resolved = dataclasses.replace(spec, workload=in_image)
+    in_image = replace(spec.workload, path=str(image_path))
+    resolved = replace(spec, workload=in_image)
     return ResolvedSpec(resolved.canonical_json(), workload, image_path)

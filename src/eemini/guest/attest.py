@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import errno
 import os
-import secrets
 import struct
 import threading
 from collections.abc import Callable
@@ -160,7 +159,7 @@ class ConfigfsTsmBackend:
             self.check_available()
             # A private entry per request (the ABI's way to avoid conflicts); the random part
             # keeps two runtimes (or a leftover entry after a crash) from colliding.
-            entry = os.path.join(self.root, f"eemini-{os.getpid()}-{secrets.token_hex(8)}")
+            entry = os.path.join(self.root, f"eemini-{os.getpid()}-{os.urandom(8).hex()}")
             try:
                 self._mkdir(entry)
             except OSError as e:

@@ -19,8 +19,9 @@ import os
 import re
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
+
+from eemini.guest.record import field, record
 
 NETWORK_KEYS = ("EE_IP", "EE_GATEWAY", "EE_DNS")
 CONFIG_FILE = "agent.env"
@@ -47,7 +48,7 @@ class ConfigError(Exception):
     """Boot config that must stop the boot; the message names the key and the source."""
 
 
-@dataclass(frozen=True)
+@record
 class Setting:
     source: Source
     key: str
@@ -66,7 +67,7 @@ class Setting:
 # --- kernel cmdline ---
 
 
-@dataclass(frozen=True)
+@record
 class Cmdline:
     params: tuple[tuple[str, str | None], ...]
 
@@ -181,7 +182,7 @@ def parse_env(data: bytes, source: Source) -> list[Setting]:
 # --- policy ---
 
 
-@dataclass(frozen=True)
+@record
 class NetworkConfig:
     """Static network settings (EE_IP/EE_GATEWAY/EE_DNS), validated."""
 
@@ -190,7 +191,7 @@ class NetworkConfig:
     dns: tuple[ipaddress.IPv4Address, ...]
 
 
-@dataclass(frozen=True)
+@record
 class BootConfig:
     settings: tuple[Setting, ...] = ()
     env: dict[str, str] = field(default_factory=dict)  # allow_env keys for the workload
@@ -382,7 +383,7 @@ AZURE_USERDATA_PATH = "/metadata/instance/compute/userData?api-version=2021-01-0
 AZURE_CUSTOMDATA_PATH = "/metadata/instance/compute/customData?api-version=2019-02-01&format=text"
 
 
-@dataclass(frozen=True)
+@record
 class Fetch:
     """How hard to try a metadata server: short per-request timeout, a few attempts."""
 

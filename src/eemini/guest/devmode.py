@@ -11,9 +11,9 @@ import errno
 import os
 import secrets
 import sys
-from dataclasses import dataclass, field
 
 from eemini.guest.events import EventLog
+from eemini.guest.record import field, record
 from eemini.guest.rtmr import RuntimeMeasurer
 from eemini.guest.runtime import Runtime, RuntimeConfig
 from eemini.guest.server import Limits, socket_in_use
@@ -31,7 +31,7 @@ def default_socket() -> str:
     return os.path.join(base, "eemini", "agent.sock")
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class DevOptions:
     socket_path: str
     grace: float = 5.0

@@ -18,8 +18,9 @@ import socket
 import struct
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any, Protocol
+
+from eemini.guest.record import field, record
 
 SERVER_PORT = 67
 CLIENT_PORT = 68
@@ -80,7 +81,7 @@ class DhcpError(Exception):
 ZERO = ipaddress.IPv4Address(0)
 
 
-@dataclass(frozen=True)
+@record
 class Packet:
     op: int
     xid: int
@@ -195,7 +196,7 @@ def decode(data: bytes) -> Packet:
     )
 
 
-@dataclass(frozen=True)
+@record
 class Lease:
     address: ipaddress.IPv4Interface
     server: ipaddress.IPv4Address

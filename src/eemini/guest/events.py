@@ -12,10 +12,11 @@ import hashlib
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+
+from eemini.guest.record import record
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Event:
     seq: int
     kind: str  # e.g. "spec", "workload", "config", "separator"

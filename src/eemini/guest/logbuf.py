@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from dataclasses import dataclass
+
+from eemini.guest.record import record
 
 # Defaults: enough to debug a crash loop, small next to the runtime's own RSS.
 MAX_LINES = 2000
@@ -12,7 +13,7 @@ MAX_BYTES = 512 * 1024
 MAX_LINE_BYTES = 4096
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class LogLine:
     seq: int
     time: float  # wall clock, seconds since the epoch

@@ -20,7 +20,6 @@ import signal
 import sys
 import threading
 import time
-import traceback
 from collections import deque
 from collections.abc import Callable
 from types import FrameType
@@ -194,6 +193,8 @@ class EventLoop:
             callback()
         except Exception:
             # A bug in one callback must not take PID 1 down with it.
+            import traceback  # only on this path: it imports textwrap and more (boot time)
+
             print("eemini: error in event loop callback:", file=sys.stderr)
             traceback.print_exc(file=sys.stderr)
 

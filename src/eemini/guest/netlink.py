@@ -14,7 +14,8 @@ import socket
 import struct
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+
+from eemini.guest.record import record
 
 # <linux/netlink.h>
 NETLINK_ROUTE = 0
@@ -104,7 +105,7 @@ def parse_attrs(data: bytes) -> dict[int, bytes]:
     return out
 
 
-@dataclass(frozen=True)
+@record
 class Link:
     index: int
     name: str
@@ -122,13 +123,13 @@ class Link:
         return bool(self.flags & IFF_LOWER_UP)
 
 
-@dataclass(frozen=True)
+@record
 class Address:
     index: int
     address: ipaddress.IPv4Interface
 
 
-@dataclass(frozen=True)
+@record
 class Route:
     dst: ipaddress.IPv4Network
     gateway: ipaddress.IPv4Address | None

@@ -14,7 +14,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 from collections.abc import Iterator
-from dataclasses import dataclass
+
+from eemini.guest.record import record
 
 # SEC 2 v2, section 2.4.2 (secp256r1).
 P = 0xFFFFFFFF00000001000000000000000000000000FFFFFFFFFFFFFFFFFFFFFFFF
@@ -124,7 +125,7 @@ def _on_curve(x: int, y: int) -> bool:
     return (y * y - (x * x * x + A * x + B)) % P == 0
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class PublicKey:
     x: int
     y: int
@@ -164,7 +165,7 @@ class PublicKey:
         return _to_affine(point)[0] % N == r
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class PrivateKey:
     d: int
 

@@ -20,10 +20,10 @@ import os
 import signal
 import sys
 import time
-from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from eemini.guest import sys as ksys
+from eemini.guest.record import record
 
 MountSpec = tuple[str, str, str, int, str | None]
 
@@ -59,7 +59,7 @@ class BootFailure(Exception):
     """A reason to stop the boot that the operator must read (printed, then power-off)."""
 
 
-@dataclass(frozen=True)
+@record
 class Paths:
     """Where PID 1 reads its inputs; fixed in the image, moved only by tests."""
 
@@ -128,26 +128,49 @@ def load_modules(paths: list[str]) -> int:
     return loaded
 
 
+# Drivers only the power-button watch needs (it starts with the workload): when they come last in
+# the build-time order, the boot goes on without waiting for them.
+AFTER_WORKLOAD = frozenset({"button", "evdev"})
+
+
+def module_name(path: str) -> str:
+    return os.path.basename(path).split(".", 1)[0].replace("-", "_")
+
+
 class ModuleLoader:
-    """load_modules() on a thread, in the same order; join() before anything needs a driver."""
+    """load_modules() on a thread, in the same order.
+
+    wait_boot() before anything needs a driver: it returns once every module but the trailing
+    AFTER_WORKLOAD ones is loaded; join() once the power-button watch needs those too.
+    """
 
     def __init__(self, paths: list[str]) -> None:
         import threading
 
-        self.paths = paths
-        self.loaded = 0
-        self.elapsed = 0.0
+        boot = len(paths)
+        while boot > 0 and module_name(paths[boot - 1]) in AFTER_WORKLOAD:
+            boot -= 1
+        self.boot_paths, self.late_paths = paths[:boot], paths[boot:]
+        self.loaded = self.late_loaded = 0
+        self.elapsed = self.late_elapsed = 0.0
+        self.boot_done = threading.Event()
         self.thread = threading.Thread(target=self._run, name="eemini-modules", daemon=True)
 
     def _run(self) -> None:
         start = time.monotonic()
         try:
-            self.loaded = load_modules(self.paths)
+            self.loaded = load_modules(self.boot_paths)
         finally:
             self.elapsed = time.monotonic() - start
+            self.boot_done.set()
+        self.late_loaded = load_modules(self.late_paths)
+        self.late_elapsed = time.monotonic() - start
 
     def start(self) -> None:
         self.thread.start()
+
+    def wait_boot(self) -> None:
+        self.boot_done.wait()
 
     def join(self) -> None:
         self.thread.join()
@@ -242,8 +265,12 @@ class Boot:
         spec_bytes, spec = self.load_spec()
         sources = self.config_sources(image)
         preload_runtime()
-        loader.join()
-        console(f"{loader.loaded} of {len(modules)} kernel modules loaded in {loader.elapsed:.2f} s")
+        loader.wait_boot()
+        later = f"; {', '.join(map(module_name, loader.late_paths))} next" if loader.late_paths else ""
+        console(
+            f"{loader.loaded} of {len(loader.boot_paths)} kernel modules loaded in "
+            f"{loader.elapsed:.2f} s{later}"
+        )
         with contextlib.suppress(OSError):
             mount_all((CONFIGFS,))
         allow = spec.workload.allow_env
@@ -262,7 +289,16 @@ class Boot:
             console(f"boot config: {s.key} from {s.source} accepted ({s.digest[:23]}...)")
         backend, measurer = self.backend(image, cmdline)
         events = self.event_log(spec_bytes, spec.workload.path, config.settings, measurer)
-        self.serve(spec, token, backend, image=image, env=config.env, events=events, measurer=measurer)
+        self.serve(
+            spec,
+            token,
+            backend,
+            image=image,
+            env=config.env,
+            events=events,
+            measurer=measurer,
+            loader=loader,
+        )
 
     # --- steps ---
 
@@ -453,6 +489,7 @@ class Boot:
         env: Any,
         events: Any,
         measurer: Any = None,
+        loader: ModuleLoader | None = None,
     ) -> None:
         from eemini.guest.power import PowerWatch
         from eemini.guest.runtime import Runtime, RuntimeConfig
@@ -470,7 +507,6 @@ class Boot:
         runtime = Runtime(config, events=events, on_poweroff=power_off, measurer=measurer)
         watch = PowerWatch(runtime.loop, runtime.shutdown, console)
         watch.install_signals()
-        self.watch_buttons(watch, runtime.loop, retries=3)
         if self.dhcp_client is not None:
             from eemini.guest.dhcp import Renewer
 
@@ -487,6 +523,13 @@ class Boot:
             f"control socket {self.paths.socket}; workload {spec.workload.path} "
             f"started at uptime {uptime():.2f} s"
         )
+        if loader is not None and loader.late_paths:
+            loader.join()
+            console(
+                f"{loader.late_loaded} of {len(loader.late_paths)} more kernel modules loaded "
+                f"({loader.late_elapsed:.2f} s after the first)"
+            )
+        self.watch_buttons(watch, runtime.loop, retries=3)
         runtime.loop.run()
         # The loop only returns if something stopped it without powering off.
         raise BootFailure("the event loop ended")

@@ -11,8 +11,9 @@ import os
 import signal
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Protocol
+
+from eemini.guest.record import record
 
 # <linux/input-event-codes.h>
 EV_KEY = 0x01
@@ -24,7 +25,7 @@ INPUT_EVENT = struct.Struct("@llHHi")
 KEY_RELEASE, KEY_PRESS, KEY_REPEAT = 0, 1, 2
 
 
-@dataclass(frozen=True)
+@record
 class InputEvent:
     sec: int
     usec: int

@@ -16,7 +16,6 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 from eemini import __version__
@@ -30,6 +29,7 @@ from eemini.guest.attest import (
 from eemini.guest.events import EventLog
 from eemini.guest.logbuf import MAX_BYTES, MAX_LINES, LogBuffer
 from eemini.guest.loop import EventLoop
+from eemini.guest.record import field, record
 from eemini.guest.rtmr import RuntimeMeasurer
 from eemini.guest.server import Limits, Method, RequestError, Respond, Server, error
 from eemini.guest.spec import EnclaveSpec, OnExit
@@ -47,7 +47,7 @@ MAX_TAIL = MAX_LINES
 ATTEST_QUEUE = 16
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class RuntimeConfig:
     """Everything the runtime needs; PID 1 and dev mode fill it differently."""
 

@@ -21,12 +21,11 @@ import os
 import socket
 import stat
 import sys
-import traceback
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 from eemini.guest.loop import EventLoop, Timer
+from eemini.guest.record import field, record
 
 Response = dict[str, Any]
 Respond = Callable[[Response], None]
@@ -41,7 +40,7 @@ class RequestError(Exception):
         self.code = code
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Method:
     """A socket method: its handler and the parameters it accepts (name -> JSON type)."""
 
@@ -49,7 +48,7 @@ class Method:
     params: Mapping[str, type] = field(default_factory=dict)
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Limits:
     max_line: int = 64 * 1024  # bytes per request line, newline included
     max_connections: int = 256
@@ -439,6 +438,8 @@ class Server:
         except RequestError as e:
             respond(error(str(e), e.code))
         except Exception as e:
+            import traceback  # only on this path: it imports textwrap and more (boot time)
+
             print(f"eemini: control socket: {name} failed:", file=sys.stderr)
             traceback.print_exc(file=sys.stderr)
             respond(error(f"internal error in {name}: {type(e).__name__}", "internal"))

@@ -18,12 +18,12 @@ import base64
 import hashlib
 import struct
 import threading
-from dataclasses import dataclass
 from functools import cache
 
 from eemini.guest import der
 from eemini.guest.attest import REPORT_DATA_SIZE, check_quote
 from eemini.guest.p256 import PrivateKey, PublicKey, der_signature
+from eemini.guest.record import record
 
 # Public on purpose: these seeds *are* the development keys.
 DEV_SEEDS = {
@@ -69,7 +69,7 @@ def _sha384(label: str) -> bytes:
     return hashlib.sha384(label.encode()).digest()
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Measurements:
     """What the simulated TD report claims; all 48-byte SHA-384 sized values."""
 
@@ -174,7 +174,7 @@ def pem(der_bytes: bytes) -> bytes:
     return b"-----BEGIN CERTIFICATE-----\n" + b"\n".join(lines) + b"\n-----END CERTIFICATE-----\n"
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class DevChain:
     """The development keys and certificates (DER), built once per process."""
 

@@ -1,4 +1,4 @@
-"""The resolved enclave spec: canonical JSON in, a frozen dataclass out.
+"""The resolved enclave spec: canonical JSON in, a frozen record out.
 
 The host (`eemini.spec`) turns `enclave.toml` into the canonical JSON document; the guest reads
 only that document (`/etc/eemini/spec.json` in the image). Both sides validate with
@@ -12,8 +12,9 @@ import json
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Any, TypeVar
+
+from eemini.guest.record import field, record
 
 SPEC_VERSION = 1
 # POSIX portable environment names; '=' and NUL would corrupt envp.
@@ -112,7 +113,7 @@ def _reject_unknown(where: str, data: Mapping[str, object], known: tuple[str, ..
             raise SpecError(f"{name}: unknown key (known: {', '.join(known)})")
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class WorkloadSpec:
     path: str
     args: tuple[str, ...] = ()
@@ -145,7 +146,7 @@ class WorkloadSpec:
 _WORKLOAD_KEYS = ("path", "args", "env", "restart", "on_exit", "inherit_token", "allow_env")
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class EnclaveSpec:
     workload: WorkloadSpec
 

@@ -9,7 +9,6 @@ PID 1 that is automatic, in dev mode `PR_SET_CHILD_SUBREAPER` makes the same cod
 from __future__ import annotations
 
 import ctypes
-import dataclasses
 import enum
 import errno
 import os
@@ -17,10 +16,10 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 
 from eemini.guest.logbuf import LineSplitter, LogBuffer
 from eemini.guest.loop import EventLoop, Timer
+from eemini.guest.record import record, replace
 from eemini.guest.spec import WorkloadSpec
 
 # From <linux/prctl.h>.
@@ -146,7 +145,7 @@ class State(enum.StrEnum):
     EXITED = "exited"  # done for good under its restart policy
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Backoff:
     """Exponential restart delay: initial * factor**(n-1) for the n-th quick exit, capped.
 
@@ -165,7 +164,7 @@ class Backoff:
         return float(min(self.cap, self.initial * self.factor ** (quick_exits - 1)))
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class RunRecord:
     """One run of the workload. exit_code is set for a normal exit, signal when killed."""
 
@@ -373,7 +372,7 @@ class Supervisor:
         record = self.current
         assert record is not None
         code = os.waitstatus_to_exitcode(status)
-        ended = dataclasses.replace(
+        ended = replace(
             record,
             ended_at=time.time(),
             ended_mono=time.monotonic(),
