@@ -82,7 +82,7 @@ def main() -> None:
         print(f"warm-cache build time (local-dev, all outputs): {elapsed:.1f} s")
         print(f"UKI size (demo image, local-dev): {mib(s['uki'])} (target <= 20 MiB)")
         print("size breakdown (uncompressed):")
-        for label, key in (("kernel (vmlinuz)", "kernel"), ("kernel modules (.ko.xz)", "modules"),
+        for label, key in (("kernel (vmlinuz)", "kernel"), ("kernel modules (.ko)", "modules"),
                            ("Python runtime", "python-runtime"), ("guest runtime", "guest-runtime"),
                            ("workload + spec", "workload"), ("layout, /init, image facts", "layout"),
                            ("initramfs total", "initramfs")):  # fmt: skip
