@@ -6,13 +6,11 @@ import ipaddress
 import json
 import socket
 import struct
-import subprocess
-from pathlib import Path
 
 import pytest
 
 from eemini.guest import dhcp
-from netns import namespaces, needs_root, python_in, veth
+from netns import namespaces, needs_root, python_in, start_dhcp_server, veth
 
 MAC = bytes.fromhex("525400123456")
 
@@ -160,15 +158,10 @@ with netlink.Netlink() as nl:
 
 @needs_root
 def test_dhcp_exchange_over_veth() -> None:
-    server_script = Path(__file__).parent / "dhcp_server.py"
     with namespaces("srv", "cli") as (srv, cli):
         veth(srv, "eesrv0", cli, "eth0")
-        for argv in (["addr", "add", "10.77.0.1/24", "dev", "eesrv0"], ["link", "set", "eesrv0", "up"]):
-            subprocess.run(["ip", "-n", srv, *argv], check=True)
-        server = python_in(srv, [str(server_script), "eesrv0", "10.77.0.1", "10.77.0.50", "6", "1"])
+        server = start_dhcp_server(srv, "eesrv0", lease=6, t1=1)
         try:
-            assert server.stdout is not None
-            assert json.loads(server.stdout.readline()) == {"ready": True}
             client = python_in(cli, ["-c", CLIENT])
             out, err = client.communicate(timeout=60)
             assert client.returncode == 0, err

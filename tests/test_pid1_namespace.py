@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from netns import namespaces, python_in, veth
+from netns import namespaces, start_dhcp_server, veth
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="PID namespaces need root")
 
@@ -258,15 +258,10 @@ def test_static_network_from_boot_config(tmp_path: Path) -> None:
 def test_dhcp_lease_and_renewal_as_pid1(tmp_path: Path) -> None:
     # GREETING doubles as "how long the workload stays" so the 1 s renewal timer fires meanwhile.
     _prepare(tmp_path, "console=ttyS0 ee.dev=1 ee.GREETING=6", "net", network="dhcp")
-    server_script = Path(__file__).parent / "dhcp_server.py"
     with namespaces("vm", "srv") as (vm, srv):
         veth(vm, "eth0", srv, "eesrv0")
-        for argv in (["addr", "add", "10.77.0.1/24", "dev", "eesrv0"], ["link", "set", "eesrv0", "up"]):
-            subprocess.run(["ip", "-n", srv, *argv], check=True)
-        server = python_in(srv, [str(server_script), "eesrv0", "10.77.0.1", "10.77.0.50", "60", "1"])
+        server = start_dhcp_server(srv, "eesrv0", lease=60, t1=1)
         try:
-            assert server.stdout is not None
-            assert json.loads(server.stdout.readline()) == {"ready": True}
             proc = _boot(tmp_path, vm)
             _, err = proc.communicate(timeout=60)
         finally:
