@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import datetime
 import hashlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -209,38 +210,58 @@ def _signed_json_chain(
     return chain
 
 
-def check_tcb_info(ctx: Context, collateral: Collateral) -> tuple[TcbInfo, tuple[Cert, ...]]:
-    key = digest(collateral.tcb_info.encode(), collateral.tcb_info_signature,
-                  collateral.tcb_info_issuer_chain.encode())  # fmt: skip
-    info = ctx.cache.tcb_infos.get(key)
-    chain = _signed_json_chain(ctx, collateral.tcb_info, collateral.tcb_info_signature,
-                               collateral.tcb_info_issuer_chain, "TCB info",
-                               verified=info is not None)  # fmt: skip
-    if info is None:
+_Signed = TypeVar("_Signed", TcbInfo, QeIdentity)
+
+
+def _check_signed_json(
+    ctx: Context,
+    text: str,
+    signature: bytes,
+    chain_pem: str,
+    what: str,
+    *,
+    cache: dict[bytes, _Signed],
+    parse: Callable[[str], _Signed],
+) -> tuple[_Signed, tuple[Cert, ...]]:
+    # TCB info and QE identity are checked alike: cached by digest of what was signed, the
+    # signature only on a cache miss, the issue/next-update window always.
+    key = digest(text.encode(), signature, chain_pem.encode())
+    doc = cache.get(key)
+    chain = _signed_json_chain(ctx, text, signature, chain_pem, what, verified=doc is not None)
+    if doc is None:
         try:
-            info = parse_tcb_info(collateral.tcb_info)
+            doc = parse(text)
         except CollateralParseError as e:
             raise CollateralInvalid(str(e)) from None
-        ctx.cache.tcb_infos[key] = info
-    _check_window(ctx, info.issue_date, info.next_update, "TCB info")
+        cache[key] = doc
+    _check_window(ctx, doc.issue_date, doc.next_update, what)
+    return doc, chain
+
+
+def check_tcb_info(ctx: Context, collateral: Collateral) -> tuple[TcbInfo, tuple[Cert, ...]]:
+    info, chain = _check_signed_json(
+        ctx,
+        collateral.tcb_info,
+        collateral.tcb_info_signature,
+        collateral.tcb_info_issuer_chain,
+        "TCB info",
+        cache=ctx.cache.tcb_infos,
+        parse=parse_tcb_info,
+    )
     ctx.passed("tcb-info")
     return info, chain
 
 
 def check_qe_identity(ctx: Context, collateral: Collateral) -> tuple[QeIdentity, tuple[Cert, ...]]:
-    key = digest(collateral.qe_identity.encode(), collateral.qe_identity_signature,
-                  collateral.qe_identity_issuer_chain.encode())  # fmt: skip
-    identity = ctx.cache.qe_identities.get(key)
-    chain = _signed_json_chain(ctx, collateral.qe_identity, collateral.qe_identity_signature,
-                               collateral.qe_identity_issuer_chain, "QE identity",
-                               verified=identity is not None)  # fmt: skip
-    if identity is None:
-        try:
-            identity = parse_qe_identity(collateral.qe_identity)
-        except CollateralParseError as e:
-            raise CollateralInvalid(str(e)) from None
-        ctx.cache.qe_identities[key] = identity
-    _check_window(ctx, identity.issue_date, identity.next_update, "QE identity")
+    identity, chain = _check_signed_json(
+        ctx,
+        collateral.qe_identity,
+        collateral.qe_identity_signature,
+        collateral.qe_identity_issuer_chain,
+        "QE identity",
+        cache=ctx.cache.qe_identities,
+        parse=parse_qe_identity,
+    )
     ctx.passed("qe-identity-collateral")
     return identity, chain
 
