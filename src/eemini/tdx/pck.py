@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import binascii
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from cryptography import x509
@@ -194,15 +195,21 @@ def pem_blocks(pem: bytes, what: str) -> list[bytes]:
     return blocks
 
 
-def load_pem_certificate(block: bytes, what: str, index: int) -> x509.Certificate:
+def _load_certificate(
+    load: Callable[[bytes], x509.Certificate], data: bytes, what: str, index: int
+) -> x509.Certificate:
     try:
-        cert = x509.load_pem_x509_certificate(block)
+        cert = load(data)
         # cryptography decodes these lazily; touch them now so a malformed certificate fails
         # here, as a parse error, instead of in the middle of a check.
         _ = (cert.not_valid_before_utc, cert.not_valid_after_utc, cert.signature_hash_algorithm)
     except (ValueError, UnsupportedAlgorithm) as e:
         raise CertificateParseError(f"{what}: certificate {index} does not parse: {e}") from None
     return cert
+
+
+def load_pem_certificate(block: bytes, what: str, index: int) -> x509.Certificate:
+    return _load_certificate(x509.load_pem_x509_certificate, block, what, index)
 
 
 def pem_block_der(block: bytes, what: str, index: int) -> bytes:
@@ -218,14 +225,7 @@ def pem_block_der(block: bytes, what: str, index: int) -> bytes:
 
 
 def load_der_certificate(der: bytes, what: str, index: int) -> x509.Certificate:
-    try:
-        cert = x509.load_der_x509_certificate(der)
-        # cryptography decodes these lazily; touch them now so a malformed certificate fails
-        # here, as a parse error, instead of in the middle of a check.
-        _ = (cert.not_valid_before_utc, cert.not_valid_after_utc, cert.signature_hash_algorithm)
-    except (ValueError, UnsupportedAlgorithm) as e:
-        raise CertificateParseError(f"{what}: certificate {index} does not parse: {e}") from None
-    return cert
+    return _load_certificate(x509.load_der_x509_certificate, der, what, index)
 
 
 def load_pem_chain(pem: bytes, what: str) -> list[x509.Certificate]:
