@@ -206,18 +206,20 @@ def _parse_enclave_report(r: _Reader, field: str) -> EnclaveReport:
     return EnclaveReport(cpu_svn, misc, attributes, mr_enclave, mr_signer, prod_id, isv_svn, data, raw)
 
 
+def _certification_type(r: _Reader, field: str, want: CertificationDataType) -> int:
+    at = r.pos
+    got = r.u16(field)
+    if got != want:
+        raise QuoteParseError(
+            field, at, f"{want.value} ({want.name})", _enum_name(CertificationDataType, got)
+        )
+    return got
+
+
 def _parse_certification(r: _Reader) -> CertificationData:
     # A.3.9 / A.3.10: outer certification data must be type 6, whose body is the QE report, its
     # signature, the QE authentication data and an inner certification data (type 5 PEM chain).
-    at = r.pos
-    ctype = r.u16("certification_data.type")
-    if ctype != CertificationDataType.QE_REPORT_CERTIFICATION_DATA:
-        raise QuoteParseError(
-            "certification_data.type",
-            at,
-            "6 (QE_REPORT_CERTIFICATION_DATA)",
-            _enum_name(CertificationDataType, ctype),
-        )
+    _certification_type(r, "certification_data.type", CertificationDataType.QE_REPORT_CERTIFICATION_DATA)
     size_at = r.pos
     size = r.u32("certification_data.size")
     if size > r.end - r.pos:
@@ -229,15 +231,9 @@ def _parse_certification(r: _Reader) -> CertificationData:
     qe_sig = inner.take("qe_report_signature", layout.ECDSA_SIGNATURE_SIZE)
     auth_len = inner.u16("qe_auth_data.size")
     auth = inner.take("qe_auth_data", auth_len)
-    ptype_at = inner.pos
-    ptype = inner.u16("pck_certification_data.type")
-    if ptype != CertificationDataType.PCK_CERT_CHAIN:
-        raise QuoteParseError(
-            "pck_certification_data.type",
-            ptype_at,
-            "5 (PCK_CERT_CHAIN)",
-            _enum_name(CertificationDataType, ptype),
-        )
+    ptype = _certification_type(
+        inner, "pck_certification_data.type", CertificationDataType.PCK_CERT_CHAIN
+    )
     psize_at = inner.pos
     psize = inner.u32("pck_certification_data.size")
     if psize != inner.end - inner.pos:
