@@ -28,6 +28,9 @@ from typing import Any
 
 from eemini.guest.loop import EventLoop, Timer
 
+# sizeof(sockaddr_un.sun_path) on Linux, NUL included.
+_SUN_PATH_MAX = 108
+
 Response = dict[str, Any]
 Respond = Callable[[Response], None]
 Handler = Callable[[dict[str, Any], Respond], None]
@@ -292,13 +295,22 @@ class Server:
                 raise OSError(errno.EADDRINUSE, f"another runtime is serving {self.path}")
             os.unlink(self.path)  # a stale socket from an earlier run
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old_umask = os.umask(0o177)  # the socket is born 0600: no window where others connect
+        # Bind under a temporary name, listen, then rename: the path appears only once it accepts
+        # connections (a client polling for it never sees ECONNREFUSED), already mode 0600.
+        tmp = f"{self.path}.{os.getpid()}.tmp"
+        if len(os.fsencode(tmp)) >= _SUN_PATH_MAX:
+            tmp = self.path  # no room for the temporary name: bind in place
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        old_umask = os.umask(0o177)
         try:
-            sock.bind(self.path)
+            sock.bind(tmp)
         finally:
             os.umask(old_umask)
-        os.chmod(self.path, 0o600)
+        os.chmod(tmp, 0o600)
         sock.listen(min(socket.SOMAXCONN, 4096))
+        if tmp != self.path:
+            os.rename(tmp, self.path)
         sock.setblocking(False)
         self.listener = sock
         self.loop.add_reader(sock.fileno(), self._on_accept)
