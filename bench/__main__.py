@@ -6,7 +6,10 @@ import importlib
 import sys
 
 # Each module defines main() -> None and prints its own figures on stdout.
-BENCHMARKS: list[str] = ["runtime"]
+BENCHMARKS: list[str] = [
+    "runtime",
+    "verify",
+]
 
 
 def main() -> int:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 @dataclass
 class Behaviour:
-    kind: str  # "gce" | "azure"
+    kind: str  # "gce" | "azure" | "both" (one endpoint answering both APIs by path)
     gce_config: bytes | None = None
     azure_userdata: bytes | None = None
     azure_customdata: bytes | None = None
@@ -58,7 +58,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             b.fail_first -= 1
             self._send(503, b"starting", "text/plain")
             return
-        if b.kind == "gce":
+        if b.kind == "gce" or (b.kind == "both" and self.path.startswith("/computeMetadata/")):
             self._gce(b)
         else:
             self._azure(b)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import json
 import struct
 from dataclasses import dataclass
 
@@ -78,56 +79,74 @@ def raw_sign(key: ec.EllipticCurvePrivateKey, data: bytes) -> bytes:
     return r.to_bytes(32, "big") + s.to_bytes(32, "big")
 
 
+def _pem(*certs: x509.Certificate) -> bytes:
+    return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs)
+
+
 @dataclass(frozen=True)
 class DevChain:
     root_key: ec.EllipticCurvePrivateKey
     root: x509.Certificate
     pck_key: ec.EllipticCurvePrivateKey
     pck: x509.Certificate
+    ca_key: ec.EllipticCurvePrivateKey | None = None
+    ca: x509.Certificate | None = None  # the PCK's issuer when there is an intermediate
 
     @property
     def root_pem(self) -> bytes:
-        return self.root.public_bytes(serialization.Encoding.PEM)
+        return _pem(self.root)
 
     @property
     def chain_pem(self) -> bytes:
-        return (
-            b"".join(c.public_bytes(serialization.Encoding.PEM) for c in (self.pck, self.root)) + b"\0"
-        )
+        middle = (self.ca,) if self.ca is not None else ()
+        return _pem(self.pck, *middle, self.root) + b"\0"
 
 
-def make_chain(fmspc: bytes = bytes.fromhex("00906ed50000"), seed: int = 1) -> DevChain:
+def _cert(
+    subject: str,
+    issuer: x509.Certificate | None,
+    issuer_key: ec.EllipticCurvePrivateKey,
+    key: ec.EllipticCurvePrivateKey,
+    serial: int,
+    ca: bool,
+    extra: x509.UnrecognizedExtension | None = None,
+) -> x509.Certificate:
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(_name(subject))
+        .issuer_name(issuer.subject if issuer is not None else _name(subject))
+        .public_key(key.public_key())
+        .serial_number(serial)
+        .not_valid_before(NOT_BEFORE)
+        .not_valid_after(NOT_AFTER)
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=1 if ca else None), critical=True)
+    )
+    if extra is not None:
+        builder = builder.add_extension(extra, critical=False)
+    return builder.sign(issuer_key, hashes.SHA256())
+
+
+def make_chain(
+    fmspc: bytes = bytes.fromhex("00906ed50000"),
+    seed: int = 1,
+    intermediate: bool = False,
+    components: tuple[int, ...] = (1,) * 16,
+    pce_svn: int = 11,
+) -> DevChain:
+    """root -> PCK (as the runtime's simulated quotes), or root -> PCK CA -> PCK (as Intel's)."""
     root_key = ec.derive_private_key(1000 + seed, ec.SECP256R1())
     pck_key = ec.derive_private_key(2000 + seed, ec.SECP256R1())
-    root = (
-        x509.CertificateBuilder()
-        .subject_name(_name("EasyEnclave Mini development root"))
-        .issuer_name(_name("EasyEnclave Mini development root"))
-        .public_key(root_key.public_key())
-        .serial_number(seed)
-        .not_valid_before(NOT_BEFORE)
-        .not_valid_after(NOT_AFTER)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=1), critical=True)
-        .sign(root_key, hashes.SHA256())
+    root = _cert("EasyEnclave Mini development root", None, root_key, root_key, seed, True)
+    ext = x509.UnrecognizedExtension(
+        x509.ObjectIdentifier(SGX_OID), sgx_extension(fmspc, components, pce_svn)
     )
-    pck = (
-        x509.CertificateBuilder()
-        .subject_name(_name("EasyEnclave Mini development PCK"))
-        .issuer_name(root.subject)
-        .public_key(pck_key.public_key())
-        .serial_number(100 + seed)
-        .not_valid_before(NOT_BEFORE)
-        .not_valid_after(NOT_AFTER)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.UnrecognizedExtension(
-                x509.ObjectIdentifier(SGX_OID), sgx_extension(fmspc, (1,) * 16, 11)
-            ),
-            critical=False,
-        )
-        .sign(root_key, hashes.SHA256())
-    )
-    return DevChain(root_key, root, pck_key, pck)
+    if not intermediate:
+        pck = _cert("EasyEnclave Mini development PCK", root, root_key, pck_key, 100 + seed, False, ext)
+        return DevChain(root_key, root, pck_key, pck)
+    ca_key = ec.derive_private_key(4000 + seed, ec.SECP256R1())
+    ca = _cert("EasyEnclave Mini development PCK CA", root, root_key, ca_key, 50 + seed, True)
+    pck = _cert("EasyEnclave Mini development PCK", ca, ca_key, pck_key, 100 + seed, False, ext)
+    return DevChain(root_key, root, pck_key, pck, ca_key, ca)
 
 
 TD_REPORT_10_DEFAULTS: dict[str, bytes] = {
@@ -150,7 +169,14 @@ TD_REPORT_10_DEFAULTS: dict[str, bytes] = {
 TD_REPORT_15_EXTRA: dict[str, bytes] = {"tee_tcb_svn2": b"\0" * 16, "mr_servicetd": b"\0" * 48}
 
 
-def build_quote(chain: DevChain, version: int = 4, attestation_seed: int = 7, **fields: bytes) -> bytes:
+def build_quote(
+    chain: DevChain,
+    version: int = 4,
+    attestation_seed: int = 7,
+    qe_report_data_tail: bytes = b"\0" * 32,
+    qe_isv_svn: int = 4,
+    **fields: bytes,
+) -> bytes:
     values = dict(TD_REPORT_10_DEFAULTS)
     if version == 5:
         values |= TD_REPORT_15_EXTRA
@@ -164,7 +190,7 @@ def build_quote(chain: DevChain, version: int = 4, attestation_seed: int = 7, **
     nums = att_key.public_key().public_numbers()
     att_pub = nums.x.to_bytes(32, "big") + nums.y.to_bytes(32, "big")
     auth = bytes(range(32))
-    qe_report_data = hashlib.sha256(att_pub + auth).digest() + b"\0" * 32
+    qe_report_data = hashlib.sha256(att_pub + auth).digest() + qe_report_data_tail
     qe_report = (
         b"\0" * 16  # cpu_svn
         + struct.pack("<I", 0)
@@ -174,7 +200,7 @@ def build_quote(chain: DevChain, version: int = 4, attestation_seed: int = 7, **
         + b"\0" * 32
         + b"\x44" * 32  # mr_signer
         + b"\0" * 96
-        + struct.pack("<HH", 2, 4)  # isv_prod_id, isv_svn
+        + struct.pack("<HH", 2, qe_isv_svn)  # isv_prod_id, isv_svn
         + b"\0" * 60
         + qe_report_data
     )
@@ -185,3 +211,90 @@ def build_quote(chain: DevChain, version: int = 4, attestation_seed: int = 7, **
     signed = header + body
     sig_data = raw_sign(att_key, signed) + att_pub + struct.pack("<HI", 6, len(cert6)) + cert6
     return signed + struct.pack("<I", len(sig_data)) + sig_data
+
+
+def _crl(issuer: x509.Certificate, key: ec.EllipticCurvePrivateKey, revoked: tuple[int, ...]) -> bytes:
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(issuer.subject)
+        .last_update(NOT_BEFORE)
+        .next_update(NOT_AFTER)
+    )
+    for serial in revoked:
+        builder = builder.add_revoked_certificate(
+            x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(NOT_BEFORE).build()
+        )
+    return builder.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.DER)
+
+
+def tcb_level(
+    sgx: int, pce: int, tdx: tuple[int, ...], status: str, advisories: tuple[str, ...] = ()
+) -> dict[str, object]:
+    level: dict[str, object] = {
+        "tcb": {
+            "sgxtcbcomponents": [{"svn": sgx} for _ in range(16)],
+            "pcesvn": pce,
+            "tdxtcbcomponents": [{"svn": t} for t in tdx + (0,) * (16 - len(tdx))],
+        },
+        "tcbDate": "2024-03-13T00:00:00Z",
+        "tcbStatus": status,
+    }
+    if advisories:
+        level["advisoryIDs"] = list(advisories)
+    return level
+
+
+TCB_SIGNING_KEY = ec.derive_private_key(5000, ec.SECP256R1())
+DEFAULT_LEVELS = (
+    tcb_level(1, 11, (3, 0, 4), "UpToDate"),
+    tcb_level(1, 11, (2, 0, 2), "OutOfDate", ("INTEL-SA-00837",)),
+)
+
+
+def make_collateral(
+    chain: DevChain,
+    levels: tuple[dict[str, object], ...] = DEFAULT_LEVELS,
+    module_identities: list[dict[str, object]] | None = None,
+    qe_levels: tuple[tuple[int, str], ...] = ((4, "UpToDate"), (2, "OutOfDate")),
+    revoked_by_root: tuple[int, ...] = (),
+    revoked_by_ca: tuple[int, ...] = (),
+    fmspc: str = "00906ED50000",
+) -> str:
+    """QuoteCollateralV3 JSON for `chain` (which must have an intermediate CA), signed like Intel's."""
+    assert chain.ca is not None and chain.ca_key is not None
+    signer_key = TCB_SIGNING_KEY
+    signer = _cert(
+        "EasyEnclave Mini development TCB signing", chain.root, chain.root_key, signer_key, 77, False
+    )
+    info: dict[str, object] = {
+        "id": "TDX", "version": 3,
+        "issueDate": "2024-06-01T00:00:00Z", "nextUpdate": "2030-01-01T00:00:00Z",
+        "fmspc": fmspc, "pceId": "0000", "tcbType": 0, "tcbEvaluationDataNumber": 17,
+        "tdxModule": {"mrsigner": "00" * 48, "attributes": "00" * 8, "attributesMask": "ff" * 8},
+        "tcbLevels": list(levels),
+    }  # fmt: skip
+    if module_identities is not None:
+        info["tdxModuleIdentities"] = module_identities
+    qe: dict[str, object] = {
+        "id": "TD_QE", "version": 2,
+        "issueDate": "2024-06-01T00:00:00Z", "nextUpdate": "2030-01-01T00:00:00Z",
+        "tcbEvaluationDataNumber": 17, "miscselect": "00000000", "miscselectMask": "FFFFFFFF",
+        "attributes": "11" + "00" * 15, "attributesMask": "FB" + "FF" * 7 + "00" * 8,
+        "mrsigner": "44" * 32, "isvprodid": 2,
+        "tcbLevels": [{"tcb": {"isvsvn": svn}, "tcbDate": "2024-03-13T00:00:00Z", "tcbStatus": st}
+                      for svn, st in qe_levels],
+    }  # fmt: skip
+    tcb_text = json.dumps(info, separators=(",", ":"))
+    qe_text = json.dumps(qe, separators=(",", ":"))
+    signer_chain = _pem(signer, chain.root).decode()
+    return json.dumps({
+        "pck_crl_issuer_chain": _pem(chain.ca, chain.root).decode(),
+        "root_ca_crl": _crl(chain.root, chain.root_key, revoked_by_root).hex(),
+        "pck_crl": _crl(chain.ca, chain.ca_key, revoked_by_ca).hex(),
+        "tcb_info_issuer_chain": signer_chain,
+        "tcb_info": tcb_text,
+        "tcb_info_signature": raw_sign(signer_key, tcb_text.encode()).hex(),
+        "qe_identity_issuer_chain": signer_chain,
+        "qe_identity": qe_text,
+        "qe_identity_signature": raw_sign(signer_key, qe_text.encode()).hex(),
+    })  # fmt: skip

@@ -402,3 +402,32 @@ def test_azure_not_base64() -> None:
             bc.read_azure(bc.Fetch(host="127.0.0.1", port=srv.server_address[1], timeout=1, attempts=1))
     finally:
         srv.shutdown()
+
+
+IDNA_SCRIPT = r"""
+import sys
+sys.modules["encodings.idna"] = None  # like the image's trimmed standard library
+import socket
+from eemini.guest import bootconfig as bc
+port = int(sys.argv[1])
+try:
+    socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    print("create_connection works")
+except LookupError as e:
+    print("create_connection:", e)
+print(bc.read_gce(bc.Fetch(host="127.0.0.1", port=port, timeout=2, attempts=1)))
+"""
+
+
+def test_metadata_fetch_works_without_the_idna_codec() -> None:
+    server = Server(Behaviour("gce", gce_config=b"A=1\n")).start()
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", IDNA_SCRIPT, str(server.port)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+    finally:
+        server.shutdown()
+    assert proc.stdout == "create_connection: unknown encoding: idna\nb'A=1\\n'\n", proc.stderr

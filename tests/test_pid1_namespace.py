@@ -1,38 +1,218 @@
-"""PID 1 as the init of a fresh PID + mount namespace: the closest thing to a VM without one.
+"""PID 1 as the init of fresh PID + mount + network namespaces: the whole boot sequence (minus
+kernel modules and hardware) without a VM, in a second or two.
 
 reboot(2) with POWER_OFF inside a non-initial PID namespace ends that namespace, and its init is
 reported as killed by SIGINT (pid_namespaces(7)): that is our "clean power-off" signal here.
+The harness bind-mounts a test directory on /mnt inside the private mount namespace and points
+PID 1's `Paths` there (the image's /etc/eemini is not touched).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="PID namespaces need root")
 
+HARNESS = r"""
+import sys
+from eemini.guest import sys as k, pid1
+k.mount("none", "/", None, k.MS_REC | k.MS_PRIVATE)
+k.mount(sys.argv[1], "/mnt", None, k.MS_BIND)
+pid1.main(pid1.Paths(
+    image_json="/mnt/image.json", spec_json="/mnt/spec.json", cmdline="/mnt/cmdline",
+    socket="/mnt/run/agent.sock", resolv_conf="/mnt/resolv.conf",
+    sys_input="/mnt/no-input", dev_input="/mnt/no-input",
+))
+"""
 
-def test_early_pid1_announces_and_powers_off() -> None:
-    proc = subprocess.run(
+# The workload: stdlib Python run by the host interpreter, talking raw JSON to the socket.
+WORKLOAD = r"""#!PYTHON
+import json, os, signal, socket, sys, time
+
+def call(req):
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(os.environ.get("EE_SOCKET_PATH", "/mnt/run/agent.sock"))
+    s.sendall(json.dumps(req).encode() + b"\n")
+    f = s.makefile("rb")
+    line = f.readline()
+    s.close()
+    return json.loads(line)
+
+mode = sys.argv[1]
+print("greeting", os.environ.get("GREETING"), flush=True)
+if mode == "checks":
+    g = socket.socket(socket.AF_UNIX)
+    g.connect("/mnt/run/agent.sock")
+    g.sendall(b"\xff\xfe garbage {{{\n")
+    print("garbage answer", json.loads(g.makefile("rb").readline())["code"], flush=True)
+    g.close()
+    token = os.environ["EE_TOKEN"]
+    print("token length", len(token), flush=True)
+    print("health", call({"method": "health", "token": token})["ok"], flush=True)
+    a = call({"method": "attest", "token": token, "report_data_b64": "AAEC"})
+    print("attest", a["ok"], a["attestation_type"], [e["kind"] for e in a["events"]], flush=True)
+    config = [(e["source"], e["key"]) for e in a["events"] if e["kind"] == "config"]
+    print("config events", config, flush=True)
+    if os.fork() == 0:
+        if os.fork() == 0:
+            time.sleep(0.3)
+            os._exit(0)
+        os._exit(0)
+    os.wait()
+    time.sleep(0.6)
+    pids = [p for p in os.listdir("/proc") if p.isdigit()]
+    zombies = [p for p in pids if open(f"/proc/{p}/stat").read().split(") ")[1][0] == "Z"]
+    print("zombies", zombies, flush=True)
+elif mode == "wait":
+    signal.signal(signal.SIGTERM, lambda *a: (os.write(1, b"got SIGTERM\n"), os._exit(0)))
+    print("waiting", flush=True)
+    while True:
+        time.sleep(1)
+"""
+
+
+def _prepare(tmp: Path, cmdline: str, mode: str, **image: object) -> Path:
+    work = tmp / "work.py"
+    work.write_text(
+        WORKLOAD.replace("PYTHON", sys.executable.replace(".venv/bin/python", ".venv/bin/python"))
+    )
+    work.chmod(0o755)
+    spec = {
+        "version": 1,
+        "workload": {
+            "path": "/mnt/work.py",
+            "args": [mode],
+            "env": {},
+            "restart": "never",
+            "on_exit": "poweroff",
+            "inherit_token": True,
+            "allow_env": ["GREETING"],
+        },
+    }
+    (tmp / "spec.json").write_text(json.dumps(spec, sort_keys=True, separators=(",", ":")))
+    facts: dict[str, object] = {
+        "modules": [],
+        "attestation": "simulated",
+        "network": "none",
+        "config_sources": ["cmdline"],
+    }
+    facts.update(image)
+    (tmp / "image.json").write_text(json.dumps(facts))
+    (tmp / "cmdline").write_text(cmdline + "\n")
+    return tmp
+
+
+def _boot(tmp: Path) -> subprocess.Popen[str]:
+    return subprocess.Popen(
         [
             "unshare",
             "-m",
             "-p",
             "-f",
+            "-n",
+            "--mount-proc",
             sys.executable,
             "-c",
-            "from eemini.guest import pid1; pid1.main()",
+            HARNESS,
+            os.fspath(tmp),
         ],
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=60,
-        check=False,
     )
-    assert proc.returncode == -signal.SIGINT, proc.stderr
-    lines = proc.stderr.splitlines()
+
+
+def _lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.strip()]
+
+
+def test_boot_serve_workload_and_power_off(tmp_path: Path) -> None:
+    _prepare(tmp_path, "console=ttyS0 quiet ee.dev=1 ee.GREETING=hi", "checks")
+    proc = _boot(tmp_path)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == -signal.SIGINT, err
+    lines = _lines(err)
     assert lines[0].startswith(f"eemini: PID 1 starting (kernel {os.uname().release}, uptime ")
-    assert lines[-1].startswith("eemini: powering off (")
+    assert "eemini: 0 of 0 kernel modules loaded in" in lines[1]
+    assert "eemini: network: none (this image has no network)" in lines
+    assert any(
+        line.startswith("eemini: boot config: GREETING from cmdline accepted (sha384:") for line in lines
+    )
+    assert (
+        "eemini: attestation: simulated (local-dev image; quotes are signed by a development key)"
+        in lines
+    )
+    assert "[work.py] greeting hi" in lines
+    assert "[work.py] garbage answer bad_request" in lines
+    assert "[work.py] token length 64" in lines
+    assert "[work.py] health True" in lines
+    assert "[work.py] attest True simulated ['spec', 'workload', 'config', 'separator']" in lines
+    assert "[work.py] config events [('cmdline', 'GREETING')]" in lines
+    assert "[work.py] zombies []" in lines
+    assert lines[-1].startswith("eemini: powering off (workload done for good (exited with status 0")
+
+
+def test_forbidden_key_stops_the_boot(tmp_path: Path) -> None:
+    _prepare(tmp_path, "console=ttyS0 ee.dev=1 ee.PATH=/evil", "checks")
+    proc = _boot(tmp_path)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGINT, err
+    assert _lines(err)[-2:] == [
+        "eemini: boot failed: boot config key 'PATH' from cmdline is not allowed "
+        "(allowed: EE_DNS, EE_GATEWAY, EE_IP, GREETING)",
+        "eemini: powering off (boot failed)",
+    ]
+    assert "[work.py]" not in err
+
+
+def test_simulated_backend_needs_the_cmdline_marker(tmp_path: Path) -> None:
+    _prepare(tmp_path, "console=ttyS0", "checks")
+    proc = _boot(tmp_path)
+    _, err = proc.communicate(timeout=60)
+    assert _lines(err)[-2:] == [
+        "eemini: boot failed: image.json asks for simulated attestation but the cmdline lacks ee.dev=1",
+        "eemini: powering off (boot failed)",
+    ]
+
+
+def test_production_backend_refuses_without_tdx(tmp_path: Path) -> None:
+    _prepare(tmp_path, "console=ttyS0", "checks", attestation="configfs-tsm")
+    proc = _boot(tmp_path)
+    _, err = proc.communicate(timeout=60)
+    assert _lines(err)[-2].startswith(
+        "eemini: boot failed: refusing to start without TDX: configfs-tsm is not available:"
+    )
+
+
+def test_sigterm_stops_the_workload_gracefully(tmp_path: Path) -> None:
+    _prepare(tmp_path, "console=ttyS0 ee.dev=1", "wait")
+    proc = _boot(tmp_path)
+    try:
+        assert proc.stderr is not None
+        deadline = time.monotonic() + 60
+        seen = []
+        while time.monotonic() < deadline:
+            line = proc.stderr.readline()
+            seen.append(line)
+            if line.strip() == "[work.py] waiting":
+                break
+        else:
+            pytest.fail("the workload never started:\n" + "".join(seen))
+        # The namespace's PID 1 is unshare's only child.
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        os.kill(int(children[0]), signal.SIGTERM)
+        _, rest = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    lines = _lines(rest)
+    assert "[work.py] got SIGTERM" in lines
+    assert lines[-1] == "eemini: powering off (SIGTERM received)"
+    assert proc.returncode == -signal.SIGINT

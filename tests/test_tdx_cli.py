@@ -70,6 +70,11 @@ def test_verify_usage_and_parse_errors_exit_2(tmp_path: Path) -> None:
         "found 24 (quote truncated)\n"
     )
     assert _eemini("verify", str(tmp_path / "missing.bin")).returncode == 2
+    proc = _eemini("verify", str(bad), "--at", "99999999999999")
+    assert (proc.returncode, proc.stderr) == (
+        2,
+        "eemini verify: error: --at 99999999999999 is not a Unix time between 1970 and 9999\n",
+    )
     assert _eemini("verify").returncode == 2
     chain = make_chain()
     q = tmp_path / "q.bin"
@@ -118,6 +123,7 @@ def test_quote_show_text_and_json(tmp_path: Path) -> None:
     assert out["body_type"] == "TD_REPORT_15"
     assert out["td_report"]["mr_td"] == "7d" * 48
     assert out["td_report"]["mr_servicetd"] == "00" * 48
+    assert out["td_report"]["td_attributes_flags"]["names"] == ["SEPT_VE_DISABLE"]
     proc = _eemini("quote", "show", str(q))
     assert proc.returncode == 0
     assert f"td_report.rtmr3: {'13' * 48}\n" in proc.stdout

@@ -219,3 +219,12 @@ def test_mr_servicetd_option_on_a_real_v5_quote() -> None:
     v = verify(raw, None, lenient.replace(require_zero_mr_servicetd=False), e["verify_at"])
     assert v.attributes.mr_servicetd_zero is False
     assert v.tcb_status == "NotEvaluated"
+
+
+def test_collateral_written_by_dcap_qvl_is_read_as_is() -> None:
+    d, e = _load("dcap-qvl__tdx_quote.bin")
+    text = (d / e["collateral_file"]).read_text()
+    rewritten = dcap_qvl.QuoteCollateralV3.from_json(text).to_json()
+    assert parse_collateral(rewritten) == parse_collateral(text)
+    v = verify((d / e["file"]).read_bytes(), parse_collateral(rewritten), Policy(), e["verify_at"])
+    assert v.tcb_status == "UpToDate"

@@ -18,7 +18,7 @@ from conftest import shared_testdata
 from eemini.tdx import errors
 from eemini.tdx.collateral import parse_collateral
 from eemini.tdx.errors import QuoteError, QuoteParseError
-from eemini.tdx.pck import _tlvs
+from eemini.tdx.pck import split_der
 from eemini.tdx.policy import Policy
 from eemini.tdx.quote import parse_quote
 from eemini.tdx.verify import verify
@@ -243,7 +243,7 @@ def test_fuzz_parser_and_verifier_mutated_quote(flips: list[tuple[int, int]], cu
 @given(st.binary(max_size=300))
 def test_fuzz_der_reader(data: bytes) -> None:
     try:
-        _tlvs(data, "fuzz")
+        split_der(data, "fuzz")
     except errors.CertificateParseError:
         pass
 
@@ -260,4 +260,45 @@ def test_fuzz_signed_collateral_json(key: str, pos: int, char: str) -> None:
     try:
         _verify(raw, mutated)
     except QuoteError:
+        pass
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-5, 300) | st.text(max_size=12),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=150, deadline=None, database=None)
+@given(st.data())
+def test_fuzz_collateral_parsers_structured(data: st.DataObject) -> None:
+    from eemini.tdx.collateral import parse_qe_identity, parse_tcb_info
+
+    d = shared_testdata("quotes")
+    doc = json.loads((d / "trustee__tdx_quote_6.collateral.json").read_text())
+    which = data.draw(st.sampled_from(["tcb_info", "qe_identity"]))
+    obj = json.loads(doc[which])
+    # Replace one value somewhere in the signed document by arbitrary JSON.
+    path_obj: Any = obj
+    while True:
+        keys = list(path_obj) if isinstance(path_obj, dict) else list(range(len(path_obj)))
+        if not keys:
+            break
+        k = data.draw(st.sampled_from(keys))
+        if isinstance(path_obj[k], dict | list) and data.draw(st.booleans()):
+            path_obj = path_obj[k]
+            continue
+        path_obj[k] = data.draw(_JSON)
+        break
+    parse = parse_tcb_info if which == "tcb_info" else parse_qe_identity
+    try:
+        parse(json.dumps(obj))
+    except errors.CollateralParseError:
+        pass
+    try:
+        parse_collateral(json.dumps({**doc, which: data.draw(_JSON)}))
+    except errors.CollateralParseError:
         pass

@@ -29,6 +29,8 @@ COMMANDS: dict[str, str] = {
     "quote": "eemini.commands.quote",
     "verify": "eemini.commands.verify",
     "measure": "eemini.commands.measure",
+    "build": "eemini.commands.build",
+    "lock": "eemini.commands.lock",
 }
 
 

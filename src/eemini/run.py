@@ -313,6 +313,7 @@ def netdev(cfg: VmConfig) -> str:
 
 def qemu_command(cfg: VmConfig, accel: str, vars_copy: Path, config_disk: Path | None) -> list[str]:
     qemu = find_tool("qemu-system-x86_64", "to boot images", "qemu-system-x86")
+    disk = cfg.disk.resolve()  # QEMU runs in the per-run work directory
     argv = [
         qemu, "-machine", f"q35,accel={accel},smm=off", "-cpu", "max",
         "-m", cfg.memory, "-smp", str(cfg.cpus),
@@ -320,7 +321,7 @@ def qemu_command(cfg: VmConfig, accel: str, vars_copy: Path, config_disk: Path |
         "-chardev", "stdio,id=ser0,signal=off", "-serial", "chardev:ser0",
         "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}",
         "-drive", f"if=pflash,format=raw,unit=1,file={vars_copy}",
-        "-drive", f"if=none,id=disk0,format={disk_format(cfg.disk)},snapshot=on,file={cfg.disk}",
+        "-drive", f"if=none,id=disk0,format={disk_format(disk)},snapshot=on,file={disk}",
         "-device", "virtio-blk-pci,drive=disk0,bootindex=0",
         "-netdev", netdev(cfg), "-device", "virtio-net-pci,netdev=net0,romfile=",
         "-device", "virtio-rng-pci",

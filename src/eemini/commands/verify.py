@@ -58,6 +58,9 @@ def run(args: argparse.Namespace) -> int:
     from eemini.tdx.roots import INTEL_ROOT, development_root
     from eemini.tdx.verify import verify
 
+    # datetime handles years 1970..9999; anything else is a typo, not a time.
+    if args.at is not None and not 0 <= args.at < 253_402_300_800:
+        die(f"--at {args.at} is not a Unix time between 1970 and 9999", exit_code=2)
     data = read_quote_bytes(args.quote)
     try:
         quote = parse_quote(data)

@@ -20,6 +20,7 @@ import re
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 NETWORK_KEYS = ("EE_IP", "EE_GATEWAY", "EE_DNS")
 CONFIG_FILE = "agent.env"
@@ -348,6 +349,28 @@ class Fetch:
     backoff: float = 0.5
 
 
+def _connection(fetch: Fetch) -> Any:
+    import http.client
+    import socket
+
+    class Connection(http.client.HTTPConnection):
+        """Connects to the numeric address itself: socket.create_connection() would go through
+        getaddrinfo(), which encodes every str host with the idna codec, and the image's trimmed
+        standard library does not carry it (nor does a metadata IP need a resolver)."""
+
+        def connect(self) -> None:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            sock.settimeout(self.timeout)
+            try:
+                sock.connect((self.host, self.port))
+            except BaseException:
+                sock.close()
+                raise
+            self.sock = sock
+
+    return Connection(fetch.host, fetch.port, timeout=fetch.timeout)
+
+
 def http_get(
     fetch: Fetch, path: str, headers: dict[str, str]
 ) -> tuple[int, dict[str, str], bytes] | None:
@@ -356,7 +379,7 @@ def http_get(
 
     delay = fetch.backoff
     for attempt in range(fetch.attempts):
-        conn = http.client.HTTPConnection(fetch.host, fetch.port, timeout=fetch.timeout)
+        conn = _connection(fetch)
         try:
             conn.request("GET", path, headers=headers)
             resp = conn.getresponse()

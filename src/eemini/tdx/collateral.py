@@ -226,15 +226,14 @@ def _load(text: str, what: str) -> _Doc:
 
 
 def _svns(doc: _Doc, key: str) -> tuple[int, ...]:
-    out = []
-    for i, c in enumerate(doc.items(key)):
-        svn = _Doc(c, f"{doc.where}.{key}[{i}]").uint("svn")
-        if svn > 255:
-            raise CollateralParseError(f"{doc.where}.{key}[{i}].svn exceeds 255")
-        out.append(svn)
+    items = doc.items(key)
+    out = tuple(c.get("svn") if isinstance(c, dict) else None for c in items)
+    for i, svn in enumerate(out):
+        if not isinstance(svn, int) or isinstance(svn, bool) or not 0 <= svn <= 255:
+            raise CollateralParseError(f"{doc.where}.{key}[{i}].svn must be an integer 0..255")
     if len(out) != 16:
         raise CollateralParseError(f"{doc.where}.{key}: expected 16 components, found {len(out)}")
-    return tuple(out)
+    return out  # type: ignore[return-value]
 
 
 def _isv_levels(doc: _Doc) -> tuple[IsvTcbLevel, ...]:

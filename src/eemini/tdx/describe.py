@@ -50,6 +50,7 @@ def quote_to_dict(quote: Quote) -> dict[str, Any]:
         "td_report": {
             **{k: v.hex() for k, v in report_fields(report).items()},
             "td_attributes_flags": {
+                "names": list(report.td_attribute_names),
                 "debug": report.debug,
                 "sept_ve_disable": report.sept_ve_disable,
                 "reserved_bits": f"0x{report.reserved_attributes:016x}",
@@ -114,7 +115,7 @@ def verified_to_dict(v: VerifiedQuote) -> dict[str, Any]:
         },
         "checks": list(v.checks),
         "mr_td": v.report.mr_td.hex(),
-        "rtmrs": [r.hex() for r in v.report.rtmrs],
+        **{f"rtmr{i}": r.hex() for i, r in enumerate(v.report.rtmrs)},
         "report_data": v.report.report_data.hex(),
     }
 

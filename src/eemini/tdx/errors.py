@@ -105,6 +105,10 @@ class FmspcMismatch(VerificationError):
     check = "fmspc"
 
 
+class PceIdMismatch(VerificationError):
+    check = "pce-id"
+
+
 class TcbLevelNotFound(VerificationError):
     check = "tcb-level"
 

@@ -9,7 +9,8 @@ reader below decodes just what the profile uses.
 
 from __future__ import annotations
 
-import re
+import binascii
+import functools
 from dataclasses import dataclass
 
 from cryptography import x509
@@ -46,29 +47,38 @@ class PckExtension:
     platform_instance_id: bytes | None
 
 
-def _tlvs(data: bytes, what: str) -> list[tuple[int, bytes]]:
+def split_der(data: bytes, what: str) -> list[tuple[int, bytes]]:
     """Split DER `data` into (tag, value) pairs; raises CertificateParseError on malformed input."""
-    out: list[tuple[int, bytes]] = []
+    return [(tag, data[start:end]) for tag, _, start, end in der_spans(data, what)]
+
+
+def der_spans(data: bytes, what: str) -> list[tuple[int, int, int, int]]:
+    """Split DER `data` into (tag, header start, value start, value end) offsets."""
+    out: list[tuple[int, int, int, int]] = []
     pos = 0
-    while pos < len(data):
-        if len(data) - pos < 2:
+    size = len(data)
+    while pos < size:
+        if size - pos < 2:
             raise CertificateParseError(f"{what}: truncated DER at byte {pos}")
         tag = data[pos]
+        head = pos
         length = data[pos + 1]
         pos += 2
         if length & 0x80:
             n = length & 0x7F
-            if n == 0 or n > 4 or len(data) - pos < n:
+            if n == 0 or n > 4 or size - pos < n:
                 raise CertificateParseError(f"{what}: bad DER length at byte {pos - 1}")
             length = int.from_bytes(data[pos : pos + n], "big")
             pos += n
-        if len(data) - pos < length:
+        end = pos + length
+        if end > size:
             raise CertificateParseError(f"{what}: DER value overruns its container at byte {pos}")
-        out.append((tag, data[pos : pos + length]))
-        pos += length
+        out.append((tag, head, pos, end))
+        pos = end
     return out
 
 
+@functools.lru_cache(maxsize=512)
 def _oid(value: bytes) -> str:
     if not value:
         return ""
@@ -84,12 +94,12 @@ def _oid(value: bytes) -> str:
 
 def _pairs(der: bytes, what: str) -> dict[str, tuple[int, bytes]]:
     """SEQUENCE OF SEQUENCE { OID, value } -> {oid: (tag, value)}."""
-    outer = _tlvs(der, what)
+    outer = split_der(der, what)
     if len(outer) != 1 or outer[0][0] != _TAG_SEQUENCE:
         raise CertificateParseError(f"{what}: expected one SEQUENCE")
     result: dict[str, tuple[int, bytes]] = {}
-    for tag, item in _tlvs(outer[0][1], what):
-        parts = _tlvs(item, what) if tag == _TAG_SEQUENCE else []
+    for tag, item in split_der(outer[0][1], what):
+        parts = split_der(item, what) if tag == _TAG_SEQUENCE else []
         if len(parts) != 2 or parts[0][0] != _TAG_OID:
             raise CertificateParseError(f"{what}: expected SEQUENCE {{ OID, value }}")
         result[_oid(parts[0][1])] = parts[1]
@@ -164,23 +174,60 @@ def _der_wrap(tag: int, value: bytes) -> bytes:
     return bytes([tag, 0x80 | len(size)]) + size + value
 
 
-_PEM_RE = re.compile(rb"-----BEGIN CERTIFICATE-----\r?\n.+?\r?\n-----END CERTIFICATE-----", re.S)
+_PEM_BEGIN = b"-----BEGIN CERTIFICATE-----"
+_PEM_END = b"-----END CERTIFICATE-----"
+
+
+def pem_blocks(pem: bytes, what: str) -> list[bytes]:
+    """The PEM certificate blocks of a concatenated chain, leaf first (real quotes end with a NUL)."""
+    blocks: list[bytes] = []
+    start = pem.find(_PEM_BEGIN)
+    while start >= 0:
+        end = pem.find(_PEM_END, start)
+        if end < 0:
+            raise CertificateParseError(f"{what}: certificate {len(blocks)} has no END line")
+        end += len(_PEM_END)
+        blocks.append(pem[start:end])
+        start = pem.find(_PEM_BEGIN, end)
+    if not blocks:
+        raise CertificateParseError(f"{what}: no PEM certificate found")
+    return blocks
+
+
+def load_pem_certificate(block: bytes, what: str, index: int) -> x509.Certificate:
+    try:
+        cert = x509.load_pem_x509_certificate(block)
+        # cryptography decodes these lazily; touch them now so a malformed certificate fails
+        # here, as a parse error, instead of in the middle of a check.
+        _ = (cert.not_valid_before_utc, cert.not_valid_after_utc, cert.signature_hash_algorithm)
+    except (ValueError, UnsupportedAlgorithm) as e:
+        raise CertificateParseError(f"{what}: certificate {index} does not parse: {e}") from None
+    return cert
+
+
+def pem_block_der(block: bytes, what: str, index: int) -> bytes:
+    """The DER inside one PEM certificate block (as returned by pem_blocks)."""
+    body = block[len(_PEM_BEGIN) : -len(_PEM_END)]
+    try:
+        der = binascii.a2b_base64(body, strict_mode=False)
+    except binascii.Error as e:
+        raise CertificateParseError(f"{what}: certificate {index} is not valid base64: {e}") from None
+    if not der:
+        raise CertificateParseError(f"{what}: certificate {index} is empty")
+    return der
+
+
+def load_der_certificate(der: bytes, what: str, index: int) -> x509.Certificate:
+    try:
+        cert = x509.load_der_x509_certificate(der)
+        # cryptography decodes these lazily; touch them now so a malformed certificate fails
+        # here, as a parse error, instead of in the middle of a check.
+        _ = (cert.not_valid_before_utc, cert.not_valid_after_utc, cert.signature_hash_algorithm)
+    except (ValueError, UnsupportedAlgorithm) as e:
+        raise CertificateParseError(f"{what}: certificate {index} does not parse: {e}") from None
+    return cert
 
 
 def load_pem_chain(pem: bytes, what: str) -> list[x509.Certificate]:
-    """Certificates of a concatenated PEM chain, leaf first. Real quotes end the chain with a NUL."""
-    blocks = _PEM_RE.findall(pem)
-    if not blocks:
-        raise CertificateParseError(f"{what}: no PEM certificate found")
-    certs = []
-    for i, block in enumerate(blocks):
-        try:
-            cert = x509.load_pem_x509_certificate(block)
-            # cryptography decodes these lazily; touch them now so a malformed certificate fails
-            # here, as a parse error, instead of in the middle of a check.
-            _ = (cert.subject, cert.issuer, cert.not_valid_before_utc, cert.not_valid_after_utc)
-            _ = (cert.extensions, cert.public_key(), cert.signature_hash_algorithm)
-        except (ValueError, UnsupportedAlgorithm) as e:
-            raise CertificateParseError(f"{what}: certificate {i} does not parse: {e}") from None
-        certs.append(cert)
-    return certs
+    """Certificates of a concatenated PEM chain, leaf first."""
+    return [load_pem_certificate(b, what, i) for i, b in enumerate(pem_blocks(pem, what))]

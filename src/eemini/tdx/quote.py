@@ -72,6 +72,11 @@ class TdReport:
         return int.from_bytes(self.td_attributes, "little")
 
     @property
+    def td_attribute_names(self) -> tuple[str, ...]:
+        value = self.td_attributes_value
+        return tuple(str(f.name) for f in TdAttribute if f.value & value)
+
+    @property
     def debug(self) -> bool:
         # Any bit of the TUD group (7:0) means the TD is not a production TD; bit 0 is DEBUG.
         return self.td_attributes_value & layout.TD_ATTR_TUD_MASK != 0

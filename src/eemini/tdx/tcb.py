@@ -22,6 +22,7 @@ from eemini.tdx.collateral import IsvTcbLevel, QeIdentity, TcbInfo, TcbLevel, Tc
 from eemini.tdx.errors import (
     CollateralInvalid,
     FmspcMismatch,
+    PceIdMismatch,
     QeIdentityMismatch,
     TcbLevelNotFound,
 )
@@ -75,6 +76,11 @@ def match_platform_level(tcb_info: TcbInfo, pck: PckExtension, report: TdReport)
         raise FmspcMismatch(
             f"PCK certificate FMSPC {pck.fmspc.hex().upper()} differs from the TCB info's "
             f"{tcb_info.fmspc.hex().upper()}"
+        )
+    if pck.pce_id != tcb_info.pce_id:
+        raise PceIdMismatch(
+            f"PCK certificate PCE-ID {pck.pce_id.hex().upper()} differs from the TCB info's "
+            f"{tcb_info.pce_id.hex().upper()}"
         )
     if tcb_info.id != "TDX" or tcb_info.version < 3:
         raise CollateralInvalid(

@@ -1,0 +1,1 @@
+"""The image builder: pinned Debian inputs -> initramfs -> UKI -> per-profile disk images."""

@@ -1,0 +1,233 @@
+"""Fetch pinned Debian packages through apt with a private configuration, into a verified cache.
+
+The mirror is read from the host's own apt sources at run time (no mirror host is written
+anywhere); the package lists, the apt state and the downloaded `.deb`s live in the user's cache
+directory, never in the host's apt state and never in the repository.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from eemini.log import complete_step, die, log_debug
+from eemini.proc import find_tool, run
+
+# The Debian release the image is built from, and the suites searched for it (point releases
+# and security updates; the cloud kernel's security builds live in the latter).
+SUITE = "trixie"
+ARCH = "amd64"
+
+
+def cache_dir() -> Path:
+    """Where downloads are kept: $EEMINI_CACHE_DIR, else $XDG_CACHE_HOME/eemini, else ~/.cache/eemini."""
+    if env := os.environ.get("EEMINI_CACHE_DIR"):
+        return Path(env)
+    if xdg := os.environ.get("XDG_CACHE_HOME"):
+        return Path(xdg) / "eemini"
+    return Path.home() / ".cache" / "eemini"
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    uri: str
+    signed_by: str | None
+    security: bool
+
+
+def _deb822_paragraphs(text: str) -> Iterator[dict[str, str]]:
+    for block in re.split(r"\n\s*\n", text):
+        fields: dict[str, str] = {}
+        key = None
+        for line in block.splitlines():
+            if line.startswith("#") or not line.strip():
+                continue
+            if line[0] in " \t" and key is not None:
+                fields[key] += "\n" + line.strip()
+                continue
+            key, _, value = line.partition(":")
+            key = key.strip()
+            fields[key] = value.strip()
+        if fields:
+            yield fields
+
+
+def host_sources(etc: Path = Path("/etc/apt")) -> list[Source]:
+    """The Debian archive URIs the host's apt is configured with (deb822 and one-line formats)."""
+    found: list[Source] = []
+    for path in sorted((etc / "sources.list.d").glob("*.sources")):
+        for para in _deb822_paragraphs(path.read_text()):
+            if "deb" not in para.get("Types", "").split() or para.get("Enabled", "yes") == "no":
+                continue
+            suites = para.get("Suites", "").split()
+            for uri in para.get("URIs", "").split():
+                found.append(
+                    Source(
+                        uri.rstrip("/"),
+                        para.get("Signed-By"),
+                        any(s.endswith("-security") for s in suites),
+                    )
+                )
+    lists = [etc / "sources.list", *sorted((etc / "sources.list.d").glob("*.list"))]
+    for path in lists:
+        if not path.is_file():
+            continue
+        for line in path.read_text().splitlines():
+            m = re.match(r"\s*deb\s+(?:\[(?P<opts>[^]]*)\]\s+)?(?P<uri>\S+)\s+(?P<suite>\S+)", line)
+            if not m:
+                continue
+            signed = re.search(r"signed-by=(\S+)", m["opts"] or "")
+            found.append(
+                Source(
+                    m["uri"].rstrip("/"), signed[1] if signed else None, m["suite"].endswith("-security")
+                )
+            )
+    # Only Debian's own archive layout is useful here (the security archive is a separate tree).
+    return [s for s in found if s.uri.startswith(("http://", "https://", "file:"))]
+
+
+def sources_list(sources: list[Source]) -> str:
+    main = next((s for s in sources if not s.security), None)
+    if main is None:
+        die(
+            "the host's apt sources name no Debian archive to fetch packages from",
+            hint="configure a Debian mirror in /etc/apt/sources.list.d/*.sources",
+        )
+    security = next((s for s in sources if s.security), None)
+    lines = []
+    for src, suite in ((main, SUITE), (security, f"{SUITE}-security")):
+        if src is None:
+            continue
+        opts = f"[arch={ARCH} signed-by={src.signed_by}] " if src.signed_by else f"[arch={ARCH}] "
+        lines.append(f"deb {opts}{src.uri} {suite} main\n")
+    return "".join(lines)
+
+
+class Apt:
+    """apt-get/apt-cache with a private state under the cache directory."""
+
+    def __init__(self, root: Path | None = None) -> None:
+        self.root = (root or cache_dir()) / "apt"
+        self.updated = False
+
+    def _options(self) -> list[str]:
+        etc = self.root / "etc"
+        return [
+            f"-oDir::Etc::sourcelist={etc / 'sources.list'}",
+            "-oDir::Etc::sourceparts=-",
+            "-oDir::Etc::preferencesparts=-",
+            f"-oDir::Etc::preferences={etc / 'preferences'}",
+            f"-oDir::State={self.root / 'state'}",
+            f"-oDir::State::Lists={self.root / 'lists'}",
+            f"-oDir::State::status={etc / 'status'}",
+            f"-oDir::Cache={self.root / 'cache'}",
+            f"-oDir::Cache::Archives={self.root / 'archives'}",
+            "-oDir::Cache::pkgcache=",
+            "-oDir::Cache::srcpkgcache=",
+            f"-oAPT::Architecture={ARCH}",
+            f"-oAPT::Architectures={ARCH}",
+            "-oAPT::Get::List-Cleanup=0",
+            "-oDebug::NoLocking=1",
+            "-oAcquire::Languages=none",
+            # Downloads go to a root-owned temporary directory the _apt user cannot write.
+            "-oAPT::Sandbox::User=root",
+        ]
+
+    def _prepare(self) -> None:
+        etc = self.root / "etc"
+        for d in (etc, self.root / "state", self.root / "lists" / "partial", self.root / "cache",
+                  self.root / "archives" / "partial"):  # fmt: skip
+            d.mkdir(parents=True, exist_ok=True)
+        (etc / "sources.list").write_text(sources_list(host_sources()))
+        (etc / "preferences").touch()
+        (etc / "status").touch()
+
+    def update(self) -> None:
+        find_tool("apt-get", "to fetch the pinned Debian packages", "apt")
+        self._prepare()
+        with complete_step(f"Refreshing the Debian {SUITE} package lists"):
+            run(["apt-get", "-q", *self._options(), "update"], capture=True)
+        self.updated = True
+
+    def have_lists(self) -> bool:
+        return any((self.root / "lists").glob("*_Packages*"))
+
+    def show(self, name: str, version: str | None = None) -> dict[str, str] | None:
+        """The package record of name=version (or the candidate), None when the lists lack it."""
+        if not self.have_lists():
+            self.update()
+        self._prepare()
+        spec = f"{name}={version}" if version else name
+        proc = run(["apt-cache", *self._options(), "show", "--no-all-versions", spec],
+                   capture=True, check=False)  # fmt: skip
+        if proc.returncode != 0 or not proc.stdout.strip():
+            return None
+        paras = list(_deb822_paragraphs(proc.stdout.decode()))
+        return paras[0] if paras else None
+
+    def download(self, name: str, version: str, dest: Path) -> Path:
+        """Download name=version into dest (a directory); return the file apt wrote."""
+        self._prepare()
+        proc = run(["apt-get", "-q", *self._options(), "download", f"{name}={version}"],
+                   capture=True, check=False, cwd=dest)  # fmt: skip
+        if proc.returncode != 0:
+            err = proc.stderr.decode(errors="replace").strip().splitlines()
+            die(
+                f"apt could not download {name} {version}: {err[-1] if err else 'no reason given'}",
+                hint="if the Debian archive no longer offers this version, run `eemini lock --update` "
+                "to pin what it offers now (this changes the image and its measurements)",
+            )
+        debs = list(dest.glob("*.deb"))
+        if len(debs) != 1:
+            die(f"apt download of {name} {version} left {len(debs)} files instead of one .deb")
+        return debs[0]
+
+
+def sha256_bytes_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fetch(apt: Apt, name: str, version: str, sha256: str) -> Path:
+    """The cached .deb of name=version, downloading and verifying it first when needed.
+
+    The cache is content-addressed (debs/<sha256>.deb); a file enters it only after its hash
+    matched the lock, so a bad download never stays around.
+    """
+    debs = apt.root.parent / "debs"
+    debs.mkdir(parents=True, exist_ok=True)
+    final = debs / f"{sha256}.deb"
+    if final.is_file():
+        if sha256_bytes_of(final) == sha256:
+            return final
+        log_debug(f"removing corrupted cache entry {final}")
+        final.unlink()
+    if not apt.updated and apt.show(name, version) is None:
+        apt.update()
+    with (
+        complete_step(f"Downloading {name} {version}"),
+        tempfile.TemporaryDirectory(dir=debs, prefix=".partial-") as tmp,
+    ):
+        got = apt.download(name, version, Path(tmp))
+        actual = sha256_bytes_of(got)
+        if actual != sha256:
+            die(
+                f"{name} {version} downloaded with sha256 {actual}, but the lock file pins {sha256}",
+                hint="the download was discarded; if the archive really changed this package, "
+                "review it and run `eemini lock --update`, otherwise check the mirror and retry",
+            )
+        os.replace(got, final)
+    return final
+
+
+def clear_lists(apt: Apt) -> None:
+    shutil.rmtree(apt.root / "lists", ignore_errors=True)

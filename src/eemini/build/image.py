@@ -1,0 +1,230 @@
+"""`eemini build`: the recipe, one verb-named step after another."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from eemini import __version__
+from eemini.build import compress, cpio, disk, elf, kmod, manifest, pyruntime, uki
+from eemini.build.apt import Apt
+from eemini.build.deb import unpacked
+from eemini.build.lock import Lock, Role
+from eemini.build.profile import Output, Profile
+from eemini.build.spec import ResolvedSpec
+from eemini.build.tree import PROJECT, Origin, Source, Tree
+from eemini.log import complete_step, die
+
+STUB = "usr/lib/systemd/boot/efi/linuxx64.efi.stub"
+INIT = b'''#!/usr/bin/python3.13 -IS
+"""PID 1 of an EasyEnclave Mini image (written by `eemini build`): start the guest runtime."""
+import sys
+
+sys.path.insert(0, "/usr/lib/eemini")
+from eemini.guest.pid1 import main
+
+main()
+'''
+CATEGORIES = ("modules", "python-runtime", "guest-runtime", "workload", "layout")
+
+
+@dataclasses.dataclass(frozen=True)
+class Built:
+    out: Path
+    outputs: dict[str, Path]
+    tree: Tree
+    sizes: dict[str, int]
+    uki_sha256: str
+
+
+@dataclasses.dataclass
+class Context:
+    profile: Profile
+    lock: Lock
+    spec: ResolvedSpec
+    out: Path
+    work: Path
+    apt: Apt
+    compression: compress.Compression = compress.DEFAULT
+    roots: dict[str, Path] = dataclasses.field(default_factory=dict)
+    tree: Tree = dataclasses.field(default_factory=Tree)
+    modules: list[kmod.Module] = dataclasses.field(default_factory=list)
+    kernel: kmod.KernelTree | None = None
+    outputs: dict[str, Path] = dataclasses.field(default_factory=dict)
+    sizes: dict[str, int] = dataclasses.field(default_factory=dict)
+
+
+def build(profile: Profile, lock: Lock, spec: ResolvedSpec, out: Path,
+          extra_manifest: dict[str, Any] | None = None) -> Built:  # fmt: skip
+    """Build every output of `profile` into `out` (replacing what an earlier build left there)."""
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out, prefix=".work-") as tmp:
+        ctx = Context(profile, lock, spec, out, Path(tmp), Apt())
+        check_workload(ctx)
+        fetch_packages(ctx)
+        add_layout(ctx)
+        add_modules(ctx)
+        add_python(ctx)
+        add_image_facts(ctx)
+        initrd = make_initramfs(ctx)
+        image = make_uki(ctx, initrd)
+        make_disks(ctx, image)
+        write_manifest(ctx, extra_manifest or {})
+    return Built(out, ctx.outputs, ctx.tree, ctx.sizes, hashlib.sha256(image).hexdigest())
+
+
+def check_workload(ctx: Context) -> None:
+    try:
+        data = ctx.spec.workload.read_bytes()
+    except OSError as e:
+        die(f"cannot read the workload {ctx.spec.workload}: {e.strerror}")
+    elf.check_static_workload(data, os.fspath(ctx.spec.workload))
+    ctx.tree.file(str(ctx.spec.image_path), data, Origin(Source.WORKLOAD), "workload", executable=True)
+
+
+def fetch_packages(ctx: Context) -> None:
+    with complete_step(f"Fetching {len(ctx.lock.packages)} pinned Debian packages"):
+        for pkg in ctx.lock.packages:
+            ctx.roots[pkg.name] = unpacked(ctx.apt, pkg)
+    ctx.kernel = kmod.KernelTree(ctx.roots[ctx.lock.kernel.name])
+
+
+def add_layout(ctx: Context) -> None:
+    t = ctx.tree
+    for d in ("/proc", "/sys", "/run", "/etc/eemini", "/var/lib/easyenclave", "/root"):
+        t.dir(d)
+    t.dir("/tmp", mode=0o1777)
+    t.dir("/dev")
+    # The kernel opens /dev/console for init's stdio before anything is mounted (init/main.c
+    # console_on_rootfs), so the node must be in the archive itself.
+    t.chardev("/dev/console", 5, 1, 0o600)
+    t.chardev("/dev/null", 1, 3, 0o666)
+    t.file("/init", INIT, PROJECT, "layout", executable=True)
+
+
+def add_modules(ctx: Context) -> None:
+    assert ctx.kernel is not None
+    kpkg = ctx.lock.kernel
+    with complete_step(f"Resolving {len(ctx.profile.modules)} kernel modules and their dependencies"):
+        ctx.modules = ctx.kernel.load_order(list(ctx.profile.modules))
+    origin = Origin(Source.DEBIAN, kpkg.name, kpkg.version)
+    for m in ctx.modules:
+        ctx.tree.file(str(m.path), m.source.read_bytes(), origin, "modules")
+
+
+def add_python(ctx: Context) -> None:
+    python = [(p, ctx.roots[p.name]) for p in ctx.lock.packages if p.role in (Role.PYTHON, Role.LIBRARY)]
+    with complete_step("Adding the trimmed Python runtime and the guest runtime"):
+        target = pyruntime.Target(python, ctx.work)
+        analysis = pyruntime.analyze(target, ctx.profile.simulated)
+        pyruntime.add_runtime(ctx.tree, target, analysis, ctx.work)
+    shutil.rmtree(target.root, ignore_errors=True)
+
+
+def image_facts(ctx: Context) -> dict[str, Any]:
+    assert ctx.kernel is not None
+    return {
+        "profile": ctx.profile.name,
+        "modules": [str(m.path) for m in ctx.modules],
+        "attestation": ctx.profile.attestation.value,
+        "network": ctx.profile.network.value,
+        "config_sources": list(ctx.profile.config_sources),
+        "builder_version": __version__,
+        "kernel": ctx.kernel.version,
+        "spec_digest": hashlib.sha256(ctx.spec.canonical).hexdigest(),
+        "workload_sha256": hashlib.sha256(ctx.spec.workload.read_bytes()).hexdigest(),
+        "workload_path": str(ctx.spec.image_path),
+    }
+
+
+def add_image_facts(ctx: Context) -> None:
+    ctx.tree.file("/etc/eemini/spec.json", ctx.spec.canonical, Origin(Source.WORKLOAD), "workload")
+    facts = json.dumps(image_facts(ctx), sort_keys=True, separators=(",", ":")).encode()
+    ctx.tree.file("/etc/eemini/image.json", facts, PROJECT, "layout")
+
+
+def make_initramfs(ctx: Context) -> bytes:
+    with complete_step(f"Writing the initramfs ({len(ctx.tree.entries)} entries, {ctx.compression})"):
+        archive = cpio.write(ctx.tree)
+        data = compress.compress(archive, ctx.compression)
+    for category in CATEGORIES:
+        ctx.sizes[category] = sum(e.size for e in ctx.tree.entries.values() if e.category == category)
+    ctx.sizes["initramfs"] = len(archive)
+    ctx.sizes["initramfs-compressed"] = len(data)
+    path = ctx.out / f"initramfs.cpio{ctx.compression.suffix}"
+    path.write_bytes(data)
+    ctx.outputs["initramfs"] = path
+    return data
+
+
+def make_uki(ctx: Context, initrd: bytes) -> bytes:
+    assert ctx.kernel is not None
+    stub_pkg = ctx.lock.by_role(Role.STUB)[0]
+    with complete_step("Assembling the UKI"):
+        stub = (ctx.roots[stub_pkg.name] / STUB).read_bytes()
+        kernel = ctx.kernel.vmlinuz.read_bytes()
+        image = uki.assemble(stub, {
+            ".osrel": uki.os_release(__version__, ctx.profile.name),
+            ".cmdline": ctx.profile.cmdline_text.encode(),
+            ".uname": ctx.kernel.version.encode(),
+            ".initrd": initrd,
+            ".linux": kernel,
+        })  # fmt: skip
+    ctx.sizes["kernel"] = len(kernel)
+    ctx.sizes["stub"] = len(stub)
+    ctx.sizes["uki"] = len(image)
+    path = ctx.out / "uki.efi"
+    path.write_bytes(image)
+    ctx.outputs["uki"] = path
+    return image
+
+
+def make_disks(ctx: Context, image: bytes) -> None:
+    digest = hashlib.sha256(image).hexdigest()
+    for output in ctx.profile.outputs:
+        dest = ctx.out / output.filename
+        raw = ctx.work / "disk.raw"
+        with complete_step(f"Writing {dest.name}"):
+            if output is Output.QCOW2:
+                disk.raw_disk(raw, image)
+                disk.qcow2(raw, dest)
+            elif output is Output.VHD:
+                disk.raw_disk(raw, image)
+                disk.vhd(raw, dest, digest)
+            elif output is Output.GCE:
+                # GCE image import wants the raw disk's size to be a whole number of GiB.
+                disk.raw_disk(raw, image, min_size=disk.GIB, align=disk.GIB)
+                disk.gce_tarball(raw, dest)
+            raw.unlink()
+        ctx.outputs[output.value] = dest
+
+
+def write_manifest(ctx: Context, extra: dict[str, Any]) -> None:
+    from eemini.build.manifest import sbom
+
+    outputs = {}
+    for name, path in sorted(ctx.outputs.items()):
+        h = hashlib.sha256(path.read_bytes()).hexdigest()
+        outputs[name] = {"file": path.name, "sha256": h, "size": path.stat().st_size}
+    sections = {
+        "builder": {"name": "eemini", "version": __version__},
+        "profile": ctx.profile.name,
+        "image": image_facts(ctx),
+        "cmdline": ctx.profile.cmdline_text,
+        "packages": [
+            {"name": p.name, "version": p.version, "sha256": p.sha256, "role": p.role.value}
+            for p in ctx.lock.packages
+        ],
+        "outputs": outputs,
+        "sizes": ctx.sizes,
+        "initramfs": {"compression": ctx.compression.value, "files": sbom(ctx.tree)},
+    }
+    path = ctx.out / "manifest.json"
+    manifest.write(path, sections, extra)
+    ctx.outputs["manifest"] = path

@@ -1,0 +1,99 @@
+"""Profiles: one data file per target under profiles/ (what goes into the image and what comes out)."""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from enum import StrEnum
+from pathlib import Path
+
+from eemini.build.lock import REPO
+from eemini.log import die
+
+PROFILES_DIR = REPO / "profiles"
+
+
+class Attestation(StrEnum):
+    CONFIGFS_TSM = "configfs-tsm"
+    SIMULATED = "simulated"
+
+
+class Network(StrEnum):
+    DHCP = "dhcp"
+    NONE = "none"
+
+
+class Output(StrEnum):
+    QCOW2 = "qcow2"  # disk.qcow2
+    GCE = "gce-tar"  # disk.raw.tar.gz holding disk.raw, as GCE image import wants
+    VHD = "vhd"  # fixed VHD, size a whole number of MiB (Azure)
+
+    @property
+    def filename(self) -> str:
+        return {"qcow2": "disk.qcow2", "gce-tar": "disk.raw.tar.gz", "vhd": "disk.vhd"}[self.value]
+
+
+@dataclasses.dataclass(frozen=True)
+class Profile:
+    name: str
+    description: str
+    attestation: Attestation
+    network: Network
+    config_sources: tuple[str, ...]
+    cmdline: tuple[str, ...]
+    modules: tuple[str, ...]
+    outputs: tuple[Output, ...]
+
+    @property
+    def simulated(self) -> bool:
+        return self.attestation is Attestation.SIMULATED
+
+    @property
+    def cmdline_text(self) -> str:
+        return " ".join(self.cmdline)
+
+
+KEYS = {"description", "attestation", "network", "config_sources", "cmdline", "modules", "outputs"}
+CONFIG_SOURCES = {"cmdline", "config-disk", "gce-metadata", "azure-imds"}
+
+
+def available() -> list[str]:
+    return sorted(p.stem for p in PROFILES_DIR.glob("*.toml"))
+
+
+def load(name: str, directory: Path = PROFILES_DIR) -> Profile:
+    path = directory / f"{name}.toml"
+    if not path.is_file():
+        die(f"there is no profile {name!r}", hint=f"choose one of: {', '.join(available())}")
+    try:
+        doc = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        die(f"profile {path} is not valid TOML: {e}")
+    unknown = set(doc) - KEYS
+    missing = KEYS - set(doc)
+    if unknown or missing:
+        die(f"profile {path}: unknown keys {sorted(unknown)}, missing keys {sorted(missing)}")
+
+    def strings(key: str) -> tuple[str, ...]:
+        value = doc[key]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            die(f"profile {path}: {key} must be a list of strings")
+        return tuple(value)
+
+    try:
+        attestation = Attestation(doc["attestation"])
+        network = Network(doc["network"])
+        outputs = tuple(Output(o) for o in strings("outputs"))
+    except ValueError as e:
+        die(f"profile {path}: {e}")
+    sources = strings("config_sources")
+    bad = set(sources) - CONFIG_SOURCES
+    if bad:
+        die(f"profile {path}: unknown config sources {sorted(bad)} (known: {sorted(CONFIG_SOURCES)})")
+    cmdline = strings("cmdline")
+    if "console=ttyS0" not in cmdline:
+        die(f"profile {path}: the cmdline must include console=ttyS0 (the serial console)")
+    if ("ee.dev=1" in cmdline) != (attestation is Attestation.SIMULATED):
+        die(f"profile {path}: ee.dev=1 must be in the cmdline exactly when attestation is simulated")
+    return Profile(name, str(doc["description"]), attestation, network, sources, cmdline,
+                   strings("modules"), outputs)  # fmt: skip
