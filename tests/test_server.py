@@ -350,3 +350,19 @@ def test_out_of_file_descriptors(tmp_path: Path) -> None:
         assert 1 <= failures <= 20  # it backs off instead of spinning on the listener
     finally:
         rt2.stop()
+
+
+def test_many_concurrent_attests_all_succeed(rt: RuntimeProc) -> None:
+    socks = [rt.connect() for _ in range(60)]
+    try:
+        for i, s in enumerate(socks):
+            s.sendall(
+                req(method="attest", token=TOKEN, report_data_b64=base64.b64encode(bytes([i])).decode())
+            )
+        for i, s in enumerate(socks):
+            answer = read_json_line(s)
+            assert answer["ok"] is True, answer
+            assert quote_report_data(base64.b64decode(answer["quote_b64"]))[:2] == bytes([i, 0])
+    finally:
+        for s in socks:
+            s.close()
