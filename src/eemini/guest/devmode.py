@@ -81,7 +81,9 @@ def run(spec: EnclaveSpec, options: DevOptions) -> int:
         with open(path, "wb") as f:
             f.write(root_pem)
 
+    backend = SimulatedBackend()
     events = EventLog()
+    events.on_append = backend.on_append  # simulated RTMR3 follows the log, as on TDX
     events.append_data("spec", "dev", "spec.json", spec.canonical_json())
     try:
         with open(spec.workload.path, "rb") as f:
@@ -93,7 +95,7 @@ def run(spec: EnclaveSpec, options: DevOptions) -> int:
     config = RuntimeConfig(
         spec=spec,
         token=token,
-        backend=SimulatedBackend(),
+        backend=backend,
         socket_path=socket_path,
         console_fd=2,
         limits=options.limits,

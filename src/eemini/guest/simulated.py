@@ -18,6 +18,7 @@ import base64
 import hashlib
 import struct
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cache
 
@@ -333,6 +334,17 @@ class SimulatedBackend:
                 self._m.mr_owner_config,
                 (rtmrs[0], rtmrs[1], rtmrs[2], rtmrs[3]),
             )
+
+    def on_append(self, event: object) -> None:
+        """An `EventLog.on_append` hook: extend simulated RTMR3 with each runtime event the way
+        `eemini.guest.rtmr` extends the real one, so a verifier's event-log replay applies."""
+        from eemini.guest.rtmr import event_digest
+
+        to_dict = getattr(event, "to_dict", None)
+        fields = to_dict() if callable(to_dict) else event
+        if not isinstance(fields, Mapping):
+            raise TypeError(f"cannot measure a runtime event of type {type(event).__name__}")
+        self.extend_rtmr(3, event_digest(fields))
 
     def quote(self, report_data: bytes) -> bytes:
         with self._lock:
