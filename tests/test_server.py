@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from eemini.guest.attest import quote_report_data
 from rtutil import TOKEN, RuntimeProc, read_json_line, write_spec, write_workload
@@ -366,3 +368,29 @@ def test_many_concurrent_attests_all_succeed(rt: RuntimeProc) -> None:
     finally:
         for s in socks:
             s.close()
+
+
+KNOWN_CODES = {"bad_request", "unauthenticated", "unknown_method", "bad_params", "not_found"}
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    st.one_of(
+        st.binary(max_size=300),
+        st.recursive(
+            st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+            lambda inner: (
+                st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+            ),
+            max_leaves=12,
+        ).map(lambda v: json.dumps(v).encode()),
+    )
+)
+def test_fuzzed_lines_get_a_clean_error(rt: RuntimeProc, line: bytes) -> None:
+    line = line.replace(b"\n", b" ")
+    if not line.strip():
+        return  # blank lines are skipped, by design
+    answer = raw(rt, line + b"\n")
+    assert answer["ok"] is False
+    assert answer["code"] in KNOWN_CODES
+    assert isinstance(answer["error"], str) and answer["error"]
