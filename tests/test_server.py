@@ -394,3 +394,26 @@ def test_fuzzed_lines_get_a_clean_error(rt: RuntimeProc, line: bytes) -> None:
     assert answer["ok"] is False
     assert answer["code"] in KNOWN_CODES
     assert isinstance(answer["error"], str) and answer["error"]
+
+
+JSON_VALUES = st.none() | st.booleans() | st.integers(-(10**6), 10**6) | st.text(max_size=12)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    method=st.sampled_from(["health", "attest", "list", "logs", "info", "nope"]) | st.text(max_size=8),
+    params=st.dictionaries(
+        st.sampled_from(["tail", "id", "report_data_b64", "nonce", "extra"]) | st.text(max_size=6),
+        JSON_VALUES | st.lists(JSON_VALUES, max_size=3),
+        max_size=3,
+    ),
+)
+def test_fuzzed_authenticated_requests(rt: RuntimeProc, method: str, params: dict[str, Any]) -> None:
+    if method in ("restart", "shutdown"):
+        return  # side effects; covered by their own tests
+    params.pop("token", None)
+    params.pop("method", None)
+    answer = rt.call(method, **params)
+    if answer["ok"] is not True:
+        assert answer["code"] in KNOWN_CODES, answer
+    assert_alive(rt)
