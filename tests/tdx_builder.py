@@ -110,6 +110,7 @@ def _cert(
     serial: int,
     ca: bool,
     extra: x509.UnrecognizedExtension | None = None,
+    digest: hashes.SHA256 | hashes.SHA384 | None = None,
 ) -> x509.Certificate:
     builder = (
         x509.CertificateBuilder()
@@ -123,7 +124,7 @@ def _cert(
     )
     if extra is not None:
         builder = builder.add_extension(extra, critical=False)
-    return builder.sign(issuer_key, hashes.SHA256())
+    return builder.sign(issuer_key, digest or hashes.SHA256())
 
 
 def make_chain(
@@ -132,16 +133,21 @@ def make_chain(
     intermediate: bool = False,
     components: tuple[int, ...] = (1,) * 16,
     pce_svn: int = 11,
+    digest: hashes.SHA256 | hashes.SHA384 | None = None,
 ) -> DevChain:
     """root -> PCK (as the runtime's simulated quotes), or root -> PCK CA -> PCK (as Intel's)."""
     root_key = ec.derive_private_key(1000 + seed, ec.SECP256R1())
     pck_key = ec.derive_private_key(2000 + seed, ec.SECP256R1())
-    root = _cert("EasyEnclave Mini development root", None, root_key, root_key, seed, True)
+    root = _cert(
+        "EasyEnclave Mini development root", None, root_key, root_key, seed, True, digest=digest
+    )
     ext = x509.UnrecognizedExtension(
         x509.ObjectIdentifier(SGX_OID), sgx_extension(fmspc, components, pce_svn)
     )
     if not intermediate:
-        pck = _cert("EasyEnclave Mini development PCK", root, root_key, pck_key, 100 + seed, False, ext)
+        pck = _cert(
+            "EasyEnclave Mini development PCK", root, root_key, pck_key, 100 + seed, False, ext, digest
+        )
         return DevChain(root_key, root, pck_key, pck)
     ca_key = ec.derive_private_key(4000 + seed, ec.SECP256R1())
     ca = _cert("EasyEnclave Mini development PCK CA", root, root_key, ca_key, 50 + seed, True)

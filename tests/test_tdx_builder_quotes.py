@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from eemini.tdx.errors import (
+    CertificateChainError,
     CollateralRequired,
     DebugTdRejected,
     MeasurementMismatch,
@@ -17,7 +18,7 @@ from eemini.tdx.policy import Policy, PolicyBuilder
 from eemini.tdx.quote import parse_quote
 from eemini.tdx.roots import development_root
 from eemini.tdx.verify import verify
-from tdx_builder import NOW, build_quote, make_chain
+from tdx_builder import NOW, DevChain, build_quote, make_chain
 
 NO_COLLATERAL = Policy(require_collateral=False)
 
@@ -97,3 +98,27 @@ def test_report_data_and_measurements() -> None:
         verify(raw, None, base.accepted_mr_td(["00" * 48]).build(), NOW, trusted_roots=roots)
     with pytest.raises(MeasurementMismatch, match=r"^RTMR3 is 1313.*, expected 0000"):
         verify(raw, None, base.rtmr(3, "00" * 48).build(), NOW, trusted_roots=roots)
+
+
+def test_chain_signed_with_another_hash_goes_through_cryptography() -> None:
+    # ECDSA-SHA384 certificates take cryptography's own X.509 path instead of the raw-TBS fast path.
+    from cryptography.hazmat.primitives import hashes
+
+    chain = make_chain(seed=3, digest=hashes.SHA384())
+    roots = [development_root(chain.root_pem)]
+    v = verify(build_quote(chain), None, NO_COLLATERAL, NOW, trusted_roots=roots)
+    assert v.checks[0] == "pck-chain"
+    other = make_chain(seed=4, digest=hashes.SHA384())
+    mixed = DevChain(chain.root_key, other.root, chain.pck_key, chain.pck)  # PCK of 3, root of 4
+    with pytest.raises(
+        CertificateChainError,
+        match=r"^PCK certificate chain: 'EasyEnclave Mini development PCK' is not signed by "
+        r"'EasyEnclave Mini development root' \(InvalidSignature",
+    ):
+        verify(
+            build_quote(mixed),
+            None,
+            NO_COLLATERAL,
+            NOW,
+            trusted_roots=[development_root(other.root_pem)],
+        )

@@ -20,6 +20,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -78,13 +79,43 @@ def vm_disk(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return launcher.find_disk(work / "out")
 
 
-def _vm(disk: Path, tmp: Path, **kw: object) -> launcher.VmConfig:
-    return launcher.VmConfig(disk=disk, accel=launcher.Accel.TCG, qmp=tmp / "qmp.sock", echo=False, **kw)  # type: ignore[arg-type]
+METADATA = "169.254.169.254"
+HOST_ALIAS = "169.254.169.100"  # a guestfwd address standing for the host's test listener
+
+
+def _vm(
+    disk: Path, tmp: Path, metadata_port: int, *, listener: int | None = None, **kw: object
+) -> launcher.VmConfig:
+    """The guest is isolated (restrict=on): it reaches only the fake metadata endpoint and the
+    test listener, both through guestfwd, so no traffic leaves the machine."""
+    # cmd: runs the relay once per guest connection (a chardev target would be one stream for all).
+    relay = f"cmd:{sys.executable} {VM_DIR / 'relay.py'}"
+    fwd = [f"tcp:{METADATA}:80-{relay} {metadata_port}"]
+    if listener is not None:
+        fwd.append(f"tcp:{HOST_ALIAS}:{listener}-{relay} {listener}")
+    return launcher.VmConfig(
+        disk=disk,
+        accel=launcher.Accel.TCG,
+        qmp=tmp / "qmp.sock",
+        echo=False,
+        net="169.254.169.0/24",
+        guestfwd=tuple(fwd),
+        restrict=True,
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+@pytest.fixture
+def metadata() -> Iterator[tuple[Server, Behaviour]]:
+    behaviour = Behaviour("both")
+    server = Server(behaviour).start()
+    yield server, behaviour
+    server.shutdown()
 
 
 @pytest.fixture
 def host_listener() -> Iterator[tuple[int, list[bytes]]]:
-    """A TCP server on the host's loopback: QEMU's user network maps 10.0.2.2 to it."""
+    """A TCP server on the host's loopback, reached from the guest through a guestfwd."""
     srv = socket.socket()
     srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     srv.bind(("127.0.0.1", 0))
@@ -111,26 +142,40 @@ def _console_lines(outcome: launcher.Outcome) -> list[str]:
 
 
 def test_boot_dhcp_config_disk_restarts_orphans_garbage_poweroff(
-    vm_disk: Path, tmp_path: Path, host_listener: tuple[int, list[bytes]]
+    vm_disk: Path,
+    tmp_path: Path,
+    host_listener: tuple[int, list[bytes]],
+    metadata: tuple[Server, Behaviour],
 ) -> None:
     port, got = host_listener
     config = tmp_path / "agent.env"
     config.write_text(
-        f"PROBE_MODE=checks\nPROBE_HOST=10.0.2.2\nPROBE_PORT={port}\nGREETING='hello disk'\n"
+        f"PROBE_MODE=checks\nPROBE_HOST={HOST_ALIAS}\nPROBE_PORT={port}\nGREETING='hello disk'\n"
     )
-    cfg = _vm(vm_disk, tmp_path, config=config, config_format=launcher.ConfigFormat.ISO9660)
+    cfg = _vm(
+        vm_disk,
+        tmp_path,
+        metadata[0].port,
+        listener=port,
+        config=config,
+        config_format=launcher.ConfigFormat.ISO9660,
+    )
     with launcher.running(cfg) as vm:
         outcome = vm.wait(BOOT_TIMEOUT)
     lines = _console_lines(outcome)
-    assert outcome.exit_code == 0, outcome.console
+    console = outcome.console
+    assert outcome.exit_code == 0, console
     assert outcome.summary.startswith(
         "the guest powered off cleanly (workload done for good (exited with status 0)"
     )
     assert any(
-        line.startswith("eemini: network: eth0 10.0.2.15/24 via 10.0.2.2 dns 10.0.2.3 (DHCP from")
+        line.startswith(
+            # restrict=on: slirp offers neither router nor DNS
+            "eemini: network: eth0 169.254.169.15/24 (no router) dns none (DHCP from 169.254.169.2"
+        )
         for line in lines
-    )
-    accepted = [line.split(" accepted")[0] for line in lines if line.startswith("eemini: boot config: ")]
+    ), console
+    accepted = [line.split(" accepted")[0] for line in lines if " accepted (" in line]
     assert accepted == [
         "eemini: boot config: PROBE_MODE from config-disk",
         "eemini: boot config: PROBE_HOST from config-disk",
@@ -149,7 +194,7 @@ def test_boot_dhcp_config_disk_restarts_orphans_garbage_poweroff(
     ]
     assert probe[-6:] == [
         "probe: run 2",
-        "probe: host reached at 10.0.2.2",
+        f"probe: host reached at {HOST_ALIAS}",
         'probe: garbage refused "code":"bad_request"}',
         "probe: health ok after garbage",
         "probe: zombies 0",
@@ -162,10 +207,14 @@ def test_boot_dhcp_config_disk_restarts_orphans_garbage_poweroff(
     assert got == [b"hello from the guest\n"]
 
 
-def test_forbidden_key_on_config_disk_refuses_the_boot(vm_disk: Path, tmp_path: Path) -> None:
+def test_forbidden_key_on_config_disk_refuses_the_boot(
+    vm_disk: Path, tmp_path: Path, metadata: tuple[Server, Behaviour]
+) -> None:
     config = tmp_path / "agent.env"
     config.write_text("GREETING=hi\nLD_PRELOAD=/tmp/evil.so\n")
-    cfg = _vm(vm_disk, tmp_path, config=config, config_format=launcher.ConfigFormat.VFAT)
+    cfg = _vm(
+        vm_disk, tmp_path, metadata[0].port, config=config, config_format=launcher.ConfigFormat.VFAT
+    )
     with launcher.running(cfg) as vm:
         outcome = vm.wait(BOOT_TIMEOUT)
     assert outcome.exit_code == 1
@@ -183,12 +232,7 @@ def test_cloud_metadata_then_power_button(vm_disk: Path, tmp_path: Path) -> None
     )
     server = Server(behaviour).start()
     try:
-        cfg = _vm(
-            vm_disk,
-            tmp_path,
-            net="169.254.169.0/24",
-            guestfwd=(f"tcp:169.254.169.254:80-tcp:127.0.0.1:{server.port}",),
-        )
+        cfg = _vm(vm_disk, tmp_path, server.port)
         with launcher.running(cfg) as vm:
             vm.wait_for(r"\[probe\] probe: waiting for SIGTERM", BOOT_TIMEOUT)
             vm.qmp("system_powerdown")
@@ -198,7 +242,7 @@ def test_cloud_metadata_then_power_button(vm_disk: Path, tmp_path: Path) -> None
     lines = _console_lines(outcome)
     assert outcome.exit_code == 0, outcome.console
     assert outcome.summary == "the guest powered off cleanly (ACPI power button pressed)"
-    accepted = [line.split(" accepted")[0] for line in lines if line.startswith("eemini: boot config: ")]
+    accepted = [line.split(" accepted")[0] for line in lines if " accepted (" in line]
     assert accepted[-2:] == [
         "eemini: boot config: GREETING from gce-metadata",
         "eemini: boot config: PROBE_MODE from azure-userdata",

@@ -85,6 +85,7 @@ class VmConfig:
     # user-network extras (tests): the guest network and guestfwd rules "tcp:IP:PORT-tcp:HOST:PORT"
     net: str | None = None
     guestfwd: tuple[str, ...] = ()
+    restrict: bool = False  # no traffic from the guest beyond the forwards (slirp restrict=on)
     qmp: Path | None = None
     echo: bool = True
 
@@ -306,6 +307,8 @@ def netdev(cfg: VmConfig) -> str:
     parts = ["user", "id=net0"]
     if cfg.net:
         parts.append(f"net={cfg.net}")
+    if cfg.restrict:
+        parts.append("restrict=on")
     parts += [f"hostfwd=tcp:127.0.0.1:{f.host}-:{f.guest}" for f in cfg.forwards]
     parts += [f"guestfwd={g}" for g in cfg.guestfwd]
     return ",".join(parts)

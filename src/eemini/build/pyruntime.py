@@ -38,8 +38,13 @@ EXCLUDES = (
     "_decimal", "_pydecimal", "decimal", "_ctypes_test", "_testcapi", "_testinternalcapi",
 )  # fmt: skip
 # Encodings the interpreter may pick at start-up (UTF-8 mode under the C locale; ASCII and
-# Latin-1 as fallbacks for file names and the console).
-STARTUP_EXTRA = ("encodings.utf_8", "encodings.ascii", "encodings.latin_1", "encodings.aliases")
+# Latin-1 as fallbacks for file names and the console). And os: frozen into the interpreter, but
+# lib/python3.13/os.py[c] is the landmark getpath looks for to find the standard library
+# (Modules/getpath.py STDLIB_LANDMARKS); without it, start-up warns on the console. And
+# traceback (with linecache): the interpreter's own error display imports them, so an uncaught
+# exception shows a real traceback on the console instead of "No module named 'linecache'".
+STARTUP_EXTRA = ("encodings.utf_8", "encodings.ascii", "encodings.latin_1", "encodings.aliases", "os",
+                 "traceback", "linecache")  # fmt: skip
 # Only in profiles with the simulated attestation backend (see DESIGN.md, "Attestation").
 SIMULATOR_MODULES = ("eemini.guest.simulated", "eemini.guest.p256")
 

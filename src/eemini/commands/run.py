@@ -51,6 +51,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--log", type=Path, metavar="FILE", help="also write the serial console to FILE")
     parser.add_argument(
+        "--restrict",
+        action="store_true",
+        help="isolate the guest: no traffic beyond the --forward ports (QEMU restrict=on)",
+    )
+    parser.add_argument(
         "--qmp", type=Path, metavar="SOCKET", help="QMP socket (e.g. for system_powerdown)"
     )
     parser.add_argument(
@@ -87,6 +92,7 @@ def run(args: argparse.Namespace) -> int:
         timeout=args.timeout,
         log=args.log,
         qmp=args.qmp,
+        restrict=args.restrict,
     )
     if args.print_tdx_command:
         launcher.print_command(launcher.tdx_command(cfg))

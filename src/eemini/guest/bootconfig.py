@@ -311,8 +311,11 @@ def read_config_disk(wait: float = 1.0, mountpoint: str = "/run/eemini/config") 
     dev, fstype = found
     os.makedirs(mountpoint, exist_ok=True)
     flags = ksys.MS_RDONLY | ksys.MS_NOSUID | ksys.MS_NODEV | ksys.MS_NOEXEC
+    # Debian's kernel defaults FAT to iocharset=ascii (CONFIG_FAT_DEFAULT_IOCHARSET), whose NLS
+    # module images do not carry; name the charsets the image has (nls_utf8, nls_cp437).
+    options = "iocharset=utf8,codepage=437" if fstype == "vfat" else None
     try:
-        ksys.mount(dev, mountpoint, fstype, flags, None)
+        ksys.mount(dev, mountpoint, fstype, flags, options)
     except OSError as e:
         raise ConfigError(
             f"the config disk {dev} ({fstype}) cannot be mounted: {os.strerror(e.errno or 0)}"

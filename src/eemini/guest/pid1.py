@@ -312,10 +312,11 @@ class Boot:
                 return
             self.apply_lease(nl, lease)
             self.dhcp_client, self.lease = client, lease
+            via = f"via {lease.router}" if lease.router else "(no router)"
+            dns = ",".join(map(str, lease.dns)) or "none"
             console(
-                f"network: {nic.name} {lease.address} via {lease.router} dns "
-                f"{','.join(map(str, lease.dns)) or '-'} (DHCP from {lease.server}, lease "
-                f"{lease.lease_time} s, {time.monotonic() - start:.2f} s)"
+                f"network: {nic.name} {lease.address} {via} dns {dns} (DHCP from {lease.server}, "
+                f"lease {lease.lease_time} s, {time.monotonic() - start:.2f} s)"
             )
 
     def apply_lease(self, nl: Any, lease: Any) -> None:

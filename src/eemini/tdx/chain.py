@@ -1,0 +1,373 @@
+"""Certificate chains, CRLs and the verification cache: the X.509 mechanics under `verify`.
+
+Certificates are parsed by `cryptography`; their names are compared as DER bytes and their
+ECDSA-SHA256 signatures checked over the signed TBS bytes as they appear in the DER (RFC 5280
+4.1 and 5.1), which avoids re-encoding; anything else goes through cryptography's own X.509 checks.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+
+from eemini.tdx.collateral import QeIdentity, TcbInfo
+from eemini.tdx.errors import (
+    CertificateChainError,
+    CertificateExpired,
+    CertificateParseError,
+    CollateralExpired,
+    CrlInvalid,
+    UntrustedRoot,
+)
+from eemini.tdx.pck import (
+    PckExtension,
+    der_spans,
+    load_der_certificate,
+    pem_block_der,
+    pem_blocks,
+    split_der,
+)
+from eemini.tdx.roots import TrustAnchor
+
+_ECDSA_SHA256 = ec.ECDSA(hashes.SHA256())
+
+
+@dataclass(frozen=True, slots=True)
+class Cert:
+    """A parsed certificate with what the checks compare, computed once (names as DER bytes)."""
+
+    cert: x509.Certificate
+    fingerprint: bytes
+    subject: bytes
+    issuer: bytes
+    not_before: datetime.datetime
+    not_after: datetime.datetime
+    key: ec.EllipticCurvePublicKey | None
+    signed: SignedDer
+
+    @property
+    def name(self) -> str:
+        return _name(self.cert)
+
+
+# AlgorithmIdentifier contents of ecdsa-with-SHA256 (RFC 5758 3.2: OID 1.2.840.10045.4.3.2, no
+# parameters): what every Intel PCK, TCB signing and CA certificate and CRL is signed with.
+_ECDSA_WITH_SHA256 = bytes.fromhex("06082a8648ce3d040302")
+
+
+@dataclass(frozen=True, slots=True)
+class SignedDer:
+    """A DER certificate or CRL cut into what its signature covers (RFC 5280 4.1 and 5.1)."""
+
+    tbs: bytes  # the whole TBSCertificate / TBSCertList TLV: the signed bytes
+    fields: tuple[bytes, ...]  # the TBS fields' values, in order
+    field_tags: tuple[int, ...]
+    algorithm: bytes  # outer signatureAlgorithm contents
+    signature: bytes  # DER ECDSA-Sig-Value, from the BIT STRING
+
+
+def split_signed(der: bytes, what: str) -> SignedDer:
+    outer = der_spans(der, what)
+    if len(outer) != 1 or outer[0][0] != 0x30:
+        raise CertificateParseError(f"{what}: not a DER SEQUENCE")
+    body = der[outer[0][2] : outer[0][3]]
+    parts = der_spans(body, what)
+    if len(parts) != 3 or parts[0][0] != 0x30 or parts[1][0] != 0x30 or parts[2][0] != 0x03:
+        raise CertificateParseError(f"{what}: not a signed SEQUENCE {{ tbs, algorithm, signature }}")
+    tbs_value = body[parts[0][2] : parts[0][3]]
+    fields = split_der(tbs_value, what)
+    bits = body[parts[2][2] : parts[2][3]]
+    return SignedDer(
+        tbs=body[parts[0][1] : parts[0][3]],
+        fields=tuple(v for _, v in fields),
+        field_tags=tuple(t for t, _ in fields),
+        algorithm=body[parts[1][2] : parts[1][3]],
+        signature=bits[1:] if bits[:1] == b"\0" else b"",
+    )
+
+
+def verify_raw_tbs(
+    signed: SignedDer, key: ec.EllipticCurvePublicKey | None, tbs_algorithm: bytes
+) -> bool | None:
+    """ECDSA-SHA256 signature check over the raw TBS bytes; None when another path must decide.
+
+    cryptography's verify_directly_issued_by / is_signature_valid re-encode the TBS structure first,
+    which costs as much as the signature check for a large CRL; the signed bytes are right here.
+    """
+    if key is None or signed.algorithm != _ECDSA_WITH_SHA256 or tbs_algorithm != _ECDSA_WITH_SHA256:
+        return None
+    if not signed.signature:
+        return False
+    try:
+        key.verify(signed.signature, signed.tbs, _ECDSA_SHA256)
+    except InvalidSignature:
+        return False
+    return True
+
+
+def _tbs_names(signed: SignedDer, what: str) -> tuple[bytes, bytes]:
+    # RFC 5280 4.1: TBSCertificate ::= SEQUENCE { [0] version OPTIONAL, serialNumber, signature,
+    # issuer, validity, subject, ... }. Comparing the encoded names byte for byte avoids building
+    # Name objects (the hot spot of a first verification); Intel's names are binary-identical.
+    first = 1 if signed.field_tags and signed.field_tags[0] == 0xA0 else 0
+    if len(signed.fields) < first + 6:
+        raise CertificateParseError(f"{what}: TBSCertificate is too short")
+    return signed.fields[first + 2], signed.fields[first + 4]
+
+
+def _tbs_algorithm(signed: SignedDer, index: int) -> bytes:
+    # The AlgorithmIdentifier inside the TBS, as contents (tag 0x30 checked).
+    if len(signed.fields) <= index or signed.field_tags[index] != 0x30:
+        return b""
+    return signed.fields[index]
+
+
+def _wrap(cert: x509.Certificate, der: bytes, fingerprint: bytes, what: str) -> Cert:
+    try:
+        key = cert.public_key()
+    except (ValueError, UnsupportedAlgorithm):
+        key = None
+    ec_key = (
+        key
+        if isinstance(key, ec.EllipticCurvePublicKey) and isinstance(key.curve, ec.SECP256R1)
+        else None
+    )
+    signed = split_signed(der, what)
+    issuer, subject = _tbs_names(signed, what)
+    try:
+        return Cert(
+            cert=cert,
+            fingerprint=fingerprint,
+            subject=subject,
+            issuer=issuer,
+            not_before=cert.not_valid_before_utc,
+            not_after=cert.not_valid_after_utc,
+            key=ec_key,
+            signed=signed,
+        )
+    except ValueError as e:
+        raise CertificateParseError(f"{what}: a certificate does not parse: {e}") from None
+
+
+# Trust anchors are configuration: wrap each once per process.
+_ANCHOR_CERTS: dict[str, Cert] = {}
+
+
+@dataclass(frozen=True, slots=True)
+class Crl:
+    crl: x509.CertificateRevocationList
+    issuer: bytes
+    this_update: datetime.datetime
+    next_update: datetime.datetime | None
+
+
+@dataclass
+class VerificationCache:
+    """Already-verified certificates, CRLs and signed collateral, keyed by the SHA-256 of their bytes.
+
+    Only the results of signature checks and parsing are cached; time and revocation checks run on
+    every verification. Safe to share between quotes and collateral sets; not thread-safe.
+    """
+
+    chains: dict[bytes, tuple[Cert, ...]] = field(default_factory=dict)
+    certs: dict[bytes, Cert] = field(default_factory=dict)
+    ca: dict[bytes, bool] = field(default_factory=dict)
+    links: set[tuple[bytes, bytes]] = field(default_factory=set)
+    crls: dict[tuple[bytes, bytes], Crl] = field(default_factory=dict)
+    tcb_infos: dict[bytes, TcbInfo] = field(default_factory=dict)
+    qe_identities: dict[bytes, QeIdentity] = field(default_factory=dict)
+    pck_extensions: dict[bytes, PckExtension] = field(default_factory=dict)
+
+
+def digest(*parts: bytes) -> bytes:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(len(p).to_bytes(8, "little"))
+        h.update(p)
+    return h.digest()
+
+
+class Context:
+    """One verification run: the clock, the anchors, and the (possibly throwaway) cache."""
+
+    def __init__(
+        self, now: int, anchors: Sequence[TrustAnchor], cache: VerificationCache | None
+    ) -> None:
+        self.now = now
+        self.when = datetime.datetime.fromtimestamp(now, datetime.UTC)
+        self.anchors = tuple(anchors)
+        self.cache = cache if cache is not None else VerificationCache()
+        self.checks: list[str] = []
+
+    def passed(self, name: str) -> None:
+        self.checks.append(name)
+
+    def anchor_cert(self, anchor: TrustAnchor) -> Cert:
+        got = _ANCHOR_CERTS.get(anchor.sha256)
+        if got is None or got.cert is not anchor.certificate:
+            got = _ANCHOR_CERTS[anchor.sha256] = _wrap(
+                anchor.certificate, anchor.der, bytes.fromhex(anchor.sha256), anchor.name
+            )
+        return got
+
+    def is_ca(self, cert: Cert) -> bool:
+        got = self.cache.ca.get(cert.fingerprint)
+        if got is None:
+            got = self.cache.ca[cert.fingerprint] = _is_ca(cert.cert)
+        return got
+
+    def load_chain(self, pem: bytes, what: str) -> tuple[Cert, ...]:
+        key = digest(pem)
+        chain = self.cache.chains.get(key)
+        if chain is None:
+            certs = []
+            # The same certificates recur across chains (the root in all four, the platform CA
+            # in two): parse each once.
+            for i, block in enumerate(pem_blocks(pem, what)):
+                der = pem_block_der(block, what, i)
+                fingerprint = hashlib.sha256(der).digest()
+                cert = self.cache.certs.get(fingerprint)
+                if cert is None:
+                    cert = _wrap(load_der_certificate(der, what, i), der, fingerprint, what)
+                    self.cache.certs[fingerprint] = cert
+                certs.append(cert)
+            chain = self.cache.chains[key] = tuple(certs)
+        return chain
+
+    def verify_link(self, child: Cert, parent: Cert, what: str) -> None:
+        key = (child.fingerprint, parent.fingerprint)
+        if key in self.cache.links:
+            return
+        if child.issuer != parent.subject:
+            raise CertificateChainError(
+                f"{what}: {child.name} is not signed by {parent.name} (its issuer name differs)"
+            )
+        first = 1 if child.signed.field_tags and child.signed.field_tags[0] == 0xA0 else 0
+        ok = verify_raw_tbs(child.signed, parent.key, _tbs_algorithm(child.signed, first + 1))
+        if ok is None:
+            try:
+                child.cert.verify_directly_issued_by(parent.cert)
+                ok = True
+            except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm) as e:
+                raise CertificateChainError(
+                    f"{what}: {child.name} is not signed by {parent.name} ({type(e).__name__}: {e})"
+                ) from None
+        if not ok:
+            raise CertificateChainError(
+                f"{what}: {child.name} is not signed by {parent.name} (InvalidSignature)"
+            )
+        self.cache.links.add(key)
+
+    def check_window(self, cert: Cert, what: str) -> None:
+        if not cert.not_before <= self.when <= cert.not_after:
+            raise CertificateExpired(
+                f"{what}: {cert.name} is valid from {cert.not_before.isoformat()} to "
+                f"{cert.not_after.isoformat()}, not at {self.when.isoformat()}"
+            )
+
+    def verify_chain(
+        self, certs: Sequence[Cert], what: str
+    ) -> tuple[TrustAnchor, Cert, tuple[Cert, ...]]:
+        """Check `certs` (leaf first) up to a trusted root; return the anchor and the non-root certs."""
+        if len(certs) < 2:
+            raise CertificateChainError(f"{what}: expected at least 2 certificates, found {len(certs)}")
+        last = certs[-1]
+        anchor = next((a for a in self.anchors if a.sha256 == last.fingerprint.hex()), None)
+        if anchor is not None:
+            chain = tuple(certs[:-1])
+        else:
+            anchor = next((a for a in self.anchors if self.anchor_cert(a).subject == last.issuer), None)
+            if anchor is None or last.issuer == last.subject:
+                raise UntrustedRoot(
+                    f"{what} ends at {last.name} (SHA-256 {last.fingerprint.hex()}), "
+                    "which is not a trusted root"
+                )
+            chain = tuple(certs)
+        root = self.anchor_cert(anchor)
+        path = (*chain, root)
+        for i in range(len(chain)):
+            self.verify_link(path[i], path[i + 1], what)
+            if i + 1 < len(chain) and not self.is_ca(path[i + 1]):
+                raise CertificateChainError(f"{what}: {path[i + 1].name} is not a CA certificate")
+        for cert in path:
+            self.check_window(cert, what)
+        return anchor, root, chain
+
+
+def _name(cert: x509.Certificate) -> str:
+    try:
+        cns = cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+        return repr(cns[0].value) if cns else repr(cert.subject.rfc4514_string())
+    except ValueError:
+        return "(a certificate with an unreadable subject)"
+
+
+def _is_ca(cert: x509.Certificate) -> bool:
+    try:
+        return bool(cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
+    except (x509.ExtensionNotFound, ValueError):
+        return False
+
+
+def ecdsa_verify_raw(key: ec.EllipticCurvePublicKey, raw_sig: bytes, data: bytes) -> bool:
+    # TDX quotes and Intel collateral carry raw r||s; cryptography wants DER (SEC 1 / RFC 3279).
+    if len(raw_sig) != 64:
+        return False
+    sig = encode_dss_signature(int.from_bytes(raw_sig[:32], "big"), int.from_bytes(raw_sig[32:], "big"))
+    try:
+        key.verify(sig, data, _ECDSA_SHA256)
+    except InvalidSignature:
+        return False
+    return True
+
+
+def ec_key(cert: Cert, what: str) -> ec.EllipticCurvePublicKey:
+    if cert.key is None:
+        raise CertificateParseError(f"{what}: {cert.name} does not hold a P-256 key")
+    return cert.key
+
+
+def load_crl(ctx: Context, der: bytes, issuer: Cert, what: str) -> Crl:
+    key = (digest(der), issuer.fingerprint)
+    crl = ctx.cache.crls.get(key)
+    if crl is None:
+        try:
+            loaded = x509.load_der_x509_crl(der)
+            signed = split_signed(der, what)
+            # RFC 5280 5.1: TBSCertList ::= SEQUENCE { version INTEGER OPTIONAL, signature, issuer,
+            # thisUpdate, nextUpdate OPTIONAL, ... }
+            first = 1 if signed.field_tags and signed.field_tags[0] == 0x02 else 0
+            if len(signed.fields) < first + 3:
+                raise CrlInvalid(f"{what}: TBSCertList is too short")
+            crl = Crl(loaded, signed.fields[first + 1], loaded.last_update_utc, loaded.next_update_utc)
+        except (ValueError, CertificateParseError) as e:
+            raise CrlInvalid(f"{what} is not a DER CRL: {e}") from None
+        if crl.issuer != issuer.subject:
+            raise CrlInvalid(
+                f"{what} is issued by {loaded.issuer.rfc4514_string()}, expected {issuer.name}"
+            )
+        valid = verify_raw_tbs(signed, issuer.key, _tbs_algorithm(signed, first))
+        if valid is None:
+            try:
+                valid = loaded.is_signature_valid(ec_key(issuer, what))
+            except (TypeError, ValueError, UnsupportedAlgorithm):
+                valid = False
+        if not valid:
+            raise CrlInvalid(f"{what} is not signed by {issuer.name}")
+        ctx.cache.crls[key] = crl
+    this, nxt = crl.this_update, crl.next_update
+    if nxt is None or not this <= ctx.when <= nxt:
+        raise CollateralExpired(
+            f"{what} is valid from {this.isoformat()} to "
+            f"{nxt.isoformat() if nxt else '(no next update)'}, "
+            f"not at {ctx.when.isoformat()}"
+        )
+    return crl

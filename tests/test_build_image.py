@@ -1,0 +1,253 @@
+"""Built images, checked by independent tools (cpio, bsdtar, objdump, sfdisk, mtools, qemu-img)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import tarfile
+from pathlib import Path
+from typing import Any
+
+from eemini.build import pyruntime
+from images import DEMO_HASH, DEMO_PROFILE, REPO, build, image, workload_spec
+
+GUEST = REPO / "src" / "eemini" / "guest"
+MIB = 1 << 20
+
+
+def run(*argv: str | os.PathLike[str], stdin: bytes | None = None) -> bytes:
+    proc = subprocess.run([os.fspath(a) for a in argv], input=stdin, capture_output=True, check=False)
+    assert proc.returncode == 0, proc.stderr.decode()
+    return proc.stdout
+
+
+def manifest(profile: str) -> dict[str, Any]:
+    doc: dict[str, Any] = json.loads((image(profile) / "manifest.json").read_text())
+    return doc
+
+
+def initramfs(profile: str) -> bytes:
+    return run("zstd", "-dc", image(profile) / "initramfs.cpio.zst")
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_two_builds_in_different_places_umasks_and_zones_are_identical(tmp_path: Path) -> None:
+    first = image(DEMO_PROFILE)
+    spec = workload_spec(tmp_path / "other" / "spec")
+    out = tmp_path / "elsewhere" / "out"
+    proc = build(DEMO_PROFILE, out, spec, umask=0o077, env={"TZ": "Pacific/Kiritimati", "LC_ALL": "C"},
+                 cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    names = sorted(p.name for p in first.iterdir())
+    assert names == sorted(p.name for p in out.iterdir())
+    assert names == ["disk.qcow2", "initramfs.cpio.zst", "manifest.json", "uki.efi"]
+    for name in names:
+        assert sha256(first / name) == sha256(out / name), name
+
+
+def test_demo_uki_hash_matches_the_recorded_one() -> None:
+    actual = sha256(image(DEMO_PROFILE) / "uki.efi")
+    expected = DEMO_HASH.read_text().strip()
+    assert actual == expected, (
+        f"the demo image's UKI has sha256 {actual}, but {DEMO_HASH.relative_to(REPO)} records "
+        f"{expected}. If the change to the image is intended, run tools/update-demo-uki-hash and "
+        "commit the new hash with it."
+    )
+
+
+def test_cpio_and_bsdtar_list_exactly_the_sbom() -> None:
+    data = initramfs(DEMO_PROFILE)
+    sbom = manifest(DEMO_PROFILE)["initramfs"]["files"]
+    paths = [e["path"].lstrip("/") for e in sbom]
+    listed = run("cpio", "-t", "--quiet", stdin=data).decode().splitlines()
+    assert listed == paths
+    verbose = run("bsdtar", "-tvf", "-", stdin=data).decode().splitlines()
+    assert len(verbose) == len(paths)
+    for line, entry in zip(verbose, sbom, strict=True):
+        fields = line.split()
+        assert fields[2:4] == ["0", "0"], line  # owner 0:0
+        if entry["type"] == "file":
+            assert int(fields[4]) == entry["size"], line
+
+
+def test_every_initramfs_byte_has_an_origin() -> None:
+    doc = manifest(DEMO_PROFILE)
+    sbom = doc["initramfs"]["files"]
+    lock = {p["name"]: p["version"] for p in doc["packages"]}
+    # The size breakdown covers every byte of content: file data and symlink targets.
+    content = sum(e["size"] if e["type"] == "file" else len(e.get("target", "")) for e in sbom)
+    assert content == sum(
+        doc["sizes"][c] for c in ("modules", "python-runtime", "guest-runtime", "workload", "layout")
+    )
+    for e in sbom:
+        origin = e["origin"]
+        assert origin["source"] in ("debian", "project", "workload"), e
+        if origin["source"] == "debian":
+            assert lock[origin["package"]] == origin["version"], e
+    by_path = {e["path"]: e for e in sbom}
+    assert by_path["/app/hello"]["origin"] == {"source": "workload"}
+    assert by_path["/etc/eemini/spec.json"]["origin"] == {"source": "workload"}
+    assert by_path["/usr/bin/python3.13"]["origin"]["package"] == "python3.13-minimal"
+    assert by_path["/usr/lib/python3.13/encodings/utf_8.pyc"]["origin"] == {
+        "source": "debian", "package": "libpython3.13-minimal", "version": lock["libpython3.13-minimal"],
+        "derived_from": "/usr/lib/python3.13/encodings/utf_8.py",
+    }  # fmt: skip
+    assert by_path["/dev/console"]["rdev"] == [5, 1]
+    assert by_path["/init"]["mode"] == "0755"
+
+
+def test_image_facts_and_spec_in_the_image() -> None:
+    doc = manifest(DEMO_PROFILE)
+    facts = doc["image"]
+    assert facts["profile"] == "local-dev"
+    assert facts["attestation"] == "simulated"
+    assert facts["network"] == "dhcp"
+    assert facts["config_sources"] == ["cmdline", "config-disk"]
+    kver = facts["kernel"]
+    mods = f"/usr/lib/modules/{kver}/kernel"
+    # Dependencies come before the modules that need them.
+    assert facts["modules"] == [
+        f"{mods}/fs/configfs/configfs.ko.xz",
+        f"{mods}/net/core/failover.ko.xz",
+        f"{mods}/drivers/net/net_failover.ko.xz",
+        f"{mods}/drivers/net/virtio_net.ko.xz",
+        f"{mods}/drivers/block/virtio_blk.ko.xz",
+        f"{mods}/fs/fat/fat.ko.xz",
+        f"{mods}/fs/fat/vfat.ko.xz",
+        f"{mods}/fs/nls/nls_cp437.ko.xz",
+        f"{mods}/fs/nls/nls_utf8.ko.xz",
+        f"{mods}/drivers/cdrom/cdrom.ko.xz",
+        f"{mods}/fs/isofs/isofs.ko.xz",
+        f"{mods}/drivers/acpi/button.ko.xz",
+        f"{mods}/drivers/input/evdev.ko.xz",
+    ]
+    by_path = {e["path"]: e for e in doc["initramfs"]["files"]}
+    workload = (image(DEMO_PROFILE).parent / "spec" / "hello").read_bytes()
+    assert facts["workload_sha256"] == hashlib.sha256(workload).hexdigest()
+    assert by_path["/app/hello"]["sha256"] == facts["workload_sha256"]
+    assert by_path["/etc/eemini/spec.json"]["sha256"] == facts["spec_digest"]
+    assert by_path["/etc/eemini/image.json"]["origin"] == {"source": "project"}
+    assert doc["cmdline"] == "console=ttyS0 quiet ee.dev=1"
+    assert doc["outputs"]["uki"]["sha256"] == sha256(image(DEMO_PROFILE) / "uki.efi")
+
+
+def test_simulator_only_in_local_dev() -> None:
+    dev = {e["path"] for e in manifest("local-dev")["initramfs"]["files"]}
+    prod = {e["path"] for e in manifest("local-tdx-qcow2")["initramfs"]["files"]}
+    assert manifest("local-tdx-qcow2")["cmdline"] == "console=ttyS0 quiet"
+    for module in ("simulated", "p256"):
+        path = f"/usr/lib/eemini/eemini/guest/{module}.py"
+        assert path not in prod
+        assert (path in dev) == (GUEST / f"{module}.py").exists()
+
+
+def _sections(uki: Path) -> dict[str, tuple[int, int, int]]:
+    """name -> (size, vma, file offset) as objdump -h reports them."""
+    out = run("objdump", "-h", uki).decode()
+    rows = re.findall(
+        r"^\s*\d+\s+(\S+)\s+([0-9a-f]+)\s+([0-9a-f]+)\s+[0-9a-f]+\s+([0-9a-f]+)", out, re.M
+    )
+    return {name: (int(size, 16), int(vma, 16), int(off, 16)) for name, size, vma, off in rows}
+
+
+def test_objdump_shows_the_uki_sections(tmp_path: Path) -> None:
+    uki = image(DEMO_PROFILE) / "uki.efi"
+    sections = _sections(uki)
+    for name in (".linux", ".initrd", ".cmdline", ".osrel", ".uname", ".sbat"):
+        assert name in sections
+    assert sections[".initrd"][0] == (image(DEMO_PROFILE) / "initramfs.cpio.zst").stat().st_size
+    for name in (".osrel", ".cmdline", ".uname", ".initrd", ".linux"):
+        assert sections[name][1] % 4096 == 0 and sections[name][2] % 512 == 0, name
+    run("objcopy", "-O", "binary", "--only-section=.cmdline", uki, tmp_path / "cmdline")
+    assert (tmp_path / "cmdline").read_bytes() == b"console=ttyS0 quiet ee.dev=1"
+    info = run("objdump", "-p", uki).decode()
+    assert re.search(r"Time/Date\s+Thu Jan  1 00:00:00 1970", info), info[:400]
+
+
+def _raw_disk(profile: str, dest: Path) -> Path:
+    raw = dest / "disk.raw"
+    run("qemu-img", "convert", "-O", "raw", image(profile) / "disk.qcow2", raw)
+    return raw
+
+
+def test_sfdisk_and_mtools_read_the_disk(tmp_path: Path) -> None:
+    raw = _raw_disk(DEMO_PROFILE, tmp_path)
+    table = json.loads(run("sfdisk", "--json", raw))["partitiontable"]
+    assert table["label"] == "gpt"
+    assert table["firstlba"] == 34
+    (part,) = table["partitions"]
+    assert part["type"] == "C12A7328-F81F-11D2-BA4B-00A0C93EC93B"
+    assert part["start"] == 2048
+    assert part["name"] == "EFI System Partition"
+    assert raw.stat().st_size == (part["size"] + 4096) * 512
+    esp = f"{raw}@@{part['start'] * 512}"
+    listing = run("mdir", "-i", esp, "-/", "::").decode()
+    assert re.search(
+        r"BOOTX64\s+EFI\s+" + str((image(DEMO_PROFILE) / "uki.efi").stat().st_size), listing
+    )
+    run("mcopy", "-i", esp, "::EFI/BOOT/BOOTX64.EFI", tmp_path / "copy.efi")
+    assert (tmp_path / "copy.efi").read_bytes() == (image(DEMO_PROFILE) / "uki.efi").read_bytes()
+    if shutil.which("fsck.fat"):
+        subprocess.run(["dd", f"if={raw}", f"of={tmp_path / 'esp'}", "bs=1M", "skip=1",
+                        f"count={part['size'] // 2048}", "status=none"], check=True)  # fmt: skip
+        run("fsck.fat", "-n", tmp_path / "esp")
+
+
+def test_qemu_img_reads_qcow2_and_fixed_vhd() -> None:
+    qcow = json.loads(run("qemu-img", "info", "--output=json", image("local-tdx-qcow2") / "disk.qcow2"))
+    assert qcow["format"] == "qcow2"
+    assert qcow["virtual-size"] % MIB == 0
+    vhd = image("azure") / "disk.vhd"
+    info = json.loads(run("qemu-img", "info", "--output=json", "-f", "vpc", vhd))
+    assert info["format"] == "vpc"
+    assert info["virtual-size"] % MIB == 0
+    assert vhd.stat().st_size == info["virtual-size"] + 512
+    footer = vhd.read_bytes()[-512:]
+    assert footer[:8] == b"conectix"
+    assert int.from_bytes(footer[60:64], "big") == 2  # disk type: fixed
+
+
+def test_gce_tarball_holds_one_disk_raw_of_whole_gib() -> None:
+    with tarfile.open(image("gcp") / "disk.raw.tar.gz") as tar:
+        (member,) = tar.getmembers()
+        assert member.name == "disk.raw"
+        assert member.size % (1 << 30) == 0
+        assert (member.mtime, member.uid, member.gid) == (0, 0, 0)
+        f = tar.extractfile(member)
+        assert f is not None
+        head = f.read(1024)
+    assert head[510:512] == b"\x55\xaa" and head[512:520] == b"EFI PART"
+    facts = manifest("gcp")["image"]
+    assert any(m.endswith("/gve.ko.xz") for m in facts["modules"])
+    assert facts["attestation"] == "configfs-tsm"
+
+
+def test_trimmed_interpreter_imports_every_guest_module(tmp_path: Path) -> None:
+    """Unpack the initramfs and import each shipped guest module with the shipped interpreter."""
+    root = tmp_path / "root"
+    root.mkdir()
+    run("cpio", "-idm", "--quiet", "--no-absolute-filenames", "-D", root, stdin=initramfs(DEMO_PROFILE))
+    sbom = manifest(DEMO_PROFILE)["initramfs"]["files"]
+    prefix = pyruntime.GUEST_PREFIX + "/"
+    names = sorted(
+        e["path"][len(prefix) : -3].replace("/", ".").removesuffix(".__init__")
+        for e in sbom
+        if e["path"].startswith(prefix) and e["path"].endswith(".py")
+    )
+    assert "eemini" in names
+    script = (
+        f"import sys; sys.path.insert(0, {str(root) + pyruntime.GUEST_PREFIX!r})\n"
+        f"for n in {names!r}: __import__(n)\n"
+        "print(sys.prefix)\n"
+    )
+    loader = root / "usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2"
+    out = run(loader, "--library-path", root / "usr/lib/x86_64-linux-gnu", root / "usr/bin/python3.13",
+              "-I", "-S", "-c", script)  # fmt: skip
+    assert out.decode().strip() == f"{root}/usr"
