@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from eemini.guest.attest import quote_report_data
 from rtutil import TOKEN, RuntimeProc, read_json_line, wait_for, write_spec, write_workload
@@ -349,3 +351,68 @@ def test_out_of_file_descriptors(tmp_path: Path) -> None:
         assert 1 <= failures <= 20  # it backs off instead of spinning on the listener
     finally:
         rt2.stop()
+
+
+def test_many_concurrent_attests_all_succeed(rt: RuntimeProc) -> None:
+    socks = [rt.connect() for _ in range(60)]
+    try:
+        for i, s in enumerate(socks):
+            s.sendall(
+                req(method="attest", token=TOKEN, report_data_b64=base64.b64encode(bytes([i])).decode())
+            )
+        for i, s in enumerate(socks):
+            answer = read_json_line(s)
+            assert answer["ok"] is True, answer
+            assert quote_report_data(base64.b64decode(answer["quote_b64"]))[:2] == bytes([i, 0])
+    finally:
+        for s in socks:
+            s.close()
+
+
+KNOWN_CODES = {"bad_request", "unauthenticated", "unknown_method", "bad_params", "not_found"}
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    st.one_of(
+        st.binary(max_size=300),
+        st.recursive(
+            st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+            lambda inner: (
+                st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+            ),
+            max_leaves=12,
+        ).map(lambda v: json.dumps(v).encode()),
+    )
+)
+def test_fuzzed_lines_get_a_clean_error(rt: RuntimeProc, line: bytes) -> None:
+    line = line.replace(b"\n", b" ")
+    if not line.strip():
+        return  # blank lines are skipped, by design
+    answer = raw(rt, line + b"\n")
+    assert answer["ok"] is False
+    assert answer["code"] in KNOWN_CODES
+    assert isinstance(answer["error"], str) and answer["error"]
+
+
+JSON_VALUES = st.none() | st.booleans() | st.integers(-(10**6), 10**6) | st.text(max_size=12)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    method=st.sampled_from(["health", "attest", "list", "logs", "info", "nope"]) | st.text(max_size=8),
+    params=st.dictionaries(
+        st.sampled_from(["tail", "id", "report_data_b64", "nonce", "extra"]) | st.text(max_size=6),
+        JSON_VALUES | st.lists(JSON_VALUES, max_size=3),
+        max_size=3,
+    ),
+)
+def test_fuzzed_authenticated_requests(rt: RuntimeProc, method: str, params: dict[str, Any]) -> None:
+    if method in ("restart", "shutdown"):
+        return  # side effects; covered by their own tests
+    params.pop("token", None)
+    params.pop("method", None)
+    answer = rt.call(method, **params)
+    if answer["ok"] is not True:
+        assert answer["code"] in KNOWN_CODES, answer
+    assert_alive(rt)

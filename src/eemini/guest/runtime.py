@@ -44,7 +44,6 @@ from eemini.guest.supervisor import (
 
 DEFAULT_SOCKET = "/var/lib/easyenclave/agent.sock"
 MAX_TAIL = MAX_LINES
-ATTEST_QUEUE = 16
 
 
 @record
@@ -70,7 +69,7 @@ class RuntimeConfig:
 class AttestWorker:
     """Produces quotes on one worker thread, one at a time, so the loop never blocks on them."""
 
-    def __init__(self, loop: EventLoop, backend: Backend, max_queue: int = ATTEST_QUEUE) -> None:
+    def __init__(self, loop: EventLoop, backend: Backend, max_queue: int) -> None:
         self.loop = loop
         self.backend = backend
         self._queue: queue.Queue[tuple[bytes, Callable[[bytes | AttestError], None]]] = queue.Queue(
@@ -178,7 +177,9 @@ class Runtime:
             backoff=config.backoff,
             grace=config.grace,
         )
-        self.attester = AttestWorker(self.loop, config.backend)
+        # A connection waits for its answer before its next request, so it has at most one
+        # quote queued: a queue as long as the connection limit never refuses a client.
+        self.attester = AttestWorker(self.loop, config.backend, config.limits.max_connections)
         self.server = Server(self.loop, config.socket_path, config.token, self._methods(), config.limits)
         self.shutting_down = False
         self.poweroff_reason: str | None = None

@@ -27,6 +27,9 @@ from typing import Any
 from eemini.guest.loop import EventLoop, Timer
 from eemini.guest.record import field, record
 
+# sizeof(sockaddr_un.sun_path) on Linux, NUL included.
+_SUN_PATH_MAX = 108
+
 Response = dict[str, Any]
 Respond = Callable[[Response], None]
 Handler = Callable[[dict[str, Any], Respond], None]
@@ -291,19 +294,22 @@ class Server:
                 raise OSError(errno.EADDRINUSE, f"another runtime is serving {self.path}")
             os.unlink(self.path)  # a stale socket from an earlier run
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        # Bind and listen under a temporary name, then rename into place: the path appears only
-        # once connections are accepted, so a client that sees it never gets ECONNREFUSED.
-        tmp = os.path.join(parent, f".{os.path.basename(self.path)}.{os.getpid()}")
+        # Bind under a temporary name, listen, then rename: the path appears only once it accepts
+        # connections (a client polling for it never sees ECONNREFUSED), already mode 0600.
+        tmp = f"{self.path}.{os.getpid()}.tmp"
+        if len(os.fsencode(tmp)) >= _SUN_PATH_MAX:
+            tmp = self.path  # no room for the temporary name: bind in place
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        old_umask = os.umask(0o177)  # the socket is born 0600: no window where others connect
+        old_umask = os.umask(0o177)
         try:
             sock.bind(tmp)
         finally:
             os.umask(old_umask)
         os.chmod(tmp, 0o600)
         sock.listen(min(socket.SOMAXCONN, 4096))
-        os.rename(tmp, self.path)
+        if tmp != self.path:
+            os.rename(tmp, self.path)
         sock.setblocking(False)
         self.listener = sock
         self.loop.add_reader(sock.fileno(), self._on_accept)
