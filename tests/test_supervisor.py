@@ -122,15 +122,18 @@ sys.exit(0)
     assert rt.call("health")["ok"] is True
 
 
-def test_sigterm_ignored_is_killed_after_grace(tmp_path: Path, runtimes: list[RuntimeProc]) -> None:
-    body = """
+# A workload that ignores SIGTERM: only the grace period's SIGKILL stops it.
+IGNORES_SIGTERM = """
 import signal, time
 signal.signal(signal.SIGTERM, signal.SIG_IGN)
 print("ready", flush=True)
 while True:
     time.sleep(1)
 """
-    rt = start(tmp_path, runtimes, body, "--grace", "1", restart="always")
+
+
+def test_sigterm_ignored_is_killed_after_grace(tmp_path: Path, runtimes: list[RuntimeProc]) -> None:
+    rt = start(tmp_path, runtimes, IGNORES_SIGTERM, "--grace", "1", restart="always")
     wait_for(lambda: "ready" in rt.stderr(), what="workload ready")
     began = time.monotonic()
     assert rt.call("shutdown") == {"ok": True, "shutting_down": True}
@@ -228,14 +231,7 @@ def test_long_lines_are_split(tmp_path: Path, runtimes: list[RuntimeProc]) -> No
 
 
 def test_shutdown_during_a_restart_wins(tmp_path: Path, runtimes: list[RuntimeProc]) -> None:
-    body = """
-import signal, time
-signal.signal(signal.SIGTERM, signal.SIG_IGN)
-print("ready", flush=True)
-while True:
-    time.sleep(1)
-"""
-    rt = start(tmp_path, runtimes, body, "--grace", "1", restart="always")
+    rt = start(tmp_path, runtimes, IGNORES_SIGTERM, "--grace", "1", restart="always")
     wait_for(lambda: "ready" in rt.stderr(), what="workload ready")
     with rt.connect() as restarting:
         restarting.sendall(json.dumps({"method": "restart", "token": TOKEN}).encode() + b"\n")
