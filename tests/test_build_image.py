@@ -157,6 +157,20 @@ def test_image_facts_and_spec_in_the_image() -> None:
         f"{mods}/drivers/acpi/button.ko",
         f"{mods}/drivers/input/evdev.ko",
     ]
+    # What PID 1 plans module loading with (eemini.guest.kmods), from each module's .modinfo.
+    module_facts = facts["module_facts"]
+    assert sorted(module_facts) == sorted(Path(p).name.removesuffix(".ko") for p in facts["modules"])
+    assert module_facts["virtio_net"] == {
+        "aliases": ["virtio:d00000001v*"],
+        "depends": ["net_failover"],
+        "requested": True,
+    }
+    assert module_facts["failover"] == {"aliases": [], "depends": [], "requested": False}
+    assert module_facts["isofs"] == {
+        "aliases": ["fs-iso9660", "iso9660"],
+        "depends": ["cdrom"],
+        "requested": True,
+    }
     by_path = {e["path"]: e for e in doc["initramfs"]["files"]}
     lock = {p["name"]: p["version"] for p in doc["packages"]}
     # Shipped decompressed (the kernel would otherwise decompress xz on every boot).

@@ -148,11 +148,27 @@ def add_python(ctx: Context) -> None:
     shutil.rmtree(target.root, ignore_errors=True)
 
 
+def module_facts(ctx: Context) -> dict[str, dict[str, Any]]:
+    """What PID 1 needs to load only the modules a machine uses (eemini.guest.kmods): each
+    module's aliases and dependencies from its .modinfo, and whether the profile names it."""
+    assert ctx.kernel is not None
+    requested = {n.replace("-", "_") for n in ctx.profile.modules}
+    return {
+        m.name: {
+            "aliases": sorted(set(ctx.kernel.modinfo(m.name).get("alias", []))),
+            "depends": list(m.depends),
+            "requested": m.name in requested,
+        }
+        for m in ctx.modules
+    }
+
+
 def image_facts(ctx: Context) -> dict[str, Any]:
     assert ctx.kernel is not None
     return {
         "profile": ctx.profile.name,
         "modules": [str(m.path) for m in ctx.modules],
+        "module_facts": module_facts(ctx),
         "attestation": ctx.profile.attestation.value,
         "network": ctx.profile.network.value,
         "config_sources": list(ctx.profile.config_sources),

@@ -18,10 +18,13 @@ import ipaddress
 import os
 import re
 import time
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any
 
 from eemini.guest.record import field, record
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable, Sequence
+    from typing import Any
 
 NETWORK_KEYS = ("EE_IP", "EE_GATEWAY", "EE_DNS")
 CONFIG_FILE = "agent.env"
@@ -343,14 +346,23 @@ def find_config_disk(
     return None
 
 
-def read_config_disk(wait: float = 2.0, mountpoint: str = "/run/eemini/config") -> bytes | None:
-    """agent.env from the config disk, or None when there is no config disk."""
+def read_config_disk(
+    wait: float = 2.0,
+    mountpoint: str = "/run/eemini/config",
+    prepare: Callable[[str], object] | None = None,
+) -> bytes | None:
+    """agent.env from the config disk, or None when there is no config disk.
+
+    `prepare(fstype)` runs before the mount (PID 1 loads the filesystem's modules there).
+    """
     from eemini.guest import sys as ksys
 
     found = find_config_disk(wait)
     if found is None:
         return None
     dev, fstype = found
+    if prepare is not None:
+        prepare(fstype)
     os.makedirs(mountpoint, exist_ok=True)
     flags = ksys.MS_RDONLY | ksys.MS_NOSUID | ksys.MS_NODEV | ksys.MS_NOEXEC
     # Debian's kernel defaults FAT to iocharset=ascii (CONFIG_FAT_DEFAULT_IOCHARSET), whose NLS
@@ -513,13 +525,16 @@ class Sources(enum.StrEnum):
 
 
 def collect_local(
-    cmdline: Cmdline, sources: Sequence[Sources], log: Callable[[str], None]
+    cmdline: Cmdline,
+    sources: Sequence[Sources],
+    log: Callable[[str], None],
+    prepare_mount: Callable[[str], object] | None = None,
 ) -> list[Setting]:
     settings: list[Setting] = []
     if Sources.CMDLINE in sources:
         settings += cmdline_settings(cmdline)
     if Sources.DISK in sources:
-        data = read_config_disk()
+        data = read_config_disk(prepare=prepare_mount)
         if data is None:
             log("boot config: no config disk")
         else:

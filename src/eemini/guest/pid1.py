@@ -20,10 +20,14 @@ import os
 import signal
 import sys
 import time
-from typing import Any, NoReturn
 
+from eemini.guest import kmods
 from eemini.guest import sys as ksys
 from eemini.guest.record import record
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, NoReturn
 
 MountSpec = tuple[str, str, str, int, str | None]
 
@@ -116,66 +120,6 @@ def open_console(cmdline_text: str) -> None:
     sys.stderr = open(2, "w", buffering=1, encoding="utf-8", errors="replace", closefd=False)  # noqa: SIM115
 
 
-def load_modules(paths: list[str]) -> int:
-    """finit_module each path in the build-time order; failures are reported, not fatal."""
-    loaded = 0
-    for path in paths:
-        try:
-            if ksys.load_module(path):
-                loaded += 1
-        except OSError as e:
-            console(f"module {os.path.basename(path)}: {e.strerror}")
-    return loaded
-
-
-# Drivers only the power-button watch needs (it starts with the workload): when they come last in
-# the build-time order, the boot goes on without waiting for them.
-AFTER_WORKLOAD = frozenset({"button", "evdev"})
-
-
-def module_name(path: str) -> str:
-    return os.path.basename(path).split(".", 1)[0].replace("-", "_")
-
-
-class ModuleLoader:
-    """load_modules() on a thread, in the same order.
-
-    wait_boot() before anything needs a driver: it returns once every module but the trailing
-    AFTER_WORKLOAD ones is loaded; join() once the power-button watch needs those too.
-    """
-
-    def __init__(self, paths: list[str]) -> None:
-        import threading
-
-        boot = len(paths)
-        while boot > 0 and module_name(paths[boot - 1]) in AFTER_WORKLOAD:
-            boot -= 1
-        self.boot_paths, self.late_paths = paths[:boot], paths[boot:]
-        self.loaded = self.late_loaded = 0
-        self.elapsed = self.late_elapsed = 0.0
-        self.boot_done = threading.Event()
-        self.thread = threading.Thread(target=self._run, name="eemini-modules", daemon=True)
-
-    def _run(self) -> None:
-        start = time.monotonic()
-        try:
-            self.loaded = load_modules(self.boot_paths)
-        finally:
-            self.elapsed = time.monotonic() - start
-            self.boot_done.set()
-        self.late_loaded = load_modules(self.late_paths)
-        self.late_elapsed = time.monotonic() - start
-
-    def start(self) -> None:
-        self.thread.start()
-
-    def wait_boot(self) -> None:
-        self.boot_done.wait()
-
-    def join(self) -> None:
-        self.thread.join()
-
-
 def preload_runtime() -> None:
     """Import what the rest of the boot needs while the module loader thread works."""
     import eemini.guest.dhcp
@@ -254,7 +198,10 @@ class Boot:
             raise BootFailure(f"{self.paths.image_json}: modules must be a list of paths")
         # Modules load on a thread (finit_module runs without the GIL) while this one reads the
         # spec and imports the rest of the runtime: drivers' probe waits overlap Python work.
-        loader = ModuleLoader(modules)
+        facts = image.get("module_facts")
+        if facts is not None and not isinstance(facts, dict):
+            raise BootFailure(f"{self.paths.image_json}: module_facts must be an object")
+        loader = kmods.ModuleLoader(kmods.plan(modules, facts, kmods.device_modaliases()), console)
         loader.start()
         try:
             cmdline = bootconfig.parse_cmdline(cmdline_text)
@@ -266,16 +213,15 @@ class Boot:
         sources = self.config_sources(image)
         preload_runtime()
         loader.wait_boot()
-        later = f"; {', '.join(map(module_name, loader.late_paths))} next" if loader.late_paths else ""
-        console(
-            f"{loader.loaded} of {len(loader.boot_paths)} kernel modules loaded in "
-            f"{loader.elapsed:.2f} s{later}"
-        )
-        with contextlib.suppress(OSError):
-            mount_all((CONFIGFS,))
+        console(self.modules_line(loader))
+        # configfs-tsm needs configfs before the control socket serves; a simulated image mounts
+        # it once the workload has started.
+        configfs_now = image.get("attestation") != "simulated"
+        if configfs_now:
+            self.mount_configfs(loader)
         allow = spec.workload.allow_env
         try:
-            local = bootconfig.collect_local(cmdline, sources, console)
+            local = bootconfig.collect_local(cmdline, sources, console, loader.require_fs)
             static = bootconfig.apply_policy(local, allow).network
         except bootconfig.ConfigError as e:
             raise BootFailure(str(e)) from None
@@ -298,9 +244,28 @@ class Boot:
             events=events,
             measurer=measurer,
             loader=loader,
+            mount_configfs=not configfs_now,
         )
 
     # --- steps ---
+
+    @staticmethod
+    def modules_line(loader: kmods.ModuleLoader) -> str:
+        plan = loader.plan
+        text = f"{loader.loaded} of {len(plan.boot)} kernel modules loaded in {loader.elapsed:.2f} s"
+        if plan.absent:
+            text += f"; no device for {', '.join(plan.absent)}"
+        if plan.on_demand:
+            text += f"; on mount: {', '.join(plan.on_demand)}"
+        if plan.late:
+            text += f"; {', '.join(map(kmods.module_name, plan.late))} next"
+        return text
+
+    @staticmethod
+    def mount_configfs(loader: kmods.ModuleLoader) -> None:
+        loader.require_fs("configfs")
+        with contextlib.suppress(OSError):
+            mount_all((CONFIGFS,))
 
     @staticmethod
     def read_text(path: str) -> str:
@@ -489,7 +454,8 @@ class Boot:
         env: Any,
         events: Any,
         measurer: Any = None,
-        loader: ModuleLoader | None = None,
+        loader: kmods.ModuleLoader | None = None,
+        mount_configfs: bool = False,
     ) -> None:
         from eemini.guest.power import PowerWatch
         from eemini.guest.runtime import Runtime, RuntimeConfig
@@ -523,12 +489,15 @@ class Boot:
             f"control socket {self.paths.socket}; workload {spec.workload.path} "
             f"started at uptime {uptime():.2f} s"
         )
-        if loader is not None and loader.late_paths:
+        if loader is not None:
             loader.join()
-            console(
-                f"{loader.late_loaded} of {len(loader.late_paths)} more kernel modules loaded "
-                f"({loader.late_elapsed:.2f} s after the first)"
-            )
+            if loader.late_paths:
+                console(
+                    f"{loader.late_loaded} of {len(loader.late_paths)} more kernel modules loaded "
+                    f"in {loader.late_elapsed:.2f} s"
+                )
+            if mount_configfs:
+                self.mount_configfs(loader)
         self.watch_buttons(watch, runtime.loop, retries=3)
         runtime.loop.run()
         # The loop only returns if something stopped it without powering off.
