@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -35,7 +36,7 @@ code = [os.path.dirname(eemini.__file__), sys.prefix, os.path.dirname(os.__file_
 pid1.EARLY_MOUNTS = tuple(
     m for m in pid1.EARLY_MOUNTS if not any(c == m[1] or c.startswith(m[1] + "/") for c in code)
 )
-pid1.main(pid1.Paths(
+pid1.main(started=1.5, paths=pid1.Paths(
     image_json="/mnt/image.json", spec_json="/mnt/spec.json", cmdline="/mnt/cmdline",
     socket=sys.argv[2] if len(sys.argv) > 2 else "/mnt/run/agent.sock", resolv_conf="/mnt/resolv.conf",
     sys_input="/mnt/no-input", dev_input="/mnt/no-input",
@@ -161,6 +162,21 @@ def test_boot_serve_workload_and_power_off(tmp_path: Path) -> None:
     lines = _lines(err)
     assert lines[0].startswith(f"eemini: PID 1 starting (kernel {os.uname().release}, uptime ")
     assert "eemini: 0 of 0 kernel modules loaded in" in lines[1]
+    [timeline] = [line for line in lines if line.startswith("eemini: boot timeline")]
+    steps = re.findall(r"(?:: |, )([a-z ]+) (\d+\.\d\d)", timeline)
+    assert [step for step, _ in steps] == [
+        "python",
+        "imports",
+        "modules",
+        "local config",
+        "network",
+        "remote config",
+        "attestation",
+        "workload",
+    ]
+    times = [float(t) for _, t in steps]
+    assert times[0] == 1.5
+    assert times[1:] == sorted(times[1:])
     assert "eemini: network: none (this image has no network)" in lines
     assert any(
         line.startswith("eemini: boot config: GREETING from cmdline accepted (sha384:") for line in lines

@@ -25,11 +25,13 @@ STUB = "usr/lib/systemd/boot/efi/linuxx64.efi.stub"
 INIT = b'''#!/usr/bin/python3.13 -IS
 """PID 1 of an EasyEnclave Mini image (written by `eemini build`): start the guest runtime."""
 import sys
+import time
 
+started = time.clock_gettime(time.CLOCK_BOOTTIME)  # the interpreter is up; nothing imported yet
 sys.path.insert(0, "/usr/lib/eemini")
 from eemini.guest.pid1 import main
 
-main()
+main(started=started)
 '''
 CATEGORIES = ("modules", "python-runtime", "guest-runtime", "workload", "layout")
 

@@ -76,9 +76,6 @@ class Paths:
     dev_input: str = "/dev/input"
 
 
-_boot_started = time.monotonic()
-
-
 def console(text: str) -> None:
     """One line on the console, prefixed so the host can tell PID 1 from the kernel and workload."""
     with contextlib.suppress(OSError):
@@ -86,11 +83,25 @@ def console(text: str) -> None:
 
 
 def uptime() -> float:
-    try:
-        with open("/proc/uptime", "rb") as f:
-            return float(f.read().split()[0])
-    except (OSError, ValueError, IndexError):
-        return time.monotonic() - _boot_started
+    """Seconds since the kernel started (CLOCK_BOOTTIME, the clock of /proc/uptime)."""
+    return time.clock_gettime(time.CLOCK_BOOTTIME)
+
+
+class Timeline:
+    """When each boot step ended, in seconds since the kernel started: one console line once
+    the workload has started, so a slow step shows which one it was."""
+
+    def __init__(self, started: float | None) -> None:
+        self.marks: list[tuple[str, float]] = []
+        if started is not None:
+            self.marks.append(("python", started))
+
+    def mark(self, step: str) -> None:
+        self.marks.append((step, uptime()))
+
+    def line(self) -> str:
+        steps = ", ".join(f"{step} {t:.2f}" for step, t in self.marks)
+        return f"boot timeline (s since kernel start): {steps}"
 
 
 def mount_all(mounts: tuple[MountSpec, ...]) -> None:
@@ -175,8 +186,9 @@ def write_resolv_conf(path: str, dns: tuple[Any, ...], domain: str | None) -> No
 class Boot:
     """The boot sequence, one method per step; `run()` ends in the event loop or raises."""
 
-    def __init__(self, paths: Paths) -> None:
+    def __init__(self, paths: Paths, started: float | None = None) -> None:
         self.paths = paths
+        self.timeline = Timeline(started)
         self.dhcp_client: Any = None
         self.lease: Any = None
         self.nic: Any = None
@@ -184,6 +196,7 @@ class Boot:
     def run(self) -> None:
         from eemini.guest import bootconfig
 
+        self.timeline.mark("imports")
         mount_all(EARLY_MOUNTS)
         cmdline_text = self.read_text(self.paths.cmdline)
         open_console(cmdline_text)
@@ -213,6 +226,7 @@ class Boot:
         sources = self.config_sources(image)
         preload_runtime()
         loader.wait_boot()
+        self.timeline.mark("modules")
         console(self.modules_line(loader))
         # configfs-tsm needs configfs before the control socket serves; a simulated image mounts
         # it once the workload has started.
@@ -225,7 +239,9 @@ class Boot:
             static = bootconfig.apply_policy(local, allow).network
         except bootconfig.ConfigError as e:
             raise BootFailure(str(e)) from None
+        self.timeline.mark("local config")
         self.network(str(image.get("network", "dhcp")), static)
+        self.timeline.mark("network")
         try:
             remote = bootconfig.collect_remote(sources, bootconfig.Fetch(), console)
             config = bootconfig.apply_policy(local + remote, allow)
@@ -233,8 +249,10 @@ class Boot:
             raise BootFailure(str(e)) from None
         for s in config.settings:
             console(f"boot config: {s.key} from {s.source} accepted ({s.digest[:23]}...)")
+        self.timeline.mark("remote config")
         backend, measurer = self.backend(image, cmdline)
         events = self.event_log(spec_bytes, spec.workload.path, config.settings, measurer)
+        self.timeline.mark("attestation")
         self.serve(
             spec,
             token,
@@ -485,10 +503,12 @@ class Boot:
                 log=console,
             ).start()
         runtime.start()
+        self.timeline.mark("workload")
         console(
             f"control socket {self.paths.socket}; workload {spec.workload.path} "
             f"started at uptime {uptime():.2f} s"
         )
+        console(self.timeline.line())
         if loader is not None:
             loader.join()
             if loader.late_paths:
@@ -514,10 +534,11 @@ class Boot:
             console("power button: no input device reports KEY_POWER; SIGTERM/Ctrl-Alt-Del still work")
 
 
-def main(paths: Paths | None = None) -> NoReturn:
+def main(paths: Paths | None = None, started: float | None = None) -> NoReturn:
+    """PID 1. `started`: CLOCK_BOOTTIME when /init's interpreter was up (for the timeline)."""
     reason = "the boot sequence ended"
     try:
-        Boot(paths or Paths()).run()
+        Boot(paths or Paths(), started).run()
     except BootFailure as e:
         console(f"boot failed: {e}")
         reason = "boot failed"
