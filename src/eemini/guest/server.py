@@ -13,26 +13,32 @@ constant time and never logged or echoed.
 
 from __future__ import annotations
 
-import contextlib
 import errno
-import hmac
 import json
 import os
 import socket
 import stat
 import sys
-from collections.abc import Callable, Mapping
-from typing import Any
+
+# hmac.compare_digest itself when the interpreter has no _hashlib (as in the image), constant
+# time like it (the CPython docs of both); importing hmac would cost boot time for one function.
+from _operator import _compare_digest as compare_digest
+from collections.abc import Mapping
 
 from eemini.guest.loop import EventLoop, Timer
 from eemini.guest.record import field, record
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # for the type checker only: typing costs boot time to import
+    from collections.abc import Callable
+    from typing import Any
+
+    Response = dict[str, Any]
+    Respond = Callable[[Response], None]
+    Handler = Callable[[dict[str, Any], Respond], None]
+
 # sizeof(sockaddr_un.sun_path) on Linux, NUL included.
 _SUN_PATH_MAX = 108
-
-Response = dict[str, Any]
-Respond = Callable[[Response], None]
-Handler = Callable[[dict[str, Any], Respond], None]
 
 
 class RequestError(Exception):
@@ -286,21 +292,25 @@ class Server:
         """Bind the socket (mode 0600, parent directory created 0700) and start serving."""
         parent = os.path.dirname(self.path) or "."
         os.makedirs(parent, mode=0o700, exist_ok=True)
-        with contextlib.suppress(FileNotFoundError):
+        try:
             st = os.lstat(self.path)
             if not stat.S_ISSOCK(st.st_mode):
                 raise OSError(errno.EEXIST, f"{self.path} exists and is not a socket")
             if socket_in_use(self.path):
                 raise OSError(errno.EADDRINUSE, f"another runtime is serving {self.path}")
             os.unlink(self.path)  # a stale socket from an earlier run
+        except FileNotFoundError:
+            pass
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         # Bind under a temporary name, listen, then rename: the path appears only once it accepts
         # connections (a client polling for it never sees ECONNREFUSED), already mode 0600.
         tmp = f"{self.path}.{os.getpid()}.tmp"
         if len(os.fsencode(tmp)) >= _SUN_PATH_MAX:
             tmp = self.path  # no room for the temporary name: bind in place
-        with contextlib.suppress(FileNotFoundError):
+        try:
             os.unlink(tmp)
+        except FileNotFoundError:
+            pass
         old_umask = os.umask(0o177)
         try:
             sock.bind(tmp)
@@ -325,8 +335,10 @@ class Server:
             self.loop.remove_reader(self.listener.fileno())
             self.listener.close()
             self.listener = None
-            with contextlib.suppress(OSError):
+            try:
                 os.unlink(self.path)
+            except OSError:
+                pass
 
     # -- connections -------------------------------------------------------------------------
 
@@ -349,8 +361,10 @@ class Server:
             if len(self.conns) >= self.limits.max_connections:
                 self.rejected_connections += 1
                 limit = self.limits.max_connections
-                with contextlib.suppress(OSError):
+                try:
                     sock.send(_encode(error(f"too many connections (limit {limit}); try again", "busy")))
+                except OSError:
+                    pass
                 sock.close()
                 continue
             conn = _Conn(self, sock)
@@ -408,7 +422,7 @@ class Server:
         if token is None:
             conn.send(error('missing "token": every request carries the boot token', "unauthenticated"))
             return
-        if not isinstance(token, str) or not hmac.compare_digest(
+        if not isinstance(token, str) or not compare_digest(
             token.encode("utf-8", "surrogatepass"), self._token
         ):
             conn.send(error("wrong token", "unauthenticated"))
