@@ -9,11 +9,13 @@ PID 1 event loop's timers through `Renewer`.
 
 from __future__ import annotations
 
+# The socket module's C core: socket.py wraps it in enums and imports selectors (boot time
+# under emulation), and this module needs neither.
+import _socket
 import enum
 import ipaddress
 import os
 import select
-import socket
 import struct
 import time
 from collections.abc import Callable
@@ -255,10 +257,10 @@ class Client:
     def __init__(self, ifname: str, mac: bytes) -> None:
         self.ifname = ifname
         self.mac = mac
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, ifname.encode())
+        self.sock = _socket.socket(_socket.AF_INET, _socket.SOCK_DGRAM | _socket.SOCK_CLOEXEC)
+        self.sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_REUSEADDR, 1)
+        self.sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_BROADCAST, 1)
+        self.sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_BINDTODEVICE, ifname.encode())
         self.sock.bind(("0.0.0.0", CLIENT_PORT))
         self.xid = 0
         self.started = time.monotonic()

@@ -13,10 +13,12 @@ constant time and never logged or echoed.
 
 from __future__ import annotations
 
+# The socket module's C core: socket.py wraps it in enums and imports selectors (boot time
+# under emulation), and this module needs neither.
+import _socket
 import errno
 import json
 import os
-import socket
 import stat
 import sys
 
@@ -91,12 +93,21 @@ def _json_type_name(value: object) -> str:
 
 def socket_in_use(path: str) -> bool:
     """True when something accepts connections on the unix socket at `path`."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        try:
-            probe.connect(path)
-        except OSError:
-            return False
-        return True
+    probe = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    return True
+
+
+def _accept(listener: _socket.socket) -> _socket.socket:
+    # socket.socket.accept() without socket.py: accept4(SOCK_CLOEXEC), then a socket object of
+    # the listener's family and type for the new fd (typeshed does not declare _accept).
+    fd, _ = listener._accept()  # type: ignore[attr-defined]
+    return _socket.socket(listener.family, listener.type, listener.proto, fileno=fd)
 
 
 def _encode(response: Response) -> bytes:
@@ -104,7 +115,7 @@ def _encode(response: Response) -> bytes:
 
 
 class _Conn:
-    def __init__(self, server: Server, sock: socket.socket) -> None:
+    def __init__(self, server: Server, sock: _socket.socket) -> None:
         self.server = server
         self.sock = sock
         self.fd = sock.fileno()
@@ -280,7 +291,7 @@ class Server:
         self.methods = dict(methods)
         self.limits = limits
         self.conns: set[_Conn] = set()
-        self.listener: socket.socket | None = None
+        self.listener: _socket.socket | None = None
         self.requests = 0
         self.rejected_connections = 0
         self._sweeper: Timer | None = None
@@ -301,7 +312,7 @@ class Server:
             os.unlink(self.path)  # a stale socket from an earlier run
         except FileNotFoundError:
             pass
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
         # Bind under a temporary name, listen, then rename: the path appears only once it accepts
         # connections (a client polling for it never sees ECONNREFUSED), already mode 0600.
         tmp = f"{self.path}.{os.getpid()}.tmp"
@@ -317,7 +328,7 @@ class Server:
         finally:
             os.umask(old_umask)
         os.chmod(tmp, 0o600)
-        sock.listen(min(socket.SOMAXCONN, 4096))
+        sock.listen(min(_socket.SOMAXCONN, 4096))
         if tmp != self.path:
             os.rename(tmp, self.path)
         sock.setblocking(False)
@@ -346,7 +357,7 @@ class Server:
         assert self.listener is not None
         for _ in range(64):  # bounded, so a connection storm does not starve the loop
             try:
-                sock, _ = self.listener.accept()
+                sock = _accept(self.listener)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:
