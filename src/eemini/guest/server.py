@@ -22,8 +22,8 @@ import os
 import stat
 import sys
 
-# hmac.compare_digest itself when the interpreter has no _hashlib (as in the image), constant
-# time like it (the CPython docs of both); importing hmac would cost boot time for one function.
+# Constant-time comparison without importing hmac (boot time): hmac.compare_digest is this very
+# function when the interpreter has no _hashlib, as in the image (OpenSSL's otherwise).
 from _operator import _compare_digest as compare_digest
 from collections.abc import Mapping
 
