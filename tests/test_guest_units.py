@@ -6,14 +6,19 @@ import hashlib
 import os
 import re
 import signal
+import socket
+import tempfile
 import threading
 import time
 
 import pytest
 
+from eemini.guest.attest import AttestError
 from eemini.guest.events import EventLog
 from eemini.guest.logbuf import LineSplitter, LogBuffer
 from eemini.guest.loop import EventLoop
+from eemini.guest.runtime import AttestWorker
+from eemini.guest.server import RequestError
 from eemini.guest.supervisor import Console
 
 
@@ -73,6 +78,106 @@ def test_loop_survives_a_failing_callback(capsys: pytest.CaptureFixture[str]) ->
     loop.run()
     loop.close()
     assert "ZeroDivisionError" in capsys.readouterr().err
+
+
+def test_loop_readers_and_writers_of_one_fd_and_hang_ups() -> None:
+    loop = EventLoop()
+    a, b = socket.socketpair()
+    r, w = os.pipe()
+    got: list[str] = []
+
+    def on_writable() -> None:
+        got.append("writable")
+        loop.remove_writer(a.fileno())  # the reader of the same fd stays
+        b.send(b"x")
+
+    def on_readable() -> None:
+        got.append(f"read {a.recv(10)!r}")
+        loop.remove_reader(a.fileno())
+        os.close(w)  # a hang-up is a read event for the pipe's reader (EPOLLHUP, as selectors)
+
+    def on_hang_up() -> None:
+        got.append(f"eof {os.read(r, 10)!r}")
+        loop.remove_reader(r)
+        loop.stop()
+
+    loop.add_reader(a.fileno(), on_readable)
+    loop.add_writer(a.fileno(), on_writable)
+    loop.add_reader(r, on_hang_up)
+    loop.call_later(5.0, loop.stop)
+    loop.run()
+    assert got == ["writable", "read b'x'", "eof b''"]
+    # Removing the reader of an fd closed meanwhile is a no-op, as with selectors (the kernel
+    # dropped the fd from the epoll set on close).
+    fd = b.fileno()
+    loop.add_reader(fd, lambda: None)
+    b.close()
+    loop.remove_reader(fd)
+    with tempfile.TemporaryFile() as f, pytest.raises(PermissionError):
+        loop.add_reader(f.fileno(), lambda: None)  # epoll cannot watch a regular file
+    loop.close()
+    a.close()
+    os.close(r)
+
+
+def test_loop_waits_at_least_the_timer_delay() -> None:
+    loop = EventLoop()
+    start = time.monotonic()
+    fired: list[float] = []
+
+    def fire() -> None:
+        fired.append(time.monotonic() - start)
+        loop.stop()
+
+    loop.call_later(0.0105, fire)
+    loop.run()
+    loop.close()
+    assert fired[0] >= 0.0105
+
+
+class BlockingBackend:
+    """A backend whose quotes wait for `release`, so requests pile up in the worker's queue."""
+
+    attestation_type = "test"
+
+    def __init__(self) -> None:
+        self.started = threading.Event()
+        self.release = threading.Event()
+
+    def quote(self, report_data: bytes) -> bytes:
+        self.started.set()
+        assert self.release.wait(10)
+        return b"quote:" + report_data
+
+
+def test_attest_worker_queue_is_bounded_and_keeps_order() -> None:
+    loop = EventLoop()
+    backend = BlockingBackend()
+    worker = AttestWorker(loop, backend, 2)
+    results: list[bytes | AttestError] = []
+    worker.submit(b"1", results.append)
+    assert backend.started.wait(10)  # the worker holds request 1; the queue is empty again
+    worker.submit(b"2", results.append)
+    worker.submit(b"3", results.append)
+    with pytest.raises(
+        RequestError, match=r"^too many attestation requests queued \(2\); try again$"
+    ) as e:
+        worker.submit(b"4", results.append)
+    assert e.value.code == "busy"
+    backend.release.set()
+    loop.call_later(10.0, loop.stop)
+
+    def check() -> None:
+        if len(results) == 3:
+            loop.stop()
+        else:
+            loop.call_later(0.01, check)
+
+    loop.call_soon(check)
+    loop.run()
+    loop.close()
+    assert results == [b"quote:1", b"quote:2", b"quote:3"]
+    assert worker.quotes == 3
 
 
 def test_log_buffer_bounds_lines_and_bytes() -> None:

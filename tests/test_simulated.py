@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import os
 import struct
@@ -19,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from eemini.guest import der
 from eemini.guest.attest import check_quote
-from eemini.guest.p256 import N, PrivateKey, PublicKey
+from eemini.guest.p256 import N, PrivateKey, PublicKey, _hmac_sha256
 from eemini.guest.simulated import (
     DEV_FMSPC,
     DEV_PCESVN,
@@ -76,6 +77,19 @@ def test_rfc6979_vectors(message: bytes, r: str, s: str) -> None:
     assert signature.hex().upper() == r + s
     assert pub.verify(message, signature)
     assert not pub.verify(message + b"!", signature)
+
+
+@pytest.mark.parametrize("key_len", [0, 4, 32, 64, 65, 131])
+def test_hmac_sha256_is_rfc2104_hmac(key_len: int) -> None:
+    # p256 builds HMAC on hashlib (the hmac module costs guest boot time): the same bytes, for
+    # keys shorter than, equal to and longer than the 64-byte block.
+    key = bytes(range(key_len))
+    for message in (b"", b"Hi There", bytes(range(256)) * 3):
+        assert _hmac_sha256(key, message) == hmac.new(key, message, hashlib.sha256).digest()
+    # RFC 4231 4.3, test case 2.
+    assert _hmac_sha256(b"Jefe", b"what do ya want for nothing?").hex() == (
+        "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+    )
 
 
 def test_p256_signatures_verify_with_cryptography() -> None:

@@ -13,7 +13,10 @@ import os
 import struct
 import threading
 from collections.abc import Callable
-from typing import Protocol
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing is for the type checker only: importing it costs boot time
+    from typing import Protocol
 
 REPORT_DATA_SIZE = 64
 TSM_REPORT_ROOT = "/sys/kernel/config/tsm/report"
@@ -39,17 +42,19 @@ class AttestError(Exception):
         self.code = code
 
 
-class Backend(Protocol):
-    """Something that turns 64 bytes of report data into a TDX quote."""
+if TYPE_CHECKING:  # a Protocol is for the type checker; at runtime annotations are strings
 
-    @property
-    def attestation_type(self) -> str:
-        """The `attestation_type` the socket reports ("tdx", "simulated")."""
-        ...
+    class Backend(Protocol):
+        """Something that turns 64 bytes of report data into a TDX quote."""
 
-    def quote(self, report_data: bytes) -> bytes:
-        """A quote whose report data is exactly `report_data` (64 bytes); raises AttestError."""
-        ...
+        @property
+        def attestation_type(self) -> str:
+            """The `attestation_type` the socket reports ("tdx", "simulated")."""
+            ...
+
+        def quote(self, report_data: bytes) -> bytes:
+            """A quote whose report data is exactly `report_data` (64 bytes); raises AttestError."""
+            ...
 
 
 def pad_report_data(data: bytes) -> bytes:

@@ -9,18 +9,22 @@ PID 1 event loop's timers through `Renewer`.
 
 from __future__ import annotations
 
+# The socket module's C core: socket.py wraps it in enums and imports selectors (boot time
+# under emulation), and this module needs neither.
+import _socket
 import enum
 import ipaddress
 import os
-import random
 import select
-import socket
 import struct
 import time
 from collections.abc import Callable
-from typing import Any, Protocol
 
 from eemini.guest.record import field, record
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing is for the type checker only: importing it costs boot time
+    from typing import Any, Protocol
 
 SERVER_PORT = 67
 CLIENT_PORT = 68
@@ -250,14 +254,13 @@ PARAMETERS = bytes(
 class Client:
     """DHCP for one interface. `acquire()` blocks (boot); `Renewer` keeps the lease afterwards."""
 
-    def __init__(self, ifname: str, mac: bytes, *, rng: random.Random | None = None) -> None:
+    def __init__(self, ifname: str, mac: bytes) -> None:
         self.ifname = ifname
         self.mac = mac
-        self.rng = rng or random.Random(os.urandom(16))
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, ifname.encode())
+        self.sock = _socket.socket(_socket.AF_INET, _socket.SOCK_DGRAM | _socket.SOCK_CLOEXEC)
+        self.sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_REUSEADDR, 1)
+        self.sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_BROADCAST, 1)
+        self.sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_BINDTODEVICE, ifname.encode())
         self.sock.bind(("0.0.0.0", CLIENT_PORT))
         self.xid = 0
         self.started = time.monotonic()
@@ -324,7 +327,8 @@ class Client:
         return reply
 
     def _new_xid(self) -> None:
-        self.xid = self.rng.getrandbits(32)
+        # Uniform over 32 bits, from the kernel CSPRNG (the random module costs boot time).
+        self.xid = int.from_bytes(os.urandom(4), "big")
 
     def acquire(self, timeout: float = 30.0, attempts: int = 4, first_wait: float = 1.0) -> Lease:
         """DISCOVER -> OFFER -> REQUEST -> ACK, retransmitting with doubling waits (RFC 2131 4.1).
@@ -363,14 +367,16 @@ class Client:
         raise DhcpError(f"no DHCP lease on {self.ifname} after {attempts} attempts: {last_problem}")
 
 
-class Timers(Protocol):
-    """What `Renewer` needs from the event loop (eemini.guest.loop offers these)."""
+if TYPE_CHECKING:  # a Protocol is for the type checker; at runtime annotations are strings
 
-    def call_later(self, delay: float, callback: Callable[[], None]) -> object: ...
+    class Timers(Protocol):
+        """What `Renewer` needs from the event loop (eemini.guest.loop offers these)."""
 
-    def add_reader(self, fd: int, callback: Callable[[], None]) -> None: ...
+        def call_later(self, delay: float, callback: Callable[[], None]) -> object: ...
 
-    def remove_reader(self, fd: int) -> None: ...
+        def add_reader(self, fd: int, callback: Callable[[], None]) -> None: ...
+
+        def remove_reader(self, fd: int) -> None: ...
 
 
 class Renewer:

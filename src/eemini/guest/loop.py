@@ -1,4 +1,4 @@
-"""The guest's one event loop: selectors, timers and signals, no asyncio.
+"""The guest's one event loop: epoll, timers and signals, no asyncio.
 
 Everything PID 1 waits for goes through one `EventLoop`: the control socket and its connections,
 the workload's stdout/stderr pipes, SIGCHLD, the power button, DHCP renewal timers. Callbacks run
@@ -6,8 +6,13 @@ on the loop's thread, one at a time, and must not block; an exception in a callb
 stderr and the loop carries on (one bad connection must never stop PID 1).
 
 Signals are delivered through `signal.set_wakeup_fd`: the C-level handler writes the signal
-number into a pipe the loop watches, so a signal arriving while the loop sleeps in select() wakes
-it, and the callback runs from the loop like any other event, never in a signal-handler context.
+number into a pipe the loop watches, so a signal arriving while the loop sleeps in epoll_wait()
+wakes it, and the callback runs from the loop like any other event, never in a signal-handler
+context.
+
+The loop uses `select.epoll` directly, as `selectors.EpollSelector` would (level-triggered; a
+hang-up or error wakes both the reader and the writer of the fd): the guest and dev mode run on
+Linux only, and the selectors module costs boot time under emulation.
 """
 
 from __future__ import annotations
@@ -15,19 +20,26 @@ from __future__ import annotations
 import heapq
 import itertools
 import os
-import selectors
+import select
 import signal
 import sys
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from types import FrameType
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from types import FrameType
 
 Callback = Callable[[], None]
 
 # Byte written to the wakeup pipe by call_soon_threadsafe(); signal numbers are 1..64.
 _THREAD_WAKEUP = b"\0"
+# What epoll_wait reports, mapped to reading and writing as selectors.EpollSelector does: any
+# event but EPOLLOUT (EPOLLIN, EPOLLHUP, EPOLLERR, ...) is a read event, any but EPOLLIN a write.
+_READ = select.EPOLLIN
+_WRITE = select.EPOLLOUT
 
 
 class Timer:
@@ -64,7 +76,8 @@ class EventLoop:
     """
 
     def __init__(self) -> None:
-        self._selector = selectors.DefaultSelector()
+        self._epoll = select.epoll()
+        self._registered: dict[int, int] = {}  # fd -> _READ | _WRITE as registered with epoll
         self._readers: dict[int, Callback] = {}
         self._writers: dict[int, Callback] = {}
         self._timers: list[tuple[float, int, Timer]] = []
@@ -79,25 +92,35 @@ class EventLoop:
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
-        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
+        self._register(self._wake_r, _READ)
 
     # -- fds ---------------------------------------------------------------------------------
 
+    def _register(self, fd: int, events: int) -> None:
+        self._epoll.register(fd, events)  # raises (bad fd, a regular file) before we record it
+        self._registered[fd] = events
+
     def _update(self, fd: int) -> None:
-        events = (selectors.EVENT_READ if fd in self._readers else 0) | (
-            selectors.EVENT_WRITE if fd in self._writers else 0
-        )
-        try:
-            key = self._selector.get_key(fd)
-        except KeyError:
+        events = (_READ if fd in self._readers else 0) | (_WRITE if fd in self._writers else 0)
+        registered = self._registered.get(fd)
+        if registered is None:
             if events:
-                self._selector.register(fd, events, fd)
+                self._register(fd, events)
             return
         if events:
-            if key.events != events:
-                self._selector.modify(fd, events, fd)
+            if registered != events:
+                try:
+                    self._epoll.modify(fd, events)
+                except BaseException:
+                    del self._registered[fd]  # as selectors does: forget it, then raise
+                    raise
+                self._registered[fd] = events
         else:
-            self._selector.unregister(fd)
+            del self._registered[fd]
+            try:
+                self._epoll.unregister(fd)
+            except OSError:
+                pass  # the fd was closed already: the kernel dropped it from the epoll set
 
     def add_reader(self, fd: int, callback: Callback) -> None:
         """Call `callback()` each time `fd` is readable (replaces an earlier reader of `fd`)."""
@@ -207,17 +230,32 @@ class EventLoop:
             return None
         return max(0.0, self._timers[0][0] - self.time())
 
+    def _poll(self, timeout: float | None) -> list[tuple[int, int]]:
+        # epoll_wait() rounds a timeout up to whole milliseconds itself (CPython converts with
+        # ceiling rounding), so it never wakes early, as selectors arranges by hand.
+        try:
+            ready = self._epoll.poll(-1 if timeout is None else timeout, max(len(self._registered), 1))
+        except InterruptedError:
+            return []
+        found = []
+        for fd, event in ready:
+            registered = self._registered.get(fd)
+            if registered is None:
+                continue
+            mask = (_READ if event & ~_WRITE else 0) | (_WRITE if event & ~_READ else 0)
+            found.append((fd, mask & registered))
+        return found
+
     def run_once(self) -> None:
         """One iteration: wait for fds or the next timer, then run what is due."""
-        for key, mask in self._selector.select(self._timeout()):
-            fd = key.fd
+        for fd, mask in self._poll(self._timeout()):
             if fd == self._wake_r:
                 self._drain_wakeup()
                 continue
             # Look the callback up at dispatch time: an earlier callback may have removed it.
-            if mask & selectors.EVENT_READ and fd in self._readers:
+            if mask & _READ and fd in self._readers:
                 self._run_callback(self._readers[fd])
-            if mask & selectors.EVENT_WRITE and fd in self._writers:
+            if mask & _WRITE and fd in self._writers:
                 self._run_callback(self._writers[fd])
         now = self.time()
         while self._timers and self._timers[0][0] <= now:
@@ -239,7 +277,7 @@ class EventLoop:
             self.run_once()
 
     def close(self) -> None:
-        """Restore signal dispositions and the previous wakeup fd, and release the selector."""
+        """Restore signal dispositions and the previous wakeup fd, and release the epoll fd."""
         if self._closed:
             return
         self._closed = True
@@ -248,6 +286,7 @@ class EventLoop:
         if self._old_wakeup_fd is not None:
             signal.set_wakeup_fd(self._old_wakeup_fd)
             self._old_wakeup_fd = None
-        self._selector.close()
+        self._epoll.close()
+        self._registered.clear()
         os.close(self._wake_r)
         os.close(self._wake_w)

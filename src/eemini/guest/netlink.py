@@ -7,10 +7,12 @@ for an ACK so a failure comes back as an errno, raised as OSError naming the ope
 
 from __future__ import annotations
 
+# The socket module's C core: socket.py wraps it in enums and imports selectors (boot time
+# under emulation), and this module needs neither.
+import _socket
 import errno
 import ipaddress
 import os
-import socket
 import struct
 import time
 from collections.abc import Iterator
@@ -140,8 +142,8 @@ class Netlink:
     """One rtnetlink socket; requests are synchronous (send, then read until the ACK/DONE)."""
 
     def __init__(self) -> None:
-        self.sock = socket.socket(
-            socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_ROUTE
+        self.sock = _socket.socket(
+            _socket.AF_NETLINK, _socket.SOCK_RAW | _socket.SOCK_CLOEXEC, NETLINK_ROUTE
         )
         self.sock.bind((0, 0))
         self.seq = int(time.monotonic() * 1000) & 0xFFFF
@@ -214,14 +216,14 @@ class Netlink:
             change = IFF_UP
             flags = IFF_UP if up else 0
         attrs = attr(IFLA_MTU, struct.pack("=I", mtu)) if mtu is not None else b""
-        body = _IFINFOMSG.pack(socket.AF_UNSPEC, 0, index, flags, change) + attrs
+        body = _IFINFOMSG.pack(_socket.AF_UNSPEC, 0, index, flags, change) + attrs
         self.request(RTM_NEWLINK, 0, body, f"configure interface {index}")
 
     # --- addresses ---
 
     def add_address(self, index: int, iface: ipaddress.IPv4Interface) -> None:
         body = _IFADDRMSG.pack(
-            socket.AF_INET, iface.network.prefixlen, IFA_F_PERMANENT, RT_SCOPE_UNIVERSE, index
+            _socket.AF_INET, iface.network.prefixlen, IFA_F_PERMANENT, RT_SCOPE_UNIVERSE, index
         )
         body += attr(IFA_LOCAL, iface.ip.packed) + attr(IFA_ADDRESS, iface.ip.packed)
         if iface.network.prefixlen < 31:
@@ -230,18 +232,18 @@ class Netlink:
         self.request(RTM_NEWADDR, NLM_F_CREATE | NLM_F_REPLACE, body, f"add address {iface}")
 
     def delete_address(self, index: int, iface: ipaddress.IPv4Interface) -> None:
-        body = _IFADDRMSG.pack(socket.AF_INET, iface.network.prefixlen, 0, RT_SCOPE_UNIVERSE, index)
+        body = _IFADDRMSG.pack(_socket.AF_INET, iface.network.prefixlen, 0, RT_SCOPE_UNIVERSE, index)
         body += attr(IFA_LOCAL, iface.ip.packed)
         self.request(RTM_DELADDR, 0, body, f"delete address {iface}")
 
     def addresses(self, index: int | None = None) -> list[Address]:
         out = []
-        body = _IFADDRMSG.pack(socket.AF_INET, 0, 0, 0, 0)
+        body = _IFADDRMSG.pack(_socket.AF_INET, 0, 0, 0, 0)
         for kind, msg in self.request(RTM_GETADDR, NLM_F_DUMP, body, "list addresses"):
             if kind != RTM_NEWADDR:
                 continue
             family, prefixlen, _flags, _scope, ifindex = _IFADDRMSG.unpack_from(msg)
-            if family != socket.AF_INET or (index is not None and ifindex != index):
+            if family != _socket.AF_INET or (index is not None and ifindex != index):
                 continue
             attrs = parse_attrs(msg[_IFADDRMSG.size :])
             raw = attrs.get(IFA_LOCAL) or attrs.get(IFA_ADDRESS)
@@ -264,7 +266,7 @@ class Netlink:
     ) -> None:
         scope = RT_SCOPE_UNIVERSE if gateway is not None else RT_SCOPE_LINK
         body = _RTMSG.pack(
-            socket.AF_INET, dst.prefixlen, 0, 0, RT_TABLE_MAIN, protocol, scope, RTN_UNICAST, 0
+            _socket.AF_INET, dst.prefixlen, 0, 0, RT_TABLE_MAIN, protocol, scope, RTN_UNICAST, 0
         )
         if dst.prefixlen:
             body += attr(RTA_DST, dst.network_address.packed)
@@ -278,12 +280,12 @@ class Netlink:
 
     def routes(self) -> list[Route]:
         out = []
-        body = _RTMSG.pack(socket.AF_INET, 0, 0, 0, 0, 0, 0, 0, 0)
+        body = _RTMSG.pack(_socket.AF_INET, 0, 0, 0, 0, 0, 0, 0, 0)
         for kind, msg in self.request(RTM_GETROUTE, NLM_F_DUMP, body, "list routes"):
             if kind != RTM_NEWROUTE:
                 continue
             family, dst_len, _s, _t, table, _p, _sc, rtype, _f = _RTMSG.unpack_from(msg)
-            if family != socket.AF_INET or table != RT_TABLE_MAIN or rtype != RTN_UNICAST:
+            if family != _socket.AF_INET or table != RT_TABLE_MAIN or rtype != RTN_UNICAST:
                 continue
             attrs = parse_attrs(msg[_RTMSG.size :])
             dst = ipaddress.IPv4Address(attrs.get(RTA_DST, b"\0\0\0\0"))

@@ -12,7 +12,6 @@ signature costs about 64 point additions.
 from __future__ import annotations
 
 import hashlib
-import hmac
 from collections.abc import Iterator
 
 from eemini.guest.record import record
@@ -197,23 +196,37 @@ class PrivateKey:
         raise AssertionError("unreachable")  # pragma: no cover
 
 
+# RFC 2104 HMAC over SHA-256 (block size 64 bytes): the same bytes as hmac.new(key, message,
+# hashlib.sha256).digest(), without importing hmac (boot time under emulation).
+_IPAD = bytes(b ^ 0x36 for b in range(256))
+_OPAD = bytes(b ^ 0x5C for b in range(256))
+
+
+def _hmac_sha256(key: bytes, message: bytes) -> bytes:
+    if len(key) > 64:
+        key = hashlib.sha256(key).digest()
+    key = key.ljust(64, b"\0")
+    inner = hashlib.sha256(key.translate(_IPAD) + message).digest()
+    return hashlib.sha256(key.translate(_OPAD) + inner).digest()
+
+
 def _rfc6979_nonces(d: int, h1: bytes) -> Iterator[int]:
     # RFC 6979 section 3.2 with HMAC-SHA256; qlen = hlen = 256 so bits2int is the identity.
     x = d.to_bytes(32, "big")
     h = (int.from_bytes(h1, "big") % N).to_bytes(32, "big")
     v = b"\x01" * 32
     k = b"\x00" * 32
-    k = hmac.new(k, v + b"\x00" + x + h, hashlib.sha256).digest()
-    v = hmac.new(k, v, hashlib.sha256).digest()
-    k = hmac.new(k, v + b"\x01" + x + h, hashlib.sha256).digest()
-    v = hmac.new(k, v, hashlib.sha256).digest()
+    k = _hmac_sha256(k, v + b"\x00" + x + h)
+    v = _hmac_sha256(k, v)
+    k = _hmac_sha256(k, v + b"\x01" + x + h)
+    v = _hmac_sha256(k, v)
     while True:
-        v = hmac.new(k, v, hashlib.sha256).digest()
+        v = _hmac_sha256(k, v)
         candidate = int.from_bytes(v, "big")
         if 1 <= candidate < N:
             yield candidate
-        k = hmac.new(k, v + b"\x00", hashlib.sha256).digest()
-        v = hmac.new(k, v, hashlib.sha256).digest()
+        k = _hmac_sha256(k, v + b"\x00")
+        v = _hmac_sha256(k, v)
 
 
 def der_signature(raw: bytes) -> bytes:

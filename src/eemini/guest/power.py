@@ -11,9 +11,12 @@ import os
 import signal
 import struct
 from collections.abc import Callable
-from typing import Protocol
 
 from eemini.guest.record import record
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing is for the type checker only: importing it costs boot time
+    from typing import Protocol
 
 # <linux/input-event-codes.h>
 EV_KEY = 0x01
@@ -74,12 +77,14 @@ def find_power_buttons(sys_input: str = "/sys/class/input") -> list[str]:
     return found
 
 
-class Loop(Protocol):
-    def add_reader(self, fd: int, callback: Callable[[], None]) -> None: ...
+if TYPE_CHECKING:  # a Protocol is for the type checker; at runtime annotations are strings
 
-    def remove_reader(self, fd: int) -> None: ...
+    class Loop(Protocol):
+        def add_reader(self, fd: int, callback: Callable[[], None]) -> None: ...
 
-    def add_signal_handler(self, signum: int, callback: Callable[[], None]) -> None: ...
+        def remove_reader(self, fd: int) -> None: ...
+
+        def add_signal_handler(self, signum: int, callback: Callable[[], None]) -> None: ...
 
 
 class PowerWatch:

@@ -10,10 +10,22 @@ it as a frozen dataclass (PEP 681 `dataclass_transform`).
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, TypeVar, cast, dataclass_transform
+# typing costs more to import than this whole module: the names below are for type checkers
+# only (mypy takes TYPE_CHECKING as true; at runtime every annotation here is a string).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Any, TypeVar, dataclass_transform
 
-T = TypeVar("T")
+    T = TypeVar("T")
+else:
+
+    def dataclass_transform(**kwargs: object) -> object:
+        # PEP 681: the decorator only marks the function for type checkers; at runtime the
+        # marker is not needed, so this stand-in returns the function unchanged.
+        return lambda function: function
+
+
 _MISSING: Any = object()
 
 
@@ -31,7 +43,9 @@ class _Factory:
 def field(*, default_factory: Callable[[], T]) -> T:
     """A field whose default is made afresh for each instance."""
     # A placeholder that @record replaces with the factory's product in each instance.
-    return cast(T, _Factory(default_factory))
+    placeholder: Any = _Factory(default_factory)
+    result: T = placeholder
+    return result
 
 
 def _init(self: Any, *args: Any, **kwargs: Any) -> None:

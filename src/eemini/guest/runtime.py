@@ -8,21 +8,18 @@ the image facts, its event log and an `on_poweroff` callback, adds its own fds a
 
 from __future__ import annotations
 
-import base64
 import binascii
 import hashlib
-import queue
 import signal
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
-from typing import Any
 
 from eemini import __version__
 from eemini.guest.attest import (
     REPORT_DATA_SIZE,
     AttestError,
-    Backend,
     pad_report_data,
     read_ccel,
 )
@@ -31,7 +28,7 @@ from eemini.guest.logbuf import MAX_BYTES, MAX_LINES, LogBuffer
 from eemini.guest.loop import EventLoop
 from eemini.guest.record import field, record
 from eemini.guest.rtmr import RuntimeMeasurer
-from eemini.guest.server import Limits, Method, RequestError, Respond, Server, error
+from eemini.guest.server import Limits, Method, RequestError, Server, error
 from eemini.guest.spec import EnclaveSpec, OnExit
 from eemini.guest.supervisor import (
     Backoff,
@@ -41,6 +38,13 @@ from eemini.guest.supervisor import (
     set_child_subreaper,
     workload_env,
 )
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # for the type checker only: typing costs boot time to import
+    from typing import Any
+
+    from eemini.guest.attest import Backend
+    from eemini.guest.server import Respond
 
 DEFAULT_SOCKET = "/var/lib/easyenclave/agent.sock"
 MAX_TAIL = MAX_LINES
@@ -72,9 +76,11 @@ class AttestWorker:
     def __init__(self, loop: EventLoop, backend: Backend, max_queue: int) -> None:
         self.loop = loop
         self.backend = backend
-        self._queue: queue.Queue[tuple[bytes, Callable[[bytes | AttestError], None]]] = queue.Queue(
-            max_queue
-        )
+        # A bounded queue (as queue.Queue(max_queue), which costs boot time to import): the loop
+        # thread appends, the worker thread waits on the condition and takes from the left.
+        self.max_queue = max_queue
+        self._queue: deque[tuple[bytes, Callable[[bytes | AttestError], None]]] = deque()
+        self._queued = threading.Condition()
         self._thread: threading.Thread | None = None
         self.quotes = 0
 
@@ -83,17 +89,20 @@ class AttestWorker:
         if self._thread is None:
             self._thread = threading.Thread(target=self._work, name="eemini-attest", daemon=True)
             self._thread.start()
-        try:
-            self._queue.put_nowait((report_data, done))
-        except queue.Full:
-            raise RequestError(
-                f"too many attestation requests queued ({self._queue.maxsize}); try again",
-                "busy",
-            ) from None
+        with self._queued:
+            if 0 < self.max_queue <= len(self._queue):
+                raise RequestError(
+                    f"too many attestation requests queued ({self.max_queue}); try again", "busy"
+                )
+            self._queue.append((report_data, done))
+            self._queued.notify()
 
     def _work(self) -> None:
         while True:
-            report_data, done = self._queue.get()
+            with self._queued:
+                while not self._queue:
+                    self._queued.wait()
+                report_data, done = self._queue.popleft()
             result: bytes | AttestError
             try:
                 result = self.backend.quote(report_data)
@@ -132,9 +141,15 @@ def decode_report_data(params: Mapping[str, Any]) -> bytes:
 
 def _b64(field_name: str, text: str) -> bytes:
     try:
-        return base64.b64decode(text.encode("ascii"), validate=True)
+        # What base64.b64decode(validate=True) does on 3.13, without importing base64.
+        return binascii.a2b_base64(text.encode("ascii"), strict_mode=True)
     except (binascii.Error, UnicodeEncodeError, ValueError):
         raise RequestError(f"attest: {field_name} is not valid base64") from None
+
+
+def _b64encode(data: bytes) -> str:
+    # base64.b64encode(data).decode(), without importing base64.
+    return binascii.b2a_base64(data, newline=False).decode("ascii")
 
 
 class Runtime:
@@ -289,12 +304,12 @@ class Runtime:
                     "ok": True,
                     "attestation_type": backend.attestation_type,
                     "quote_format": "tdx",
-                    "quote_b64": base64.b64encode(result).decode(),
-                    "report_data_b64": base64.b64encode(data).decode(),
+                    "quote_b64": _b64encode(result),
+                    "report_data_b64": _b64encode(data),
                     "report_data_len": len(data),
                     "events": self.events.to_list(),
                     "rtmr3_extended": self._rtmr3_status()["rtmr3_extended"],
-                    "cc_eventlog_b64": None if ccel is None else base64.b64encode(ccel).decode(),
+                    "cc_eventlog_b64": None if ccel is None else _b64encode(ccel),
                 }
             )
 

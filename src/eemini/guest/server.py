@@ -13,26 +13,34 @@ constant time and never logged or echoed.
 
 from __future__ import annotations
 
-import contextlib
+# The socket module's C core: socket.py wraps it in enums and imports selectors (boot time
+# under emulation), and this module needs neither.
+import _socket
 import errno
-import hmac
 import json
 import os
-import socket
 import stat
 import sys
-from collections.abc import Callable, Mapping
-from typing import Any
+
+# Constant-time comparison without importing hmac (boot time): hmac.compare_digest is this very
+# function when the interpreter has no _hashlib, as in the image (OpenSSL's otherwise).
+from _operator import _compare_digest as compare_digest
+from collections.abc import Mapping
 
 from eemini.guest.loop import EventLoop, Timer
 from eemini.guest.record import field, record
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # for the type checker only: typing costs boot time to import
+    from collections.abc import Callable
+    from typing import Any
+
+    Response = dict[str, Any]
+    Respond = Callable[[Response], None]
+    Handler = Callable[[dict[str, Any], Respond], None]
+
 # sizeof(sockaddr_un.sun_path) on Linux, NUL included.
 _SUN_PATH_MAX = 108
-
-Response = dict[str, Any]
-Respond = Callable[[Response], None]
-Handler = Callable[[dict[str, Any], Respond], None]
 
 
 class RequestError(Exception):
@@ -85,12 +93,21 @@ def _json_type_name(value: object) -> str:
 
 def socket_in_use(path: str) -> bool:
     """True when something accepts connections on the unix socket at `path`."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        try:
-            probe.connect(path)
-        except OSError:
-            return False
-        return True
+    probe = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    return True
+
+
+def _accept(listener: _socket.socket) -> _socket.socket:
+    # socket.socket.accept() without socket.py: accept4(SOCK_CLOEXEC), then a socket object of
+    # the listener's family and type for the new fd (typeshed does not declare _accept).
+    fd, _ = listener._accept()  # type: ignore[attr-defined]
+    return _socket.socket(listener.family, listener.type, listener.proto, fileno=fd)
 
 
 def _encode(response: Response) -> bytes:
@@ -98,7 +115,7 @@ def _encode(response: Response) -> bytes:
 
 
 class _Conn:
-    def __init__(self, server: Server, sock: socket.socket) -> None:
+    def __init__(self, server: Server, sock: _socket.socket) -> None:
         self.server = server
         self.sock = sock
         self.fd = sock.fileno()
@@ -274,7 +291,7 @@ class Server:
         self.methods = dict(methods)
         self.limits = limits
         self.conns: set[_Conn] = set()
-        self.listener: socket.socket | None = None
+        self.listener: _socket.socket | None = None
         self.requests = 0
         self.rejected_connections = 0
         self._sweeper: Timer | None = None
@@ -286,28 +303,32 @@ class Server:
         """Bind the socket (mode 0600, parent directory created 0700) and start serving."""
         parent = os.path.dirname(self.path) or "."
         os.makedirs(parent, mode=0o700, exist_ok=True)
-        with contextlib.suppress(FileNotFoundError):
+        try:
             st = os.lstat(self.path)
             if not stat.S_ISSOCK(st.st_mode):
                 raise OSError(errno.EEXIST, f"{self.path} exists and is not a socket")
             if socket_in_use(self.path):
                 raise OSError(errno.EADDRINUSE, f"another runtime is serving {self.path}")
             os.unlink(self.path)  # a stale socket from an earlier run
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        except FileNotFoundError:
+            pass
+        sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
         # Bind under a temporary name, listen, then rename: the path appears only once it accepts
         # connections (a client polling for it never sees ECONNREFUSED), already mode 0600.
         tmp = f"{self.path}.{os.getpid()}.tmp"
         if len(os.fsencode(tmp)) >= _SUN_PATH_MAX:
             tmp = self.path  # no room for the temporary name: bind in place
-        with contextlib.suppress(FileNotFoundError):
+        try:
             os.unlink(tmp)
+        except FileNotFoundError:
+            pass
         old_umask = os.umask(0o177)
         try:
             sock.bind(tmp)
         finally:
             os.umask(old_umask)
         os.chmod(tmp, 0o600)
-        sock.listen(min(socket.SOMAXCONN, 4096))
+        sock.listen(min(_socket.SOMAXCONN, 4096))
         if tmp != self.path:
             os.rename(tmp, self.path)
         sock.setblocking(False)
@@ -325,8 +346,10 @@ class Server:
             self.loop.remove_reader(self.listener.fileno())
             self.listener.close()
             self.listener = None
-            with contextlib.suppress(OSError):
+            try:
                 os.unlink(self.path)
+            except OSError:
+                pass
 
     # -- connections -------------------------------------------------------------------------
 
@@ -334,7 +357,7 @@ class Server:
         assert self.listener is not None
         for _ in range(64):  # bounded, so a connection storm does not starve the loop
             try:
-                sock, _ = self.listener.accept()
+                sock = _accept(self.listener)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:
@@ -349,8 +372,10 @@ class Server:
             if len(self.conns) >= self.limits.max_connections:
                 self.rejected_connections += 1
                 limit = self.limits.max_connections
-                with contextlib.suppress(OSError):
+                try:
                     sock.send(_encode(error(f"too many connections (limit {limit}); try again", "busy")))
+                except OSError:
+                    pass
                 sock.close()
                 continue
             conn = _Conn(self, sock)
@@ -408,7 +433,7 @@ class Server:
         if token is None:
             conn.send(error('missing "token": every request carries the boot token', "unauthenticated"))
             return
-        if not isinstance(token, str) or not hmac.compare_digest(
+        if not isinstance(token, str) or not compare_digest(
             token.encode("utf-8", "surrogatepass"), self._token
         ):
             conn.send(error("wrong token", "unauthenticated"))

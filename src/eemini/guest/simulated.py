@@ -14,7 +14,7 @@ which is the point. No default verifier trusts the development root; trust it on
 
 from __future__ import annotations
 
-import base64
+import binascii
 import hashlib
 import struct
 import threading
@@ -169,7 +169,7 @@ def _certificate(  # noqa: PLR0917
 
 
 def pem(der_bytes: bytes) -> bytes:
-    body = base64.encodebytes(der_bytes).replace(b"\n", b"")
+    body = binascii.b2a_base64(der_bytes, newline=False)
     lines = [body[i : i + 64] for i in range(0, len(body), 64)]
     return b"-----BEGIN CERTIFICATE-----\n" + b"\n".join(lines) + b"\n-----END CERTIFICATE-----\n"
 

@@ -12,17 +12,20 @@ import json
 import os
 import re
 from collections.abc import Mapping
-from typing import Any, TypeVar
 
 from eemini.guest.record import field, record
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing is for the type checker only: it costs boot time to import
+    from typing import Any, TypeVar
+
+    E = TypeVar("E", bound=enum.StrEnum)
 
 SPEC_VERSION = 1
 # POSIX portable environment names; '=' and NUL would corrupt envp.
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 # Set by the runtime itself; a spec may not declare or allow them.
 RESERVED_ENV = frozenset({"EE_TOKEN"})
-
-E = TypeVar("E", bound=enum.StrEnum)
 
 
 class SpecError(ValueError):
