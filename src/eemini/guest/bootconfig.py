@@ -11,7 +11,6 @@ retries, then count as absent.
 
 from __future__ import annotations
 
-import base64
 import enum
 import hashlib
 import ipaddress
@@ -485,6 +484,8 @@ def _read_azure(fetch: Fetch, path: str, source: Source) -> bytes | None:
     if not text:
         return None  # IMDS answers 200 with an empty body when nothing was provided
     try:
+        import base64  # Azure only
+
         return base64.b64decode(text, validate=True)
     except ValueError:
         raise ConfigError(f"{source}: the IMDS answer is not base64") from None

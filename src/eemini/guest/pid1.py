@@ -14,7 +14,6 @@ are what `eemini run` reads to judge the outcome.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
@@ -78,8 +77,10 @@ class Paths:
 
 def console(text: str) -> None:
     """One line on the console, prefixed so the host can tell PID 1 from the kernel and workload."""
-    with contextlib.suppress(OSError):
+    try:
         os.write(2, f"eemini: {text}\n".encode(errors="replace"))
+    except OSError:
+        pass
 
 
 def uptime() -> float:
@@ -171,8 +172,10 @@ def power_off(reason: str) -> NoReturn:
             ksys.reboot(ksys.LINUX_REBOOT_CMD_POWER_OFF)
         except BaseException as e:
             console(f"power-off failed: {e}")
-        with contextlib.suppress(BaseException):
+        try:
             signal.pause()
+        except BaseException:  # noqa: S110 (nothing may stop the retry)
+            pass
 
 
 def write_resolv_conf(path: str, dns: tuple[Any, ...], domain: str | None) -> None:
@@ -201,10 +204,12 @@ class Boot:
         cmdline_text = self.read_text(self.paths.cmdline)
         open_console(cmdline_text)
         console(f"PID 1 starting (kernel {os.uname().release}, uptime {uptime():.2f} s)")
-        with contextlib.suppress(OSError):
+        try:
             # Ctrl-Alt-Del becomes SIGINT to us instead of an immediate reboot. (EINVAL inside a
             # PID namespace, where the kernel offers only the power commands.)
             ksys.set_ctrl_alt_del(False)
+        except OSError:
+            pass
         image = self.read_json(self.paths.image_json, "image facts")
         modules = image.get("modules", [])
         if not isinstance(modules, list) or not all(isinstance(m, str) for m in modules):
@@ -282,8 +287,10 @@ class Boot:
     @staticmethod
     def mount_configfs(loader: kmods.ModuleLoader) -> None:
         loader.require_fs("configfs")
-        with contextlib.suppress(OSError):
+        try:
             mount_all((CONFIGFS,))
+        except OSError as e:
+            console(f"configfs: {e}")
 
     @staticmethod
     def read_text(path: str) -> str:
@@ -544,9 +551,11 @@ def main(paths: Paths | None = None, started: float | None = None) -> NoReturn:
         reason = "boot failed"
     except BaseException as e:  # PID 1 logs everything and powers off
         console(f"fatal: {type(e).__name__}: {e}")
-        with contextlib.suppress(BaseException):
+        try:
             import traceback  # only on this path: it is not a light import
 
             traceback.print_exc()
+        except BaseException:  # noqa: S110 (the power-off must follow)
+            pass
         reason = "fatal error"
     power_off(reason)
