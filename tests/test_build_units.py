@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from eemini.build import apt, cpio, disk, elf, fat, gpt, kmod, lock, profile, uki
+from eemini.build.compress import Compression
 from eemini.build.deb import unpacked
 from eemini.build.tree import PROJECT, Kind, Origin, Source, Tree
 from eemini.log import UserError
@@ -280,6 +281,13 @@ def test_profiles_in_the_repo_load() -> None:
     for name in ("azure", "gcp", "local-tdx-qcow2"):
         p = profile.load(name)
         assert not p.simulated and "ee.dev=1" not in p.cmdline and "tdx_guest" in p.modules
+    assert {profile.load(name).compression for name in profile.available()} == {Compression.ZSTD}
+
+
+def test_a_profile_may_choose_the_initramfs_compression(tmp_path: Path) -> None:
+    p = profile.load("p", directory=write_profile(tmp_path, initramfs_compression="none"))
+    assert p.compression is Compression.NONE
+    assert profile.load("p", directory=write_profile(tmp_path)).compression is Compression.ZSTD
 
 
 @pytest.mark.parametrize(
@@ -293,6 +301,10 @@ def test_profiles_in_the_repo_load() -> None:
         ({"outputs": ["iso"]}, r"'iso' is not a valid Output"),
         ({"config_sources": ["dns"]}, r"unknown config sources \['dns'\]"),
         ({"network": None, "colour": "red"}, r"unknown keys \['colour'\], missing keys \['network'\]"),
+        (
+            {"initramfs_compression": "brotli"},
+            r"initramfs_compression 'brotli' is not one of zstd, xz, gzip, lz4, none",
+        ),
     ],
 )
 def test_bad_profiles_are_refused(tmp_path: Path, changes: dict[str, object], message: str) -> None:

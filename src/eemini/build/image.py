@@ -64,11 +64,11 @@ class Context:
 
 def build(profile: Profile, lock: Lock, spec: ResolvedSpec, out: Path, *,
           extra_manifest: dict[str, Any] | None = None,
-          compression: compress.Compression = compress.DEFAULT) -> Built:  # fmt: skip
+          compression: compress.Compression | None = None) -> Built:  # fmt: skip
     """Build every output of `profile` into `out` (replacing what an earlier build left there).
 
-    `extra_manifest` adds top-level sections to manifest.json; `compression` exists for the
-    benchmark that justifies the default (docs/build.md)."""
+    `extra_manifest` adds top-level sections to manifest.json; `compression` overrides the
+    profile's initramfs compression (the benchmarks compare methods with it)."""
     out = out.absolute()  # the target interpreter reports absolute paths; compare like with like
     out.mkdir(parents=True, exist_ok=True)
     # What an earlier build (maybe of another profile) left would pass for this build's output.
@@ -76,7 +76,7 @@ def build(profile: Profile, lock: Lock, spec: ResolvedSpec, out: Path, *,
     for path in [*out.glob("initramfs.cpio*"), *(out / name for name in stale)]:
         path.unlink(missing_ok=True)
     with tempfile.TemporaryDirectory(dir=out, prefix=".work-") as tmp:
-        ctx = Context(profile, lock, spec, out, Path(tmp), Apt(), compression)
+        ctx = Context(profile, lock, spec, out, Path(tmp), Apt(), compression or profile.compression)
         check_workload(ctx)
         fetch_packages(ctx)
         add_layout(ctx)

@@ -7,6 +7,8 @@ import tomllib
 from enum import StrEnum
 from pathlib import Path
 
+from eemini.build.compress import DEFAULT as DEFAULT_COMPRESSION
+from eemini.build.compress import Compression
 from eemini.build.lock import REPO
 from eemini.log import die
 
@@ -43,6 +45,8 @@ class Profile:
     cmdline: tuple[str, ...]
     modules: tuple[str, ...]
     outputs: tuple[Output, ...]
+    # Size against boot time (docs/build.md, "Compression"): zstd unless the profile says otherwise.
+    compression: Compression = DEFAULT_COMPRESSION
 
     @property
     def simulated(self) -> bool:
@@ -54,6 +58,7 @@ class Profile:
 
 
 KEYS = {"description", "attestation", "network", "config_sources", "cmdline", "modules", "outputs"}
+OPTIONAL_KEYS = {"initramfs_compression"}
 CONFIG_SOURCES = {"cmdline", "config-disk", "gce-metadata", "azure-imds"}
 
 
@@ -69,7 +74,7 @@ def load(name: str, directory: Path = PROFILES_DIR) -> Profile:
         doc = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as e:
         die(f"profile {path} is not valid TOML: {e}")
-    unknown = set(doc) - KEYS
+    unknown = set(doc) - KEYS - OPTIONAL_KEYS
     missing = KEYS - set(doc)
     if unknown or missing:
         die(f"profile {path}: unknown keys {sorted(unknown)}, missing keys {sorted(missing)}")
@@ -86,6 +91,14 @@ def load(name: str, directory: Path = PROFILES_DIR) -> Profile:
         outputs = tuple(Output(o) for o in strings("outputs"))
     except ValueError as e:
         die(f"profile {path}: {e}")
+    method = doc.get("initramfs_compression", DEFAULT_COMPRESSION.value)
+    try:
+        compression = Compression(method)
+    except ValueError:
+        die(
+            f"profile {path}: initramfs_compression {method!r} is not one of "
+            f"{', '.join(c.value for c in Compression)}"
+        )
     sources = strings("config_sources")
     bad = set(sources) - CONFIG_SOURCES
     if bad:
@@ -96,4 +109,4 @@ def load(name: str, directory: Path = PROFILES_DIR) -> Profile:
     if ("ee.dev=1" in cmdline) != (attestation is Attestation.SIMULATED):
         die(f"profile {path}: ee.dev=1 must be in the cmdline exactly when attestation is simulated")
     return Profile(name, str(doc["description"]), attestation, network, sources, cmdline,
-                   strings("modules"), outputs)  # fmt: skip
+                   strings("modules"), outputs, compression)  # fmt: skip
