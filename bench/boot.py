@@ -10,6 +10,9 @@ unpacks the whole Python runtime, then the C init runs the workload, so its diff
 baseline is what carrying CPython costs before PID 1 runs a single instruction. Runs alternate,
 several each; medians and their ratio are printed (target <= 1.5x), and the median of each step
 of PID 1's boot timeline (its console line), so a regression shows where it is.
+
+EEMINI_BENCH_BOOT_COMPRESSION (zstd, lz4, none, ...) builds both initramfs images with another
+method than the profile's; EEMINI_BENCH_BOOT_RUNS sets the number of boots per variant.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent / "boot"
-RUNS = 5
+RUNS = int(os.environ.get("EEMINI_BENCH_BOOT_RUNS", "5"))
 LINE = re.compile(r"bench: first line at boottime (\d+\.\d+) s")
 TIMELINE = re.compile(r"boot timeline \(s since kernel start\): (.*)")
 SPEC = """\
@@ -108,7 +111,14 @@ def main() -> None:
         gcc(HERE / "mininit.c", work / "mininit")
         (work / "enclave.toml").write_text(SPEC)
         out = work / "out"
-        image.build(profile.load("local-dev"), lock.load(), spec.resolve(work / "enclave.toml"), out)
+        method_name = os.environ.get("EEMINI_BENCH_BOOT_COMPRESSION")
+        image.build(
+            profile.load("local-dev"),
+            lock.load(),
+            spec.resolve(work / "enclave.toml"),
+            out,
+            compression=compress.Compression(method_name) if method_name else None,
+        )
         manifest = json.loads((out / "manifest.json").read_text())
         cmdline, method = manifest["cmdline"], manifest["initramfs"]["compression"]
         kernel = work / "vmlinuz"
