@@ -25,6 +25,7 @@ import threading
 import time
 
 from eemini.guest import sys as ksys
+from eemini.guest.record import record
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -63,19 +64,16 @@ def _bus(alias: str) -> str:
     return alias.split(":", 1)[0].rstrip("*")
 
 
+@record
 class Plan:
     """Module paths in load order: `boot` before the boot goes on, `late` after the workload
     starts, `on_demand[fstype]` before mounting that filesystem; `absent` names the drivers
     left out because no device needs them."""
 
-    def __init__(
-        self,
-        boot: list[str],
-        late: list[str],
-        on_demand: dict[str, list[str]],
-        absent: list[str],
-    ) -> None:
-        self.boot, self.late, self.on_demand, self.absent = boot, late, on_demand, absent
+    boot: list[str]
+    late: list[str]
+    on_demand: dict[str, list[str]]
+    absent: list[str]
 
 
 def plan(paths: list[str], facts: Mapping[str, Any] | None, devices: Iterable[str]) -> Plan:
@@ -161,7 +159,6 @@ class ModuleLoader:
 
     def __init__(self, plan: Plan, log: Callable[[str], None]) -> None:
         self.plan, self.log = plan, log
-        self.boot_paths, self.late_paths = plan.boot, plan.late
         self.loaded = self.late_loaded = 0
         self.elapsed = self.late_elapsed = 0.0
         self.boot_done = threading.Event()
@@ -179,13 +176,13 @@ class ModuleLoader:
     def _run(self) -> None:
         start = time.monotonic()
         try:
-            self.loaded = self._load(self.boot_paths)
+            self.loaded = self._load(self.plan.boot)
         finally:
             self.elapsed = time.monotonic() - start
             self.boot_done.set()
         self.late_go.wait()
         start = time.monotonic()
-        self.late_loaded = self._load(self.late_paths)
+        self.late_loaded = self._load(self.plan.late)
         self.late_elapsed = time.monotonic() - start
 
     def start(self) -> None:

@@ -518,9 +518,9 @@ class Boot:
         console(self.timeline.line())
         if loader is not None:
             loader.join()
-            if loader.late_paths:
+            if loader.plan.late:
                 console(
-                    f"{loader.late_loaded} of {len(loader.late_paths)} more kernel modules loaded "
+                    f"{loader.late_loaded} of {len(loader.plan.late)} more kernel modules loaded "
                     f"in {loader.late_elapsed:.2f} s"
                 )
             if mount_configfs:
