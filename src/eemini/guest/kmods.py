@@ -151,10 +151,10 @@ def load_modules(paths: Iterable[str], log: Callable[[str], None]) -> int:
 
 
 class ModuleLoader:
-    """Carries out a Plan: `boot` on a thread from start(), `late` on the same thread once
-    start_late() is called, `on_demand` in the caller's thread through require_fs().
+    """Carries out a Plan: `boot` on a thread from start(), `late` through load_late() and
+    `on_demand` through require_fs(), both in the caller's thread.
 
-    wait_boot() before anything needs a driver; join() once the late ones are needed.
+    wait_boot() before anything needs a driver; load_late() once the workload has started.
     """
 
     def __init__(self, plan: Plan, log: Callable[[str], None]) -> None:
@@ -162,7 +162,6 @@ class ModuleLoader:
         self.loaded = self.late_loaded = 0
         self.elapsed = self.late_elapsed = 0.0
         self.boot_done = threading.Event()
-        self.late_go = threading.Event()
         self.done: set[str] = set()
         self.lock = threading.Lock()
         self.thread = threading.Thread(target=self._run, name="eemini-modules", daemon=True)
@@ -180,10 +179,6 @@ class ModuleLoader:
         finally:
             self.elapsed = time.monotonic() - start
             self.boot_done.set()
-        self.late_go.wait()
-        start = time.monotonic()
-        self.late_loaded = self._load(self.plan.late)
-        self.late_elapsed = time.monotonic() - start
 
     def start(self) -> None:
         self.thread.start()
@@ -191,12 +186,11 @@ class ModuleLoader:
     def wait_boot(self) -> None:
         self.boot_done.wait()
 
-    def start_late(self) -> None:
-        self.late_go.set()
-
-    def join(self) -> None:
-        self.late_go.set()
-        self.thread.join()
+    def load_late(self) -> None:
+        self.wait_boot()
+        start = time.monotonic()
+        self.late_loaded = self._load(self.plan.late)
+        self.late_elapsed = time.monotonic() - start
 
     def require_fs(self, fstype: str) -> int:
         """Load the modules a mount of `fstype` needs (none when it is built in or loaded)."""

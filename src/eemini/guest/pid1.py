@@ -517,7 +517,7 @@ class Boot:
         )
         console(self.timeline.line())
         if loader is not None:
-            loader.join()
+            loader.load_late()
             if loader.plan.late:
                 console(
                     f"{loader.late_loaded} of {len(loader.plan.late)} more kernel modules loaded "
