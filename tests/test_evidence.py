@@ -10,10 +10,11 @@ import pytest
 
 from conftest import shared_testdata
 from eemini.guest.rtmr import replay
+from eemini.tdx.bootevents import EventsMissing, UnexpectedEvent
 from eemini.tdx.ccel import ReplayMismatch
 from eemini.tdx.eventlog import EventType, HashAlg, parse_event_log
 from eemini.tdx.evidence import check_event_log, load_prediction
-from eemini.tdx.measure import EventsMissing, MeasureError, PredictedEvent, Prediction
+from eemini.tdx.measure import MeasureError, PredictedEvent, Prediction
 from eemini.tdx.runtime_log import RuntimeLogBinding, RuntimeLogMismatch
 from test_ccel import quote_rtmrs
 
@@ -40,22 +41,37 @@ def prediction_from(log_data: bytes, numbers: list[int]) -> Prediction:
     return Prediction(bytes(48), bytes(32), "257", "6.12", "", events)
 
 
-def test_gcp_log_and_predicted_events(gcp: tuple[bytes, list[bytes]]) -> None:
+def test_gcp_log_holds_exactly_its_own_boot(gcp: tuple[bytes, list[bytes]]) -> None:
     data, rtmrs = gcp
-    report = check_event_log(rtmrs, data, prediction_from(data, [18, 24, 25, 40]).events)
-    assert [e.number for _, e in report.matched] == [18, 24, 25, 40]
+    log = parse_event_log(data)
+    # Every RTMR1 and RTMR2 event that is not allowlisted, as the prediction: the real log is then
+    # exactly that boot, with its RTMR0 and the firmware's RTMR1 actions, separator and GPT around it.
+    own = [e.number for e in log.measured() if e.register in (2, 3)
+           and e.type_name in ("EV_EFI_BOOT_SERVICES_APPLICATION", "EV_IPL")]  # fmt: skip
+    assert own == [18, 19, 20, 23, 24, *range(25, 42)]
+    report = check_event_log(rtmrs, data, prediction_from(data, own).events)
+    assert report.boot is not None
+    assert [e.number for _, e in report.boot.matched] == own
+    assert [e.number for e, _ in report.boot.allowed] == [
+        *range(1, 18), 21, 22, 42, 43
+    ]  # fmt: skip
     assert report.runtime is None
     assert report.lines()[0] == "event log: 43 events replay to the quote's RTMR0..3"
-    assert report.lines()[1].startswith(
+    assert report.lines()[2].startswith(
         "  PCR4/RTMR1 EV_EFI_BOOT_SERVICES_APPLICATION event 18: event 18 (RTMR1 "
     )
-    # Out of order: event 24 before 18 in the prediction.
-    swapped = prediction_from(data, [18, 24])
-    swapped = Prediction(bytes(48), bytes(32), "257", "6.12", "", swapped.events[::-1])
+    # Leave grub (event 24) out of the prediction: it is named as the first event not predicted.
+    without_grub = prediction_from(data, [n for n in own if n != 24])
+    with pytest.raises(UnexpectedEvent, match=r"^event 24: RTMR1 EV_EFI_BOOT_SERVICES_APPLICATION "):
+        check_event_log(rtmrs, data, without_grub.events)
+    # Out of order: the two applications swapped in the prediction.
+    swapped = list(prediction_from(data, own).events)
+    swapped[0], swapped[4] = swapped[4], swapped[0]
     with pytest.raises(
-        EventsMissing, match=re.escape("is not in RTMR1 after event 24 (it is there, but out of order)")
+        EventsMissing,
+        match=re.escape("is not in RTMR1: event 18 is predicted event 5, which follows it"),
     ):
-        check_event_log(rtmrs, data, swapped.events)
+        check_event_log(rtmrs, data, swapped)
 
 
 def test_gcp_log_against_another_quote(gcp: tuple[bytes, list[bytes]]) -> None:

@@ -13,12 +13,11 @@ from pathlib import Path
 import pytest
 
 from eemini.cli import main
+from eemini.tdx.bootevents import EventsMissing, UnexpectedEvent, check_boot_events
 from eemini.tdx.eventlog import EventType, HashAlg, parse_event_log
 from eemini.tdx.measure import (
-    EventsMissing,
     MeasureError,
     Prediction,
-    find_events,
     kernel_version,
     pcr_to_mr_index,
     predict,
@@ -226,58 +225,58 @@ def log_bytes(records: Sequence[tuple[int, int, bytes]], algs: tuple[int, ...] =
     return out
 
 
-def test_find_events_in_a_cc_log() -> None:
+def test_exact_set_in_a_cc_log() -> None:
     kernel = fake_kernel()
     p = predict(
         synthetic_uki("257.9", [Sec(".cmdline", b"quiet"), Sec(".initrd", b"i"), Sec(".linux", kernel)])
     )
-    bsa, ipl, tag, act = (
-        EventType.EV_EFI_BOOT_SERVICES_APPLICATION,
-        EventType.EV_IPL,
-        EventType.EV_EVENT_TAG,
-        EventType.EV_EFI_ACTION,
-    )
-    firmware = [(2, act, sha384(b"Calling EFI Application from Boot Option")), (2, 4, sha384(bytes(4)))]
+    bsa, ipl, tag = EventType.EV_EFI_BOOT_SERVICES_APPLICATION, EventType.EV_IPL, EventType.EV_EVENT_TAG
     ours = [(e.mr_index, e.event_type, e.sha384) for e in p.events]
-    records = [*firmware, ours[0], (1, 0x80000001, sha384(b"other")), *ours[1:]]
-    records += [(2, act, sha384(b"Exit Boot Services Invocation"))]
-    log = parse_event_log(log_bytes(records))
-    matches = find_events(log, p.events, cc=True)
+    seen = check_boot_events(parse_event_log(log_bytes(ours)), p.events, cc=True)
     assert len(ours) == 10
-    assert [m[1].number for m in matches] == [3, *range(5, 14)]
-    assert [m[1].event_type for m in matches] == [bsa, *[ipl] * 6, bsa, tag, tag]
+    assert [m[1].number for m in seen.matched] == list(range(1, 11))
+    assert [m[1].event_type for m in seen.matched] == [bsa, *[ipl] * 6, bsa, tag, tag]
 
-    # Drop the .cmdline contents event: the first missing one is named, with where the search stopped.
-    missing = [r for r in records if r[2] != sha384(b"quiet")]
+    # Drop the .cmdline contents event: named, with the event that stands in its place.
+    missing = [r for r in ours if r[2] != sha384(b"quiet")]
     with pytest.raises(
         EventsMissing,
         match=re.escape("predicted event 5 of 10, PCR11/RTMR2 EV_IPL section .cmdline sha384 ")
         + "[0-9a-f]{96}"
-        + re.escape(", is not in RTMR2 after event 7"),
+        + re.escape(", is not in RTMR2: event 5 is predicted event 6, which follows it"),
     ):
-        find_events(parse_event_log(log_bytes(missing)), p.events, cc=True)
+        check_boot_events(parse_event_log(log_bytes(missing)), p.events, cc=True)
 
-    # Swap the two RTMR1 application events: both are there, but out of order.
-    swapped = list(records)
-    swapped[2], swapped[10] = swapped[10], swapped[2]
+    # Swap the two RTMR1 application events: the inner kernel's comes first, out of order.
+    swapped = list(ours)
+    swapped[0], swapped[7] = swapped[7], swapped[0]
     with pytest.raises(
-        EventsMissing, match=re.escape("is not in RTMR1 after event 11 (it is there, but out of order)")
+        EventsMissing, match=re.escape("is not in RTMR1: event 1 is predicted event 8, which follows it")
     ):
-        find_events(parse_event_log(log_bytes(swapped)), p.events, cc=True)
+        check_boot_events(parse_event_log(log_bytes(swapped)), p.events, cc=True)
+    # An event no firmware logs in RTMR0 (PCR 1, 7), before ours.
+    with pytest.raises(UnexpectedEvent, match=r"^event 1: RTMR0 EV_EFI_ACTION 'data' sha384 "):
+        check_boot_events(
+            parse_event_log(log_bytes([(1, EventType.EV_EFI_ACTION, sha384(b"x")), *ours])),
+            p.events, cc=True,
+        )  # fmt: skip
 
 
-def test_find_events_in_a_tpm_log_uses_pcrs() -> None:
-    # Stub 252: the PCR 11 events are TPM-only, so a CC search skips them but a TPM search needs them.
+def test_exact_set_in_a_tpm_log_uses_pcrs() -> None:
+    # Stub 252: the PCR 11 events are TPM-only, so a CC check skips them but a TPM check needs them.
     p = predict(synthetic_uki("252.39", [Sec(".linux", fake_kernel())]))
     tpm = [(e.pcr, e.event_type, e.sha384) for e in p.events]
     log = parse_event_log(log_bytes(tpm, algs=(0x000B, 0x000C)))
-    assert len(find_events(log, p.events, cc=False)) == len(p.events) == 4
+    assert len(check_boot_events(log, p.events, cc=False).matched) == len(p.events) == 4
     cc_only = [(e.mr_index, e.event_type, e.sha384) for e in p.events if e.cc]
-    assert len(find_events(parse_event_log(log_bytes(cc_only)), p.events, cc=True)) == 2
+    assert len(check_boot_events(parse_event_log(log_bytes(cc_only)), p.events, cc=True).matched) == 2
     short_tpm = parse_event_log(log_bytes(tpm[:1]))
     message = "predicted event 2 of 4, PCR11/RTMR2 EV_IPL section name .linux sha384 "
-    with pytest.raises(EventsMissing, match=re.escape(message) + "[0-9a-f]{96}, is not in PCR11$"):
-        find_events(short_tpm, p.events, cc=False)
+    with pytest.raises(
+        EventsMissing,
+        match=re.escape(message) + "[0-9a-f]{96}, is not in PCR11: the log ends without it$",
+    ):
+        check_boot_events(short_tpm, p.events, cc=False)
     assert HashAlg.SHA384 in dict(log.spec_id.algorithms)
 
 
@@ -340,14 +339,18 @@ def test_measure_check_log(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert lines[0].startswith(
         "found PCR4/RTMR1 EV_EFI_BOOT_SERVICES_APPLICATION UKI (PE Authenticode): event 1 (RTMR1 "
     )
-    assert lines[-1] == f"{cc_log}: all {len(p.events)} predicted events are there, in order"
+    assert lines[-1] == (
+        f"{cc_log}: exactly the {len(p.events)} predicted events, in order, and 0 allowlisted "
+        "firmware events that load no code"
+    )
     # The same log read as a TPM log: registers are then PCRs, and MR index 2 is not PCR 4.
     assert main(["measure", str(uki), "--check-log", str(cc_log), "--tpm"]) == 1
     err = capsys.readouterr().err
-    assert err.startswith(
-        f"eemini measure: error: {cc_log}: predicted event 1 of {len(p.events)}, PCR4/RTMR1 "
+    assert err == (
+        f"eemini measure: error: {cc_log}: event 1: PCR2 EV_EFI_BOOT_SERVICES_APPLICATION 'data' "
+        f"sha384 {p.uki_sha384.hex()} is not this image's: it is PCR4/RTMR1 "
+        "EV_EFI_BOOT_SERVICES_APPLICATION UKI (PE Authenticode), but in PCR2, not PCR4\n"
     )
-    assert err.endswith(", is not in PCR4\n")
     tpm_log = tmp_path / "tpm.bin"
     tpm_log.write_bytes(
         log_bytes([(e.pcr, e.event_type, e.sha384) for e in p.events], algs=(0x000B, 0x000C))

@@ -18,8 +18,9 @@ from pathlib import Path
 import pytest
 
 from eemini.cli import COMMANDS, main
+from eemini.tdx.bootevents import check_boot_events
 from eemini.tdx.eventlog import EventType, HashAlg, parse_event_log
-from eemini.tdx.measure import Prediction, find_events, predict
+from eemini.tdx.measure import Prediction, predict
 from tpmvm import TpmBoot, boot_with_swtpm, build_dump_workload
 
 pytestmark = pytest.mark.vm
@@ -73,8 +74,10 @@ def test_firmware_measured_what_we_predicted(booted: tuple[Prediction, TpmBoot])
     assert apps[0].digest(HashAlg.SHA384) == prediction.uki_sha384
     assert apps[0].digest(HashAlg.SHA256) == prediction.uki_sha256
 
-    # Every predicted event, in order, in its PCR, with both banks' digests.
-    matches = find_events(log, prediction.events, cc=False)
+    # Exactly the predicted events, in order, in their PCRs, with both banks' digests, and nothing
+    # else but allowlisted firmware events that load no code.
+    seen = check_boot_events(log, prediction.events, cc=False)
+    matches = seen.matched
     assert len(matches) == len(prediction.events)
     for p, e in matches:
         assert e.digest(HashAlg.SHA256) == p.sha256, p.label()
@@ -100,4 +103,8 @@ def test_measure_command_checks_the_tpm_log(
     log.write_bytes(booted[1].tpm_log)
     assert main(["measure", str(measured_image), "--check-log", str(log), "--tpm"]) == 0
     err = capsys.readouterr().err
-    assert err.endswith(f"{log}: all {len(booted[0].events)} predicted events are there, in order\n")
+    seen = check_boot_events(parse_event_log(booted[1].tpm_log), booted[0].events, cc=False)
+    assert err.endswith(
+        f"{log}: exactly the {len(booted[0].events)} predicted events, in order, and "
+        f"{len(seen.allowed)} allowlisted firmware events that load no code\n"
+    )

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from eemini.log import die, log_notice
-from eemini.tdx.measure import EventsMissing, MeasureError, Prediction, describe, find_events, predict
+from eemini.tdx.measure import MeasureError, Prediction, describe, predict
 
 HELP = "predict the firmware, systemd-stub and kernel measurement events of a built UKI"
 
@@ -22,8 +22,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--check-log",
         metavar="FILE",
         type=Path,
-        help="also check that the predicted events are in this event log: a CC event log "
-        "(CCEL data), or with --tpm a TPM log (binary_bios_measurements)",
+        help="also check that this event log holds exactly the predicted events, in order, and "
+        "otherwise only firmware events that load no code: a CC event log (CCEL data), or with "
+        "--tpm a TPM log (binary_bios_measurements)",
     )
     parser.add_argument(
         "--tpm", action="store_true", help="--check-log is a TPM log: registers are PCRs"
@@ -68,9 +69,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def check_log(prediction: Prediction, path: Path, *, tpm: bool) -> None:
-    """Find the predicted events in a log; one line per match on stderr, or fail naming the first
-    event missing."""
-    from eemini.tdx.ccel import describe_event
+    """Apply the exact-set rule (eemini.tdx.bootevents) to a log: one line per predicted event on
+    stderr, or fail naming the first unexpected or missing event."""
+    from eemini.tdx.bootevents import EventsMissing, UnexpectedEvent, check_boot_events, register_name
     from eemini.tdx.eventlog import EventLogError, parse_event_log
 
     try:
@@ -80,14 +81,13 @@ def check_log(prediction: Prediction, path: Path, *, tpm: bool) -> None:
     except EventLogError as e:
         die(f"{path} is not an event log: {e}")
     try:
-        matches = find_events(log, prediction.events, cc=not tpm)
-    except EventsMissing as e:
+        seen = check_boot_events(log, prediction.events, cc=not tpm)
+    except (EventsMissing, UnexpectedEvent) as e:
         die(f"{path}: {e}")
-    for predicted, event in matches:
-        where = (
-            f"event {event.number} (PCR{event.register} {event.describe()})"
-            if tpm
-            else describe_event(event)
-        )
-        log_notice(f"found {predicted.label()}: {where}")
-    log_notice(f"{path}: all {len(matches)} predicted events are there, in order")
+    for predicted, event in seen.matched:
+        where = register_name(event.register, cc=not tpm)
+        log_notice(f"found {predicted.label()}: event {event.number} ({where} {event.describe()})")
+    log_notice(
+        f"{path}: exactly the {len(seen.matched)} predicted events, in order, and "
+        f"{len(seen.allowed)} allowlisted firmware events that load no code"
+    )

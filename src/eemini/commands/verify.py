@@ -33,6 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--report-data", metavar="HEX", help="expected report data (zero-padded to 64 bytes)"
     )
     parser.add_argument("--policy", metavar="FILE", help="policy JSON (see docs/verify.md)")
+    parser.add_argument("--mr-td", metavar="HEX", action="append",
+                        help="an accepted MRTD (the firmware); repeat for several. Required with "
+                        "--manifest unless the policy sets mr_td or allow_any_firmware")  # fmt: skip
     parser.add_argument("--trust-dev-root", metavar="FILE", action="append", default=[],
                         help="also trust this development root CA (PEM); never by default")  # fmt: skip
     parser.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
@@ -94,11 +97,15 @@ def run(args: argparse.Namespace) -> int:
         )
         if args.report_data is not None:
             builder = builder.report_data(args.report_data)
+        if args.mr_td:
+            builder = builder.accepted_mr_td(args.mr_td)
         policy = builder.build()
     except PolicyError as e:
         where = f"{args.policy}: " if args.policy else ""
-        die(f"{where}{e}", hint="--report-data and a policy file's report_data exclude each other"
-            if "report_data may only be set once" in str(e) else None, exit_code=2)  # fmt: skip
+        hint = None
+        if "may only be set once" in str(e):
+            hint = "--report-data and --mr-td exclude a policy file's report_data and mr_td"
+        die(f"{where}{e}", hint=hint, exit_code=2)
     event_log, runtime_events = _measured_boot_inputs(args)
     if args.manifest:
         try:

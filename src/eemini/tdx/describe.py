@@ -114,6 +114,7 @@ def verified_to_dict(v: VerifiedQuote) -> dict[str, Any]:
             "mr_servicetd_zero": v.attributes.mr_servicetd_zero,
         },
         "checks": list(v.checks),
+        "waived": [{"check": w.check, "status": w.status, "reason": w.reason} for w in v.waived],
         "mr_td": v.report.mr_td.hex(),
         **{f"rtmr{i}": r.hex() for i, r in enumerate(v.report.rtmrs)},
         "report_data": v.report.report_data.hex(),
@@ -122,5 +123,9 @@ def verified_to_dict(v: VerifiedQuote) -> dict[str, Any]:
 
 def describe_verified(v: VerifiedQuote) -> str:
     out: list[str] = []
-    _lines("", verified_to_dict(v), out)
+    doc = verified_to_dict(v)
+    # A waived check stands in the check list itself, with its status, and once more with its reason.
+    doc["checks"] = [*v.checks, *(f"{w.check} {w.status.upper()} (waived by policy)" for w in v.waived)]
+    doc["waived"] = [f"{w.check}: {w.reason}" for w in v.waived]
+    _lines("", doc, out)
     return "\n".join(out) + "\n"

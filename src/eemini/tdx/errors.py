@@ -148,5 +148,18 @@ class EventLogRequired(VerificationError):
     check = "event-log"
 
 
+class FirmwareNotPinned(VerificationError):
+    """Measured-boot events were checked, but the policy accepts any MRTD: whatever firmware ran
+    extended RTMR1/RTMR2, so unpinned firmware could replay the predicted digests."""
+
+    check = "firmware-pinned"
+
+
+class RuntimeLogUnbound(VerificationError):
+    """The runtime event log is not bound to the quote (RTMR3 never extended, or no log given)."""
+
+    check = "runtime-log"
+
+
 class PolicyError(QuoteError, ValueError):
     """The policy itself is malformed (bad file, bad value, a field set twice)."""

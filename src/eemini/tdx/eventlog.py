@@ -11,6 +11,7 @@ algorithm the Spec ID event lists. The CC log reuses the layout (edk2 `CcMeasure
 from __future__ import annotations
 
 import struct
+import uuid
 from dataclasses import dataclass
 from enum import IntEnum
 
@@ -129,9 +130,57 @@ class Event:
         raise KeyError(f"event {self.number} has no digest for algorithm {alg:#06x}")
 
     def describe(self) -> str:
-        """A short human label: type plus the event data when it is printable text."""
+        """A short human label: the type plus what the event data says: printable text, the device
+        path of a loaded image, the id of a tagged event."""
         text = _printable(self.data)
-        return f"{self.type_name} {text!r}" if text else self.type_name
+        if text is None and self.event_type in _IMAGE_LOAD_TYPES:
+            text = image_load_path(self.data)
+        elif self.event_type == EventType.EV_EVENT_TAG and len(self.data) >= 8:
+            tag, size = struct.unpack_from("<II", self.data)
+            inner = _printable(self.data[8 : 8 + size])
+            return f"{self.type_name} {tag:#010x}" + (f" '{inner}'" if inner else "")
+        return f"{self.type_name} '{text}'" if text else self.type_name
+
+
+_IMAGE_LOAD_TYPES = frozenset({0x80000003, 0x80000004, 0x80000005})  # EV_EFI_{BOOT,RUNTIME}_SERVICES_*
+# EFI_IMAGE_LOAD_EVENT (UefiTcgPlatform.h): ImageLocationInMemory, ImageLengthInMemory,
+# ImageLinkTimeAddress, LengthOfDevicePath (UINT64/UINTN each on x64), then the device path.
+_IMAGE_LOAD = struct.Struct("<QQQQ")
+
+
+def image_load_path(data: bytes) -> str | None:
+    """The device path of an EFI_IMAGE_LOAD_EVENT as text (UEFI spec 10.3 node types), e.g.
+    `PciRoot(0)/Pci(3,0)/HD(1)/\\EFI\\BOOT\\BOOTX64.EFI`; None when it does not parse."""
+    if len(data) < _IMAGE_LOAD.size:
+        return None
+    length = _IMAGE_LOAD.unpack_from(data)[3]
+    path = data[_IMAGE_LOAD.size : _IMAGE_LOAD.size + min(length, 4096)]
+    nodes: list[str] = []
+    at = 0
+    while at + 4 <= len(path) and len(nodes) < 32:
+        ntype, sub, size = struct.unpack_from("<BBH", path, at)
+        body = path[at + 4 : at + size]
+        if ntype == 0x7F or size < 4:
+            break
+        nodes.append(_path_node(ntype, sub, body))
+        at += size
+    text = "/".join(nodes)
+    return "".join(c if c.isprintable() else "?" for c in text) or None
+
+
+def _path_node(ntype: int, sub: int, body: bytes) -> str:
+    if (ntype, sub) == (1, 1) and len(body) >= 2:
+        return f"Pci({body[1]:x},{body[0]:x})"
+    if (ntype, sub) == (2, 1) and len(body) >= 8:
+        hid, uid = struct.unpack_from("<II", body)
+        return f"PciRoot({uid:x})" if hid == 0x0A0341D0 else f"Acpi({hid:#x},{uid:x})"
+    if (ntype, sub) == (4, 1) and len(body) >= 4:
+        return f"HD({struct.unpack_from('<I', body)[0]})"
+    if (ntype, sub) == (4, 4):
+        return body.decode("utf-16-le", errors="replace").rstrip("\0")
+    if (ntype, sub) in ((4, 6), (4, 7)) and len(body) >= 16:
+        return f"{'FvFile' if sub == 6 else 'Fv'}({uuid.UUID(bytes_le=bytes(body[:16]))})"
+    return f"Node({ntype},{sub})"
 
 
 def _printable(data: bytes) -> str | None:

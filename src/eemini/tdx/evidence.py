@@ -1,5 +1,5 @@
-"""The event-log half of verification: does the CC event log replay to the quote's RTMRs, and do the
-image's predicted events appear in it? (docs/measurements.md)
+"""The event-log half of verification: does the CC event log replay to the quote's RTMRs, and does it
+hold exactly the image's predicted events and nothing that loads other code? (docs/measurements.md)
 
 Independent of how the quote itself was verified: callers pass the quote's RTMR0..3 once the quote's
 signature chain has been checked.
@@ -13,10 +13,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from eemini.tdx.bootevents import BootCheck, check_boot_events
 from eemini.tdx.ccel import ReplayMismatch, check_replay, describe_event, replay_rtmrs
-from eemini.tdx.eventlog import Event, EventLog, parse_event_log
-from eemini.tdx.measure import MeasureError, PredictedEvent, Prediction, find_events
+from eemini.tdx.errors import VerificationError
+from eemini.tdx.eventlog import EventLog, EventLogError, parse_event_log
+from eemini.tdx.measure import MeasureError, PredictedEvent, Prediction
 from eemini.tdx.runtime_log import RuntimeLogBinding, check_runtime_log
+
+
+class EventLogInvalid(VerificationError):
+    """The event log does not parse, or names registers a TD cannot extend."""
+
+    check = "event-log"
+
 
 # The key under which `eemini build` stores the prediction in manifest.json.
 MANIFEST_KEY = "measurements"
@@ -24,26 +33,44 @@ MANIFEST_KEY = "measurements"
 
 @dataclass(frozen=True, slots=True)
 class EventLogReport:
-    """What the event log showed, once it replayed to the quote's RTMRs."""
+    """What the event log showed, once it replayed to the quote's RTMRs: the predicted events it
+    matched and the allowlisted events around them (when a prediction was given), the runtime log's
+    binding (when one was given), and whether the policy pinned RTMR0 (host configuration)."""
 
     log: EventLog
-    matched: tuple[tuple[PredictedEvent, Event], ...]
+    boot: BootCheck | None
     runtime: RuntimeLogBinding | None
+    rtmr0_pinned: bool = False
 
     def to_dict(self) -> dict[str, Any]:
+        boot = self.boot
         return {
             "events": len(self.log.events),
             "matched": [
                 {"predicted": p.to_json(), "event": e.number, "mr_index": e.register}
-                for p, e in self.matched
+                for p, e in (boot.matched if boot else ())
             ],
+            "allowed": [
+                {"event": e.number, "mr_index": e.register, "group": g.value, "what": e.describe()}
+                for e, g in (boot.allowed if boot else ())
+            ],
+            "rtmr0_pinned": self.rtmr0_pinned,
             "runtime_log": None if self.runtime is None else self.runtime.value,
         }
 
     def lines(self) -> list[str]:
         out = [f"event log: {len(self.log.events)} events replay to the quote's RTMR0..3"]
-        for p, e in self.matched:
-            out.append(f"  {p.label()}: {describe_event(e)}")
+        if self.boot is not None:
+            out.append(
+                f"  exactly this image's events: {len(self.boot.matched)} predicted, "
+                f"{len(self.boot.allowed)} allowlisted firmware events that load no code, nothing else"
+            )
+            for p, e in self.boot.matched:
+                out.append(f"  {p.label()}: {describe_event(e)}")
+        out.append(
+            "RTMR0 (host configuration: TD HOB, ACPI tables, boot variables): "
+            + ("pinned by the policy" if self.rtmr0_pinned else "not pinned by the policy")
+        )
         if self.runtime is not None:
             out.append(f"runtime event log: {self.runtime.value} (RTMR3)")
         return out
@@ -72,20 +99,27 @@ def check_event_log(
     log_data: bytes,
     expected: Sequence[PredictedEvent] | None = None,
     runtime_events: Sequence[Mapping[str, object]] | None = None,
+    *,
+    rtmr0_pinned: bool = False,
 ) -> EventLogReport:
-    """Replay the CC event log against the quote's RTMR0..2 (raises ReplayMismatch), then look for
-    the predicted events (raises EventsMissing), then replay the runtime log against RTMR3 (raises
-    RuntimeLogMismatch). The firmware leaves RTMR3 alone; it belongs to the runtime log, which
-    continues from whatever the CC log put there."""
-    log = parse_event_log(log_data)
-    check_replay(log, rtmrs, registers=(0, 1, 2))
-    matched = find_events(log, expected, cc=True) if expected is not None else []
+    """Replay the CC event log against the quote's RTMR0..2 (raises ReplayMismatch), then apply the
+    exact-set rule with the predicted events (bootevents: raises UnexpectedEvent or EventsMissing),
+    then replay the runtime log against RTMR3 (raises RuntimeLogMismatch). The firmware leaves
+    RTMR3 alone; it belongs to the runtime log. A log that does not parse, or extends a register a
+    TD cannot, raises EventLogInvalid."""
+    try:
+        log = parse_event_log(log_data)
+        check_replay(log, rtmrs, registers=(0, 1, 2))
+        start = replay_rtmrs(log)[3]
+    except EventLogError as e:
+        raise EventLogInvalid(f"the CC event log is not valid: {e}") from None
+    boot = check_boot_events(log, expected, cc=True) if expected is not None else None
     runtime = None
     if runtime_events is not None:
-        runtime = check_runtime_log(runtime_events, rtmrs[3], start=replay_rtmrs(log)[3])
-    elif replay_rtmrs(log)[3] != rtmrs[3]:
+        runtime = check_runtime_log(runtime_events, rtmrs[3], start=start)
+    elif start != rtmrs[3]:
         raise ReplayMismatch(
             f"RTMR3 is {rtmrs[3].hex()}, not what the CC event log leaves there: it was extended "
             "after boot (by the runtime event log?); pass the runtime event log to check it"
         )
-    return EventLogReport(log=log, matched=tuple(matched), runtime=runtime)
+    return EventLogReport(log=log, boot=boot, runtime=runtime, rtmr0_pinned=rtmr0_pinned)

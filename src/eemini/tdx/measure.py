@@ -16,12 +16,11 @@ from __future__ import annotations
 import hashlib
 import re
 import struct
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from eemini.tdx.errors import VerificationError
-from eemini.tdx.eventlog import Event, EventLog, EventType, HashAlg
+from eemini.tdx.eventlog import EventType
 from eemini.tdx.pe import (
     DigestAlgorithm,
     PeError,
@@ -37,12 +36,6 @@ SHA384 = DigestAlgorithm.SHA384
 
 class MeasureError(ValueError):
     """The UKI cannot be predicted (the message says why)."""
-
-
-class EventsMissing(VerificationError):
-    """A predicted event is not in the event log (the message names the first one missing)."""
-
-    check = "expected-events"
 
 
 def pcr_to_mr_index(pcr: int) -> int:
@@ -120,16 +113,19 @@ class PredictedEvent:
     @classmethod
     def from_json(cls, obj: Mapping[str, Any]) -> PredictedEvent:
         try:
+            pcr = int(obj["pcr"])
+            if not 0 <= pcr <= 15:
+                raise ValueError(f"PCR {pcr} is not one a boot measures into (0..15)")
             return cls(
-                pcr=int(obj["pcr"]),
+                pcr=pcr,
                 event_type=EventType[str(obj["type"])],
                 what=str(obj["what"]),
                 sha384=bytes.fromhex(str(obj["sha384"])),
                 sha256=bytes.fromhex(str(obj["sha256"])),
                 cc=bool(obj["cc"]),
             )
-        except (KeyError, ValueError, TypeError) as e:
-            raise MeasureError(f"malformed predicted event {dict(obj)!r}: {e}") from None
+        except (KeyError, ValueError, TypeError, AttributeError) as e:
+            raise MeasureError(f"malformed predicted event {obj!r:.200}: {e}") from None
 
     def label(self) -> str:
         return f"PCR{self.pcr}/RTMR{self.rtmr} {self.event_type.name} {self.what}"
@@ -366,41 +362,6 @@ def served_initrd(mem: Mapping[str, bytes], stub_major: int) -> bytes:
     if len(parts) == 1:
         return parts[0]
     return b"".join(_align4(p) for p in parts)
-
-
-def find_events(
-    log: EventLog, predicted: Sequence[PredictedEvent], *, cc: bool
-) -> list[tuple[PredictedEvent, Event]]:
-    """Check that the predicted events appear in the log, in order, each in its register (other
-    events may come before, between and after them). In a CC log (`cc`) registers are MR indexes
-    and only events that reach the CC log are looked for; in a TPM log registers are PCRs.
-    Returns the matches; raises EventsMissing naming the first predicted event not found."""
-    alg = HashAlg.SHA384
-    wanted = [p for p in predicted if p.cc] if cc else list(predicted)
-    by_register: dict[int, list[Event]] = {}
-    for e in log.measured():
-        by_register.setdefault(e.register, []).append(e)
-    position: dict[int, int] = {}
-    matches = []
-    for n, p in enumerate(wanted, 1):
-        reg = p.mr_index if cc else p.pcr
-        events = by_register.get(reg, [])
-        start = position.get(reg, 0)
-        for i in range(start, len(events)):
-            if events[i].event_type == p.event_type and events[i].digest(alg) == p.sha384:
-                matches.append((p, events[i]))
-                position[reg] = i + 1
-                break
-        else:
-            name = f"RTMR{reg - 1}" if cc else f"PCR{reg}"
-            after = f" after event {events[start - 1].number}" if start else ""
-            anywhere = any(e.digest(alg) == p.sha384 for e in events)
-            hint = " (it is there, but out of order)" if anywhere else ""
-            raise EventsMissing(
-                f"predicted event {n} of {len(wanted)}, {p.label()} sha384 {p.sha384.hex()}, is not in "
-                f"{name}{after}{hint}"
-            )
-    return matches
 
 
 def describe(prediction: Prediction) -> Iterable[str]:

@@ -44,6 +44,12 @@ class Policy:
     # The image's predicted measurement events (docs/measurements.md): when set, a CC event log is
     # required, must replay to the quote's RTMRs, and must hold these events in order.
     expected_events: tuple[PredictedEvent, ...] | None = None
+    # With expected events, the firmware that logged them must be pinned (accepted_mr_td); this
+    # accepts any firmware instead, reported as the waived check "firmware-pinned".
+    allow_any_firmware: bool = False
+    # With expected events, the runtime event log must be given and bound to RTMR3; this accepts an
+    # unbound or missing one instead (kernels without RTMR3 extension), reported as waived.
+    allow_unbound_runtime_log: bool = False
 
     def replace(self, **changes: Any) -> Policy:
         return dataclasses.replace(self, **changes)
@@ -134,6 +140,12 @@ class PolicyBuilder:
             raise PolicyError("expected_events needs at least one event")
         return self._set("expected_events", got)
 
+    def allow_any_firmware(self, allow: bool = True) -> PolicyBuilder:
+        return self._set("allow_any_firmware", _bool("allow_any_firmware", allow))
+
+    def allow_unbound_runtime_log(self, allow: bool = True) -> PolicyBuilder:
+        return self._set("allow_unbound_runtime_log", _bool("allow_unbound_runtime_log", allow))
+
     def build(self) -> Policy:
         changes = dict(self._changes)
         rtmrs = [changes.pop(f"rtmr{i}", None) for i in range(4)]
@@ -183,6 +195,10 @@ _FILE_KEYS: dict[str, Callable[[PolicyBuilder, object], PolicyBuilder]] = {
     ),
     "rejected_advisory_ids": lambda b, v: b.rejected_advisory_ids(_str_list("rejected_advisory_ids", v)),
     "expected_events": lambda b, v: b.expected_events(_events("expected_events", v)),
+    "allow_any_firmware": lambda b, v: b.allow_any_firmware(_bool("allow_any_firmware", v)),
+    "allow_unbound_runtime_log": lambda b, v: b.allow_unbound_runtime_log(
+        _bool("allow_unbound_runtime_log", v)
+    ),
 }
 
 

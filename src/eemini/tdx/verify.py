@@ -53,11 +53,13 @@ from eemini.tdx.errors import (
     CrlInvalid,
     DebugTdRejected,
     EventLogRequired,
+    FirmwareNotPinned,
     MeasurementMismatch,
     QeReportDataMismatch,
     QeReportSignatureInvalid,
     QuoteSignatureInvalid,
     ReportDataMismatch,
+    RuntimeLogUnbound,
     ServiceTdRejected,
     TcbStatusRejected,
     TdAttributesRejected,
@@ -70,10 +72,19 @@ from eemini.tdx.pck import (
 from eemini.tdx.policy import DEFAULT_POLICY, Policy
 from eemini.tdx.quote import Quote, TdReport, parse_quote
 from eemini.tdx.roots import INTEL_ROOT, TrustAnchor
-from eemini.tdx.runtime_log import check_runtime_log
+from eemini.tdx.runtime_log import RuntimeLogBinding, check_runtime_log
 
 # VerificationCache lives in chain.py; callers import it from here, next to verify().
-__all__ = ["AttributeReport", "VerificationCache", "VerifiedQuote", "verify"]
+__all__ = ["AttributeReport", "VerificationCache", "VerifiedQuote", "Waiver", "verify"]
+
+
+@dataclass(frozen=True, slots=True)
+class Waiver:
+    """A check that did not pass but that the policy explicitly allowed to fail: always reported."""
+
+    check: str
+    status: str  # one word or two: "unbound", "not pinned"
+    reason: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +110,8 @@ class VerifiedQuote:
     verified_at: int
     # What the CC event log and the runtime log showed (docs/measurements.md), when given.
     event_log: EventLogReport | None = None
+    # Checks that failed but that the policy allowed (allow_any_firmware, allow_unbound_runtime_log).
+    waived: tuple[Waiver, ...] = ()
 
     @property
     def report(self) -> TdReport:
@@ -394,29 +407,73 @@ def check_policy(
 # Checks: event logs (docs/measurements.md) ----------------------------------------------------------
 
 
+def check_firmware_pinned(ctx: Context, policy: Policy, waived: list[Waiver]) -> None:
+    """RTMR1/RTMR2 events are only as trustworthy as the firmware that logged them: checking an
+    image's events needs the firmware pinned (MRTD), or the policy's explicit waiver."""
+    if policy.accepted_mr_td is not None:
+        ctx.passed("firmware-pinned")
+    elif policy.allow_any_firmware:
+        why = "any firmware accepted (allow_any_firmware): the boot events are only as trustworthy "
+        waived.append(Waiver("firmware-pinned", "not pinned", why + "as the firmware that logged them"))
+    else:
+        raise FirmwareNotPinned(
+            "the policy accepts any MRTD, so any firmware could have logged the predicted events: "
+            'list the accepted firmware in mr_td (docs/verify.md, "Pinning the firmware"), or '
+            "set allow_any_firmware to accept that"
+        )
+
+
+def check_runtime_binding(
+    ctx: Context, binding: RuntimeLogBinding | None, policy: Policy, waived: list[Waiver]
+) -> None:
+    """`runtime-log` passes only when RTMR3 is the replay of the runtime log. With expected events
+    a missing runtime log counts as unbound: boot-time config is recorded nowhere else."""
+    if binding == RuntimeLogBinding.BOUND:
+        ctx.passed("runtime-log")
+        return
+    if binding is None and policy.expected_events is None:
+        return
+    why = (
+        "RTMR3 was never extended, so the quote does not vouch for the runtime event log (the "
+        "guest kernel offers no RTMR3 extension)"
+        if binding is not None
+        else "no runtime event log was given, so the boot-time config is not checked"
+    )
+    if not policy.allow_unbound_runtime_log:
+        raise RuntimeLogUnbound(f"unbound: {why}; set allow_unbound_runtime_log to accept that")
+    waived.append(Waiver("runtime-log", "unbound", f"{why} (allow_unbound_runtime_log)"))
+
+
 def check_event_logs(
     ctx: Context,
     quote: Quote,
     policy: Policy,
     event_log: bytes | None,
     runtime_events: Sequence[Mapping[str, object]] | None,
+    *,
+    waived: list[Waiver],
 ) -> EventLogReport | None:
     rtmrs = quote.report.rtmrs
-    if event_log is None:
-        if policy.expected_events is not None:
+    if policy.expected_events is not None:
+        check_firmware_pinned(ctx, policy, waived)
+        if event_log is None:
             raise EventLogRequired(
                 "the policy expects measured boot events, but no CC event log was given"
             )
-        if runtime_events is not None:
-            check_runtime_log(runtime_events, rtmrs[3])
-            ctx.passed("runtime-log")
-        return None
-    report = check_event_log(rtmrs, event_log, policy.expected_events, runtime_events)
-    ctx.passed("event-log")
-    if policy.expected_events is not None:
-        ctx.passed("expected-events")
-    if runtime_events is not None:
-        ctx.passed("runtime-log")
+    report = None
+    binding = None
+    if event_log is not None:
+        report = check_event_log(
+            rtmrs, event_log, policy.expected_events, runtime_events,
+            rtmr0_pinned=policy.rtmrs[0] is not None,
+        )  # fmt: skip
+        ctx.passed("event-log")
+        if policy.expected_events is not None:
+            ctx.passed("expected-events")
+        binding = report.runtime
+    elif runtime_events is not None:
+        binding = check_runtime_log(runtime_events, rtmrs[3])
+    check_runtime_binding(ctx, binding, policy, waived)
     return report
 
 
@@ -460,7 +517,8 @@ def verify(
     check_quote_signature(ctx, parsed)
     evaluation = check_collateral(ctx, parsed, collateral, pck) if collateral is not None else None
     check_policy(ctx, parsed, policy, evaluation)
-    event_report = check_event_logs(ctx, parsed, policy, event_log, runtime_events)
+    waived: list[Waiver] = []
+    event_report = check_event_logs(ctx, parsed, policy, event_log, runtime_events, waived=waived)
     return VerifiedQuote(
         quote=parsed,
         trust_anchor=pck.anchor,
@@ -470,4 +528,5 @@ def verify(
         checks=tuple(ctx.checks),
         verified_at=ctx.now,
         event_log=event_report,
+        waived=tuple(waived),
     )
