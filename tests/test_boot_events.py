@@ -458,3 +458,84 @@ def test_predicted_event_json_round_trip(image: Prediction) -> None:
     e = image.events[0]
     assert PredictedEvent.from_json(e.to_json()) == e
     assert replace(e, pcr=15).mr_index == 3
+
+
+# Real firmware: the TPM log of a local-dev image (stub 257.13, kernel 6.12.118) booted under
+# Debian's OVMF 2022.11 + swtpm with SHA-256 and SHA-384 banks, as tests/test_measured_boot_vm.py
+# reads it in the guest, kept with that build's prediction (tests/data/ovmf-swtpm-local-dev.*).
+
+DATA = Path(__file__).parent / "data"
+
+
+def _real() -> tuple[bytes, Prediction]:
+    log = (DATA / "ovmf-swtpm-local-dev.tpmlog").read_bytes()
+    return log, Prediction.from_json(
+        json.loads((DATA / "ovmf-swtpm-local-dev.prediction.json").read_text())
+    )
+
+
+def test_real_ovmf_log_is_exactly_our_image() -> None:
+    data, prediction = _real()
+    seen = check_boot_events(parse_event_log(data), prediction.events, cc=False)
+    assert [e.number for _, e in seen.matched] == [23, *range(24, 36), 36, 37, 38]
+    assert [(e.number, e.type_name, g.value) for e, g in seen.allowed] == [
+        (1, "EV_S_CRTM_VERSION", "firmware"),
+        (2, "EV_EFI_PLATFORM_FIRMWARE_BLOB", "firmware"),
+        (3, "EV_EFI_PLATFORM_FIRMWARE_BLOB", "firmware"),
+        *[(n, "EV_EFI_VARIABLE_DRIVER_CONFIG", "host-config") for n in range(4, 9)],
+        (9, "EV_SEPARATOR", "host-config"),
+        *[(n, "EV_EFI_VARIABLE_BOOT", "host-config") for n in range(10, 14)],
+        (14, "EV_EFI_ACTION", "boot"),
+        (15, "EV_SEPARATOR", "firmware"),
+        (16, "EV_SEPARATOR", "host-config"),
+        *[(n, "EV_SEPARATOR", "boot") for n in range(17, 22)],
+        (22, "EV_EFI_GPT_EVENT", "boot"),
+        (39, "EV_EFI_ACTION", "boot"),
+        (40, "EV_EFI_ACTION", "boot"),
+    ]
+    inner = seen.matched[13][1]
+    assert inner.describe().startswith("EV_EFI_BOOT_SERVICES_APPLICATION 'Vendor(")
+
+
+def _as_tdvf(data: bytes) -> list[Rec]:
+    """The same boot as TDVF logs it: PCR 0 goes to MRTD (not logged), the others to their RTMR,
+    and only the SHA-384 bank."""
+    from eemini.tdx.measure import pcr_to_mr_index
+
+    return [
+        Rec(pcr_to_mr_index(e.register), e.event_type, e.data, {forge.SHA384: e.digest(0x000C)})
+        for e in parse_event_log(data).measured() if e.register != 0
+    ]  # fmt: skip
+
+
+def test_real_boot_as_tdvf_logs_it_verifies_and_its_forgeries_do_not() -> None:
+    data, prediction = _real()
+    recs = _as_tdvf(data)
+    expected = prediction.cc_events()
+    v = run(recs, expected)
+    assert v.event_log is not None and v.event_log.boot is not None
+    assert len(v.event_log.boot.matched) == 16
+    # An option ROM before the boot option, in the real log.
+    with pytest.raises(UnexpectedEvent, match=r"^event 13: RTMR1 EV_EFI_BOOT_SERVICES_DRIVER "):
+        run([*recs[:12], Rec(2, T.EV_EFI_BOOT_SERVICES_DRIVER, ROM), *recs[12:]], expected)
+    # The host's own command line in place of the UKI's: the stub's PCR 12 event, then the kernel's.
+    text = "console=ttyS0 quiet ee.dev=1 rdinit=/x\0".encode("utf-16-le")
+    at = next(i for i, r in enumerate(recs) if r.event_type == T.EV_EVENT_TAG)
+    forged = [*recs[:at], Rec(3, T.EV_IPL, text), *recs[at:]]
+    with pytest.raises(UnexpectedEvent, match=r"^event 33: RTMR2 EV_IPL 'console=ttyS0 quiet ee.dev=1 "):
+        run(forged, expected)
+
+
+def test_cli_vtpm_drops_the_kernel_events_from_the_cc_check(
+    image: Prediction, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = _files(tmp_path, image, forge.good_boot(image.cc_events(vtpm=True)), {
+        "mr_td": [MRTD.hex()], "allow_unbound_runtime_log": True})  # fmt: skip
+    assert main(argv) == 1
+    assert capsys.readouterr().err == (
+        "eemini verify: rejected: expected-events: predicted event 11 of 12, PCR9/RTMR2 EV_EVENT_TAG "
+        f"kernel LoadOptions (cmdline) sha384 {image.events[-2].sha384.hex()}, is not in RTMR2: the "
+        "log ends without it\n"
+    )
+    assert main([*argv, "--vtpm", "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["event_log"]["matched"]) == 10

@@ -178,8 +178,9 @@ def _path_node(ntype: int, sub: int, body: bytes) -> str:
         return f"HD({struct.unpack_from('<I', body)[0]})"
     if (ntype, sub) == (4, 4):
         return body.decode("utf-16-le", errors="replace").rstrip("\0")
-    if (ntype, sub) in ((4, 6), (4, 7)) and len(body) >= 16:
-        return f"{'FvFile' if sub == 6 else 'Fv'}({uuid.UUID(bytes_le=bytes(body[:16]))})"
+    if (ntype, sub) in ((4, 6), (4, 7), (4, 3), (1, 4)) and len(body) >= 16:
+        kind = {6: "FvFile", 7: "Fv"}.get(sub, "Vendor")
+        return f"{kind}({uuid.UUID(bytes_le=bytes(body[:16]))})"
     return f"Node({ntype},{sub})"
 
 
