@@ -80,13 +80,16 @@ def main() -> int:
             quote = base64.b64decode(str(attest["quote_b64"]))
             quote_path, root_path = out / "quote.bin", out / "dev-root.pem"
             quote_path.write_bytes(quote)
+            # The attest answer carries the runtime event log, which the quote's RTMR3 binds.
+            attest_path = out / "attest.json"
+            attest_path.write_text(json.dumps(attest))
             # The simulated backend's development root: trusted here explicitly, never by default.
             root_path.write_bytes(dev_root_pem())
             verify = subprocess.run(
                 [
                     sys.executable, "-m", "eemini", "verify", os.fspath(quote_path),
                     "--trust-dev-root", os.fspath(root_path), "--report-data", expected.hex(),
-                    "--policy", os.fspath(POLICY), "--json",
+                    "--policy", os.fspath(POLICY), "--runtime-log", os.fspath(attest_path), "--json",
                 ],
                 capture_output=True, text=True, check=False,
             )  # fmt: skip
@@ -110,7 +113,8 @@ def main() -> int:
             why = result.get("error") or verify.stderr.strip()
             say(f"  verified              NO: {result.get('check')}: {why}")
         kinds = ", ".join(str(e.get("kind")) for e in events if isinstance(e, dict))
-        say(f"  runtime event log     {kinds}")
+        bound = "bound to RTMR3" if "runtime-log" in result.get("checks", []) else "NOT bound"
+        say(f"  runtime event log     {kinds} ({bound})")
         say(f"  VM                    {outcome.summary} after {outcome.elapsed:.1f} s")
         ok = result.get("verified") is True and outcome.exit_code == 0
         say("" if ok else "demo: FAILED (see above and " + os.fspath(log) + ")")
