@@ -51,6 +51,16 @@ def device_path_load_event(path: str) -> bytes:
     return struct.pack("<QQQQ", 0x7E000000, 0x100000, 0, len(nodes)) + nodes
 
 
+def fv_load_event(fv: str, file: str) -> bytes:
+    """EFI_IMAGE_LOAD_EVENT for an application in a firmware volume: Fv(guid)/FvFile(guid)/End."""
+    import uuid
+
+    nodes = struct.pack("<BBH", 4, 7, 20) + uuid.UUID(fv).bytes_le
+    nodes += struct.pack("<BBH", 4, 6, 20) + uuid.UUID(file).bytes_le
+    nodes += struct.pack("<BBH", 0x7F, 0xFF, 4)
+    return struct.pack("<QQQQ", 0x7E000000, 0x100000, 0, len(nodes)) + nodes
+
+
 def tagged(tag: int, text: bytes) -> bytes:
     return struct.pack("<II", tag, len(text)) + text
 

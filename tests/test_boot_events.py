@@ -146,6 +146,8 @@ def _at(index: int, *new: Rec) -> Callable[[list[Rec]], list[Rec]]:
 ADDON = forge.device_path_load_event("\\EFI\\Linux\\uki.efi.extra.d\\x.addon.efi")
 CREDENTIALS = b"070701 cpio of /.extra/credentials/x.cred"  # the stub's credentials initrd
 PCR11_CMDLINE = "section .cmdline"
+# OVMF's UEFI Shell: an application in the firmware volume, which DxeTpm2MeasureBootLib measures.
+SHELL = forge.fv_load_event("7cb8bdc9-f8eb-4f34-aaea-3ee4af6516a1", "7c04a583-9e3e-4f1c-ad65-e05268d0b4d1")
 EXPECT_UKI = "expected here: predicted event 1 of 12, PCR4/RTMR1 EV_EFI_BOOT_SERVICES_APPLICATION UKI"
 PATH = "'PciRoot(0)/Pci(3,0)/HD(1)/"
 
@@ -244,6 +246,21 @@ ATTACKS: dict[str, tuple[Callable[[list[Rec]], list[Rec]], type[VerificationErro
         UnexpectedEvent,
         f"event 14: RTMR1 EV_SEPARATOR sha384 {'01' * 48} is not this image's: its digest is not the "
         "hash of its own data",
+    ),
+    "the UEFI Shell from the firmware volume (a host boot option), then the UKI": (
+        _before(UKI, forge.action("Returning from EFI Application from Boot Option"),
+                forge.action("Calling EFI Application from Boot Option"),
+                Rec(2, T.EV_EFI_BOOT_SERVICES_APPLICATION, SHELL)),
+        UnexpectedEvent,
+        "event 18: RTMR1 EV_EFI_BOOT_SERVICES_APPLICATION 'Fv(7cb8bdc9-f8eb-4f34-aaea-3ee4af6516a1)/"
+        f"FvFile(7c04a583-9e3e-4f1c-ad65-e05268d0b4d1)' sha384 {_h(SHELL)} is not this image's: "
+        f"{EXPECT_UKI}",
+    ),
+    "a firmware debugger (UEFI Debug Mode, PCR 7)": (
+        _at(7, Rec(1, T.EV_EFI_ACTION, b"UEFI Debug Mode")),
+        UnexpectedEvent,
+        f"event 8: RTMR0 EV_EFI_ACTION 'UEFI Debug Mode' sha384 {_h(b'UEFI Debug Mode')} is not this "
+        "image's: EV_EFI_ACTION is not a host-config type (see bootevents.ALLOWED)",
     ),
     "code measured into RTMR0": (
         _at(0, Rec(1, T.EV_EFI_BOOT_SERVICES_APPLICATION, LOADER)),
