@@ -147,7 +147,9 @@ ADDON = forge.device_path_load_event("\\EFI\\Linux\\uki.efi.extra.d\\x.addon.efi
 CREDENTIALS = b"070701 cpio of /.extra/credentials/x.cred"  # the stub's credentials initrd
 PCR11_CMDLINE = "section .cmdline"
 # OVMF's UEFI Shell: an application in the firmware volume, which DxeTpm2MeasureBootLib measures.
-SHELL = forge.fv_load_event("7cb8bdc9-f8eb-4f34-aaea-3ee4af6516a1", "7c04a583-9e3e-4f1c-ad65-e05268d0b4d1")
+SHELL = forge.fv_load_event(
+    "7cb8bdc9-f8eb-4f34-aaea-3ee4af6516a1", "7c04a583-9e3e-4f1c-ad65-e05268d0b4d1"
+)
 EXPECT_UKI = "expected here: predicted event 1 of 12, PCR4/RTMR1 EV_EFI_BOOT_SERVICES_APPLICATION UKI"
 PATH = "'PciRoot(0)/Pci(3,0)/HD(1)/"
 

@@ -46,6 +46,29 @@ def test_decode_hand_packed_ack() -> None:
     assert lease.domain == "lan"
 
 
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        (b"lan", "lan"),
+        (b"c.my-project.internal.", "c.my-project.internal."),
+        (b"a" * 63 + b".b", "a" * 63 + ".b"),
+        (b"lan\nnameserver 6.6.6.6", None),  # a second resolv.conf line of the server's choosing
+        (b"lan options ndots:15", None),
+        (b"a" * 64, None),
+        (b"-lan", None),
+        (b"lan-", None),
+        (b"a..b", None),
+        (b"", None),
+        (b"\xff", None),
+        (b"x." * 127, None),  # 254 characters
+    ],
+)
+def test_domain_must_be_a_host_name(raw: bytes, expected: str | None) -> None:
+    assert dhcp.host_name(raw) == expected
+    ack = _hand_packed_ack().replace(bytes([15, 4]) + b"lan\0", bytes([15, len(raw)]) + raw)
+    assert dhcp.Lease.from_ack(dhcp.decode(ack), 0.0).domain == expected
+
+
 def test_encode_discover_layout() -> None:
     client = dhcp.Packet(
         op=dhcp.BOOTREQUEST,

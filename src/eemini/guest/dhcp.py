@@ -238,9 +238,26 @@ class Lease:
             renewal_time=min(t1, lease_time),
             rebinding_time=min(max(t2, t1), lease_time),
             mtu=mtu if mtu is not None and mtu >= 576 else None,
-            domain=domain_raw.rstrip(b"\0").decode("ascii", "replace") if domain_raw else None,
+            domain=host_name(domain_raw.rstrip(b"\0")) if domain_raw else None,
             obtained=obtained,
         )
+
+
+def host_name(raw: bytes) -> str | None:
+    """A DHCP domain name (option 15) when it is a valid host name (RFC 1123: dot-separated labels
+    of 1-63 letters, digits and inner hyphens, 253 characters at most), else None: the value goes
+    into /etc/resolv.conf, where a newline would add lines of the server's choosing."""
+    if not 0 < len(raw) <= 253:
+        return None
+    for label in raw.removesuffix(b".").split(b"."):
+        if not 0 < len(label) <= 63 or label[:1] == b"-" or label[-1:] == b"-":
+            return None
+        if not all(c in _LABEL_BYTES for c in label):
+            return None
+    return raw.decode("ascii")
+
+
+_LABEL_BYTES = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-")
 
 
 PARAMETERS = bytes(
