@@ -558,3 +558,37 @@ def test_cli_vtpm_drops_the_kernel_events_from_the_cc_check(
     )
     assert main([*argv, "--vtpm", "--json"]) == 0
     assert len(json.loads(capsys.readouterr().out)["event_log"]["matched"]) == 10
+
+
+def test_every_flip_of_a_register_type_or_digest_is_rejected(image: Prediction) -> None:
+    # The quote is fixed (its RTMRs are the good log's replay); any single-bit change of what a
+    # record says was extended, where, or as what, must be rejected, and only with the verifier's
+    # own errors. (Event data of configuration events is informational: the digest is what counts.)
+    from eemini.tdx.evidence import check_event_log
+
+    expected = image.cc_events()
+    recs = forge.good_boot(expected)
+    good = forge.log_bytes(recs, pad=0)
+    regs = forge.rtmrs(recs)
+    log = parse_event_log(good)
+    fields = []
+    for e in log.events:
+        fields += [(e.offset, 4), (e.offset + 4, 4), (e.offset + 14, 48)]  # MR index, type, digest
+    host_types = {a.event_type for a in ALLOWED if a.group == Group.HOST_CONFIG}
+    flips = relabels = 0
+    for start, size in fields:
+        for bit in range(0, size * 8, 3):
+            bad = bytearray(good)
+            bad[start + bit // 8] ^= 1 << (bit % 8)
+            flips += 1
+            try:
+                check_event_log(regs, bytes(bad), expected)
+            except VerificationError:
+                continue
+            # What may pass: one RTMR0 configuration type relabelled as another (the type is not
+            # measured, and RTMR0 is host input either way); never code, never another register.
+            e = parse_event_log(bytes(bad)).events[[f[0] for f in fields].index(start) // 3]
+            assert start == e.offset + 4 and e.register == 1, (e.number, e.type_name)
+            assert e.event_type in host_types and log.events[e.number - 1].event_type in host_types
+            relabels += 1
+    assert (flips, relabels) == (29 * (11 + 11 + 128), 12)

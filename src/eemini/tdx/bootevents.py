@@ -108,6 +108,7 @@ class Allowed:
     source: str
     data: frozenset[bytes] | None = None
     hashed: bool = False
+    prefix: bytes = b""  # the event data must start with this
 
 
 # fmt: off
@@ -141,8 +142,9 @@ ALLOWED: tuple[Allowed, ...] = (
             "ExitBootServices actions", BOOT_ACTIONS, hashed=True),
     Allowed(Group.BOOT, EventType.EV_SEPARATOR, "MeasureSeparatorEvent (edk2-stable202411+ in RTMR1)",
             frozenset({SEPARATOR}), hashed=True),
-    Allowed(Group.BOOT, EventType.EV_EFI_GPT_EVENT, "DxeTpm2MeasureBootLib Tcg2MeasureGptTable",
-            hashed=True),
+    Allowed(Group.BOOT, EventType.EV_EFI_GPT_EVENT, "DxeTpm2MeasureBootLib Tcg2MeasureGptTable "
+            "(UEFI_GPT_DATA: the GPT header, signature 'EFI PART', then the entries)",
+            hashed=True, prefix=b"EFI PART"),
 )
 # fmt: on
 
@@ -167,7 +169,7 @@ def allowed_rule(group: Group, e: Event) -> tuple[Allowed | None, str]:
     if not rows:
         return None, ""
     row = rows[0]
-    if row.data is not None and e.data not in row.data:
+    if (row.data is not None and e.data not in row.data) or not e.data.startswith(row.prefix):
         return None, f"{e.type_name} with this data is not one the firmware logs"
     if row.hashed and not digests_hash_data(e):
         return None, "its digest is not the hash of its own data"
