@@ -87,6 +87,44 @@ def test_provider_mismatch(tmp_path: Path) -> None:
     assert fake.removed == fake.created and fake.live_entries() == []
 
 
+def test_no_provider_registered(tmp_path: Path) -> None:
+    """tsm.ko without tdx_guest (a VM without TDX): no report entry can be made."""
+    fake = FakeTsm(tmp_path / "report", make_quote, provider=None)
+    with pytest.raises(AttestError) as e:
+        backend_for(fake).quote(bytes(64))
+    assert str(e.value) == (
+        f"configfs-tsm has no provider (creating a report entry in {tmp_path}/report failed with "
+        "ENXIO): tdx_guest is not loaded, so this is not a TDX guest or its driver failed to start"
+    )
+    assert e.value.code == "attest_unavailable"
+    assert fake.created == [] and fake.live_entries() == []
+
+
+def test_empty_provider(tmp_path: Path) -> None:
+    fake = FakeTsm(tmp_path / "report", make_quote, provider="")
+    with pytest.raises(AttestError) as e:
+        backend_for(fake).quote(bytes(64))
+    assert str(e.value) == (
+        "configfs-tsm provider is '', expected 'tdx_guest' (this is not a TDX guest, or another TSM "
+        "driver is loaded)"
+    )
+    assert e.value.code == "attest_unavailable"
+    assert fake.inblobs == []
+    assert len(fake.created) == 1 and fake.removed == fake.created and fake.live_entries() == []
+
+
+def test_provider_gone_while_the_quote_is_pending(tmp_path: Path) -> None:
+    fake = FakeTsm(tmp_path / "report", make_quote, withdrawn=True)
+    with pytest.raises(AttestError) as e:
+        backend_for(fake).quote(bytes(64))
+    assert str(e.value) == (
+        f"configfs-tsm: cannot read {fake.created[0]}/outblob: the TSM provider is gone (ENXIO)"
+    )
+    assert e.value.code == "attest_unavailable"
+    assert fake.inblobs == [bytes(64)]
+    assert fake.removed == fake.created and fake.live_entries() == []
+
+
 def test_generation_race_is_detected(tmp_path: Path) -> None:
     fake = FakeTsm(tmp_path / "report", make_quote, interloper=True)
     with pytest.raises(AttestError) as e:
