@@ -36,9 +36,13 @@ import contextlib
 import errno
 import os
 import socket
+import struct
 import threading
 from collections.abc import Callable
 from pathlib import Path
+
+from eemini.guest.attest import ConfigfsTsmBackend
+from eemini.guest.simulated import make_quote
 
 
 class FakeTsm:
@@ -65,6 +69,10 @@ class FakeTsm:
         self._threads: dict[str, threading.Thread] = {}
         self._stopping: set[str] = set()
         root.mkdir(parents=True, exist_ok=True)
+
+    def backend(self) -> ConfigfsTsmBackend:
+        """The runtime's backend on this tree (with the mkdir/rmdir seam pointing here)."""
+        return ConfigfsTsmBackend(os.fspath(self.root), mkdir=self.mkdir, rmdir=self.rmdir)
 
     def mkdir(self, path: str) -> None:
         if self.provider is None:
@@ -131,6 +139,13 @@ class FakeTsm:
                 if os.fspath(entry) in self._stopping:
                     return
                 f.write(report)
+
+
+def sgx_quote(data: bytes) -> bytes:
+    """A quote function for the fake whose quotes are not TDX quotes (TEE type 0, SGX)."""
+    quote = bytearray(make_quote(data))
+    struct.pack_into("<I", quote, 4, 0)
+    return bytes(quote)
 
 
 def _unopenable(path: Path) -> socket.socket:

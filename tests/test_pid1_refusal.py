@@ -5,7 +5,6 @@ exact console line PID 1 prints before it powers off (`main()` prints `error.lin
 from __future__ import annotations
 
 import os
-import struct
 from collections.abc import Callable
 from pathlib import Path
 
@@ -13,16 +12,12 @@ import pytest
 
 from eemini.guest import attest, pid1
 from eemini.guest.simulated import make_quote
-from fake_tsm import FakeTsm
+from fake_tsm import FakeTsm, sgx_quote
 
 pytestmark = pytest.mark.timeout(60)
 
 REFUSED = "eemini: refusing to start the workload: "
 UNAVAILABLE = REFUSED + "TDX attestation is unavailable: "
-
-
-def backend_for(fake: FakeTsm) -> attest.ConfigfsTsmBackend:
-    return attest.ConfigfsTsmBackend(os.fspath(fake.root), mkdir=fake.mkdir, rmdir=fake.rmdir)
 
 
 def console_line(capfd: pytest.CaptureFixture[str], error: pid1.BootFailure) -> str:
@@ -40,7 +35,7 @@ def test_paths_point_at_the_kernel_report_directory() -> None:
 
 def test_trial_quote_goes_through_the_whole_path(tmp_path: Path) -> None:
     fake = FakeTsm(tmp_path / "report", make_quote)
-    backend = backend_for(fake)
+    backend = fake.backend()
     size = pid1.trial_quote(backend)
     assert size == len(make_quote(bytes(64)))
     pid1.trial_quote(backend)
@@ -48,12 +43,6 @@ def test_trial_quote_goes_through_the_whole_path(tmp_path: Path) -> None:
     assert [len(d) for d in fake.inblobs] == [64, 64]
     assert fake.inblobs[0] != fake.inblobs[1]
     assert len(fake.created) == 2 and fake.removed == fake.created and fake.live_entries() == []
-
-
-def _other_tee(data: bytes) -> bytes:
-    quote = bytearray(make_quote(data))
-    struct.pack_into("<I", quote, 4, 0)  # TEE type 0: SGX
-    return bytes(quote)
 
 
 # (FakeTsm keyword arguments, the expected console line given the fake after the attempt)
@@ -102,7 +91,7 @@ TRIAL_REFUSALS: dict[str, tuple[dict[str, object], Callable[[FakeTsm], str]]] = 
         ),
     ),
     "not a TDX quote": (
-        {"quote": _other_tee},
+        {"quote": sgx_quote},
         lambda f: UNAVAILABLE + "quote TEE type is 0x0, expected 0x81 (TDX)\n",
     ),
     "concurrent writer": (
@@ -122,7 +111,7 @@ def test_trial_quote_refusals(tmp_path: Path, capfd: pytest.CaptureFixture[str],
     quote = options.pop("quote", make_quote)
     fake = FakeTsm(tmp_path / "report", quote, **options)  # type: ignore[arg-type]
     with pytest.raises(pid1.Refusal) as e:
-        pid1.trial_quote(backend_for(fake))
+        pid1.trial_quote(fake.backend())
     assert console_line(capfd, e.value) == expected(fake)
     assert fake.removed == fake.created and fake.live_entries() == []
 
