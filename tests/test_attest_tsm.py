@@ -17,18 +17,14 @@ from eemini.guest.attest import (
     quote_report_data,
 )
 from eemini.guest.simulated import make_quote
-from fake_tsm import FakeTsm
+from fake_tsm import FakeTsm, sgx_quote
 
 pytestmark = pytest.mark.timeout(60)
 
 
-def backend_for(fake: FakeTsm) -> ConfigfsTsmBackend:
-    return ConfigfsTsmBackend(os.fspath(fake.root), mkdir=fake.mkdir, rmdir=fake.rmdir)
-
-
 def test_quote_through_configfs(tmp_path: Path) -> None:
     fake = FakeTsm(tmp_path / "report", make_quote)
-    backend = backend_for(fake)
+    backend = fake.backend()
     data = pad_report_data(b"hello tsm")
     quote = backend.quote(data)
     assert quote_report_data(quote) == data
@@ -40,7 +36,7 @@ def test_quote_through_configfs(tmp_path: Path) -> None:
 
 def test_each_request_gets_a_fresh_entry(tmp_path: Path) -> None:
     fake = FakeTsm(tmp_path / "report", make_quote)
-    backend = backend_for(fake)
+    backend = fake.backend()
     for i in range(3):
         backend.quote(pad_report_data(bytes([i])))
     assert len(set(fake.created)) == 3
@@ -49,7 +45,7 @@ def test_each_request_gets_a_fresh_entry(tmp_path: Path) -> None:
 
 def test_concurrent_callers_are_serialised(tmp_path: Path) -> None:
     fake = FakeTsm(tmp_path / "report", make_quote)
-    backend = backend_for(fake)
+    backend = fake.backend()
     results: dict[int, bytes] = {}
 
     def worker(i: int) -> None:
@@ -82,15 +78,53 @@ def test_provider_mismatch(tmp_path: Path) -> None:
     with pytest.raises(
         AttestError, match=r"^configfs-tsm provider is 'sev_guest', expected 'tdx_guest'"
     ):
-        backend_for(fake).quote(bytes(64))
+        fake.backend().quote(bytes(64))
     assert fake.inblobs == []  # refused before writing anything
+    assert fake.removed == fake.created and fake.live_entries() == []
+
+
+def test_no_provider_registered(tmp_path: Path) -> None:
+    """tsm.ko without tdx_guest (a VM without TDX): no report entry can be made."""
+    fake = FakeTsm(tmp_path / "report", make_quote, provider=None)
+    with pytest.raises(AttestError) as e:
+        fake.backend().quote(bytes(64))
+    assert str(e.value) == (
+        f"configfs-tsm has no provider (creating a report entry in {tmp_path}/report failed with "
+        "ENXIO): tdx_guest is not loaded, so this is not a TDX guest or its driver failed to start"
+    )
+    assert e.value.code == "attest_unavailable"
+    assert fake.created == [] and fake.live_entries() == []
+
+
+def test_empty_provider(tmp_path: Path) -> None:
+    fake = FakeTsm(tmp_path / "report", make_quote, provider="")
+    with pytest.raises(AttestError) as e:
+        fake.backend().quote(bytes(64))
+    assert str(e.value) == (
+        "configfs-tsm provider is '', expected 'tdx_guest' (this is not a TDX guest, or another TSM "
+        "driver is loaded)"
+    )
+    assert e.value.code == "attest_unavailable"
+    assert fake.inblobs == []
+    assert len(fake.created) == 1 and fake.removed == fake.created and fake.live_entries() == []
+
+
+def test_provider_gone_while_the_quote_is_pending(tmp_path: Path) -> None:
+    fake = FakeTsm(tmp_path / "report", make_quote, withdrawn=True)
+    with pytest.raises(AttestError) as e:
+        fake.backend().quote(bytes(64))
+    assert str(e.value) == (
+        f"configfs-tsm: cannot read {fake.created[0]}/outblob: the TSM provider is gone (ENXIO)"
+    )
+    assert e.value.code == "attest_unavailable"
+    assert fake.inblobs == [bytes(64)]
     assert fake.removed == fake.created and fake.live_entries() == []
 
 
 def test_generation_race_is_detected(tmp_path: Path) -> None:
     fake = FakeTsm(tmp_path / "report", make_quote, interloper=True)
     with pytest.raises(AttestError) as e:
-        backend_for(fake).quote(bytes(64))
+        fake.backend().quote(bytes(64))
     assert str(e.value) == (
         "configfs-tsm report entry was written concurrently (generation 0 -> 2, expected 1); "
         "the quote was discarded"
@@ -101,7 +135,7 @@ def test_generation_race_is_detected(tmp_path: Path) -> None:
 def test_empty_outblob(tmp_path: Path) -> None:
     fake = FakeTsm(tmp_path / "report", make_quote, empty=True)
     with pytest.raises(AttestError, match=r"^configfs-tsm returned an empty quote \(outblob is empty\)"):
-        backend_for(fake).quote(bytes(64))
+        fake.backend().quote(bytes(64))
     assert fake.live_entries() == []
 
 
@@ -110,19 +144,14 @@ def test_quote_with_other_report_data_is_refused(tmp_path: Path) -> None:
     with pytest.raises(
         AttestError, match=r"^the report data inside the quote .* differs from the request"
     ):
-        backend_for(fake).quote(bytes(64))
+        fake.backend().quote(bytes(64))
     assert fake.live_entries() == []
 
 
 def test_not_a_tdx_quote_is_refused(tmp_path: Path) -> None:
-    def sev_like(data: bytes) -> bytes:
-        quote = bytearray(make_quote(data))
-        struct.pack_into("<I", quote, 4, 0)  # TEE type 0: SGX
-        return bytes(quote)
-
-    fake = FakeTsm(tmp_path / "report", sev_like)
+    fake = FakeTsm(tmp_path / "report", sgx_quote)
     with pytest.raises(AttestError, match=r"^quote TEE type is 0x0, expected 0x81 \(TDX\)$"):
-        backend_for(fake).quote(bytes(64))
+        fake.backend().quote(bytes(64))
 
 
 @pytest.mark.parametrize(

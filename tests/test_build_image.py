@@ -184,13 +184,29 @@ def test_image_facts_and_spec_in_the_image() -> None:
     assert by_path["/etc/eemini/spec.json"]["sha256"] == facts["spec_digest"]
     assert by_path["/etc/eemini/image.json"]["origin"] == {"source": "project"}
     assert doc["cmdline"] == "console=ttyS0 quiet ee.dev=1"
+    assert facts["cmdline"] == "console=ttyS0 quiet ee.dev=1"
     assert doc["outputs"]["uki"]["sha256"] == sha256(image(DEMO_PROFILE) / "uki.efi")
+
+
+def test_production_image_facts_carry_the_ukis_own_cmdline() -> None:
+    """What PID 1 compares /proc/cmdline with: the stub's view of .cmdline, in image.json."""
+    from eemini.tdx.measure import predict
+
+    doc = manifest("local-tdx-qcow2")
+    facts = doc["image"]
+    assert doc["cmdline"] == "console=ttyS0 quiet"
+    assert facts["cmdline"] == "console=ttyS0 quiet"
+    assert predict((image("local-tdx-qcow2") / "uki.efi").read_bytes()).cmdline == facts["cmdline"]
+    assert facts["attestation"] == "configfs-tsm"
+    assert facts["config_sources"] == ["config-disk"]
+    image_json = json.dumps(facts, sort_keys=True, separators=(",", ":")).encode()
+    by_path = {e["path"]: e for e in doc["initramfs"]["files"]}
+    assert by_path["/etc/eemini/image.json"]["sha256"] == hashlib.sha256(image_json).hexdigest()
 
 
 def test_simulator_only_in_local_dev() -> None:
     dev = {e["path"] for e in manifest("local-dev")["initramfs"]["files"]}
     prod = {e["path"] for e in manifest("local-tdx-qcow2")["initramfs"]["files"]}
-    assert manifest("local-tdx-qcow2")["cmdline"] == "console=ttyS0 quiet"
     for module in ("simulated", "p256"):
         path = f"/usr/lib/eemini/eemini/guest/{module}.py"
         assert path not in prod

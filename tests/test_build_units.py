@@ -266,7 +266,7 @@ def test_static_workload_is_accepted(tmp_path: Path) -> None:
 
 def write_profile(tmp_path: Path, **changes: object) -> Path:
     doc: dict[str, object] = {"description": "t", "attestation": "configfs-tsm", "network": "dhcp",
-                              "config_sources": ["cmdline"], "cmdline": ["console=ttyS0"],
+                              "config_sources": ["config-disk"], "cmdline": ["console=ttyS0"],
                               "modules": ["virtio_net"], "outputs": ["qcow2"]}  # fmt: skip
     doc.update(changes)
     lines = [f"{k} = {json.dumps(v)}" for k, v in doc.items() if v is not None]
@@ -278,9 +278,11 @@ def test_profiles_in_the_repo_load() -> None:
     assert profile.available() == ["azure", "gcp", "local-dev", "local-tdx-qcow2"]
     dev = profile.load("local-dev")
     assert dev.simulated and "ee.dev=1" in dev.cmdline
+    assert dev.config_sources == ("cmdline", "config-disk")
     for name in ("azure", "gcp", "local-tdx-qcow2"):
         p = profile.load(name)
         assert not p.simulated and "ee.dev=1" not in p.cmdline and "tdx_guest" in p.modules
+        assert "cmdline" not in p.config_sources
     assert {profile.load(name).compression for name in profile.available()} == {Compression.ZSTD}
 
 
@@ -310,6 +312,24 @@ def test_a_profile_may_choose_the_initramfs_compression(tmp_path: Path) -> None:
 def test_bad_profiles_are_refused(tmp_path: Path, changes: dict[str, object], message: str) -> None:
     with pytest.raises(UserError, match=message):
         profile.load("p", directory=write_profile(tmp_path, **changes))
+
+
+def test_only_a_simulated_profile_may_read_boot_config_from_the_cmdline(tmp_path: Path) -> None:
+    sources = ["cmdline", "config-disk"]
+    dev = write_profile(tmp_path, attestation="simulated", cmdline=["console=ttyS0", "ee.dev=1"],
+                        config_sources=sources)  # fmt: skip
+    assert profile.load("p", directory=dev).config_sources == ("cmdline", "config-disk")
+    with pytest.raises(UserError) as e:
+        profile.load("p", directory=write_profile(tmp_path, config_sources=sources))
+    assert str(e.value) == (
+        f"profile {tmp_path}/p.toml: the config source 'cmdline' is for simulated (local-dev) images "
+        "only: a production image refuses any kernel command line but the UKI's own, and a host's "
+        "ee.KEY=VALUE would replace that one entirely"
+    )
+    assert e.value.hint == (
+        "take 'cmdline' out of config_sources; a config disk or the cloud's metadata carries boot "
+        "config for production images"
+    )
 
 
 def test_unknown_profile_names_the_choices() -> None:

@@ -4,7 +4,8 @@ kernel modules and hardware) without a VM, in a second or two.
 reboot(2) with POWER_OFF inside a non-initial PID namespace ends that namespace, and its init is
 reported as killed by SIGINT (pid_namespaces(7)): that is our "clean power-off" signal here.
 The harness bind-mounts a test directory on /mnt inside the private mount namespace and points
-PID 1's `Paths` there (the image's /etc/eemini is not touched).
+PID 1's `Paths` there (the image's /etc/eemini is not touched); production images get the fake
+configfs-tsm of fake_tsm.py on /mnt/tsm/report when a test asks for one.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from eemini.guest.simulated import make_quote
 from netns import namespaces, start_dhcp_server, veth
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="PID namespaces need root")
@@ -36,12 +38,26 @@ code = [os.path.dirname(eemini.__file__), sys.prefix, os.path.dirname(os.__file_
 pid1.EARLY_MOUNTS = tuple(
     m for m in pid1.EARLY_MOUNTS if not any(c == m[1] or c.startswith(m[1] + "/") for c in code)
 )
+if "FAKE_TSM" in os.environ:  # a fake configfs-tsm on /mnt/tsm/report with this provider ("" none)
+    from pathlib import Path
+    sys.path.insert(0, TESTS)
+    from fake_tsm import FakeTsm
+    from eemini.guest import attest
+    from eemini.guest.simulated import make_quote
+    fake = FakeTsm(Path("/mnt/tsm/report"), make_quote, provider=os.environ["FAKE_TSM"] or None)
+
+    class FakeBackend(attest.ConfigfsTsmBackend):
+        def __init__(self, root):
+            super().__init__(root, mkdir=fake.mkdir, rmdir=fake.rmdir)
+
+    attest.ConfigfsTsmBackend = FakeBackend
 pid1.main(started=1.5, paths=pid1.Paths(
     image_json="/mnt/image.json", spec_json="/mnt/spec.json", cmdline="/mnt/cmdline",
+    tsm_report="/mnt/tsm/report",
     socket=sys.argv[2] if len(sys.argv) > 2 else "/mnt/run/agent.sock", resolv_conf="/mnt/resolv.conf",
     sys_input="/mnt/no-input", dev_input="/mnt/no-input",
 ))
-"""
+""".replace("TESTS", repr(os.path.dirname(os.path.abspath(__file__))))
 
 # The workload: stdlib Python run by the host interpreter, talking raw JSON to the socket.
 WORKLOAD = r"""#!PYTHON
@@ -94,7 +110,7 @@ elif mode == "wait":
 """
 
 
-def _prepare(tmp: Path, cmdline: str, mode: str, **image: object) -> Path:
+def _prepare(tmp: Path, proc_cmdline: str, mode: str, **image: object) -> Path:
     work = tmp / "work.py"
     work.write_text(
         WORKLOAD.replace("PYTHON", sys.executable.replace(".venv/bin/python", ".venv/bin/python"))
@@ -121,13 +137,16 @@ def _prepare(tmp: Path, cmdline: str, mode: str, **image: object) -> Path:
     }
     facts.update(image)
     (tmp / "image.json").write_text(json.dumps(facts))
-    (tmp / "cmdline").write_text(cmdline + "\n")
+    (tmp / "cmdline").write_text(proc_cmdline + "\n")
     return tmp
 
 
-def _boot(tmp: Path, netns: str | None = None, socket: str | None = None) -> subprocess.Popen[str]:
+def _boot(
+    tmp: Path, netns: str | None = None, socket: str | None = None, fake_tsm: str | None = None
+) -> subprocess.Popen[str]:
     """PID 1 in new PID and mount namespaces, and a new (empty) network namespace unless the
-    test gives one (with a NIC in it)."""
+    test gives one (with a NIC in it); `fake_tsm`: the provider of a fake configfs-tsm ("" for
+    none registered)."""
     prefix = ["ip", "netns", "exec", netns] if netns else []
     return subprocess.Popen(
         [
@@ -147,6 +166,7 @@ def _boot(tmp: Path, netns: str | None = None, socket: str | None = None) -> sub
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        env={**os.environ, "FAKE_TSM": fake_tsm} if fake_tsm is not None else None,
     )
 
 
@@ -218,13 +238,65 @@ def test_simulated_backend_needs_the_cmdline_marker(tmp_path: Path) -> None:
     ]
 
 
-def test_production_backend_refuses_without_tdx(tmp_path: Path) -> None:
-    _prepare(tmp_path, "console=ttyS0", "checks", attestation="configfs-tsm")
-    proc = _boot(tmp_path)
-    _, err = proc.communicate(timeout=60)
-    assert _lines(err)[-2].startswith(
-        "eemini: boot failed: refusing to start without TDX: configfs-tsm is not available:"
+PRODUCTION = {"attestation": "configfs-tsm", "cmdline": "console=ttyS0 quiet", "config_sources": []}
+
+
+def test_production_image_attests_then_serves(tmp_path: Path) -> None:
+    _prepare(tmp_path, "console=ttyS0 quiet", "checks", **PRODUCTION)
+    proc = _boot(tmp_path, fake_tsm="tdx_guest")
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == -signal.SIGINT, err
+    lines = _lines(err)
+    quote_size = len(make_quote(bytes(64)))
+    # (what follows "RTMR3" depends on the host's kernel, which this namespace shares)
+    [attestation] = [line for line in lines if line.startswith("eemini: attestation: ")]
+    assert attestation.startswith(
+        f"eemini: attestation: TDX through configfs-tsm (trial quote: {quote_size} bytes); RTMR3 "
     )
+    assert "[work.py] attest True tdx ['spec', 'workload', 'separator']" in lines
+    assert lines[-1].startswith("eemini: powering off (workload done for good (exited with status 0")
+
+
+@pytest.mark.parametrize(
+    ("fake_tsm", "why"),
+    [
+        (
+            None,
+            "configfs-tsm is not available: /mnt/tsm/report does not exist (needs a TDX guest with "
+            "the tdx_guest and tsm_report modules loaded and configfs mounted)",
+        ),
+        (
+            "",
+            "configfs-tsm has no provider (creating a report entry in /mnt/tsm/report failed with "
+            "ENXIO): tdx_guest is not loaded, so this is not a TDX guest or its driver failed to start",
+        ),
+    ],
+)
+def test_production_image_refuses_without_tdx(tmp_path: Path, fake_tsm: str | None, why: str) -> None:
+    _prepare(tmp_path, "console=ttyS0 quiet", "checks", **PRODUCTION)
+    proc = _boot(tmp_path, fake_tsm=fake_tsm)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGINT, err
+    assert _lines(err)[-2:] == [
+        f"eemini: refusing to start the workload: TDX attestation is unavailable: {why}",
+        "eemini: powering off (boot failed)",
+    ]
+    assert "[work.py]" not in err
+
+
+def test_production_image_refuses_a_foreign_cmdline(tmp_path: Path) -> None:
+    """Checked before anything else: no module loads, no config is read, no quote is taken."""
+    _prepare(tmp_path, "console=ttyS0 quiet ee.GREETING=hi", "checks", **PRODUCTION)
+    proc = _boot(tmp_path, fake_tsm="tdx_guest")
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGINT, err
+    lines = _lines(err)
+    assert lines[0].startswith("eemini: PID 1 starting (kernel ")
+    assert lines[1:] == [
+        "eemini: refusing to start the workload: the kernel command line is not the image's own: "
+        "got 'console=ttyS0 quiet ee.GREETING=hi', the image was built with 'console=ttyS0 quiet'",
+        "eemini: powering off (boot failed)",
+    ]
 
 
 def test_sigterm_stops_the_workload_gracefully(tmp_path: Path) -> None:

@@ -84,6 +84,17 @@ def test_find_disk(tmp_path: Path) -> None:
     assert launcher.disk_format(tmp_path / "a.raw") == "raw"
 
 
+def test_image_attestation_from_the_manifest_beside_the_disk(tmp_path: Path) -> None:
+    disk = tmp_path / "disk.qcow2"
+    assert launcher.image_attestation(disk) is None  # no manifest
+    (tmp_path / "manifest.json").write_text("{")
+    assert launcher.image_attestation(disk) is None  # not JSON
+    (tmp_path / "manifest.json").write_text(json.dumps({"image": ["configfs-tsm"]}))
+    assert launcher.image_attestation(disk) is None  # not the layout of a manifest
+    (tmp_path / "manifest.json").write_text(json.dumps({"image": {"attestation": "configfs-tsm"}}))
+    assert launcher.image_attestation(disk) == "configfs-tsm"
+
+
 def _cfg(tmp_path: Path, **kw: object) -> launcher.VmConfig:
     disk = tmp_path / "disk.qcow2"
     disk.write_bytes(b"QFI\xfb")
@@ -166,6 +177,14 @@ def test_libvirt_xml(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
         ),
         (
             0,
+            "eemini: refusing to start the workload: TDX attestation is unavailable: no provider\n"
+            "eemini: powering off (boot failed)",
+            1,
+            "the guest stopped: refusing to start the workload: TDX attestation is unavailable: "
+            "no provider",
+        ),
+        (
+            0,
             "[ 1.0] Kernel panic - not syncing: Attempted to kill init!",
             1,
             "the guest kernel panicked: Attempted to kill init!",
@@ -204,9 +223,10 @@ def test_wait_for_fails_fast_on_a_panic(tmp_path: Path) -> None:
     try:
         with pytest.raises(launcher.GuestFailed, match="the guest failed before 'never' appeared"):
             vm.wait_for("never", timeout=30)
-        vm.lines = ["eemini: boot failed: nope"]
-        with pytest.raises(launcher.GuestFailed):
-            vm.wait_for("never", timeout=30)
+        for line in ("eemini: boot failed: nope", "eemini: refusing to start the workload: nope"):
+            vm.lines = [line]
+            with pytest.raises(launcher.GuestFailed):
+                vm.wait_for("never", timeout=30)
         vm.lines = ["ready"]
         with pytest.raises(TimeoutError, match=r"'never' did not appear within 0\.2 s"):
             vm.wait_for("never", timeout=0.2)

@@ -40,7 +40,10 @@ DISK_SUFFIXES = (".qcow2", ".raw", ".img", ".vhd")
 
 # Console lines PID 1 prints (eemini.guest.pid1) that decide the outcome.
 POWER_OFF = re.compile(r"^eemini: powering off \((?P<reason>.*)\)\s*$")
-BOOT_FAILED = re.compile(r"^eemini: (?:boot failed|fatal): (?P<reason>.*)$")
+# A refusal keeps its headline in the reason: "refusing to start the workload: <why>".
+BOOT_FAILED = re.compile(
+    r"^eemini: (?:boot failed: |fatal: |(?=refusing to start the workload: ))(?P<reason>.*)$"
+)
 KERNEL_PANIC = re.compile(r"Kernel panic - not syncing: (?P<reason>.*)")
 
 
@@ -132,6 +135,16 @@ def find_disk(target: Path | None) -> Path:
             hint="is it an `eemini build` output directory?",
         )
     return disks[0]
+
+
+def image_attestation(disk: Path) -> str | None:
+    """The attestation backend of the build the disk came from (manifest.json beside it, image
+    facts), or None when that is not known."""
+    with contextlib.suppress(ValueError, OSError, AttributeError, TypeError):
+        manifest = json.loads((disk.parent / "manifest.json").read_text())
+        kind = manifest.get("image", {}).get("attestation")
+        return kind if isinstance(kind, str) else None
+    return None
 
 
 def disk_format(disk: Path) -> str:
@@ -585,6 +598,12 @@ def start(cfg: VmConfig) -> Vm:
     for path, what in ((OVMF_CODE, "OVMF firmware"), (OVMF_VARS, "OVMF variable store")):
         if not path.exists():
             die(f"{what} {path} is missing", hint="install the Debian package 'ovmf'")
+    if image_attestation(cfg.disk) == "configfs-tsm":
+        # Allowed (it is how the refusal itself is tested), but never what the user wants here.
+        log_warning(
+            f"{cfg.disk} is a production image (configfs-tsm attestation): booted without TDX, its "
+            "PID 1 refuses to start the workload and powers off; use a local-dev image here"
+        )
     accel = choose_accel(cfg.accel)
     workdir = Path(tempfile.mkdtemp(prefix="eemini-run-"))
     vars_copy = workdir / "OVMF_VARS.fd"

@@ -165,10 +165,27 @@ def module_facts(ctx: Context) -> dict[str, dict[str, Any]]:
     }
 
 
+def cmdline_section(ctx: Context) -> bytes:
+    """The UKI's `.cmdline`."""
+    return ctx.profile.cmdline_text.encode()
+
+
+def builtin_cmdline(ctx: Context) -> str:
+    """The command line the kernel gets from `.cmdline` (systemd-stub's mangling applied): PID 1 of
+    a production image refuses to start the workload under any other (docs/pid1.md)."""
+    from eemini.tdx.measure import MeasureError, stub_cmdline
+
+    try:
+        return stub_cmdline(cmdline_section(ctx))
+    except MeasureError as e:
+        die(f"profile {ctx.profile.name}: {e}")
+
+
 def image_facts(ctx: Context) -> dict[str, Any]:
     assert ctx.kernel is not None
     return {
         "profile": ctx.profile.name,
+        "cmdline": builtin_cmdline(ctx),
         "modules": [str(m.path) for m in ctx.modules],
         "module_facts": module_facts(ctx),
         "attestation": ctx.profile.attestation.value,
@@ -210,7 +227,7 @@ def make_uki(ctx: Context, initrd: bytes) -> bytes:
         kernel = ctx.kernel.vmlinuz.read_bytes()
         image = uki.assemble(stub, {
             ".osrel": uki.os_release(__version__, ctx.profile.name),
-            ".cmdline": ctx.profile.cmdline_text.encode(),
+            ".cmdline": cmdline_section(ctx),
             ".uname": ctx.kernel.version.encode(),
             ".initrd": initrd,
             ".linux": kernel,

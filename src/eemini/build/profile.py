@@ -103,6 +103,14 @@ def load(name: str, directory: Path = PROFILES_DIR) -> Profile:
     bad = set(sources) - CONFIG_SOURCES
     if bad:
         die(f"profile {path}: unknown config sources {sorted(bad)} (known: {sorted(CONFIG_SOURCES)})")
+    if "cmdline" in sources and attestation is not Attestation.SIMULATED:
+        die(
+            f"profile {path}: the config source 'cmdline' is for simulated (local-dev) images only: "
+            "a production image refuses any kernel command line but the UKI's own, and a host's "
+            "ee.KEY=VALUE would replace that one entirely",
+            hint="take 'cmdline' out of config_sources; a config disk or the cloud's metadata "
+            "carries boot config for production images",
+        )
     cmdline = strings("cmdline")
     if "console=ttyS0" not in cmdline:
         die(f"profile {path}: the cmdline must include console=ttyS0 (the serial console)")

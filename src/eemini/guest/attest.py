@@ -168,6 +168,15 @@ class ConfigfsTsmBackend:
             try:
                 self._mkdir(entry)
             except OSError as e:
+                if e.errno == errno.ENXIO:
+                    # tsm.ko refuses new entries while no provider is registered: what a VM
+                    # without TDX shows (tdx_guest's init failed with ENODEV, tsm.ko loaded).
+                    raise AttestError(
+                        f"configfs-tsm has no provider (creating a report entry in {self.root} "
+                        "failed with ENXIO): tdx_guest is not loaded, so this is not a TDX guest "
+                        "or its driver failed to start",
+                        "attest_unavailable",
+                    ) from None
                 msg = f"configfs-tsm: cannot create report entry {entry}: {e.strerror}"
                 raise AttestError(msg) from None
             try:
@@ -217,6 +226,14 @@ def _read_attr(entry: str, name: str) -> bytes:
     except OSError as e:
         if e.errno == errno.EFBIG:
             raise AttestError(f"configfs-tsm: {path}: report exceeds the kernel's maximum") from None
+        if e.errno in (errno.ENXIO, errno.ENOTTY):
+            # The provider was unregistered after the entry was made (Linux 6.12 answers an
+            # outblob read with ENOTTY, later kernels every attribute with ENXIO).
+            raise AttestError(
+                f"configfs-tsm: cannot read {path}: the TSM provider is gone "
+                f"({errno.errorcode[e.errno]})",
+                "attest_unavailable",
+            ) from None
         raise AttestError(f"configfs-tsm: cannot read {path}: {e.strerror}") from None
 
 

@@ -1,15 +1,16 @@
 """PID 1 of an EasyEnclave Mini image.
 
 The kernel runs `/init`, which calls `main()`. The order is DESIGN.md's: mount the API
-filesystems, console, kernel modules (build-time order), cmdline, boot token, network, boot
-config, runtime event log, control socket, workload, supervise. Boot config from the cmdline and
+filesystems, console, the command line check (production images), kernel modules (build-time
+order), cmdline, boot token, network, boot config, attestation (a production image's trial
+quote), runtime event log, control socket, workload, supervise. Boot config from the cmdline and
 the config disk is read before the network (it may hold the static network keys); metadata-server
 config after it.
 
 PID 1 must never return or raise: the kernel panics when init exits. Every path ends in
 `power_off()`: an unexpected exception is printed on the console and followed by a clean
-power-off. Console lines that start with `eemini: boot failed:` / `eemini: powering off (...)`
-are what `eemini run` reads to judge the outcome.
+power-off. Console lines that start with `eemini: boot failed:`, `eemini: refusing to start the
+workload:` and `eemini: powering off (...)` are what `eemini run` reads to judge the outcome.
 """
 
 from __future__ import annotations
@@ -59,7 +60,20 @@ GRACE_KILL = 2.0  # leftover processes at power-off: SIGTERM, this long, then SI
 
 
 class BootFailure(Exception):
-    """A reason to stop the boot that the operator must read (printed, then power-off)."""
+    """A reason to stop the boot that the operator must read (one console line, then power-off)."""
+
+    headline = "boot failed"
+
+    def line(self) -> str:
+        """The console line (after `eemini: `) that says why."""
+        return f"{self.headline}: {self}"
+
+
+class Refusal(BootFailure):
+    """This machine or boot cannot be trusted with the workload: a production image that cannot
+    attest, or whose kernel command line is not the UKI's own."""
+
+    headline = "refusing to start the workload"
 
 
 @record
@@ -69,6 +83,7 @@ class Paths:
     image_json: str = "/etc/eemini/image.json"
     spec_json: str = "/etc/eemini/spec.json"
     cmdline: str = "/proc/cmdline"
+    tsm_report: str = "/sys/kernel/config/tsm/report"  # eemini.guest.attest.TSM_REPORT_ROOT
     socket: str = "/var/lib/easyenclave/agent.sock"
     resolv_conf: str = "/etc/resolv.conf"
     sys_input: str = "/sys/class/input"
@@ -186,6 +201,35 @@ def write_resolv_conf(path: str, dns: tuple[Any, ...], domain: str | None) -> No
         f.write("".join(line + "\n" for line in lines))
 
 
+def check_cmdline(image: dict[str, Any], cmdline_text: str) -> None:
+    """A production image runs only with the command line built into its UKI.
+
+    With Secure Boot off (the UKI is unsigned) systemd-stub passes the boot entry's LoadOptions
+    instead of `.cmdline`, so the host could hand the kernel any command line. The builder records
+    what the stub passes on from `.cmdline` as image.json `cmdline`; /proc/cmdline is the kernel's
+    copy with a newline added."""
+    expected = image.get("cmdline")
+    if not isinstance(expected, str):
+        raise BootFailure("image.json: cmdline (the UKI's built-in command line) must be a string")
+    got = cmdline_text.rstrip()
+    if got != expected:
+        raise Refusal(
+            f"the kernel command line is not the image's own: got {got!r}, "
+            f"the image was built with {expected!r}"
+        )
+
+
+def trial_quote(backend: Any) -> int:
+    """One quote through the real path (entry, provider, inblob, outblob, generation, self-check,
+    removal) for fresh random report data; its size, or Refusal saying why there is none."""
+    from eemini.guest.attest import REPORT_DATA_SIZE, AttestError
+
+    try:
+        return len(backend.quote(os.getrandom(REPORT_DATA_SIZE)))
+    except AttestError as e:
+        raise Refusal(f"TDX attestation is unavailable: {e}") from None
+
+
 class Boot:
     """The boot sequence, one method per step; `run()` ends in the event loop or raises."""
 
@@ -211,6 +255,8 @@ class Boot:
         except OSError:
             pass
         image = self.read_json(self.paths.image_json, "image facts")
+        if image.get("attestation") == "configfs-tsm":
+            check_cmdline(image, cmdline_text)
         modules = image.get("modules", [])
         if not isinstance(modules, list) or not all(isinstance(m, str) for m in modules):
             raise BootFailure(f"{self.paths.image_json}: modules must be a list of paths")
@@ -408,8 +454,7 @@ class Boot:
         except OSError as e:
             console(f"network: removing the expired address failed: {e}")
 
-    @staticmethod
-    def backend(image: dict[str, Any], cmdline: Any) -> tuple[Any, Any]:
+    def backend(self, image: dict[str, Any], cmdline: Any) -> tuple[Any, Any]:
         from eemini.guest import bootconfig
 
         kind = image.get("attestation")
@@ -431,17 +476,14 @@ class Boot:
                 extend=lambda digest: simulated.extend_rtmr(3, digest), via="simulated"
             )
         if kind == "configfs-tsm":
-            from eemini.guest.attest import AttestError, ConfigfsTsmBackend
+            from eemini.guest.attest import ConfigfsTsmBackend
             from eemini.guest.rtmr import RuntimeMeasurer
 
-            backend = ConfigfsTsmBackend()
-            try:
-                backend.check_available()
-            except AttestError as e:
-                raise BootFailure(f"refusing to start without TDX: {e}") from None
+            backend = ConfigfsTsmBackend(self.paths.tsm_report)
+            size = trial_quote(backend)
             measurer = RuntimeMeasurer()
             console(
-                "attestation: TDX through configfs-tsm; RTMR3 "
+                f"attestation: TDX through configfs-tsm (trial quote: {size} bytes); RTMR3 "
                 + (
                     "extended with runtime events"
                     if measurer.enabled
@@ -547,7 +589,7 @@ def main(paths: Paths | None = None, started: float | None = None) -> NoReturn:
     try:
         Boot(paths or Paths(), started).run()
     except BootFailure as e:
-        console(f"boot failed: {e}")
+        console(e.line())
         reason = "boot failed"
     except BaseException as e:  # PID 1 logs everything and powers off
         console(f"fatal: {type(e).__name__}: {e}")
