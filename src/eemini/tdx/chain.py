@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
@@ -27,12 +27,13 @@ from eemini.tdx.errors import (
     CrlInvalid,
     UntrustedRoot,
 )
+from eemini.tdx.guard import parsing
 from eemini.tdx.pck import (
+    ParseErrorType,
     PckExtension,
     der_spans,
     load_der_certificate,
-    pem_block_der,
-    pem_blocks,
+    pem_ders,
     split_der,
 )
 from eemini.tdx.roots import TrustAnchor
@@ -46,16 +47,15 @@ class Cert:
 
     cert: x509.Certificate
     fingerprint: bytes
+    name: str  # for messages: the subject's common name
+    serial: int
     subject: bytes
     issuer: bytes
     not_before: datetime.datetime
     not_after: datetime.datetime
+    is_ca: bool
     key: ec.EllipticCurvePublicKey | None
     signed: SignedDer
-
-    @property
-    def name(self) -> str:
-        return _name(self.cert)
 
 
 # AlgorithmIdentifier contents of ecdsa-with-SHA256 (RFC 5758 3.2: OID 1.2.840.10045.4.3.2, no
@@ -74,16 +74,16 @@ class SignedDer:
     signature: bytes  # DER ECDSA-Sig-Value, from the BIT STRING
 
 
-def split_signed(der: bytes, what: str) -> SignedDer:
-    outer = der_spans(der, what)
+def split_signed(der: bytes, what: str, error: ParseErrorType = CertificateParseError) -> SignedDer:
+    outer = der_spans(der, what, error)
     if len(outer) != 1 or outer[0][0] != 0x30:
-        raise CertificateParseError(f"{what}: not a DER SEQUENCE")
+        raise error(f"{what}: not a DER SEQUENCE")
     body = der[outer[0][2] : outer[0][3]]
-    parts = der_spans(body, what)
+    parts = der_spans(body, what, error)
     if len(parts) != 3 or parts[0][0] != 0x30 or parts[1][0] != 0x30 or parts[2][0] != 0x03:
-        raise CertificateParseError(f"{what}: not a signed SEQUENCE {{ tbs, algorithm, signature }}")
+        raise error(f"{what}: not a signed SEQUENCE {{ tbs, algorithm, signature }}")
     tbs_value = body[parts[0][2] : parts[0][3]]
-    fields = split_der(tbs_value, what)
+    fields = split_der(tbs_value, what, error)
     bits = body[parts[2][2] : parts[2][3]]
     return SignedDer(
         tbs=body[parts[0][1] : parts[0][3]],
@@ -131,30 +131,32 @@ def _tbs_algorithm(signed: SignedDer, index: int) -> bytes:
 
 
 def _wrap(cert: x509.Certificate, der: bytes, fingerprint: bytes, what: str) -> Cert:
-    try:
-        key = cert.public_key()
-    except (ValueError, UnsupportedAlgorithm):
-        key = None
-    ec_key = (
-        key
-        if isinstance(key, ec.EllipticCurvePublicKey) and isinstance(key.curve, ec.SECP256R1)
-        else None
-    )
-    signed = split_signed(der, what)
-    issuer, subject = _tbs_names(signed, what)
-    try:
+    # Everything the checks read from the certificate, read once, here: cryptography parses
+    # lazily, so a malformed certificate fails now, as a parse error, not in the middle of a check.
+    with parsing(CertificateParseError, f"{what} does not parse"):
+        key = _p256(cert.public_key())
+        signed = split_signed(der, what)
+        issuer, subject = _tbs_names(signed, what)
         return Cert(
             cert=cert,
             fingerprint=fingerprint,
+            name=_name(cert),
+            serial=cert.serial_number,
             subject=subject,
             issuer=issuer,
             not_before=cert.not_valid_before_utc,
             not_after=cert.not_valid_after_utc,
-            key=ec_key,
+            is_ca=_is_ca(cert),
+            key=key,
             signed=signed,
         )
-    except ValueError as e:
-        raise CertificateParseError(f"{what}: a certificate does not parse: {e}") from None
+
+
+def _p256(key: object) -> ec.EllipticCurvePublicKey | None:
+    # Not a P-256 key: cryptography's own X.509 checks decide (verify_link).
+    if isinstance(key, ec.EllipticCurvePublicKey) and isinstance(key.curve, ec.SECP256R1):
+        return key
+    return None
 
 
 # Trust anchors are configuration: wrap each once per process.
@@ -163,10 +165,16 @@ _ANCHOR_CERTS: dict[str, Cert] = {}
 
 @dataclass(frozen=True, slots=True)
 class Crl:
+    """A parsed CRL with what the checks compare, read once (the issuer name as DER bytes)."""
+
     crl: x509.CertificateRevocationList
     issuer: bytes
+    issuer_name: str  # for messages
     this_update: datetime.datetime
-    next_update: datetime.datetime | None
+    next_update: datetime.datetime
+    revoked: frozenset[int]  # serial numbers
+    signed: SignedDer
+    tbs_algorithm: bytes
 
 
 @dataclass
@@ -179,7 +187,6 @@ class VerificationCache:
 
     chains: dict[bytes, tuple[Cert, ...]] = field(default_factory=dict)
     certs: dict[bytes, Cert] = field(default_factory=dict)
-    ca: dict[bytes, bool] = field(default_factory=dict)
     links: set[tuple[bytes, bytes]] = field(default_factory=set)
     crls: dict[tuple[bytes, bytes], Crl] = field(default_factory=dict)
     tcb_infos: dict[bytes, TcbInfo] = field(default_factory=dict)
@@ -218,12 +225,6 @@ class Context:
             )
         return got
 
-    def is_ca(self, cert: Cert) -> bool:
-        got = self.cache.ca.get(cert.fingerprint)
-        if got is None:
-            got = self.cache.ca[cert.fingerprint] = _is_ca(cert.cert)
-        return got
-
     def load_chain(self, pem: bytes, what: str) -> tuple[Cert, ...]:
         key = digest(pem)
         chain = self.cache.chains.get(key)
@@ -231,12 +232,12 @@ class Context:
             certs = []
             # The same certificates recur across chains (the root in all four, the platform CA
             # in two): parse each once.
-            for i, block in enumerate(pem_blocks(pem, what)):
-                der = pem_block_der(block, what, i)
+            for i, der in enumerate(pem_ders(pem, what)):
                 fingerprint = hashlib.sha256(der).digest()
                 cert = self.cache.certs.get(fingerprint)
                 if cert is None:
-                    cert = _wrap(load_der_certificate(der, what, i), der, fingerprint, what)
+                    loaded = load_der_certificate(der, what, i)
+                    cert = _wrap(loaded, der, fingerprint, f"{what}: certificate {i}")
                     self.cache.certs[fingerprint] = cert
                 certs.append(cert)
             chain = self.cache.chains[key] = tuple(certs)
@@ -253,16 +254,12 @@ class Context:
         first = 1 if child.signed.field_tags and child.signed.field_tags[0] == 0xA0 else 0
         ok = verify_raw_tbs(child.signed, parent.key, _tbs_algorithm(child.signed, first + 1))
         if ok is None:
-            try:
+            with parsing(CertificateChainError, f"{what}: {child.name} is not signed by {parent.name}"):
                 child.cert.verify_directly_issued_by(parent.cert)
                 ok = True
-            except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm) as e:
-                raise CertificateChainError(
-                    f"{what}: {child.name} is not signed by {parent.name} ({type(e).__name__}: {e})"
-                ) from None
         if not ok:
             raise CertificateChainError(
-                f"{what}: {child.name} is not signed by {parent.name} (InvalidSignature)"
+                f"{what}: {child.name} is not signed by {parent.name}: InvalidSignature"
             )
         self.cache.links.add(key)
 
@@ -295,7 +292,7 @@ class Context:
         path = (*chain, root)
         for i in range(len(chain)):
             self.verify_link(path[i], path[i + 1], what)
-            if i + 1 < len(chain) and not self.is_ca(path[i + 1]):
+            if i + 1 < len(chain) and not path[i + 1].is_ca:
                 raise CertificateChainError(f"{what}: {path[i + 1].name} is not a CA certificate")
         for cert in path:
             self.check_window(cert, what)
@@ -303,18 +300,15 @@ class Context:
 
 
 def _name(cert: x509.Certificate) -> str:
-    try:
-        cns = cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
-        return repr(cns[0].value) if cns else repr(cert.subject.rfc4514_string())
-    except ValueError:
-        return "(a certificate with an unreadable subject)"
+    cns = cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+    return repr(cns[0].value) if cns else repr(cert.subject.rfc4514_string())
 
 
 def _is_ca(cert: x509.Certificate) -> bool:
-    try:
-        return bool(cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
-    except (x509.ExtensionNotFound, ValueError):
-        return False
+    for ext in cert.extensions:
+        if isinstance(ext.value, x509.BasicConstraints):
+            return ext.value.ca
+    return False
 
 
 def ecdsa_verify_raw(key: ec.EllipticCurvePublicKey, raw_sig: bytes, data: bytes) -> bool:
@@ -335,39 +329,51 @@ def ec_key(cert: Cert, what: str) -> ec.EllipticCurvePublicKey:
     return cert.key
 
 
+def _parse_crl(der: bytes, what: str) -> Crl:
+    with parsing(CrlInvalid, f"{what} does not parse"):
+        loaded = x509.load_der_x509_crl(der)
+        signed = split_signed(der, what, CrlInvalid)
+        # RFC 5280 5.1: TBSCertList ::= SEQUENCE { version INTEGER OPTIONAL, signature, issuer,
+        # thisUpdate, nextUpdate OPTIONAL, ... }
+        first = 1 if signed.field_tags and signed.field_tags[0] == 0x02 else 0
+        if len(signed.fields) < first + 3:
+            raise CrlInvalid(f"{what}: TBSCertList is too short")
+        next_update = loaded.next_update_utc
+        if next_update is None:
+            raise CrlInvalid(f"{what} has no nextUpdate, so it is never current")
+        _ = loaded.extensions  # parsed lazily: a malformed one fails here
+        return Crl(
+            crl=loaded,
+            issuer=signed.fields[first + 1],
+            issuer_name=loaded.issuer.rfc4514_string(),
+            this_update=loaded.last_update_utc,
+            next_update=next_update,
+            revoked=frozenset(entry.serial_number for entry in loaded),
+            signed=signed,
+            tbs_algorithm=_tbs_algorithm(signed, first),
+        )
+
+
 def load_crl(ctx: Context, der: bytes, issuer: Cert, what: str) -> Crl:
     key = (digest(der), issuer.fingerprint)
     crl = ctx.cache.crls.get(key)
     if crl is None:
-        try:
-            loaded = x509.load_der_x509_crl(der)
-            signed = split_signed(der, what)
-            # RFC 5280 5.1: TBSCertList ::= SEQUENCE { version INTEGER OPTIONAL, signature, issuer,
-            # thisUpdate, nextUpdate OPTIONAL, ... }
-            first = 1 if signed.field_tags and signed.field_tags[0] == 0x02 else 0
-            if len(signed.fields) < first + 3:
-                raise CrlInvalid(f"{what}: TBSCertList is too short")
-            crl = Crl(loaded, signed.fields[first + 1], loaded.last_update_utc, loaded.next_update_utc)
-        except (ValueError, CertificateParseError) as e:
-            raise CrlInvalid(f"{what} is not a DER CRL: {e}") from None
+        crl = _parse_crl(der, what)
         if crl.issuer != issuer.subject:
-            raise CrlInvalid(
-                f"{what} is issued by {loaded.issuer.rfc4514_string()}, expected {issuer.name}"
-            )
-        valid = verify_raw_tbs(signed, issuer.key, _tbs_algorithm(signed, first))
+            raise CrlInvalid(f"{what} is issued by {crl.issuer_name}, expected {issuer.name}")
+        valid = verify_raw_tbs(crl.signed, issuer.key, crl.tbs_algorithm)
         if valid is None:
-            try:
-                valid = loaded.is_signature_valid(ec_key(issuer, what))
-            except (TypeError, ValueError, UnsupportedAlgorithm):
-                valid = False
+            with parsing(CrlInvalid, f"{what} is not signed by {issuer.name}"):
+                valid = crl.crl.is_signature_valid(issuer.cert.public_key())  # type: ignore[arg-type]
         if not valid:
             raise CrlInvalid(f"{what} is not signed by {issuer.name}")
         ctx.cache.crls[key] = crl
+    # A CRL is expired from its nextUpdate second on (RFC 5280 5.1.2.5; dcap-qvl through webpki
+    # does the same), unlike TCB info and QE identity, which dcap-qvl accepts at that second.
     this, nxt = crl.this_update, crl.next_update
-    if nxt is None or not this <= ctx.when <= nxt:
+    if not this <= ctx.when < nxt:
         raise CollateralExpired(
-            f"{what} is valid from {this.isoformat()} to "
-            f"{nxt.isoformat() if nxt else '(no next update)'}, "
-            f"not at {ctx.when.isoformat()}"
+            f"{what} is valid from {this.isoformat()} until its nextUpdate {nxt.isoformat()} "
+            f"(exclusive), not at {ctx.when.isoformat()}"
         )
     return crl

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from eemini.tdx.errors import CollateralParseError
+from eemini.tdx.guard import parsing, utf8
 
 
 class TcbStatus(enum.StrEnum):
@@ -56,17 +57,17 @@ def _hex_or_list(name: str, value: object) -> bytes:
             return bytes.fromhex(value.removeprefix("0x"))
         except ValueError:
             raise CollateralParseError(f"collateral field {name!r} is not valid hex") from None
-    if isinstance(value, list) and all(isinstance(b, int) and 0 <= b <= 255 for b in value):
+    if isinstance(value, list) and all(
+        isinstance(b, int) and not isinstance(b, bool) and 0 <= b <= 255 for b in value
+    ):
         return bytes(value)
     raise CollateralParseError(f"collateral field {name!r} must be a hex string")
 
 
 def parse_collateral(text: str | bytes) -> Collateral:
     """Parse QuoteCollateralV3 JSON (dcap-qvl's layout)."""
-    try:
+    with parsing(CollateralParseError, "collateral is not JSON"):
         doc = json.loads(text)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise CollateralParseError(f"collateral is not JSON: {e}") from None
     if not isinstance(doc, dict):
         raise CollateralParseError("collateral must be a JSON object")
     missing = [k for k in (*_STR_FIELDS, *_BYTES_FIELDS) if k not in doc]
@@ -76,6 +77,7 @@ def parse_collateral(text: str | bytes) -> Collateral:
     for k in _STR_FIELDS:
         if not isinstance(doc[k], str):
             raise CollateralParseError(f"collateral field {k!r} must be a string")
+        utf8(doc[k], CollateralParseError, f"collateral field {k!r}")  # "\ud800" is JSON, not text
         values[k] = doc[k]
     for k in _BYTES_FIELDS:
         values[k] = _hex_or_list(k, doc[k])
@@ -219,10 +221,9 @@ class _Doc:
 
 
 def _load(text: str, what: str) -> _Doc:
-    try:
-        return _Doc(json.loads(text), what)
-    except ValueError as e:
-        raise CollateralParseError(f"{what} is not JSON: {e}") from None
+    with parsing(CollateralParseError, f"{what} is not JSON"):
+        doc = json.loads(text)
+    return _Doc(doc, what)
 
 
 def _svns(doc: _Doc, key: str) -> tuple[int, ...]:
