@@ -66,9 +66,11 @@ def run(args: argparse.Namespace) -> int:
     from eemini.tdx.errors import (
         CertificateParseError,
         CollateralParseError,
+        QuoteError,
         QuoteParseError,
         VerificationError,
     )
+    from eemini.tdx.guard import parsing
     from eemini.tdx.policy import PolicyBuilder, policy_builder_from_json
     from eemini.tdx.quote import parse_quote
     from eemini.tdx.roots import INTEL_ROOT, development_root
@@ -89,12 +91,15 @@ def run(args: argparse.Namespace) -> int:
         except CollateralParseError as e:
             die(f"{args.collateral}: {e}", exit_code=2)
     try:
-        builder = (
-            policy_builder_from_json(_read(args.policy, "policy")) if args.policy else PolicyBuilder()
-        )
-        if args.report_data is not None:
-            builder = builder.report_data(args.report_data)
-        policy = builder.build()
+        with parsing(PolicyError, "policy does not parse"):
+            builder = (
+                policy_builder_from_json(_read(args.policy, "policy"))
+                if args.policy
+                else PolicyBuilder()
+            )
+            if args.report_data is not None:
+                builder = builder.report_data(args.report_data)
+            policy = builder.build()
     except PolicyError as e:
         where = f"{args.policy}: " if args.policy else ""
         die(f"{where}{e}", hint="--report-data and a policy file's report_data exclude each other"
@@ -124,6 +129,8 @@ def run(args: argparse.Namespace) -> int:
             print(json.dumps({"verified": False, "check": e.check, "error": e.message}, indent=2))
         print(f"eemini verify: rejected: {e.one_line()}", file=sys.stderr)
         return 1
+    except QuoteError as e:  # an input that does not parse, found out only while verifying
+        die(str(e), exit_code=2)
     if args.json:
         out = verified_to_dict(verified)
         if verified.event_log is not None:

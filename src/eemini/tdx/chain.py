@@ -169,12 +169,9 @@ class Crl:
 
     crl: x509.CertificateRevocationList
     issuer: bytes
-    issuer_name: str  # for messages
     this_update: datetime.datetime
     next_update: datetime.datetime
     revoked: frozenset[int]  # serial numbers
-    signed: SignedDer
-    tbs_algorithm: bytes
 
 
 @dataclass
@@ -329,47 +326,14 @@ def ec_key(cert: Cert, what: str) -> ec.EllipticCurvePublicKey:
     return cert.key
 
 
-def _parse_crl(der: bytes, what: str) -> Crl:
-    with parsing(CrlInvalid, f"{what} does not parse"):
-        loaded = x509.load_der_x509_crl(der)
-        signed = split_signed(der, what, CrlInvalid)
-        # RFC 5280 5.1: TBSCertList ::= SEQUENCE { version INTEGER OPTIONAL, signature, issuer,
-        # thisUpdate, nextUpdate OPTIONAL, ... }
-        first = 1 if signed.field_tags and signed.field_tags[0] == 0x02 else 0
-        if len(signed.fields) < first + 3:
-            raise CrlInvalid(f"{what}: TBSCertList is too short")
-        next_update = loaded.next_update_utc
-        if next_update is None:
-            raise CrlInvalid(f"{what} has no nextUpdate, so it is never current")
-        _ = loaded.extensions  # parsed lazily: a malformed one fails here
-        return Crl(
-            crl=loaded,
-            issuer=signed.fields[first + 1],
-            issuer_name=loaded.issuer.rfc4514_string(),
-            this_update=loaded.last_update_utc,
-            next_update=next_update,
-            revoked=frozenset(entry.serial_number for entry in loaded),
-            signed=signed,
-            tbs_algorithm=_tbs_algorithm(signed, first),
-        )
-
-
 def load_crl(ctx: Context, der: bytes, issuer: Cert, what: str) -> Crl:
     key = (digest(der), issuer.fingerprint)
     crl = ctx.cache.crls.get(key)
     if crl is None:
-        crl = _parse_crl(der, what)
-        if crl.issuer != issuer.subject:
-            raise CrlInvalid(f"{what} is issued by {crl.issuer_name}, expected {issuer.name}")
-        valid = verify_raw_tbs(crl.signed, issuer.key, crl.tbs_algorithm)
-        if valid is None:
-            with parsing(CrlInvalid, f"{what} is not signed by {issuer.name}"):
-                valid = crl.crl.is_signature_valid(issuer.cert.public_key())  # type: ignore[arg-type]
-        if not valid:
-            raise CrlInvalid(f"{what} is not signed by {issuer.name}")
+        crl = _verified_crl(der, issuer, what)
         ctx.cache.crls[key] = crl
-    # A CRL is expired from its nextUpdate second on (RFC 5280 5.1.2.5; dcap-qvl through webpki
-    # does the same), unlike TCB info and QE identity, which dcap-qvl accepts at that second.
+    # Expired from its nextUpdate second on, as dcap-qvl judges CRLs (webpki's CrlExpired when
+    # now >= nextUpdate); TCB info and QE identity it accepts through that second (verify.py).
     this, nxt = crl.this_update, crl.next_update
     if not this <= ctx.when < nxt:
         raise CollateralExpired(
@@ -377,3 +341,38 @@ def load_crl(ctx: Context, der: bytes, issuer: Cert, what: str) -> Crl:
             f"(exclusive), not at {ctx.when.isoformat()}"
         )
     return crl
+
+
+def _verified_crl(der: bytes, issuer: Cert, what: str) -> Crl:
+    # The issuer and the signature first: the rest of an unsigned CRL is not worth reading.
+    parse_error = f"{what} does not parse"
+    with parsing(CrlInvalid, parse_error):
+        loaded = x509.load_der_x509_crl(der)
+        signed = split_signed(der, what, CrlInvalid)
+        # RFC 5280 5.1: TBSCertList ::= SEQUENCE { version INTEGER OPTIONAL, signature, issuer,
+        # thisUpdate, nextUpdate OPTIONAL, ... }
+        first = 1 if signed.field_tags and signed.field_tags[0] == 0x02 else 0
+        if len(signed.fields) < first + 3:
+            raise CrlInvalid(f"{what}: TBSCertList is too short")
+        if signed.fields[first + 1] != issuer.subject:
+            raise CrlInvalid(
+                f"{what} is issued by {loaded.issuer.rfc4514_string()}, expected {issuer.name}"
+            )
+    valid = verify_raw_tbs(signed, issuer.key, _tbs_algorithm(signed, first))
+    if valid is None:
+        with parsing(CrlInvalid, f"{what} is not signed by {issuer.name}"):
+            valid = loaded.is_signature_valid(issuer.cert.public_key())  # type: ignore[arg-type]
+    if not valid:
+        raise CrlInvalid(f"{what} is not signed by {issuer.name}")
+    with parsing(CrlInvalid, parse_error):
+        next_update = loaded.next_update_utc
+        if next_update is None:
+            raise CrlInvalid(f"{what} has no nextUpdate, so it is never current")
+        _ = loaded.extensions  # parsed lazily: a malformed one fails here
+        return Crl(
+            crl=loaded,
+            issuer=issuer.subject,
+            this_update=loaded.last_update_utc,
+            next_update=next_update,
+            revoked=frozenset(entry.serial_number for entry in loaded),
+        )

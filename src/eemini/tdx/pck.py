@@ -199,7 +199,7 @@ def pem_ders(pem: bytes, what: str) -> list[bytes]:
         start = text.find(_PEM_BEGIN, pos)
         gap = text[pos : start if start >= 0 else len(text)]
         if gap.translate(None, _EOL):
-            where = f"before certificate {len(ders)}" if start >= 0 else "after the last certificate"
+            where = f"after certificate {len(ders) - 1}" if ders else "before the first certificate"
             raise CertificateParseError(
                 f"{what}: unexpected bytes {where} (only line breaks may separate PEM certificates)"
             )
