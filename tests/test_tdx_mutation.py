@@ -397,7 +397,9 @@ def test_collateral_json_malformed(base: Base) -> None:
     with pytest.raises(errors.CollateralParseError, match=r"^collateral lacks pck_crl$"):
         parse_collateral(json.dumps({k: v for k, v in base.doc.items() if k != "pck_crl"}))
     with pytest.raises(
-        errors.CollateralParseError, match=r"^collateral field 'root_ca_crl' is not valid hex$"
+        errors.CollateralParseError,
+        match=r"^collateral field 'root_ca_crl' is not valid hex: non-hexadecimal number found in "
+        r"fromhex\(\) arg at position 0$",
     ):
         parse_collateral(json.dumps({**base.doc, "root_ca_crl": "zz"}))
     with pytest.raises(

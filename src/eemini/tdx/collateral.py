@@ -30,6 +30,9 @@ class TcbStatus(enum.StrEnum):
     REVOKED = "Revoked"
 
 
+_STATUSES = frozenset(s.value for s in TcbStatus)
+
+
 @dataclass(frozen=True, slots=True)
 class Collateral:
     """QuoteCollateralV3, decoded: PEM chains as text, signed JSON kept as the exact signed bytes."""
@@ -53,10 +56,8 @@ _BYTES_FIELDS = ("root_ca_crl", "pck_crl", "tcb_info_signature", "qe_identity_si
 def _hex_or_list(name: str, value: object) -> bytes:
     # dcap-qvl writes hex strings; serde's default for Vec<u8> (a list of ints) is accepted too.
     if isinstance(value, str):
-        try:
+        with parsing(CollateralParseError, f"collateral field {name!r} is not valid hex"):
             return bytes.fromhex(value.removeprefix("0x"))
-        except ValueError:
-            raise CollateralParseError(f"collateral field {name!r} is not valid hex") from None
     if isinstance(value, list) and all(
         isinstance(b, int) and not isinstance(b, bool) and 0 <= b <= 255 for b in value
     ):
@@ -177,20 +178,16 @@ class _Doc:
 
     def hexbytes(self, key: str, size: int | None = None) -> bytes:
         s = self.text(key)
-        try:
+        with parsing(CollateralParseError, f"{self.where}.{key} is not valid hex"):
             v = bytes.fromhex(s)
-        except ValueError:
-            raise CollateralParseError(f"{self.where}.{key} is not valid hex") from None
         if size is not None and len(v) != size:
             raise CollateralParseError(f"{self.where}.{key}: expected {size} bytes, found {len(v)}")
         return v
 
     def when(self, key: str) -> datetime.datetime:
         s = self.text(key)
-        try:
+        with parsing(CollateralParseError, f"{self.where}.{key} is not an RFC 3339 time"):
             t = datetime.datetime.fromisoformat(s)
-        except ValueError:
-            raise CollateralParseError(f"{self.where}.{key} is not an RFC 3339 time: {s!r}") from None
         if t.tzinfo is None:
             raise CollateralParseError(f"{self.where}.{key} has no time zone: {s!r}")
         return t
@@ -206,10 +203,9 @@ class _Doc:
 
     def status(self, key: str) -> TcbStatus:
         s = self.text(key)
-        try:
-            return TcbStatus(s)
-        except ValueError:
-            raise CollateralParseError(f"{self.where}.{key}: unknown TCB status {s!r}") from None
+        if s not in _STATUSES:
+            raise CollateralParseError(f"{self.where}.{key}: unknown TCB status {s!r}")
+        return TcbStatus(s)
 
     def advisories(self) -> tuple[str, ...]:
         if not self.has("advisoryIDs"):

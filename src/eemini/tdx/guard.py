@@ -8,7 +8,8 @@ entries), runs inside `parsing(error, what)`. There, any exception of `LIBRARY_E
 UnicodeError, KeyError, IndexError, OverflowError, RecursionError) becomes `error(f"{what}: ...")`
 with the library's message, and an error of ours (QuoteError) passes through unchanged. So
 verification raises nothing but eemini.tdx.errors, whatever the input; nowhere else in eemini.tdx
-catches library exceptions to convert them.
+catches library exceptions to convert them. (A signature check answering InvalidSignature is a
+result, not a parse: chain.py turns it into False, and the check raises its own error.)
 """
 
 from __future__ import annotations
