@@ -24,7 +24,17 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from eemini.cli import main
-from tdx_builder import NOW, SGX_OID, DevChain, build_quote, make_chain, make_collateral, sgx_extension
+from eemini.tdx.pck import split_der
+from tdx_builder import (
+    NOW,
+    SGX_OID,
+    DevChain,
+    build_quote,
+    der_tlv,
+    make_chain,
+    make_collateral,
+    sgx_extension,
+)
 
 CHAIN = make_chain(intermediate=True)
 QUOTE = build_quote(CHAIN)
@@ -174,8 +184,8 @@ def _policy_variants() -> list[bytes]:
 
 
 def _cert_with_duplicate_extension(issuer: x509.Certificate | None = None) -> x509.Certificate:
-    """A certificate whose KeyUsage OID is rewritten into SubjectKeyIdentifier's (2.5.29.15 to .14):
-    still well-formed DER, loaded lazily, two extensions of one kind (RFC 5280 4.2 forbids it)."""
+    """A certificate whose KeyUsage OID is rewritten into SubjectKeyIdentifier's (2.5.29.15 to .14),
+    then signed again: well-formed DER with two extensions of one kind (RFC 5280 4.2 forbids it)."""
     key = ec.derive_private_key(6000, ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "EasyEnclave Mini development PCK")])
     builder = (
@@ -203,7 +213,12 @@ def _cert_with_duplicate_extension(issuer: x509.Certificate | None = None) -> x5
     der = builder.sign(signer, hashes.SHA256()).public_bytes(serialization.Encoding.DER)
     ku = bytes.fromhex("0603551d0f")
     assert der.count(ku) == 1
-    return x509.load_der_x509_certificate(der.replace(ku, bytes.fromhex("0603551d0e")))
+    # Certificate ::= SEQUENCE { tbsCertificate, signatureAlgorithm, signature BIT STRING }
+    cert = split_der(split_der(der.replace(ku, bytes.fromhex("0603551d0e")), "")[0][1], "")
+    tbs = der_tlv(0x30, cert[0][1])
+    signature = signer.sign(tbs, ec.ECDSA(hashes.SHA256()))
+    der = der_tlv(0x30, tbs + der_tlv(0x30, cert[1][1]) + der_tlv(0x03, b"\0" + signature))
+    return x509.load_der_x509_certificate(der)
 
 
 def _pem(cert: x509.Certificate) -> bytes:
@@ -263,7 +278,7 @@ def test_duplicate_extension_in_the_pck_certificate(
     assert (run.code, _check(run, "quote")) == (1, {
         "verified": False,
         "check": "certificates",
-        "error": "PCK certificate chain: certificate 0 does not parse: DuplicateExtension: "
+        "error": "PCK certificate extensions do not parse: DuplicateExtension: "
                  "Duplicate 2.5.29.14 extension found",
     })  # fmt: skip
 

@@ -33,6 +33,7 @@ from eemini.tdx.pck import (
     PckExtension,
     der_spans,
     load_der_certificate,
+    oid_text,
     pem_ders,
     split_der,
 )
@@ -53,7 +54,6 @@ class Cert:
     issuer: bytes
     not_before: datetime.datetime
     not_after: datetime.datetime
-    is_ca: bool
     key: ec.EllipticCurvePublicKey | None
     signed: SignedDer
 
@@ -123,6 +123,59 @@ def _tbs_names(signed: SignedDer, what: str) -> tuple[bytes, bytes]:
     return signed.fields[first + 2], signed.fields[first + 4]
 
 
+# OBJECT IDENTIFIER contents: id-at-commonName (2.5.4.3), id-ce-basicConstraints (2.5.29.19).
+_OID_COMMON_NAME = bytes.fromhex("550403")
+_OID_BASIC_CONSTRAINTS = bytes.fromhex("551d13")
+# Directory string tags (RFC 5280 4.1.2.4): UTF8String, PrintableString, IA5String, T61String,
+# BMPString, UniversalString.
+_STRING_CODECS = {0x0C: "utf-8", 0x13: "ascii", 0x16: "ascii", 0x14: "latin-1", 0x1E: "utf-16-be",
+                  0x1C: "utf-32-be"}  # fmt: skip
+
+
+def _tbs_extensions(signed: SignedDer, what: str) -> dict[bytes, bytes]:
+    """extnValue by extnID (RFC 5280 4.1: [3] EXPLICIT SEQUENCE OF SEQUENCE { extnID, critical
+    BOOLEAN DEFAULT FALSE, extnValue OCTET STRING }), each extension at most once (4.2)."""
+    out: dict[bytes, bytes] = {}
+    for tag, value in zip(signed.field_tags, signed.fields, strict=True):
+        if tag != 0xA3:
+            continue
+        outer = split_der(value, what)
+        if len(outer) != 1 or outer[0][0] != 0x30:
+            raise CertificateParseError(f"{what}: extensions are not a SEQUENCE")
+        for ext_tag, ext in split_der(outer[0][1], what):
+            parts = split_der(ext, what) if ext_tag == 0x30 else []
+            if len(parts) not in (2, 3) or parts[0][0] != 0x06 or parts[-1][0] != 0x04:
+                raise CertificateParseError(f"{what}: an extension is not {{ OID, critical, value }}")
+            if parts[0][1] in out:
+                raise CertificateParseError(f"{what}: extension {oid_text(parts[0][1])} appears twice")
+            out[parts[0][1]] = parts[-1][1]
+    return out
+
+
+def _is_ca(extensions: dict[bytes, bytes], what: str) -> bool:
+    # BasicConstraints ::= SEQUENCE { cA BOOLEAN DEFAULT FALSE, pathLenConstraint INTEGER OPTIONAL }
+    value = extensions.get(_OID_BASIC_CONSTRAINTS)
+    if value is None:
+        return False
+    outer = split_der(value, what)
+    if len(outer) != 1 or outer[0][0] != 0x30:
+        raise CertificateParseError(f"{what}: basicConstraints is not a SEQUENCE")
+    inner = split_der(outer[0][1], what)
+    return bool(inner) and inner[0] == (0x01, b"\xff")
+
+
+def _common_name(name: bytes, what: str) -> str:
+    """For messages: the first commonName of a Name's contents (SEQUENCE OF SET OF SEQUENCE
+    { type, value }), quoted."""
+    for tag, rdn in split_der(name, what):
+        for _, attribute in split_der(rdn, what) if tag == 0x31 else []:
+            parts = split_der(attribute, what)
+            if len(parts) == 2 and parts[0] == (0x06, _OID_COMMON_NAME):
+                codec = _STRING_CODECS.get(parts[1][0], "latin-1")
+                return repr(parts[1][1].decode(codec, errors="replace"))
+    return "(a certificate without a common name)"
+
+
 def _tbs_algorithm(signed: SignedDer, index: int) -> bytes:
     # The AlgorithmIdentifier inside the TBS, as contents (tag 0x30 checked).
     if len(signed.fields) <= index or signed.field_tags[index] != 0x30:
@@ -140,13 +193,12 @@ def _wrap(cert: x509.Certificate, der: bytes, fingerprint: bytes, what: str) -> 
         return Cert(
             cert=cert,
             fingerprint=fingerprint,
-            name=_name(cert),
+            name=_common_name(subject, what),
             serial=cert.serial_number,
             subject=subject,
             issuer=issuer,
             not_before=cert.not_valid_before_utc,
             not_after=cert.not_valid_after_utc,
-            is_ca=_is_ca(cert),
             key=key,
             signed=signed,
         )
@@ -184,6 +236,7 @@ class VerificationCache:
 
     chains: dict[bytes, tuple[Cert, ...]] = field(default_factory=dict)
     certs: dict[bytes, Cert] = field(default_factory=dict)
+    ca: dict[bytes, bool] = field(default_factory=dict)
     links: set[tuple[bytes, bytes]] = field(default_factory=set)
     crls: dict[tuple[bytes, bytes], Crl] = field(default_factory=dict)
     tcb_infos: dict[bytes, TcbInfo] = field(default_factory=dict)
@@ -222,6 +275,14 @@ class Context:
             )
         return got
 
+    def is_ca(self, cert: Cert, what: str) -> bool:
+        # Read from the DER when a chain needs it (only issuers are asked), then remembered.
+        got = self.cache.ca.get(cert.fingerprint)
+        if got is None:
+            where = f"{what}: {cert.name}"
+            got = self.cache.ca[cert.fingerprint] = _is_ca(_tbs_extensions(cert.signed, where), where)
+        return got
+
     def load_chain(self, pem: bytes, what: str) -> tuple[Cert, ...]:
         key = digest(pem)
         chain = self.cache.chains.get(key)
@@ -251,7 +312,8 @@ class Context:
         first = 1 if child.signed.field_tags and child.signed.field_tags[0] == 0xA0 else 0
         ok = verify_raw_tbs(child.signed, parent.key, _tbs_algorithm(child.signed, first + 1))
         if ok is None:
-            with parsing(CertificateChainError, f"{what}: {child.name} is not signed by {parent.name}"):
+            not_signed = f"{what}: {child.name} is not signed by {parent.name}"
+            with parsing(CertificateChainError, not_signed):
                 child.cert.verify_directly_issued_by(parent.cert)
                 ok = True
         if not ok:
@@ -289,23 +351,11 @@ class Context:
         path = (*chain, root)
         for i in range(len(chain)):
             self.verify_link(path[i], path[i + 1], what)
-            if i + 1 < len(chain) and not path[i + 1].is_ca:
+            if i + 1 < len(chain) and not self.is_ca(path[i + 1], what):
                 raise CertificateChainError(f"{what}: {path[i + 1].name} is not a CA certificate")
         for cert in path:
             self.check_window(cert, what)
         return anchor, root, chain
-
-
-def _name(cert: x509.Certificate) -> str:
-    cns = cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
-    return repr(cns[0].value) if cns else repr(cert.subject.rfc4514_string())
-
-
-def _is_ca(cert: x509.Certificate) -> bool:
-    for ext in cert.extensions:
-        if isinstance(ext.value, x509.BasicConstraints):
-            return ext.value.ca
-    return False
 
 
 def ecdsa_verify_raw(key: ec.EllipticCurvePublicKey, raw_sig: bytes, data: bytes) -> bool:
@@ -368,7 +418,6 @@ def _verified_crl(der: bytes, issuer: Cert, what: str) -> Crl:
         next_update = loaded.next_update_utc
         if next_update is None:
             raise CrlInvalid(f"{what} has no nextUpdate, so it is never current")
-        _ = loaded.extensions  # parsed lazily: a malformed one fails here
         return Crl(
             crl=loaded,
             issuer=issuer.subject,

@@ -87,7 +87,8 @@ def der_spans(
 
 
 @functools.lru_cache(maxsize=512)
-def _oid(value: bytes) -> str:
+def oid_text(value: bytes) -> str:
+    """The dotted form of an OBJECT IDENTIFIER's contents."""
     if not value:
         return ""
     parts = [value[0] // 40, value[0] % 40]
@@ -110,7 +111,7 @@ def _pairs(der: bytes, what: str) -> dict[str, tuple[int, bytes]]:
         parts = split_der(item, what) if tag == _TAG_SEQUENCE else []
         if len(parts) != 2 or parts[0][0] != _TAG_OID:
             raise CertificateParseError(f"{what}: expected SEQUENCE {{ OID, value }}")
-        result[_oid(parts[0][1])] = parts[1]
+        result[oid_text(parts[0][1])] = parts[1]
     return result
 
 
@@ -233,10 +234,12 @@ def _load_certificate(
 ) -> x509.Certificate:
     with parsing(CertificateParseError, what):
         cert = load(data)
-        # cryptography decodes these lazily; touch them now so a malformed certificate fails
-        # here, as a parse error, instead of in the middle of a check.
-        _ = (cert.version, cert.serial_number, cert.subject, cert.issuer, cert.extensions)
-        _ = (cert.not_valid_before_utc, cert.not_valid_after_utc, cert.signature_hash_algorithm)
+        # cryptography decodes these lazily; touch what the checks read from it now, so that a
+        # malformed certificate fails here, as a parse error, not in the middle of a check. Names
+        # and extensions are read from the DER by chain.py (building cryptography's Name objects
+        # is the costly part of a first verification); the PCK's extensions, in parse_pck_extension.
+        _ = (cert.version, cert.serial_number, cert.signature_hash_algorithm)
+        _ = (cert.not_valid_before_utc, cert.not_valid_after_utc)
     return cert
 
 

@@ -68,4 +68,5 @@ def development_root(pem: bytes) -> TrustAnchor:
     what = "development root is not a PEM certificate"
     cert = load_pem_certificate(pem, what)
     with parsing(CertificateParseError, what):
+        _ = cert.extensions  # configuration, read once: all of it must parse
         return _anchor(f"development root {cert.subject.rfc4514_string()}", cert, False)
