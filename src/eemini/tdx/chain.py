@@ -184,8 +184,9 @@ def _tbs_algorithm(signed: SignedDer, index: int) -> bytes:
 
 
 def _wrap(cert: x509.Certificate, der: bytes, fingerprint: bytes, what: str) -> Cert:
-    # Everything the checks read from the certificate, read once, here: cryptography parses
-    # lazily, so a malformed certificate fails now, as a parse error, not in the middle of a check.
+    # What the checks need of cryptography's certificate, read once, here: it parses lazily, so a
+    # malformed certificate fails now, as a parse error, not in the middle of a check. Names are
+    # read from the DER (and the CA flag, when asked: Context.is_ca).
     with parsing(CertificateParseError, f"{what} does not parse"):
         key = _p256(cert.public_key())
         signed = split_signed(der, what)
