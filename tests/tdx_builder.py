@@ -25,7 +25,7 @@ NOW = int(datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC).timestamp())
 SGX_OID = "1.2.840.113741.1.13.1"
 
 
-def _der(tag: int, value: bytes) -> bytes:
+def der_tlv(tag: int, value: bytes) -> bytes:
     n = len(value)
     if n < 0x80:
         return bytes([tag, n]) + value
@@ -43,30 +43,30 @@ def _oid(dotted: str) -> bytes:
             chunk.append(0x80 | (rest & 0x7F))
             rest >>= 7
         out += bytes(reversed(chunk))
-    return _der(0x06, bytes(out))
+    return der_tlv(0x06, bytes(out))
 
 
 def _int(v: int) -> bytes:
     raw = v.to_bytes(max(1, (v.bit_length() + 8) // 8), "big")
-    return _der(0x02, raw)
+    return der_tlv(0x02, raw)
 
 
 def _pair(oid: str, value: bytes) -> bytes:
-    return _der(0x30, _oid(oid) + value)
+    return der_tlv(0x30, _oid(oid) + value)
 
 
 def sgx_extension(fmspc: bytes, components: tuple[int, ...], pce_svn: int) -> bytes:
     tcb = b"".join(_pair(f"{SGX_OID}.2.{i + 1}", _int(c)) for i, c in enumerate(components))
     tcb += _pair(f"{SGX_OID}.2.17", _int(pce_svn)) + _pair(
-        f"{SGX_OID}.2.18", _der(0x04, bytes(components))
+        f"{SGX_OID}.2.18", der_tlv(0x04, bytes(components))
     )
-    return _der(
+    return der_tlv(
         0x30,
-        _pair(f"{SGX_OID}.1", _der(0x04, b"\x11" * 16))
-        + _pair(f"{SGX_OID}.2", _der(0x30, tcb))
-        + _pair(f"{SGX_OID}.3", _der(0x04, b"\x00\x00"))
-        + _pair(f"{SGX_OID}.4", _der(0x04, fmspc))
-        + _pair(f"{SGX_OID}.5", _der(0x0A, b"\x00")),
+        _pair(f"{SGX_OID}.1", der_tlv(0x04, b"\x11" * 16))
+        + _pair(f"{SGX_OID}.2", der_tlv(0x30, tcb))
+        + _pair(f"{SGX_OID}.3", der_tlv(0x04, b"\x00\x00"))
+        + _pair(f"{SGX_OID}.4", der_tlv(0x04, fmspc))
+        + _pair(f"{SGX_OID}.5", der_tlv(0x0A, b"\x00")),
     )
 
 

@@ -5,11 +5,15 @@ matching, TDX module identities, QE identity, and the convergence rules."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 
 import pytest
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from eemini.tdx import errors
 from eemini.tdx.collateral import TcbStatus, parse_collateral
+from eemini.tdx.pck import split_der
 from eemini.tdx.policy import PolicyBuilder
 from eemini.tdx.roots import development_root
 from eemini.tdx.tcb import converge
@@ -18,6 +22,7 @@ from tdx_builder import (
     NOW,
     TCB_SIGNING_KEY,
     build_quote,
+    der_tlv,
     make_chain,
     make_collateral,
     raw_sign,
@@ -200,3 +205,53 @@ def test_revoked_root() -> None:
         match=r"^the root 'EasyEnclave Mini development root' is revoked by its own CRL$",
     ):
         _verify(make_collateral(CHAIN, revoked_by_root=(1,)))
+
+
+# Malformed content behind a valid signature: what only a trusted signer could send still ends in
+# the verifier's own errors, naming what did not parse.
+
+
+def _signed_tcb_info(text: str) -> str:
+    doc = json.loads(make_collateral(CHAIN))
+    doc["tcb_info"] = text
+    doc["tcb_info_signature"] = raw_sign(TCB_SIGNING_KEY, text.encode()).hex()
+    return json.dumps(doc)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda t: t.replace('"issueDate":"2024-06-01T00:00:00Z"', '"issueDate":"2024-13-01"'),
+         r"^tcb_info\.issueDate is not an RFC 3339 time: month must be in 1\.\.12$"),
+        (lambda t: t.replace('"fmspc":"00906ED50000"', '"fmspc":"00906ED5000G"'),
+         r"^tcb_info\.fmspc is not valid hex: non-hexadecimal number found in fromhex\(\) arg at "
+         r"position 11$"),
+        (lambda t: "[" * 100_000,
+         r"^tcb_info is not JSON: RecursionError: maximum recursion depth exceeded"),
+        (lambda t: t.replace('"version":3', '"version":' + "9" * 5000),
+         r"^tcb_info is not JSON: Exceeds the limit \(4300 digits\) for integer string conversion"),
+        (lambda t: t.replace('"tcbStatus":"UpToDate"', '"tcbStatus":"Fine"'),
+         r"^tcb_info\.tcbLevels\[0\]\.tcbStatus: unknown TCB status 'Fine'$"),
+    ],
+    ids=["date", "hex", "nesting", "huge-number", "status"],
+)  # fmt: skip
+def test_signed_tcb_info_that_does_not_parse(change: Callable[[str], str], message: str) -> None:
+    text = change(json.loads(make_collateral(CHAIN))["tcb_info"])
+    with pytest.raises(errors.CollateralInvalid, match=message):
+        _verify(_signed_tcb_info(text))
+
+
+def test_crl_without_next_update() -> None:
+    # RFC 5280 5.1: nextUpdate is OPTIONAL in the syntax; without it a CRL's freshness is unknown.
+    assert CHAIN.ca_key is not None
+    doc = json.loads(make_collateral(CHAIN))
+    outer = split_der(bytes.fromhex(doc["pck_crl"]), "")[0][1]
+    tbs, algorithm, _ = split_der(outer, "")
+    fields = split_der(tbs[1], "")
+    assert [tag for tag, _ in fields[:5]] == [0x02, 0x30, 0x30, 0x17, 0x17]  # ..., this, next
+    tbs_der = der_tlv(0x30, b"".join(der_tlv(t, v) for i, (t, v) in enumerate(fields) if i != 4))
+    signature = CHAIN.ca_key.sign(tbs_der, ec.ECDSA(hashes.SHA256()))
+    crl = der_tlv(0x30, tbs_der + der_tlv(0x30, algorithm[1]) + der_tlv(0x03, b"\0" + signature))
+    doc["pck_crl"] = crl.hex()
+    with pytest.raises(errors.CrlInvalid, match=r"^PCK CRL has no nextUpdate, so it is never current$"):
+        _verify(json.dumps(doc))

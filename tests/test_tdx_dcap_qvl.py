@@ -6,16 +6,19 @@ fields are also compared with the dcap-qvl Python bindings live, byte for byte.
 
 from __future__ import annotations
 
+import datetime
 import json
 from pathlib import Path
 from typing import Any
 
 import dcap_qvl
 import pytest
+from cryptography import x509
 
 from conftest import shared_testdata
 from eemini.tdx.collateral import TcbStatus, parse_collateral
 from eemini.tdx.errors import (
+    CollateralExpired,
     DebugTdRejected,
     ServiceTdRejected,
     TcbLevelNotFound,
@@ -228,3 +231,59 @@ def test_collateral_written_by_dcap_qvl_is_read_as_is() -> None:
     assert parse_collateral(rewritten) == parse_collateral(text)
     v = verify((d / e["file"]).read_bytes(), parse_collateral(rewritten), Policy(), e["verify_at"])
     assert v.tcb_status == "UpToDate"
+
+
+# nextUpdate, to the second, as dcap-qvl 0.7.0 draws it: a CRL is expired from its nextUpdate on
+# (webpki's CrlExpired when now >= nextUpdate), TCB info and QE identity only after it (dcap-qvl
+# rejects `now > nextUpdate`). Each case is the collateral part that expires first in its set.
+NEXT_UPDATE_CASES = [
+    ("dcap-qvl__tdx_quote.bin", "PCK CRL", 1752919235, 1752919235, "CrlExpired",
+     r"^PCK CRL is valid from 2025-06-19T10:00:35\+00:00 until its nextUpdate "
+     r"2025-07-19T10:00:35\+00:00 \(exclusive\), not at 2025-07-19T10:00:35\+00:00$"),
+    ("go-tdx-guest__cos-113-tdx-quote.bin", "TCB info", 1763488130, 1763488131, "TCBInfo expired",
+     r"^TCB info is valid from 2025-10-19T17:48:50\+00:00 to 2025-11-18T17:48:50\+00:00, "
+     r"not at 2025-11-18T17:48:51\+00:00$"),
+    ("go-tdx-guest__tdx_prod_quote_SPR_E4.bin", "QE identity", 1688801099, 1688801100,
+     "QE Identity expired",
+     r"^QE identity is valid from 2023-06-08T07:24:59\+00:00 to 2023-07-08T07:24:59\+00:00, "
+     r"not at 2023-07-08T07:25:00\+00:00$"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("name", "part", "next_update", "expired_at", "theirs", "ours"),
+    NEXT_UPDATE_CASES,
+    ids=[c[1] for c in NEXT_UPDATE_CASES],
+)
+def test_next_update_boundary_equals_dcap_qvl(
+    name: str, part: str, next_update: int, expired_at: int, theirs: str, ours: str
+) -> None:
+    d, e = _load(name)
+    raw = (d / name).read_bytes()
+    text = (d / e["collateral_file"]).read_text()
+    parsed = json.loads(text)
+    if part == "PCK CRL":
+        nxt = x509.load_der_x509_crl(bytes.fromhex(parsed["pck_crl"])).next_update_utc
+        assert nxt is not None and nxt.timestamp() == next_update
+    else:
+        key = "tcb_info" if part == "TCB info" else "qe_identity"
+        nxt = datetime.datetime.fromisoformat(json.loads(parsed[key])["nextUpdate"])
+        assert nxt.timestamp() == next_update
+    policy = PolicyBuilder().accepted_tcb_statuses(ALL_STATUSES).build()
+    # One second before: current for both (the SPR_E4 quote then fails on its TCB level).
+    theirs_before: str | None = None
+    try:
+        dcap_qvl.verify(raw, dcap_qvl.QuoteCollateralV3.from_json(text), expired_at - 1)
+    except ValueError as err:
+        theirs_before = str(err)
+    try:
+        verify(raw, parse_collateral(text), policy, expired_at - 1)
+    except TcbLevelNotFound:
+        assert theirs_before == "Verification failed: No matching TCB level found"
+    else:
+        assert theirs_before is None
+    # At the second: expired for both.
+    with pytest.raises(ValueError, match=theirs):
+        dcap_qvl.verify(raw, dcap_qvl.QuoteCollateralV3.from_json(text), expired_at)
+    with pytest.raises(CollateralExpired, match=ours):
+        verify(raw, parse_collateral(text), policy, expired_at)

@@ -11,6 +11,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from eemini.log import die
@@ -63,15 +64,25 @@ def _read(path: str, what: str) -> bytes:
 
 
 def run(args: argparse.Namespace) -> int:
+    # cryptography warns about odd certificates (a country name's length, say): the verdict is
+    # ours to give, on one line.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return _verify(args)
+
+
+def _verify(args: argparse.Namespace) -> int:
     from eemini.commands.quote import read_quote_bytes
     from eemini.tdx.collateral import parse_collateral
     from eemini.tdx.describe import describe_verified, verified_to_dict
     from eemini.tdx.errors import (
         CertificateParseError,
         CollateralParseError,
+        QuoteError,
         QuoteParseError,
         VerificationError,
     )
+    from eemini.tdx.guard import parsing
     from eemini.tdx.policy import PolicyBuilder, policy_builder_from_json
     from eemini.tdx.quote import parse_quote
     from eemini.tdx.roots import INTEL_ROOT, development_root
@@ -92,14 +103,17 @@ def run(args: argparse.Namespace) -> int:
         except CollateralParseError as e:
             die(f"{args.collateral}: {e}", exit_code=2)
     try:
-        builder = (
-            policy_builder_from_json(_read(args.policy, "policy")) if args.policy else PolicyBuilder()
-        )
-        if args.report_data is not None:
-            builder = builder.report_data(args.report_data)
-        if args.mr_td:
-            builder = builder.accepted_mr_td(args.mr_td)
-        policy = builder.build()
+        with parsing(PolicyError, "policy does not parse"):
+            builder = (
+                policy_builder_from_json(_read(args.policy, "policy"))
+                if args.policy
+                else PolicyBuilder()
+            )
+            if args.report_data is not None:
+                builder = builder.report_data(args.report_data)
+            if args.mr_td:
+                builder = builder.accepted_mr_td(args.mr_td)
+            policy = builder.build()
     except PolicyError as e:
         where = f"{args.policy}: " if args.policy else ""
         hint = None
@@ -131,6 +145,8 @@ def run(args: argparse.Namespace) -> int:
             print(json.dumps({"verified": False, "check": e.check, "error": e.message}, indent=2))
         print(f"eemini verify: rejected: {e.one_line()}", file=sys.stderr)
         return 1
+    except QuoteError as e:  # an input that does not parse, found out only while verifying
+        die(str(e), exit_code=2)
     if args.json:
         out = verified_to_dict(verified)
         if verified.event_log is not None:

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
@@ -27,12 +27,14 @@ from eemini.tdx.errors import (
     CrlInvalid,
     UntrustedRoot,
 )
+from eemini.tdx.guard import parsing
 from eemini.tdx.pck import (
+    ParseErrorType,
     PckExtension,
     der_spans,
     load_der_certificate,
-    pem_block_der,
-    pem_blocks,
+    oid_text,
+    pem_ders,
     split_der,
 )
 from eemini.tdx.roots import TrustAnchor
@@ -46,16 +48,14 @@ class Cert:
 
     cert: x509.Certificate
     fingerprint: bytes
+    name: str  # for messages: the subject's common name
+    serial: int
     subject: bytes
     issuer: bytes
     not_before: datetime.datetime
     not_after: datetime.datetime
     key: ec.EllipticCurvePublicKey | None
     signed: SignedDer
-
-    @property
-    def name(self) -> str:
-        return _name(self.cert)
 
 
 # AlgorithmIdentifier contents of ecdsa-with-SHA256 (RFC 5758 3.2: OID 1.2.840.10045.4.3.2, no
@@ -74,16 +74,16 @@ class SignedDer:
     signature: bytes  # DER ECDSA-Sig-Value, from the BIT STRING
 
 
-def split_signed(der: bytes, what: str) -> SignedDer:
-    outer = der_spans(der, what)
+def split_signed(der: bytes, what: str, error: ParseErrorType = CertificateParseError) -> SignedDer:
+    outer = der_spans(der, what, error)
     if len(outer) != 1 or outer[0][0] != 0x30:
-        raise CertificateParseError(f"{what}: not a DER SEQUENCE")
+        raise error(f"{what}: not a DER SEQUENCE")
     body = der[outer[0][2] : outer[0][3]]
-    parts = der_spans(body, what)
+    parts = der_spans(body, what, error)
     if len(parts) != 3 or parts[0][0] != 0x30 or parts[1][0] != 0x30 or parts[2][0] != 0x03:
-        raise CertificateParseError(f"{what}: not a signed SEQUENCE {{ tbs, algorithm, signature }}")
+        raise error(f"{what}: not a signed SEQUENCE {{ tbs, algorithm, signature }}")
     tbs_value = body[parts[0][2] : parts[0][3]]
-    fields = split_der(tbs_value, what)
+    fields = split_der(tbs_value, what, error)
     bits = body[parts[2][2] : parts[2][3]]
     return SignedDer(
         tbs=body[parts[0][1] : parts[0][3]],
@@ -123,6 +123,59 @@ def _tbs_names(signed: SignedDer, what: str) -> tuple[bytes, bytes]:
     return signed.fields[first + 2], signed.fields[first + 4]
 
 
+# OBJECT IDENTIFIER contents: id-at-commonName (2.5.4.3), id-ce-basicConstraints (2.5.29.19).
+_OID_COMMON_NAME = bytes.fromhex("550403")
+_OID_BASIC_CONSTRAINTS = bytes.fromhex("551d13")
+# Directory string tags (RFC 5280 4.1.2.4): UTF8String, PrintableString, IA5String, T61String,
+# BMPString, UniversalString.
+_STRING_CODECS = {0x0C: "utf-8", 0x13: "ascii", 0x16: "ascii", 0x14: "latin-1", 0x1E: "utf-16-be",
+                  0x1C: "utf-32-be"}  # fmt: skip
+
+
+def _tbs_extensions(signed: SignedDer, what: str) -> dict[bytes, bytes]:
+    """extnValue by extnID (RFC 5280 4.1: [3] EXPLICIT SEQUENCE OF SEQUENCE { extnID, critical
+    BOOLEAN DEFAULT FALSE, extnValue OCTET STRING }), each extension at most once (4.2)."""
+    out: dict[bytes, bytes] = {}
+    for tag, value in zip(signed.field_tags, signed.fields, strict=True):
+        if tag != 0xA3:
+            continue
+        outer = split_der(value, what)
+        if len(outer) != 1 or outer[0][0] != 0x30:
+            raise CertificateParseError(f"{what}: extensions are not a SEQUENCE")
+        for ext_tag, ext in split_der(outer[0][1], what):
+            parts = split_der(ext, what) if ext_tag == 0x30 else []
+            if len(parts) not in (2, 3) or parts[0][0] != 0x06 or parts[-1][0] != 0x04:
+                raise CertificateParseError(f"{what}: an extension is not {{ OID, critical, value }}")
+            if parts[0][1] in out:
+                raise CertificateParseError(f"{what}: extension {oid_text(parts[0][1])} appears twice")
+            out[parts[0][1]] = parts[-1][1]
+    return out
+
+
+def _is_ca(extensions: dict[bytes, bytes], what: str) -> bool:
+    # BasicConstraints ::= SEQUENCE { cA BOOLEAN DEFAULT FALSE, pathLenConstraint INTEGER OPTIONAL }
+    value = extensions.get(_OID_BASIC_CONSTRAINTS)
+    if value is None:
+        return False
+    outer = split_der(value, what)
+    if len(outer) != 1 or outer[0][0] != 0x30:
+        raise CertificateParseError(f"{what}: basicConstraints is not a SEQUENCE")
+    inner = split_der(outer[0][1], what)
+    return bool(inner) and inner[0] == (0x01, b"\xff")
+
+
+def _common_name(name: bytes, what: str) -> str:
+    """For messages: the first commonName of a Name's contents (SEQUENCE OF SET OF SEQUENCE
+    { type, value }), quoted."""
+    for tag, rdn in split_der(name, what):
+        for _, attribute in split_der(rdn, what) if tag == 0x31 else []:
+            parts = split_der(attribute, what)
+            if len(parts) == 2 and parts[0] == (0x06, _OID_COMMON_NAME):
+                codec = _STRING_CODECS.get(parts[1][0], "latin-1")
+                return repr(parts[1][1].decode(codec, errors="replace"))
+    return "(a certificate without a common name)"
+
+
 def _tbs_algorithm(signed: SignedDer, index: int) -> bytes:
     # The AlgorithmIdentifier inside the TBS, as contents (tag 0x30 checked).
     if len(signed.fields) <= index or signed.field_tags[index] != 0x30:
@@ -131,30 +184,32 @@ def _tbs_algorithm(signed: SignedDer, index: int) -> bytes:
 
 
 def _wrap(cert: x509.Certificate, der: bytes, fingerprint: bytes, what: str) -> Cert:
-    try:
-        key = cert.public_key()
-    except (ValueError, UnsupportedAlgorithm):
-        key = None
-    ec_key = (
-        key
-        if isinstance(key, ec.EllipticCurvePublicKey) and isinstance(key.curve, ec.SECP256R1)
-        else None
-    )
-    signed = split_signed(der, what)
-    issuer, subject = _tbs_names(signed, what)
-    try:
+    # What the checks need of cryptography's certificate, read once, here: it parses lazily, so a
+    # malformed certificate fails now, as a parse error, not in the middle of a check. Names are
+    # read from the DER (and the CA flag, when asked: Context.is_ca).
+    with parsing(CertificateParseError, f"{what} does not parse"):
+        key = _p256(cert.public_key())
+        signed = split_signed(der, what)
+        issuer, subject = _tbs_names(signed, what)
         return Cert(
             cert=cert,
             fingerprint=fingerprint,
+            name=_common_name(subject, what),
+            serial=cert.serial_number,
             subject=subject,
             issuer=issuer,
             not_before=cert.not_valid_before_utc,
             not_after=cert.not_valid_after_utc,
-            key=ec_key,
+            key=key,
             signed=signed,
         )
-    except ValueError as e:
-        raise CertificateParseError(f"{what}: a certificate does not parse: {e}") from None
+
+
+def _p256(key: object) -> ec.EllipticCurvePublicKey | None:
+    # Not a P-256 key: cryptography's own X.509 checks decide (verify_link).
+    if isinstance(key, ec.EllipticCurvePublicKey) and isinstance(key.curve, ec.SECP256R1):
+        return key
+    return None
 
 
 # Trust anchors are configuration: wrap each once per process.
@@ -163,10 +218,13 @@ _ANCHOR_CERTS: dict[str, Cert] = {}
 
 @dataclass(frozen=True, slots=True)
 class Crl:
+    """A parsed CRL with what the checks compare, read once (the issuer name as DER bytes)."""
+
     crl: x509.CertificateRevocationList
     issuer: bytes
     this_update: datetime.datetime
-    next_update: datetime.datetime | None
+    next_update: datetime.datetime
+    revoked: frozenset[int]  # serial numbers
 
 
 @dataclass
@@ -218,10 +276,12 @@ class Context:
             )
         return got
 
-    def is_ca(self, cert: Cert) -> bool:
+    def is_ca(self, cert: Cert, what: str) -> bool:
+        # Read from the DER when a chain needs it (only issuers are asked), then remembered.
         got = self.cache.ca.get(cert.fingerprint)
         if got is None:
-            got = self.cache.ca[cert.fingerprint] = _is_ca(cert.cert)
+            where = f"{what}: {cert.name}"
+            got = self.cache.ca[cert.fingerprint] = _is_ca(_tbs_extensions(cert.signed, where), where)
         return got
 
     def load_chain(self, pem: bytes, what: str) -> tuple[Cert, ...]:
@@ -231,12 +291,12 @@ class Context:
             certs = []
             # The same certificates recur across chains (the root in all four, the platform CA
             # in two): parse each once.
-            for i, block in enumerate(pem_blocks(pem, what)):
-                der = pem_block_der(block, what, i)
+            for i, der in enumerate(pem_ders(pem, what)):
                 fingerprint = hashlib.sha256(der).digest()
                 cert = self.cache.certs.get(fingerprint)
                 if cert is None:
-                    cert = _wrap(load_der_certificate(der, what, i), der, fingerprint, what)
+                    loaded = load_der_certificate(der, what, i)
+                    cert = _wrap(loaded, der, fingerprint, f"{what}: certificate {i}")
                     self.cache.certs[fingerprint] = cert
                 certs.append(cert)
             chain = self.cache.chains[key] = tuple(certs)
@@ -253,16 +313,13 @@ class Context:
         first = 1 if child.signed.field_tags and child.signed.field_tags[0] == 0xA0 else 0
         ok = verify_raw_tbs(child.signed, parent.key, _tbs_algorithm(child.signed, first + 1))
         if ok is None:
-            try:
+            not_signed = f"{what}: {child.name} is not signed by {parent.name}"
+            with parsing(CertificateChainError, not_signed):
                 child.cert.verify_directly_issued_by(parent.cert)
                 ok = True
-            except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm) as e:
-                raise CertificateChainError(
-                    f"{what}: {child.name} is not signed by {parent.name} ({type(e).__name__}: {e})"
-                ) from None
         if not ok:
             raise CertificateChainError(
-                f"{what}: {child.name} is not signed by {parent.name} (InvalidSignature)"
+                f"{what}: {child.name} is not signed by {parent.name}: InvalidSignature"
             )
         self.cache.links.add(key)
 
@@ -295,26 +352,11 @@ class Context:
         path = (*chain, root)
         for i in range(len(chain)):
             self.verify_link(path[i], path[i + 1], what)
-            if i + 1 < len(chain) and not self.is_ca(path[i + 1]):
+            if i + 1 < len(chain) and not self.is_ca(path[i + 1], what):
                 raise CertificateChainError(f"{what}: {path[i + 1].name} is not a CA certificate")
         for cert in path:
             self.check_window(cert, what)
         return anchor, root, chain
-
-
-def _name(cert: x509.Certificate) -> str:
-    try:
-        cns = cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
-        return repr(cns[0].value) if cns else repr(cert.subject.rfc4514_string())
-    except ValueError:
-        return "(a certificate with an unreadable subject)"
-
-
-def _is_ca(cert: x509.Certificate) -> bool:
-    try:
-        return bool(cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
-    except (x509.ExtensionNotFound, ValueError):
-        return False
 
 
 def ecdsa_verify_raw(key: ec.EllipticCurvePublicKey, raw_sig: bytes, data: bytes) -> bool:
@@ -339,35 +381,48 @@ def load_crl(ctx: Context, der: bytes, issuer: Cert, what: str) -> Crl:
     key = (digest(der), issuer.fingerprint)
     crl = ctx.cache.crls.get(key)
     if crl is None:
-        try:
-            loaded = x509.load_der_x509_crl(der)
-            signed = split_signed(der, what)
-            # RFC 5280 5.1: TBSCertList ::= SEQUENCE { version INTEGER OPTIONAL, signature, issuer,
-            # thisUpdate, nextUpdate OPTIONAL, ... }
-            first = 1 if signed.field_tags and signed.field_tags[0] == 0x02 else 0
-            if len(signed.fields) < first + 3:
-                raise CrlInvalid(f"{what}: TBSCertList is too short")
-            crl = Crl(loaded, signed.fields[first + 1], loaded.last_update_utc, loaded.next_update_utc)
-        except (ValueError, CertificateParseError) as e:
-            raise CrlInvalid(f"{what} is not a DER CRL: {e}") from None
-        if crl.issuer != issuer.subject:
+        crl = _verified_crl(der, issuer, what)
+        ctx.cache.crls[key] = crl
+    # Expired from its nextUpdate second on, as dcap-qvl judges CRLs (webpki's CrlExpired when
+    # now >= nextUpdate); TCB info and QE identity it accepts through that second (verify.py).
+    this, nxt = crl.this_update, crl.next_update
+    if not this <= ctx.when < nxt:
+        raise CollateralExpired(
+            f"{what} is valid from {this.isoformat()} until its nextUpdate {nxt.isoformat()} "
+            f"(exclusive), not at {ctx.when.isoformat()}"
+        )
+    return crl
+
+
+def _verified_crl(der: bytes, issuer: Cert, what: str) -> Crl:
+    # The issuer and the signature first: the rest of an unsigned CRL is not worth reading.
+    parse_error = f"{what} does not parse"
+    with parsing(CrlInvalid, parse_error):
+        loaded = x509.load_der_x509_crl(der)
+        signed = split_signed(der, what, CrlInvalid)
+        # RFC 5280 5.1: TBSCertList ::= SEQUENCE { version INTEGER OPTIONAL, signature, issuer,
+        # thisUpdate, nextUpdate OPTIONAL, ... }
+        first = 1 if signed.field_tags and signed.field_tags[0] == 0x02 else 0
+        if len(signed.fields) < first + 3:
+            raise CrlInvalid(f"{what}: TBSCertList is too short")
+        if signed.fields[first + 1] != issuer.subject:
             raise CrlInvalid(
                 f"{what} is issued by {loaded.issuer.rfc4514_string()}, expected {issuer.name}"
             )
-        valid = verify_raw_tbs(signed, issuer.key, _tbs_algorithm(signed, first))
-        if valid is None:
-            try:
-                valid = loaded.is_signature_valid(ec_key(issuer, what))
-            except (TypeError, ValueError, UnsupportedAlgorithm):
-                valid = False
-        if not valid:
-            raise CrlInvalid(f"{what} is not signed by {issuer.name}")
-        ctx.cache.crls[key] = crl
-    this, nxt = crl.this_update, crl.next_update
-    if nxt is None or not this <= ctx.when <= nxt:
-        raise CollateralExpired(
-            f"{what} is valid from {this.isoformat()} to "
-            f"{nxt.isoformat() if nxt else '(no next update)'}, "
-            f"not at {ctx.when.isoformat()}"
+    valid = verify_raw_tbs(signed, issuer.key, _tbs_algorithm(signed, first))
+    if valid is None:
+        with parsing(CrlInvalid, f"{what} is not signed by {issuer.name}"):
+            valid = loaded.is_signature_valid(issuer.cert.public_key())  # type: ignore[arg-type]
+    if not valid:
+        raise CrlInvalid(f"{what} is not signed by {issuer.name}")
+    with parsing(CrlInvalid, parse_error):
+        next_update = loaded.next_update_utc
+        if next_update is None:
+            raise CrlInvalid(f"{what} has no nextUpdate, so it is never current")
+        return Crl(
+            crl=loaded,
+            issuer=issuer.subject,
+            this_update=loaded.last_update_utc,
+            next_update=next_update,
+            revoked=frozenset(entry.serial_number for entry in loaded),
         )
-    return crl

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from eemini.tdx.errors import CollateralParseError
+from eemini.tdx.guard import parsing, utf8
 
 
 class TcbStatus(enum.StrEnum):
@@ -27,6 +28,9 @@ class TcbStatus(enum.StrEnum):
     OUT_OF_DATE = "OutOfDate"
     OUT_OF_DATE_CONFIGURATION_NEEDED = "OutOfDateConfigurationNeeded"
     REVOKED = "Revoked"
+
+
+_STATUSES = frozenset(s.value for s in TcbStatus)
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,21 +56,19 @@ _BYTES_FIELDS = ("root_ca_crl", "pck_crl", "tcb_info_signature", "qe_identity_si
 def _hex_or_list(name: str, value: object) -> bytes:
     # dcap-qvl writes hex strings; serde's default for Vec<u8> (a list of ints) is accepted too.
     if isinstance(value, str):
-        try:
+        with parsing(CollateralParseError, f"collateral field {name!r} is not valid hex"):
             return bytes.fromhex(value.removeprefix("0x"))
-        except ValueError:
-            raise CollateralParseError(f"collateral field {name!r} is not valid hex") from None
-    if isinstance(value, list) and all(isinstance(b, int) and 0 <= b <= 255 for b in value):
+    if isinstance(value, list) and all(
+        isinstance(b, int) and not isinstance(b, bool) and 0 <= b <= 255 for b in value
+    ):
         return bytes(value)
     raise CollateralParseError(f"collateral field {name!r} must be a hex string")
 
 
 def parse_collateral(text: str | bytes) -> Collateral:
     """Parse QuoteCollateralV3 JSON (dcap-qvl's layout)."""
-    try:
+    with parsing(CollateralParseError, "collateral is not JSON"):
         doc = json.loads(text)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise CollateralParseError(f"collateral is not JSON: {e}") from None
     if not isinstance(doc, dict):
         raise CollateralParseError("collateral must be a JSON object")
     missing = [k for k in (*_STR_FIELDS, *_BYTES_FIELDS) if k not in doc]
@@ -76,6 +78,7 @@ def parse_collateral(text: str | bytes) -> Collateral:
     for k in _STR_FIELDS:
         if not isinstance(doc[k], str):
             raise CollateralParseError(f"collateral field {k!r} must be a string")
+        utf8(doc[k], CollateralParseError, f"collateral field {k!r}")  # "\ud800" is JSON, not text
         values[k] = doc[k]
     for k in _BYTES_FIELDS:
         values[k] = _hex_or_list(k, doc[k])
@@ -175,20 +178,16 @@ class _Doc:
 
     def hexbytes(self, key: str, size: int | None = None) -> bytes:
         s = self.text(key)
-        try:
+        with parsing(CollateralParseError, f"{self.where}.{key} is not valid hex"):
             v = bytes.fromhex(s)
-        except ValueError:
-            raise CollateralParseError(f"{self.where}.{key} is not valid hex") from None
         if size is not None and len(v) != size:
             raise CollateralParseError(f"{self.where}.{key}: expected {size} bytes, found {len(v)}")
         return v
 
     def when(self, key: str) -> datetime.datetime:
         s = self.text(key)
-        try:
+        with parsing(CollateralParseError, f"{self.where}.{key} is not an RFC 3339 time"):
             t = datetime.datetime.fromisoformat(s)
-        except ValueError:
-            raise CollateralParseError(f"{self.where}.{key} is not an RFC 3339 time: {s!r}") from None
         if t.tzinfo is None:
             raise CollateralParseError(f"{self.where}.{key} has no time zone: {s!r}")
         return t
@@ -204,10 +203,9 @@ class _Doc:
 
     def status(self, key: str) -> TcbStatus:
         s = self.text(key)
-        try:
-            return TcbStatus(s)
-        except ValueError:
-            raise CollateralParseError(f"{self.where}.{key}: unknown TCB status {s!r}") from None
+        if s not in _STATUSES:
+            raise CollateralParseError(f"{self.where}.{key}: unknown TCB status {s!r}")
+        return TcbStatus(s)
 
     def advisories(self) -> tuple[str, ...]:
         if not self.has("advisoryIDs"):
@@ -219,10 +217,9 @@ class _Doc:
 
 
 def _load(text: str, what: str) -> _Doc:
-    try:
-        return _Doc(json.loads(text), what)
-    except ValueError as e:
-        raise CollateralParseError(f"{what} is not JSON: {e}") from None
+    with parsing(CollateralParseError, f"{what} is not JSON"):
+        doc = json.loads(text)
+    return _Doc(doc, what)
 
 
 def _svns(doc: _Doc, key: str) -> tuple[int, ...]:

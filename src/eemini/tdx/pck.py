@@ -15,9 +15,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
 
-from eemini.tdx.errors import CertificateParseError
+from eemini.tdx.errors import CertificateParseError, QuoteError
+from eemini.tdx.guard import parsing
 
 SGX_EXTENSIONS_OID = "1.2.840.113741.1.13.1"
 _OID_PPID = SGX_EXTENSIONS_OID + ".1"
@@ -48,19 +48,26 @@ class PckExtension:
     platform_instance_id: bytes | None
 
 
-def split_der(data: bytes, what: str) -> list[tuple[int, bytes]]:
-    """Split DER `data` into (tag, value) pairs; raises CertificateParseError on malformed input."""
-    return [(tag, data[start:end]) for tag, _, start, end in der_spans(data, what)]
+ParseErrorType = Callable[[str], QuoteError]
 
 
-def der_spans(data: bytes, what: str) -> list[tuple[int, int, int, int]]:
+def split_der(
+    data: bytes, what: str, error: ParseErrorType = CertificateParseError
+) -> list[tuple[int, bytes]]:
+    """Split DER `data` into (tag, value) pairs; raises `error` on malformed input."""
+    return [(tag, data[start:end]) for tag, _, start, end in der_spans(data, what, error)]
+
+
+def der_spans(
+    data: bytes, what: str, error: ParseErrorType = CertificateParseError
+) -> list[tuple[int, int, int, int]]:
     """Split DER `data` into (tag, header start, value start, value end) offsets."""
     out: list[tuple[int, int, int, int]] = []
     pos = 0
     size = len(data)
     while pos < size:
         if size - pos < 2:
-            raise CertificateParseError(f"{what}: truncated DER at byte {pos}")
+            raise error(f"{what}: truncated DER at byte {pos}")
         tag = data[pos]
         head = pos
         length = data[pos + 1]
@@ -68,19 +75,20 @@ def der_spans(data: bytes, what: str) -> list[tuple[int, int, int, int]]:
         if length & 0x80:
             n = length & 0x7F
             if n == 0 or n > 4 or size - pos < n:
-                raise CertificateParseError(f"{what}: bad DER length at byte {pos - 1}")
+                raise error(f"{what}: bad DER length at byte {pos - 1}")
             length = int.from_bytes(data[pos : pos + n], "big")
             pos += n
         end = pos + length
         if end > size:
-            raise CertificateParseError(f"{what}: DER value overruns its container at byte {pos}")
+            raise error(f"{what}: DER value overruns its container at byte {pos}")
         out.append((tag, head, pos, end))
         pos = end
     return out
 
 
 @functools.lru_cache(maxsize=512)
-def _oid(value: bytes) -> str:
+def oid_text(value: bytes) -> str:
+    """The dotted form of an OBJECT IDENTIFIER's contents."""
     if not value:
         return ""
     parts = [value[0] // 40, value[0] % 40]
@@ -103,7 +111,7 @@ def _pairs(der: bytes, what: str) -> dict[str, tuple[int, bytes]]:
         parts = split_der(item, what) if tag == _TAG_SEQUENCE else []
         if len(parts) != 2 or parts[0][0] != _TAG_OID:
             raise CertificateParseError(f"{what}: expected SEQUENCE {{ OID, value }}")
-        result[_oid(parts[0][1])] = parts[1]
+        result[oid_text(parts[0][1])] = parts[1]
     return result
 
 
@@ -131,13 +139,11 @@ def _uint(pairs: dict[str, tuple[int, bytes]], oid: str, tag: int = _TAG_INTEGER
 
 def parse_pck_extension(cert: x509.Certificate) -> PckExtension:
     """Decode the Intel SGX extensions of a PCK leaf certificate."""
-    try:
-        ext = cert.extensions.get_extension_for_oid(x509.ObjectIdentifier(SGX_EXTENSIONS_OID))
-    except x509.ExtensionNotFound:
-        raise CertificateParseError("PCK certificate has no Intel SGX extension") from None
-    except ValueError as e:
-        raise CertificateParseError(f"PCK certificate extensions do not parse: {e}") from None
-    value = ext.value
+    with parsing(CertificateParseError, "PCK certificate extensions do not parse"):
+        sgx = [e for e in cert.extensions if e.oid.dotted_string == SGX_EXTENSIONS_OID]
+    if not sgx:
+        raise CertificateParseError("PCK certificate has no Intel SGX extension")
+    value = sgx[0].value
     if not isinstance(value, x509.UnrecognizedExtension):
         raise CertificateParseError("PCK certificate SGX extension has an unexpected type")
     top = _pairs(value.value, "PCK certificate SGX extension")
@@ -177,57 +183,77 @@ def _der_wrap(tag: int, value: bytes) -> bytes:
 
 _PEM_BEGIN = b"-----BEGIN CERTIFICATE-----"
 _PEM_END = b"-----END CERTIFICATE-----"
+_EOL = b"\r\n"
 
 
-def pem_blocks(pem: bytes, what: str) -> list[bytes]:
-    """The PEM certificate blocks of a concatenated chain, leaf first (real quotes end with a NUL)."""
-    blocks: list[bytes] = []
-    start = pem.find(_PEM_BEGIN)
-    while start >= 0:
-        end = pem.find(_PEM_END, start)
+def pem_ders(pem: bytes, what: str) -> list[bytes]:
+    """The DER certificates of a concatenated PEM chain, leaf first.
+
+    Strict, so that no change of the (unsigned) PEM text leaves the chain as it was: between and
+    around the blocks only line breaks, and NULs at the very end (real quotes end with one); inside
+    a block only base64 in its canonical form, and line breaks (RFC 7468 section 3, any line length).
+    """
+    text = pem.rstrip(b"\0")
+    ders: list[bytes] = []
+    pos = 0
+    while True:
+        start = text.find(_PEM_BEGIN, pos)
+        gap = text[pos : start if start >= 0 else len(text)]
+        if gap.translate(None, _EOL):
+            where = f"after certificate {len(ders) - 1}" if ders else "before the first certificate"
+            raise CertificateParseError(
+                f"{what}: unexpected bytes {where} (only line breaks may separate PEM certificates)"
+            )
+        if start < 0:
+            break
+        body = start + len(_PEM_BEGIN)
+        end = text.find(_PEM_END, body)
         if end < 0:
-            raise CertificateParseError(f"{what}: certificate {len(blocks)} has no END line")
-        end += len(_PEM_END)
-        blocks.append(pem[start:end])
-        start = pem.find(_PEM_BEGIN, end)
-    if not blocks:
+            raise CertificateParseError(f"{what}: certificate {len(ders)} has no END line")
+        ders.append(_pem_body_der(text[body:end], what, len(ders)))
+        pos = end + len(_PEM_END)
+    if not ders:
         raise CertificateParseError(f"{what}: no PEM certificate found")
-    return blocks
+    return ders
 
 
-def _load_certificate(
-    load: Callable[[bytes], x509.Certificate], data: bytes, what: str, index: int
-) -> x509.Certificate:
-    try:
-        cert = load(data)
-        # cryptography decodes these lazily; touch them now so a malformed certificate fails
-        # here, as a parse error, instead of in the middle of a check.
-        _ = (cert.not_valid_before_utc, cert.not_valid_after_utc, cert.signature_hash_algorithm)
-    except (ValueError, UnsupportedAlgorithm) as e:
-        raise CertificateParseError(f"{what}: certificate {index} does not parse: {e}") from None
-    return cert
-
-
-def load_pem_certificate(block: bytes, what: str, index: int) -> x509.Certificate:
-    return _load_certificate(x509.load_pem_x509_certificate, block, what, index)
-
-
-def pem_block_der(block: bytes, what: str, index: int) -> bytes:
-    """The DER inside one PEM certificate block (as returned by pem_blocks)."""
-    body = block[len(_PEM_BEGIN) : -len(_PEM_END)]
-    try:
-        der = binascii.a2b_base64(body, strict_mode=False)
-    except binascii.Error as e:
-        raise CertificateParseError(f"{what}: certificate {index} is not valid base64: {e}") from None
+def _pem_body_der(body: bytes, what: str, index: int) -> bytes:
+    b64 = body.translate(None, _EOL)
+    with parsing(CertificateParseError, f"{what}: certificate {index} is not valid base64"):
+        der = binascii.a2b_base64(b64, strict_mode=True)
     if not der:
         raise CertificateParseError(f"{what}: certificate {index} is empty")
+    if binascii.b2a_base64(der, newline=False) != b64:
+        # Non-zero bits after the last byte: another text for the same DER.
+        raise CertificateParseError(f"{what}: certificate {index} is not canonical base64")
     return der
 
 
+def _load_certificate(
+    load: Callable[[bytes], x509.Certificate], data: bytes, what: str
+) -> x509.Certificate:
+    with parsing(CertificateParseError, what):
+        cert = load(data)
+        # cryptography decodes these lazily; touch what the checks read from it now, so that a
+        # malformed certificate fails here, as a parse error, not in the middle of a check. Names
+        # and extensions are read from the DER by chain.py (building cryptography's Name objects
+        # is the costly part of a first verification); the PCK's extensions, in parse_pck_extension.
+        _ = (cert.version, cert.serial_number, cert.signature_hash_algorithm)
+        _ = (cert.not_valid_before_utc, cert.not_valid_after_utc)
+    return cert
+
+
+def load_pem_certificate(pem: bytes, what: str) -> x509.Certificate:
+    """One PEM certificate; `what` says what it is ("development root is not a PEM certificate")."""
+    return _load_certificate(x509.load_pem_x509_certificate, pem, what)
+
+
 def load_der_certificate(der: bytes, what: str, index: int) -> x509.Certificate:
-    return _load_certificate(x509.load_der_x509_certificate, der, what, index)
+    return _load_certificate(
+        x509.load_der_x509_certificate, der, f"{what}: certificate {index} does not parse"
+    )
 
 
 def load_pem_chain(pem: bytes, what: str) -> list[x509.Certificate]:
     """Certificates of a concatenated PEM chain, leaf first."""
-    return [load_pem_certificate(b, what, i) for i, b in enumerate(pem_blocks(pem, what))]
+    return [load_der_certificate(der, what, i) for i, der in enumerate(pem_ders(pem, what))]

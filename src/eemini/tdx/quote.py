@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from eemini.tdx import layout
 from eemini.tdx.errors import QuoteParseError
+from eemini.tdx.guard import parsing
 from eemini.tdx.layout import AttestationKeyType, BodyType, CertificationDataType, TeeType
 
 
@@ -252,6 +253,16 @@ def parse_quote(data: bytes) -> Quote:
     """Parse a TDX quote v4 or v5; trailing bytes after it (padding) are tolerated and counted."""
     if not isinstance(data, bytes):
         raise TypeError("data must be bytes")
+    # Every read checks its bounds (`_Reader.take`); the guard is for what they do not foresee.
+    with parsing(_malformed, "a malformed structure"):
+        return _parse(data)
+
+
+def _malformed(message: str) -> QuoteParseError:
+    return QuoteParseError("quote", 0, "a well-formed TDX quote", message)
+
+
+def _parse(data: bytes) -> Quote:
     r = _Reader(data)
     header = _parse_header(r)
     if header.version == 4:

@@ -15,6 +15,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from eemini.tdx.errors import CertificateParseError
+from eemini.tdx.guard import parsing
+from eemini.tdx.pck import load_pem_certificate
 
 INTEL_SGX_ROOT_CA_PEM = b"""-----BEGIN CERTIFICATE-----
 MIICjzCCAjSgAwIBAgIUImUM1lqdNInzg7SVUr9QGzknBqwwCgYIKoZIzj0EAwIw
@@ -63,8 +65,8 @@ INTEL_ROOT = intel_root()
 
 def development_root(pem: bytes) -> TrustAnchor:
     """A development root the caller chose to trust explicitly (never trusted by default)."""
-    try:
-        cert = x509.load_pem_x509_certificate(pem)
-    except ValueError as e:
-        raise CertificateParseError(f"development root is not a PEM certificate: {e}") from None
-    return _anchor(f"development root {cert.subject.rfc4514_string()}", cert, False)
+    what = "development root is not a PEM certificate"
+    cert = load_pem_certificate(pem, what)
+    with parsing(CertificateParseError, what):
+        _ = cert.extensions  # configuration, read once: all of it must parse
+        return _anchor(f"development root {cert.subject.rfc4514_string()}", cert, False)

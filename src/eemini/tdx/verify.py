@@ -44,6 +44,7 @@ from eemini.tdx.collateral import (
     parse_tcb_info,
 )
 from eemini.tdx.errors import (
+    CertificateParseError,
     CertificateRevoked,
     CollateralExpired,
     CollateralInvalid,
@@ -65,6 +66,7 @@ from eemini.tdx.errors import (
     TdAttributesRejected,
 )
 from eemini.tdx.evidence import EventLogReport, check_event_log
+from eemini.tdx.guard import parsing, utf8
 from eemini.tdx.pck import (
     PckExtension,
     parse_pck_extension,
@@ -175,10 +177,8 @@ def check_qe_report_data(ctx: Context, quote: Quote) -> None:
 
 def check_quote_signature(ctx: Context, quote: Quote) -> None:
     raw = quote.signature_data.attestation_key
-    try:
+    with parsing(QuoteSignatureInvalid, "the attestation key is not a point on P-256"):
         key = ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), b"\x04" + raw)
-    except ValueError:
-        raise QuoteSignatureInvalid("the attestation key is not a point on P-256") from None
     if not ecdsa_verify_raw(key, quote.signature_data.signature, quote.signed_data):
         raise QuoteSignatureInvalid(
             "the quote header and TD report are not signed by the attestation key"
@@ -197,7 +197,8 @@ class _Crls:
 
 def check_crls(ctx: Context, collateral: Collateral, root: Cert) -> tuple[_Crls, tuple[Cert, ...]]:
     root_crl = load_crl(ctx, collateral.root_ca_crl, root, "root CA CRL")
-    certs = ctx.load_chain(collateral.pck_crl_issuer_chain.encode(), "PCK CRL issuer chain")
+    what = "PCK CRL issuer chain"
+    certs = ctx.load_chain(utf8(collateral.pck_crl_issuer_chain, CertificateParseError, what), what)
     _, _, chain = ctx.verify_chain(certs, "PCK CRL issuer chain")
     pck_crl = load_crl(ctx, collateral.pck_crl, chain[0], "PCK CRL")
     ctx.passed("crls")
@@ -205,6 +206,8 @@ def check_crls(ctx: Context, collateral: Collateral, root: Cert) -> tuple[_Crls,
 
 
 def _check_window(ctx: Context, issue: datetime.datetime, nxt: datetime.datetime, what: str) -> None:
+    # Current through its nextUpdate second, as dcap-qvl judges TCB info and QE identity (it
+    # rejects only `now > nextUpdate`); CRLs expire at that second (chain.load_crl).
     if not issue <= ctx.when <= nxt:
         raise CollateralExpired(
             f"{what} is valid from {issue.isoformat()} to {nxt.isoformat()}, "
@@ -213,12 +216,12 @@ def _check_window(ctx: Context, issue: datetime.datetime, nxt: datetime.datetime
 
 
 def _signed_json_chain(
-    ctx: Context, text: str, signature: bytes, chain_pem: str, what: str, *, verified: bool
+    ctx: Context, text: bytes, signature: bytes, chain_pem: bytes, what: str, *, verified: bool
 ) -> tuple[Cert, ...]:
     # The chain is always re-checked (validity at `now`); a cached document skips its signature.
-    certs = ctx.load_chain(chain_pem.encode(), f"{what} issuer chain")
+    certs = ctx.load_chain(chain_pem, f"{what} issuer chain")
     _, _, chain = ctx.verify_chain(certs, f"{what} issuer chain")
-    if not verified and not ecdsa_verify_raw(ec_key(chain[0], what), signature, text.encode()):
+    if not verified and not ecdsa_verify_raw(ec_key(chain[0], what), signature, text):
         raise CollateralSignatureInvalid(f"{what} is not signed by {chain[0].name}")
     return chain
 
@@ -238,9 +241,11 @@ def _check_signed_json(
 ) -> tuple[_Signed, tuple[Cert, ...]]:
     # TCB info and QE identity are checked alike: cached by digest of what was signed, the
     # signature only on a cache miss, the issue/next-update window always.
-    key = digest(text.encode(), signature, chain_pem.encode())
+    signed = utf8(text, CollateralInvalid, what)
+    chain_bytes = utf8(chain_pem, CertificateParseError, f"{what} issuer chain")
+    key = digest(signed, signature, chain_bytes)
     doc = cache.get(key)
-    chain = _signed_json_chain(ctx, text, signature, chain_pem, what, verified=doc is not None)
+    chain = _signed_json_chain(ctx, signed, signature, chain_bytes, what, verified=doc is not None)
     if doc is None:
         try:
             doc = parse(text)
@@ -281,7 +286,7 @@ def check_qe_identity(ctx: Context, collateral: Collateral) -> tuple[QeIdentity,
 
 def check_revocation(ctx: Context, crls: _Crls, root: Cert, chains: Sequence[tuple[Cert, ...]]) -> None:
     # The root itself may be listed in its own CRL (dcap-qvl checks this too): then nothing holds.
-    if crls.root.crl.get_revoked_certificate_by_serial_number(root.cert.serial_number) is not None:
+    if root.serial in crls.root.revoked:
         raise CertificateRevoked(f"the root {root.name} is revoked by its own CRL")
     for chain in chains:
         for cert in chain:
@@ -291,9 +296,9 @@ def check_revocation(ctx: Context, crls: _Crls, root: Cert, chains: Sequence[tup
                 crl, what = crls.pck, "PCK CRL"
             else:
                 raise CrlInvalid(f"no CRL covers {cert.name} (its issuer issued neither CRL)")
-            if crl.crl.get_revoked_certificate_by_serial_number(cert.cert.serial_number) is not None:
+            if cert.serial in crl.revoked:
                 raise CertificateRevoked(
-                    f"{cert.name} (serial {cert.cert.serial_number:x}) is revoked by the {what}"
+                    f"{cert.name} (serial {cert.serial:x}) is revoked by the {what}"
                 )
     ctx.passed("revocation")
 
