@@ -70,6 +70,14 @@ def test_policy_file() -> None:
         policy_from_json("allow_debug = true")
     with pytest.raises(PolicyError, match=r"^policy must be a JSON object$"):
         policy_from_json("[]")
+    # The same key twice: refused, not "the last one wins" (parsers disagree on which does).
+    with pytest.raises(PolicyError, match=r"^policy key 'allow_debug' appears twice$"):
+        policy_from_json('{"allow_debug": false, "allow_debug": true}')
+    with pytest.raises(PolicyError, match=r"^policy is not JSON: maximum recursion depth exceeded"):
+        policy_from_json("[" * 100_000 + "]" * 100_000)
+    p = policy_from_json('{"allow_any_firmware": true, "allow_unbound_runtime_log": true}')
+    assert (p.allow_any_firmware, p.allow_unbound_runtime_log) == (True, True)
+    assert (Policy().allow_any_firmware, Policy().allow_unbound_runtime_log) == (False, False)
 
 
 def test_intel_root_is_pinned(monkeypatch: pytest.MonkeyPatch) -> None:

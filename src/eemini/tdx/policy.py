@@ -211,11 +211,23 @@ def _events(name: str, value: object) -> list[PredictedEvent]:
         raise PolicyError(f"{name}: {e}") from None
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # A key twice in one object: the file says two things, and JSON parsers disagree on which wins.
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise PolicyError(f"policy key {key!r} appears twice")
+        out[key] = value
+    return out
+
+
 def policy_builder_from_json(text: str | bytes) -> PolicyBuilder:
     """A builder holding a JSON policy file's settings (so callers may add what the file lacks)."""
     try:
-        doc = json.loads(text)
-    except (ValueError, UnicodeDecodeError) as e:
+        doc = json.loads(text, object_pairs_hook=_unique_keys)
+    except PolicyError:
+        raise
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
         raise PolicyError(f"policy is not JSON: {e}") from None
     if not isinstance(doc, dict):
         raise PolicyError("policy must be a JSON object")
