@@ -329,6 +329,6 @@ def test_policy_nested_too_deep(tmp_path: Path, capsys: pytest.CaptureFixture[st
     run = _run(tmp_path, capsys, policy=b"[" * 100_000)
     assert (run.code, run.out) == (2, "")
     assert run.err == (
-        f"eemini verify: error: {tmp_path / 'policy'}: policy does not parse: RecursionError: "
+        f"eemini verify: error: {tmp_path / 'policy'}: policy is not JSON: "
         "maximum recursion depth exceeded while decoding a JSON array from a unicode string\n"
     )
