@@ -132,3 +132,29 @@ def test_quote_show_text_and_json(tmp_path: Path) -> None:
     proc = _eemini("quote", "show", str(q))
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1
+
+
+def test_quote_files_as_peers_write_them(tmp_path: Path) -> None:
+    raw = build_quote(make_chain(), version=4)
+    q = tmp_path / "q.txt"
+    hexed = raw.hex()
+    # `xxd -p` wraps at 60 digits; some peers add 0x, CRLF or indentation.
+    for text in (
+        "\n".join(hexed[i : i + 60] for i in range(0, len(hexed), 60)) + "\n",
+        "0x" + hexed.upper() + "\r\n",
+        "  " + " ".join(hexed[i : i + 8] for i in range(0, len(hexed), 8)) + "\n",
+    ):
+        q.write_text(text)
+        proc = _eemini("quote", "show", str(q), "--json")
+        assert proc.returncode == 0, proc.stderr
+        assert json.loads(proc.stdout)["length"] == len(raw)
+    for text, why in (
+        ("-----BEGIN CERTIFICATE-----\nMIIB\n", "it holds '-'"),
+        (hexed[:-1], f"it has an odd number ({len(hexed) - 1}) of hex digits"),
+        ('{"quote": "' + hexed + '"}', "it holds '{'"),
+    ):
+        q.write_text(text)
+        proc = _eemini("quote", "show", str(q))
+        assert (proc.returncode, proc.stderr) == (
+            2, f"eemini quote: error: {q} is not a quote file: it is text, but not hex ({why})\n"
+        )  # fmt: skip
