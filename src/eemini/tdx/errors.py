@@ -42,10 +42,6 @@ class VerificationError(QuoteError):
 # Signatures and the certificate chain ------------------------------------------------------------
 
 
-class UnsupportedQuote(VerificationError):
-    check = "quote-format"
-
-
 class CertificateParseError(VerificationError):
     check = "certificates"
 
