@@ -7,6 +7,7 @@ import os
 import shlex
 import shutil
 import subprocess
+import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -211,6 +212,27 @@ def test_cli_validation(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
 @pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None, reason="QEMU not installed")
 def test_probe_runs_guest_code_under_tcg() -> None:
     assert launcher.probe_accel("tcg") == (True, "ok")
+
+
+def test_probe_stops_at_a_kvm_internal_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Where KVM can only emulate real mode, QEMU reports the failure and pauses the guest instead of
+    # exiting: the probe must say so at once, not wait out its timeout (and the guest is killed).
+    fake = tmp_path / "qemu-system-x86_64"
+    pidfile = tmp_path / "pid"
+    fake.write_text(
+        f"#!/bin/sh\necho $$ > {pidfile}\n"
+        "echo 'KVM internal error. Suberror: 1' >&2\necho 'emulation failure' >&2\nexec sleep 60\n"
+    )
+    fake.chmod(0o755)
+    monkeypatch.setattr(launcher, "find_tool", lambda *a: str(fake))
+    started = time.monotonic()
+    assert launcher.probe_accel("kvm", timeout=30.0) == (
+        False, "KVM cannot run the guest (KVM internal error: emulation failure)"
+    )  # fmt: skip
+    assert time.monotonic() - started < 5
+    pid = int(pidfile.read_text())
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
 
 
 def test_wait_for_fails_fast_on_a_panic(tmp_path: Path) -> None:

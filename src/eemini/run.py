@@ -13,6 +13,7 @@ import enum
 import json
 import os
 import re
+import select
 import shlex
 import shutil
 import socket
@@ -262,9 +263,17 @@ def read_config_file(path: Path) -> bytes:
 
 # --- accelerator ---
 
-# A boot sector that writes 0x2a to QEMU's isa-debug-exit port: QEMU then exits with
-# (0x2a << 1) | 1 = 85. If KVM cannot really run a guest, we never see that status.
-_PROBE_CODE = bytes([0xB0, 0x2A, 0xE6, 0xF4, 0xF4, 0xEB, 0xFD])  # mov al,42; out 0xf4,al; hlt; jmp $-1
+# A boot sector that initialises the x87 FPU (the first thing OVMF's SEC phase does that a host
+# whose KVM can only emulate real mode fails at, with "KVM internal error ... emulation failure"),
+# then writes 0x2a to QEMU's isa-debug-exit port: QEMU then exits with (0x2a << 1) | 1 = 85. If KVM
+# cannot really run a guest, we never see that status.
+_PROBE_CODE = bytes([
+    0x9B, 0xDB, 0xE3,  # fninit (with its wait)
+    0xB0, 0x2A, 0xE6, 0xF4,  # mov al,42; out 0xf4,al
+    0xF4, 0xEB, 0xFD,  # hlt; jmp $-1
+])  # fmt: skip
+# QEMU pauses the guest rather than exiting on a KVM internal error: stop waiting when it says so.
+_KVM_FAILURE = b"KVM internal error"
 PROBE_EXIT = 85
 _kvm_probe: list[tuple[bool, str]] = []  # one probe per process
 
@@ -281,16 +290,32 @@ def probe_accel(accel: str, timeout: float = 20.0) -> tuple[bool, str]:
             "-drive", f"file={sector},format=raw,if=ide",
         ]  # fmt: skip
         log_debug("+ " + shlex.join(argv))
+        proc = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+        err = b""
         try:
-            proc = subprocess.run(
-                argv, capture_output=True, timeout=timeout, stdin=subprocess.DEVNULL, check=False
-            )
-        except subprocess.TimeoutExpired:
-            return False, f"the probe guest did not finish within {timeout:.0f} s"
+            assert proc.stderr is not None
+            deadline = time.monotonic() + timeout
+            while proc.poll() is None and _KVM_FAILURE not in err:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False, f"the probe guest did not finish within {timeout:.0f} s"
+                if select.select([proc.stderr], [], [], min(left, 0.2))[0]:
+                    err += os.read(proc.stderr.fileno(), 65536)
+            if _KVM_FAILURE in err:
+                return False, "KVM cannot run the guest (KVM internal error: emulation failure)"
+            err += proc.stderr.read()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+            if proc.stderr is not None:
+                proc.stderr.close()
     if proc.returncode == PROBE_EXIT:
         return True, "ok"
-    err = proc.stderr.decode(errors="replace").strip().splitlines()
-    return False, err[-1] if err else f"qemu exited with status {proc.returncode}"
+    lines = err.decode(errors="replace").strip().splitlines()
+    return False, lines[-1] if lines else f"qemu exited with status {proc.returncode}"
 
 
 def kvm_works() -> tuple[bool, str]:
