@@ -206,6 +206,40 @@ def test_line_splitter() -> None:
     assert s.flush() == ["tail"]
 
 
+def test_line_splitter_cuts_long_lines_at_the_bound_and_loses_nothing() -> None:
+    s = LineSplitter()  # 4096 bytes
+    # Exactly the bound without a newline: held, as the next byte may end the line.
+    assert s.feed(b"x" * 4096) == []
+    assert s.feed(b"\n") == ["x" * 4096]
+    assert s.feed(b"y" * 4096) == []
+    assert s.flush() == ["y" * 4096]
+    # Lines split earlier in the same read are kept when the rest is a whole bound long.
+    assert s.feed(b"a\nb\r\n" + b"z" * 8192) == ["a", "b", "z" * 4096]
+    assert s.feed(b"z" * 4096) == ["z" * 4096]
+    assert s.feed(b"z") == ["z" * 4096]
+    assert s.feed(b"\n") == ["z"]
+    # Reads aligned to the bound, as a workload writing 4 KiB blocks produces.
+    for i in range(3):
+        assert s.feed(b"w" * 4096) == ([] if i == 0 else ["w" * 4096])
+    assert s.flush() == ["w" * 4096]
+    assert s.flush() == []
+    # Never half a character, and a carriage return that is not at the end of a line is kept.
+    assert s.feed(b"x" * 4095 + "\u00e9t\u00e9\n".encode()) == ["x" * 4095, "\u00e9t\u00e9"]
+    assert s.feed(b"x" * 4094 + "\U0001f600!\n".encode()) == ["x" * 4094, "\U0001f600!"]
+    assert s.feed(b"x" * 4095 + b"\r" + b"y\n") == ["x" * 4095 + "\r", "y"]
+    # Invalid UTF-8 (continuation bytes only) is cut at most three bytes early.
+    assert s.feed(b"\x80" * 4100) == ["\ufffd" * 4093]
+    assert s.flush() == ["\ufffd" * 7]
+
+
+def test_line_splitter_refuses_a_bound_below_one_character() -> None:
+    with pytest.raises(
+        ValueError, match=r"^max_line must be at least 4 bytes \(one UTF-8 character\), got 3$"
+    ):
+        LineSplitter(3)
+    assert LineSplitter(4).feed("\U0001f600\U0001f600".encode() + b"ab") == ["\U0001f600", "\U0001f600"]
+
+
 def test_event_log_order_seal_and_hook() -> None:
     log = EventLog()
     hooked: list[str] = []

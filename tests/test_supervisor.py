@@ -230,6 +230,41 @@ def test_long_lines_are_split(tmp_path: Path, runtimes: list[RuntimeProc]) -> No
     assert [len(x) for x in lines] == [4096, 4096, 1808]
 
 
+def test_64_mib_of_block_aligned_output_without_newlines(
+    tmp_path: Path, runtimes: list[RuntimeProc]
+) -> None:
+    # 4 KiB writes without a newline: every read holds whole 4096-byte lines, the bound exactly.
+    body = "import os\nblock = b'x' * 4096\nfor _ in range(16384):\n    os.write(1, block)\n"
+    rt = start(tmp_path, runtimes, body, restart="never", on_exit="stay")
+    wait_for(lambda: deployment(rt)["status"] == "exited", timeout=120, what="workload exit")
+    runs = deployment(rt)["runs"]
+    assert isinstance(runs, list)
+    pid = runs[0]["pid"]
+    answer = rt.call("logs", tail=20)  # (an answer must fit in the socket buffer: rtutil peeks)
+    # seq 0 is the start note; then exactly 16384 lines of 4096 bytes; then the exit notes.
+    assert [(e["seq"], e["stream"]) for e in answer["entries"]] == [
+        *((seq, "stdout") for seq in range(16367, 16385)),
+        (16385, "runtime"),
+        (16386, "runtime"),
+    ]
+    assert answer["lines"] == [
+        *(["x" * 4096] * 18),
+        f"app: run 0 (pid {pid}) exited with status 0",
+        "workload done for good; on_exit = stay, still serving",
+    ]
+    # The ring buffer keeps 512 KiB: 127 whole lines and the notes.
+    assert answer["dropped"] == 16387 - 129
+    assert rt.call("shutdown") == {"ok": True, "shutting_down": True}
+    assert rt.proc.wait(30) == 0
+    # The console has each line or counts it as dropped (it never waits for a slow console).
+    err = rt.stderr()
+    assert "Traceback" not in err
+    shown = [line for line in err.splitlines() if line.startswith("[app")]
+    assert set(shown) <= {"[app] " + "x" * 4096}
+    dropped = re.findall(r"^eemini: console too slow: ([0-9]+) lines dropped \(see logs\)$", err, re.M)
+    assert len(shown) + sum(int(n) for n in dropped) == 16384
+
+
 def test_shutdown_during_a_restart_wins(tmp_path: Path, runtimes: list[RuntimeProc]) -> None:
     rt = start(tmp_path, runtimes, IGNORES_SIGTERM, "--grace", "1", restart="always")
     wait_for(lambda: "ready" in rt.stderr(), what="workload ready")
