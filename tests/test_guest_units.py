@@ -180,6 +180,108 @@ def test_attest_worker_queue_is_bounded_and_keeps_order() -> None:
     assert worker.quotes == 3
 
 
+def fail_thread_start(monkeypatch: pytest.MonkeyPatch, name: str, times: int) -> list[str]:
+    """Make the next `times` starts of threads called `name` fail as Python's do when it can
+    start no more threads; returns the names of the threads that did start."""
+    real_start = threading.Thread.start
+    started: list[str] = []
+    left = [times]
+
+    def start(self: threading.Thread) -> None:
+        if self.name == name and left[0] > 0:
+            left[0] -= 1
+            raise RuntimeError("can't start new thread")
+        real_start(self)
+        started.append(self.name)
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    return started
+
+
+def test_attest_worker_answers_a_failed_thread_start_and_tries_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    started = fail_thread_start(monkeypatch, "eemini-attest", 1)
+    loop = EventLoop()
+    backend = BlockingBackend()
+    backend.release.set()
+    worker = AttestWorker(loop, backend, 2)
+    results: list[bytes | AttestError] = []
+    with pytest.raises(RequestError) as e:
+        worker.submit(b"1", results.append)
+    assert (str(e.value), e.value.code) == (
+        "attest: cannot start the eemini-attest thread: can't start new thread; try again",
+        "busy",
+    )
+    assert started == []
+    worker.submit(b"2", results.append)
+    worker.submit(b"3", results.append)
+    assert started == ["eemini-attest"]  # one thread, started by the request after the failure
+    loop.call_later(10.0, loop.stop)
+
+    def check() -> None:
+        if len(results) == 2:
+            loop.stop()
+        else:
+            loop.call_later(0.01, check)
+
+    loop.call_soon(check)
+    loop.run()
+    loop.close()
+    assert results == [b"quote:2", b"quote:3"]
+
+
+def read_all(fd: int) -> bytes:
+    os.set_blocking(fd, False)
+    data = b""
+    while True:
+        try:
+            chunk = os.read(fd, 65536)
+        except BlockingIOError:
+            return data
+        data += chunk
+
+
+def test_console_holds_output_while_its_thread_cannot_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    started = fail_thread_start(monkeypatch, "eemini-console", 1)
+    r, w = os.pipe()
+    console = Console(w)
+    console.write(b"one\n")
+    assert started == []
+    console.write(b"two\n")  # tries again: the thread starts and writes both, late
+    console.flush(timeout=10)
+    assert started == ["eemini-console"]
+    assert read_all(r) == (
+        b"eemini: console: cannot start the eemini-console thread: can't start new thread; "
+        b"output held back until now\none\ntwo\n"
+    )
+    console.write(b"three\n")
+    console.flush(timeout=10)
+    assert read_all(r) == b"three\n"
+    assert started == ["eemini-console"]
+    os.close(r)
+    os.close(w)
+
+
+def test_console_flush_writes_itself_when_no_thread_can_start(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    started = fail_thread_start(monkeypatch, "eemini-console", 1000)
+    r, w = os.pipe()
+    console = Console(w, max_pending=8)
+    for line in (b"one\n", b"two\n", b"three\n"):  # the third is over the bound: dropped
+        console.write(line)
+    console.flush(timeout=10)
+    assert read_all(r) == (
+        b"eemini: console: cannot start the eemini-console thread: can't start new thread; "
+        b"output held back until now\none\ntwo\n"
+        b"eemini: console too slow: 1 lines dropped (see logs)\n"
+    )
+    assert started == []
+    os.close(r)
+    os.close(w)
+
+
 def test_log_buffer_bounds_lines_and_bytes() -> None:
     buf = LogBuffer(max_lines=3, max_bytes=100)
     for i in range(5):

@@ -265,6 +265,49 @@ def test_64_mib_of_block_aligned_output_without_newlines(
     assert len(shown) + sum(int(n) for n in dropped) == 16384
 
 
+# Run in the runtime's process: the first start of each of its threads fails as Python's does
+# when it can start no more threads (out of memory, or over the task limit).
+FAIL_FIRST_THREAD_STARTS = """
+import threading
+real_start = threading.Thread.start
+failed = set()
+def start(self):
+    if self.name in ("eemini-attest", "eemini-console") and self.name not in failed:
+        failed.add(self.name)
+        raise RuntimeError("can't start new thread")
+    real_start(self)
+threading.Thread.start = start
+"""
+
+
+def test_a_failed_thread_start_is_answered_and_tried_again(
+    tmp_path: Path, runtimes: list[RuntimeProc]
+) -> None:
+    body = "import time\nprint('hello', flush=True)\ntime.sleep(60)\n"
+    workload = write_workload(tmp_path, "app", body)
+    spec = write_spec(tmp_path, workload, restart="never", on_exit="stay")
+    rt = RuntimeProc(tmp_path, spec, setup=FAIL_FIRST_THREAD_STARTS)
+    runtimes.append(rt)
+    assert rt.call("attest", report_data_b64="AAEC") == {
+        "ok": False,
+        "error": "attest: cannot start the eemini-attest thread: can't start new thread; try again",
+        "code": "busy",
+    }
+    for data in ("AAEC", "BAUG"):
+        answer = rt.call("attest", report_data_b64=data)
+        assert (answer["ok"], answer["report_data_b64"], answer["report_data_len"]) == (True, data, 3)
+    # The console's first write could not start its thread: the start note waited for the next.
+    wait_for(lambda: "[app] hello" in rt.stderr(), what="workload output")
+    pid = deployment(rt)["pid"]
+    lines = [line for line in rt.stderr().splitlines() if not line.startswith("eemini dev: ")]
+    assert lines == [
+        "eemini: console: cannot start the eemini-console thread: can't start new thread; "
+        "output held back until now",
+        f"eemini: app: started run 0 as pid {pid}",
+        "[app] hello",
+    ]
+
+
 def test_shutdown_during_a_restart_wins(tmp_path: Path, runtimes: list[RuntimeProc]) -> None:
     rt = start(tmp_path, runtimes, IGNORES_SIGTERM, "--grace", "1", restart="always")
     wait_for(lambda: "ready" in rt.stderr(), what="workload ready")

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Mapping
 
 from eemini.guest.logbuf import LineSplitter, LogBuffer
-from eemini.guest.loop import EventLoop, Timer
+from eemini.guest.loop import EventLoop, ThreadStartError, Timer, WorkerThread
 from eemini.guest.record import record, replace
 from eemini.guest.spec import WorkloadSpec
 
@@ -80,6 +80,9 @@ class Console:
     At 115200 baud a serial console takes about 11 KiB/s; a chatty workload must not make the
     control socket wait for it. Beyond `max_pending` unwritten bytes, lines are dropped (the ring
     buffer still has them) and a count of dropped lines is written once the console catches up.
+    When the thread cannot be started, the output waits (within the same bound) and the next
+    write tries again; the first chunk then says why it was late. `flush()` writes what is left
+    itself when there is still no thread.
     """
 
     def __init__(self, fd: int, max_pending: int = 256 * 1024) -> None:
@@ -88,52 +91,75 @@ class Console:
         self._pending: list[bytes] = []
         self._size = 0
         self._dropped = 0
+        self._start_error: str | None = None
         self._cond = threading.Condition()
-        self._thread: threading.Thread | None = None
+        self._writer = WorkerThread("eemini-console", self._run)
         self._busy = False  # the thread is writing a chunk
 
     def write(self, data: bytes) -> None:
         with self._cond:
             if self._size + len(data) > self.max_pending:
                 self._dropped += 1
-                return
-            self._pending.append(data)
-            self._size += len(data)
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="eemini-console", daemon=True)
-                self._thread.start()
+            else:
+                self._pending.append(data)
+                self._size += len(data)
+            self._start_writer()
             self._cond.notify()
 
     def flush(self, timeout: float = 2.0) -> None:
         """Wait (up to `timeout`) until everything queued has been written."""
         deadline = time.monotonic() + timeout
         with self._cond:
-            while (self._pending or self._busy) and time.monotonic() < deadline:
+            if not self._start_writer():
+                # No thread to wait for: about to exit or power off, so write it here.
+                self._write_all(self._take())
+                return
+            while (self._pending or self._dropped or self._busy) and time.monotonic() < deadline:
                 self._cond.wait(0.05)
+
+    def _start_writer(self) -> bool:
+        """Called with the lock held: False when the thread is not running and cannot start."""
+        try:
+            self._writer.ensure()
+        except ThreadStartError as e:
+            self._start_error = str(e)
+            return False
+        return True
+
+    def _take(self) -> bytes:
+        """Called with the lock held: what is queued, with the notices it is due."""
+        chunk = b"".join(self._pending)
+        self._pending.clear()
+        self._size = 0
+        dropped, self._dropped = self._dropped, 0
+        late, self._start_error = self._start_error, None
+        if late is not None:
+            chunk = f"eemini: console: {late}; output held back until now\n".encode() + chunk
+        if dropped:
+            chunk += f"eemini: console too slow: {dropped} lines dropped (see logs)\n".encode()
+        return chunk
 
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._pending:
+                while not self._pending and not self._dropped:
                     self._busy = False
                     self._cond.notify_all()
                     self._cond.wait()
-                chunk = b"".join(self._pending)
-                self._pending.clear()
-                self._size = 0
-                dropped, self._dropped = self._dropped, 0
+                chunk = self._take()
                 self._busy = True
-            if dropped:
-                chunk += f"eemini: console too slow: {dropped} lines dropped (see logs)\n".encode()
-            view = memoryview(chunk)
-            while view:
-                try:
-                    n = os.write(self.fd, view)
-                except InterruptedError:
-                    continue
-                except OSError:
-                    break  # a console that cannot take the output must not stop supervision
-                view = view[n:]
+            self._write_all(chunk)
+
+    def _write_all(self, chunk: bytes) -> None:
+        view = memoryview(chunk)
+        while view:
+            try:
+                n = os.write(self.fd, view)
+            except InterruptedError:
+                continue
+            except OSError:
+                break  # a console that cannot take the output must not stop supervision
+            view = view[n:]
 
 
 class State(enum.StrEnum):
