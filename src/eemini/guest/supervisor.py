@@ -263,15 +263,19 @@ class _Pipe:
         except OSError:
             data = b""
         if not data:
-            self.emit(self.splitter.flush())
-            self.sup.loop.remove_reader(self.fd)
-            os.close(self.fd)
-            self.closed = True
-            self.sup.pipes.discard(self)
+            self.close()
             self.sup.on_pipe_closed(self.run)
             return False
         self.emit(self.splitter.feed(data))
         return True
+
+    def close(self) -> None:
+        """Stop reading: the last partial line goes out, our end of the pipe is closed."""
+        self.emit(self.splitter.flush())
+        self.sup.loop.remove_reader(self.fd)
+        os.close(self.fd)
+        self.closed = True
+        self.sup.pipes.discard(self)
 
     def read_available(self) -> None:
         """Read what the pipe holds now (a default pipe buffer is 64 KiB), without waiting."""
@@ -344,13 +348,26 @@ class Supervisor:
     # -- lifecycle ---------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Start the workload (first start, after backoff, or after a restart request)."""
+        """Start the workload (first start, after backoff, or after a restart request).
+
+        A run that cannot start (no pipes, no process) is a failed run: noted, then the restart
+        policy applies with its backoff, as for a run that exited at once.
+        """
         self._restart_timer = None
+        self.state = State.STARTING
         run = self._run_counter
         self._run_counter += 1
-        out_r, out_w = os.pipe()
-        err_r, err_w = os.pipe()
         now, mono = time.time(), time.monotonic()
+        fds: list[int] = []
+        try:
+            fds.extend(os.pipe())
+            fds.extend(os.pipe())
+        except OSError as e:
+            for fd in fds:
+                os.close(fd)
+            self._start_failed(run, now, mono, f"cannot create its output pipes: {e.strerror or e}")
+            return
+        out_r, out_w, err_r, err_w = fds
         try:
             pid = os.posix_spawn(
                 self.workload.path,
@@ -366,15 +383,9 @@ class Supervisor:
                 setsigmask=(),
             )
         except OSError as e:
-            for fd in (out_r, out_w, err_r, err_w):
+            for fd in fds:
                 os.close(fd)
-            reason = e.strerror or str(e)
-            record = RunRecord(
-                run, 0, now, mono, now, 127, None, f"{self.workload.path}: {reason}", ended_mono=mono
-            )
-            self._remember(record)
-            self.note(f"{self.workload.name}: cannot start {self.workload.path}: {reason}")
-            self._after_exit(record)
+            self._start_failed(run, now, mono, f"{self.workload.path}: {e.strerror or e}")
             return
         os.close(out_w)
         os.close(err_w)
@@ -386,6 +397,12 @@ class Supervisor:
         self.pipes.add(_Pipe(self, out_r, "stdout", prefix, run))
         self.pipes.add(_Pipe(self, err_r, "stderr", b"[" + self._prefix + b":err] ", run))
         self.note(f"{self.workload.name}: started run {run} as pid {pid}")
+
+    def _start_failed(self, run: int, now: float, mono: float, error: str) -> None:
+        record = RunRecord(run, 0, now, mono, now, 127, None, error, ended_mono=mono)
+        self._remember(record)
+        self.note(f"{self.workload.name}: run {run} {record.describe()}")
+        self._after_exit(record)
 
     def _remember(self, record: RunRecord) -> None:
         if self.runs and self.runs[-1].run == record.run:
@@ -413,7 +430,8 @@ class Supervisor:
         # The run's last output may still sit in its pipes: SIGCHLD and the pipes' readability
         # can arrive in either order. Read them to EOF before acting on the exit, so the last
         # lines reach the console and the ring buffer before a restart or a power-off. Bounded:
-        # a descendant that left the group may hold the pipes open (they stay watched).
+        # a descendant that left the group may hold the pipes open; after `drain` seconds we
+        # read what is there and close our ends, so no run's pipes outlive it.
         if any(p.run == ended.run for p in self.pipes):
             self._draining = (ended, self.loop.call_later(self.drain, self._drained))
         else:
@@ -430,8 +448,19 @@ class Supervisor:
         ended, timer = self._draining
         self._draining = None
         timer.cancel()
-        for pipe in [p for p in self.pipes if p.run == ended.run]:
+        held: list[str] = []
+        pipes = sorted((p for p in self.pipes if p.run == ended.run), key=lambda p: p.stream)
+        for pipe in reversed(pipes):  # stdout, then stderr
             pipe.read_available()
+            if not pipe.closed:
+                held.append(pipe.stream)
+                pipe.close()
+        if held:
+            self.note(
+                f"{self.workload.name}: run {ended.run}: {' and '.join(held)} still open "
+                f"{self.drain:g} s after it ended, held by a process that left its process "
+                "group; closed"
+            )
         self._exited(ended)
 
     def _exited(self, ended: RunRecord) -> None:
