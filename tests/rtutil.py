@@ -40,13 +40,23 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "
 
 
 class RuntimeProc:
-    """`python -m eemini.guest.devmode` in its own process; stderr goes to a file."""
+    """`python -m eemini.guest.devmode` in its own process; stderr goes to a file.
 
-    def __init__(self, tmp: Path, spec: Path, *extra: str, wait: bool = True) -> None:
+    `setup`: Python code the process runs before the runtime (to inject a fault).
+    """
+
+    def __init__(
+        self, tmp: Path, spec: Path, *extra: str, wait: bool = True, setup: str | None = None
+    ) -> None:
         self.socket = os.fspath(tmp / "run" / "agent.sock")
         self.stderr_path = tmp / "runtime.stderr"
         self._stderr = open(self.stderr_path, "wb")  # noqa: SIM115
-        argv = [sys.executable, "-m", "eemini.guest.devmode", "--spec-json", os.fspath(spec)]
+        if setup is None:
+            argv = [sys.executable, "-m", "eemini.guest.devmode"]
+        else:
+            main = "import sys\nfrom eemini.guest.devmode import main\nsys.exit(main(sys.argv[1:]))\n"
+            argv = [sys.executable, "-c", setup + "\n" + main]
+        argv += ["--spec-json", os.fspath(spec)]
         argv += ["--socket", self.socket, "--token", TOKEN, *extra]
         self.proc = subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self._stderr

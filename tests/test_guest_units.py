@@ -180,6 +180,108 @@ def test_attest_worker_queue_is_bounded_and_keeps_order() -> None:
     assert worker.quotes == 3
 
 
+def fail_thread_start(monkeypatch: pytest.MonkeyPatch, name: str, times: int) -> list[str]:
+    """Make the next `times` starts of threads called `name` fail as Python's do when it can
+    start no more threads; returns the names of the threads that did start."""
+    real_start = threading.Thread.start
+    started: list[str] = []
+    left = [times]
+
+    def start(self: threading.Thread) -> None:
+        if self.name == name and left[0] > 0:
+            left[0] -= 1
+            raise RuntimeError("can't start new thread")
+        real_start(self)
+        started.append(self.name)
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    return started
+
+
+def test_attest_worker_answers_a_failed_thread_start_and_tries_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    started = fail_thread_start(monkeypatch, "eemini-attest", 1)
+    loop = EventLoop()
+    backend = BlockingBackend()
+    backend.release.set()
+    worker = AttestWorker(loop, backend, 2)
+    results: list[bytes | AttestError] = []
+    with pytest.raises(RequestError) as e:
+        worker.submit(b"1", results.append)
+    assert (str(e.value), e.value.code) == (
+        "attest: cannot start the eemini-attest thread: can't start new thread; try again",
+        "busy",
+    )
+    assert started == []
+    worker.submit(b"2", results.append)
+    worker.submit(b"3", results.append)
+    assert started == ["eemini-attest"]  # one thread, started by the request after the failure
+    loop.call_later(10.0, loop.stop)
+
+    def check() -> None:
+        if len(results) == 2:
+            loop.stop()
+        else:
+            loop.call_later(0.01, check)
+
+    loop.call_soon(check)
+    loop.run()
+    loop.close()
+    assert results == [b"quote:2", b"quote:3"]
+
+
+def read_all(fd: int) -> bytes:
+    os.set_blocking(fd, False)
+    data = b""
+    while True:
+        try:
+            chunk = os.read(fd, 65536)
+        except BlockingIOError:
+            return data
+        data += chunk
+
+
+def test_console_holds_output_while_its_thread_cannot_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    started = fail_thread_start(monkeypatch, "eemini-console", 1)
+    r, w = os.pipe()
+    console = Console(w)
+    console.write(b"one\n")
+    assert started == []
+    console.write(b"two\n")  # tries again: the thread starts and writes both, late
+    console.flush(timeout=10)
+    assert started == ["eemini-console"]
+    assert read_all(r) == (
+        b"eemini: console: cannot start the eemini-console thread: can't start new thread; "
+        b"output held back until now\none\ntwo\n"
+    )
+    console.write(b"three\n")
+    console.flush(timeout=10)
+    assert read_all(r) == b"three\n"
+    assert started == ["eemini-console"]
+    os.close(r)
+    os.close(w)
+
+
+def test_console_flush_writes_itself_when_no_thread_can_start(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    started = fail_thread_start(monkeypatch, "eemini-console", 1000)
+    r, w = os.pipe()
+    console = Console(w, max_pending=8)
+    for line in (b"one\n", b"two\n", b"three\n"):  # the third is over the bound: dropped
+        console.write(line)
+    console.flush(timeout=10)
+    assert read_all(r) == (
+        b"eemini: console: cannot start the eemini-console thread: can't start new thread; "
+        b"output held back until now\none\ntwo\n"
+        b"eemini: console too slow: 1 lines dropped (see logs)\n"
+    )
+    assert started == []
+    os.close(r)
+    os.close(w)
+
+
 def test_log_buffer_bounds_lines_and_bytes() -> None:
     buf = LogBuffer(max_lines=3, max_bytes=100)
     for i in range(5):
@@ -204,6 +306,40 @@ def test_line_splitter() -> None:
     assert s.feed(b"\xff\n") == ["é\ufffd"]
     assert s.feed(b"tail") == []
     assert s.flush() == ["tail"]
+
+
+def test_line_splitter_cuts_long_lines_at_the_bound_and_loses_nothing() -> None:
+    s = LineSplitter()  # 4096 bytes
+    # Exactly the bound without a newline: held, as the next byte may end the line.
+    assert s.feed(b"x" * 4096) == []
+    assert s.feed(b"\n") == ["x" * 4096]
+    assert s.feed(b"y" * 4096) == []
+    assert s.flush() == ["y" * 4096]
+    # Lines split earlier in the same read are kept when the rest is a whole bound long.
+    assert s.feed(b"a\nb\r\n" + b"z" * 8192) == ["a", "b", "z" * 4096]
+    assert s.feed(b"z" * 4096) == ["z" * 4096]
+    assert s.feed(b"z") == ["z" * 4096]
+    assert s.feed(b"\n") == ["z"]
+    # Reads aligned to the bound, as a workload writing 4 KiB blocks produces.
+    for i in range(3):
+        assert s.feed(b"w" * 4096) == ([] if i == 0 else ["w" * 4096])
+    assert s.flush() == ["w" * 4096]
+    assert s.flush() == []
+    # Never half a character, and a carriage return that is not at the end of a line is kept.
+    assert s.feed(b"x" * 4095 + "\u00e9t\u00e9\n".encode()) == ["x" * 4095, "\u00e9t\u00e9"]
+    assert s.feed(b"x" * 4094 + "\U0001f600!\n".encode()) == ["x" * 4094, "\U0001f600!"]
+    assert s.feed(b"x" * 4095 + b"\r" + b"y\n") == ["x" * 4095 + "\r", "y"]
+    # Invalid UTF-8 (continuation bytes only) is cut at most three bytes early.
+    assert s.feed(b"\x80" * 4100) == ["\ufffd" * 4093]
+    assert s.flush() == ["\ufffd" * 7]
+
+
+def test_line_splitter_refuses_a_bound_below_one_character() -> None:
+    with pytest.raises(
+        ValueError, match=r"^max_line must be at least 4 bytes \(one UTF-8 character\), got 3$"
+    ):
+        LineSplitter(3)
+    assert LineSplitter(4).feed("\U0001f600\U0001f600".encode() + b"ab") == ["\U0001f600", "\U0001f600"]
 
 
 def test_event_log_order_seal_and_hook() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import resource
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -230,6 +231,84 @@ def test_long_lines_are_split(tmp_path: Path, runtimes: list[RuntimeProc]) -> No
     assert [len(x) for x in lines] == [4096, 4096, 1808]
 
 
+def test_64_mib_of_block_aligned_output_without_newlines(
+    tmp_path: Path, runtimes: list[RuntimeProc]
+) -> None:
+    # 4 KiB writes without a newline: every read holds whole 4096-byte lines, the bound exactly.
+    body = "import os\nblock = b'x' * 4096\nfor _ in range(16384):\n    os.write(1, block)\n"
+    rt = start(tmp_path, runtimes, body, restart="never", on_exit="stay")
+    wait_for(lambda: deployment(rt)["status"] == "exited", timeout=120, what="workload exit")
+    runs = deployment(rt)["runs"]
+    assert isinstance(runs, list)
+    pid = runs[0]["pid"]
+    answer = rt.call("logs", tail=20)  # (an answer must fit in the socket buffer: rtutil peeks)
+    # seq 0 is the start note; then exactly 16384 lines of 4096 bytes; then the exit notes.
+    assert [(e["seq"], e["stream"]) for e in answer["entries"]] == [
+        *((seq, "stdout") for seq in range(16367, 16385)),
+        (16385, "runtime"),
+        (16386, "runtime"),
+    ]
+    assert answer["lines"] == [
+        *(["x" * 4096] * 18),
+        f"app: run 0 (pid {pid}) exited with status 0",
+        "workload done for good; on_exit = stay, still serving",
+    ]
+    # The ring buffer keeps 512 KiB: 127 whole lines and the notes.
+    assert answer["dropped"] == 16387 - 129
+    assert rt.call("shutdown") == {"ok": True, "shutting_down": True}
+    assert rt.proc.wait(30) == 0
+    # The console has each line or counts it as dropped (it never waits for a slow console).
+    err = rt.stderr()
+    assert "Traceback" not in err
+    shown = [line for line in err.splitlines() if line.startswith("[app")]
+    assert set(shown) <= {"[app] " + "x" * 4096}
+    dropped = re.findall(r"^eemini: console too slow: ([0-9]+) lines dropped \(see logs\)$", err, re.M)
+    assert len(shown) + sum(int(n) for n in dropped) == 16384
+
+
+# Run in the runtime's process: the first start of each of its threads fails as Python's does
+# when it can start no more threads (out of memory, or over the task limit).
+FAIL_FIRST_THREAD_STARTS = """
+import threading
+real_start = threading.Thread.start
+failed = set()
+def start(self):
+    if self.name in ("eemini-attest", "eemini-console") and self.name not in failed:
+        failed.add(self.name)
+        raise RuntimeError("can't start new thread")
+    real_start(self)
+threading.Thread.start = start
+"""
+
+
+def test_a_failed_thread_start_is_answered_and_tried_again(
+    tmp_path: Path, runtimes: list[RuntimeProc]
+) -> None:
+    body = "import time\nprint('hello', flush=True)\ntime.sleep(60)\n"
+    workload = write_workload(tmp_path, "app", body)
+    spec = write_spec(tmp_path, workload, restart="never", on_exit="stay")
+    rt = RuntimeProc(tmp_path, spec, setup=FAIL_FIRST_THREAD_STARTS)
+    runtimes.append(rt)
+    assert rt.call("attest", report_data_b64="AAEC") == {
+        "ok": False,
+        "error": "attest: cannot start the eemini-attest thread: can't start new thread; try again",
+        "code": "busy",
+    }
+    for data in ("AAEC", "BAUG"):
+        answer = rt.call("attest", report_data_b64=data)
+        assert (answer["ok"], answer["report_data_b64"], answer["report_data_len"]) == (True, data, 3)
+    # The console's first write could not start its thread: the start note waited for the next.
+    wait_for(lambda: "[app] hello" in rt.stderr(), what="workload output")
+    pid = deployment(rt)["pid"]
+    lines = [line for line in rt.stderr().splitlines() if not line.startswith("eemini dev: ")]
+    assert lines == [
+        "eemini: console: cannot start the eemini-console thread: can't start new thread; "
+        "output held back until now",
+        f"eemini: app: started run 0 as pid {pid}",
+        "[app] hello",
+    ]
+
+
 def test_shutdown_during_a_restart_wins(tmp_path: Path, runtimes: list[RuntimeProc]) -> None:
     rt = start(tmp_path, runtimes, IGNORES_SIGTERM, "--grace", "1", restart="always")
     wait_for(lambda: "ready" in rt.stderr(), what="workload ready")
@@ -241,6 +320,157 @@ def test_shutdown_during_a_restart_wins(tmp_path: Path, runtimes: list[RuntimePr
     assert answer == {"ok": True, "pid": None, "restarts": 0, "status": "stopped"}
     assert rt.proc.wait(10) == 0
     assert rt.stderr().count("started run") == 1
+
+
+def fd_targets(pid: int) -> dict[int, str]:
+    """Every open fd of `pid` and what it refers to ("pipe:[1234]", a path, ...)."""
+    out = {}
+    for name in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            out[int(name)] = os.readlink(f"/proc/{pid}/fd/{name}")
+        except FileNotFoundError:
+            pass  # closed meanwhile
+    return out
+
+
+def runtime_fds(rt: RuntimeProc) -> list[str]:
+    """The runtime's fd targets, sorted, once it has closed the connections of earlier calls
+    (its only socket is then the listener)."""
+    wait_for(
+        lambda: sum(t.startswith("socket:") for t in fd_targets(rt.proc.pid).values()) == 1,
+        what="the runtime to close finished connections",
+    )
+    return sorted(fd_targets(rt.proc.pid).values())
+
+
+def supervisor_notes(rt: RuntimeProc) -> list[str]:
+    return [line for line in rt.stderr().splitlines() if line.startswith("eemini: app: ")]
+
+
+def test_out_of_fds_is_a_failed_run_and_the_workload_is_restarted(
+    tmp_path: Path, runtimes: list[RuntimeProc]
+) -> None:
+    flag = tmp_path / "exit-now"
+    body = f"""
+import os, time
+print("up", flush=True)
+while not os.path.exists({os.fspath(flag)!r}):
+    time.sleep(0.02)
+os.unlink({os.fspath(flag)!r})
+"""
+    rt = start(tmp_path, runtimes, body, "--backoff", "0.05,2,0.4,60", restart="always")
+    wait_for(lambda: "[app] up" in rt.stderr(), what="run 0")
+    pid = rt.proc.pid
+    first = deployment(rt)["pid"]
+    # Leave the runtime no free fd: a lower limit, and idle connections in every free slot.
+    runtime_fds(rt)  # the connection of the call above is closed
+    used = set(fd_targets(pid))
+    limit = max(used) + 1 + 4
+    resource.prlimit(pid, resource.RLIMIT_NOFILE, (limit, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+    clients = [rt.connect() for _ in range(limit - len(used))]
+    try:
+        wait_for(lambda: len(fd_targets(pid)) == limit, what="the runtime's fds to run out")
+        # Run 0 exits and frees its two pipes; a new run needs four fds at once.
+        flag.touch()
+        failure = (
+            "eemini: app: run 1 could not start: cannot create its output pipes: Too many open files"
+        )
+        wait_for(lambda: failure in rt.stderr(), what="the failed start")
+        wait_for(lambda: "restarting in 0.2 s" in rt.stderr(), what="a second failed start")
+    finally:
+        for client in clients:
+            client.close()
+    wait_for(lambda: rt.stderr().count("[app] up") == 2, what="a run after the failures")
+    notes = supervisor_notes(rt)
+    failed = len(notes) - 4
+    assert failed % 2 == 0 and failed >= 4, notes
+    dep = deployment(rt)
+    runs = dep["runs"]
+    assert isinstance(runs, list)
+    last = failed // 2 + 1
+    assert notes == [
+        f"eemini: app: started run 0 as pid {first}",
+        f"eemini: app: run 0 (pid {first}) exited with status 0",
+        "eemini: app: restarting in 0.05 s (always)",
+        *(
+            note
+            for run in range(1, last)
+            for note in (
+                f"eemini: app: run {run} could not start: cannot create its output pipes: "
+                "Too many open files",
+                f"eemini: app: restarting in {min(0.4, 0.05 * 2**run):g} s (always)",
+            )
+        ),
+        f"eemini: app: started run {last} as pid {dep['pid']}",
+    ]
+    assert [(r["run"], r["pid"], r["exit_code"], r["error"]) for r in runs[1:-1]] == [
+        (run, 0, 127, "cannot create its output pipes: Too many open files") for run in range(1, last)
+    ]
+    assert (runs[-1]["run"], runs[-1]["pid"], runs[-1]["ended_at"]) == (last, dep["pid"], None)
+    assert (dep["status"], dep["restarts"]) == ("running", last)
+    assert "Traceback" not in rt.stderr()
+
+
+def test_pipes_held_by_a_descendant_are_closed_after_the_drain(
+    tmp_path: Path, runtimes: list[RuntimeProc]
+) -> None:
+    # Run 0 leaves a descendant in a session of its own (the group SIGKILL spares it) holding
+    # its stdout and stderr, then exits when told; run 1 just runs.
+    count, flag = tmp_path / "count", tmp_path / "exit-now"
+    body = f"""
+import os, sys, time
+n = int(open({os.fspath(count)!r}).read()) if os.path.exists({os.fspath(count)!r}) else 0
+open({os.fspath(count)!r}, "w").write(str(n + 1))
+if n == 0:
+    pid = os.fork()
+    if pid == 0:
+        os.setsid()
+        time.sleep(60)
+        os._exit(0)
+    print("descendant", pid, flush=True)
+    while not os.path.exists({os.fspath(flag)!r}):
+        time.sleep(0.02)
+    sys.exit(0)
+print("run", n, flush=True)
+time.sleep(60)
+"""
+    rt = start(tmp_path, runtimes, body, "--backoff", "2,2,30,60", restart="always")
+    descendant = 0
+    try:
+        wait_for(lambda: "] descendant " in rt.stderr(), what="run 0's descendant")
+        descendant = int(re.findall(r"\] descendant ([0-9]+)", rt.stderr())[0])
+        run0 = deployment(rt)["pid"]
+        assert isinstance(run0, int)
+        held = [os.readlink(f"/proc/{descendant}/fd/{fd}") for fd in (1, 2)]
+        assert held == [os.readlink(f"/proc/{run0}/fd/{fd}") for fd in (1, 2)]
+        assert all(t.startswith("pipe:[") for t in held) and held[0] != held[1]
+        before = runtime_fds(rt)
+        assert before.count(held[0]) == 1 and before.count(held[1]) == 1  # PID 1's read ends
+        flag.touch()
+        wait_for(lambda: "restarting in 2 s" in rt.stderr(), what="run 0's end")
+        between = runtime_fds(rt)
+        assert "started run 1" not in rt.stderr()  # still in the 2 s backoff
+        assert os.path.exists(f"/proc/{descendant}")  # still holding the pipes' write ends
+        assert between == sorted(t for t in before if t not in held)
+        wait_for(lambda: "[app] run 1" in rt.stderr(), what="run 1")
+        run1 = deployment(rt)["pid"]
+        assert isinstance(run1, int)
+        fresh = [os.readlink(f"/proc/{run1}/fd/{fd}") for fd in (1, 2)]
+        after = runtime_fds(rt)
+        assert len(after) == len(before)
+        assert after == sorted([*between, *fresh])
+        assert not set(held) & set(fd_targets(run1).values())
+        assert supervisor_notes(rt) == [
+            f"eemini: app: started run 0 as pid {run0}",
+            "eemini: app: run 0: stdout and stderr still open 0.5 s after it ended, held by a "
+            "process that left its process group; closed",
+            f"eemini: app: run 0 (pid {run0}) exited with status 0",
+            "eemini: app: restarting in 2 s (always)",
+            f"eemini: app: started run 1 as pid {run1}",
+        ]
+    finally:
+        if descendant:
+            os.kill(descendant, signal.SIGKILL)
 
 
 class WatchedOnlyReaper(Reaper):

@@ -68,9 +68,17 @@ class LogBuffer:
 
 
 class LineSplitter:
-    """Bytes in, complete lines out; a line longer than `max_line` bytes is cut into pieces."""
+    """Bytes in, complete lines out; a line longer than `max_line` bytes is cut into pieces.
+
+    A line of up to `max_line` bytes (its newline not counted) comes out whole; a longer one comes
+    out as pieces of at most `max_line` bytes, cut before a UTF-8 character rather than inside
+    one, and nothing is lost: concatenated, the pieces are the line. A trailing carriage return
+    is removed only from a line that a newline ends.
+    """
 
     def __init__(self, max_line: int = MAX_LINE_BYTES) -> None:
+        if max_line < 4:
+            raise ValueError(f"max_line must be at least 4 bytes (one UTF-8 character), got {max_line}")
         self.max_line = max_line
         self._buf = bytearray()
 
@@ -80,18 +88,21 @@ class LineSplitter:
         while True:
             nl = self._buf.find(b"\n", 0, self.max_line + 1)
             if nl >= 0:
-                piece = bytes(self._buf[:nl])
+                piece = bytes(self._buf[:nl]).removesuffix(b"\r")
                 del self._buf[: nl + 1]
-            elif len(self._buf) >= self.max_line:
+            elif len(self._buf) > self.max_line:
+                # Longer than a line may be, and the byte after the bound is not a newline.
                 cut = self.max_line
-                # Do not cut a UTF-8 sequence in half: back up over continuation bytes.
-                while cut > self.max_line - 4 and (self._buf[cut] & 0xC0) == 0x80:
+                # Do not cut a UTF-8 sequence in half: back up over continuation bytes (at most
+                # three; invalid input is cut at max_line - 3 bytes).
+                while cut > self.max_line - 3 and (self._buf[cut] & 0xC0) == 0x80:
                     cut -= 1
                 piece = bytes(self._buf[:cut])
                 del self._buf[:cut]
             else:
+                # Up to max_line bytes without a newline: the next byte may still end the line.
                 break
-            out.append(piece.rstrip(b"\r").decode("utf-8", "replace"))
+            out.append(piece.decode("utf-8", "replace"))
         return out
 
     def flush(self) -> list[str]:

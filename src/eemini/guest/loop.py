@@ -57,6 +57,39 @@ class Timer:
         self.callback = None
 
 
+class ThreadStartError(Exception):
+    """A worker thread could not be started; the message names the thread and the cause."""
+
+
+class WorkerThread:
+    """A daemon thread that feeds the loop, started when first needed (and again if it ended).
+
+    The thread is kept only once it has started: a failed start (Python's "can't start new
+    thread" when memory or the task limit runs out) leaves nothing behind, so the caller can tell
+    whoever was waiting, and the next `ensure()` tries again. Call from one thread at a time.
+    """
+
+    def __init__(self, name: str, target: Callback) -> None:
+        self.name = name
+        self.target = target
+        self._thread: threading.Thread | None = None
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def ensure(self) -> None:
+        """Start the thread unless it is running; ThreadStartError if it cannot start now."""
+        if self.running:
+            return
+        thread = threading.Thread(target=self.target, name=self.name, daemon=True)
+        try:
+            thread.start()
+        except (RuntimeError, MemoryError) as e:
+            raise ThreadStartError(f"cannot start the {self.name} thread: {e}") from None
+        self._thread = thread
+
+
 def _ignore_signal(signum: int, frame: FrameType | None) -> None:
     # The Python-level handler does nothing: the wakeup fd carries the signal to the loop.
     pass

@@ -25,7 +25,7 @@ from eemini.guest.attest import (
 )
 from eemini.guest.events import EventLog
 from eemini.guest.logbuf import MAX_BYTES, MAX_LINES, LogBuffer
-from eemini.guest.loop import EventLoop
+from eemini.guest.loop import EventLoop, ThreadStartError, WorkerThread
 from eemini.guest.record import field, record
 from eemini.guest.rtmr import RuntimeMeasurer
 from eemini.guest.server import Limits, Method, RequestError, Server, error
@@ -81,14 +81,19 @@ class AttestWorker:
         self.max_queue = max_queue
         self._queue: deque[tuple[bytes, Callable[[bytes | AttestError], None]]] = deque()
         self._queued = threading.Condition()
-        self._thread: threading.Thread | None = None
+        self._worker = WorkerThread("eemini-attest", self._work)
         self.quotes = 0
 
     def submit(self, report_data: bytes, done: Callable[[bytes | AttestError], None]) -> None:
-        """Queue a request; `done(quote or AttestError)` later runs on the loop thread."""
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._work, name="eemini-attest", daemon=True)
-            self._thread.start()
+        """Queue a request; `done(quote or AttestError)` later runs on the loop thread.
+
+        RequestError (code `busy`) when the queue is full or the worker thread cannot be started
+        (the next request tries again).
+        """
+        try:
+            self._worker.ensure()
+        except ThreadStartError as e:
+            raise RequestError(f"attest: {e}; try again", "busy") from None
         with self._queued:
             if 0 < self.max_queue <= len(self._queue):
                 raise RequestError(

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Mapping
 
 from eemini.guest.logbuf import LineSplitter, LogBuffer
-from eemini.guest.loop import EventLoop, Timer
+from eemini.guest.loop import EventLoop, ThreadStartError, Timer, WorkerThread
 from eemini.guest.record import record, replace
 from eemini.guest.spec import WorkloadSpec
 
@@ -80,6 +80,9 @@ class Console:
     At 115200 baud a serial console takes about 11 KiB/s; a chatty workload must not make the
     control socket wait for it. Beyond `max_pending` unwritten bytes, lines are dropped (the ring
     buffer still has them) and a count of dropped lines is written once the console catches up.
+    When the thread cannot be started, the output waits (within the same bound) and the next
+    write tries again; the first chunk then says why it was late. `flush()` writes what is left
+    itself when there is still no thread.
     """
 
     def __init__(self, fd: int, max_pending: int = 256 * 1024) -> None:
@@ -88,52 +91,75 @@ class Console:
         self._pending: list[bytes] = []
         self._size = 0
         self._dropped = 0
+        self._start_error: str | None = None
         self._cond = threading.Condition()
-        self._thread: threading.Thread | None = None
+        self._writer = WorkerThread("eemini-console", self._run)
         self._busy = False  # the thread is writing a chunk
 
     def write(self, data: bytes) -> None:
         with self._cond:
             if self._size + len(data) > self.max_pending:
                 self._dropped += 1
-                return
-            self._pending.append(data)
-            self._size += len(data)
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="eemini-console", daemon=True)
-                self._thread.start()
+            else:
+                self._pending.append(data)
+                self._size += len(data)
+            self._start_writer()
             self._cond.notify()
 
     def flush(self, timeout: float = 2.0) -> None:
         """Wait (up to `timeout`) until everything queued has been written."""
         deadline = time.monotonic() + timeout
         with self._cond:
-            while (self._pending or self._busy) and time.monotonic() < deadline:
+            if not self._start_writer():
+                # No thread to wait for: about to exit or power off, so write it here.
+                self._write_all(self._take())
+                return
+            while (self._pending or self._dropped or self._busy) and time.monotonic() < deadline:
                 self._cond.wait(0.05)
+
+    def _start_writer(self) -> bool:
+        """Called with the lock held: False when the thread is not running and cannot start."""
+        try:
+            self._writer.ensure()
+        except ThreadStartError as e:
+            self._start_error = str(e)
+            return False
+        return True
+
+    def _take(self) -> bytes:
+        """Called with the lock held: what is queued, with the notices it is due."""
+        chunk = b"".join(self._pending)
+        self._pending.clear()
+        self._size = 0
+        dropped, self._dropped = self._dropped, 0
+        late, self._start_error = self._start_error, None
+        if late is not None:
+            chunk = f"eemini: console: {late}; output held back until now\n".encode() + chunk
+        if dropped:
+            chunk += f"eemini: console too slow: {dropped} lines dropped (see logs)\n".encode()
+        return chunk
 
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._pending:
+                while not self._pending and not self._dropped:
                     self._busy = False
                     self._cond.notify_all()
                     self._cond.wait()
-                chunk = b"".join(self._pending)
-                self._pending.clear()
-                self._size = 0
-                dropped, self._dropped = self._dropped, 0
+                chunk = self._take()
                 self._busy = True
-            if dropped:
-                chunk += f"eemini: console too slow: {dropped} lines dropped (see logs)\n".encode()
-            view = memoryview(chunk)
-            while view:
-                try:
-                    n = os.write(self.fd, view)
-                except InterruptedError:
-                    continue
-                except OSError:
-                    break  # a console that cannot take the output must not stop supervision
-                view = view[n:]
+            self._write_all(chunk)
+
+    def _write_all(self, chunk: bytes) -> None:
+        view = memoryview(chunk)
+        while view:
+            try:
+                n = os.write(self.fd, view)
+            except InterruptedError:
+                continue
+            except OSError:
+                break  # a console that cannot take the output must not stop supervision
+            view = view[n:]
 
 
 class State(enum.StrEnum):
@@ -237,15 +263,19 @@ class _Pipe:
         except OSError:
             data = b""
         if not data:
-            self.emit(self.splitter.flush())
-            self.sup.loop.remove_reader(self.fd)
-            os.close(self.fd)
-            self.closed = True
-            self.sup.pipes.discard(self)
+            self.close()
             self.sup.on_pipe_closed(self.run)
             return False
         self.emit(self.splitter.feed(data))
         return True
+
+    def close(self) -> None:
+        """Stop reading: the last partial line goes out, our end of the pipe is closed."""
+        self.emit(self.splitter.flush())
+        self.sup.loop.remove_reader(self.fd)
+        os.close(self.fd)
+        self.closed = True
+        self.sup.pipes.discard(self)
 
     def read_available(self) -> None:
         """Read what the pipe holds now (a default pipe buffer is 64 KiB), without waiting."""
@@ -318,13 +348,26 @@ class Supervisor:
     # -- lifecycle ---------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Start the workload (first start, after backoff, or after a restart request)."""
+        """Start the workload (first start, after backoff, or after a restart request).
+
+        A run that cannot start (no pipes, no process) is a failed run: noted, then the restart
+        policy applies with its backoff, as for a run that exited at once.
+        """
         self._restart_timer = None
+        self.state = State.STARTING
         run = self._run_counter
         self._run_counter += 1
-        out_r, out_w = os.pipe()
-        err_r, err_w = os.pipe()
         now, mono = time.time(), time.monotonic()
+        fds: list[int] = []
+        try:
+            fds.extend(os.pipe())
+            fds.extend(os.pipe())
+        except OSError as e:
+            for fd in fds:
+                os.close(fd)
+            self._start_failed(run, now, mono, f"cannot create its output pipes: {e.strerror or e}")
+            return
+        out_r, out_w, err_r, err_w = fds
         try:
             pid = os.posix_spawn(
                 self.workload.path,
@@ -340,15 +383,9 @@ class Supervisor:
                 setsigmask=(),
             )
         except OSError as e:
-            for fd in (out_r, out_w, err_r, err_w):
+            for fd in fds:
                 os.close(fd)
-            reason = e.strerror or str(e)
-            record = RunRecord(
-                run, 0, now, mono, now, 127, None, f"{self.workload.path}: {reason}", ended_mono=mono
-            )
-            self._remember(record)
-            self.note(f"{self.workload.name}: cannot start {self.workload.path}: {reason}")
-            self._after_exit(record)
+            self._start_failed(run, now, mono, f"{self.workload.path}: {e.strerror or e}")
             return
         os.close(out_w)
         os.close(err_w)
@@ -360,6 +397,12 @@ class Supervisor:
         self.pipes.add(_Pipe(self, out_r, "stdout", prefix, run))
         self.pipes.add(_Pipe(self, err_r, "stderr", b"[" + self._prefix + b":err] ", run))
         self.note(f"{self.workload.name}: started run {run} as pid {pid}")
+
+    def _start_failed(self, run: int, now: float, mono: float, error: str) -> None:
+        record = RunRecord(run, 0, now, mono, now, 127, None, error, ended_mono=mono)
+        self._remember(record)
+        self.note(f"{self.workload.name}: run {run} {record.describe()}")
+        self._after_exit(record)
 
     def _remember(self, record: RunRecord) -> None:
         if self.runs and self.runs[-1].run == record.run:
@@ -387,7 +430,8 @@ class Supervisor:
         # The run's last output may still sit in its pipes: SIGCHLD and the pipes' readability
         # can arrive in either order. Read them to EOF before acting on the exit, so the last
         # lines reach the console and the ring buffer before a restart or a power-off. Bounded:
-        # a descendant that left the group may hold the pipes open (they stay watched).
+        # a descendant that left the group may hold the pipes open; after `drain` seconds we
+        # read what is there and close our ends, so no run's pipes outlive it.
         if any(p.run == ended.run for p in self.pipes):
             self._draining = (ended, self.loop.call_later(self.drain, self._drained))
         else:
@@ -404,8 +448,19 @@ class Supervisor:
         ended, timer = self._draining
         self._draining = None
         timer.cancel()
-        for pipe in [p for p in self.pipes if p.run == ended.run]:
+        held: list[str] = []
+        pipes = sorted((p for p in self.pipes if p.run == ended.run), key=lambda p: p.stream)
+        for pipe in reversed(pipes):  # stdout, then stderr
             pipe.read_available()
+            if not pipe.closed:
+                held.append(pipe.stream)
+                pipe.close()
+        if held:
+            self.note(
+                f"{self.workload.name}: run {ended.run}: {' and '.join(held)} still open "
+                f"{self.drain:g} s after it ended, held by a process that left its process "
+                "group; closed"
+            )
         self._exited(ended)
 
     def _exited(self, ended: RunRecord) -> None:
