@@ -28,7 +28,7 @@ from eemini.guest.logbuf import MAX_BYTES, MAX_LINES, LogBuffer
 from eemini.guest.loop import EventLoop
 from eemini.guest.record import field, record
 from eemini.guest.rtmr import RuntimeMeasurer
-from eemini.guest.server import Limits, Method, RequestError, Server, error
+from eemini.guest.server import Limits, Method, RequestError, Server, encoded_size, error
 from eemini.guest.spec import EnclaveSpec, OnExit
 from eemini.guest.supervisor import (
     Backoff,
@@ -48,6 +48,9 @@ if TYPE_CHECKING:  # for the type checker only: typing costs boot time to import
 
 DEFAULT_SOCKET = "/var/lib/easyenclave/agent.sock"
 MAX_TAIL = MAX_LINES
+# A `logs` answer without its lines: {"ok":true,"lines":[],"entries":[],"dropped":…,"omitted":…}
+# and the newline, with room for the two counts.
+_LOGS_FRAME = 96
 
 
 @record
@@ -332,12 +335,27 @@ class Runtime:
         if not 1 <= tail <= MAX_TAIL:
             raise RequestError(f"logs: tail must be between 1 and {MAX_TAIL}, got {tail}")
         lines = self.logbuf.tail(tail)
+        # Every line goes out twice (in `lines` and `entries`), control characters six bytes
+        # each: keep the newest lines that fit in one answer and say how many were left out.
+        budget = self.config.limits.max_answer - _LOGS_FRAME
+        texts: list[str] = []
+        entries: list[dict[str, object]] = []
+        for line in reversed(lines):
+            entry = line.to_dict()
+            budget -= encoded_size(line.text) + encoded_size(entry) + 2  # and two commas
+            if budget < 0:
+                break
+            texts.append(line.text)
+            entries.append(entry)
+        texts.reverse()
+        entries.reverse()
         respond(
             {
                 "ok": True,
-                "lines": [line.text for line in lines],
-                "entries": [line.to_dict() for line in lines],
+                "lines": texts,
+                "entries": entries,
                 "dropped": self.logbuf.dropped,
+                "omitted": len(lines) - len(texts),
             }
         )
 
