@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import base64
+import datetime
 import json
 import os
+import re
 import resource
 import selectors
 import socket
@@ -380,6 +382,75 @@ def test_ten_thousand_pipelined_requests_are_all_answered_in_order(rt: RuntimePr
             assert answer == {**reference, "uptime_secs": answer["uptime_secs"]}
     assert_alive(rt)
     assert "Traceback" not in rt.stderr()
+
+
+RFC3339_MS = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}\+00:00")
+
+
+def test_list_answers_in_the_original_shape(rt: RuntimeProc) -> None:
+    path = rt.call("info")["spec"]["workload"]["path"]
+    (dep,) = rt.call("list")["deployments"]
+    run = dep["runs"][-1]
+    started = dep["started_at"]
+    assert dep == {
+        # The original runtime's DeploymentInfo, field for field (no error_message unless failed).
+        "id": "app",
+        "pid": run["pid"],
+        "app_name": "app",
+        "source": path,
+        "status": "running",
+        "started_at": started,
+        # Ours.
+        "state": "running",
+        "started_at_unix": run["started_at"],
+        "path": path,
+        "restarts": 0,
+        "restart_policy": "always",
+        "on_exit": "stay",
+        "last_exit": None,
+        "runs": [run],
+    }
+    assert isinstance(run["pid"], int) and run["ended_at"] is None
+    assert RFC3339_MS.fullmatch(started), started
+    assert round(datetime.datetime.fromisoformat(started).timestamp(), 3) == run["started_at"]
+    # A client that takes the id from `list` reads that deployment's logs with it, as from
+    # the original runtime (one request per connection, then it half-closes).
+    with rt.connect() as s:
+        s.sendall(req(method="logs", token=TOKEN, id=dep["id"]))
+        s.shutdown(socket.SHUT_WR)
+        logs = read_json_line(s)
+        assert s.recv(100) == b""
+    lines = [f"app: started run 0 as pid {run['pid']}", "serving"]
+    assert logs["lines"] == lines
+    assert [(e["stream"], e["text"]) for e in logs["entries"]] == [
+        ("runtime", lines[0]),
+        ("stdout", lines[1]),
+    ]
+    assert (logs["dropped"], logs["omitted"]) == (0, 0)
+
+
+@pytest.mark.parametrize(
+    ("body", "extra", "state", "status"),
+    [
+        ("print('done')\n", (), "exited", "completed"),
+        ("import sys\nsys.exit(3)\n", ("--backoff", "30,2,30,10"), "backoff", "deploying"),
+    ],
+)
+def test_list_status_words(
+    tmp_path: Path, body: str, extra: tuple[str, ...], state: str, status: str
+) -> None:
+    restart = "never" if status == "completed" else "on-failure"
+    workload = write_workload(tmp_path, "app", body)
+    spec = write_spec(tmp_path, workload, restart=restart, on_exit="stay")
+    rt2 = RuntimeProc(tmp_path, spec, *extra)
+    try:
+        wait_for(lambda: rt2.call("list")["deployments"][0]["state"] == state, what=state)
+        (dep,) = rt2.call("list")["deployments"]
+        assert dep["status"] == status
+        assert "error_message" not in dep
+        assert dep["started_at_unix"] == dep["runs"][-1]["started_at"]
+    finally:
+        rt2.stop()
 
 
 def test_info_and_list(rt: RuntimeProc) -> None:

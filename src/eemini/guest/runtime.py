@@ -51,6 +51,20 @@ MAX_TAIL = MAX_LINES
 # A `logs` answer without its lines: {"ok":true,"lines":[],"entries":[],"dropped":…,"omitted":…}
 # and the newline, with room for the two counts.
 _LOGS_FRAME = 96
+# The original runtime's status words for the supervisor's states ("exited" depends on the run).
+_EE_STATUS = {
+    "starting": "deploying",
+    "backoff": "deploying",  # waiting to start the next run
+    "running": "running",
+    "stopping": "running",  # still running until it is stopped
+    "stopped": "stopped",
+}
+
+
+def _rfc3339(t: float) -> str:
+    """`t` (seconds since the epoch) as an RFC 3339 UTC time to the millisecond."""
+    ms = round(t * 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ms // 1000)) + f".{ms % 1000:03d}+00:00"
 
 
 @record
@@ -319,7 +333,39 @@ class Runtime:
         self.attester.submit(pad_report_data(data), done)
 
     def _list(self, params: dict[str, Any], respond: Respond) -> None:
-        respond({"ok": True, "deployments": [self.supervisor.to_dict()]})
+        respond({"ok": True, "deployments": [self._deployment()]})
+
+    def _deployment(self) -> dict[str, object]:
+        """The workload as the original runtime's `DeploymentInfo`, then our own fields.
+
+        The original EasyEnclave runtime (easyenclave/easyenclave, src/workload.rs) answers
+        `list` with `DeploymentInfo {id, pid, app_name, source, status, error_message?,
+        started_at}`: `source` is the command line, `status` one of deploying | running |
+        completed | failed | stopped, `error_message` present only when it failed, and
+        `started_at` an RFC 3339 string (clients such as devopsdefender/dd, src/agent.rs, read
+        it as a string). The supervisor's own words and the float time stay, renamed to
+        `state` and `started_at_unix`.
+        """
+        sup = self.supervisor
+        ours = sup.to_dict()
+        state = ours.pop("status")
+        started = ours.pop("started_at")
+        last = sup.runs[-1] if sup.runs else None
+        status = _EE_STATUS.get(sup.state.value, "running")
+        if sup.state.value == "exited":
+            status = "failed" if last is None or last.failed else "completed"
+        workload = self.config.spec.workload
+        ee: dict[str, object] = {
+            "id": ours.pop("id"),
+            "pid": ours.pop("pid"),
+            "app_name": ours.pop("app_name"),
+            "source": " ".join(workload.argv),
+            "status": status,
+            "started_at": _rfc3339(self.started_at if last is None else last.started_at),
+        }
+        if status == "failed":
+            ee["error_message"] = "the workload never ran" if last is None else last.describe()
+        return {**ee, "state": state, "started_at_unix": started, **ours}
 
     def _check_id(self, method: str, params: Mapping[str, Any]) -> None:
         wid = params.get("id")
