@@ -229,13 +229,14 @@ class _Conn:
         """Serve the requests held back, on the next loop turn, if nothing holds them now."""
         if self.closed:
             return
+        server = self.server
         if (
             self.turn is None
-            and not (self.pending or self.closing)
-            and len(self.outbuf) < self.server.limits.max_output
+            and not (self.pending or self.closing or self in server.starved)
+            and len(self.outbuf) < server.limits.max_output
             and self.has_line()
         ):
-            self.turn = self.server.loop.call_soon(self.process)
+            self.turn = server.loop.call_soon(self.process)
         self.update()
 
     # -- reading -----------------------------------------------------------------------------
@@ -300,7 +301,7 @@ class _Conn:
         finally:
             self.serving = False
         self.flush()
-        self.update()
+        self.resume()  # the flush may have made room for more answers
 
     def reject_line(self) -> None:
         limit = self.server.limits.max_line
