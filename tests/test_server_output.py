@@ -34,7 +34,11 @@ class InProcess:
 
     def __init__(self, path: str, limits: Limits) -> None:
         self.loop = EventLoop()
-        self.server = Server(self.loop, path, TOKEN, {"blob": Method(blob, {"size": int})}, limits)
+        methods = {
+            "blob": Method(blob, {"size": int}, large=True),
+            "small": Method(lambda params, respond: respond({})),
+        }
+        self.server = Server(self.loop, path, TOKEN, methods, limits)
         self.server.start()
         self.thread = threading.Thread(target=self.loop.run, daemon=True)
         self.thread.start()
@@ -96,6 +100,9 @@ def in_parallel(fn: Callable[[socket.socket], T], socks: list[socket.socket]) ->
 
 def blob_request(size: int) -> bytes:
     return json.dumps({"method": "blob", "token": TOKEN, "size": size}).encode() + b"\n"
+
+
+SMALL_REQUEST = json.dumps({"method": "small", "token": TOKEN}).encode() + b"\n"
 
 
 def blob_answer(size: int) -> bytes:
@@ -162,9 +169,17 @@ def test_unread_answers_stay_within_the_budget(tmp_path: Path) -> None:
         assert 1024 * 1024 <= held["pending"] < 1024 * 1024 + ANSWER_LINE
         assert all(n < 64 * 1024 + ANSWER_LINE for n in held["outbufs"])
         assert held["starved"] >= 1 and held["requests"] < clients * each
+        # Meanwhile a small answer is given at once; a request for a large one waits its turn.
+        with served.connect() as client:
+            client.sendall(SMALL_REQUEST)
+            assert read_answers(client, 1) == [b'{"ok":true}\n']
+        late = served.connect()
+        late.sendall(blob_request(ANSWER))
+        wait_for(lambda: snapshot(served)["starved"] == held["starved"] + 1, what="it to wait")
+        socks.append(late)
         # Once read, every answer comes, in full: the held-back connections were resumed.
-        results = in_parallel(lambda s: read_answers(s, each), socks)
-        assert [len(r) for r in results] == [each] * clients
+        results = in_parallel(lambda s: read_answers(s, 1 if s is late else each), socks)
+        assert [len(r) for r in results] == [each] * clients + [1]
         assert all(line == blob_answer(ANSWER) for r in results for line in r)
         for s in socks:
             s.close()
@@ -173,7 +188,7 @@ def test_unread_answers_stay_within_the_budget(tmp_path: Path) -> None:
             "pending": 0,
             "outbufs": [],
             "starved": 0,
-            "requests": clients * each,
+            "requests": clients * each + 2,
             "conns": 0,
         }
 

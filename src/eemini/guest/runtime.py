@@ -222,12 +222,12 @@ class Runtime:
     def _methods(self) -> dict[str, Method]:
         return {
             "health": Method(self._health),
-            "attest": Method(self._attest, {"report_data_b64": str, "nonce": str}),
+            "attest": Method(self._attest, {"report_data_b64": str, "nonce": str}, large=True),
             "list": Method(self._list),
-            "logs": Method(self._logs, {"tail": int, "id": str}),
+            "logs": Method(self._logs, {"tail": int, "id": str}, large=True),
             "restart": Method(self._restart, {"id": str}),
             "shutdown": Method(self._shutdown),
-            "info": Method(self._info),
+            "info": Method(self._info, large=True),
         }
 
     # -- lifecycle ---------------------------------------------------------------------------

@@ -14,9 +14,10 @@ others, and keep the work of one loop turn and the memory of PID 1 bounded whate
 - at most `max_connections` at once; when full, the oldest connection that has not authenticated
   makes room for the new one (only authenticated ones can make the server say `busy`);
 - an answer line is at most `max_answer` bytes (else an `answer_too_large` error instead);
-- a connection is served no more requests while `max_output` bytes of its answers are unread,
-  nor is any connection while all of them together have `max_total_output` unread; past that,
-  clients that have read nothing for `stall_timeout` are disconnected, largest backlog first.
+- a connection is served no more requests while `max_output` bytes of its answers are unread;
+  while all connections together have `max_total_output` unread, requests to methods with large
+  answers wait (others wait only beyond that plus two largest answers), and clients that have
+  read nothing for `stall_timeout` are disconnected.
 
 Failures are `{"ok": false, "error": "<sentence>", "code": "<word>"}`. The token is compared in
 constant time and never logged or echoed.
@@ -64,10 +65,16 @@ class RequestError(Exception):
 
 @record
 class Method:
-    """A socket method: its handler and the parameters it accepts (name -> JSON type)."""
+    """A socket method: its handler and the parameters it accepts (name -> JSON type).
+
+    `large`: its answers may be large (up to `max_answer`), so its requests wait while the
+    unread answers of all connections are over `max_total_output`; other requests (small
+    answers) wait only when the total is over that plus two largest answers.
+    """
 
     handler: Handler
     params: Mapping[str, type] = field(default_factory=dict)
+    large: bool = False
 
 
 @record
@@ -80,7 +87,7 @@ class Limits:
     max_answer: int = 1024 * 1024  # bytes per answer line, newline included
     max_output: int = 256 * 1024  # a connection's unread answers before it is served no more
     max_total_output: int = 8 * 1024 * 1024  # unread answers of all connections together
-    stall_timeout: float = 1.0  # past max_total_output: close a connection not read for this long
+    stall_timeout: float = 1.0  # past max_total_output: close connections not read for this long
     lines_per_turn: int = 32  # requests served per connection before others get a turn
 
 
@@ -282,22 +289,22 @@ class _Conn:
                 if nl + 1 > limits.max_line:
                     self.reject_line()
                     break
-                if server.pending_output >= limits.max_total_output:
-                    server.starved[self] = None  # resumed once the total falls
-                    break
                 if served >= limits.lines_per_turn:
                     # Let other connections in; continue on the next loop turn.
                     self.turn = server.loop.call_soon(self.process)
                     break
                 line = bytes(self.inbuf[:nl])
+                if line.strip():
+                    if not server.handle_line(self, line):
+                        server.starved[self] = None  # resumed once the total falls
+                        break
+                    server.requests += 1
                 del self.inbuf[: nl + 1]
                 self.scan_from = 0
                 now = server.loop.time()
                 self.request_started = now if self.inbuf else None
                 self.last_activity = now
                 served += 1
-                if line.strip():
-                    server.handle_line(self, line)
         finally:
             self.serving = False
         self.flush()
@@ -535,8 +542,8 @@ class Server:
         now = self.loop.time()
         limits = self.limits
         for conn in list(self.conns):
-            if conn.pending:
-                continue  # waiting for us, not for the client
+            if conn.pending or conn in self.starved:
+                continue  # waiting for us (an answer, the output budget), not for the client
             if not conn.authenticated and now >= conn.accepted + limits.auth_timeout:
                 conn.drop(
                     f"no request with the right token within {limits.auth_timeout:g} s "
@@ -564,73 +571,71 @@ class Server:
         self._schedule_sweep()
 
     def _shed_stalled(self, now: float) -> None:
-        """Over the output budget: close the clients that stopped reading, largest first."""
-        stalled = [
-            conn
-            for conn in self.conns
-            if conn.outbuf and now >= conn.last_read + self.limits.stall_timeout
-        ]
-        stalled.sort(key=lambda conn: len(conn.outbuf), reverse=True)
-        for conn in stalled:
-            if self.pending_output < self.limits.max_total_output:
-                break
-            conn.close()
+        """Over the output budget: close the clients that have stopped reading their answers."""
+        for conn in list(self.conns):
+            if conn.outbuf and now >= conn.last_read + self.limits.stall_timeout:
+                conn.close()
 
     # -- requests ----------------------------------------------------------------------------
 
-    def handle_line(self, conn: _Conn, line: bytes) -> None:
-        self.requests += 1
+    def handle_line(self, conn: _Conn, line: bytes) -> bool:
+        """Answer one request line; False (and nothing done) when it must wait for the budget."""
+        limits = self.limits
+        if self.pending_output >= limits.max_total_output + 2 * limits.max_answer:
+            return False
         try:
             text = line.decode("utf-8")
         except UnicodeDecodeError as e:
             conn.send(error(f"request is not valid UTF-8 (bad byte at offset {e.start})", "bad_request"))
-            return
+            return True
         try:
             request = json.loads(text)
         except json.JSONDecodeError as e:
             conn.send(error(f"request is not valid JSON: {e.msg} at column {e.colno}", "bad_request"))
-            return
+            return True
         except RecursionError:
             conn.send(error("request is not valid JSON: nested too deeply", "bad_request"))
-            return
+            return True
         except ValueError as e:  # e.g. an integer beyond the interpreter's digit limit
             conn.send(error(f"request is not valid JSON: {e}", "bad_request"))
-            return
+            return True
         if not isinstance(request, dict):
             what = _json_type_name(request)
             conn.send(error(f"request must be a JSON object, got {what}", "bad_request"))
-            return
+            return True
         token = request.pop("token", None)
         if token is None:
             conn.send(error('missing "token": every request carries the boot token', "unauthenticated"))
-            return
+            return True
         if not isinstance(token, str) or not compare_digest(
             token.encode("utf-8", "surrogatepass"), self._token
         ):
             conn.send(error("wrong token", "unauthenticated"))
-            return
+            return True
         conn.authenticated = True
         name = request.pop("method", None)
         if name is None:
             conn.send(error('missing "method"', "bad_request"))
-            return
+            return True
         if not isinstance(name, str):
             what = _json_type_name(name)
             conn.send(error(f'"method" must be a string, got {what}', "bad_request"))
-            return
+            return True
         method = self.methods.get(name)
         if method is None:
             known = ", ".join(sorted(self.methods))
             shown = name if len(name) <= 64 else name[:64] + "..."
             conn.send(error(f"unknown method {shown!r} (known: {known})", "unknown_method"))
-            return
+            return True
         try:
             params = self._check_params(name, method, request)
         except RequestError as e:
             conn.send(error(str(e), e.code))
-            return
+            return True
+        if method.large and self.pending_output >= limits.max_total_output:
+            return False
         send = conn.answer_later()
-        cap = self.limits.max_answer
+        cap = limits.max_answer
 
         def reply(response: Response) -> None:
             if "ok" not in response:
@@ -656,6 +661,7 @@ class Server:
             print(f"eemini: control socket: {name} failed:", file=sys.stderr)
             traceback.print_exc(file=sys.stderr)
             reply(error(f"internal error in {name}: {type(e).__name__}", "internal"))
+        return True
 
     @staticmethod
     def _check_params(name: str, method: Method, request: dict[str, Any]) -> dict[str, Any]:
