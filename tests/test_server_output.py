@@ -36,6 +36,7 @@ class InProcess:
         self.loop = EventLoop()
         methods = {
             "blob": Method(blob, {"size": int}, large=True),
+            "wide": Method(blob, {"size": int}),  # large answers from a method that says not
             "small": Method(lambda params, respond: respond({})),
         }
         self.server = Server(self.loop, path, TOKEN, methods, limits)
@@ -191,6 +192,28 @@ def test_unread_answers_stay_within_the_budget(tmp_path: Path) -> None:
             "requests": clients * each + 2,
             "conns": 0,
         }
+
+
+def test_waiting_for_the_server_does_not_count_against_deadlines(tmp_path: Path) -> None:
+    limits = {**BUDGET, "stall_timeout": 60, "auth_timeout": 0.5}
+    with serving(tmp_path, **limits) as served:
+        # Past the budget and the two answers of room beyond it, every request waits.
+        wide = json.dumps({"method": "wide", "token": TOKEN, "size": ANSWER}).encode() + b"\n"
+        hogs = [served.connect() for _ in range(20)]
+        for s in hogs:
+            s.sendall(wide * 10)
+        held = settle(served)
+        assert held["pending"] >= 1024 * 1024 + 2 * 200_000
+        # A new client's first request waits, so it cannot authenticate in time: that is the
+        # server's doing, and it is not dropped for it.
+        with served.connect() as late:
+            late.sendall(SMALL_REQUEST)
+            wait_for(lambda: snapshot(served)["starved"] == held["starved"] + 1, what="it to wait")
+            time.sleep(1.0)  # twice its deadline
+            in_parallel(lambda s: read_answers(s, 10), hogs)
+            assert read_answers(late, 1) == [b'{"ok":true}\n']
+        for s in hogs:
+            s.close()
 
 
 def drain(s: socket.socket) -> tuple[int, bool]:
