@@ -2,8 +2,11 @@
 
 Both servers are separate Python processes on unix sockets; the load generator is this process
 (one blocking client, or 64 connections driven by one selector, each sending its next request as
-soon as its answer arrives). Figures are printed, never asserted.
-Targets: health throughput >= 0.5x echo, p99 < 10 ms at 64 clients, runtime RSS < 25 MiB.
+soon as its answer arrives; or one connection sending a burst of requests in one write while it
+reads the answers). Then a runtime whose workload filled the log buffer with the costliest lines
+there are faces 256 hostile connections at once. Figures are printed, never asserted.
+Targets: health throughput >= 0.5x echo, p99 < 10 ms at 64 clients, runtime RSS < 25 MiB; every
+request of a burst answered; RSS after the hostile connections < 25 MiB + the 8 MiB output budget.
 """
 
 from __future__ import annotations
@@ -16,10 +19,13 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 DURATION = 2.0
+BURST = 10_000
+HOSTILE = 256
 TOKEN = "bench-token-" + "0" * 52
 
 ECHO_SERVER = r"""
@@ -126,6 +132,133 @@ def _many_clients(path: str, request: bytes, n: int, duration: float) -> tuple[f
     return len(lat) / elapsed, lat
 
 
+def _burst(path: str, request: bytes, n: int) -> tuple[int, float]:
+    """Send `n` requests in one sendall (from a thread) and read answers: (answers, seconds)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.connect(path)
+        s.settimeout(10)
+        began = time.perf_counter()
+        sender = threading.Thread(target=s.sendall, args=(request * n,), daemon=True)
+        sender.start()
+        f = s.makefile("rb")
+        answers = 0
+        try:
+            while answers < n and f.readline().endswith(b"\n"):
+                answers += 1
+        except TimeoutError:
+            pass  # answers lost: the count says how many
+        elapsed = time.perf_counter() - began
+    return answers, elapsed
+
+
+# The costliest log there is: every character a control character (six bytes in JSON), up to the
+# ring buffer's bounds (2000 lines, 512 KiB).
+NOISY_WORKLOAD = """import sys, time
+for _ in range(1999):
+    sys.stdout.write("\\x01" * 256 + "\\n")
+print("ready", flush=True)
+time.sleep(3600)
+"""
+
+
+def _hostile(tmp: str) -> None:
+    """A runtime with a full log buffer, then 256 hostile connections at once."""
+    workload = Path(tmp) / "noisy-app"
+    workload.write_text(f"#!{sys.executable}\n{NOISY_WORKLOAD}")
+    workload.chmod(0o755)
+    spec = Path(tmp) / "noisy.json"
+    spec.write_text(json.dumps({"workload": {"path": os.fspath(workload), "on_exit": "stay"}}))
+    path = os.path.join(tmp, "noisy-rt", "agent.sock")
+    rt = subprocess.Popen(
+        [sys.executable, "-m", "eemini.guest.devmode", "--spec-json", os.fspath(spec),
+         "--socket", path, "--token", TOKEN],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    socks: list[socket.socket] = []
+    try:
+        _wait_socket(path, rt)
+        logs = _request("logs", tail=2000)
+        health = _request("health")
+        deadline = time.monotonic() + 20
+        while b'"ready"]' not in _ask(path, _request("logs", tail=1)):
+            if time.monotonic() > deadline:
+                raise SystemExit("the noisy workload did not fill the log buffer")
+            time.sleep(0.05)
+        answer = _ask(path, logs)
+        before, _ = _rss_kib(rt.pid)
+        # A quarter silent, a quarter slow-loris (a request that never ends, a byte at a time),
+        # half with the token, each asking for 20 of the largest answers and reading none.
+        for i in range(HOSTILE):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.connect(path)
+            s.setblocking(False)
+            kind = i % 4
+            if kind == 1:
+                s.send(b'{"method": "health", "tok')
+            elif kind >= 2:
+                try:
+                    s.send(logs * 20)
+                except BlockingIOError:
+                    pass
+            socks.append(s)
+        loris = socks[1::4]
+        began = time.monotonic()
+        health_lat: list[float] = []
+        while time.monotonic() - began < 6:
+            for s in loris:
+                try:
+                    s.send(b" ")
+                except OSError:
+                    pass
+            t0 = time.perf_counter()
+            ok = b'"ok":true' in _ask(path, health)
+            health_lat.append(time.perf_counter() - t0 if ok else float("inf"))
+            time.sleep(0.2)
+        rss, hwm = _rss_kib(rt.pid)
+        closed = sum(_closed(s) for s in socks)
+        print(
+            f"  largest logs answer {len(answer) / 1024:.0f} KiB; runtime with a full log buffer: "
+            f"RSS {before / 1024:.1f} MiB"
+        )
+        print(
+            f"  after {HOSTILE} hostile connections (64 silent, 64 slow-loris, 128 each asking for "
+            f"20 such answers unread): RSS {rss / 1024:.1f} MiB (peak {hwm / 1024:.1f} MiB), "
+            f"{closed} of them closed by the runtime within 6 s; a client's health meanwhile: "
+            f"p50 {_pct(health_lat, 50):.1f} ms, max {max(health_lat) * 1000:.1f} ms "
+            f"({len(health_lat)} calls)"
+        )
+    finally:
+        for s in socks:
+            s.close()
+        rt.terminate()
+        rt.wait(20)
+
+
+def _request(method: str, **params: object) -> bytes:
+    return json.dumps({"method": method, "token": TOKEN, **params}).encode() + b"\n"
+
+
+def _ask(path: str, request: bytes) -> bytes:
+    """One request on a connection of its own; the answer line."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(10)
+        s.connect(path)
+        s.sendall(request)
+        return s.makefile("rb").readline()
+
+
+def _closed(s: socket.socket) -> bool:
+    """True when the peer has closed `s` (its unread answers are skipped)."""
+    try:
+        while True:
+            if not s.recv(1 << 20):
+                return True
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+
+
 def _pct(values: list[float], p: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))] * 1000
@@ -173,6 +306,12 @@ def main() -> None:
             print(_row("runtime attest (simulated), 1 client", rate, lat))
             rate_e, lat_e = _one_client(echo_sock, attest, DURATION)
             print(_row("echo server, same request, 1 client", rate_e, lat_e))
+            for server, path in (("runtime", rt_sock), ("echo server", echo_sock)):
+                answers, elapsed = _burst(path, health, BURST)
+                print(
+                    f"  {server + ', burst of health':<34} {answers:9d} of {BURST} answered in "
+                    f"{elapsed:.2f} s ({answers / elapsed:.0f} req/s), one connection, one write"
+                )
             rss, hwm = _rss_kib(rt.pid)
             erss, ehwm = _rss_kib(echo.pid)
             print(f"  runtime RSS {rss / 1024:.1f} MiB (peak {hwm / 1024:.1f} MiB, target < 25 MiB)")
@@ -181,3 +320,4 @@ def main() -> None:
             for proc in (rt, echo):
                 proc.terminate()
                 proc.wait(20)
+        _hostile(tmp)

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import base64
+import datetime
 import json
 import os
+import re
 import resource
 import selectors
 import socket
 import stat
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,7 +32,9 @@ def rt(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RuntimeProc]:
         tmp, "app", "import time\nprint('serving', flush=True)\ntime.sleep(3600)\n"
     )
     spec = write_spec(tmp, workload, restart="always", on_exit="stay")
-    runtime = RuntimeProc(tmp, spec, "--idle-timeout", "1", "--max-connections", "256")
+    runtime = RuntimeProc(
+        tmp, spec, "--idle-timeout", "1", "--auth-timeout", "1", "--request-timeout", "1"
+    )
     yield runtime
     runtime.stop()
     assert TOKEN not in runtime.stderr()
@@ -196,23 +201,69 @@ def test_half_closed_connection_still_gets_its_answer(rt: RuntimeProc) -> None:
     assert_alive(rt)
 
 
-def test_silent_client_times_out_while_others_are_served(rt: RuntimeProc) -> None:
+def trickle(s: socket.socket, data: bytes, interval: float = 0.1) -> threading.Thread:
+    """Send `data` one byte every `interval` seconds from a thread, until done or refused."""
+
+    def run() -> None:
+        for i in range(len(data)):
+            try:
+                s.send(data[i : i + 1])
+            except OSError:
+                return
+            time.sleep(interval)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def authenticated(rt: RuntimeProc) -> socket.socket:
+    s = rt.connect()
+    s.sendall(req(method="health", token=TOKEN))
+    assert read_json_line(s)["ok"] is True
+    return s
+
+
+def test_deadlines_hold_however_slowly_bytes_arrive(rt: RuntimeProc) -> None:
+    began = time.monotonic()
     silent = rt.connect()
     partial = rt.connect()
     partial.sendall(b'{"method": "hea')
-    began = time.monotonic()
+    loris = rt.connect()  # never completes its first request, a byte every 0.1 s for 4 s
+    authed = authenticated(rt)  # completes one request, then trickles the next
+    idle = authenticated(rt)  # completes one request, then says nothing
+    slow = [trickle(loris, b" " * 40), trickle(authed, b'{"method": "health", ' + b" " * 30)]
     for _ in range(5):
         assert_alive(rt)
-    for s in (silent, partial):
-        answer = read_json_line(s)
-        assert answer == {
-            "ok": False,
-            "error": "connection idle for 1 s; closing it",
-            "code": "idle_timeout",
-        }
-        assert s.recv(100) == b""
+    no_token = {
+        "ok": False,
+        "error": "no request with the right token within 1 s of connecting; closing the connection",
+        "code": "auth_timeout",
+    }
+    expected = [
+        (silent, no_token),
+        (partial, no_token),
+        (loris, no_token),
+        (
+            authed,
+            {
+                "ok": False,
+                "error": "request not complete 1 s after its first byte; closing the connection",
+                "code": "request_timeout",
+            },
+        ),
+        (idle, {"ok": False, "error": "connection idle for 1 s; closing it", "code": "idle_timeout"}),
+    ]
+    for s, answer in expected:
+        assert read_json_line(s) == answer
+        assert_closed(s)
+    # Closed at their deadlines (about 1 s), not when the trickling stopped (4 s).
+    assert time.monotonic() - began < 2.5
+    for thread in slow:
+        thread.join()
+    for s, _ in expected:
         s.close()
-    assert 0.9 <= time.monotonic() - began < 5
+    assert_alive(rt)
 
 
 def test_two_hundred_concurrent_clients(rt: RuntimeProc) -> None:
@@ -303,6 +354,105 @@ def test_pipelined_attests_answer_in_order(rt: RuntimeProc) -> None:
         assert "uptime_secs" in read_json_line(s)
 
 
+def test_ten_thousand_pipelined_requests_are_all_answered_in_order(rt: RuntimeProc) -> None:
+    # Every request is a health request; the odd ones carry a parameter that names them, so
+    # their errors show the order of the answers.
+    n = 10_000
+    payload = b"".join(
+        req(method="health", token=TOKEN, **({f"n{i}": 1} if i % 2 else {})) for i in range(n)
+    )
+    reference = rt.call("health")
+    with rt.connect(timeout=30) as s:
+        # One sendall, from a thread: the server stops reading while its answers are unread.
+        sender = threading.Thread(target=s.sendall, args=(payload,))
+        sender.start()
+        f = s.makefile("rb")
+        answers = [json.loads(f.readline()) for _ in range(n)]
+        sender.join()
+        s.shutdown(socket.SHUT_WR)
+        assert f.read() == b""  # nothing more: exactly one answer per request
+    for i, answer in enumerate(answers):
+        if i % 2:
+            assert answer == {
+                "ok": False,
+                "error": f"health: unknown parameter 'n{i}' (accepted: none)",
+                "code": "bad_params",
+            }
+        else:
+            assert answer == {**reference, "uptime_secs": answer["uptime_secs"]}
+    assert_alive(rt)
+    assert "Traceback" not in rt.stderr()
+
+
+RFC3339_MS = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}\+00:00")
+
+
+def test_list_answers_in_the_original_shape(rt: RuntimeProc) -> None:
+    path = rt.call("info")["spec"]["workload"]["path"]
+    (dep,) = rt.call("list")["deployments"]
+    run = dep["runs"][-1]
+    started = dep["started_at"]
+    assert dep == {
+        # The original runtime's DeploymentInfo, field for field (no error_message unless failed).
+        "id": "app",
+        "pid": run["pid"],
+        "app_name": "app",
+        "source": path,
+        "status": "running",
+        "started_at": started,
+        # Ours.
+        "state": "running",
+        "started_at_unix": run["started_at"],
+        "path": path,
+        "restarts": 0,
+        "restart_policy": "always",
+        "on_exit": "stay",
+        "last_exit": None,
+        "runs": [run],
+    }
+    assert isinstance(run["pid"], int) and run["ended_at"] is None
+    assert RFC3339_MS.fullmatch(started), started
+    assert round(datetime.datetime.fromisoformat(started).timestamp(), 3) == run["started_at"]
+    # A client that takes the id from `list` reads that deployment's logs with it, as from
+    # the original runtime (one request per connection, then it half-closes).
+    with rt.connect() as s:
+        s.sendall(req(method="logs", token=TOKEN, id=dep["id"]))
+        s.shutdown(socket.SHUT_WR)
+        logs = read_json_line(s)
+        assert s.recv(100) == b""
+    lines = [f"app: started run 0 as pid {run['pid']}", "serving"]
+    assert logs["lines"] == lines
+    assert [(e["stream"], e["text"]) for e in logs["entries"]] == [
+        ("runtime", lines[0]),
+        ("stdout", lines[1]),
+    ]
+    assert (logs["dropped"], logs["omitted"]) == (0, 0)
+
+
+@pytest.mark.parametrize(
+    ("body", "extra", "state", "status"),
+    [
+        ("print('done')\n", (), "exited", "completed"),
+        ("import sys\nsys.exit(3)\n", ("--backoff", "30,2,30,10"), "backoff", "deploying"),
+    ],
+)
+def test_list_status_words(
+    tmp_path: Path, body: str, extra: tuple[str, ...], state: str, status: str
+) -> None:
+    restart = "never" if status == "completed" else "on-failure"
+    workload = write_workload(tmp_path, "app", body)
+    spec = write_spec(tmp_path, workload, restart=restart, on_exit="stay")
+    rt2 = RuntimeProc(tmp_path, spec, *extra)
+    try:
+        wait_for(lambda: rt2.call("list")["deployments"][0]["state"] == state, what=state)
+        (dep,) = rt2.call("list")["deployments"]
+        assert dep["status"] == status
+        assert "error_message" not in dep
+        assert dep["started_at_unix"] == dep["runs"][-1]["started_at"]
+    finally:
+        rt2.stop()
+
+
 def test_info_and_list(rt: RuntimeProc) -> None:
     info = rt.call("info")
     assert info["ok"] is True
@@ -312,16 +462,15 @@ def test_info_and_list(rt: RuntimeProc) -> None:
     assert info["limits"] == {"max_line": 65536, "max_connections": 256, "idle_timeout_secs": 1.0}
     (dep,) = rt.call("list")["deployments"]
     assert dep["status"] == "running" and dep["restart_policy"] == "always"
-    logs = rt.call("logs", tail=2)
-    assert len(logs["lines"]) <= 2
+    logs = rt.call("logs", tail=1)
+    assert logs["lines"] == ["serving"]
 
 
 def test_connection_limit(tmp_path: Path) -> None:
     workload = write_workload(tmp_path, "app", "import time\ntime.sleep(3600)\n")
     rt2 = RuntimeProc(tmp_path, write_spec(tmp_path, workload, on_exit="stay"), "--max-connections", "4")
     try:
-        held = [rt2.connect() for _ in range(4)]
-        time.sleep(0.2)
+        held = [authenticated(rt2) for _ in range(4)]
         with rt2.connect() as extra:
             assert read_json_line(extra) == {
                 "ok": False,
@@ -332,6 +481,50 @@ def test_connection_limit(tmp_path: Path) -> None:
             s.close()
         # Until the runtime has seen the closes, a new connection is still one too many.
         wait_for(lambda: rt2.call("health")["ok"] is True, what="health after the closes")
+    finally:
+        rt2.stop()
+
+
+def test_hostile_connections_do_not_lock_out_a_client(tmp_path: Path) -> None:
+    workload = write_workload(tmp_path, "app", "import time\ntime.sleep(3600)\n")
+    spec = write_spec(tmp_path, workload, on_exit="stay")
+    rt2 = RuntimeProc(tmp_path, spec, "--max-connections", "256", "--auth-timeout", "3")
+    try:
+        began = time.monotonic()
+        silent = [rt2.connect() for _ in range(128)]
+        loris = [rt2.connect() for _ in range(128)]
+        # Each slow-loris sends one more byte of a request every 0.1 s, until it is refused.
+        slow = [trickle(s, b'{"method": "health", "token": "' + b"x" * 60) for s in loris]
+        time.sleep(0.5)
+        asked = time.monotonic()
+        with rt2.connect() as client:
+            client.sendall(req(method="health", token=TOKEN))
+            answer = read_json_line(client)
+        assert answer["ok"] is True and answer["workloads"] == 1
+        assert time.monotonic() - asked < 1.0  # served at once, not when the hostile ones expire
+        # The oldest connection without the token made room for it.
+        assert read_json_line(silent[0]) == {
+            "ok": False,
+            "error": "connection limit (256) reached: closing the oldest connection that has "
+            "not sent the right token",
+            "code": "evicted",
+        }
+        # The other 255 are dropped at their deadline, trickling or not.
+        no_token = {
+            "ok": False,
+            "error": "no request with the right token within 3 s of connecting; closing the connection",
+            "code": "auth_timeout",
+        }
+        for s in silent[1:] + loris:
+            assert read_json_line(s) == no_token
+            assert_closed(s)
+        assert time.monotonic() - began < 5.0
+        for thread in slow:
+            thread.join()
+        for s in silent + loris:
+            s.close()
+        assert rt2.call("health")["ok"] is True
+        assert "Traceback" not in rt2.stderr()
     finally:
         rt2.stop()
 

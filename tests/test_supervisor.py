@@ -112,7 +112,7 @@ sys.exit(0)
     wait_for(lambda: re.search(r"\] orphans [0-9]", rt.stderr()) is not None, what="orphan pids")
     pids = [int(p) for p in re.search(r"\] orphans ([0-9 ]+)", rt.stderr()).group(1).split()]  # type: ignore[union-attr]
     assert len(pids) == 5
-    wait_for(lambda: deployment(rt)["status"] == "exited", what="workload exit")
+    wait_for(lambda: deployment(rt)["state"] == "exited", what="workload exit")
     # While they live, the orphans are the runtime's children.
     adopted = {pid for pid, _ in children_of(rt.proc.pid)}
     assert set(pids) & adopted, (pids, adopted)
@@ -219,8 +219,9 @@ def test_missing_binary_is_a_failed_run(tmp_path: Path, runtimes: list[RuntimePr
     rt = RuntimeProc(tmp_path, spec)
     runtimes.append(rt)
     dep = deployment(rt)
-    assert dep["status"] == "exited"
-    assert dep["last_exit"] == f"could not start: {tmp_path}/does-not-exist: No such file or directory"
+    reason = f"could not start: {tmp_path}/does-not-exist: No such file or directory"
+    assert (dep["state"], dep["status"], dep["error_message"]) == ("exited", "failed", reason)
+    assert dep["last_exit"] == reason
 
 
 def test_long_lines_are_split(tmp_path: Path, runtimes: list[RuntimeProc]) -> None:

@@ -145,6 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-line", type=int, default=_DEFAULT_LIMITS.max_line)
     p.add_argument("--max-connections", type=int, default=_DEFAULT_LIMITS.max_connections)
     p.add_argument("--idle-timeout", type=float, default=_DEFAULT_LIMITS.idle_timeout)
+    p.add_argument("--request-timeout", type=float, default=_DEFAULT_LIMITS.request_timeout)
+    p.add_argument("--auth-timeout", type=float, default=_DEFAULT_LIMITS.auth_timeout)
+    p.add_argument("--stall-timeout", type=float, default=_DEFAULT_LIMITS.stall_timeout)
     args = p.parse_args(argv)
     try:
         spec = load(args.spec_json)
@@ -160,6 +163,9 @@ def main(argv: list[str] | None = None) -> int:
             max_line=args.max_line,
             max_connections=args.max_connections,
             idle_timeout=args.idle_timeout,
+            request_timeout=args.request_timeout,
+            auth_timeout=args.auth_timeout,
+            stall_timeout=args.stall_timeout,
         ),
         token=args.token,
     )

@@ -28,7 +28,7 @@ from eemini.guest.logbuf import MAX_BYTES, MAX_LINES, LogBuffer
 from eemini.guest.loop import EventLoop, ThreadStartError, WorkerThread
 from eemini.guest.record import field, record
 from eemini.guest.rtmr import RuntimeMeasurer
-from eemini.guest.server import Limits, Method, RequestError, Server, error
+from eemini.guest.server import Limits, Method, RequestError, Server, encoded_size, error
 from eemini.guest.spec import EnclaveSpec, OnExit
 from eemini.guest.supervisor import (
     Backoff,
@@ -48,6 +48,23 @@ if TYPE_CHECKING:  # for the type checker only: typing costs boot time to import
 
 DEFAULT_SOCKET = "/var/lib/easyenclave/agent.sock"
 MAX_TAIL = MAX_LINES
+# A `logs` answer without its lines: {"ok":true,"lines":[],"entries":[],"dropped":…,"omitted":…}
+# and the newline, with room for the two counts.
+_LOGS_FRAME = 96
+# The original runtime's status words for the supervisor's states ("exited" depends on the run).
+_EE_STATUS = {
+    "starting": "deploying",
+    "backoff": "deploying",  # waiting to start the next run
+    "running": "running",
+    "stopping": "running",  # still running until it is stopped
+    "stopped": "stopped",
+}
+
+
+def _rfc3339(t: float) -> str:
+    """`t` (seconds since the epoch) as an RFC 3339 UTC time to the millisecond."""
+    ms = round(t * 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ms // 1000)) + f".{ms % 1000:03d}+00:00"
 
 
 @record
@@ -210,12 +227,12 @@ class Runtime:
     def _methods(self) -> dict[str, Method]:
         return {
             "health": Method(self._health),
-            "attest": Method(self._attest, {"report_data_b64": str, "nonce": str}),
+            "attest": Method(self._attest, {"report_data_b64": str, "nonce": str}, large=True),
             "list": Method(self._list),
-            "logs": Method(self._logs, {"tail": int, "id": str}),
+            "logs": Method(self._logs, {"tail": int, "id": str}, large=True),
             "restart": Method(self._restart, {"id": str}),
             "shutdown": Method(self._shutdown),
-            "info": Method(self._info),
+            "info": Method(self._info, large=True),
         }
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -321,7 +338,39 @@ class Runtime:
         self.attester.submit(pad_report_data(data), done)
 
     def _list(self, params: dict[str, Any], respond: Respond) -> None:
-        respond({"ok": True, "deployments": [self.supervisor.to_dict()]})
+        respond({"ok": True, "deployments": [self._deployment()]})
+
+    def _deployment(self) -> dict[str, object]:
+        """The workload as the original runtime's `DeploymentInfo`, then our own fields.
+
+        The original EasyEnclave runtime (easyenclave/easyenclave, src/workload.rs) answers
+        `list` with `DeploymentInfo {id, pid, app_name, source, status, error_message?,
+        started_at}`: `source` is the command line, `status` one of deploying | running |
+        completed | failed | stopped, `error_message` present only when it failed, and
+        `started_at` an RFC 3339 string (clients such as devopsdefender/dd, src/agent.rs, read
+        it as a string). The supervisor's own words and the float time stay, renamed to
+        `state` and `started_at_unix`.
+        """
+        sup = self.supervisor
+        ours = sup.to_dict()
+        state = ours.pop("status")
+        started = ours.pop("started_at")
+        last = sup.runs[-1] if sup.runs else None
+        status = _EE_STATUS.get(sup.state.value, "running")
+        if sup.state.value == "exited":
+            status = "failed" if last is None or last.failed else "completed"
+        workload = self.config.spec.workload
+        ee: dict[str, object] = {
+            "id": ours.pop("id"),
+            "pid": ours.pop("pid"),
+            "app_name": ours.pop("app_name"),
+            "source": " ".join(workload.argv),
+            "status": status,
+            "started_at": _rfc3339(self.started_at if last is None else last.started_at),
+        }
+        if status == "failed":
+            ee["error_message"] = "the workload never ran" if last is None else last.describe()
+        return {**ee, "state": state, "started_at_unix": started, **ours}
 
     def _check_id(self, method: str, params: Mapping[str, Any]) -> None:
         wid = params.get("id")
@@ -337,12 +386,27 @@ class Runtime:
         if not 1 <= tail <= MAX_TAIL:
             raise RequestError(f"logs: tail must be between 1 and {MAX_TAIL}, got {tail}")
         lines = self.logbuf.tail(tail)
+        # Every line goes out twice (in `lines` and `entries`), control characters six bytes
+        # each: keep the newest lines that fit in one answer and say how many were left out.
+        budget = self.config.limits.max_answer - _LOGS_FRAME
+        texts: list[str] = []
+        entries: list[dict[str, object]] = []
+        for line in reversed(lines):
+            entry = line.to_dict()
+            budget -= encoded_size(line.text) + encoded_size(entry) + 2  # and two commas
+            if budget < 0:
+                break
+            texts.append(line.text)
+            entries.append(entry)
+        texts.reverse()
+        entries.reverse()
         respond(
             {
                 "ok": True,
-                "lines": [line.text for line in lines],
-                "entries": [line.to_dict() for line in lines],
+                "lines": texts,
+                "entries": entries,
                 "dropped": self.logbuf.dropped,
+                "omitted": len(lines) - len(texts),
             }
         )
 

@@ -2,10 +2,22 @@
 
 Each connection is a non-blocking socket served by the event loop. Requests on one connection are
 answered in order; a method may answer later (attest runs on a worker thread), and the connection
-waits for that answer before it reads its next request. Limits keep one client from hurting the
-others: a maximum request line (error, then that connection is closed), a maximum number of
-connections (error to the extra ones), an idle timeout, a bound on unread output, and a bound on
-how many requests one connection gets served per loop turn.
+waits for that answer before it serves its next request. Limits keep one client from hurting the
+others, and keep the work of one loop turn and the memory of PID 1 bounded whatever clients do:
+
+- a request line is at most `max_line` bytes (error, then that connection is closed);
+- at most `lines_per_turn` requests of one connection are served per loop turn, however many
+  arrived at once; nothing more is read from a connection while it has complete requests waiting;
+- deadlines: a connection must send a request with the right token within `auth_timeout` of
+  connecting, a request must be complete within `request_timeout` of its first byte (bytes
+  trickling in do not extend it), and an authenticated connection may idle for `idle_timeout`;
+- at most `max_connections` at once; when full, the oldest connection that has not authenticated
+  makes room for the new one (only authenticated ones can make the server say `busy`);
+- an answer line is at most `max_answer` bytes (else an `answer_too_large` error instead);
+- a connection is served no more requests while `max_output` bytes of its answers are unread;
+  while all connections together have `max_total_output` unread, requests to methods with large
+  answers wait (others wait only beyond that plus two largest answers), and clients that have
+  read nothing for `stall_timeout` are disconnected.
 
 Failures are `{"ok": false, "error": "<sentence>", "code": "<word>"}`. The token is compared in
 constant time and never logged or echoed.
@@ -53,18 +65,29 @@ class RequestError(Exception):
 
 @record
 class Method:
-    """A socket method: its handler and the parameters it accepts (name -> JSON type)."""
+    """A socket method: its handler and the parameters it accepts (name -> JSON type).
+
+    `large`: its answers may be large (up to `max_answer`), so its requests wait while the
+    unread answers of all connections are over `max_total_output`; other requests (small
+    answers) wait only when the total is over that plus two largest answers.
+    """
 
     handler: Handler
     params: Mapping[str, type] = field(default_factory=dict)
+    large: bool = False
 
 
 @record
 class Limits:
     max_line: int = 64 * 1024  # bytes per request line, newline included
     max_connections: int = 256
-    idle_timeout: float = 60.0  # seconds without a complete request or any progress
-    max_output: int = 1024 * 1024  # unread response bytes before we stop reading that client
+    idle_timeout: float = 60.0  # seconds an authenticated connection may wait between requests
+    request_timeout: float = 10.0  # seconds from a request's first byte to its newline
+    auth_timeout: float = 5.0  # seconds from connecting to the first request with the right token
+    max_answer: int = 1024 * 1024  # bytes per answer line, newline included
+    max_output: int = 256 * 1024  # a connection's unread answers before it is served no more
+    max_total_output: int = 8 * 1024 * 1024  # unread answers of all connections together
+    stall_timeout: float = 1.0  # past max_total_output: close connections not read for this long
     lines_per_turn: int = 32  # requests served per connection before others get a turn
 
 
@@ -114,22 +137,45 @@ def _encode(response: Response) -> bytes:
     return json.dumps(response, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
 
 
+def encoded_size(value: object) -> int:
+    """How many bytes `value` takes in an answer line."""
+    return len(json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode())
+
+
 class _Conn:
+    """One client connection. Its answers go out in request order; its state is:
+
+    - `inbuf`: bytes received and not yet served; it holds complete lines only while the
+      connection is held back (a deferred answer, unread output, the server's output budget),
+      and then nothing more is read from the client.
+    - `outbuf`: answers the client has not read yet (counted in `server.pending_output`).
+    - `turn`: a scheduled call of `process`, after `lines_per_turn` requests or a deferred answer.
+    """
+
     def __init__(self, server: Server, sock: _socket.socket) -> None:
         self.server = server
         self.sock = sock
         self.fd = sock.fileno()
         self.inbuf = bytearray()
         self.outbuf = bytearray()
-        self.last_activity = server.loop.time()
+        now = server.loop.time()
+        self.accepted = now
+        self.last_activity = now  # a request served, an answer sent or read
+        self.last_read = now  # the client last took some of outbuf (or outbuf was empty)
+        self.request_started: float | None = None  # first byte of the unfinished request
+        self.authenticated = False  # a request carried the right token
         self.pending = False  # a deferred answer is outstanding
         self.eof = False  # the peer shut down its sending side
         self.closing = False  # close once outbuf is flushed
         self.closed = False
         self.reading = False
         self.writing = False
+        self.serving = False  # inside process(): answers are flushed once, at its end
         self.scan_from = 0  # inbuf before this offset holds no newline
         self.turn: Timer | None = None
+
+    def has_line(self) -> bool:
+        return self.inbuf.find(b"\n", self.scan_from) >= 0
 
     # -- interest ----------------------------------------------------------------------------
 
@@ -139,8 +185,12 @@ class _Conn:
         if self.closing and not self.outbuf:
             self.close()
             return
-        want_read = not (self.closing or self.eof or self.pending) and (
-            len(self.outbuf) < self.server.limits.max_output and self.turn is None
+        held = self.pending or self.turn is not None or self in self.server.starved
+        if self.eof and not held and not self.outbuf and not self.has_line():
+            self.close()
+            return
+        want_read = not (self.closing or self.eof or held) and (
+            len(self.outbuf) < self.server.limits.max_output and not self.has_line()
         )
         want_write = bool(self.outbuf)
         loop = self.server.loop
@@ -156,14 +206,13 @@ class _Conn:
             else:
                 loop.remove_writer(self.fd)
             self.writing = want_write
-        if self.eof and not self.pending and not self.outbuf and self.turn is None:
-            self.close()
 
     def close(self) -> None:
         if self.closed:
             return
         self.closed = True
-        loop = self.server.loop
+        server = self.server
+        loop = server.loop
         if self.reading:
             loop.remove_reader(self.fd)
         if self.writing:
@@ -172,7 +221,30 @@ class _Conn:
             self.turn.cancel()
             self.turn = None
         self.sock.close()
-        self.server.conns.discard(self)
+        server.conns.pop(self, None)
+        server.starved.pop(self, None)
+        server.output_taken(len(self.outbuf))
+        self.outbuf.clear()
+        self.inbuf.clear()
+
+    def drop(self, message: str, code: str) -> None:
+        """Tell the client why (if its socket takes the line now), then close at once."""
+        self.send(error(message, code))
+        self.close()
+
+    def resume(self) -> None:
+        """Serve the requests held back, on the next loop turn, if nothing holds them now."""
+        if self.closed:
+            return
+        server = self.server
+        if (
+            self.turn is None
+            and not (self.pending or self.closing or self in server.starved)
+            and len(self.outbuf) < server.limits.max_output
+            and self.has_line()
+        ):
+            self.turn = server.loop.call_soon(self.process)
+        self.update()
 
     # -- reading -----------------------------------------------------------------------------
 
@@ -184,55 +256,81 @@ class _Conn:
         except OSError:
             self.close()
             return
-        self.last_activity = self.server.loop.time()
         if not data:
             self.eof = True
             # A last request without its newline still counts (e.g. `printf ... | nc -U`).
             if self.inbuf.strip():
                 self.inbuf += b"\n"
         else:
+            if not self.inbuf:
+                self.request_started = self.server.loop.time()
             self.inbuf += data
         self.process()
 
     def process(self) -> None:
+        """Serve complete requests in order, at most `lines_per_turn` of them, then yield."""
         self.turn = None
-        limits = self.server.limits
+        if self.closed:
+            return
+        server = self.server
+        limits = server.limits
         served = 0
-        while not self.pending and not self.closing:
-            nl = self.inbuf.find(b"\n", self.scan_from)
-            if nl < 0:
-                self.scan_from = len(self.inbuf)
-                if len(self.inbuf) >= limits.max_line:
+        self.serving = True
+        try:
+            while not (self.pending or self.closing or self.closed):
+                if len(self.outbuf) >= limits.max_output:
+                    break  # on_writable resumes once the client has read some
+                nl = self.inbuf.find(b"\n", self.scan_from)
+                if nl < 0:
+                    self.scan_from = len(self.inbuf)
+                    if len(self.inbuf) >= limits.max_line:
+                        self.reject_line()
+                    break
+                if nl + 1 > limits.max_line:
                     self.reject_line()
-                break
-            if nl + 1 > limits.max_line:
-                self.reject_line()
-                break
-            if served >= limits.lines_per_turn:
-                # Let other connections in; continue on the next loop turn.
-                self.turn = self.server.loop.call_soon(self.process)
-                break
-            line = bytes(self.inbuf[:nl])
-            del self.inbuf[: nl + 1]
-            self.scan_from = 0
-            served += 1
-            if line.strip():
-                self.server.handle_line(self, line)
-        self.update()
+                    break
+                if served >= limits.lines_per_turn:
+                    # Let other connections in; continue on the next loop turn.
+                    self.turn = server.loop.call_soon(self.process)
+                    break
+                line = bytes(self.inbuf[:nl])
+                if line.strip():
+                    if not server.handle_line(self, line):
+                        server.starved[self] = None  # resumed once the total falls
+                        break
+                    server.requests += 1
+                del self.inbuf[: nl + 1]
+                self.scan_from = 0
+                now = server.loop.time()
+                self.request_started = now if self.inbuf else None
+                self.last_activity = now
+                served += 1
+        finally:
+            self.serving = False
+        self.flush()
+        self.resume()  # the flush may have made room for more answers
 
     def reject_line(self) -> None:
         limit = self.server.limits.max_line
         self.inbuf.clear()
+        self.scan_from = 0
         self.send(error(f"request line exceeds {limit} bytes; closing the connection", "too_large"))
         self.closing = True
 
     # -- writing -----------------------------------------------------------------------------
 
     def send(self, response: Response) -> None:
+        self.send_line(_encode(response))
+
+    def send_line(self, line: bytes) -> None:
         if self.closed:
             return
-        self.outbuf += _encode(response)
-        self.flush()
+        if not self.outbuf:
+            self.last_read = self.server.loop.time()
+        self.outbuf += line
+        self.server.pending_output += len(line)
+        if not self.serving:
+            self.flush()
 
     def flush(self) -> None:
         while self.outbuf:
@@ -242,22 +340,30 @@ class _Conn:
                 break
             except OSError:
                 # Peer gone (EPIPE, ECONNRESET): nothing more to say to it.
+                self.server.output_taken(len(self.outbuf))
                 self.outbuf.clear()
                 self.closing = True
                 break
             del self.outbuf[:n]
-            self.last_activity = self.server.loop.time()
+            self.server.output_taken(n)
+            self.last_read = self.last_activity = self.server.loop.time()
 
     def on_writable(self) -> None:
         self.flush()
-        self.update()
+        self.resume()
 
-    def answer_later(self) -> Respond:
-        """A one-shot responder for a deferred answer; must be called on the loop thread."""
+    def answer_later(self) -> Callable[[bytes], None]:
+        """A one-shot sender of one encoded answer line, for a handler that may answer later.
+
+        It must be called on the loop thread. Called while the request is being handled, the
+        answer simply joins the others of this turn; called later, it schedules the requests
+        held back behind it (never serving them from inside the call, so that a chain of
+        answers never becomes a chain of nested calls).
+        """
         self.pending = True
         done = False
 
-        def respond(response: Response) -> None:
+        def respond(line: bytes) -> None:
             nonlocal done
             if done:
                 return
@@ -266,8 +372,9 @@ class _Conn:
             self.last_activity = self.server.loop.time()
             if self.closed:
                 return
-            self.send(response)
-            self.process()
+            self.send_line(line)
+            if not self.serving:
+                self.resume()
 
         return respond
 
@@ -290,10 +397,16 @@ class Server:
         self._token = token.encode()
         self.methods = dict(methods)
         self.limits = limits
-        self.conns: set[_Conn] = set()
+        # Connections in the order they were accepted (a dict keeps it), so the oldest
+        # unauthenticated one is the first found.
+        self.conns: dict[_Conn, None] = {}
         self.listener: _socket.socket | None = None
         self.requests = 0
         self.rejected_connections = 0
+        self.evicted_connections = 0
+        self.pending_output = 0  # bytes of answers not yet taken by their clients, all together
+        self.starved: dict[_Conn, None] = {}  # held back until pending_output falls
+        self._waking: Timer | None = None
         self._sweeper: Timer | None = None
 
     def __repr__(self) -> str:  # never show the token
@@ -340,6 +453,8 @@ class Server:
         """Stop listening, drop every connection and remove the socket file."""
         if self._sweeper is not None:
             self._sweeper.cancel()
+        if self._waking is not None:
+            self._waking.cancel()
         for conn in list(self.conns):
             conn.close()
         if self.listener is not None:
@@ -369,7 +484,7 @@ class Server:
                 self.loop.call_later(0.1, lambda fd=fd: self._resume_accept(fd))  # type: ignore[misc]
                 return
             sock.setblocking(False)
-            if len(self.conns) >= self.limits.max_connections:
+            if len(self.conns) >= self.limits.max_connections and not self._evict():
                 self.rejected_connections += 1
                 limit = self.limits.max_connections
                 try:
@@ -379,101 +494,174 @@ class Server:
                 sock.close()
                 continue
             conn = _Conn(self, sock)
-            self.conns.add(conn)
+            self.conns[conn] = None
             conn.update()
+
+    def _evict(self) -> bool:
+        """Make room by closing the oldest connection that has not authenticated, if any."""
+        for conn in self.conns:
+            if not conn.authenticated:
+                self.evicted_connections += 1
+                limit = self.limits.max_connections
+                conn.drop(
+                    f"connection limit ({limit}) reached: closing the oldest connection "
+                    "that has not sent the right token",
+                    "evicted",
+                )
+                return True
+        return False
 
     def _resume_accept(self, fd: int) -> None:
         if self.listener is not None and self.listener.fileno() == fd:
             self.loop.add_reader(fd, self._on_accept)
 
+    # -- output budget -----------------------------------------------------------------------
+
+    def output_taken(self, n: int) -> None:
+        """`n` bytes of pending output were read by their client or dropped with it."""
+        self.pending_output -= n
+        if self.starved and self._waking is None and self.pending_output < self.limits.max_total_output:
+            self._waking = self.loop.call_soon(self._wake)
+
+    def _wake(self) -> None:
+        self._waking = None
+        starved = list(self.starved)
+        self.starved.clear()
+        for conn in starved:
+            conn.resume()
+
+    # -- deadlines ---------------------------------------------------------------------------
+
     def _schedule_sweep(self) -> None:
-        interval = max(0.05, min(1.0, self.limits.idle_timeout / 4))
+        limits = self.limits
+        shortest = min(limits.idle_timeout, limits.request_timeout, limits.auth_timeout)
+        interval = max(0.05, min(1.0, shortest / 4, limits.stall_timeout / 2))
         self._sweeper = self.loop.call_later(interval, self._sweep)
 
     def _sweep(self) -> None:
-        deadline = self.loop.time() - self.limits.idle_timeout
+        now = self.loop.time()
+        limits = self.limits
         for conn in list(self.conns):
-            if conn.pending or conn.closing or conn.last_activity > deadline:
-                continue
-            timeout = self.limits.idle_timeout
-            conn.send(error(f"connection idle for {timeout:g} s; closing it", "idle_timeout"))
-            conn.closing = True
-            conn.update()
-        for conn in list(self.conns):
-            # A client that never reads what we send is dropped once it has been idle twice over.
-            if conn.closing and conn.last_activity <= deadline - self.limits.idle_timeout:
-                conn.close()
+            if conn.pending or conn in self.starved:
+                continue  # waiting for us (an answer, the output budget), not for the client
+            if not conn.authenticated and now >= conn.accepted + limits.auth_timeout:
+                conn.drop(
+                    f"no request with the right token within {limits.auth_timeout:g} s "
+                    "of connecting; closing the connection",
+                    "auth_timeout",
+                )
+            elif conn.outbuf:
+                # The client does not read its answers: it cannot be told anything either.
+                if now >= conn.last_read + limits.idle_timeout:
+                    conn.close()
+            elif conn.has_line() or conn.closing:
+                continue  # held back by the output budget, or about to close
+            elif conn.inbuf:
+                started = conn.request_started if conn.request_started is not None else now
+                if now >= started + limits.request_timeout:
+                    conn.drop(
+                        f"request not complete {limits.request_timeout:g} s after its first "
+                        "byte; closing the connection",
+                        "request_timeout",
+                    )
+            elif now >= conn.last_activity + limits.idle_timeout:
+                conn.drop(f"connection idle for {limits.idle_timeout:g} s; closing it", "idle_timeout")
+        if self.pending_output >= limits.max_total_output:
+            self._shed_stalled(now)
         self._schedule_sweep()
+
+    def _shed_stalled(self, now: float) -> None:
+        """Over the output budget: close the clients that have stopped reading their answers."""
+        for conn in list(self.conns):
+            if conn.outbuf and now >= conn.last_read + self.limits.stall_timeout:
+                conn.close()
 
     # -- requests ----------------------------------------------------------------------------
 
-    def handle_line(self, conn: _Conn, line: bytes) -> None:
-        self.requests += 1
+    def handle_line(self, conn: _Conn, line: bytes) -> bool:
+        """Answer one request line; False (and nothing done) when it must wait for the budget."""
+        limits = self.limits
+        if self.pending_output >= limits.max_total_output + 2 * limits.max_answer:
+            return False
         try:
             text = line.decode("utf-8")
         except UnicodeDecodeError as e:
             conn.send(error(f"request is not valid UTF-8 (bad byte at offset {e.start})", "bad_request"))
-            return
+            return True
         try:
             request = json.loads(text)
         except json.JSONDecodeError as e:
             conn.send(error(f"request is not valid JSON: {e.msg} at column {e.colno}", "bad_request"))
-            return
+            return True
         except RecursionError:
             conn.send(error("request is not valid JSON: nested too deeply", "bad_request"))
-            return
+            return True
         except ValueError as e:  # e.g. an integer beyond the interpreter's digit limit
             conn.send(error(f"request is not valid JSON: {e}", "bad_request"))
-            return
+            return True
         if not isinstance(request, dict):
             what = _json_type_name(request)
             conn.send(error(f"request must be a JSON object, got {what}", "bad_request"))
-            return
+            return True
         token = request.pop("token", None)
         if token is None:
             conn.send(error('missing "token": every request carries the boot token', "unauthenticated"))
-            return
+            return True
         if not isinstance(token, str) or not compare_digest(
             token.encode("utf-8", "surrogatepass"), self._token
         ):
             conn.send(error("wrong token", "unauthenticated"))
-            return
+            return True
+        conn.authenticated = True
         name = request.pop("method", None)
         if name is None:
             conn.send(error('missing "method"', "bad_request"))
-            return
+            return True
         if not isinstance(name, str):
             what = _json_type_name(name)
             conn.send(error(f'"method" must be a string, got {what}', "bad_request"))
-            return
+            return True
         method = self.methods.get(name)
         if method is None:
             known = ", ".join(sorted(self.methods))
             shown = name if len(name) <= 64 else name[:64] + "..."
             conn.send(error(f"unknown method {shown!r} (known: {known})", "unknown_method"))
-            return
+            return True
         try:
             params = self._check_params(name, method, request)
         except RequestError as e:
             conn.send(error(str(e), e.code))
-            return
-        respond = conn.answer_later()
+            return True
+        if method.large and self.pending_output >= limits.max_total_output:
+            return False
+        send = conn.answer_later()
+        cap = limits.max_answer
 
         def reply(response: Response) -> None:
             if "ok" not in response:
                 response = {"ok": True, **response}
-            respond(response)
+            line = _encode(response)
+            if len(line) > cap:
+                line = _encode(
+                    error(
+                        f"{name}: the answer would be {len(line)} bytes, over the limit of "
+                        f"{cap} bytes per answer",
+                        "answer_too_large",
+                    )
+                )
+            send(line)
 
         try:
             method.handler(params, reply)
         except RequestError as e:
-            respond(error(str(e), e.code))
+            reply(error(str(e), e.code))
         except Exception as e:
             import traceback  # only on this path: it imports textwrap and more (boot time)
 
             print(f"eemini: control socket: {name} failed:", file=sys.stderr)
             traceback.print_exc(file=sys.stderr)
-            respond(error(f"internal error in {name}: {type(e).__name__}", "internal"))
+            reply(error(f"internal error in {name}: {type(e).__name__}", "internal"))
+        return True
 
     @staticmethod
     def _check_params(name: str, method: Method, request: dict[str, Any]) -> dict[str, Any]:
