@@ -56,6 +56,95 @@ def test_cmdline_errors() -> None:
         bc.cmdline_settings(bc.parse_cmdline("ee.1BAD=x"))
 
 
+# lib/ctype.c: isspace() is true for \t \n \v \f \r, the space and the byte 0xA0, nothing else.
+@pytest.mark.parametrize("space", [b"\t", b"\n", b"\v", b"\f", b"\r", b" ", b"\xa0"])
+def test_cmdline_splits_on_the_kernels_spaces(space: bytes) -> None:
+    raw = b"ee.A=1" + space + b"ee.B=2" + space
+    # PID 1 passes the text it read with surrogateescape; read_cmdline() passes the bytes.
+    for given in (raw.decode("utf-8", "surrogateescape"), raw):
+        assert bc.parse_cmdline(given).params == (("ee.A", "1"), ("ee.B", "2"))
+
+
+@pytest.mark.parametrize(
+    "other",
+    [b"\x1c", b"\x1d", b"\x1e", b"\x1f", b"\x85", "\u0085".encode(), "\u2028".encode(),
+     "\u2029".encode(), "\u3000".encode(), b"\x1b"],
+)  # fmt: skip
+def test_cmdline_keeps_what_the_kernel_does_not_split_on(other: bytes) -> None:
+    raw = b"ee.A=1" + other + b"ee.B=2"
+    value = (b"1" + other + b"ee.B=2").decode("utf-8", "surrogateescape")
+    for given in (raw.decode("utf-8", "surrogateescape"), raw):
+        assert bc.parse_cmdline(given).params == (("ee.A", value),)
+
+
+def test_cmdline_utf8_no_break_space_is_split_at_its_second_byte() -> None:
+    # U+00A0 is C2 A0 in UTF-8: the kernel splits at A0 and leaves C2 on the first value, which
+    # is then not UTF-8 and refused; str.split() would have given A=1 and B=2.
+    c = bc.parse_cmdline("ee.A=1\u00a0ee.B=2".encode())
+    assert c.params == (("ee.A", "1\udcc2"), ("ee.B", "2"))
+    with pytest.raises(
+        bc.ConfigError,
+        match=r"^boot config key 'A' from cmdline \(ee.A\) has a value that is not UTF-8$",
+    ):
+        bc.cmdline_settings(c)
+    # The same from the text PID 1 reads (surrogateescape keeps the bytes).
+    text = "ee.A=1\u00a0ee.B=2".encode().decode("utf-8", "surrogateescape")
+    assert bc.parse_cmdline(text) == c
+
+
+@pytest.mark.parametrize(
+    ("cmdline", "params"),
+    [
+        # Only the quotes around a whole argument or around a value are dropped.
+        ('ee.A=x"y z"', (("ee.A", 'x"y z"'),)),
+        ('ee.A="x"y', (("ee.A", 'x"y'),)),
+        ('"ee.A=x y" b', (("ee.A", "x y"), ("b", None))),
+        ('a"b c"d', (('a"b c"d', None),)),
+        ("ee.A=b=c", (("ee.A", "b=c"),)),
+        ("=x=y", (("=x", "y"),)),  # a leading = does not count (next_arg's equals == 0)
+        ("--=1 ee.A=1 -- ee.B=2", (("--", "1"), ("ee.A", "1"))),
+        ('a "--" ee.B=2', (("a", None),)),
+        ("a\0ee.B=2", (("a", None),)),  # the kernel's copy ends at a NUL
+    ],
+)
+def test_cmdline_quotes_and_equals_like_next_arg(cmdline: str, params: tuple[object, ...]) -> None:
+    assert bc.parse_cmdline(cmdline).params == params
+    assert bc.parse_cmdline(cmdline.encode()).params == params
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        # Only \n ends a line (a \r before it goes too); only space and tab are trimmed.
+        (b"A=1\x1cB=2\n", [("A", "1\x1cB=2")]),
+        (b"A=1\x1dB=2\x1e\x1f\n", [("A", "1\x1dB=2\x1e\x1f")]),
+        (b"A=1\vB=2\fC=3\n", [("A", "1\vB=2\fC=3")]),
+        (b"A=1\rB=2\r\n", [("A", "1\rB=2")]),
+        ("A=1\u0085B=2\n".encode(), [("A", "1\u0085B=2")]),
+        ("A=1\u2028B=2\u2029\n".encode(), [("A", "1\u2028B=2\u2029")]),
+        ("A=\u00a0x\u00a0\n".encode(), [("A", "\u00a0x\u00a0")]),
+        ("A=\u3000x\u3000".encode(), [("A", "\u3000x\u3000")]),
+        (b" \tA \t= \t1 \t\r\n\t# comment\n \t\n", [("A", "1")]),
+        (b'A=" 1 "\n', [("A", " 1 ")]),
+    ],
+)
+def test_agent_env_whitespace_is_space_and_tab(data: bytes, expected: list[tuple[str, str]]) -> None:
+    assert [(s.key, s.value) for s in bc.parse_env(data, S.DISK)] == expected
+
+
+def test_agent_env_unicode_space_in_a_key_is_refused() -> None:
+    with pytest.raises(
+        bc.ConfigError,
+        match=r"^boot config key '\\xa0A' from config-disk \(line 1\) is not a valid name$",
+    ):
+        bc.parse_env("\u00a0A=1\n".encode(), S.DISK)
+    with pytest.raises(
+        bc.ConfigError,
+        match=r"^boot config key 'A\\x1c' from config-disk \(line 1\) is not a valid name$",
+    ):
+        bc.parse_env(b"A\x1c=1\n", S.DISK)
+
+
 def test_agent_env_parsing() -> None:
     data = b"# comment\n\nUPSTREAM_URL = 'http://x:1/=y'\nLOG_LEVEL=\"debug\"\nEE_IP=10.0.0.5/24\nEMPTY=\r\n"
     got = bc.parse_env(data, S.DISK)

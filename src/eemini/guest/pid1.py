@@ -340,8 +340,10 @@ class Boot:
 
     @staticmethod
     def read_text(path: str) -> str:
+        # surrogateescape: bytes that are not UTF-8 survive, so the cmdline parser sees the
+        # kernel's own bytes (and check_cmdline compares them).
         try:
-            with open(path, encoding="utf-8", errors="replace") as f:
+            with open(path, encoding="utf-8", errors="surrogateescape") as f:
                 return f.read()
         except OSError:
             return ""
