@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import stat
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -377,6 +379,102 @@ def test_read_config_disk_mounts_read_only(tmp_path: Path, kind: str) -> None:
     if "cannot be mounted: No such device" in proc.stdout:
         pytest.skip(f"the host kernel has no {kind} driver")
     assert proc.stdout == "b'A=1\\n'\n", proc.stderr
+
+
+# --- the config disk's agent.env: a regular file, or nothing is read ---
+
+DISK_FLAGS = 1 | 2 | 4 | 8 | 256  # MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_NOSYMFOLLOW
+
+
+def _read_fake_disk(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, make: Callable[[Path], object]
+) -> tuple[bytes | BaseException | None, list[tuple[object, ...]], bool]:
+    """read_config_disk() on /dev/vdb, whose "mount" runs `make(mountpoint)`, on a thread that
+    may take 5 s at most: (what it returned or raised, the mount calls, whether it finished)."""
+    from eemini.guest import sys as ksys
+
+    calls: list[tuple[object, ...]] = []
+
+    def mount(dev: str, target: str, fstype: str, flags: int = 0, options: str | None = None) -> None:
+        calls.append(("mount", dev, target, fstype, flags, options))
+        make(Path(target))
+
+    def umount(target: str, flags: int = 0) -> None:
+        calls.append(("umount", target, flags))
+
+    monkeypatch.setattr(bc, "find_config_disk", lambda wait: ("/dev/vdb", "iso9660"))
+    monkeypatch.setattr(ksys, "mount", mount)
+    monkeypatch.setattr(ksys, "umount", umount)
+    result: list[bytes | BaseException | None] = []
+
+    def read() -> None:
+        try:
+            result.append(bc.read_config_disk(0, os.fspath(tmp_path / "mnt")))
+        except BaseException as e:  # handed to the test
+            result.append(e)
+
+    import threading
+
+    thread = threading.Thread(target=read, daemon=True)
+    thread.start()
+    thread.join(5)
+    if thread.is_alive():  # blocked on a FIFO: give it a writer, so the thread ends
+        fifo = tmp_path / "mnt" / "agent.env"
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        thread.join(5)
+        return None, calls, False
+    return result[0], calls, True
+
+
+def test_config_disk_agent_env_read_from_a_nosymfollow_mount(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    got, calls, finished = _read_fake_disk(
+        monkeypatch, tmp_path, lambda mnt: (mnt / "AGENT.ENV").write_bytes(b"A=1\n" * 100)
+    )
+    assert (got, finished) == (b"A=1\n" * 100, True)
+    mnt = os.fspath(tmp_path / "mnt")
+    assert calls == [("mount", "/dev/vdb", mnt, "iso9660", DISK_FLAGS, None), ("umount", mnt, 2)]
+
+
+def _symlink_to_a_guest_file(mnt: Path) -> None:
+    secret = mnt.parent / "secret"
+    secret.write_text("TOKEN=not-for-the-console\n")
+    (mnt / "agent.env").symlink_to(secret)
+
+
+def _device_node(mnt: Path) -> None:
+    os.mknod(mnt / "agent.env", 0o600 | stat.S_IFCHR, os.makedev(1, 3))  # like /dev/null
+
+
+def _unix_socket(mnt: Path) -> None:
+    import socket
+
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(os.fspath(mnt / "agent.env"))
+
+
+@pytest.mark.parametrize(
+    ("make", "kind"),
+    [
+        (_symlink_to_a_guest_file, "a symbolic link"),
+        (lambda mnt: os.mkfifo(mnt / "agent.env"), "a FIFO"),
+        (lambda mnt: (mnt / "agent.env").mkdir(), "a directory"),
+        (_device_node, "a character device"),
+        (_unix_socket, "a socket"),
+    ],
+    ids=["symlink", "fifo", "directory", "device", "socket"],
+)
+def test_config_disk_agent_env_must_be_a_regular_file(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, make: Callable[[Path], object], kind: str
+) -> None:
+    if make is _device_node and os.geteuid() != 0:
+        pytest.skip("making a device node needs root")
+    got, calls, finished = _read_fake_disk(monkeypatch, tmp_path, make)
+    assert finished, "reading agent.env blocked the boot"
+    assert isinstance(got, bc.ConfigError), got
+    assert str(got) == f"the config disk /dev/vdb: agent.env is {kind}, not a regular file"
+    assert calls[-1] == ("umount", os.fspath(tmp_path / "mnt"), 2)
 
 
 # --- metadata servers ---

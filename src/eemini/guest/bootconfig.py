@@ -16,6 +16,7 @@ import hashlib
 import ipaddress
 import os
 import re
+import stat
 import time
 
 from eemini.guest.record import field, record
@@ -427,7 +428,9 @@ def read_config_disk(
 ) -> bytes | None:
     """agent.env from the config disk, or None when there is no config disk.
 
-    `prepare(fstype)` runs before the mount (PID 1 loads the filesystem's modules there).
+    `prepare(fstype)` runs before the mount (PID 1 loads the filesystem's modules there). The
+    mount is read-only, nosuid, nodev, noexec and nosymfollow: the disk is the host's, and a
+    symbolic link on it (iso9660 Rock Ridge has them) must not reach the guest's own files.
     """
     from eemini.guest import sys as ksys
 
@@ -438,7 +441,7 @@ def read_config_disk(
     if prepare is not None:
         prepare(fstype)
     os.makedirs(mountpoint, exist_ok=True)
-    flags = ksys.MS_RDONLY | ksys.MS_NOSUID | ksys.MS_NODEV | ksys.MS_NOEXEC
+    flags = ksys.MS_RDONLY | ksys.MS_NOSUID | ksys.MS_NODEV | ksys.MS_NOEXEC | ksys.MS_NOSYMFOLLOW
     # Debian's kernel defaults FAT to iocharset=ascii (CONFIG_FAT_DEFAULT_IOCHARSET), whose NLS
     # module images do not carry; name the charsets the image has (nls_utf8, nls_cp437).
     options = "iocharset=utf8,codepage=437" if fstype == "vfat" else None
@@ -449,16 +452,62 @@ def read_config_disk(
             f"the config disk {dev} ({fstype}) cannot be mounted: {os.strerror(e.errno or 0)}"
         ) from None
     try:
-        path = os.path.join(mountpoint, CONFIG_FILE)
-        names = {n.lower(): n for n in os.listdir(mountpoint)}
-        if CONFIG_FILE not in names:
-            raise ConfigError(f"the config disk {dev} has no {CONFIG_FILE}")
-        path = os.path.join(mountpoint, names[CONFIG_FILE])
-        with open(path, "rb") as f:
-            data = f.read(MAX_FILE + 1)
-        return data
+        return read_env_file(mountpoint, dev)
     finally:
         ksys.umount(mountpoint, ksys.MNT_DETACH)
+
+
+_FILE_TYPES = (
+    (stat.S_ISLNK, "a symbolic link"),
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def _file_type(mode: int) -> str:
+    return next((name for test, name in _FILE_TYPES if test(mode)), f"of type {mode >> 12:o}")
+
+
+def read_env_file(directory: str, dev: str) -> bytes:
+    """`agent.env` (any letter case) in the mounted config disk: a regular file, or ConfigError.
+
+    Nothing else is opened: not a symbolic link (O_NOFOLLOW; the mount does not follow them
+    either), a FIFO (it would block the boot), a device or a directory. The open is
+    non-blocking, and the file is checked again once open."""
+    names = {n.lower(): n for n in os.listdir(directory)}
+    if CONFIG_FILE not in names:
+        raise ConfigError(f"the config disk {dev} has no {CONFIG_FILE}")
+    name = names[CONFIG_FILE]
+    path = os.path.join(directory, name)
+    refused = f"the config disk {dev}: {name} is {{}}, not a regular file"
+    mode = os.lstat(path).st_mode
+    if not stat.S_ISREG(mode):
+        raise ConfigError(refused.format(_file_type(mode)))
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags)
+    except OSError as e:
+        raise ConfigError(
+            f"the config disk {dev}: {name} cannot be opened: {os.strerror(e.errno or 0)}"
+        ) from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise ConfigError(refused.format(_file_type(mode)))
+        chunks: list[bytes] = []
+        size = 0
+        while size <= MAX_FILE:
+            chunk = os.read(fd, MAX_FILE + 1 - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
 
 
 # --- cloud metadata ---
