@@ -434,7 +434,10 @@ def test_config_disk_agent_env_read_from_a_nosymfollow_mount(
     )
     assert (got, finished) == (b"A=1\n" * 100, True)
     mnt = os.fspath(tmp_path / "mnt")
-    assert calls == [("mount", "/dev/vdb", mnt, "iso9660", DISK_FLAGS, None), ("umount", mnt, 2)]
+    assert calls == [
+        ("mount", "/dev/vdb", mnt, "iso9660", DISK_FLAGS, "norock"),
+        ("umount", mnt, 2),
+    ]
 
 
 def _symlink_to_a_guest_file(mnt: Path) -> None:

@@ -443,8 +443,10 @@ def read_config_disk(
     os.makedirs(mountpoint, exist_ok=True)
     flags = ksys.MS_RDONLY | ksys.MS_NOSUID | ksys.MS_NODEV | ksys.MS_NOEXEC | ksys.MS_NOSYMFOLLOW
     # Debian's kernel defaults FAT to iocharset=ascii (CONFIG_FAT_DEFAULT_IOCHARSET), whose NLS
-    # module images do not carry; name the charsets the image has (nls_utf8, nls_cp437).
-    options = "iocharset=utf8,codepage=437" if fstype == "vfat" else None
+    # module images do not carry; name the charsets the image has (nls_utf8, nls_cp437). FAT has
+    # no symlinks, FIFOs or devices; on iso9660 only Rock Ridge brings them, and `norock` leaves
+    # its extensions unread (agent.env is an 8.3 name, which plain ISO 9660 and Joliet carry).
+    options = {"vfat": "iocharset=utf8,codepage=437", "iso9660": "norock"}.get(fstype)
     try:
         ksys.mount(dev, mountpoint, fstype, flags, options)
     except OSError as e:
