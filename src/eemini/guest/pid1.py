@@ -211,7 +211,12 @@ def check_cmdline(image: dict[str, Any], cmdline_text: str) -> None:
     expected = image.get("cmdline")
     if not isinstance(expected, str):
         raise BootFailure("image.json: cmdline (the UKI's built-in command line) must be a string")
-    got = cmdline_text.rstrip()
+    from eemini.guest.bootconfig import KERNEL_SPACES
+
+    # Trailing bytes the kernel takes for spaces only (str.rstrip() would also drop \x1c, U+2028 ...,
+    # which the kernel keeps as part of the last argument).
+    raw = cmdline_text.encode("utf-8", "surrogateescape").rstrip(bytes(sorted(KERNEL_SPACES)))
+    got = raw.decode("utf-8", "surrogateescape")
     if got != expected:
         raise Refusal(
             f"the kernel command line is not the image's own: got {got!r}, "
