@@ -159,8 +159,8 @@ def stop_signals() -> Iterator[_Stop]:
 
 
 def _qemu_child(launcher: int) -> Callable[[], None]:
-    """Runs in the QEMU child before exec: QEMU gets SIGTERM when the launcher dies, however it
-    dies (PR_SET_PDEATHSIG; SIGKILL leaves no other way), and at once if it is already gone."""
+    """What the QEMU child runs before exec: QEMU gets SIGTERM when the launcher dies, however it
+    dies (PR_SET_PDEATHSIG; after a SIGKILL there is no other way), and at once if it is gone."""
     from eemini.guest import sys as ksys
 
     def setup() -> None:
