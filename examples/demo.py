@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 from eemini import run as launcher
-from eemini.guest.simulated import dev_root_pem
 
 HERE = Path(__file__).resolve().parent
 POLICY = HERE / "attest-echo" / "dev-policy.json"
@@ -83,8 +82,8 @@ def main() -> int:
             # The attest answer carries the runtime event log, which the quote's RTMR3 binds.
             attest_path = out / "attest.json"
             attest_path.write_text(json.dumps(attest))
-            # The simulated backend's development root: trusted here explicitly, never by default.
-            root_path.write_bytes(dev_root_pem())
+            # The development root a local-dev build writes beside the image (docs/build.md): trusted
+            # here explicitly, never by default.
             verify = subprocess.run(
                 [
                     sys.executable, "-m", "eemini", "verify", os.fspath(quote_path),

@@ -1,6 +1,7 @@
 """A small DHCP server for tests, written independently of eemini.guest.dhcp (own packing).
 
-Run as a script inside a network namespace: `dhcp_server.py IFNAME SERVER_IP OFFER_IP LEASE T1`.
+Run as a script inside a network namespace: `dhcp_server.py IFNAME SERVER_IP OFFER_IP LEASE T1 [MASK]`
+(MASK, the subnet mask option, defaults to 255.255.255.0).
 It answers DISCOVER with OFFER and REQUEST with ACK (or NAK for a wrong address), replying by
 broadcast when the client set the BROADCAST flag and by unicast to ciaddr when renewing, as
 RFC 2131 4.1 says. Each message it sees is printed as one JSON line on stdout.
@@ -27,13 +28,13 @@ def options_of(data: bytes) -> dict[int, bytes]:
     return out
 
 
-def reply(request: bytes, mtype: int, yiaddr: str, server: str, lease: int, t1: int) -> bytes:
+def reply(request: bytes, mtype: int, yiaddr: str, server: str, lease: int, t1: int, mask: str) -> bytes:
     xid, flags, ciaddr, chaddr = request[4:8], request[10:12], request[12:16], request[28:44]
     head = bytes([2, 1, 6, 0]) + xid + b"\0\0" + flags + ciaddr + socket.inet_aton(yiaddr)
     head += socket.inet_aton(server) + b"\0\0\0\0" + chaddr + b"\0" * 192
     opts = b"\x63\x82\x53\x63" + bytes([53, 1, mtype]) + bytes([54, 4]) + socket.inet_aton(server)
     if mtype != 6:
-        opts += bytes([1, 4]) + socket.inet_aton("255.255.255.0")
+        opts += bytes([1, 4]) + socket.inet_aton(mask)
         opts += bytes([3, 4]) + socket.inet_aton(server)
         opts += bytes([6, 8]) + socket.inet_aton("10.77.0.53") + socket.inet_aton("10.77.0.54")
         opts += bytes([51, 4]) + struct.pack("!I", lease) + bytes([58, 4]) + struct.pack("!I", t1)
@@ -46,6 +47,7 @@ def reply(request: bytes, mtype: int, yiaddr: str, server: str, lease: int, t1: 
 
 def main() -> None:
     ifname, server, offer, lease, t1 = sys.argv[1:6]
+    mask = sys.argv[6] if len(sys.argv) > 6 else "255.255.255.0"
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
@@ -76,10 +78,10 @@ def main() -> None:
             flush=True,
         )
         if mtype == 1:
-            answer = reply(data, 2, offer, server, int(lease), int(t1))
+            answer = reply(data, 2, offer, server, int(lease), int(t1), mask)
         elif mtype == 3:
             wanted = requested or ciaddr
-            answer = reply(data, 5 if wanted == offer else 6, offer, server, int(lease), int(t1))
+            answer = reply(data, 5 if wanted == offer else 6, offer, server, int(lease), int(t1), mask)
         else:
             continue
         dest = "255.255.255.255" if flags & 0x8000 or ciaddr == "0.0.0.0" else ciaddr

@@ -47,15 +47,18 @@ def python_in(ns: str, argv: Sequence[str]) -> subprocess.Popen[str]:
     )
 
 
-def start_dhcp_server(ns: str, iface: str, lease: int, t1: int) -> subprocess.Popen[str]:
-    """tests/dhcp_server.py on `iface` (10.77.0.1/24, offering 10.77.0.50) in `ns`, once it is ready.
+def start_dhcp_server(
+    ns: str, iface: str, lease: int, t1: int, mask: str = "255.255.255.0"
+) -> subprocess.Popen[str]:
+    """tests/dhcp_server.py on `iface` (10.77.0.1/24, offering 10.77.0.50 with subnet mask `mask`)
+    in `ns`, once it is ready.
 
     Its stdout then carries the JSON list of DHCP message types it received, when it is stopped.
     """
     for argv in (["addr", "add", "10.77.0.1/24", "dev", iface], ["link", "set", iface, "up"]):
         ip("-n", ns, *argv)
     script = os.path.join(os.path.dirname(__file__), "dhcp_server.py")
-    server = python_in(ns, [script, iface, "10.77.0.1", "10.77.0.50", str(lease), str(t1)])
+    server = python_in(ns, [script, iface, "10.77.0.1", "10.77.0.50", str(lease), str(t1), mask])
     assert server.stdout is not None and server.stderr is not None
     ready = server.stdout.readline()
     assert json.loads(ready) == {"ready": True}, ready + server.stderr.read()

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import stat
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -54,6 +56,95 @@ def test_cmdline_errors() -> None:
         bc.ConfigError, match=r"boot config key '1BAD' from cmdline \(ee.1BAD\) is not a valid name"
     ):
         bc.cmdline_settings(bc.parse_cmdline("ee.1BAD=x"))
+
+
+# lib/ctype.c: isspace() is true for \t \n \v \f \r, the space and the byte 0xA0, nothing else.
+@pytest.mark.parametrize("space", [b"\t", b"\n", b"\v", b"\f", b"\r", b" ", b"\xa0"])
+def test_cmdline_splits_on_the_kernels_spaces(space: bytes) -> None:
+    raw = b"ee.A=1" + space + b"ee.B=2" + space
+    # PID 1 passes the text it read with surrogateescape; read_cmdline() passes the bytes.
+    for given in (raw.decode("utf-8", "surrogateescape"), raw):
+        assert bc.parse_cmdline(given).params == (("ee.A", "1"), ("ee.B", "2"))
+
+
+@pytest.mark.parametrize(
+    "other",
+    [b"\x1c", b"\x1d", b"\x1e", b"\x1f", b"\x85", "\u0085".encode(), "\u2028".encode(),
+     "\u2029".encode(), "\u3000".encode(), b"\x1b"],
+)  # fmt: skip
+def test_cmdline_keeps_what_the_kernel_does_not_split_on(other: bytes) -> None:
+    raw = b"ee.A=1" + other + b"ee.B=2"
+    value = (b"1" + other + b"ee.B=2").decode("utf-8", "surrogateescape")
+    for given in (raw.decode("utf-8", "surrogateescape"), raw):
+        assert bc.parse_cmdline(given).params == (("ee.A", value),)
+
+
+def test_cmdline_utf8_no_break_space_is_split_at_its_second_byte() -> None:
+    # U+00A0 is C2 A0 in UTF-8: the kernel splits at A0 and leaves C2 on the first value, which
+    # is then not UTF-8 and refused; str.split() would have given A=1 and B=2.
+    c = bc.parse_cmdline("ee.A=1\u00a0ee.B=2".encode())
+    assert c.params == (("ee.A", "1\udcc2"), ("ee.B", "2"))
+    with pytest.raises(
+        bc.ConfigError,
+        match=r"^boot config key 'A' from cmdline \(ee.A\) has a value that is not UTF-8$",
+    ):
+        bc.cmdline_settings(c)
+    # The same from the text PID 1 reads (surrogateescape keeps the bytes).
+    text = "ee.A=1\u00a0ee.B=2".encode().decode("utf-8", "surrogateescape")
+    assert bc.parse_cmdline(text) == c
+
+
+@pytest.mark.parametrize(
+    ("cmdline", "params"),
+    [
+        # Only the quotes around a whole argument or around a value are dropped.
+        ('ee.A=x"y z"', (("ee.A", 'x"y z"'),)),
+        ('ee.A="x"y', (("ee.A", 'x"y'),)),
+        ('"ee.A=x y" b', (("ee.A", "x y"), ("b", None))),
+        ('a"b c"d', (('a"b c"d', None),)),
+        ("ee.A=b=c", (("ee.A", "b=c"),)),
+        ("=x=y", (("=x", "y"),)),  # a leading = does not count (next_arg's equals == 0)
+        ("--=1 ee.A=1 -- ee.B=2", (("--", "1"), ("ee.A", "1"))),
+        ('a "--" ee.B=2', (("a", None),)),
+        ("a\0ee.B=2", (("a", None),)),  # the kernel's copy ends at a NUL
+    ],
+)
+def test_cmdline_quotes_and_equals_like_next_arg(cmdline: str, params: tuple[object, ...]) -> None:
+    assert bc.parse_cmdline(cmdline).params == params
+    assert bc.parse_cmdline(cmdline.encode()).params == params
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        # Only \n ends a line (a \r before it goes too); only space and tab are trimmed.
+        (b"A=1\x1cB=2\n", [("A", "1\x1cB=2")]),
+        (b"A=1\x1dB=2\x1e\x1f\n", [("A", "1\x1dB=2\x1e\x1f")]),
+        (b"A=1\vB=2\fC=3\n", [("A", "1\vB=2\fC=3")]),
+        (b"A=1\rB=2\r\n", [("A", "1\rB=2")]),
+        ("A=1\u0085B=2\n".encode(), [("A", "1\u0085B=2")]),
+        ("A=1\u2028B=2\u2029\n".encode(), [("A", "1\u2028B=2\u2029")]),
+        ("A=\u00a0x\u00a0\n".encode(), [("A", "\u00a0x\u00a0")]),
+        ("A=\u3000x\u3000".encode(), [("A", "\u3000x\u3000")]),
+        (b" \tA \t= \t1 \t\r\n\t# comment\n \t\n", [("A", "1")]),
+        (b'A=" 1 "\n', [("A", " 1 ")]),
+    ],
+)
+def test_agent_env_whitespace_is_space_and_tab(data: bytes, expected: list[tuple[str, str]]) -> None:
+    assert [(s.key, s.value) for s in bc.parse_env(data, S.DISK)] == expected
+
+
+def test_agent_env_unicode_space_in_a_key_is_refused() -> None:
+    with pytest.raises(
+        bc.ConfigError,
+        match=r"^boot config key '\\xa0A' from config-disk \(line 1\) is not a valid name$",
+    ):
+        bc.parse_env("\u00a0A=1\n".encode(), S.DISK)
+    with pytest.raises(
+        bc.ConfigError,
+        match=r"^boot config key 'A\\x1c' from config-disk \(line 1\) is not a valid name$",
+    ):
+        bc.parse_env(b"A\x1c=1\n", S.DISK)
 
 
 def test_agent_env_parsing() -> None:
@@ -288,6 +379,105 @@ def test_read_config_disk_mounts_read_only(tmp_path: Path, kind: str) -> None:
     if "cannot be mounted: No such device" in proc.stdout:
         pytest.skip(f"the host kernel has no {kind} driver")
     assert proc.stdout == "b'A=1\\n'\n", proc.stderr
+
+
+# --- the config disk's agent.env: a regular file, or nothing is read ---
+
+DISK_FLAGS = 1 | 2 | 4 | 8 | 256  # MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_NOSYMFOLLOW
+
+
+def _read_fake_disk(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, make: Callable[[Path], object]
+) -> tuple[bytes | BaseException | None, list[tuple[object, ...]], bool]:
+    """read_config_disk() on /dev/vdb, whose "mount" runs `make(mountpoint)`, on a thread that
+    may take 5 s at most: (what it returned or raised, the mount calls, whether it finished)."""
+    from eemini.guest import sys as ksys
+
+    calls: list[tuple[object, ...]] = []
+
+    def mount(dev: str, target: str, fstype: str, flags: int = 0, options: str | None = None) -> None:
+        calls.append(("mount", dev, target, fstype, flags, options))
+        make(Path(target))
+
+    def umount(target: str, flags: int = 0) -> None:
+        calls.append(("umount", target, flags))
+
+    monkeypatch.setattr(bc, "find_config_disk", lambda wait: ("/dev/vdb", "iso9660"))
+    monkeypatch.setattr(ksys, "mount", mount)
+    monkeypatch.setattr(ksys, "umount", umount)
+    result: list[bytes | BaseException | None] = []
+
+    def read() -> None:
+        try:
+            result.append(bc.read_config_disk(0, os.fspath(tmp_path / "mnt")))
+        except BaseException as e:  # handed to the test
+            result.append(e)
+
+    import threading
+
+    thread = threading.Thread(target=read, daemon=True)
+    thread.start()
+    thread.join(5)
+    if thread.is_alive():  # blocked on a FIFO: give it a writer, so the thread ends
+        fifo = tmp_path / "mnt" / "agent.env"
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        thread.join(5)
+        return None, calls, False
+    return result[0], calls, True
+
+
+def test_config_disk_agent_env_read_from_a_nosymfollow_mount(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    got, calls, finished = _read_fake_disk(
+        monkeypatch, tmp_path, lambda mnt: (mnt / "AGENT.ENV").write_bytes(b"A=1\n" * 100)
+    )
+    assert (got, finished) == (b"A=1\n" * 100, True)
+    mnt = os.fspath(tmp_path / "mnt")
+    assert calls == [
+        ("mount", "/dev/vdb", mnt, "iso9660", DISK_FLAGS, "norock"),
+        ("umount", mnt, 2),
+    ]
+
+
+def _symlink_to_a_guest_file(mnt: Path) -> None:
+    secret = mnt.parent / "secret"
+    secret.write_text("TOKEN=not-for-the-console\n")
+    (mnt / "agent.env").symlink_to(secret)
+
+
+def _device_node(mnt: Path) -> None:
+    os.mknod(mnt / "agent.env", 0o600 | stat.S_IFCHR, os.makedev(1, 3))  # like /dev/null
+
+
+def _unix_socket(mnt: Path) -> None:
+    import socket
+
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(os.fspath(mnt / "agent.env"))
+
+
+@pytest.mark.parametrize(
+    ("make", "kind"),
+    [
+        (_symlink_to_a_guest_file, "a symbolic link"),
+        (lambda mnt: os.mkfifo(mnt / "agent.env"), "a FIFO"),
+        (lambda mnt: (mnt / "agent.env").mkdir(), "a directory"),
+        (_device_node, "a character device"),
+        (_unix_socket, "a socket"),
+    ],
+    ids=["symlink", "fifo", "directory", "device", "socket"],
+)
+def test_config_disk_agent_env_must_be_a_regular_file(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, make: Callable[[Path], object], kind: str
+) -> None:
+    if make is _device_node and os.geteuid() != 0:
+        pytest.skip("making a device node needs root")
+    got, calls, finished = _read_fake_disk(monkeypatch, tmp_path, make)
+    assert finished, "reading agent.env blocked the boot"
+    assert isinstance(got, bc.ConfigError), got
+    assert str(got) == f"the config disk /dev/vdb: agent.env is {kind}, not a regular file"
+    assert calls[-1] == ("umount", os.fspath(tmp_path / "mnt"), 2)
 
 
 # --- metadata servers ---

@@ -50,7 +50,7 @@ def test_two_builds_in_different_places_umasks_and_zones_are_identical(tmp_path:
     out = tmp_path / "elsewhere" / "out"
     names = sorted(p.name for p in first.iterdir())
     assert names == sorted(p.name for p in out.iterdir())
-    assert names == ["disk.qcow2", "initramfs.cpio.zst", "manifest.json", "uki.efi"]
+    assert names == ["dev-root.pem", "disk.qcow2", "initramfs.cpio.zst", "manifest.json", "uki.efi"]
     for name in names:
         assert sha256(first / name) == sha256(out / name), name
 
@@ -76,6 +76,19 @@ def test_build_reports_steps_sizes_and_outputs() -> None:
         "layout, /init, image facts", "initramfs (cpio)", "initramfs compressed", "UKI",
         "compression ratio",
     ]  # fmt: skip
+
+
+def test_a_local_dev_build_has_the_development_root_beside_it() -> None:
+    from eemini.guest.simulated import dev_root_pem
+
+    out = image(DEMO_PROFILE)
+    assert (out / "dev-root.pem").read_bytes() == dev_root_pem()
+    assert manifest(DEMO_PROFILE)["outputs"]["dev-root"] == {
+        "file": "dev-root.pem",
+        "sha256": hashlib.sha256(dev_root_pem()).hexdigest(),
+        "size": len(dev_root_pem()),
+    }
+    assert not (image("azure") / "dev-root.pem").exists()  # production quotes chain to Intel
 
 
 def test_demo_uki_hash_matches_the_recorded_one() -> None:

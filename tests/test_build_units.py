@@ -233,19 +233,35 @@ def test_dynamic_workload_is_refused(tmp_path: Path) -> None:
         elf.check_static_workload((tmp_path / "dyn").read_bytes(), "dyn")
 
 
-def test_build_refuses_a_dynamic_workload_before_any_work(tmp_path: Path) -> None:
+def _build_dynamic(tmp_path: Path, out: Path) -> subprocess.CompletedProcess[str]:
     tool("gcc", "-O2", "-o", tmp_path / "app", HELLO)
     (tmp_path / "enclave.toml").write_text('[workload]\npath = "app"\n')
     argv = [sys.executable, "-m", "eemini", "build", "-f", os.fspath(tmp_path / "enclave.toml"),
-            "--profile", "local-dev", "--out", os.fspath(tmp_path / "out")]  # fmt: skip
-    proc = subprocess.run(argv, capture_output=True, text=True, check=False)
+            "--profile", "local-dev", "--out", os.fspath(out)]  # fmt: skip
+    return subprocess.run(argv, capture_output=True, text=True, check=False)
+
+
+def test_build_refuses_a_dynamic_workload_before_any_work(tmp_path: Path) -> None:
+    proc = _build_dynamic(tmp_path, tmp_path / "build" / "out")
     assert proc.returncode == 1
     assert proc.stderr == (
         f"eemini build: error: the workload {tmp_path / 'app'} is dynamically linked (it asks for the "
         "loader /lib64/ld-linux-x86-64.so.2); the image has no shared libraries for workloads\n"
         "  hint: link it statically (e.g. `gcc -static`, or Go with CGO_ENABLED=0)\n"
     )
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == []
+    # A failed build leaves no (empty) output directory behind, nor the one it made above it.
+    assert not (tmp_path / "build").exists()
+
+
+def test_failed_build_keeps_an_existing_directory_and_other_files(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine\n")
+    (out / "uki.efi").write_bytes(b"an earlier build's")  # would pass for this build's output
+    proc = _build_dynamic(tmp_path, out)
+    assert proc.returncode == 1
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    assert (out / "notes.txt").read_text() == "mine\n"
 
 
 def test_non_elf_workload_is_refused() -> None:

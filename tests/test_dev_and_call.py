@@ -180,3 +180,138 @@ def test_dev_reports_spec_errors(tmp_path: Path) -> None:
         f"eemini dev: error: {tmp_path}/enclave.toml: workload.restart: "
         "expected one of always, on-failure, never, got 'sometimes'\n"
     )
+
+
+# --- the socket's directory: private, and nobody else can swap it ---
+
+RULE = (
+    "the socket's directory holds the token, so it must be yours with mode 0700, and no directory "
+    "above it may be writable by anyone but you or root (sticky ones such as /tmp excepted)"
+)
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="giving a directory away needs root")
+
+
+def _dev_once(tmp: Path, socket_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    """`eemini dev` with a workload that exits at once (so does dev mode), umask 022."""
+    (tmp / "enclave.toml").write_text(
+        '[workload]\npath = "/bin/true"\nrestart = "never"\non_exit = "poweroff"\n'
+    )
+    argv = [*EEMINI, "dev", "-f", os.fspath(tmp / "enclave.toml"), "--socket", os.fspath(socket_path)]
+    return subprocess.run(
+        argv, capture_output=True, text=True, check=False, umask=0o022, env={**os.environ, **env}
+    )
+
+
+def _mode(path: Path) -> int:
+    return path.stat().st_mode & 0o7777
+
+
+def test_dev_makes_missing_directories_private(tmp_path: Path) -> None:
+    proc = _dev_once(tmp_path, tmp_path / "a" / "b" / "agent.sock")
+    assert proc.returncode == 0, proc.stderr
+    assert (_mode(tmp_path / "a"), _mode(tmp_path / "a" / "b")) == (0o700, 0o700)
+
+
+def test_default_socket_is_under_a_private_directory_in_tmpdir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from eemini.guest.devmode import default_socket
+
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    tmp.chmod(0o1777)  # like /tmp
+    monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
+    monkeypatch.setenv("TMPDIR", os.fspath(tmp))
+    uid = os.getuid()
+    assert default_socket() == f"{tmp}/eemini-{uid}/eemini/agent.sock"
+    monkeypatch.setenv("XDG_RUNTIME_DIR", "/run/user/1000")
+    assert default_socket() == "/run/user/1000/eemini/agent.sock"
+    monkeypatch.delenv("XDG_RUNTIME_DIR")
+    proc = subprocess.run(
+        [*EEMINI, "dev", "-f", os.fspath(tmp_path / "none.toml")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 1  # no spec: the directory is not even made
+    assert not (tmp / f"eemini-{uid}").exists()
+    (tmp_path / "enclave.toml").write_text(
+        '[workload]\npath = "/bin/true"\nrestart = "never"\non_exit = "poweroff"\n'
+    )
+    proc = subprocess.run(
+        [*EEMINI, "dev", "-f", os.fspath(tmp_path / "enclave.toml")],
+        capture_output=True,
+        text=True,
+        check=False,
+        umask=0o022,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert f"eemini dev: control socket {tmp}/eemini-{uid}/eemini/agent.sock\n" in proc.stderr
+    assert (_mode(tmp / f"eemini-{uid}"), _mode(tmp / f"eemini-{uid}" / "eemini")) == (0o700, 0o700)
+
+
+@needs_root
+def test_dev_refuses_a_directory_made_in_advance_by_someone_else(tmp_path: Path) -> None:
+    # Someone made the predictable directory first (here: nobody, uid 65534), mode 0700 even.
+    theirs = tmp_path / "eemini-0"
+    theirs.mkdir(mode=0o700)
+    os.chown(theirs, 65534, 65534)
+    proc = _dev_once(tmp_path, theirs / "agent.sock")
+    assert proc.returncode == 1
+    assert proc.stderr == (
+        f"eemini dev: error: {theirs} has owner uid 65534 and mode 0700 (you are uid 0): {RULE}\n"
+    )
+    assert os.listdir(theirs) == []
+
+
+@pytest.mark.parametrize("mode", [0o755, 0o700], ids=oct)
+@needs_root
+def test_dev_refuses_a_socket_directory_inside_someone_elses(tmp_path: Path, mode: int) -> None:
+    # Whoever owns the directory above can rename ours away and put theirs in its place.
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    theirs.chmod(mode)
+    os.chown(theirs, 65534, 65534)
+    proc = _dev_once(tmp_path, theirs / "s" / "agent.sock")
+    assert proc.returncode == 1
+    assert proc.stderr == (
+        f"eemini dev: error: {theirs}, above the socket's directory {theirs}/s, belongs to uid "
+        f"65534 (you are uid 0): {RULE}\n"
+    )
+    assert os.listdir(theirs / "s") == []  # no token, no certificate, no socket
+
+
+@pytest.mark.parametrize("mode", [0o777, 0o775, 0o757], ids=oct)
+def test_dev_refuses_a_socket_directory_inside_a_writable_one(tmp_path: Path, mode: int) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(mode)
+    (shared / "s").mkdir(mode=0o700)
+    proc = _dev_once(tmp_path, shared / "s" / "agent.sock")
+    assert proc.returncode == 1
+    assert proc.stderr == (
+        f"eemini dev: error: {shared}, above the socket's directory {shared}/s, has mode "
+        f"{mode:04o}, writable by others: {RULE}\n"
+    )
+    assert os.listdir(shared / "s") == []
+
+
+def test_dev_refuses_a_socket_directory_others_can_read(tmp_path: Path) -> None:
+    (tmp_path / "s").mkdir(mode=0o755)
+    (tmp_path / "s").chmod(0o755)
+    proc = _dev_once(tmp_path, tmp_path / "s" / "agent.sock")
+    assert proc.returncode == 1
+    uid = os.getuid()
+    assert proc.stderr == (
+        f"eemini dev: error: {tmp_path}/s has owner uid {uid} and mode 0755 (you are uid {uid}): "
+        f"{RULE}\n"
+    )
+
+
+def test_dev_accepts_a_socket_directory_in_a_sticky_one(tmp_path: Path) -> None:
+    sticky = tmp_path / "sticky"
+    sticky.mkdir()
+    sticky.chmod(0o1777)
+    proc = _dev_once(tmp_path, sticky / "s" / "agent.sock")
+    assert proc.returncode == 0, proc.stderr
+    assert _mode(sticky / "s") == 0o700

@@ -129,6 +129,30 @@ def test_ack_without_mask_is_refused() -> None:
         dhcp.Lease.from_ack(bad, 0.0)
 
 
+def _ack_with_mask(mask: str) -> dhcp.Packet:
+    p = dhcp.decode(_hand_packed_ack())
+    options = {**p.options, dhcp.Option.SUBNET_MASK: socket.inet_aton(mask)}
+    return dhcp.Packet(op=p.op, xid=p.xid, chaddr=p.chaddr, options=options, yiaddr=p.yiaddr)
+
+
+@pytest.mark.parametrize("mask", ["255.0.255.0", "0.0.0.255", "255.255.255.253", "127.255.255.255"])
+def test_ack_with_a_non_contiguous_mask_is_refused(mask: str) -> None:
+    with pytest.raises(dhcp.DhcpError) as exc:
+        dhcp.Lease.from_ack(_ack_with_mask(mask), 0.0)
+    assert str(exc.value) == (
+        f"the DHCP ACK for 10.0.2.15 carries the subnet mask {mask}, which is not contiguous "
+        "(ones, then zeros)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("mask", "address"),
+    [("255.255.255.255", "10.0.2.15/32"), ("255.255.254.0", "10.0.2.15/23"), ("0.0.0.0", "10.0.2.15/0")],
+)
+def test_ack_mask_becomes_the_prefix_length(mask: str, address: str) -> None:
+    assert dhcp.Lease.from_ack(_ack_with_mask(mask), 0.0).address == ipaddress.IPv4Interface(address)
+
+
 CLIENT = r"""
 import heapq, ipaddress, json, select, sys, time
 from eemini.guest import dhcp, netlink

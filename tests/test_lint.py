@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO
 
 
@@ -25,3 +27,18 @@ def test_ruff_format() -> None:
 
 def test_mypy_strict() -> None:
     _run("mypy")
+
+
+def test_no_tracked_file_is_ignored() -> None:
+    # A tracked build output (examples/attest-echo/build/ is ignored) would be rewritten by every
+    # `make demo` and show up as a change.
+    proc = subprocess.run(
+        ["git", "ls-files", "--cached", "--ignored", "--exclude-standard"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if proc.returncode != 0:
+        pytest.skip(f"not a git checkout: {proc.stderr.strip()}")
+    assert proc.stdout == ""

@@ -100,7 +100,8 @@ if mode == "checks":
 elif mode == "net":
     routes = open("/proc/net/route").read().splitlines()[1:]
     print("routes", sorted((r.split()[0], r.split()[1], r.split()[2]) for r in routes), flush=True)
-    print("resolv", open("/mnt/resolv.conf").read().split("\n"), flush=True)
+    resolv = open("/mnt/resolv.conf").read().split("\n") if os.path.exists("/mnt/resolv.conf") else None
+    print("resolv", resolv, flush=True)
     time.sleep(float(os.environ.get("GREETING") or 0))
 elif mode == "wait":
     signal.signal(signal.SIGTERM, lambda *a: (os.write(1, b"got SIGTERM\n"), os._exit(0)))
@@ -369,6 +370,35 @@ def test_dhcp_lease_and_renewal_as_pid1(tmp_path: Path) -> None:
         in lines
     )
     assert "eemini: DHCP lease renewed: 10.77.0.50/24 for 60 s" in lines
+
+
+def test_dhcp_lease_with_a_non_contiguous_mask_is_refused_and_the_boot_goes_on(
+    tmp_path: Path,
+) -> None:
+    _prepare(tmp_path, "console=ttyS0 ee.dev=1", "net", network="dhcp")
+    with namespaces("vm", "srv") as (vm, srv):
+        veth(vm, "eth0", srv, "eesrv0")
+        server = start_dhcp_server(srv, "eesrv0", lease=60, t1=30, mask="255.0.255.0")
+        try:
+            proc = _boot(tmp_path, vm)
+            _, err = proc.communicate(timeout=60)
+        finally:
+            server.kill()
+            seen, _ = server.communicate()
+    assert proc.returncode == -signal.SIGINT, err
+    lines = _lines(err)
+    # One exchange (DISCOVER, REQUEST), then no address and no route; the workload still runs.
+    assert [json.loads(line)["type"] for line in seen.splitlines()] == [1, 3]
+    assert (
+        "eemini: network: the DHCP ACK for 10.77.0.50 carries the subnet mask 255.0.255.0, which is "
+        "not contiguous (ones, then zeros); going on without an address"
+    ) in lines
+    assert "[work.py] routes []" in lines
+    assert "[work.py] resolv None" in lines
+    assert "Traceback (most recent call last):" not in lines
+    assert lines[-1] == (
+        "eemini: powering off (workload done for good (exited with status 0); on_exit = poweroff)"
+    ), err
 
 
 def test_unexpected_error_is_logged_and_ends_in_a_clean_power_off(tmp_path: Path) -> None:

@@ -129,7 +129,14 @@ IMAGE = {"attestation": "configfs-tsm", "cmdline": "console=ttyS0 quiet"}
 
 
 @pytest.mark.parametrize(
-    "proc", ["console=ttyS0 quiet\n", "console=ttyS0 quiet", "console=ttyS0 quiet \n"]
+    "proc",
+    [
+        "console=ttyS0 quiet\n",
+        "console=ttyS0 quiet",
+        "console=ttyS0 quiet \n",
+        "console=ttyS0 quiet\t\v\f\r \n",
+        "console=ttyS0 quiet\udca0\n",  # a lone 0xA0 byte (read with surrogateescape): a kernel space
+    ],
 )
 def test_the_images_own_cmdline_passes(proc: str) -> None:
     pid1.check_cmdline(IMAGE, proc)
@@ -144,6 +151,11 @@ def test_the_images_own_cmdline_passes(proc: str) -> None:
         ("quiet console=ttyS0\n", "quiet console=ttyS0"),
         (" console=ttyS0 quiet\n", " console=ttyS0 quiet"),
         ("", ""),
+        # Not spaces to the kernel: they are part of the last argument, so not the image's cmdline.
+        ("console=ttyS0 quiet\x1c\n", "console=ttyS0 quiet\x1c"),
+        ("console=ttyS0 quiet\u2028\n", "console=ttyS0 quiet\u2028"),
+        # U+00A0 is C2 A0: the kernel takes A0 for a space and keeps C2 on "quiet".
+        ("console=ttyS0 quiet\u00a0\n", "console=ttyS0 quiet\udcc2"),
     ],
 )
 def test_any_other_cmdline_is_refused(proc: str, got: str, capfd: pytest.CaptureFixture[str]) -> None:

@@ -256,3 +256,183 @@ def test_wait_for_fails_fast_on_a_panic(tmp_path: Path) -> None:
     finally:
         proc.kill()
         proc.wait()
+
+
+# --- stop signals: a real `eemini run` process with a fake QEMU on PATH ---
+
+FAKE_QEMU = """#!PYTHON
+# Prints its pid; with -qmp serves QMP (unless FAKE_QEMU=no-qmp) and, unless FAKE_QEMU=deaf, powers
+# off on system_powerdown the way the guest would say it; else sleeps until it is stopped.
+import json, os, socket, sys, time
+qmp = next((a[5:].split(",")[0] for a in sys.argv if a.startswith("unix:")), None)
+if qmp is None or os.environ.get("FAKE_QEMU") == "no-qmp":
+    print("fake qemu", os.getpid(), flush=True)
+    time.sleep(300)
+    sys.exit(0)
+server = socket.socket(socket.AF_UNIX)
+server.bind(qmp)
+server.listen()
+print("fake qemu", os.getpid(), flush=True)
+while True:
+    conn, _ = server.accept()
+    f = conn.makefile("rwb")
+    f.write(b'{"QMP": {}}\\n')
+    f.flush()
+    for line in f:
+        f.write(b'{"return": {}}\\n')
+        f.flush()
+        if json.loads(line)["execute"] == "system_powerdown" and os.environ.get("FAKE_QEMU") != "deaf":
+            print("eemini: powering off (ACPI power button)", flush=True)
+            sys.exit(0)
+"""
+
+
+class Launcher:
+    """`eemini run --accel tcg DISK` with a fake qemu-system-x86_64 first on PATH and its own
+    TMPDIR (so a work directory left behind shows)."""
+
+    def __init__(self, tmp: Path, *extra: str, fake: str = "") -> None:
+        import sys
+
+        if not (launcher.OVMF_CODE.exists() and launcher.OVMF_VARS.exists()):
+            pytest.skip("OVMF is not installed")
+        bin_dir, self.tmpdir = tmp / "bin", tmp / "tmp"
+        bin_dir.mkdir()
+        self.tmpdir.mkdir()
+        qemu = bin_dir / "qemu-system-x86_64"
+        qemu.write_text(FAKE_QEMU.replace("PYTHON", sys.executable))
+        qemu.chmod(0o755)
+        self.disk = tmp / "disk.raw"
+        self.disk.write_bytes(bytes(4096))
+        env = {
+            **os.environ,
+            "PATH": f"{bin_dir}:{os.environ['PATH']}",
+            "TMPDIR": os.fspath(self.tmpdir),
+            "FAKE_QEMU": fake,
+        }
+        argv = [sys.executable, "-m", "eemini", "run", "--accel", "tcg", os.fspath(self.disk), *extra]
+        self.proc = subprocess.Popen(
+            argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=env
+        )
+        assert self.proc.stdout is not None
+        first = self.proc.stdout.readline().decode()
+        assert first.startswith("fake qemu "), first + self.proc.stderr.read().decode()  # type: ignore[union-attr]
+        self.qemu_pid = int(first.split()[2])
+
+    def finish(self) -> tuple[int, str]:
+        _, err = self.proc.communicate(timeout=30)
+        return self.proc.returncode, err.decode()
+
+    def qemu_alive(self) -> bool:
+        try:
+            os.kill(self.qemu_pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+
+
+def _summary(prefix: str, err: str) -> str:
+    """The last line without its elapsed time ("... after 1.2 s")."""
+    import re
+
+    m = re.fullmatch(rf"{re.escape(prefix)}(?P<summary>.*) after \d+\.\d s\n", err, re.S)
+    assert m, err
+    return m.group("summary")
+
+
+@pytest.mark.parametrize(
+    ("signum", "code"), [("SIGTERM", 143), ("SIGINT", 130), ("SIGHUP", 129)], ids=str
+)
+def test_stop_signal_stops_qemu_and_removes_its_files(tmp_path: Path, signum: str, code: int) -> None:
+    import signal
+
+    run = Launcher(tmp_path)
+    try:
+        run.proc.send_signal(getattr(signal, signum))
+        status, err = run.finish()
+    finally:
+        if run.qemu_alive():
+            os.kill(run.qemu_pid, 9)
+    assert status == code, err
+    assert _summary(f"booting {run.disk}\n", err) == f"interrupted by {signum}; QEMU was stopped"
+    assert not run.qemu_alive()
+    assert os.listdir(run.tmpdir) == []
+
+
+def test_interrupted_guest_is_asked_to_power_off_through_qmp(tmp_path: Path) -> None:
+    import signal
+
+    run = Launcher(tmp_path, "--qmp", os.fspath(tmp_path / "qmp.sock"))
+    try:
+        run.proc.send_signal(signal.SIGINT)
+        status, err = run.finish()
+    finally:
+        if run.qemu_alive():
+            os.kill(run.qemu_pid, 9)
+    assert status == 130, err
+    assert _summary(
+        f"booting {run.disk}\nwarning: interrupted by SIGINT: asking the guest to power off (ACPI "
+        "power button); interrupt again to stop QEMU at once\n",
+        err,
+    ) == ("interrupted by SIGINT; the guest powered off cleanly (ACPI power button)")
+    assert not run.qemu_alive()
+    assert os.listdir(run.tmpdir) == []
+
+
+def test_second_stop_signal_stops_qemu_at_once(tmp_path: Path) -> None:
+    import signal
+    import time
+
+    run = Launcher(tmp_path, "--qmp", os.fspath(tmp_path / "qmp.sock"), fake="deaf")
+    try:
+        run.proc.send_signal(signal.SIGINT)
+        assert run.proc.stderr is not None
+        warning = run.proc.stderr.readline().decode()  # "booting ..."
+        warning = run.proc.stderr.readline().decode()
+        assert warning.startswith("warning: interrupted by SIGINT: asking the guest"), warning
+        start = time.monotonic()
+        run.proc.send_signal(signal.SIGTERM)
+        status, err = run.finish()
+        assert time.monotonic() - start < 10  # not the 30 s power-off wait
+    finally:
+        if run.qemu_alive():
+            os.kill(run.qemu_pid, 9)
+    assert status == 130, err
+    assert _summary("", err) == "interrupted by SIGINT; QEMU was stopped"
+    assert not run.qemu_alive()
+    assert os.listdir(run.tmpdir) == []
+
+
+def test_interrupt_when_qmp_does_not_answer_stops_qemu_at_once(tmp_path: Path) -> None:
+    import signal
+
+    qmp = tmp_path / "qmp.sock"
+    run = Launcher(tmp_path, "--qmp", os.fspath(qmp), fake="no-qmp")
+    try:
+        run.proc.send_signal(signal.SIGINT)
+        status, err = run.finish()
+    finally:
+        if run.qemu_alive():
+            os.kill(run.qemu_pid, 9)
+    assert status == 130, err
+    assert _summary(
+        f"booting {run.disk}\nwarning: interrupted by SIGINT: asking the guest to power off (ACPI "
+        "power button); interrupt again to stop QEMU at once\n",
+        err,
+    ) == (
+        "interrupted by SIGINT; the power button could not be pressed (QMP: [Errno 2] No such file "
+        "or directory); QEMU was stopped"
+    )
+    assert not run.qemu_alive()
+    assert os.listdir(run.tmpdir) == []
+
+
+def test_timeout_still_says_timeout(tmp_path: Path) -> None:
+    run = Launcher(tmp_path, "--timeout", "1")
+    status, err = run.finish()
+    assert status == 124, err
+    assert _summary(f"booting {run.disk}\n", err) == (
+        "the guest did not power off within 1 s; QEMU was stopped"
+    )
+    assert not run.qemu_alive()
+    assert os.listdir(run.tmpdir) == []

@@ -16,6 +16,7 @@ import re
 import select
 import shlex
 import shutil
+import signal
 import socket
 import struct
 import subprocess
@@ -23,7 +24,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -92,6 +93,83 @@ class VmConfig:
     restrict: bool = False  # no traffic from the guest beyond the forwards (slirp restrict=on)
     qmp: Path | None = None
     echo: bool = True
+
+
+# --- stop signals ---
+
+# What ends `eemini run` early (Ctrl-C, kill, a closed terminal): QEMU is stopped and the work
+# directory removed before the launcher exits, with 128 + the signal's number.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+POWERDOWN_WAIT = 30.0  # how long an interrupted guest with a QMP socket gets to power off
+
+
+class Interrupted(Exception):
+    """A stop signal reached the launcher (raised in the main thread, once per `stop_signals`)."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+        self.name = signal.Signals(signum).name
+        super().__init__(f"interrupted by {self.name}")
+
+
+class _Stop:
+    """Stop signals received, and whether one was raised as Interrupted yet. While cleanup that
+    must finish runs (`deferred()`), a signal is only recorded and raised at its end."""
+
+    def __init__(self) -> None:
+        self.received: list[int] = []
+        self.raised = False
+        self.defer = 0
+
+    def handler(self, signum: int, _frame: object) -> None:
+        self.received.append(signum)
+        if not self.raised and not self.defer:
+            self.raised = True
+            raise Interrupted(signum)
+
+    @contextlib.contextmanager
+    def deferred(self) -> Iterator[None]:
+        self.defer += 1
+        try:
+            yield
+        finally:
+            self.defer -= 1
+        if not self.defer and self.received and not self.raised:
+            self.raised = True
+            raise Interrupted(self.received[0])
+
+
+_stop = _Stop()
+
+
+@contextlib.contextmanager
+def stop_signals() -> Iterator[_Stop]:
+    """SIGINT, SIGTERM and SIGHUP raise Interrupted (once) instead of ending the process where it
+    stands, so the code that stops QEMU and removes its files runs; later ones are recorded."""
+    global _stop
+    outer, _stop = _stop, _Stop()
+    previous = {}
+    try:
+        if threading.current_thread() is threading.main_thread():
+            previous = {s: signal.signal(s, _stop.handler) for s in STOP_SIGNALS}
+        yield _stop
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        _stop = outer
+
+
+def _qemu_child(launcher: int) -> Callable[[], None]:
+    """What the QEMU child runs before exec: QEMU gets SIGTERM when the launcher dies, however it
+    dies (PR_SET_PDEATHSIG; after a SIGKILL there is no other way), and at once if it is gone."""
+    from eemini.guest import sys as ksys
+
+    def setup() -> None:
+        ksys.prctl(ksys.PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != launcher:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return setup
 
 
 class GuestFailed(TimeoutError):
@@ -585,21 +663,65 @@ class Vm:
         return judge(code, self.console(), elapsed)
 
     def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if self.reader is not None:
-            self.reader.join(10)
+        """Stop QEMU (SIGTERM, then SIGKILL after 5 s); a stop signal meanwhile waits for it."""
+        with _stop.deferred():
+            if self.proc.poll() is None:
+                self.proc.terminate()
+                try:
+                    self.proc.wait(5)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait()
+            if self.reader is not None:
+                self.reader.join(10)
 
     def close(self) -> None:
-        self.kill()
-        if self.log_file is not None:
-            self.log_file.close()
-        shutil.rmtree(self.workdir, ignore_errors=True)
+        with _stop.deferred():
+            self.kill()
+            if self.log_file is not None:
+                self.log_file.close()
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def interrupted(self, stop: Interrupted) -> Outcome:
+        """Stop the guest after a stop signal: with a QMP socket it gets the ACPI power button
+        and POWERDOWN_WAIT s to power off (another stop signal ends that wait), else QEMU is
+        stopped at once. The outcome says so, with exit status 128 + the signal's number."""
+        code, head = 128 + stop.signum, f"interrupted by {stop.name}"
+        with _stop.deferred():
+            if self.proc.poll() is None and self.cfg.qmp is not None:
+                log_warning(
+                    f"{head}: asking the guest to power off (ACPI power button); "
+                    "interrupt again to stop QEMU at once"
+                )
+                deadline = time.monotonic() + POWERDOWN_WAIT
+                try:
+                    self.qmp("system_powerdown")
+                except (OSError, ValueError) as e:
+                    head += f"; the power button could not be pressed (QMP: {e})"
+                    deadline = 0.0
+                # The first stop signal brought us here; any later one ends the wait.
+                while self.proc.poll() is None and len(_stop.received) <= 1:
+                    if time.monotonic() >= deadline:
+                        break
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        self.proc.wait(0.2)
+                if self.proc.poll() is None and len(_stop.received) <= 1 and deadline:
+                    head += f"; the guest did not power off within {POWERDOWN_WAIT:.0f} s"
+            if self.proc.poll() is None:
+                self.kill()
+                return Outcome(code, f"{head}; QEMU was stopped", self.console(), self.elapsed())
+            if self.reader is not None:
+                self.reader.join(10)
+        lines = self.console().splitlines()
+        off = next((m for line in reversed(lines) if (m := POWER_OFF.match(line))), None)
+        if off is not None and self.proc.returncode == 0:
+            summary = f"{head}; the guest powered off cleanly ({off.group('reason')})"
+        else:
+            summary = f"{head}; QEMU exited with status {self.proc.returncode}"
+        return Outcome(code, summary, self.console(), self.elapsed())
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
 
 
 def judge(qemu_status: int, console: str, elapsed: float) -> Outcome:
@@ -631,25 +753,45 @@ def start(cfg: VmConfig) -> Vm:
         )
     accel = choose_accel(cfg.accel)
     workdir = Path(tempfile.mkdtemp(prefix="eemini-run-"))
-    vars_copy = workdir / "OVMF_VARS.fd"
-    shutil.copyfile(OVMF_VARS, vars_copy)
-    config_disk = None
-    if cfg.config is not None:
-        files = {"agent.env": read_config_file(cfg.config)}
-        config_disk = workdir / "config.img"
-        if cfg.config_format is ConfigFormat.VFAT:
-            make_vfat(config_disk, files)
+    vm: Vm | None = None
+    try:
+        vars_copy = workdir / "OVMF_VARS.fd"
+        shutil.copyfile(OVMF_VARS, vars_copy)
+        config_disk = None
+        if cfg.config is not None:
+            files = {"agent.env": read_config_file(cfg.config)}
+            config_disk = workdir / "config.img"
+            if cfg.config_format is ConfigFormat.VFAT:
+                make_vfat(config_disk, files)
+            else:
+                make_iso9660(config_disk, files)
+        argv = qemu_command(cfg, accel, vars_copy, config_disk)
+        log_debug("+ " + shlex.join(argv))
+        with _stop.deferred():  # no QEMU without its Vm, which stops it
+            # Its own process group: a terminal's Ctrl-C reaches the launcher only, which then
+            # decides how QEMU stops.
+            proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                cwd=workdir,
+                process_group=0,
+                # Safe with the reader threads: the child only calls prctl, getppid and kill
+                # (everything is imported before the fork) and then execs.
+                preexec_fn=_qemu_child(os.getpid()),  # noqa: PLW1509
+            )
+            vm = Vm(cfg, proc, workdir, time.monotonic())
+        if cfg.log is not None:
+            vm.log_file = cfg.log.open("wb")
+        vm.reader = threading.Thread(target=vm._pump, daemon=True)
+        vm.reader.start()
+        return vm
+    except BaseException:
+        if vm is not None:
+            vm.close()
         else:
-            make_iso9660(config_disk, files)
-    argv = qemu_command(cfg, accel, vars_copy, config_disk)
-    log_debug("+ " + shlex.join(argv))
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, cwd=workdir)
-    vm = Vm(cfg, proc, workdir, time.monotonic())
-    if cfg.log is not None:
-        vm.log_file = cfg.log.open("wb")
-    vm.reader = threading.Thread(target=vm._pump, daemon=True)
-    vm.reader.start()
-    return vm
+            shutil.rmtree(workdir, ignore_errors=True)
+        raise
 
 
 @contextlib.contextmanager
@@ -662,17 +804,22 @@ def running(cfg: VmConfig) -> Iterator[Vm]:
 
 
 def boot(cfg: VmConfig) -> Outcome:
-    with running(cfg) as vm:
+    """Start the VM and wait for it to end (or `cfg.timeout`). A stop signal at any point stops
+    QEMU, removes the work directory and gives an Outcome that says so (exit 128 + signal)."""
+    started = time.monotonic()
+    with stop_signals():
+        vm: Vm | None = None
         try:
+            vm = start(cfg)
             return vm.wait(cfg.timeout)
-        except KeyboardInterrupt:
-            log_warning("interrupted: asking the guest to power off (ACPI power button)")
-            if cfg.qmp is not None:
-                with contextlib.suppress(OSError, ValueError):
-                    vm.qmp("system_powerdown")
-            else:
-                vm.proc.terminate()
-            return vm.wait(60)
+        except Interrupted as stop:
+            if vm is None:
+                summary = f"{stop} before QEMU was running; nothing was left behind"
+                return Outcome(128 + stop.signum, summary, "", time.monotonic() - started)
+            return vm.interrupted(stop)
+        finally:
+            if vm is not None:
+                vm.close()
 
 
 def free_port() -> int:

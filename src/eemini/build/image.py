@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -62,31 +63,49 @@ class Context:
     sizes: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
+DEV_ROOT_FILE = "dev-root.pem"  # simulated profiles: the development root their quotes chain to
+
+
 def build(profile: Profile, lock: Lock, spec: ResolvedSpec, out: Path, *,
           extra_manifest: dict[str, Any] | None = None,
           compression: compress.Compression | None = None) -> Built:  # fmt: skip
     """Build every output of `profile` into `out` (replacing what an earlier build left there).
 
     `extra_manifest` adds top-level sections to manifest.json; `compression` overrides the
-    profile's initramfs compression (the benchmarks compare methods with it)."""
+    profile's initramfs compression (the benchmarks compare methods with it). A build that fails
+    leaves no output behind: what it wrote is removed, and so are the directories it made."""
     out = out.absolute()  # the target interpreter reports absolute paths; compare like with like
+    made = [d for d in (out, *out.parents) if not d.exists()]  # deepest first
     out.mkdir(parents=True, exist_ok=True)
     # What an earlier build (maybe of another profile) left would pass for this build's output.
-    stale = ["uki.efi", "manifest.json", *(o.filename for o in Output)]
-    for path in [*out.glob("initramfs.cpio*"), *(out / name for name in stale)]:
-        path.unlink(missing_ok=True)
-    with tempfile.TemporaryDirectory(dir=out, prefix=".work-") as tmp:
-        ctx = Context(profile, lock, spec, out, Path(tmp), Apt(), compression or profile.compression)
-        check_workload(ctx)
-        fetch_packages(ctx)
-        add_layout(ctx)
-        add_modules(ctx)
-        add_python(ctx)
-        add_image_facts(ctx)
-        initrd = make_initramfs(ctx)
-        image = make_uki(ctx, initrd)
-        make_disks(ctx, image)
-        write_manifest(ctx, {**(extra_manifest or {}), **predicted_measurements(image)})
+    stale = ["uki.efi", "manifest.json", DEV_ROOT_FILE, *(o.filename for o in Output)]
+
+    def remove_outputs() -> None:
+        for path in [*out.glob("initramfs.cpio*"), *(out / name for name in stale)]:
+            path.unlink(missing_ok=True)
+
+    remove_outputs()
+    try:
+        with tempfile.TemporaryDirectory(dir=out, prefix=".work-") as tmp:
+            compression = compression or profile.compression
+            ctx = Context(profile, lock, spec, out, Path(tmp), Apt(), compression)
+            check_workload(ctx)
+            fetch_packages(ctx)
+            add_layout(ctx)
+            add_modules(ctx)
+            add_python(ctx)
+            add_image_facts(ctx)
+            initrd = make_initramfs(ctx)
+            image = make_uki(ctx, initrd)
+            make_disks(ctx, image)
+            write_dev_root(ctx)
+            write_manifest(ctx, {**(extra_manifest or {}), **predicted_measurements(image)})
+    except BaseException:
+        remove_outputs()
+        for directory in made:
+            with contextlib.suppress(OSError):  # not empty: someone else's files are there now
+                directory.rmdir()
+        raise
     return Built(out, ctx.outputs, ctx.tree, ctx.sizes, hashlib.sha256(image).hexdigest())
 
 
@@ -259,6 +278,18 @@ def make_disks(ctx: Context, image: bytes) -> None:
                 disk.gce_tarball(raw, dest)
             raw.unlink()
         ctx.outputs[output.value] = dest
+
+
+def write_dev_root(ctx: Context) -> None:
+    """A simulated (local-dev) image's quotes chain to the published development root: put it
+    beside the image, for `eemini verify --trust-dev-root` (it is the same for every build)."""
+    if not ctx.profile.simulated:
+        return
+    from eemini.guest.simulated import dev_root_pem
+
+    path = ctx.out / DEV_ROOT_FILE
+    path.write_bytes(dev_root_pem())
+    ctx.outputs["dev-root"] = path
 
 
 def write_manifest(ctx: Context, extra: dict[str, Any]) -> None:

@@ -20,7 +20,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="enclave spec (default: %(default)s)",
     )
     parser.add_argument(
-        "--socket", metavar="PATH", help="control socket path (default: per-user runtime dir)"
+        "--socket",
+        metavar="PATH",
+        help="control socket path (default: per-user runtime dir); its directory, which also holds "
+        "the token, must be yours with mode 0700 (made so when missing)",
     )
     parser.add_argument(
         "--dev-root-out", metavar="FILE", help="also write the development root certificate (PEM) here"

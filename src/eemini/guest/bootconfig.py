@@ -16,6 +16,7 @@ import hashlib
 import ipaddress
 import os
 import re
+import stat
 import time
 
 from eemini.guest.record import field, record
@@ -84,35 +85,88 @@ class Cmdline:
         return any(k == key and (value is None or v == value) for k, v in self.params)
 
 
-def parse_cmdline(text: str) -> Cmdline:
-    """Split like the kernel's next_arg(): spaces separate, double quotes group (and are dropped)."""
-    params: list[tuple[str, str | None]] = []
-    i, n = 0, len(text)
-    while i < n:
-        while i < n and text[i].isspace():
-            i += 1
-        if i >= n:
+# The bytes the kernel's isspace() accepts: _S in lib/ctype.c's _ctype table, i.e. \t \n \v \f \r,
+# the space, and 0xA0 (Latin-1 no-break space). The kernel splits /proc/cmdline's bytes, not
+# characters: a UTF-8 no-break space (C2 A0) is split at its second byte.
+KERNEL_SPACES = frozenset(b"\t\n\v\f\r \xa0")
+_QUOTE = ord('"')
+_EQUALS = ord("=")
+
+
+def _c_string(buf: bytearray, start: int) -> bytes:
+    return bytes(buf[start : buf.index(0, start)])
+
+
+def _next_arg(buf: bytearray, args: int) -> tuple[bytes, bytes | None, int, bool]:
+    """lib/cmdline.c next_arg() on a NUL-terminated buffer, step for step: (param, value or None,
+    where the next argument starts, whether a double quote was left open)."""
+    in_quote = quoted = False
+    if buf[args] == _QUOTE:
+        args += 1
+        in_quote = quoted = True
+    i = equals = 0
+    while buf[args + i]:
+        c = buf[args + i]
+        if c in KERNEL_SPACES and not in_quote:
             break
-        token = []
-        quoted = False
-        while i < n and (quoted or not text[i].isspace()):
-            if text[i] == '"':
-                quoted = not quoted
-            else:
-                token.append(text[i])
-            i += 1
-        if quoted:
+        if equals == 0 and c == _EQUALS:
+            equals = i
+        if c == _QUOTE:
+            in_quote = not in_quote
+        i += 1
+    value = None
+    if equals:
+        buf[args + equals] = 0
+        value = args + equals + 1
+        if buf[value] == _QUOTE:  # the value's own quotes are not part of it
+            value += 1
+            if buf[args + i - 1] == _QUOTE:
+                buf[args + i - 1] = 0
+    if quoted and buf[args + i - 1] == _QUOTE:
+        buf[args + i - 1] = 0
+    end = args + i
+    following = end
+    if buf[end]:
+        buf[end] = 0
+        following += 1
+    param = _c_string(buf, args)
+    val = None if value is None else _c_string(buf, value)
+    while buf[following] in KERNEL_SPACES:  # skip_spaces()
+        following += 1
+    return param, val, following, in_quote
+
+
+def parse_cmdline(text: str | bytes) -> Cmdline:
+    """Split like the kernel's parse_args() and next_arg() (lib/cmdline.c), byte for byte, so
+    every value is the value the kernel saw: kernel whitespace separates (`KERNEL_SPACES`), double
+    quotes group, the quotes around a whole argument or around a value are dropped (others stay),
+    the first `=` splits name and value, and a bare `--` ends the kernel's part. A `str` is taken
+    as the bytes it was decoded from (UTF-8 with surrogateescape, as `pid1` reads /proc/cmdline);
+    names and values are decoded the same way. The kernel would let an unterminated double quote
+    run to the end of the line; that is refused here."""
+    raw = text.encode("utf-8", "surrogateescape") if isinstance(text, str) else text
+    buf = bytearray(raw.split(b"\0", 1)[0]) + b"\0"  # the kernel's copy is a C string
+    params: list[tuple[str, str | None]] = []
+    pos = 0
+    while buf[pos] in KERNEL_SPACES:
+        pos += 1
+    while buf[pos]:
+        param, value, pos, unterminated = _next_arg(buf, pos)
+        if unterminated:
             raise ConfigError("the kernel command line has an unterminated double quote")
-        word = "".join(token)
-        if word == "--":
+        if value is None and param == b"--":
             break  # everything after -- belongs to init's argv, not to us
-        key, eq, value = word.partition("=")
-        params.append((key, value if eq else None))
+        params.append(
+            (
+                param.decode("utf-8", "surrogateescape"),
+                None if value is None else value.decode("utf-8", "surrogateescape"),
+            )
+        )
     return Cmdline(tuple(params))
 
 
 def read_cmdline(path: str = "/proc/cmdline") -> Cmdline:
-    with open(path, encoding="utf-8", errors="replace") as f:
+    with open(path, "rb") as f:
         return parse_cmdline(f.read())
 
 
@@ -142,12 +196,28 @@ def cmdline_settings(cmdline: Cmdline) -> list[Setting]:
 def _setting(source: Source, key: str, value: str, where: str) -> Setting:
     if not _KEY.match(key):
         raise ConfigError(f"boot config key {key!r} from {source} ({where}) is not a valid name")
-    if "\0" in value or len(value) > MAX_VALUE:
+    problem = None
+    if len(value) > MAX_VALUE:
+        problem = "too long"
+    elif "\0" in value:
+        problem = "not text"
+    else:
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:  # cmdline bytes that are not UTF-8 (kept by surrogateescape)
+            problem = "not UTF-8"
+    if problem is not None:
         raise ConfigError(
-            f"boot config key {key!r} from {source} ({where}) has a value that is "
-            + ("too long" if len(value) > MAX_VALUE else "not text")
+            f"boot config key {key!r} from {source} ({where}) has a value that is {problem}"
         )
     return Setting(source, key, value)
+
+
+# agent.env: lines end at "\n" (a "\r" before it is dropped, for files written on Windows), and
+# the only whitespace around keys, values and comments is the space and the tab. Every other
+# character, control or Unicode "space" alike (\v, \f, \x1c-\x1f, U+0085, U+00A0, U+2028 ...),
+# is part of the key (and so refused) or of the value (and so recorded as it is).
+ENV_BLANKS = " \t"
 
 
 def parse_env(data: bytes, source: Source) -> list[Setting]:
@@ -161,17 +231,21 @@ def parse_env(data: bytes, source: Source) -> list[Setting]:
         raise ConfigError(f"{CONFIG_FILE} from {source} is not UTF-8 (byte {e.start})") from None
     out: list[Setting] = []
     seen: set[str] = set()
-    for number, raw in enumerate(text.splitlines(), 1):
-        line = raw.strip()
+    lines = text.split("\n")
+    if lines[-1] == "":
+        lines.pop()  # the newline that ends the last line
+    for number, full in enumerate(lines, 1):
+        raw = full.removesuffix("\r")
+        line = raw.strip(ENV_BLANKS)
         if not line or line.startswith("#"):
             continue
         key, eq, value = line.partition("=")
-        key = key.strip()
+        key = key.rstrip(ENV_BLANKS)
         if not eq or not key:
             raise ConfigError(
                 f"{CONFIG_FILE} from {source} line {number} is not KEY=VALUE: {raw[:60]!r}"
             )
-        value = value.strip()
+        value = value.lstrip(ENV_BLANKS)
         if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
             value = value[1:-1]
         if key in seen:
@@ -210,7 +284,7 @@ def _network_value(setting: Setting) -> None:
             ipaddress.IPv4Address(setting.value)
         else:
             for part in setting.value.split(","):
-                ipaddress.IPv4Address(part.strip())
+                ipaddress.IPv4Address(part.strip(ENV_BLANKS))
     except ValueError as e:
         raise ConfigError(
             f"boot config key {setting.key!r} from {setting.source} is not valid: {e}"
@@ -248,7 +322,9 @@ def apply_policy(settings: Sequence[Setting], allow_env: Iterable[str]) -> BootC
             address=ipaddress.IPv4Interface(net["EE_IP"]),
             gateway=ipaddress.IPv4Address(net["EE_GATEWAY"]) if "EE_GATEWAY" in net else None,
             dns=tuple(
-                ipaddress.IPv4Address(p.strip()) for p in net.get("EE_DNS", "").split(",") if p.strip()
+                ipaddress.IPv4Address(p.strip(ENV_BLANKS))
+                for p in net.get("EE_DNS", "").split(",")
+                if p.strip(ENV_BLANKS)
             ),
         )
     return BootConfig(tuple(settings), env, network)
@@ -352,7 +428,9 @@ def read_config_disk(
 ) -> bytes | None:
     """agent.env from the config disk, or None when there is no config disk.
 
-    `prepare(fstype)` runs before the mount (PID 1 loads the filesystem's modules there).
+    `prepare(fstype)` runs before the mount (PID 1 loads the filesystem's modules there). The
+    mount is read-only, nosuid, nodev, noexec and nosymfollow: the disk is the host's, and a
+    symbolic link on it (iso9660 Rock Ridge has them) must not reach the guest's own files.
     """
     from eemini.guest import sys as ksys
 
@@ -363,10 +441,12 @@ def read_config_disk(
     if prepare is not None:
         prepare(fstype)
     os.makedirs(mountpoint, exist_ok=True)
-    flags = ksys.MS_RDONLY | ksys.MS_NOSUID | ksys.MS_NODEV | ksys.MS_NOEXEC
+    flags = ksys.MS_RDONLY | ksys.MS_NOSUID | ksys.MS_NODEV | ksys.MS_NOEXEC | ksys.MS_NOSYMFOLLOW
     # Debian's kernel defaults FAT to iocharset=ascii (CONFIG_FAT_DEFAULT_IOCHARSET), whose NLS
-    # module images do not carry; name the charsets the image has (nls_utf8, nls_cp437).
-    options = "iocharset=utf8,codepage=437" if fstype == "vfat" else None
+    # module images do not carry; name the charsets the image has (nls_utf8, nls_cp437). FAT has
+    # no symlinks, FIFOs or devices; on iso9660 only Rock Ridge brings them, and `norock` leaves
+    # its extensions unread (agent.env is an 8.3 name, which plain ISO 9660 and Joliet carry).
+    options = {"vfat": "iocharset=utf8,codepage=437", "iso9660": "norock"}.get(fstype)
     try:
         ksys.mount(dev, mountpoint, fstype, flags, options)
     except OSError as e:
@@ -374,16 +454,62 @@ def read_config_disk(
             f"the config disk {dev} ({fstype}) cannot be mounted: {os.strerror(e.errno or 0)}"
         ) from None
     try:
-        path = os.path.join(mountpoint, CONFIG_FILE)
-        names = {n.lower(): n for n in os.listdir(mountpoint)}
-        if CONFIG_FILE not in names:
-            raise ConfigError(f"the config disk {dev} has no {CONFIG_FILE}")
-        path = os.path.join(mountpoint, names[CONFIG_FILE])
-        with open(path, "rb") as f:
-            data = f.read(MAX_FILE + 1)
-        return data
+        return read_env_file(mountpoint, dev)
     finally:
         ksys.umount(mountpoint, ksys.MNT_DETACH)
+
+
+_FILE_TYPES = (
+    (stat.S_ISLNK, "a symbolic link"),
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def _file_type(mode: int) -> str:
+    return next((name for test, name in _FILE_TYPES if test(mode)), f"of type {mode >> 12:o}")
+
+
+def read_env_file(directory: str, dev: str) -> bytes:
+    """`agent.env` (any letter case) in the mounted config disk: a regular file, or ConfigError.
+
+    Nothing else is opened: not a symbolic link (O_NOFOLLOW; the mount does not follow them
+    either), a FIFO (it would block the boot), a device or a directory. The open is
+    non-blocking, and the file is checked again once open."""
+    names = {n.lower(): n for n in os.listdir(directory)}
+    if CONFIG_FILE not in names:
+        raise ConfigError(f"the config disk {dev} has no {CONFIG_FILE}")
+    name = names[CONFIG_FILE]
+    path = os.path.join(directory, name)
+    refused = f"the config disk {dev}: {name} is {{}}, not a regular file"
+    mode = os.lstat(path).st_mode
+    if not stat.S_ISREG(mode):
+        raise ConfigError(refused.format(_file_type(mode)))
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags)
+    except OSError as e:
+        raise ConfigError(
+            f"the config disk {dev}: {name} cannot be opened: {os.strerror(e.errno or 0)}"
+        ) from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise ConfigError(refused.format(_file_type(mode)))
+        chunks: list[bytes] = []
+        size = 0
+        while size <= MAX_FILE:
+            chunk = os.read(fd, MAX_FILE + 1 - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
 
 
 # --- cloud metadata ---

@@ -10,6 +10,7 @@ import argparse
 import errno
 import os
 import secrets
+import stat
 import sys
 
 from eemini.guest.events import EventLog
@@ -26,9 +27,65 @@ _DEFAULT_LIMITS = Limits()
 
 
 def default_socket() -> str:
-    """Where dev mode puts its socket unless told otherwise (and where `eemini call` looks)."""
-    base = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/eemini-{os.getuid()}"
+    """Where dev mode puts its socket unless told otherwise (and where `eemini call` looks):
+    `$XDG_RUNTIME_DIR/eemini/agent.sock`, else `$TMPDIR/eemini-UID/eemini/agent.sock` (/tmp when
+    TMPDIR is unset), whose `eemini-UID` is made private (`private_directory`)."""
+    base = os.environ.get("XDG_RUNTIME_DIR") or os.path.join(
+        os.environ.get("TMPDIR") or "/tmp", f"eemini-{os.getuid()}"
+    )
     return os.path.join(base, "eemini", "agent.sock")
+
+
+RULE = (
+    "the socket's directory holds the token, so it must be yours with mode 0700, and no directory "
+    "above it may be writable by anyone but you or root (sticky ones such as /tmp excepted)"
+)
+
+
+def private_directory(directory: str) -> str:
+    """Make the directory for the socket and the token (and what is missing above it) with mode
+    0700, then check it, and every directory above it, against `RULE`; its real path.
+
+    Someone else who can rename entries in a directory above could swap ours for theirs between
+    our check and our use, and read the token or answer in our place; a directory made in advance
+    under a predictable name (`/tmp/eemini-UID`) is not ours. Both are refused, naming the
+    directory and the problem (PermissionError)."""
+    uid = os.getuid()
+    missing = []
+    path = os.path.abspath(directory)
+    while not os.path.lexists(path):
+        missing.append(path)
+        path = os.path.dirname(path)
+    for path in reversed(missing):
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            continue  # made by someone else meanwhile: judged below like any other
+        os.chmod(path, 0o700)  # whatever the umask
+    real = os.path.realpath(directory)
+    st = os.lstat(real)
+    if not stat.S_ISDIR(st.st_mode):
+        raise PermissionError(f"{real} is not a directory: {RULE}")
+    if st.st_uid != uid or st.st_mode & 0o077:
+        raise PermissionError(
+            f"{real} has owner uid {st.st_uid} and mode {st.st_mode & 0o777:04o} "
+            f"(you are uid {uid}): {RULE}"
+        )
+    above = real
+    while above != "/":
+        above = os.path.dirname(above)
+        st = os.stat(above)
+        if st.st_uid not in (uid, 0):
+            raise PermissionError(
+                f"{above}, above the socket's directory {real}, belongs to uid {st.st_uid} "
+                f"(you are uid {uid}): {RULE}"
+            )
+        if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+            raise PermissionError(
+                f"{above}, above the socket's directory {real}, has mode "
+                f"{st.st_mode & 0o7777:04o}, writable by others: {RULE}"
+            )
+    return real
 
 
 @record
@@ -58,16 +115,9 @@ def run(spec: EnclaveSpec, options: DevOptions) -> int:
     """
     from eemini.guest.simulated import SimulatedBackend, dev_root_pem
 
-    socket_path = os.path.abspath(options.socket_path)
-    directory = os.path.dirname(socket_path)
-    os.makedirs(directory, mode=0o700, exist_ok=True)
-    st = os.stat(directory)
-    if st.st_uid != os.getuid() or st.st_mode & 0o077:
-        # The token file goes here: refuse a directory others can read or write.
-        raise PermissionError(
-            f"{directory} must belong to uid {os.getuid()} with mode 0700 "
-            f"(it has uid {st.st_uid}, mode {st.st_mode & 0o777:04o})"
-        )
+    requested = os.path.abspath(options.socket_path)
+    directory = private_directory(os.path.dirname(requested))
+    socket_path = os.path.join(directory, os.path.basename(requested))
     if socket_in_use(socket_path):
         # Before touching the token file: it belongs to the runtime already serving there.
         raise OSError(errno.EADDRINUSE, f"another runtime is serving {socket_path}")

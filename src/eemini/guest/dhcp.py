@@ -230,7 +230,7 @@ class Lease:
         mtu = struct.unpack("!H", mtu_raw)[0] if mtu_raw and len(mtu_raw) == 2 else None
         domain_raw = ack.options.get(Option.DOMAIN_NAME)
         return cls(
-            address=ipaddress.IPv4Interface(f"{ack.yiaddr}/{mask}"),
+            address=ipaddress.IPv4Interface((ack.yiaddr, prefix_length(ack.yiaddr, mask))),
             server=server,
             router=routers[0] if routers else None,
             dns=ack.addresses_option(Option.DNS),
@@ -241,6 +241,18 @@ class Lease:
             domain=host_name(domain_raw.rstrip(b"\0")) if domain_raw else None,
             obtained=obtained,
         )
+
+
+def prefix_length(address: ipaddress.IPv4Address, mask: ipaddress.IPv4Address) -> int:
+    """The prefix length of a subnet mask (option 1), which must be ones then zeros (RFC 950 allowed
+    others; the kernel's addresses and routes cannot express them)."""
+    host_bits = ~int(mask) & 0xFFFFFFFF
+    if host_bits & (host_bits + 1):
+        raise DhcpError(
+            f"the DHCP ACK for {address} carries the subnet mask {mask}, which is not contiguous "
+            "(ones, then zeros)"
+        )
+    return 32 - host_bits.bit_length()
 
 
 def host_name(raw: bytes) -> str | None:

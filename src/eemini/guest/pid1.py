@@ -211,7 +211,12 @@ def check_cmdline(image: dict[str, Any], cmdline_text: str) -> None:
     expected = image.get("cmdline")
     if not isinstance(expected, str):
         raise BootFailure("image.json: cmdline (the UKI's built-in command line) must be a string")
-    got = cmdline_text.rstrip()
+    from eemini.guest.bootconfig import KERNEL_SPACES
+
+    # Trailing bytes the kernel takes for spaces only (str.rstrip() would also drop \x1c, U+2028 ...,
+    # which the kernel keeps as part of the last argument).
+    raw = cmdline_text.encode("utf-8", "surrogateescape").rstrip(bytes(sorted(KERNEL_SPACES)))
+    got = raw.decode("utf-8", "surrogateescape")
     if got != expected:
         raise Refusal(
             f"the kernel command line is not the image's own: got {got!r}, "
@@ -340,8 +345,10 @@ class Boot:
 
     @staticmethod
     def read_text(path: str) -> str:
+        # surrogateescape: bytes that are not UTF-8 survive, so the cmdline parser sees the
+        # kernel's own bytes (and check_cmdline compares them).
         try:
-            with open(path, encoding="utf-8", errors="replace") as f:
+            with open(path, encoding="utf-8", errors="surrogateescape") as f:
                 return f.read()
         except OSError:
             return ""

@@ -17,6 +17,7 @@ MS_RDONLY = 1
 MS_NOSUID = 2
 MS_NODEV = 4
 MS_NOEXEC = 8
+MS_NOSYMFOLLOW = 256  # Linux 5.10+: symlinks on the mount are not followed (readlink still works)
 MS_REMOUNT = 32
 MS_BIND = 4096
 MS_REC = 16384
