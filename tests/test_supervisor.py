@@ -238,7 +238,7 @@ def test_64_mib_of_block_aligned_output_without_newlines(
     # 4 KiB writes without a newline: every read holds whole 4096-byte lines, the bound exactly.
     body = "import os\nblock = b'x' * 4096\nfor _ in range(16384):\n    os.write(1, block)\n"
     rt = start(tmp_path, runtimes, body, restart="never", on_exit="stay")
-    wait_for(lambda: deployment(rt)["status"] == "exited", timeout=120, what="workload exit")
+    wait_for(lambda: deployment(rt)["state"] == "exited", timeout=120, what="workload exit")
     runs = deployment(rt)["runs"]
     assert isinstance(runs, list)
     pid = runs[0]["pid"]
