@@ -67,10 +67,7 @@ from eemini.tdx.errors import (
 )
 from eemini.tdx.evidence import EventLogReport, check_event_log
 from eemini.tdx.guard import parsing, utf8
-from eemini.tdx.pck import (
-    PckExtension,
-    parse_pck_extension,
-)
+from eemini.tdx.pck import PckExtension
 from eemini.tdx.policy import DEFAULT_POLICY, Policy
 from eemini.tdx.quote import Quote, TdReport, parse_quote
 from eemini.tdx.roots import INTEL_ROOT, TrustAnchor
@@ -145,8 +142,7 @@ def check_pck_chain(ctx: Context, quote: Quote) -> _PckResult:
     leaf = chain[0]
     ext = ctx.cache.pck_extensions.get(leaf.fingerprint)
     if ext is None:
-        ext = parse_pck_extension(leaf.cert)
-        ctx.cache.pck_extensions[leaf.fingerprint] = ext
+        ext = ctx.cache.pck_extensions[leaf.fingerprint] = ctx.pck_extension(leaf)
     ctx.passed("pck-chain")
     return _PckResult(anchor, root, chain, ext)
 
@@ -286,7 +282,7 @@ def check_qe_identity(ctx: Context, collateral: Collateral) -> tuple[QeIdentity,
 
 def check_revocation(ctx: Context, crls: _Crls, root: Cert, chains: Sequence[tuple[Cert, ...]]) -> None:
     # The root itself may be listed in its own CRL (dcap-qvl checks this too): then nothing holds.
-    if root.serial in crls.root.revoked:
+    if crls.root.is_revoked(root.serial):
         raise CertificateRevoked(f"the root {root.name} is revoked by its own CRL")
     for chain in chains:
         for cert in chain:
@@ -296,7 +292,7 @@ def check_revocation(ctx: Context, crls: _Crls, root: Cert, chains: Sequence[tup
                 crl, what = crls.pck, "PCK CRL"
             else:
                 raise CrlInvalid(f"no CRL covers {cert.name} (its issuer issued neither CRL)")
-            if cert.serial in crl.revoked:
+            if crl.is_revoked(cert.serial):
                 raise CertificateRevoked(
                     f"{cert.name} (serial {cert.serial:x}) is revoked by the {what}"
                 )
