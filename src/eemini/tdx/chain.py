@@ -28,7 +28,7 @@ from eemini.tdx.errors import (
     CrlInvalid,
     UntrustedRoot,
 )
-from eemini.tdx.guard import parsing
+from eemini.tdx.guard import parsing, utf8
 from eemini.tdx.pck import (
     ParseErrorType,
     PckExtension,
@@ -173,16 +173,17 @@ def _tbs_extensions(signed: SignedDer, what: str) -> dict[bytes, bytes]:
     for tag, value in zip(signed.field_tags, signed.fields, strict=True):
         if tag != 0xA3:
             continue
-        outer = split_der(value, what)
+        outer = der_spans(value, what)
         if len(outer) != 1 or outer[0][0] != 0x30:
             raise CertificateParseError(f"{what}: extensions are not a SEQUENCE")
-        for ext_tag, ext in split_der(outer[0][1], what):
-            parts = split_der(ext, what) if ext_tag == 0x30 else []
+        for ext_tag, _, start, end in der_spans(value, what, start=outer[0][2], end=outer[0][3]):
+            parts = der_spans(value, what, start=start, end=end) if ext_tag == 0x30 else []
             if len(parts) not in (2, 3) or parts[0][0] != 0x06 or parts[-1][0] != 0x04:
                 raise CertificateParseError(f"{what}: an extension is not {{ OID, critical, value }}")
-            if parts[0][1] in out:
-                raise CertificateParseError(f"{what}: extension {oid_text(parts[0][1])} appears twice")
-            out[parts[0][1]] = parts[-1][1]
+            oid = value[parts[0][2] : parts[0][3]]
+            if oid in out:
+                raise CertificateParseError(f"{what}: extension {oid_text(oid)} appears twice")
+            out[oid] = value[parts[-1][2] : parts[-1][3]]
     return out
 
 
@@ -360,14 +361,15 @@ class VerificationCache:
     every verification. Safe to share between quotes and collateral sets; not thread-safe.
     """
 
-    chains: dict[bytes, tuple[Cert, ...]] = field(default_factory=dict)  # by PEM text
+    chains: dict[bytes | str, tuple[Cert, ...]] = field(default_factory=dict)  # by PEM text
     pem_certs: dict[bytes, Cert] = field(default_factory=dict)  # by the text of one PEM block
     certs: dict[bytes, Cert] = field(default_factory=dict)
     ca: dict[bytes, bool] = field(default_factory=dict)
     links: set[tuple[bytes, bytes]] = field(default_factory=set)
-    crls: dict[tuple[bytes, bytes], Crl] = field(default_factory=dict)
-    tcb_infos: dict[bytes, TcbInfo] = field(default_factory=dict)
-    qe_identities: dict[bytes, QeIdentity] = field(default_factory=dict)
+    crls: dict[tuple[bytes, bytes], Crl] = field(default_factory=dict)  # by DER and issuer
+    # by (signed text, signature, issuer chain PEM)
+    tcb_infos: dict[tuple[str, bytes, str], TcbInfo] = field(default_factory=dict)
+    qe_identities: dict[tuple[str, bytes, str], QeIdentity] = field(default_factory=dict)
     pck_extensions: dict[bytes, PckExtension] = field(default_factory=dict)
 
 
@@ -421,13 +423,15 @@ class Context:
             raise CertificateParseError("PCK certificate has no Intel SGX extension")
         return parse_pck_extension_value(value)
 
-    def load_chain(self, pem: bytes, what: str) -> tuple[Cert, ...]:
+    def load_chain(self, pem: bytes | str, what: str) -> tuple[Cert, ...]:
+        """The certificates of a PEM chain (bytes, or text as collateral holds it), leaf first."""
         chain = self.cache.chains.get(pem)
         if chain is None:
+            text = utf8(pem, CertificateParseError, what) if isinstance(pem, str) else pem
             certs = []
             # The same certificates recur across chains (the root in all four, the platform CA
             # in two, the TCB signing certificate in two): decode and parse each once.
-            for i, body in enumerate(pem_bodies(pem, what)):
+            for i, body in enumerate(pem_bodies(text, what)):
                 cert = self.cache.pem_certs.get(body) or _ANCHOR_BODIES.get(body)
                 if cert is None:
                     der = pem_body_der(body, what, i)
@@ -518,7 +522,7 @@ def ec_key(cert: Cert, what: str) -> ec.EllipticCurvePublicKey:
 
 
 def load_crl(ctx: Context, der: bytes, issuer: Cert, what: str) -> Crl:
-    key = (digest(der), issuer.fingerprint)
+    key = (der, issuer.fingerprint)
     crl = ctx.cache.crls.get(key)
     if crl is None:
         crl = _verified_crl(der, issuer, what)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import datetime
 import enum
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from eemini.tdx.errors import CollateralParseError
@@ -129,6 +129,8 @@ class TcbInfo:
     tdx_module_attributes_mask: bytes | None
     tdx_module_identities: tuple[TdxModuleIdentity, ...]
     tcb_levels: tuple[TcbLevel, ...]
+    # The signed text this was read from: explanations read the components' names from it.
+    source: str = field(default="", repr=False, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,6 +236,9 @@ def _svns(doc: _Doc, key: str) -> tuple[int, ...]:
 
 
 def _isv_levels(doc: _Doc) -> tuple[IsvTcbLevel, ...]:
+    fast = _fast_isv_levels(doc.doc.get("tcbLevels"))
+    if fast is not None:
+        return fast
     levels = []
     for i, raw in enumerate(doc.items("tcbLevels")):
         lv = _Doc(raw, f"{doc.where}.tcbLevels[{i}]")
@@ -245,9 +250,68 @@ def _isv_levels(doc: _Doc) -> tuple[IsvTcbLevel, ...]:
     return tuple(levels)
 
 
-def parse_tcb_info(text: str) -> TcbInfo:
-    """Parse the signed `tcbInfo` JSON text (TDX TCB info v3)."""
-    d = _load(text, "tcb_info")
+def _fast_isv_levels(raw: object) -> tuple[IsvTcbLevel, ...] | None:
+    """`_isv_levels` without _Doc, for well-formed levels; None for `_isv_levels` to name the fault."""
+    if type(raw) is not list:
+        return None
+    levels = []
+    try:
+        for lv in raw:
+            svn, date, status = lv["tcb"]["isvsvn"], lv["tcbDate"], lv["tcbStatus"]
+            ids = lv.get("advisoryIDs", [])
+            if (
+                type(lv) is not dict
+                or type(svn) is not int
+                or svn < 0
+                or type(date) is not str
+                or status not in _STATUSES
+                or type(ids) is not list
+                or list(map(type, ids)).count(str) != len(ids)
+            ):
+                return None
+            levels.append(IsvTcbLevel(svn, date, TcbStatus(status), tuple(ids)))
+    except (KeyError, TypeError):
+        return None
+    return tuple(levels)
+
+
+def _fast_levels(raw: object) -> tuple[TcbLevel, ...] | None:
+    """The TCB levels of well-formed TCB info, read without _Doc (the hot spot of a first
+    verification); None at the first thing out of the ordinary, for `_levels` to name."""
+    if type(raw) is not list:
+        return None
+    levels = []
+    try:
+        for lv in raw:
+            tcb = lv["tcb"]
+            sgx = tuple([c["svn"] for c in tcb["sgxtcbcomponents"]])
+            tdx = tuple([c["svn"] for c in tcb["tdxtcbcomponents"]]) if "tdxtcbcomponents" in tcb else ()
+            pce_svn, date, status = tcb["pcesvn"], lv["tcbDate"], lv["tcbStatus"]
+            ids = lv.get("advisoryIDs", [])
+            svns = sgx + tdx
+            if (
+                type(lv) is not dict
+                or type(tcb) is not dict
+                or len(sgx) != 16
+                or len(tdx) not in (0, 16)
+                or list(map(type, svns)).count(int) != len(svns)
+                or min(svns) < 0
+                or max(svns) > 255
+                or type(pce_svn) is not int
+                or pce_svn < 0
+                or type(date) is not str
+                or status not in _STATUSES
+                or type(ids) is not list
+                or list(map(type, ids)).count(str) != len(ids)
+            ):
+                return None
+            levels.append(TcbLevel(sgx, pce_svn, tdx, date, TcbStatus(status), tuple(ids)))
+    except (KeyError, TypeError):
+        return None
+    return tuple(levels)
+
+
+def _levels(d: _Doc) -> tuple[TcbLevel, ...]:
     levels = []
     for i, raw in enumerate(d.items("tcbLevels")):
         lv = _Doc(raw, f"tcb_info.tcbLevels[{i}]")
@@ -263,6 +327,36 @@ def parse_tcb_info(text: str) -> TcbInfo:
                 lv.advisories(),
             )
         )
+    return tuple(levels)
+
+
+def component_names(tcb_info: TcbInfo) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """For explanations: each SGX and TDX component's "category" and "type" as the first TCB
+    level names them ("BIOS, Early Microcode Update"; "" when unnamed). Informational: whatever
+    does not read as text is left unnamed."""
+    try:
+        first = json.loads(tcb_info.source)["tcbLevels"][0]["tcb"]
+    except (ValueError, KeyError, TypeError, IndexError, RecursionError):
+        return (), ()
+
+    def names(key: str) -> tuple[str, ...]:
+        components = first.get(key) if isinstance(first, dict) else None
+        out = []
+        for c in components if isinstance(components, list) else []:
+            parts = [c.get(k) for k in ("category", "type")] if isinstance(c, dict) else []
+            out.append(", ".join(p for p in parts if isinstance(p, str)))
+        return tuple(out)
+
+    return names("sgxtcbcomponents"), names("tdxtcbcomponents")
+
+
+def parse_tcb_info(text: str) -> TcbInfo:
+    """Parse the signed `tcbInfo` JSON text (TDX TCB info v3)."""
+    d = _load(text, "tcb_info")
+    raw_levels = d.doc.get("tcbLevels")
+    levels = _fast_levels(raw_levels)
+    if levels is None:
+        levels = _levels(d)
     module = d.obj("tdxModule") if d.has("tdxModule") else None
     identities = []
     if d.has("tdxModuleIdentities"):
@@ -290,7 +384,8 @@ def parse_tcb_info(text: str) -> TcbInfo:
         tdx_module_attributes=module.hexbytes("attributes", 8) if module else None,
         tdx_module_attributes_mask=module.hexbytes("attributesMask", 8) if module else None,
         tdx_module_identities=tuple(identities),
-        tcb_levels=tuple(levels),
+        tcb_levels=levels,
+        source=text,
     )
 
 

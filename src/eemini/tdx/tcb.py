@@ -16,6 +16,7 @@ TCB Info v3 in Intel's PCS API v4 ("Get TDX TCB Info", TCB level matching steps)
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 from eemini.tdx.collateral import IsvTcbLevel, QeIdentity, TcbInfo, TcbLevel, TcbStatus
@@ -88,14 +89,16 @@ def match_platform_level(tcb_info: TcbInfo, pck: PckExtension, report: TdReport)
         )
     svn = report.tee_tcb_svn
     first = 0 if svn[1] == 0 else 2
+    components = pck.tcb_components
+    tee = tuple(svn[first:])
     for level in tcb_info.tcb_levels:
-        if any(a < b for a, b in zip(pck.tcb_components, level.sgx_components, strict=True)):
+        if not all(map(operator.ge, components, level.sgx_components)):
             continue
         if pck.pce_svn < level.pce_svn:
             continue
         if not level.tdx_components:
             raise CollateralInvalid("TCB info level has no TDX components")
-        if any(svn[i] < level.tdx_components[i] for i in range(first, 16)):
+        if not all(map(operator.ge, tee, level.tdx_components[first:])):
             continue
         return level
     raise TcbLevelNotFound(
@@ -131,6 +134,13 @@ def evaluate_tdx_module(tcb_info: TcbInfo, report: TdReport) -> StatusWithAdviso
     raise TcbLevelNotFound(f"TCB info has no TDX module identity {module_id}")
 
 
+def _masked_differ(got: bytes, want: bytes, mask: bytes) -> bool:
+    """Whether `got` and `want` differ in a bit the mask keeps (byte strings of one length)."""
+    if not len(got) == len(want) == len(mask):
+        raise ValueError("masked comparison of byte strings of different lengths")
+    return bool((int.from_bytes(got) ^ int.from_bytes(want)) & int.from_bytes(mask))
+
+
 def evaluate_qe(qe_report: EnclaveReport, identity: QeIdentity) -> StatusWithAdvisories:
     """Check the QE report against the QE identity; return the QE's TCB status."""
     if identity.id != "TD_QE" or identity.version not in (2, 3):
@@ -147,16 +157,9 @@ def evaluate_qe(qe_report: EnclaveReport, identity: QeIdentity) -> StatusWithAdv
             f"QE ISVPRODID {qe_report.isv_prod_id} differs from the QE identity's {identity.isv_prod_id}"
         )
     misc = qe_report.misc_select.to_bytes(4, "little")
-    if any(
-        (a ^ b) & m for a, b, m in zip(misc, identity.miscselect, identity.miscselect_mask, strict=True)
-    ):
+    if _masked_differ(misc, identity.miscselect, identity.miscselect_mask):
         raise QeIdentityMismatch(f"QE MISCSELECT {misc.hex()} does not match the QE identity")
-    if any(
-        (a ^ b) & m
-        for a, b, m in zip(
-            qe_report.attributes, identity.attributes, identity.attributes_mask, strict=True
-        )
-    ):
+    if _masked_differ(qe_report.attributes, identity.attributes, identity.attributes_mask):
         raise QeIdentityMismatch(
             f"QE ATTRIBUTES {qe_report.attributes.hex()} do not match the QE identity"
         )

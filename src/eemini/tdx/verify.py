@@ -30,7 +30,6 @@ from eemini.tdx.chain import (
     Context,
     Crl,
     VerificationCache,
-    digest,
     ec_key,
     ecdsa_verify_raw,
     load_crl,
@@ -44,7 +43,6 @@ from eemini.tdx.collateral import (
     parse_tcb_info,
 )
 from eemini.tdx.errors import (
-    CertificateParseError,
     CertificateRevoked,
     CollateralExpired,
     CollateralInvalid,
@@ -194,8 +192,8 @@ class _Crls:
 def check_crls(ctx: Context, collateral: Collateral, root: Cert) -> tuple[_Crls, tuple[Cert, ...]]:
     root_crl = load_crl(ctx, collateral.root_ca_crl, root, "root CA CRL")
     what = "PCK CRL issuer chain"
-    certs = ctx.load_chain(utf8(collateral.pck_crl_issuer_chain, CertificateParseError, what), what)
-    _, _, chain = ctx.verify_chain(certs, "PCK CRL issuer chain")
+    certs = ctx.load_chain(collateral.pck_crl_issuer_chain, what)
+    _, _, chain = ctx.verify_chain(certs, what)
     pck_crl = load_crl(ctx, collateral.pck_crl, chain[0], "PCK CRL")
     ctx.passed("crls")
     return _Crls(root_crl, pck_crl), chain
@@ -211,17 +209,6 @@ def _check_window(ctx: Context, issue: datetime.datetime, nxt: datetime.datetime
         )
 
 
-def _signed_json_chain(
-    ctx: Context, text: bytes, signature: bytes, chain_pem: bytes, what: str, *, verified: bool
-) -> tuple[Cert, ...]:
-    # The chain is always re-checked (validity at `now`); a cached document skips its signature.
-    certs = ctx.load_chain(chain_pem, f"{what} issuer chain")
-    _, _, chain = ctx.verify_chain(certs, f"{what} issuer chain")
-    if not verified and not ecdsa_verify_raw(ec_key(chain[0], what), signature, text):
-        raise CollateralSignatureInvalid(f"{what} is not signed by {chain[0].name}")
-    return chain
-
-
 _Signed = TypeVar("_Signed", TcbInfo, QeIdentity)
 
 
@@ -232,17 +219,20 @@ def _check_signed_json(
     chain_pem: str,
     what: str,
     *,
-    cache: dict[bytes, _Signed],
+    cache: dict[tuple[str, bytes, str], _Signed],
     parse: Callable[[str], _Signed],
 ) -> tuple[_Signed, tuple[Cert, ...]]:
-    # TCB info and QE identity are checked alike: cached by digest of what was signed, the
-    # signature only on a cache miss, the issue/next-update window always.
-    signed = utf8(text, CollateralInvalid, what)
-    chain_bytes = utf8(chain_pem, CertificateParseError, f"{what} issuer chain")
-    key = digest(signed, signature, chain_bytes)
+    # TCB info and QE identity are checked alike: cached by what was signed, its signature and
+    # chain, the signature checked only on a cache miss; the chain (validity at `now`) and the
+    # issue/next-update window always.
+    key = (text, signature, chain_pem)
     doc = cache.get(key)
-    chain = _signed_json_chain(ctx, signed, signature, chain_bytes, what, verified=doc is not None)
+    signed = utf8(text, CollateralInvalid, what) if doc is None else b""
+    certs = ctx.load_chain(chain_pem, f"{what} issuer chain")
+    _, _, chain = ctx.verify_chain(certs, f"{what} issuer chain")
     if doc is None:
+        if not ecdsa_verify_raw(ec_key(chain[0], what), signature, signed):
+            raise CollateralSignatureInvalid(f"{what} is not signed by {chain[0].name}")
         try:
             doc = parse(text)
         except CollateralParseError as e:
