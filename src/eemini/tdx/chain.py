@@ -371,6 +371,13 @@ class VerificationCache:
     tcb_infos: dict[tuple[str, bytes, str], TcbInfo] = field(default_factory=dict)
     qe_identities: dict[tuple[str, bytes, str], QeIdentity] = field(default_factory=dict)
     pck_extensions: dict[bytes, PckExtension] = field(default_factory=dict)
+    # (PCK leaf fingerprint, QE report, its signature) whose signature checked out
+    qe_reports: set[tuple[bytes, bytes, bytes]] = field(default_factory=set)
+    attestation_keys: dict[bytes, ec.EllipticCurvePublicKey] = field(default_factory=dict)
+    # (chain, trusted anchors' SHA-256) -> what verify_chain found, before the validity windows
+    chain_paths: dict[
+        tuple[tuple[Cert, ...], tuple[str, ...]], tuple[TrustAnchor, Cert, tuple[Cert, ...]]
+    ] = field(default_factory=dict)
 
 
 def digest(*parts: bytes) -> bytes:
@@ -392,6 +399,15 @@ class Context:
         self.anchors = tuple(anchors)
         self.cache = cache if cache is not None else VerificationCache()
         self.checks: list[str] = []
+
+    @property
+    def anchors(self) -> tuple[TrustAnchor, ...]:
+        return self._anchors
+
+    @anchors.setter
+    def anchors(self, anchors: tuple[TrustAnchor, ...]) -> None:
+        self._anchors = anchors
+        self._anchor_ids = tuple(a.sha256 for a in anchors)
 
     def passed(self, name: str) -> None:
         self.checks.append(name)
@@ -475,15 +491,31 @@ class Context:
             )
 
     def verify_chain(
-        self, certs: Sequence[Cert], what: str
+        self, certs: tuple[Cert, ...], what: str
     ) -> tuple[TrustAnchor, Cert, tuple[Cert, ...]]:
-        """Check `certs` (leaf first) up to a trusted root; return the anchor and the non-root certs."""
+        """Check `certs` (leaf first) up to a trusted root; return the anchor and the non-root certs.
+
+        Which anchor, the links and the CA flags depend only on the certificates and the trusted
+        anchors, and are remembered; the validity windows are checked on every call."""
+        key = (certs, self._anchor_ids)
+        found = self.cache.chain_paths.get(key)
+        if found is None:
+            found = self.cache.chain_paths[key] = self._chain_path(certs, what)
+        _, root, chain = found
+        for cert in chain:
+            self.check_window(cert, what)
+        self.check_window(root, what)
+        return found
+
+    def _chain_path(
+        self, certs: tuple[Cert, ...], what: str
+    ) -> tuple[TrustAnchor, Cert, tuple[Cert, ...]]:
         if len(certs) < 2:
             raise CertificateChainError(f"{what}: expected at least 2 certificates, found {len(certs)}")
         last = certs[-1]
         anchor = next((a for a in self.anchors if a.sha256 == last.fingerprint.hex()), None)
         if anchor is not None:
-            chain = tuple(certs[:-1])
+            chain = certs[:-1]
         else:
             anchor = next((a for a in self.anchors if self.anchor_cert(a).subject == last.issuer), None)
             if anchor is None or last.issuer == last.subject:
@@ -491,15 +523,13 @@ class Context:
                     f"{what} ends at {last.name} (SHA-256 {last.fingerprint.hex()}), "
                     "which is not a trusted root"
                 )
-            chain = tuple(certs)
+            chain = certs
         root = self.anchor_cert(anchor)
         path = (*chain, root)
         for i in range(len(chain)):
             self.verify_link(path[i], path[i + 1], what)
             if i + 1 < len(chain) and not self.is_ca(path[i + 1], what):
                 raise CertificateChainError(f"{what}: {path[i + 1].name} is not a CA certificate")
-        for cert in path:
-            self.check_window(cert, what)
         return anchor, root, chain
 
 

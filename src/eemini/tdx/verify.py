@@ -146,10 +146,15 @@ def check_pck_chain(ctx: Context, quote: Quote) -> _PckResult:
 
 
 def check_qe_report_signature(ctx: Context, quote: Quote, pck: _PckResult) -> None:
+    # A platform's quoting enclave signs every quote with one attestation key, and the QE report
+    # binding that key is the same in all of them: a cache checks its signature once per PCK.
     cert = quote.signature_data.certification
-    key = ec_key(pck.chain[0], "PCK certificate")
-    if not ecdsa_verify_raw(key, cert.qe_report_signature, cert.qe_report.raw):
-        raise QeReportSignatureInvalid("the QE report is not signed by the PCK certificate's key")
+    seen = (pck.chain[0].fingerprint, cert.qe_report.raw, cert.qe_report_signature)
+    if seen not in ctx.cache.qe_reports:
+        key = ec_key(pck.chain[0], "PCK certificate")
+        if not ecdsa_verify_raw(key, cert.qe_report_signature, cert.qe_report.raw):
+            raise QeReportSignatureInvalid("the QE report is not signed by the PCK certificate's key")
+        ctx.cache.qe_reports.add(seen)
     ctx.passed("qe-report-signature")
 
 
@@ -171,8 +176,11 @@ def check_qe_report_data(ctx: Context, quote: Quote) -> None:
 
 def check_quote_signature(ctx: Context, quote: Quote) -> None:
     raw = quote.signature_data.attestation_key
-    with parsing(QuoteSignatureInvalid, "the attestation key is not a point on P-256"):
-        key = ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), b"\x04" + raw)
+    key = ctx.cache.attestation_keys.get(raw)
+    if key is None:
+        with parsing(QuoteSignatureInvalid, "the attestation key is not a point on P-256"):
+            key = ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), b"\x04" + raw)
+        ctx.cache.attestation_keys[raw] = key
     if not ecdsa_verify_raw(key, quote.signature_data.signature, quote.signed_data):
         raise QuoteSignatureInvalid(
             "the quote header and TD report are not signed by the attestation key"
