@@ -85,7 +85,7 @@ class Cert:
     def name(self) -> str:
         if self._name is None:
             try:
-                self._name = _common_name(self.subject, "certificate subject")
+                self._name = common_name(self.subject, "certificate subject")
             except CertificateParseError:
                 self._name = "(a certificate whose subject does not parse)"
         return self._name
@@ -199,7 +199,7 @@ def _is_ca(extensions: dict[bytes, bytes], what: str) -> bool:
     return bool(inner) and inner[0] == (0x01, b"\xff")
 
 
-def _common_name(name: bytes, what: str) -> str:
+def common_name(name: bytes, what: str) -> str:
     """For messages: the first commonName of a Name's contents (SEQUENCE OF SET OF SEQUENCE
     { type, value }), quoted."""
     for tag, rdn in split_der(name, what):
@@ -551,12 +551,18 @@ def ec_key(cert: Cert, what: str) -> ec.EllipticCurvePublicKey:
     return cert.key
 
 
-def load_crl(ctx: Context, der: bytes, issuer: Cert, what: str) -> Crl:
+def verified_crl(ctx: Context, der: bytes, issuer: Cert, what: str) -> Crl:
+    """The CRL, issued and signed by `issuer` (remembered in the cache), whatever its dates."""
     key = (der, issuer.fingerprint)
     crl = ctx.cache.crls.get(key)
     if crl is None:
-        crl = _verified_crl(der, issuer, what)
-        ctx.cache.crls[key] = crl
+        crl = ctx.cache.crls[key] = _verified_crl(der, issuer, what)
+    return crl
+
+
+def load_crl(ctx: Context, der: bytes, issuer: Cert, what: str) -> Crl:
+    """The CRL, issued and signed by `issuer`, and current at the context's time."""
+    crl = verified_crl(ctx, der, issuer, what)
     # Expired from its nextUpdate second on, as dcap-qvl judges CRLs (webpki's CrlExpired when
     # now >= nextUpdate); TCB info and QE identity it accepts through that second (verify.py).
     this, nxt = crl.this_update, crl.next_update

@@ -85,6 +85,22 @@ def parse_collateral(text: str | bytes) -> Collateral:
     return Collateral(**values)
 
 
+def collateral_to_json(collateral: Collateral) -> str:
+    """QuoteCollateralV3 JSON, as dcap-qvl writes it (its field order; bytes as lower-case hex)."""
+    doc = {
+        "pck_crl_issuer_chain": collateral.pck_crl_issuer_chain,
+        "root_ca_crl": collateral.root_ca_crl.hex(),
+        "pck_crl": collateral.pck_crl.hex(),
+        "tcb_info_issuer_chain": collateral.tcb_info_issuer_chain,
+        "tcb_info": collateral.tcb_info,
+        "tcb_info_signature": collateral.tcb_info_signature.hex(),
+        "qe_identity_issuer_chain": collateral.qe_identity_issuer_chain,
+        "qe_identity": collateral.qe_identity,
+        "qe_identity_signature": collateral.qe_identity_signature.hex(),
+    }
+    return json.dumps(doc, indent=2) + "\n"
+
+
 @dataclass(frozen=True, slots=True)
 class TcbLevel:
     sgx_components: tuple[int, ...]

@@ -1,0 +1,265 @@
+"""`CollateralFetcher`: the collateral a quote needs, from memory, the disk cache, or the service.
+
+Each of the four items (TCB info for the FMSPC, the TDX QE identity, the PCK CRL for the CA, the
+root CA CRL) is looked up on its own:
+
+1. The entry in the disk cache, verified (`items.check`) the first time this fetcher reads that
+   version of the file; a process keeps the verified item and reads the file again only when it
+   changed (another process refreshed it). An entry that does not verify is fetched again, never
+   used.
+2. A verified entry is used while it is current at the verification time and, when the policy
+   sets a maximum age, young enough (TCB info and QE identity by `issueDate`, the PCK CRL by
+   `thisUpdate`; the root CA CRL, which Intel issues about once a year, by its `nextUpdate` only).
+3. Within `refresh_margin` of its `nextUpdate` an item is refreshed ahead of time, at most once
+   per `refetch_interval` (wall clock): if that fails, the still-current entry is used, with a
+   warning.
+4. Otherwise the item is fetched, under the item's lock (so that concurrent verifiers make one
+   request per item: whoever waited finds the entry the first one wrote), verified, and stored.
+
+With `offline`, only the cache is read, and a missing, unverifiable or stale item is an error
+naming every such item.
+"""
+
+from __future__ import annotations
+
+import datetime
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from eemini.tdx.chain import Context, VerificationCache, common_name
+from eemini.tdx.collateral import Collateral, collateral_to_json
+from eemini.tdx.errors import CollateralUnavailable, QuoteError
+from eemini.tdx.pcs import items as _items
+from eemini.tdx.pcs.cache import DiskCache, EntryUnreadable, default_dir
+from eemini.tdx.pcs.http import HttpsClient
+from eemini.tdx.pcs.items import Item, ItemInvalid
+from eemini.tdx.pcs.service import QE_IDENTITY, ROOT_CA_CRL, ItemId, Kind, Source, fetch
+from eemini.tdx.quote import Quote
+from eemini.tdx.roots import INTEL_ROOT, TrustAnchor
+
+
+@dataclass(frozen=True, slots=True)
+class Fetched:
+    """Collateral for one platform, and where each item came from."""
+
+    collateral: Collateral
+    items: tuple[Item, ...]  # TCB info, QE identity, PCK CRL, root CA CRL
+    from_cache: tuple[bool, ...]  # per item: read from the cache (True) or fetched now
+
+    def to_json(self) -> str:
+        """dcap-qvl's QuoteCollateralV3 JSON."""
+        return collateral_to_json(self.collateral)
+
+
+def platform_of(quote: Quote, anchors: Sequence[TrustAnchor] = (INTEL_ROOT,)) -> tuple[bytes, str]:
+    """FMSPC and PCK CA ("platform" / "processor") of the quote's PCK leaf certificate."""
+    ctx = Context(0, anchors, None)
+    try:
+        certs = ctx.load_chain(quote.signature_data.certification.pck_chain_pem, "PCK certificate chain")
+        extension = ctx.pck_extension(certs[0])
+        issuer = common_name(certs[0].issuer, "PCK certificate issuer")
+    except QuoteError as e:
+        raise CollateralUnavailable(
+            f"the quote's PCK certificate does not tell its platform: {e}"
+        ) from None
+    if issuer == "'Intel SGX PCK Platform CA'":
+        return extension.fmspc, "platform"
+    if issuer == "'Intel SGX PCK Processor CA'":
+        return extension.fmspc, "processor"
+    raise CollateralUnavailable(
+        f"the quote's PCK certificate is issued by {issuer}, neither Intel's platform nor its "
+        "processor CA: give the FMSPC and the CA instead"
+    )
+
+
+class CollateralFetcher:
+    """Collateral through the cache (see the module's docstring). Not thread-safe: give each thread
+    its own fetcher; fetchers and processes share one cache directory safely."""
+
+    def __init__(
+        self,
+        source: Source | None = None,
+        *,
+        cache_dir: Path | None = None,
+        offline: bool = False,
+        trusted_roots: Sequence[TrustAnchor] = (INTEL_ROOT,),
+        verification_cache: VerificationCache | None = None,
+        client: HttpsClient | None = None,
+        refresh_margin: float = 3600.0,
+        refetch_interval: float = 600.0,
+        lock_timeout: float = 120.0,
+        warn: Callable[[str], None] | None = None,
+    ) -> None:
+        self.source = source or Source.pcs()
+        self.disk = DiskCache(cache_dir if cache_dir is not None else default_dir())
+        self.offline = offline
+        self.anchors = tuple(trusted_roots)
+        self.cache = verification_cache if verification_cache is not None else VerificationCache()
+        self.client = client or HttpsClient(ca_file=self.source.ca_file)
+        self.refresh_margin = datetime.timedelta(seconds=refresh_margin)
+        self.refetch_interval = refetch_interval
+        self.lock_timeout = lock_timeout
+        self.warn = warn or (lambda _: None)
+        self._memo: dict[ItemId, tuple[tuple[int, int, int, int], Item]] = {}
+        self._assembled: dict[tuple[Item, ...], Collateral] = {}
+
+    def for_quote(
+        self, quote: Quote, now: int | datetime.datetime, *, max_age: int | None = None
+    ) -> Fetched:
+        fmspc, ca = platform_of(quote, self.anchors)
+        return self.for_platform(fmspc, ca, now, max_age=max_age)
+
+    def for_platform(
+        self, fmspc: bytes, ca: str, now: int | datetime.datetime, *, max_age: int | None = None
+    ) -> Fetched:
+        """The collateral for FMSPC `fmspc` and PCK CA `ca`, current at `now` where it can be."""
+        if len(fmspc) != 6:
+            raise CollateralUnavailable(f"an FMSPC is 6 bytes, not {len(fmspc)}")
+        when = (
+            now
+            if isinstance(now, datetime.datetime)
+            else datetime.datetime.fromtimestamp(now, datetime.UTC)
+        )
+        ctx = Context(int(when.timestamp()), self.anchors, self.cache)
+        wanted = (ItemId.tcb_info(fmspc), QE_IDENTITY, ItemId.pck_crl(ca), ROOT_CA_CRL)
+        age = datetime.timedelta(seconds=max_age) if max_age is not None else None
+        got: list[Item] = []
+        cached: list[bool] = []
+        problems: list[str] = []
+        for item in wanted:
+            try:
+                found, from_cache = self._item(ctx, item, when, age)
+            except _Missing as e:
+                problems.append(str(e))
+                continue
+            got.append(found)
+            cached.append(from_cache)
+        if problems:
+            raise CollateralUnavailable(
+                f"offline, and the cache at {self.disk.root} cannot serve: {'; '.join(problems)}"
+            )
+        key = tuple(got)
+        collateral = self._assembled.get(key)
+        if collateral is None:
+            tcb, qe, pck, root = got
+            collateral = self._assembled[key] = Collateral(
+                pck_crl_issuer_chain=pck.served.issuer_chain,
+                root_ca_crl=root.served.body,
+                pck_crl=pck.served.body,
+                tcb_info_issuer_chain=tcb.served.issuer_chain,
+                tcb_info=tcb.signed,
+                tcb_info_signature=tcb.signature,
+                qe_identity_issuer_chain=qe.served.issuer_chain,
+                qe_identity=qe.signed,
+                qe_identity_signature=qe.signature,
+            )
+        return Fetched(collateral, key, tuple(cached))
+
+    # One item ------------------------------------------------------------------------------------
+
+    def _item(
+        self, ctx: Context, item: ItemId, when: datetime.datetime, age: datetime.timedelta | None
+    ) -> tuple[Item, bool]:
+        entry, trouble = self._cached(ctx, item)
+        state = self._state(entry, when, age)
+        if entry is not None and state == "fresh":
+            return entry, True
+        if self.offline:
+            if entry is not None and state == "due":
+                return entry, True
+            raise _Missing(trouble or _why(item, entry, when, state))
+        if (
+            entry is not None
+            and state == "due"
+            and time.time() - entry.fetched_at < self.refetch_interval
+        ):
+            return entry, True
+        with self.disk.lock(item, self.lock_timeout):
+            # Whoever held the lock may have just fetched it.
+            entry, _ = self._cached(ctx, item)
+            state = self._state(entry, when, age)
+            if entry is not None and state == "fresh":
+                return entry, True
+            if (
+                entry is not None
+                and state == "due"
+                and time.time() - entry.fetched_at < self.refetch_interval
+            ):
+                return entry, True
+            try:
+                fetched = self._fetch(ctx, item)
+            except CollateralUnavailable as e:
+                if entry is not None and state == "due":
+                    self.warn(
+                        f"could not refresh {item} ahead of its nextUpdate, using the cached one: {e}"
+                    )
+                    return entry, True
+                raise
+            return fetched, False
+
+    def _state(self, entry: Item | None, when: datetime.datetime, age: datetime.timedelta | None) -> str:
+        if entry is None:
+            return "missing"
+        if not entry.usable(when):
+            return "stale"
+        kind = entry.served.item.kind
+        if age is not None and kind != Kind.ROOT_CA_CRL and when - entry.issued > age:
+            return "old"
+        if when >= entry.next_update - self.refresh_margin:
+            return "due"
+        return "fresh"
+
+    def _cached(self, ctx: Context, item: ItemId) -> tuple[Item | None, str | None]:
+        """The verified cache entry (or None), and why there is none when there is a file."""
+        stat = self.disk.stat_key(item)
+        if stat is None:
+            self._memo.pop(item, None)
+            return None, None
+        memo = self._memo.get(item)
+        if memo is not None and memo[0] == stat:
+            return memo[1], None
+        path = self.disk.path(item)
+        try:
+            read = self.disk.read(item)
+            if read is None:
+                return None, None
+            entry = _items.check(ctx, read[0], read[1])
+        except (EntryUnreadable, ItemInvalid) as e:
+            why = f"the cache entry {path} for {item} does not verify ({e})"
+            if not self.offline:
+                self.warn(f"{why}: fetching it again")
+            return None, why
+        self._memo[item] = (stat, entry)
+        return entry, None
+
+    def _fetch(self, ctx: Context, item: ItemId) -> Item:
+        anchor = self.anchors[0]
+        served = fetch(self.client, self.source, item, anchor)
+        try:
+            entry = _items.check(ctx, served, int(time.time()))
+        except ItemInvalid as e:
+            raise CollateralUnavailable(
+                f"GET {served.url}: HTTP 200, but {item} does not verify: {e}"
+            ) from None
+        self.disk.write(served, entry.fetched_at)
+        stat = self.disk.stat_key(item)
+        if stat is not None:
+            self._memo[item] = (stat, entry)
+        return entry
+
+
+class _Missing(Exception):
+    """Offline, and the cache cannot serve an item."""
+
+
+def _why(item: ItemId, entry: Item | None, when: datetime.datetime, state: str) -> str:
+    if entry is None:
+        return f"{item} is missing"
+    if state == "old":
+        return f"{item} was issued at {entry.issued.isoformat()}, older than the policy allows"
+    return (
+        f"{item} is valid from {entry.issued.isoformat()} until {entry.next_update.isoformat()}, "
+        f"not at {when.isoformat()}"
+    )
