@@ -49,6 +49,7 @@ from eemini.tdx.errors import (
     CollateralParseError,
     CollateralRequired,
     CollateralSignatureInvalid,
+    CollateralTooOld,
     CrlInvalid,
     DebugTdRejected,
     EventLogRequired,
@@ -297,8 +298,39 @@ def check_revocation(ctx: Context, crls: _Crls, root: Cert, chains: Sequence[tup
     ctx.passed("revocation")
 
 
+def check_collateral_age(
+    ctx: Context, policy: Policy, tcb_info: TcbInfo, qe_identity: QeIdentity, crls: _Crls
+) -> None:
+    """The policy's max_collateral_age: TCB info and QE identity by issueDate, the PCK CRL by
+    thisUpdate. The root CA CRL is exempt: Intel issues it about once a year."""
+    if policy.max_collateral_age is None:
+        return
+    limit = datetime.timedelta(seconds=policy.max_collateral_age)
+    for what, issued, field in (
+        ("TCB info", tcb_info.issue_date, "issueDate"),
+        ("QE identity", qe_identity.issue_date, "issueDate"),
+        ("PCK CRL", crls.pck.this_update, "thisUpdate"),
+    ):
+        age = ctx.when - issued
+        if age > limit:
+            raise CollateralTooOld(
+                f"{what} is from {issued.isoformat()} ({field}), {_span(age)} before "
+                f"{ctx.when.isoformat()}; the policy accepts at most {_span(limit)} (max_collateral_age)"
+            )
+    ctx.passed("collateral-age")
+
+
+def _span(delta: datetime.timedelta) -> str:
+    seconds = int(delta.total_seconds())
+    for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60)):
+        if seconds >= size:
+            n = f"{seconds / size:.1f}".removesuffix(".0")
+            return f"{n} {unit}{'' if n == '1' else 's'}"
+    return f"{seconds} second{'' if seconds == 1 else 's'}"
+
+
 def check_collateral(
-    ctx: Context, quote: Quote, collateral: Collateral, pck: _PckResult
+    ctx: Context, quote: Quote, collateral: Collateral, pck: _PckResult, policy: Policy = DEFAULT_POLICY
 ) -> tcb.TcbEvaluation:
     # Collateral must come from the PCK chain's own root: with a development root trusted as well,
     # Intel's collateral must not vouch for a development PCK, nor the reverse.
@@ -306,6 +338,7 @@ def check_collateral(
     crls, crl_chain = check_crls(ctx, collateral, pck.root)
     tcb_info, tcb_chain = check_tcb_info(ctx, collateral)
     qe_identity, qe_chain = check_qe_identity(ctx, collateral)
+    check_collateral_age(ctx, policy, tcb_info, qe_identity, crls)
     check_revocation(ctx, crls, pck.root, (pck.chain, crl_chain, tcb_chain, qe_chain))
     evaluation = tcb.evaluate(
         tcb_info, qe_identity, pck.extension, quote.report, quote.signature_data.certification.qe_report
@@ -380,9 +413,10 @@ def check_tcb_status(ctx: Context, evaluation: tcb.TcbEvaluation | None, policy:
         return
     if evaluation.status == TcbStatus.REVOKED or evaluation.status not in policy.accepted_tcb_statuses:
         accepted = ", ".join(sorted(s.value for s in policy.accepted_tcb_statuses))
+        drift = f"; {evaluation.drift.sentence()}" if evaluation.drift else ""
         raise TcbStatusRejected(
             f"TCB status is {evaluation.status.value} (advisories: "
-            f"{', '.join(evaluation.advisory_ids) or 'none'}); accepted: {accepted}"
+            f"{', '.join(evaluation.advisory_ids) or 'none'}); accepted: {accepted}{drift}"
         )
     rejected = sorted(set(evaluation.advisory_ids) & policy.rejected_advisory_ids)
     if rejected:
@@ -514,7 +548,9 @@ def verify(
     check_qe_report_signature(ctx, parsed, pck)
     check_qe_report_data(ctx, parsed)
     check_quote_signature(ctx, parsed)
-    evaluation = check_collateral(ctx, parsed, collateral, pck) if collateral is not None else None
+    evaluation = (
+        check_collateral(ctx, parsed, collateral, pck, policy) if collateral is not None else None
+    )
     check_policy(ctx, parsed, policy, evaluation)
     waived: list[Waiver] = []
     event_report = check_event_logs(ctx, parsed, policy, event_log, runtime_events, waived=waived)
