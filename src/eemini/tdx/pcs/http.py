@@ -13,6 +13,7 @@ when there was one, the HTTP status.
 
 from __future__ import annotations
 
+import dataclasses
 import http.client
 import ssl
 import threading
@@ -37,6 +38,7 @@ class Response:
     reason: str
     headers: Message
     body: bytes
+    attempts: int = 1
 
     def header(self, name: str) -> str | None:
         return self.headers.get(name)
@@ -109,7 +111,7 @@ class HttpsClient:
                 self._retry(url, str(e), delay)
             else:
                 if response.status not in RETRY_STATUSES or last:
-                    return response
+                    return dataclasses.replace(response, attempts=attempt)
                 wait = max(delay, _retry_after(response))
                 self._retry(url, status_text(response.status, response.reason), wait)
                 delay = wait

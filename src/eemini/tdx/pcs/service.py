@@ -210,6 +210,8 @@ def _failed(response: Response, item: ItemId) -> str:
     details = [response.header("Error-Code"), response.header("Error-Message")]
     if any(details):
         text += ": " + ", ".join(d for d in details if d)
+    if response.attempts > 1:
+        text += f" (after {response.attempts} attempts)"
     request_id = response.header("Request-ID")
     return text + (f" [Request-ID {request_id}]" if request_id else "")
 
