@@ -53,7 +53,7 @@ PCS_ROOT_CRL_PATH = "/IntelSGXRootCA.der"
 
 
 @dataclass(frozen=True)
-class TestTls:
+class TlsFiles:
     """A test CA and a server certificate it issued for 127.0.0.1 (files in `directory`)."""
 
     ca_pem: Path
@@ -61,7 +61,7 @@ class TestTls:
     key_pem: Path
 
     @staticmethod
-    def create(directory: Path) -> TestTls:
+    def create(directory: Path) -> TlsFiles:
         now = datetime.datetime.now(datetime.UTC)
         ca_key = ec.generate_private_key(ec.SECP256R1())
         ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "eemini test CA")])
@@ -96,7 +96,7 @@ class TestTls:
             .sign(ca_key, hashes.SHA256())
         )
         directory.mkdir(parents=True, exist_ok=True)
-        tls = TestTls(directory / "ca.pem", directory / "server.pem", directory / "server.key")
+        tls = TlsFiles(directory / "ca.pem", directory / "server.pem", directory / "server.key")
         tls.ca_pem.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
         tls.cert_pem.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
         tls.key_pem.write_bytes(
@@ -131,7 +131,7 @@ class _Answer:
 class FakePcs:
     """The fake service; `url` is its base URL. Use as a context manager, or call `close()`."""
 
-    def __init__(self, tls: TestTls, *, pccs: bool) -> None:
+    def __init__(self, tls: TlsFiles, *, pccs: bool) -> None:
         self.pccs = pccs
         self.tcb: dict[str, tuple[str, str, str]] = {}  # FMSPC -> (tcbInfo text, sig hex, chain)
         self.qe: tuple[str, str, str] | None = None
@@ -296,7 +296,7 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 @contextlib.contextmanager
-def running(tls: TestTls, *, pccs: bool) -> Iterator[FakePcs]:
+def running(tls: TlsFiles, *, pccs: bool) -> Iterator[FakePcs]:
     fake = FakePcs(tls, pccs=pccs)
     try:
         yield fake

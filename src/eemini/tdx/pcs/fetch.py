@@ -143,6 +143,8 @@ class CollateralFetcher:
         key = tuple(got)
         collateral = self._assembled.get(key)
         if collateral is None:
+            if len(self._assembled) >= 64:  # items were refreshed: forget the old combinations
+                self._assembled.clear()
             tcb, qe, pck, root = got
             collateral = self._assembled[key] = Collateral(
                 pck_crl_issuer_chain=pck.served.issuer_chain,
@@ -178,7 +180,7 @@ class CollateralFetcher:
             return entry, True
         with self.disk.lock(item, self.lock_timeout):
             # Whoever held the lock may have just fetched it.
-            entry, _ = self._cached(ctx, item)
+            entry, _ = self._cached(ctx, item, quiet=True)
             state = self._state(entry, when, age)
             if entry is not None and state == "fresh":
                 return entry, True
@@ -211,7 +213,9 @@ class CollateralFetcher:
             return "due"
         return "fresh"
 
-    def _cached(self, ctx: Context, item: ItemId) -> tuple[Item | None, str | None]:
+    def _cached(
+        self, ctx: Context, item: ItemId, *, quiet: bool = False
+    ) -> tuple[Item | None, str | None]:
         """The verified cache entry (or None), and why there is none when there is a file."""
         stat = self.disk.stat_key(item)
         if stat is None:
@@ -228,7 +232,7 @@ class CollateralFetcher:
             entry = _items.check(ctx, read[0], read[1])
         except (EntryUnreadable, ItemInvalid) as e:
             why = f"the cache entry {path} for {item} does not verify ({e})"
-            if not self.offline:
+            if not self.offline and not quiet:
                 self.warn(f"{why}: fetching it again")
             return None, why
         self._memo[item] = (stat, entry)

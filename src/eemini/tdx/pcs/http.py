@@ -94,12 +94,12 @@ class HttpsClient:
             timer.daemon = True
             timer.start()
         try:
-            return self._get(url, parts, what)
+            return self._get(url, parts, timer)
         finally:
             if timer is not None:
                 timer.cancel()
 
-    def _get(self, url: str, parts: urllib.parse.SplitResult, what: str) -> Response:
+    def _get(self, url: str, parts: urllib.parse.SplitResult, timer: threading.Timer | None) -> Response:
         delay = self.backoff
         for attempt in range(1, self.attempts + 1):
             last = attempt == self.attempts
@@ -108,17 +108,19 @@ class HttpsClient:
             except _Transient as e:
                 if last:
                     raise CollateralUnavailable(f"GET {url}: {e} (after {attempt} attempts)") from None
-                self._retry(url, str(e), delay)
+                self._retry(url, str(e), delay, timer)
             else:
                 if response.status not in RETRY_STATUSES or last:
                     return dataclasses.replace(response, attempts=attempt)
                 wait = max(delay, _retry_after(response))
-                self._retry(url, status_text(response.status, response.reason), wait)
+                self._retry(url, status_text(response.status, response.reason), wait, timer)
                 delay = wait
             delay *= 2
         raise AssertionError("unreachable")  # the last attempt returns or raises
 
-    def _retry(self, url: str, why: str, wait: float) -> None:
+    def _retry(self, url: str, why: str, wait: float, timer: threading.Timer | None) -> None:
+        if timer is not None:
+            timer.cancel()  # the retry says what is going on
         if self.progress is not None:
             self.progress(f"GET {url}: {why}; trying again in {wait:g} s")
         time.sleep(wait)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from eemini.tdx.chain import Context, ec_key, ecdsa_verify_raw, verified_crl
 from eemini.tdx.collateral import parse_qe_identity, parse_tcb_info
-from eemini.tdx.errors import QuoteError, VerificationError
+from eemini.tdx.errors import CollateralSignatureInvalid, QuoteError, VerificationError
 from eemini.tdx.pcs.service import Kind, Served
 
 _WS = re.compile(r"[ \t\n\r]*")
@@ -140,7 +140,7 @@ def _check_signed_json(ctx: Context, served: Served, fetched_at: int) -> Item:
     key = (signed, signature, served.issuer_chain)
     known = key in ctx.cache.tcb_infos or key in ctx.cache.qe_identities
     if not known and not ecdsa_verify_raw(ec_key(chain[0], what), signature, signed.encode()):
-        raise ItemInvalid(f"{what} is not signed by {chain[0].name}")
+        raise CollateralSignatureInvalid(f"{what} is not signed by {chain[0].name}")
     if item.kind == Kind.TCB_INFO:
         info = ctx.cache.tcb_infos.get(key) or parse_tcb_info(signed)
         ctx.cache.tcb_infos[key] = info
