@@ -321,12 +321,14 @@ def check_collateral_age(
 
 
 def _span(delta: datetime.timedelta) -> str:
+    """Exactly, as the policy's durations are written: "7d", "29d 23h 59m 59s"."""
     seconds = int(delta.total_seconds())
-    for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60)):
-        if seconds >= size:
-            n = f"{seconds / size:.1f}".removesuffix(".0")
-            return f"{n} {unit}{'' if n == '1' else 's'}"
-    return f"{seconds} second{'' if seconds == 1 else 's'}"
+    parts: list[str] = []
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        if seconds >= size or (unit == "s" and not parts):
+            parts.append(f"{seconds // size}{unit}")
+            seconds %= size
+    return " ".join(parts)
 
 
 def check_collateral(

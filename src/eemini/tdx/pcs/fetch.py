@@ -15,6 +15,8 @@ root CA CRL) is looked up on its own:
    warning.
 4. Otherwise the item is fetched, under the item's lock (so that concurrent verifiers make one
    request per item: whoever waited finds the entry the first one wrote), verified, and stored.
+   When the service answers with an item that is still stale or too old, this fetcher does not
+   ask again for `refetch_interval` seconds; the verifier rejects the item meanwhile.
 
 With `offline`, only the cache is read, and a missing, unverifiable or stale item is an error
 naming every such item.
@@ -103,6 +105,9 @@ class CollateralFetcher:
         self.lock_timeout = lock_timeout
         self.warn = warn or (lambda _: None)
         self._memo: dict[ItemId, tuple[tuple[int, int, int, int], Item]] = {}
+        # Items the service was just asked for and answered with one still stale or too old: not
+        # asked again within refetch_interval (monotonic seconds), to spare the service.
+        self._fruitless: dict[ItemId, tuple[float, Item]] = {}
         self._assembled: dict[tuple[Item, ...], Collateral] = {}
 
     def for_quote(
@@ -166,29 +171,17 @@ class CollateralFetcher:
     ) -> tuple[Item, bool]:
         entry, trouble = self._cached(ctx, item)
         state = self._state(entry, when, age)
-        if entry is not None and state == "fresh":
-            return entry, True
         if self.offline:
-            if entry is not None and state == "due":
+            if entry is not None and state in ("fresh", "due"):
                 return entry, True
             raise _Missing(trouble or _why(item, entry, when, state))
-        if (
-            entry is not None
-            and state == "due"
-            and time.time() - entry.fetched_at < self.refetch_interval
-        ):
+        if entry is not None and self._keep(item, entry, state):
             return entry, True
         with self.disk.lock(item, self.lock_timeout):
             # Whoever held the lock may have just fetched it.
             entry, _ = self._cached(ctx, item, quiet=True)
             state = self._state(entry, when, age)
-            if entry is not None and state == "fresh":
-                return entry, True
-            if (
-                entry is not None
-                and state == "due"
-                and time.time() - entry.fetched_at < self.refetch_interval
-            ):
+            if entry is not None and self._keep(item, entry, state):
                 return entry, True
             try:
                 fetched = self._fetch(ctx, item)
@@ -199,7 +192,24 @@ class CollateralFetcher:
                     )
                     return entry, True
                 raise
+            if self._state(fetched, when, age) in ("stale", "old"):
+                self._fruitless[item] = (time.monotonic(), fetched)
             return fetched, False
+
+    def _keep(self, item: ItemId, entry: Item, state: str) -> bool:
+        """Whether to use the cached entry without asking the service."""
+        if state == "fresh":
+            return True
+        if state == "due":  # refreshed ahead of time, but not more often than refetch_interval
+            return time.time() - entry.fetched_at < self.refetch_interval
+        # Stale or too old: asked for again, unless this fetcher just did and got this very entry
+        # (the verifier then says what is wrong with it).
+        fruitless = self._fruitless.get(item)
+        return (
+            fruitless is not None
+            and fruitless[1] is entry
+            and time.monotonic() - fruitless[0] < self.refetch_interval
+        )
 
     def _state(self, entry: Item | None, when: datetime.datetime, age: datetime.timedelta | None) -> str:
         if entry is None:
