@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime
 import enum
+import functools
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -350,8 +351,13 @@ def component_names(tcb_info: TcbInfo) -> tuple[tuple[str, ...], tuple[str, ...]
     """For explanations: each SGX and TDX component's "category" and "type" as the first TCB
     level names them ("BIOS, Early Microcode Update"; "" when unnamed). Informational: whatever
     does not read as text is left unnamed."""
+    return _component_names(tcb_info.source)
+
+
+@functools.lru_cache(maxsize=32)
+def _component_names(source: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
     try:
-        first = json.loads(tcb_info.source)["tcbLevels"][0]["tcb"]
+        first = json.loads(source)["tcbLevels"][0]["tcb"]
     except (ValueError, KeyError, TypeError, IndexError, RecursionError):
         return (), ()
 

@@ -53,14 +53,18 @@ class DiskCache:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         self.base = self.root / "v1"
+        self._paths: dict[ItemId, str] = {}
 
     def path(self, item: ItemId) -> Path:
         return self.base / item.kind.value / f"{item.key}.json"
 
     def stat_key(self, item: ItemId) -> tuple[int, int, int, int] | None:
         """What changes when an entry is replaced (device, inode, size, mtime); None when absent."""
+        path = self._paths.get(item)
+        if path is None:
+            path = self._paths[item] = os.fspath(self.path(item))
         try:
-            st = os.stat(self.path(item))
+            st = os.stat(path)
         except FileNotFoundError:
             return None
         except OSError as e:

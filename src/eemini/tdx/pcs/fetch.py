@@ -55,12 +55,18 @@ class Fetched:
         return collateral_to_json(self.collateral)
 
 
-def platform_of(quote: Quote, anchors: Sequence[TrustAnchor] = (INTEL_ROOT,)) -> tuple[bytes, str]:
+def platform_of(
+    quote: Quote,
+    anchors: Sequence[TrustAnchor] = (INTEL_ROOT,),
+    cache: VerificationCache | None = None,
+) -> tuple[bytes, str]:
     """FMSPC and PCK CA ("platform" / "processor") of the quote's PCK leaf certificate."""
-    ctx = Context(0, anchors, None)
+    ctx = Context(0, anchors, cache)
     try:
         certs = ctx.load_chain(quote.signature_data.certification.pck_chain_pem, "PCK certificate chain")
-        extension = ctx.pck_extension(certs[0])
+        extension = ctx.cache.pck_extensions.get(certs[0].fingerprint)
+        if extension is None:
+            extension = ctx.cache.pck_extensions[certs[0].fingerprint] = ctx.pck_extension(certs[0])
         issuer = common_name(certs[0].issuer, "PCK certificate issuer")
     except QuoteError as e:
         raise CollateralUnavailable(
@@ -109,12 +115,18 @@ class CollateralFetcher:
         # asked again within refetch_interval (monotonic seconds), to spare the service.
         self._fruitless: dict[ItemId, tuple[float, Item]] = {}
         self._assembled: dict[tuple[Item, ...], Collateral] = {}
+        self._platforms: dict[bytes, tuple[bytes, str]] = {}  # by PCK chain PEM
 
     def for_quote(
         self, quote: Quote, now: int | datetime.datetime, *, max_age: int | None = None
     ) -> Fetched:
-        fmspc, ca = platform_of(quote, self.anchors)
-        return self.for_platform(fmspc, ca, now, max_age=max_age)
+        pem = quote.signature_data.certification.pck_chain_pem
+        platform = self._platforms.get(pem)
+        if platform is None:
+            if len(self._platforms) >= 1024:
+                self._platforms.clear()
+            platform = self._platforms[pem] = platform_of(quote, self.anchors, self.cache)
+        return self.for_platform(*platform, now, max_age=max_age)
 
     def for_platform(
         self, fmspc: bytes, ca: str, now: int | datetime.datetime, *, max_age: int | None = None
