@@ -356,13 +356,14 @@ def component_names(tcb_info: TcbInfo) -> tuple[tuple[str, ...], tuple[str, ...]
 
 @functools.lru_cache(maxsize=32)
 def _component_names(source: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    try:
-        first = json.loads(source)["tcbLevels"][0]["tcb"]
-    except (ValueError, KeyError, TypeError, IndexError, RecursionError):
-        return (), ()
+    # `source` was parsed before (parse_tcb_info): only its shape is in question here.
+    doc = json.loads(source) if source else {}
+    levels = doc.get("tcbLevels") if isinstance(doc, dict) else None
+    first = levels[0] if isinstance(levels, list) and levels else None
+    tcb = first.get("tcb") if isinstance(first, dict) else None
 
     def names(key: str) -> tuple[str, ...]:
-        components = first.get(key) if isinstance(first, dict) else None
+        components = tcb.get(key) if isinstance(tcb, dict) else None
         out = []
         for c in components if isinstance(components, list) else []:
             parts = [c.get(k) for k in ("category", "type")] if isinstance(c, dict) else []

@@ -28,7 +28,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from eemini.tdx.errors import CollateralUnavailable
+from eemini.tdx.errors import CollateralUnavailable, QuoteError
+from eemini.tdx.guard import parsing
 from eemini.tdx.pcs.service import ItemId, Served
 
 FORMAT = "eemini collateral cache entry 1"
@@ -45,7 +46,7 @@ def default_dir() -> Path:
     return Path(base) / "eemini" / "collateral"
 
 
-class EntryUnreadable(Exception):
+class EntryUnreadable(QuoteError):
     """A cache file exists but is not an entry (garbled, truncated, another item's)."""
 
 
@@ -86,10 +87,8 @@ class DiskCache:
             raise EntryUnreadable(f"cannot read it: {e.strerror}") from None
         if len(data) > MAX_ENTRY:
             raise EntryUnreadable(f"it is larger than {MAX_ENTRY} bytes")
-        try:
+        with parsing(EntryUnreadable, "it is not JSON"):
             doc = json.loads(data)
-        except (ValueError, RecursionError) as e:
-            raise EntryUnreadable(f"it is not JSON: {e}") from None
         if not isinstance(doc, dict) or doc.get("format") != FORMAT:
             raise EntryUnreadable(f"it is not a cache entry ({FORMAT!r})")
         if (doc.get("item"), doc.get("key")) != (item.kind.value, item.key):
@@ -97,10 +96,11 @@ class DiskCache:
         url, chain, fetched_at = doc.get("url"), doc.get("issuer_chain"), doc.get("fetched_at")
         if not isinstance(url, str) or not isinstance(chain, str) or type(fetched_at) is not int:
             raise EntryUnreadable("its url, issuer_chain or fetched_at is missing or mistyped")
-        try:
-            body = doc["body"].encode() if item.signed_json else bytes.fromhex(doc["body_hex"])
-        except (KeyError, AttributeError, ValueError, UnicodeError):
-            raise EntryUnreadable("its body is missing or not what the item needs") from None
+        value = doc.get("body" if item.signed_json else "body_hex")
+        if not isinstance(value, str):
+            raise EntryUnreadable("its body is missing")
+        with parsing(EntryUnreadable, "its body does not decode"):
+            body = value.encode() if item.signed_json else bytes.fromhex(value)
         return Served(item, url, body, chain), fetched_at
 
     def write(self, served: Served, fetched_at: int) -> None:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from eemini.tdx.chain import Context, ec_key, ecdsa_verify_raw, verified_crl
 from eemini.tdx.collateral import parse_qe_identity, parse_tcb_info
 from eemini.tdx.errors import CollateralSignatureInvalid, QuoteError, VerificationError
+from eemini.tdx.guard import parsing
 from eemini.tdx.pcs.service import Kind, Served
 
 _WS = re.compile(r"[ \t\n\r]*")
@@ -32,7 +33,7 @@ _MEMBER = {Kind.TCB_INFO: "tcbInfo", Kind.QE_IDENTITY: "enclaveIdentity"}
 _INTEL_PCK_CAS = {"platform": "'Intel SGX PCK Platform CA'", "processor": "'Intel SGX PCK Processor CA'"}
 
 
-class ItemInvalid(Exception):
+class ItemInvalid(QuoteError):
     """The item does not verify; the message says why."""
 
 
@@ -64,17 +65,15 @@ def split_signed_json(body: bytes, member: str) -> tuple[str, bytes]:
 
     The object is walked key by key with the json module's own scanner, so the signed member is
     the very span of the served text, whatever its spacing."""
-    try:
+    with parsing(ItemInvalid, "the body is not UTF-8 text"):
         text = body.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ItemInvalid(f"the body is not UTF-8 text: {e}") from None
     decoder = json.JSONDecoder()
     spans: dict[str, tuple[int, int, object]] = {}
     pos = _WS.match(text, 0).end()  # type: ignore[union-attr]
     if text[pos : pos + 1] != "{":
         raise ItemInvalid(f"the body is not a JSON object (it starts {text[:20]!r})")
     pos += 1
-    try:
+    with parsing(ItemInvalid, "the body is not JSON"):
         while True:
             pos = _WS.match(text, pos).end()  # type: ignore[union-attr]
             if text[pos : pos + 1] == "}" and not spans:
@@ -99,8 +98,6 @@ def split_signed_json(body: bytes, member: str) -> tuple[str, bytes]:
                 raise ItemInvalid(f"the body is not a JSON object: ',' or '}}' expected at offset {pos}")
             pos += 1
             break
-    except (ValueError, RecursionError) as e:  # json.JSONDecodeError, and deep nesting
-        raise ItemInvalid(f"the body is not JSON: {e}") from None
     if text[pos:].strip(" \t\n\r"):
         raise ItemInvalid(f"the body has more after its JSON object, at offset {pos}")
     if member not in spans or not isinstance(spans[member][2], dict):
@@ -108,10 +105,8 @@ def split_signed_json(body: bytes, member: str) -> tuple[str, bytes]:
     signature = spans.get("signature", (0, 0, None))[2]
     if not isinstance(signature, str):
         raise ItemInvalid("the body has no 'signature' string")
-    try:
+    with parsing(ItemInvalid, "the body's 'signature' is not hex"):
         raw = bytes.fromhex(signature)
-    except ValueError:
-        raise ItemInvalid("the body's 'signature' is not hex") from None
     if len(raw) != 64:
         raise ItemInvalid(f"the body's 'signature' is {len(raw)} bytes, not 64 (r||s)")
     start, end, _ = spans[member]

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from cryptography import x509
 
 from eemini.tdx.errors import CollateralUnavailable
+from eemini.tdx.guard import parsing
 from eemini.tdx.pcs.http import HttpsClient, Response, status_text
 from eemini.tdx.roots import INTEL_ROOT, TrustAnchor
 
@@ -184,12 +185,10 @@ def fetch(client: HttpsClient, source: Source, item: ItemId, anchor: TrustAnchor
             raise CollateralUnavailable(
                 f"GET {url}: {status_text(200, response.reason)} without the {headers[0]} header"
             )
-        try:
+        with parsing(
+            CollateralUnavailable, f"GET {url}: the {headers[0]} header is not URL-encoded text"
+        ):
             chain = urllib.parse.unquote(value, errors="strict")
-        except UnicodeDecodeError:
-            raise CollateralUnavailable(
-                f"GET {url}: the {headers[0]} header is not URL-encoded UTF-8 text"
-            ) from None
     if item.signed_json:
         if response.media_type not in _JSON:
             raise CollateralUnavailable(
@@ -216,22 +215,22 @@ def _failed(response: Response, item: ItemId) -> str:
     return text + (f" [Request-ID {request_id}]" if request_id else "")
 
 
+_HEX_TEXT = re.compile(rb"\s*(?:[0-9A-Fa-f]{2})+\s*")
+
+
 def _hex_crl(response: Response) -> bytes:
     # A PCCS serves the root CA CRL as the hex text of its DER.
-    try:
-        return bytes.fromhex(response.body.decode("ascii"))
-    except (UnicodeDecodeError, ValueError):
+    if not _HEX_TEXT.fullmatch(response.body):
         raise CollateralUnavailable(
             f"GET {response.url}: the root CA CRL is not the hex text a PCCS serves "
             f"({len(response.body)} bytes, starting {response.body[:16]!r})"
-        ) from None
+        )
+    return bytes.fromhex(response.body.decode("ascii"))
 
 
 def _der_crl(response: Response) -> bytes:
     match = _PEM_CRL.match(response.body)
     if match is None:
         return response.body
-    try:
+    with parsing(CollateralUnavailable, f"GET {response.url}: the PEM CRL is not valid base64"):
         return binascii.a2b_base64(match.group(1))
-    except binascii.Error:
-        raise CollateralUnavailable(f"GET {response.url}: the PEM CRL is not valid base64") from None
