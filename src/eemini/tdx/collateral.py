@@ -287,7 +287,7 @@ def _fast_isv_levels(raw: object) -> tuple[IsvTcbLevel, ...] | None:
             ):
                 return None
             levels.append(IsvTcbLevel(svn, date, TcbStatus(status), tuple(ids)))
-    except (KeyError, TypeError):
+    except (KeyError, TypeError):  # not converted: the general reader names the fault
         return None
     return tuple(levels)
 
@@ -302,7 +302,8 @@ def _fast_levels(raw: object) -> tuple[TcbLevel, ...] | None:
         for lv in raw:
             tcb = lv["tcb"]
             sgx = tuple([c["svn"] for c in tcb["sgxtcbcomponents"]])
-            tdx = tuple([c["svn"] for c in tcb["tdxtcbcomponents"]]) if "tdxtcbcomponents" in tcb else ()
+            has_tdx = "tdxtcbcomponents" in tcb  # absent: none; present: exactly 16
+            tdx = tuple([c["svn"] for c in tcb["tdxtcbcomponents"]]) if has_tdx else ()
             pce_svn, date, status = tcb["pcesvn"], lv["tcbDate"], lv["tcbStatus"]
             ids = lv.get("advisoryIDs", [])
             svns = sgx + tdx
@@ -310,7 +311,7 @@ def _fast_levels(raw: object) -> tuple[TcbLevel, ...] | None:
                 type(lv) is not dict
                 or type(tcb) is not dict
                 or len(sgx) != 16
-                or len(tdx) not in (0, 16)
+                or len(tdx) != (16 if has_tdx else 0)
                 or list(map(type, svns)).count(int) != len(svns)
                 or min(svns) < 0
                 or max(svns) > 255
@@ -323,7 +324,7 @@ def _fast_levels(raw: object) -> tuple[TcbLevel, ...] | None:
             ):
                 return None
             levels.append(TcbLevel(sgx, pce_svn, tdx, date, TcbStatus(status), tuple(ids)))
-    except (KeyError, TypeError):
+    except (KeyError, TypeError):  # not converted: the general reader names the fault
         return None
     return tuple(levels)
 
