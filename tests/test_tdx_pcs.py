@@ -459,6 +459,30 @@ def test_untrusted_tls_certificate(pccs: FakePcs, tls: TlsFiles, tmp_path: Path)
     )
 
 
+def test_pinning_the_servers_own_certificate(pccs: FakePcs, tls: TlsFiles, tmp_path: Path) -> None:
+    # --pccs-ca may name the PCCS's own certificate rather than its CA.
+    quote, doc, at = _load("trustee__tdx_quote_6")
+    pccs.serve(doc)
+    client = HttpsClient(ca_file=str(tls.cert_pem), attempts=1)
+    fetched = _fetcher(pccs, tls, tmp_path, client=client).for_quote(parse_quote(quote), at)
+    assert json.loads(fetched.to_json()) == doc
+    # Another CA of the same name pinned: its key did not sign the server's certificate.
+    other = TlsFiles.create(tmp_path / "other")
+    client = HttpsClient(ca_file=str(other.ca_pem), attempts=1)
+    assert _fetch_error(pccs, tls, tmp_path / "b", client=client) == (
+        "GET URL/tdx/certification/v4/tcb?fmspc=00A06D080000: the server's TLS certificate is not "
+        "trusted: certificate signature failure"
+    )
+
+
+def test_redirects_are_not_followed(pccs: FakePcs, tls: TlsFiles, tmp_path: Path) -> None:
+    pccs.faults[TCB_PATH] = Fault(status=302, headers={"Location": "https://127.0.0.2/elsewhere"})
+    assert _fetch_error(pccs, tls, tmp_path).startswith(
+        "GET URL/tdx/certification/v4/tcb?fmspc=00A06D080000: HTTP 302 Found [Request-ID "
+    )
+    assert pccs.count(TCB_PATH) == 1
+
+
 def test_cli_errors_are_one_line(pccs: FakePcs, tls: TlsFiles, tmp_path: Path) -> None:
     d = shared_testdata("quotes")
     _, doc, at = _load("trustee__tdx_quote_6")
