@@ -529,9 +529,12 @@ def test_progress_only_when_a_fetch_takes_a_while(pccs: FakePcs, tls: TlsFiles, 
 def test_quote_of_an_unknown_ca_asks_for_fmspc_and_ca() -> None:
     from tdx_builder import build_quote, make_chain
 
-    with pytest.raises(QuoteError, match=r"^the quote's PCK certificate is issued by 'EasyEnclave Mini "
-                       r"development PCK CA', neither Intel's platform nor its processor CA: give the "
-                       r"FMSPC and the CA instead$"):  # fmt: skip
+    expected = (
+        r"^the quote's PCK certificate is issued by 'EasyEnclave Mini development PCK CA', neither "
+        r"Intel's platform nor its processor CA: name the platform \(eemini collateral fetch --fmspc "
+        r"HEX --ca platform\|processor\)$"
+    )
+    with pytest.raises(QuoteError, match=expected):
         CollateralFetcher(offline=True).for_quote(
             parse_quote(build_quote(make_chain(intermediate=True))), 0
         )

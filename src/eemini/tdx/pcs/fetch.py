@@ -78,7 +78,7 @@ def platform_of(
         return extension.fmspc, "processor"
     raise CollateralUnavailable(
         f"the quote's PCK certificate is issued by {issuer}, neither Intel's platform nor its "
-        "processor CA: give the FMSPC and the CA instead"
+        "processor CA: name the platform (eemini collateral fetch --fmspc HEX --ca platform|processor)"
     )
 
 
