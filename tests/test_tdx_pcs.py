@@ -352,6 +352,24 @@ def test_concurrent_fetchers_make_one_request_per_item(
     assert sorted(r.split("?")[0] for r in pccs.requests) == sorted(ALL_PATHS)
 
 
+def test_an_unwritable_cache_is_warned_about_not_fatal(
+    pccs: FakePcs, tls: TlsFiles, tmp_path: Path
+) -> None:
+    quote, doc, at = _load("trustee__tdx_quote_6")
+    pccs.serve(doc)
+    blocker = tmp_path / "cache"
+    blocker.write_text("a file where the cache directory should be")
+    warnings: list[str] = []
+    fetched = _fetcher(pccs, tls, blocker, warn=warnings.append).for_quote(parse_quote(quote), at)
+    assert json.loads(fetched.to_json()) == doc
+    assert len(warnings) == 8
+    assert warnings[:2] == [
+        f"cannot open the cache lock {blocker}/v1/locks/tcb-info-00A06D080000.lock: Not a directory",
+        f"cannot write the cache entry {blocker}/v1/tcb-info/00A06D080000.json: Not a directory: the "
+        "TCB info for FMSPC 00A06D080000 is not cached",
+    ]
+
+
 # Errors ---------------------------------------------------------------------------------------
 
 

@@ -25,7 +25,7 @@ import json
 import os
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from eemini.tdx.errors import CollateralUnavailable, QuoteError
@@ -66,12 +66,8 @@ class DiskCache:
             path = self._paths[item] = os.fspath(self.path(item))
         try:
             st = os.stat(path)
-        except FileNotFoundError:
+        except OSError:  # none there, or none we may read: fetched (and the write says why)
             return None
-        except OSError as e:
-            raise CollateralUnavailable(
-                f"cannot read the cache entry {self.path(item)}: {e.strerror}"
-            ) from None
         return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
     def read(self, item: ItemId) -> tuple[Served, int] | None:
@@ -81,7 +77,7 @@ class DiskCache:
         try:
             with open(path, "rb") as f:
                 data = f.read(MAX_ENTRY + 1)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             return None
         except OSError as e:
             raise EntryUnreadable(f"cannot read it: {e.strerror}") from None
@@ -138,14 +134,18 @@ class DiskCache:
             ) from None
 
     @contextlib.contextmanager
-    def lock(self, item: ItemId, timeout: float) -> Iterator[None]:
-        """Hold the item's lock: one fetcher per item at a time, across processes and threads."""
+    def lock(self, item: ItemId, timeout: float, unlocked: Callable[[str], None]) -> Iterator[None]:
+        """Hold the item's lock: one fetcher per item at a time, across processes and threads.
+        When the lock file cannot be made (a read-only cache), `unlocked` hears why, and the
+        fetch goes ahead without it."""
         path = self.base / "locks" / f"{item.kind.value}-{item.key}.lock"
         try:
             _mkdir(path.parent)
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError as e:
-            raise CollateralUnavailable(f"cannot open the cache lock {path}: {e.strerror}") from None
+            unlocked(f"cannot open the cache lock {path}: {e.strerror or e}")
+            yield
+            return
         try:
             deadline = time.monotonic() + timeout
             while True:

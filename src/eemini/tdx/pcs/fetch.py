@@ -189,7 +189,7 @@ class CollateralFetcher:
             raise _Missing(trouble or _why(item, entry, when, state))
         if entry is not None and self._keep(item, entry, state):
             return entry, True
-        with self.disk.lock(item, self.lock_timeout):
+        with self.disk.lock(item, self.lock_timeout, self.warn):
             # Whoever held the lock may have just fetched it.
             entry, _ = self._cached(ctx, item, quiet=True)
             state = self._state(entry, when, age)
@@ -269,8 +269,12 @@ class CollateralFetcher:
             raise CollateralUnavailable(
                 f"GET {served.url}: HTTP 200, but {item} does not verify: {e}"
             ) from None
-        self.disk.write(served, entry.fetched_at)
-        stat = self.disk.stat_key(item)
+        try:
+            self.disk.write(served, entry.fetched_at)
+            stat = self.disk.stat_key(item)
+        except CollateralUnavailable as e:  # used all the same; the next verifier fetches again
+            self.warn(f"{e}: {item} is not cached")
+            return entry
         if stat is not None:
             self._memo[item] = (stat, entry)
         return entry
