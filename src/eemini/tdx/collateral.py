@@ -14,6 +14,7 @@ import datetime
 import enum
 import functools
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +33,7 @@ class TcbStatus(enum.StrEnum):
 
 
 _STATUSES = frozenset(s.value for s in TcbStatus)
+_HEX = re.compile(r"(?:[0-9A-Fa-f]{2})*")
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,8 +199,11 @@ class _Doc:
 
     def hexbytes(self, key: str, size: int | None = None) -> bytes:
         s = self.text(key)
-        with parsing(CollateralParseError, f"{self.where}.{key} is not valid hex"):
+        if _HEX.fullmatch(s):  # the usual case: nothing fromhex could refuse
             v = bytes.fromhex(s)
+        else:
+            with parsing(CollateralParseError, f"{self.where}.{key} is not valid hex"):
+                v = bytes.fromhex(s)
         if size is not None and len(v) != size:
             raise CollateralParseError(f"{self.where}.{key}: expected {size} bytes, found {len(v)}")
         return v
