@@ -5,8 +5,8 @@ root CA CRL) is looked up on its own:
 
 1. The entry in the disk cache, verified (`items.check`) the first time this fetcher reads that
    version of the file; a process keeps the verified item and reads the file again only when it
-   changed (another process refreshed it). An entry that does not verify is fetched again, never
-   used.
+   changed (another process refreshed it; the file is looked at at most once a second). An entry
+   that does not verify is fetched again, never used.
 2. A verified entry is used while it is current at the verification time and, when the policy
    sets a maximum age, young enough (TCB info and QE identity by `issueDate`, the PCK CRL by
    `thisUpdate`; the root CA CRL, which Intel issues about once a year, by its `nextUpdate` only).
@@ -110,7 +110,8 @@ class CollateralFetcher:
         self.refetch_interval = refetch_interval
         self.lock_timeout = lock_timeout
         self.warn = warn or (lambda _: None)
-        self._memo: dict[ItemId, tuple[tuple[int, int, int, int], Item]] = {}
+        # item -> (the file's stat key, its verified entry, when the file was last looked at)
+        self._memo: dict[ItemId, tuple[tuple[int, int, int, int], Item, float]] = {}
         # Items the service was just asked for and answered with one still stale or too old: not
         # asked again within refetch_interval (monotonic seconds), to spare the service.
         self._fruitless: dict[ItemId, tuple[float, Item]] = {}
@@ -238,13 +239,18 @@ class CollateralFetcher:
     def _cached(
         self, ctx: Context, item: ItemId, *, quiet: bool = False
     ) -> tuple[Item | None, str | None]:
-        """The verified cache entry (or None), and why there is none when there is a file."""
+        """The verified cache entry (or None), and why there is none when there is a file. The
+        file is looked at again (stat) at most once a second, and always under the item's lock."""
+        memo = self._memo.get(item)
+        now = time.monotonic()
+        if memo is not None and not quiet and now - memo[2] < 1.0:
+            return memo[1], None
         stat = self.disk.stat_key(item)
         if stat is None:
             self._memo.pop(item, None)
             return None, None
-        memo = self._memo.get(item)
         if memo is not None and memo[0] == stat:
+            self._memo[item] = (stat, memo[1], now)
             return memo[1], None
         path = self.disk.path(item)
         try:
@@ -257,7 +263,7 @@ class CollateralFetcher:
             if not self.offline and not quiet:
                 self.warn(f"{why}: fetching it again")
             return None, why
-        self._memo[item] = (stat, entry)
+        self._memo[item] = (stat, entry, now)
         return entry, None
 
     def _fetch(self, ctx: Context, item: ItemId) -> Item:
@@ -276,7 +282,7 @@ class CollateralFetcher:
             self.warn(f"{e}: {item} is not cached")
             return entry
         if stat is not None:
-            self._memo[item] = (stat, entry)
+            self._memo[item] = (stat, entry, time.monotonic())
         return entry
 
 

@@ -37,9 +37,10 @@ class ItemInvalid(QuoteError):
     """The item does not verify; the message says why."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class Item:
-    """A verified item: what was served, and what the verifier reads from it."""
+    """A verified item: what was served, and what the verifier reads from it. Compared and hashed
+    by identity: one verified reading of one cache file or answer."""
 
     served: Served
     fetched_at: int  # Unix seconds, the fetching machine's clock
