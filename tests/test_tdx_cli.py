@@ -40,7 +40,8 @@ def test_verify_rejection_is_one_line_exit_1() -> None:
     assert proc.stdout == ""
     assert proc.stderr == (
         "eemini verify: rejected: tcb-status: TCB status is OutOfDate (advisories: none); "
-        "accepted: UpToDate\n"
+        "accepted: UpToDate; the platform matches the TCB level of 2018-01-04T00:00:00Z, the "
+        "latest is of 2024-03-13T00:00:00Z; below the latest: PCE SVN 11 < 13\n"
     )
 
 

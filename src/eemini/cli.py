@@ -28,6 +28,7 @@ COMMANDS: dict[str, str] = {
     "run": "eemini.commands.run",
     "quote": "eemini.commands.quote",
     "verify": "eemini.commands.verify",
+    "collateral": "eemini.commands.collateral",
     "measure": "eemini.commands.measure",
     "build": "eemini.commands.build",
     "lock": "eemini.commands.lock",

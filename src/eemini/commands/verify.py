@@ -1,7 +1,8 @@
 """`eemini verify QUOTE`: verify a TDX quote (signatures, chain to Intel's root, collateral, policy).
 
 Exit 0 when verified, 1 when rejected (the failed check in one line on stderr), 2 for usage or
-parse errors (unreadable or malformed quote, collateral, policy or root).
+parse errors (unreadable or malformed quote, collateral, policy or root), 4 when collateral was
+to be fetched and could not be had (the quote was not judged).
 """
 
 from __future__ import annotations
@@ -13,11 +14,18 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from eemini.commands.collateral import add_fetch_arguments, fetcher_from_args, unavailable
 from eemini.log import die
 from eemini.tdx.errors import PolicyError
 from eemini.tdx.evidence import load_prediction
 from eemini.tdx.measure import MeasureError
+
+if TYPE_CHECKING:
+    from eemini.tdx.collateral import Collateral
+    from eemini.tdx.quote import Quote
+    from eemini.tdx.roots import TrustAnchor
 
 HELP = "verify a TDX quote against Intel's root, collateral and a policy"
 
@@ -27,6 +35,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--collateral", metavar="FILE",
                         help="collateral JSON (dcap-qvl QuoteCollateralV3 layout); without it the TCB "
                         "status is not evaluated")  # fmt: skip
+    parser.add_argument("--fetch-collateral", action="store_true",
+                        help="without --collateral: fetch it (Intel PCS, or --pccs) through the "
+                        "cache (docs/verify.md, \"Fetching collateral\")")  # fmt: skip
+    add_fetch_arguments(parser)
     parser.add_argument(
         "--at", metavar="UNIX_TIME", type=int, help="verify as of this time (default: now)"
     )
@@ -91,6 +103,7 @@ def _verify(args: argparse.Namespace) -> int:
     # datetime handles years 1970..9999; anything else is a typo, not a time.
     if args.at is not None and not 0 <= args.at < 253_402_300_800:
         die(f"--at {args.at} is not a Unix time between 1970 and 9999", exit_code=2)
+    _check_fetch_options(args)
     data = read_quote_bytes(args.quote)
     try:
         quote = parse_quote(data)
@@ -135,6 +148,8 @@ def _verify(args: argparse.Namespace) -> int:
         except CertificateParseError as e:
             die(f"{path}: {e.message}", exit_code=2)
     now = args.at if args.at is not None else int(time.time())
+    if args.fetch_collateral or args.offline:
+        collateral = _fetch(args, quote, now, tuple(roots), policy.max_collateral_age)
     try:
         verified = verify(
             quote, collateral, policy, now, trusted_roots=roots,
@@ -157,6 +172,27 @@ def _verify(args: argparse.Namespace) -> int:
         if verified.event_log is not None:
             print("\n".join(verified.event_log.lines()))
     return 0
+
+
+def _check_fetch_options(args: argparse.Namespace) -> None:
+    fetching = args.fetch_collateral or args.offline
+    if fetching and args.collateral:
+        die("--collateral and --fetch-collateral (or --offline) exclude each other", exit_code=2)
+    given = [f"--{n.replace('_', '-')}" for n in ("pccs", "pccs_ca", "cache_dir") if getattr(args, n)]
+    if given and not fetching:
+        die(f"{', '.join(given)} only apply with --fetch-collateral", exit_code=2)
+
+
+def _fetch(
+    args: argparse.Namespace, quote: Quote, now: int, roots: tuple[TrustAnchor, ...], max_age: int | None
+) -> Collateral:
+    from eemini.tdx.errors import CollateralUnavailable
+
+    fetcher = fetcher_from_args(args, "verify", roots)
+    try:
+        return fetcher.for_quote(quote, now, max_age=max_age).collateral
+    except CollateralUnavailable as e:
+        unavailable(e)
 
 
 def _measured_boot_inputs(

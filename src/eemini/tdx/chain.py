@@ -7,6 +7,7 @@ ECDSA-SHA256 signatures checked over the signed TBS bytes as they appear in the 
 
 from __future__ import annotations
 
+import base64
 import datetime
 import hashlib
 from collections.abc import Sequence
@@ -27,14 +28,16 @@ from eemini.tdx.errors import (
     CrlInvalid,
     UntrustedRoot,
 )
-from eemini.tdx.guard import parsing
+from eemini.tdx.guard import parsing, utf8
 from eemini.tdx.pck import (
     ParseErrorType,
     PckExtension,
     der_spans,
     load_der_certificate,
     oid_text,
-    pem_ders,
+    parse_pck_extension_value,
+    pem_bodies,
+    pem_body_der,
     split_der,
 )
 from eemini.tdx.roots import TrustAnchor
@@ -42,20 +45,50 @@ from eemini.tdx.roots import TrustAnchor
 _ECDSA_SHA256 = ec.ECDSA(hashes.SHA256())
 
 
-@dataclass(frozen=True, slots=True)
 class Cert:
-    """A parsed certificate with what the checks compare, computed once (names as DER bytes)."""
+    """A parsed certificate with what the checks compare, read once (names as DER bytes).
 
-    cert: x509.Certificate
-    fingerprint: bytes
-    name: str  # for messages: the subject's common name
-    serial: int
-    subject: bytes
-    issuer: bytes
-    not_before: datetime.datetime
-    not_after: datetime.datetime
-    key: ec.EllipticCurvePublicKey | None
-    signed: SignedDer
+    `name` (the subject's common name, for messages) is read from the DER only when a message
+    needs it: the hot path of a verification never does.
+    """
+
+    __slots__ = ("_name", "cert", "der", "fingerprint", "issuer", "key", "not_after", "not_before",
+                 "serial", "signed", "subject")  # fmt: skip
+
+    def __init__(
+        self,
+        *,
+        cert: x509.Certificate,
+        der: bytes,
+        fingerprint: bytes,
+        serial: int,
+        subject: bytes,
+        issuer: bytes,
+        not_before: datetime.datetime,
+        not_after: datetime.datetime,
+        key: ec.EllipticCurvePublicKey | None,
+        signed: SignedDer,
+    ) -> None:
+        self.cert = cert
+        self.der = der
+        self.fingerprint = fingerprint
+        self.serial = serial
+        self.subject = subject
+        self.issuer = issuer
+        self.not_before = not_before
+        self.not_after = not_after
+        self.key = key
+        self.signed = signed
+        self._name: str | None = None
+
+    @property
+    def name(self) -> str:
+        if self._name is None:
+            try:
+                self._name = common_name(self.subject, "certificate subject")
+            except CertificateParseError:
+                self._name = "(a certificate whose subject does not parse)"
+        return self._name
 
 
 # AlgorithmIdentifier contents of ecdsa-with-SHA256 (RFC 5758 3.2: OID 1.2.840.10045.4.3.2, no
@@ -78,18 +111,17 @@ def split_signed(der: bytes, what: str, error: ParseErrorType = CertificateParse
     outer = der_spans(der, what, error)
     if len(outer) != 1 or outer[0][0] != 0x30:
         raise error(f"{what}: not a DER SEQUENCE")
-    body = der[outer[0][2] : outer[0][3]]
-    parts = der_spans(body, what, error)
+    # Offsets into `der` throughout: only what SignedDer keeps is copied.
+    parts = der_spans(der, what, error, outer[0][2], outer[0][3])
     if len(parts) != 3 or parts[0][0] != 0x30 or parts[1][0] != 0x30 or parts[2][0] != 0x03:
         raise error(f"{what}: not a signed SEQUENCE {{ tbs, algorithm, signature }}")
-    tbs_value = body[parts[0][2] : parts[0][3]]
-    fields = split_der(tbs_value, what, error)
-    bits = body[parts[2][2] : parts[2][3]]
+    fields = der_spans(der, what, error, parts[0][2], parts[0][3])
+    bits = der[parts[2][2] : parts[2][3]]
     return SignedDer(
-        tbs=body[parts[0][1] : parts[0][3]],
-        fields=tuple(v for _, v in fields),
-        field_tags=tuple(t for t, _ in fields),
-        algorithm=body[parts[1][2] : parts[1][3]],
+        tbs=der[parts[0][1] : parts[0][3]],
+        fields=tuple([der[start:end] for _, _, start, end in fields]),
+        field_tags=tuple([tag for tag, _, _, _ in fields]),
+        algorithm=der[parts[1][2] : parts[1][3]],
         signature=bits[1:] if bits[:1] == b"\0" else b"",
     )
 
@@ -123,9 +155,11 @@ def _tbs_names(signed: SignedDer, what: str) -> tuple[bytes, bytes]:
     return signed.fields[first + 2], signed.fields[first + 4]
 
 
-# OBJECT IDENTIFIER contents: id-at-commonName (2.5.4.3), id-ce-basicConstraints (2.5.29.19).
+# OBJECT IDENTIFIER contents: id-at-commonName (2.5.4.3), id-ce-basicConstraints (2.5.29.19), the
+# Intel SGX extensions (1.2.840.113741.1.13.1).
 _OID_COMMON_NAME = bytes.fromhex("550403")
 _OID_BASIC_CONSTRAINTS = bytes.fromhex("551d13")
+_OID_SGX_EXTENSIONS = bytes.fromhex("2a864886f84d010d01")
 # Directory string tags (RFC 5280 4.1.2.4): UTF8String, PrintableString, IA5String, T61String,
 # BMPString, UniversalString.
 _STRING_CODECS = {0x0C: "utf-8", 0x13: "ascii", 0x16: "ascii", 0x14: "latin-1", 0x1E: "utf-16-be",
@@ -139,16 +173,17 @@ def _tbs_extensions(signed: SignedDer, what: str) -> dict[bytes, bytes]:
     for tag, value in zip(signed.field_tags, signed.fields, strict=True):
         if tag != 0xA3:
             continue
-        outer = split_der(value, what)
+        outer = der_spans(value, what)
         if len(outer) != 1 or outer[0][0] != 0x30:
             raise CertificateParseError(f"{what}: extensions are not a SEQUENCE")
-        for ext_tag, ext in split_der(outer[0][1], what):
-            parts = split_der(ext, what) if ext_tag == 0x30 else []
+        for ext_tag, _, start, end in der_spans(value, what, start=outer[0][2], end=outer[0][3]):
+            parts = der_spans(value, what, start=start, end=end) if ext_tag == 0x30 else []
             if len(parts) not in (2, 3) or parts[0][0] != 0x06 or parts[-1][0] != 0x04:
                 raise CertificateParseError(f"{what}: an extension is not {{ OID, critical, value }}")
-            if parts[0][1] in out:
-                raise CertificateParseError(f"{what}: extension {oid_text(parts[0][1])} appears twice")
-            out[parts[0][1]] = parts[-1][1]
+            oid = value[parts[0][2] : parts[0][3]]
+            if oid in out:
+                raise CertificateParseError(f"{what}: extension {oid_text(oid)} appears twice")
+            out[oid] = value[parts[-1][2] : parts[-1][3]]
     return out
 
 
@@ -164,7 +199,7 @@ def _is_ca(extensions: dict[bytes, bytes], what: str) -> bool:
     return bool(inner) and inner[0] == (0x01, b"\xff")
 
 
-def _common_name(name: bytes, what: str) -> str:
+def common_name(name: bytes, what: str) -> str:
     """For messages: the first commonName of a Name's contents (SEQUENCE OF SET OF SEQUENCE
     { type, value }), quoted."""
     for tag, rdn in split_der(name, what):
@@ -183,26 +218,20 @@ def _tbs_algorithm(signed: SignedDer, index: int) -> bytes:
     return signed.fields[index]
 
 
-def _wrap(cert: x509.Certificate, der: bytes, fingerprint: bytes, what: str) -> Cert:
-    # What the checks need of cryptography's certificate, read once, here: it parses lazily, so a
-    # malformed certificate fails now, as a parse error, not in the middle of a check. Names are
-    # read from the DER (and the CA flag, when asked: Context.is_ca).
-    with parsing(CertificateParseError, f"{what} does not parse"):
-        key = _p256(cert.public_key())
-        signed = split_signed(der, what)
-        issuer, subject = _tbs_names(signed, what)
-        return Cert(
-            cert=cert,
-            fingerprint=fingerprint,
-            name=_common_name(subject, what),
-            serial=cert.serial_number,
-            subject=subject,
-            issuer=issuer,
-            not_before=cert.not_valid_before_utc,
-            not_after=cert.not_valid_after_utc,
-            key=key,
-            signed=signed,
-        )
+# SubjectPublicKeyInfo contents of an uncompressed P-256 key (RFC 5480): AlgorithmIdentifier
+# { id-ecPublicKey, secp256r1 }, then the BIT STRING header; the 65-byte point follows.
+_P256_SPKI_PREFIX = bytes.fromhex("301306072a8648ce3d020106082a8648ce3d030107034200")
+_SECP256R1 = ec.SECP256R1()
+
+
+def _spki_key(cert: x509.Certificate, signed: SignedDer, first: int) -> ec.EllipticCurvePublicKey | None:
+    # The key straight from the DER when it is an uncompressed P-256 point (every Intel
+    # certificate), which costs half of cryptography's public_key(); anything else goes through it.
+    index = first + 5
+    spki = signed.fields[index] if len(signed.fields) > index else b""
+    if len(spki) == 89 and spki.startswith(_P256_SPKI_PREFIX) and signed.field_tags[index] == 0x30:
+        return ec.EllipticCurvePublicKey.from_encoded_point(_SECP256R1, spki[24:])
+    return _p256(cert.public_key())
 
 
 def _p256(key: object) -> ec.EllipticCurvePublicKey | None:
@@ -212,37 +241,143 @@ def _p256(key: object) -> ec.EllipticCurvePublicKey | None:
     return None
 
 
-# Trust anchors are configuration: wrap each once per process.
+def _wrap(cert: x509.Certificate, der: bytes, fingerprint: bytes, what: str) -> Cert:
+    # What the checks need of cryptography's certificate, read once, here: it parses lazily, so a
+    # malformed certificate fails now, as a parse error, not in the middle of a check. Names and
+    # the key are read from the DER (and the CA flag, when asked: Context.is_ca).
+    with parsing(CertificateParseError, f"{what} does not parse"):
+        signed = split_signed(der, what)
+        first = 1 if signed.field_tags and signed.field_tags[0] == 0xA0 else 0
+        issuer, subject = _tbs_names(signed, what)
+        return Cert(
+            cert=cert,
+            der=der,
+            fingerprint=fingerprint,
+            serial=cert.serial_number,
+            subject=subject,
+            issuer=issuer,
+            not_before=cert.not_valid_before_utc,
+            not_after=cert.not_valid_after_utc,
+            key=_spki_key(cert, signed, first),
+            signed=signed,
+        )
+
+
+# Trust anchors are configuration: wrap each once per process, and know each by the text of its
+# PEM block (as every Intel chain carries the root), so that chains skip decoding it. Matching a
+# block only saves parsing: trust is still decided by fingerprint (Context.verify_chain).
 _ANCHOR_CERTS: dict[str, Cert] = {}
+_ANCHOR_BODIES: dict[bytes, Cert] = {}
 
 
-@dataclass(frozen=True, slots=True)
+def _pem_body(der: bytes) -> bytes:
+    b64 = base64.b64encode(der)
+    return b"\n" + b"\n".join(b64[i : i + 64] for i in range(0, len(b64), 64)) + b"\n"
+
+
 class Crl:
-    """A parsed CRL with what the checks compare, read once (the issuer name as DER bytes)."""
+    """A parsed CRL with what the checks compare, read once (the issuer name as DER bytes).
 
-    crl: x509.CertificateRevocationList
-    issuer: bytes
-    this_update: datetime.datetime
-    next_update: datetime.datetime
-    revoked: frozenset[int]  # serial numbers
+    Revocation is asked per serial number (`is_revoked`): a serial whose DER encoding occurs
+    nowhere in the revoked-certificates list is not on it, which a byte search tells without
+    reading the entries; only a hit reads them all (`revoked`).
+    """
+
+    __slots__ = ("_revoked", "crl", "entries", "issuer", "next_update", "this_update", "what")
+
+    def __init__(
+        self,
+        *,
+        crl: x509.CertificateRevocationList,
+        issuer: bytes,
+        this_update: datetime.datetime,
+        next_update: datetime.datetime,
+        entries: bytes,
+        what: str,
+    ) -> None:
+        self.crl = crl
+        self.issuer = issuer
+        self.this_update = this_update
+        self.next_update = next_update
+        self.entries = entries  # contents of revokedCertificates (SEQUENCE OF SEQUENCE)
+        self.what = what
+        self._revoked: frozenset[int] | None = None
+
+    @property
+    def revoked(self) -> frozenset[int]:
+        """Every serial number on the list."""
+        if self._revoked is None:
+            self._revoked = _revoked_serials(self.entries, self.what)
+        return self._revoked
+
+    def is_revoked(self, serial: int) -> bool:
+        # A DER INTEGER's contents are the minimal two's complement bytes; a longer encoding only
+        # adds leading 00 or FF bytes, so the minimal form is in the list's bytes whenever the
+        # serial is listed, however it was encoded.
+        minimal = serial.to_bytes(serial.bit_length() // 8 + 1, "big", signed=True)
+        return minimal in self.entries and serial in self.revoked
+
+
+def _revoked_serials(entries: bytes, what: str) -> frozenset[int]:
+    # revokedCertificates: SEQUENCE OF SEQUENCE { userCertificate INTEGER, revocationDate Time,
+    # crlEntryExtensions Extensions OPTIONAL } (RFC 5280 5.1).
+    serials = set()
+    for tag, _, start, end in der_spans(entries, what, CrlInvalid):
+        inner = der_spans(entries, what, CrlInvalid, start, end) if tag == 0x30 else []
+        if len(inner) < 2 or inner[0][0] != 0x02 or inner[0][2] == inner[0][3]:
+            raise CrlInvalid(f"{what}: a revoked-certificate entry is not {{ serial, date, ... }}")
+        serials.add(int.from_bytes(entries[inner[0][2] : inner[0][3]], "big", signed=True))
+    return frozenset(serials)
+
+
+def _der_time(tag: int, value: bytes) -> datetime.datetime | None:
+    """A UTCTime or GeneralizedTime as RFC 5280 4.1.2.5 has them (UTC, seconds, 'Z'); None for
+    anything else, which the caller leaves to cryptography."""
+    if tag == 0x17 and len(value) == 13:
+        digits, year = value[:12], int(value[:2]) if value[:2].isdigit() else -1
+        year += 1900 if year >= 50 else 2000
+        rest = value[2:12]
+    elif tag == 0x18 and len(value) == 15:
+        digits, year = value[:14], int(value[:4]) if value[:4].isdigit() else -1
+        rest = value[4:14]
+    else:
+        return None
+    if not (digits.isdigit() and digits.isascii() and value[-1:] == b"Z") or year < 0:
+        return None
+    try:
+        return datetime.datetime(
+            year, int(rest[0:2]), int(rest[2:4]), int(rest[4:6]), int(rest[6:8]), int(rest[8:10]),
+            tzinfo=datetime.UTC,
+        )  # fmt: skip
+    except ValueError:
+        return None
 
 
 @dataclass
 class VerificationCache:
-    """Already-verified certificates, CRLs and signed collateral, keyed by the SHA-256 of their bytes.
+    """Already-verified certificates, CRLs and signed collateral, keyed by their bytes (or SHA-256).
 
     Only the results of signature checks and parsing are cached; time and revocation checks run on
     every verification. Safe to share between quotes and collateral sets; not thread-safe.
     """
 
-    chains: dict[bytes, tuple[Cert, ...]] = field(default_factory=dict)
+    chains: dict[bytes | str, tuple[Cert, ...]] = field(default_factory=dict)  # by PEM text
+    pem_certs: dict[bytes, Cert] = field(default_factory=dict)  # by the text of one PEM block
     certs: dict[bytes, Cert] = field(default_factory=dict)
     ca: dict[bytes, bool] = field(default_factory=dict)
     links: set[tuple[bytes, bytes]] = field(default_factory=set)
-    crls: dict[tuple[bytes, bytes], Crl] = field(default_factory=dict)
-    tcb_infos: dict[bytes, TcbInfo] = field(default_factory=dict)
-    qe_identities: dict[bytes, QeIdentity] = field(default_factory=dict)
+    crls: dict[tuple[bytes, bytes], Crl] = field(default_factory=dict)  # by DER and issuer
+    # by (signed text, signature, issuer chain PEM)
+    tcb_infos: dict[tuple[str, bytes, str], TcbInfo] = field(default_factory=dict)
+    qe_identities: dict[tuple[str, bytes, str], QeIdentity] = field(default_factory=dict)
     pck_extensions: dict[bytes, PckExtension] = field(default_factory=dict)
+    # (PCK leaf fingerprint, QE report, its signature) whose signature checked out
+    qe_reports: set[tuple[bytes, bytes, bytes]] = field(default_factory=set)
+    attestation_keys: dict[bytes, ec.EllipticCurvePublicKey] = field(default_factory=dict)
+    # (chain, trusted anchors' SHA-256) -> what verify_chain found, before the validity windows
+    chain_paths: dict[
+        tuple[tuple[Cert, ...], tuple[str, ...]], tuple[TrustAnchor, Cert, tuple[Cert, ...]]
+    ] = field(default_factory=dict)
 
 
 def digest(*parts: bytes) -> bytes:
@@ -265,6 +400,15 @@ class Context:
         self.cache = cache if cache is not None else VerificationCache()
         self.checks: list[str] = []
 
+    @property
+    def anchors(self) -> tuple[TrustAnchor, ...]:
+        return self._anchors
+
+    @anchors.setter
+    def anchors(self, anchors: tuple[TrustAnchor, ...]) -> None:
+        self._anchors = anchors
+        self._anchor_ids = tuple(a.sha256 for a in anchors)
+
     def passed(self, name: str) -> None:
         self.checks.append(name)
 
@@ -274,6 +418,7 @@ class Context:
             got = _ANCHOR_CERTS[anchor.sha256] = _wrap(
                 anchor.certificate, anchor.der, bytes.fromhex(anchor.sha256), anchor.name
             )
+            _ANCHOR_BODIES[_pem_body(anchor.der)] = got
         return got
 
     def is_ca(self, cert: Cert, what: str) -> bool:
@@ -284,22 +429,37 @@ class Context:
             got = self.cache.ca[cert.fingerprint] = _is_ca(_tbs_extensions(cert.signed, where), where)
         return got
 
-    def load_chain(self, pem: bytes, what: str) -> tuple[Cert, ...]:
-        key = digest(pem)
-        chain = self.cache.chains.get(key)
+    def pck_extension(self, leaf: Cert) -> PckExtension:
+        """The Intel SGX extension of a PCK leaf, read from the DER (its extension list is read
+        strictly: each extension at most once, each one { OID, critical, value })."""
+        where = f"PCK certificate chain: {leaf.name}"
+        with parsing(CertificateParseError, "PCK certificate extensions do not parse"):
+            value = _tbs_extensions(leaf.signed, where).get(_OID_SGX_EXTENSIONS)
+        if value is None:
+            raise CertificateParseError("PCK certificate has no Intel SGX extension")
+        return parse_pck_extension_value(value)
+
+    def load_chain(self, pem: bytes | str, what: str) -> tuple[Cert, ...]:
+        """The certificates of a PEM chain (bytes, or text as collateral holds it), leaf first."""
+        chain = self.cache.chains.get(pem)
         if chain is None:
+            text = utf8(pem, CertificateParseError, what) if isinstance(pem, str) else pem
             certs = []
             # The same certificates recur across chains (the root in all four, the platform CA
-            # in two): parse each once.
-            for i, der in enumerate(pem_ders(pem, what)):
-                fingerprint = hashlib.sha256(der).digest()
-                cert = self.cache.certs.get(fingerprint)
+            # in two, the TCB signing certificate in two): decode and parse each once.
+            for i, body in enumerate(pem_bodies(text, what)):
+                cert = self.cache.pem_certs.get(body) or _ANCHOR_BODIES.get(body)
                 if cert is None:
-                    loaded = load_der_certificate(der, what, i)
-                    cert = _wrap(loaded, der, fingerprint, f"{what}: certificate {i}")
-                    self.cache.certs[fingerprint] = cert
+                    der = pem_body_der(body, what, i)
+                    fingerprint = hashlib.sha256(der).digest()
+                    cert = self.cache.certs.get(fingerprint)
+                    if cert is None:
+                        loaded = load_der_certificate(der, what, i)
+                        cert = _wrap(loaded, der, fingerprint, f"{what}: certificate {i}")
+                        self.cache.certs[fingerprint] = cert
+                    self.cache.pem_certs[body] = cert
                 certs.append(cert)
-            chain = self.cache.chains[key] = tuple(certs)
+            chain = self.cache.chains[pem] = tuple(certs)
         return chain
 
     def verify_link(self, child: Cert, parent: Cert, what: str) -> None:
@@ -331,15 +491,31 @@ class Context:
             )
 
     def verify_chain(
-        self, certs: Sequence[Cert], what: str
+        self, certs: tuple[Cert, ...], what: str
     ) -> tuple[TrustAnchor, Cert, tuple[Cert, ...]]:
-        """Check `certs` (leaf first) up to a trusted root; return the anchor and the non-root certs."""
+        """Check `certs` (leaf first) up to a trusted root; return the anchor and the non-root certs.
+
+        Which anchor, the links and the CA flags depend only on the certificates and the trusted
+        anchors, and are remembered; the validity windows are checked on every call."""
+        key = (certs, self._anchor_ids)
+        found = self.cache.chain_paths.get(key)
+        if found is None:
+            found = self.cache.chain_paths[key] = self._chain_path(certs, what)
+        _, root, chain = found
+        for cert in chain:
+            self.check_window(cert, what)
+        self.check_window(root, what)
+        return found
+
+    def _chain_path(
+        self, certs: tuple[Cert, ...], what: str
+    ) -> tuple[TrustAnchor, Cert, tuple[Cert, ...]]:
         if len(certs) < 2:
             raise CertificateChainError(f"{what}: expected at least 2 certificates, found {len(certs)}")
         last = certs[-1]
         anchor = next((a for a in self.anchors if a.sha256 == last.fingerprint.hex()), None)
         if anchor is not None:
-            chain = tuple(certs[:-1])
+            chain = certs[:-1]
         else:
             anchor = next((a for a in self.anchors if self.anchor_cert(a).subject == last.issuer), None)
             if anchor is None or last.issuer == last.subject:
@@ -347,15 +523,13 @@ class Context:
                     f"{what} ends at {last.name} (SHA-256 {last.fingerprint.hex()}), "
                     "which is not a trusted root"
                 )
-            chain = tuple(certs)
+            chain = certs
         root = self.anchor_cert(anchor)
         path = (*chain, root)
         for i in range(len(chain)):
             self.verify_link(path[i], path[i + 1], what)
             if i + 1 < len(chain) and not self.is_ca(path[i + 1], what):
                 raise CertificateChainError(f"{what}: {path[i + 1].name} is not a CA certificate")
-        for cert in path:
-            self.check_window(cert, what)
         return anchor, root, chain
 
 
@@ -377,12 +551,18 @@ def ec_key(cert: Cert, what: str) -> ec.EllipticCurvePublicKey:
     return cert.key
 
 
-def load_crl(ctx: Context, der: bytes, issuer: Cert, what: str) -> Crl:
-    key = (digest(der), issuer.fingerprint)
+def verified_crl(ctx: Context, der: bytes, issuer: Cert, what: str) -> Crl:
+    """The CRL, issued and signed by `issuer` (remembered in the cache), whatever its dates."""
+    key = (der, issuer.fingerprint)
     crl = ctx.cache.crls.get(key)
     if crl is None:
-        crl = _verified_crl(der, issuer, what)
-        ctx.cache.crls[key] = crl
+        crl = ctx.cache.crls[key] = _verified_crl(der, issuer, what)
+    return crl
+
+
+def load_crl(ctx: Context, der: bytes, issuer: Cert, what: str) -> Crl:
+    """The CRL, issued and signed by `issuer`, and current at the context's time."""
+    crl = verified_crl(ctx, der, issuer, what)
     # Expired from its nextUpdate second on, as dcap-qvl judges CRLs (webpki's CrlExpired when
     # now >= nextUpdate); TCB info and QE identity it accepts through that second (verify.py).
     this, nxt = crl.this_update, crl.next_update
@@ -401,7 +581,7 @@ def _verified_crl(der: bytes, issuer: Cert, what: str) -> Crl:
         loaded = x509.load_der_x509_crl(der)
         signed = split_signed(der, what, CrlInvalid)
         # RFC 5280 5.1: TBSCertList ::= SEQUENCE { version INTEGER OPTIONAL, signature, issuer,
-        # thisUpdate, nextUpdate OPTIONAL, ... }
+        # thisUpdate, nextUpdate OPTIONAL, revokedCertificates SEQUENCE OPTIONAL, [0] ... }
         first = 1 if signed.field_tags and signed.field_tags[0] == 0x02 else 0
         if len(signed.fields) < first + 3:
             raise CrlInvalid(f"{what}: TBSCertList is too short")
@@ -415,14 +595,21 @@ def _verified_crl(der: bytes, issuer: Cert, what: str) -> Crl:
             valid = loaded.is_signature_valid(issuer.cert.public_key())  # type: ignore[arg-type]
     if not valid:
         raise CrlInvalid(f"{what} is not signed by {issuer.name}")
+    tags, fields = signed.field_tags, signed.fields
+    rest = first + 3  # after thisUpdate: nextUpdate?, revokedCertificates?, [0] extensions?
+    this_update = _der_time(tags[first + 2], fields[first + 2])
+    next_update = _der_time(tags[rest], fields[rest]) if len(fields) > rest else None
     with parsing(CrlInvalid, parse_error):
-        next_update = loaded.next_update_utc
+        if this_update is None:
+            this_update = loaded.last_update_utc
+        if next_update is None:
+            next_update = loaded.next_update_utc
         if next_update is None:
             raise CrlInvalid(f"{what} has no nextUpdate, so it is never current")
-        return Crl(
-            crl=loaded,
-            issuer=issuer.subject,
-            this_update=loaded.last_update_utc,
-            next_update=next_update,
-            revoked=frozenset(entry.serial_number for entry in loaded),
-        )
+    if len(fields) > rest and tags[rest] in (0x17, 0x18):
+        rest += 1
+    entries = fields[rest] if len(fields) > rest and tags[rest] == 0x30 else b""
+    return Crl(
+        crl=loaded, issuer=issuer.subject, this_update=this_update, next_update=next_update,
+        entries=entries, what=what,
+    )  # fmt: skip

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import datetime
 import enum
+import functools
 import json
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from typing import Any
 
 from eemini.tdx.errors import CollateralParseError
@@ -31,6 +33,7 @@ class TcbStatus(enum.StrEnum):
 
 
 _STATUSES = frozenset(s.value for s in TcbStatus)
+_HEX = re.compile(r"(?:[0-9A-Fa-f]{2})*")
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +88,22 @@ def parse_collateral(text: str | bytes) -> Collateral:
     return Collateral(**values)
 
 
+def collateral_to_json(collateral: Collateral) -> str:
+    """QuoteCollateralV3 JSON, as dcap-qvl writes it (its field order; bytes as lower-case hex)."""
+    doc = {
+        "pck_crl_issuer_chain": collateral.pck_crl_issuer_chain,
+        "root_ca_crl": collateral.root_ca_crl.hex(),
+        "pck_crl": collateral.pck_crl.hex(),
+        "tcb_info_issuer_chain": collateral.tcb_info_issuer_chain,
+        "tcb_info": collateral.tcb_info,
+        "tcb_info_signature": collateral.tcb_info_signature.hex(),
+        "qe_identity_issuer_chain": collateral.qe_identity_issuer_chain,
+        "qe_identity": collateral.qe_identity,
+        "qe_identity_signature": collateral.qe_identity_signature.hex(),
+    }
+    return json.dumps(doc, indent=2) + "\n"
+
+
 @dataclass(frozen=True, slots=True)
 class TcbLevel:
     sgx_components: tuple[int, ...]
@@ -129,6 +148,8 @@ class TcbInfo:
     tdx_module_attributes_mask: bytes | None
     tdx_module_identities: tuple[TdxModuleIdentity, ...]
     tcb_levels: tuple[TcbLevel, ...]
+    # The signed text this was read from: explanations read the components' names from it.
+    source: str = field(default="", repr=False, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,8 +199,11 @@ class _Doc:
 
     def hexbytes(self, key: str, size: int | None = None) -> bytes:
         s = self.text(key)
-        with parsing(CollateralParseError, f"{self.where}.{key} is not valid hex"):
+        if _HEX.fullmatch(s):  # the usual case: nothing fromhex could refuse
             v = bytes.fromhex(s)
+        else:
+            with parsing(CollateralParseError, f"{self.where}.{key} is not valid hex"):
+                v = bytes.fromhex(s)
         if size is not None and len(v) != size:
             raise CollateralParseError(f"{self.where}.{key}: expected {size} bytes, found {len(v)}")
         return v
@@ -234,6 +258,9 @@ def _svns(doc: _Doc, key: str) -> tuple[int, ...]:
 
 
 def _isv_levels(doc: _Doc) -> tuple[IsvTcbLevel, ...]:
+    fast = _fast_isv_levels(doc.doc.get("tcbLevels"))
+    if fast is not None:
+        return fast
     levels = []
     for i, raw in enumerate(doc.items("tcbLevels")):
         lv = _Doc(raw, f"{doc.where}.tcbLevels[{i}]")
@@ -245,9 +272,69 @@ def _isv_levels(doc: _Doc) -> tuple[IsvTcbLevel, ...]:
     return tuple(levels)
 
 
-def parse_tcb_info(text: str) -> TcbInfo:
-    """Parse the signed `tcbInfo` JSON text (TDX TCB info v3)."""
-    d = _load(text, "tcb_info")
+def _fast_isv_levels(raw: object) -> tuple[IsvTcbLevel, ...] | None:
+    """`_isv_levels` without _Doc, for well-formed levels; None for `_isv_levels` to name the fault."""
+    if type(raw) is not list:
+        return None
+    levels = []
+    try:
+        for lv in raw:
+            svn, date, status = lv["tcb"]["isvsvn"], lv["tcbDate"], lv["tcbStatus"]
+            ids = lv.get("advisoryIDs", [])
+            if (
+                type(lv) is not dict
+                or type(svn) is not int
+                or svn < 0
+                or type(date) is not str
+                or status not in _STATUSES
+                or type(ids) is not list
+                or list(map(type, ids)).count(str) != len(ids)
+            ):
+                return None
+            levels.append(IsvTcbLevel(svn, date, TcbStatus(status), tuple(ids)))
+    except (KeyError, TypeError):  # not converted: the general reader names the fault
+        return None
+    return tuple(levels)
+
+
+def _fast_levels(raw: object) -> tuple[TcbLevel, ...] | None:
+    """The TCB levels of well-formed TCB info, read without _Doc (the hot spot of a first
+    verification); None at the first thing out of the ordinary, for `_levels` to name."""
+    if type(raw) is not list:
+        return None
+    levels = []
+    try:
+        for lv in raw:
+            tcb = lv["tcb"]
+            sgx = tuple([c["svn"] for c in tcb["sgxtcbcomponents"]])
+            has_tdx = "tdxtcbcomponents" in tcb  # absent: none; present: exactly 16
+            tdx = tuple([c["svn"] for c in tcb["tdxtcbcomponents"]]) if has_tdx else ()
+            pce_svn, date, status = tcb["pcesvn"], lv["tcbDate"], lv["tcbStatus"]
+            ids = lv.get("advisoryIDs", [])
+            svns = sgx + tdx
+            if (
+                type(lv) is not dict
+                or type(tcb) is not dict
+                or len(sgx) != 16
+                or len(tdx) != (16 if has_tdx else 0)
+                or list(map(type, svns)).count(int) != len(svns)
+                or min(svns) < 0
+                or max(svns) > 255
+                or type(pce_svn) is not int
+                or pce_svn < 0
+                or type(date) is not str
+                or status not in _STATUSES
+                or type(ids) is not list
+                or list(map(type, ids)).count(str) != len(ids)
+            ):
+                return None
+            levels.append(TcbLevel(sgx, pce_svn, tdx, date, TcbStatus(status), tuple(ids)))
+    except (KeyError, TypeError):  # not converted: the general reader names the fault
+        return None
+    return tuple(levels)
+
+
+def _levels(d: _Doc) -> tuple[TcbLevel, ...]:
     levels = []
     for i, raw in enumerate(d.items("tcbLevels")):
         lv = _Doc(raw, f"tcb_info.tcbLevels[{i}]")
@@ -263,6 +350,42 @@ def parse_tcb_info(text: str) -> TcbInfo:
                 lv.advisories(),
             )
         )
+    return tuple(levels)
+
+
+def component_names(tcb_info: TcbInfo) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """For explanations: each SGX and TDX component's "category" and "type" as the first TCB
+    level names them ("BIOS, Early Microcode Update"; "" when unnamed). Informational: whatever
+    does not read as text is left unnamed."""
+    return _component_names(tcb_info.source)
+
+
+@functools.lru_cache(maxsize=32)
+def _component_names(source: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    # `source` was parsed before (parse_tcb_info): only its shape is in question here.
+    doc = json.loads(source) if source else {}
+    levels = doc.get("tcbLevels") if isinstance(doc, dict) else None
+    first = levels[0] if isinstance(levels, list) and levels else None
+    tcb = first.get("tcb") if isinstance(first, dict) else None
+
+    def names(key: str) -> tuple[str, ...]:
+        components = tcb.get(key) if isinstance(tcb, dict) else None
+        out = []
+        for c in components if isinstance(components, list) else []:
+            parts = [c.get(k) for k in ("category", "type")] if isinstance(c, dict) else []
+            out.append(", ".join(p for p in parts if isinstance(p, str)))
+        return tuple(out)
+
+    return names("sgxtcbcomponents"), names("tdxtcbcomponents")
+
+
+def parse_tcb_info(text: str) -> TcbInfo:
+    """Parse the signed `tcbInfo` JSON text (TDX TCB info v3)."""
+    d = _load(text, "tcb_info")
+    raw_levels = d.doc.get("tcbLevels")
+    levels = _fast_levels(raw_levels)
+    if levels is None:
+        levels = _levels(d)
     module = d.obj("tdxModule") if d.has("tdxModule") else None
     identities = []
     if d.has("tdxModuleIdentities"):
@@ -290,7 +413,8 @@ def parse_tcb_info(text: str) -> TcbInfo:
         tdx_module_attributes=module.hexbytes("attributes", 8) if module else None,
         tdx_module_attributes_mask=module.hexbytes("attributesMask", 8) if module else None,
         tdx_module_identities=tuple(identities),
-        tcb_levels=tuple(levels),
+        tcb_levels=levels,
+        source=text,
     )
 
 

@@ -6,6 +6,7 @@ from typing import Any
 
 from eemini.tdx.layout import AttestationKeyType, CertificationDataType, TeeType
 from eemini.tdx.quote import EnclaveReport, Quote, report_fields
+from eemini.tdx.tcb import TcbDrift
 from eemini.tdx.verify import VerifiedQuote
 
 
@@ -90,6 +91,14 @@ def describe_quote(quote: Quote) -> str:
     return "\n".join(out) + "\n"
 
 
+def _drift(drift: TcbDrift) -> dict[str, Any]:
+    return {
+        "level_date": drift.level_date,
+        "latest_date": drift.latest_date,
+        "behind": list(drift.behind),
+    }
+
+
 def verified_to_dict(v: VerifiedQuote) -> dict[str, Any]:
     tcb = v.tcb
     return {
@@ -101,6 +110,7 @@ def verified_to_dict(v: VerifiedQuote) -> dict[str, Any]:
         "tdx_module_status": tcb.tdx_module.status.value if tcb and tcb.tdx_module else None,
         "qe_status": tcb.qe.status.value if tcb else None,
         "tcb_evaluation_data_number": tcb.tcb_evaluation_data_number if tcb else None,
+        "tcb_drift": _drift(tcb.drift) if tcb and tcb.drift else None,
         "trust_anchor": {
             "name": v.trust_anchor.name,
             "sha256": v.trust_anchor.sha256,

@@ -26,6 +26,12 @@ class CollateralParseError(QuoteError, ValueError):
     """The collateral is not well-formed QuoteCollateralV3 JSON (or a part of it does not parse)."""
 
 
+class CollateralUnavailable(QuoteError):
+    """Collateral could not be had (eemini.tdx.pcs): an endpoint failed or served something that does
+    not verify (the message names the URL and the HTTP status), or the cache alone was to be used
+    and lacks an item. Nothing was judged about the quote."""
+
+
 class VerificationError(QuoteError):
     """A verification check failed; `check` names it."""
 
@@ -87,6 +93,13 @@ class CollateralSignatureInvalid(VerificationError):
 
 class CollateralExpired(VerificationError):
     check = "collateral-validity"
+
+
+class CollateralTooOld(VerificationError):
+    """Older than the policy's max_collateral_age (TCB info and QE identity by their issueDate, the
+    PCK CRL by its thisUpdate)."""
+
+    check = "collateral-age"
 
 
 class CrlInvalid(VerificationError):

@@ -8,7 +8,10 @@ exception of `LIBRARY_ERRORS` (those of `cryptography`, json, binascii, struct a
 they raise: ValueError, TypeError, UnicodeError, KeyError, IndexError, OverflowError,
 RecursionError) becomes `error(f"{what}: ...")` with the library's message, and an error of ours
 (QuoteError) passes through unchanged. So verification raises nothing but eemini.tdx.errors,
-whatever the input; nowhere else in eemini.tdx catches library exceptions to convert them.
+whatever the input; nowhere else in eemini.tdx catches library exceptions to convert them. (The
+collateral fetcher, eemini.tdx.pcs, parses what services serve and what its cache holds here too;
+the I/O errors of its sockets, TLS and files are not parsing, and become CollateralUnavailable
+where they happen.)
 
 Names, issuers and the CA flag are read from the DER by our own reader (pck.der_spans), which
 raises only our errors. A signature check answering InvalidSignature is a result, not a parse:

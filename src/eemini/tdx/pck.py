@@ -20,14 +20,6 @@ from eemini.tdx.errors import CertificateParseError, QuoteError
 from eemini.tdx.guard import parsing
 
 SGX_EXTENSIONS_OID = "1.2.840.113741.1.13.1"
-_OID_PPID = SGX_EXTENSIONS_OID + ".1"
-_OID_TCB = SGX_EXTENSIONS_OID + ".2"
-_OID_PCEID = SGX_EXTENSIONS_OID + ".3"
-_OID_FMSPC = SGX_EXTENSIONS_OID + ".4"
-_OID_SGX_TYPE = SGX_EXTENSIONS_OID + ".5"
-_OID_PLATFORM_INSTANCE_ID = SGX_EXTENSIONS_OID + ".6"
-_OID_PCESVN = _OID_TCB + ".17"
-_OID_CPUSVN = _OID_TCB + ".18"
 
 _TAG_INTEGER = 0x02
 _TAG_OCTET_STRING = 0x04
@@ -59,15 +51,20 @@ def split_der(
 
 
 def der_spans(
-    data: bytes, what: str, error: ParseErrorType = CertificateParseError
+    data: bytes,
+    what: str,
+    error: ParseErrorType = CertificateParseError,
+    start: int = 0,
+    end: int | None = None,
 ) -> list[tuple[int, int, int, int]]:
-    """Split DER `data` into (tag, header start, value start, value end) offsets."""
+    """Split DER `data[start:end]` into (tag, header start, value start, value end) offsets, taken
+    in `data` (so no slice is copied); byte numbers in messages count from `start`."""
     out: list[tuple[int, int, int, int]] = []
-    pos = 0
-    size = len(data)
+    pos = start
+    size = len(data) if end is None else end
     while pos < size:
         if size - pos < 2:
-            raise error(f"{what}: truncated DER at byte {pos}")
+            raise error(f"{what}: truncated DER at byte {pos - start}")
         tag = data[pos]
         head = pos
         length = data[pos + 1]
@@ -75,14 +72,14 @@ def der_spans(
         if length & 0x80:
             n = length & 0x7F
             if n == 0 or n > 4 or size - pos < n:
-                raise error(f"{what}: bad DER length at byte {pos - 1}")
+                raise error(f"{what}: bad DER length at byte {pos - 1 - start}")
             length = int.from_bytes(data[pos : pos + n], "big")
             pos += n
-        end = pos + length
-        if end > size:
-            raise error(f"{what}: DER value overruns its container at byte {pos}")
-        out.append((tag, head, pos, end))
-        pos = end
+        value_end = pos + length
+        if value_end > size:
+            raise error(f"{what}: DER value overruns its container at byte {pos - start}")
+        out.append((tag, head, pos, value_end))
+        pos = value_end
     return out
 
 
@@ -101,44 +98,93 @@ def oid_text(value: bytes) -> str:
     return ".".join(map(str, parts))
 
 
-def _pairs(der: bytes, what: str) -> dict[str, tuple[int, bytes]]:
-    """SEQUENCE OF SEQUENCE { OID, value } -> {oid: (tag, value)}."""
-    outer = split_der(der, what)
-    if len(outer) != 1 or outer[0][0] != _TAG_SEQUENCE:
-        raise CertificateParseError(f"{what}: expected one SEQUENCE")
-    result: dict[str, tuple[int, bytes]] = {}
-    for tag, item in split_der(outer[0][1], what):
-        parts = split_der(item, what) if tag == _TAG_SEQUENCE else []
-        if len(parts) != 2 or parts[0][0] != _TAG_OID:
+# OBJECT IDENTIFIER contents of the SGX extensions (1.2.840.113741.1.13.1) and their members.
+_OID_SGX = bytes.fromhex("2a864886f84d010d01")
+_OID_PPID = _OID_SGX + b"\x01"
+_OID_TCB = _OID_SGX + b"\x02"
+_OID_PCEID = _OID_SGX + b"\x03"
+_OID_FMSPC = _OID_SGX + b"\x04"
+_OID_SGX_TYPE = _OID_SGX + b"\x05"
+_OID_PLATFORM_INSTANCE_ID = _OID_SGX + b"\x06"
+_OID_COMPONENTS = tuple(_OID_TCB + bytes([i]) for i in range(1, 17))
+_OID_PCESVN = _OID_TCB + b"\x11"
+_OID_CPUSVN = _OID_TCB + b"\x12"
+
+# (tag, value start, value end) of one member's value, in the extension's bytes.
+_Member = tuple[int, int, int]
+
+
+def _tlv(der: bytes, pos: int, end: int, what: str) -> tuple[int, int, int]:
+    """One DER element at der[pos:end]: (tag, value start, value end)."""
+    if end - pos < 2:
+        raise CertificateParseError(f"{what}: truncated DER at byte {pos}")
+    tag = der[pos]
+    length = der[pos + 1]
+    pos += 2
+    if length & 0x80:
+        n = length & 0x7F
+        if n == 0 or n > 4 or end - pos < n:
+            raise CertificateParseError(f"{what}: bad DER length at byte {pos - 1}")
+        length = int.from_bytes(der[pos : pos + n], "big")
+        pos += n
+    if pos + length > end:
+        raise CertificateParseError(f"{what}: DER value overruns its container at byte {pos}")
+    return tag, pos, pos + length
+
+
+def _members(der: bytes, start: int, end: int, what: str) -> dict[bytes, _Member]:
+    """The contents der[start:end] of a SEQUENCE OF SEQUENCE { OID, value } -> {OID contents: value}.
+
+    The hot path of a first verification: the OID's header is read inline (its length is always
+    short-form here; a long-form one is refused), the value's too when its length is short-form."""
+    result: dict[bytes, _Member] = {}
+    pos = start
+    while pos < end:
+        tag, item, pos = _tlv(der, pos, end, what)
+        oid_end = item + 2 + der[item + 1] if tag == _TAG_SEQUENCE and pos - item >= 4 else 0
+        if der[item] != _TAG_OID or der[item + 1] & 0x80 or oid_end + 2 > pos:
             raise CertificateParseError(f"{what}: expected SEQUENCE {{ OID, value }}")
-        result[oid_text(parts[0][1])] = parts[1]
+        length = der[oid_end + 1]
+        if length & 0x80:
+            value = _tlv(der, oid_end, pos, what)
+        else:
+            value = (der[oid_end], oid_end + 2, oid_end + 2 + length)
+        if value[2] != pos:
+            raise CertificateParseError(f"{what}: expected SEQUENCE {{ OID, value }}")
+        oid = der[item + 2 : oid_end]
+        if oid in result:
+            raise CertificateParseError(f"{what}: {oid_text(oid)} appears twice")
+        result[oid] = value
     return result
 
 
-def _get(pairs: dict[str, tuple[int, bytes]], oid: str, tag: int, size: int | None = None) -> bytes:
-    if oid not in pairs:
-        raise CertificateParseError(f"PCK certificate SGX extension: {oid} is missing")
-    got_tag, value = pairs[oid]
-    if got_tag != tag or (size is not None and len(value) != size):
+def _get(
+    der: bytes, pairs: dict[bytes, _Member], oid: bytes, tag: int, size: int | None = None
+) -> bytes:
+    member = pairs.get(oid)
+    if member is None:
+        raise CertificateParseError(f"PCK certificate SGX extension: {oid_text(oid)} is missing")
+    got_tag, start, end = member
+    if got_tag != tag or (size is not None and end - start != size):
         want = f"tag 0x{tag:02x}" + (f" of {size} bytes" if size is not None else "")
         raise CertificateParseError(
-            f"PCK certificate SGX extension: {oid} expected {want}, "
-            f"found tag 0x{got_tag:02x} of {len(value)} bytes"
+            f"PCK certificate SGX extension: {oid_text(oid)} expected {want}, "
+            f"found tag 0x{got_tag:02x} of {end - start} bytes"
         )
-    return value
+    return der[start:end]
 
 
-def _uint(pairs: dict[str, tuple[int, bytes]], oid: str, tag: int = _TAG_INTEGER) -> int:
-    value = _get(pairs, oid, tag)
+def _uint(der: bytes, pairs: dict[bytes, _Member], oid: bytes, tag: int = _TAG_INTEGER) -> int:
+    value = _get(der, pairs, oid, tag)
     if not value or len(value) > 3 or value[0] & 0x80:
         raise CertificateParseError(
-            f"PCK certificate SGX extension: {oid} is not a small unsigned integer"
+            f"PCK certificate SGX extension: {oid_text(oid)} is not a small unsigned integer"
         )
     return int.from_bytes(value, "big")
 
 
 def parse_pck_extension(cert: x509.Certificate) -> PckExtension:
-    """Decode the Intel SGX extensions of a PCK leaf certificate."""
+    """Decode the Intel SGX extensions of a PCK leaf certificate (read through cryptography)."""
     with parsing(CertificateParseError, "PCK certificate extensions do not parse"):
         sgx = [e for e in cert.extensions if e.oid.dotted_string == SGX_EXTENSIONS_OID]
     if not sgx:
@@ -146,39 +192,38 @@ def parse_pck_extension(cert: x509.Certificate) -> PckExtension:
     value = sgx[0].value
     if not isinstance(value, x509.UnrecognizedExtension):
         raise CertificateParseError("PCK certificate SGX extension has an unexpected type")
-    top = _pairs(value.value, "PCK certificate SGX extension")
-    tcb = _pairs(_seq(top, _OID_TCB), "SGX TCB")
-    components = tuple(_uint(tcb, f"{_OID_TCB}.{i}") for i in range(1, 17))
+    return parse_pck_extension_value(value.value)
+
+
+def parse_pck_extension_value(der: bytes) -> PckExtension:
+    """Decode the SGX extension's value (the DER inside its extnValue OCTET STRING)."""
+    what = "PCK certificate SGX extension"
+    outer = der_spans(der, what)
+    if len(outer) != 1 or outer[0][0] != _TAG_SEQUENCE:
+        raise CertificateParseError(f"{what}: expected one SEQUENCE")
+    top = _members(der, outer[0][2], outer[0][3], what)
+    _get(der, top, _OID_TCB, _TAG_SEQUENCE)  # present, and a SEQUENCE
+    _, tcb_start, tcb_end = top[_OID_TCB]
+    tcb = _members(der, tcb_start, tcb_end, "SGX TCB")
+    components = tuple(_uint(der, tcb, oid) for oid in _OID_COMPONENTS)
     if any(c > 255 for c in components):
         raise CertificateParseError("PCK certificate SGX extension: a TCB component SVN exceeds 255")
-    pce_svn = _uint(tcb, _OID_PCESVN)
+    pce_svn = _uint(der, tcb, _OID_PCESVN)
     if pce_svn > 0xFFFF:
         raise CertificateParseError("PCK certificate SGX extension: PCESVN exceeds 65535")
     platform_instance = top.get(_OID_PLATFORM_INSTANCE_ID)
     return PckExtension(
-        ppid=_get(top, _OID_PPID, _TAG_OCTET_STRING, 16),
+        ppid=_get(der, top, _OID_PPID, _TAG_OCTET_STRING, 16),
         tcb_components=components,
         pce_svn=pce_svn,
-        cpu_svn=_get(tcb, _OID_CPUSVN, _TAG_OCTET_STRING, 16),
-        pce_id=_get(top, _OID_PCEID, _TAG_OCTET_STRING, 2),
-        fmspc=_get(top, _OID_FMSPC, _TAG_OCTET_STRING, 6),
-        sgx_type=_uint(top, _OID_SGX_TYPE, _TAG_ENUMERATED),
-        platform_instance_id=platform_instance[1] if platform_instance else None,
+        cpu_svn=_get(der, tcb, _OID_CPUSVN, _TAG_OCTET_STRING, 16),
+        pce_id=_get(der, top, _OID_PCEID, _TAG_OCTET_STRING, 2),
+        fmspc=_get(der, top, _OID_FMSPC, _TAG_OCTET_STRING, 6),
+        sgx_type=_uint(der, top, _OID_SGX_TYPE, _TAG_ENUMERATED),
+        platform_instance_id=(
+            der[platform_instance[1] : platform_instance[2]] if platform_instance else None
+        ),
     )
-
-
-def _seq(pairs: dict[str, tuple[int, bytes]], oid: str) -> bytes:
-    # Re-wrap the TCB SEQUENCE's contents so _pairs can read it like the top level.
-    inner = _get(pairs, oid, _TAG_SEQUENCE)
-    return _der_wrap(_TAG_SEQUENCE, inner)
-
-
-def _der_wrap(tag: int, value: bytes) -> bytes:
-    n = len(value)
-    if n < 0x80:
-        return bytes([tag, n]) + value
-    size = n.to_bytes((n.bit_length() + 7) // 8, "big")
-    return bytes([tag, 0x80 | len(size)]) + size + value
 
 
 _PEM_BEGIN = b"-----BEGIN CERTIFICATE-----"
@@ -193,14 +238,20 @@ def pem_ders(pem: bytes, what: str) -> list[bytes]:
     around the blocks only line breaks, and NULs at the very end (real quotes end with one); inside
     a block only base64 in its canonical form, and line breaks (RFC 7468 section 3, any line length).
     """
+    return [pem_body_der(body, what, i) for i, body in enumerate(pem_bodies(pem, what))]
+
+
+def pem_bodies(pem: bytes, what: str) -> list[bytes]:
+    """The text between each BEGIN and END line of a PEM chain (what `pem_body_der` decodes), with
+    the rules of `pem_ders` for what lies between the blocks."""
     text = pem.rstrip(b"\0")
-    ders: list[bytes] = []
+    bodies: list[bytes] = []
     pos = 0
     while True:
         start = text.find(_PEM_BEGIN, pos)
         gap = text[pos : start if start >= 0 else len(text)]
         if gap.translate(None, _EOL):
-            where = f"after certificate {len(ders) - 1}" if ders else "before the first certificate"
+            where = f"after certificate {len(bodies) - 1}" if bodies else "before the first certificate"
             raise CertificateParseError(
                 f"{what}: unexpected bytes {where} (only line breaks may separate PEM certificates)"
             )
@@ -209,15 +260,16 @@ def pem_ders(pem: bytes, what: str) -> list[bytes]:
         body = start + len(_PEM_BEGIN)
         end = text.find(_PEM_END, body)
         if end < 0:
-            raise CertificateParseError(f"{what}: certificate {len(ders)} has no END line")
-        ders.append(_pem_body_der(text[body:end], what, len(ders)))
+            raise CertificateParseError(f"{what}: certificate {len(bodies)} has no END line")
+        bodies.append(text[body:end])
         pos = end + len(_PEM_END)
-    if not ders:
+    if not bodies:
         raise CertificateParseError(f"{what}: no PEM certificate found")
-    return ders
+    return bodies
 
 
-def _pem_body_der(body: bytes, what: str, index: int) -> bytes:
+def pem_body_der(body: bytes, what: str, index: int) -> bytes:
+    """The DER of one PEM block's body: canonical base64 and line breaks only."""
     b64 = body.translate(None, _EOL)
     with parsing(CertificateParseError, f"{what}: certificate {index} is not valid base64"):
         der = binascii.a2b_base64(b64, strict_mode=True)

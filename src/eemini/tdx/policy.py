@@ -50,6 +50,9 @@ class Policy:
     # With expected events, the runtime event log must be given and bound to RTMR3; this accepts an
     # unbound or missing one instead (kernels without RTMR3 extension), reported as waived.
     allow_unbound_runtime_log: bool = False
+    # Seconds: the oldest collateral accepted, by the verification time (TCB info and QE identity
+    # by issueDate, the PCK CRL by thisUpdate; the root CA CRL, issued yearly, is exempt).
+    max_collateral_age: int | None = None
 
     def replace(self, **changes: Any) -> Policy:
         return dataclasses.replace(self, **changes)
@@ -146,6 +149,9 @@ class PolicyBuilder:
     def allow_unbound_runtime_log(self, allow: bool = True) -> PolicyBuilder:
         return self._set("allow_unbound_runtime_log", _bool("allow_unbound_runtime_log", allow))
 
+    def max_collateral_age(self, value: int | str) -> PolicyBuilder:
+        return self._set("max_collateral_age", _duration("max_collateral_age", value))
+
     def build(self) -> Policy:
         changes = dict(self._changes)
         rtmrs = [changes.pop(f"rtmr{i}", None) for i in range(4)]
@@ -158,6 +164,21 @@ class PolicyBuilder:
 def _bool(name: str, value: object) -> bool:
     if not isinstance(value, bool):
         raise PolicyError(f"{name} must be true or false, got {value!r}")
+    return value
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _duration(name: str, value: object) -> int:
+    """Seconds, from a positive integer or a string such as "7d", "12h", "30m", "90s"."""
+    if isinstance(value, str) and value[-1:] in _UNITS and value[:-1].isdigit() and value[:-1].isascii():
+        value = int(value[:-1]) * _UNITS[value[-1]]
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise PolicyError(
+            f'{name} must be a positive number of seconds, or a string like "7d" (d, h, m or s), '
+            f"got {value!r}"
+        )
     return value
 
 
@@ -199,6 +220,7 @@ _FILE_KEYS: dict[str, Callable[[PolicyBuilder, object], PolicyBuilder]] = {
     "allow_unbound_runtime_log": lambda b, v: b.allow_unbound_runtime_log(
         _bool("allow_unbound_runtime_log", v)
     ),
+    "max_collateral_age": lambda b, v: b.max_collateral_age(_duration("max_collateral_age", v)),
 }
 
 

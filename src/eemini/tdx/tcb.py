@@ -16,9 +16,17 @@ TCB Info v3 in Intel's PCS API v4 ("Get TDX TCB Info", TCB level matching steps)
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
-from eemini.tdx.collateral import IsvTcbLevel, QeIdentity, TcbInfo, TcbLevel, TcbStatus
+from eemini.tdx.collateral import (
+    IsvTcbLevel,
+    QeIdentity,
+    TcbInfo,
+    TcbLevel,
+    TcbStatus,
+    component_names,
+)
 from eemini.tdx.errors import (
     CollateralInvalid,
     FmspcMismatch,
@@ -40,6 +48,23 @@ class StatusWithAdvisories:
 
 
 @dataclass(frozen=True, slots=True)
+class TcbDrift:
+    """How far an out-of-date platform is behind: the date of the TCB level it matched, the date of
+    the TCB info's latest level, and each SVN below the latest (as "what: have < latest")."""
+
+    level_date: str
+    latest_date: str
+    behind: tuple[str, ...]
+
+    def sentence(self) -> str:
+        below = "; ".join(self.behind) or "no SVN (the level's status alone)"
+        return (
+            f"the platform matches the TCB level of {self.level_date}, the latest is of "
+            f"{self.latest_date}; below the latest: {below}"
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class TcbEvaluation:
     """What the collateral says about this platform and its quoting enclave."""
 
@@ -50,6 +75,7 @@ class TcbEvaluation:
     qe: StatusWithAdvisories
     tcb_level: TcbLevel
     tcb_evaluation_data_number: int
+    drift: TcbDrift | None = None  # for the OutOfDate statuses
 
 
 def converge(platform: TcbStatus, other: TcbStatus) -> TcbStatus:
@@ -88,14 +114,16 @@ def match_platform_level(tcb_info: TcbInfo, pck: PckExtension, report: TdReport)
         )
     svn = report.tee_tcb_svn
     first = 0 if svn[1] == 0 else 2
+    components = pck.tcb_components
+    tee = tuple(svn[first:])
     for level in tcb_info.tcb_levels:
-        if any(a < b for a, b in zip(pck.tcb_components, level.sgx_components, strict=True)):
+        if not all(map(operator.ge, components, level.sgx_components)):
             continue
         if pck.pce_svn < level.pce_svn:
             continue
         if not level.tdx_components:
             raise CollateralInvalid("TCB info level has no TDX components")
-        if any(svn[i] < level.tdx_components[i] for i in range(first, 16)):
+        if not all(map(operator.ge, tee, level.tdx_components[first:])):
             continue
         return level
     raise TcbLevelNotFound(
@@ -131,6 +159,13 @@ def evaluate_tdx_module(tcb_info: TcbInfo, report: TdReport) -> StatusWithAdviso
     raise TcbLevelNotFound(f"TCB info has no TDX module identity {module_id}")
 
 
+def _masked_differ(got: bytes, want: bytes, mask: bytes) -> bool:
+    """Whether `got` and `want` differ in a bit the mask keeps (byte strings of one length)."""
+    if not len(got) == len(want) == len(mask):
+        raise ValueError("masked comparison of byte strings of different lengths")
+    return bool((int.from_bytes(got) ^ int.from_bytes(want)) & int.from_bytes(mask))
+
+
 def evaluate_qe(qe_report: EnclaveReport, identity: QeIdentity) -> StatusWithAdvisories:
     """Check the QE report against the QE identity; return the QE's TCB status."""
     if identity.id != "TD_QE" or identity.version not in (2, 3):
@@ -147,16 +182,9 @@ def evaluate_qe(qe_report: EnclaveReport, identity: QeIdentity) -> StatusWithAdv
             f"QE ISVPRODID {qe_report.isv_prod_id} differs from the QE identity's {identity.isv_prod_id}"
         )
     misc = qe_report.misc_select.to_bytes(4, "little")
-    if any(
-        (a ^ b) & m for a, b, m in zip(misc, identity.miscselect, identity.miscselect_mask, strict=True)
-    ):
+    if _masked_differ(misc, identity.miscselect, identity.miscselect_mask):
         raise QeIdentityMismatch(f"QE MISCSELECT {misc.hex()} does not match the QE identity")
-    if any(
-        (a ^ b) & m
-        for a, b, m in zip(
-            qe_report.attributes, identity.attributes, identity.attributes_mask, strict=True
-        )
-    ):
+    if _masked_differ(qe_report.attributes, identity.attributes, identity.attributes_mask):
         raise QeIdentityMismatch(
             f"QE ATTRIBUTES {qe_report.attributes.hex()} do not match the QE identity"
         )
@@ -184,6 +212,7 @@ def evaluate(
         ids = _merge_ids(ids, module.advisory_ids)
     status = converge(status, qe_status.status)
     ids = _merge_ids(ids, qe_status.advisory_ids)
+    out_of_date = status in (TcbStatus.OUT_OF_DATE, TcbStatus.OUT_OF_DATE_CONFIGURATION_NEEDED)
     return TcbEvaluation(
         status=status,
         advisory_ids=ids,
@@ -192,4 +221,49 @@ def evaluate(
         qe=qe_status,
         tcb_level=level,
         tcb_evaluation_data_number=tcb_info.tcb_evaluation_data_number,
+        drift=(
+            drift(tcb_info, qe_identity, level=level, pck=pck, report=report, qe=qe)
+            if out_of_date
+            else None
+        ),
     )
+
+
+def drift(
+    tcb_info: TcbInfo,
+    qe_identity: QeIdentity,
+    *,
+    level: TcbLevel,
+    pck: PckExtension,
+    report: TdReport,
+    qe: EnclaveReport,
+) -> TcbDrift:
+    """Compare the platform with the latest TCB level (the first: Intel lists them newest first),
+    its TDX module with the module identity's latest level, its QE with the QE identity's."""
+    latest = tcb_info.tcb_levels[0]
+    sgx_names, tdx_names = component_names(tcb_info)
+    behind = []
+
+    def named(kind: str, i: int, names: tuple[str, ...]) -> str:
+        name = names[i] if i < len(names) else ""
+        return f"{kind} component {i}" + (f" ({name})" if name else "")
+
+    for i, (have, want) in enumerate(zip(pck.tcb_components, latest.sgx_components, strict=True)):
+        if have < want:
+            behind.append(f"{named('SGX', i, sgx_names)} SVN {have} < {want}")
+    if pck.pce_svn < latest.pce_svn:
+        behind.append(f"PCE SVN {pck.pce_svn} < {latest.pce_svn}")
+    svn = report.tee_tcb_svn
+    first = 0 if svn[1] == 0 else 2
+    for i in range(first, min(16, len(latest.tdx_components))):
+        if svn[i] < latest.tdx_components[i]:
+            behind.append(f"{named('TDX', i, tdx_names)} SVN {svn[i]} < {latest.tdx_components[i]}")
+    module_id = f"TDX_{svn[1]:02X}"
+    for identity in tcb_info.tdx_module_identities if svn[1] else ():
+        top = identity.tcb_levels[0] if identity.id == module_id and identity.tcb_levels else None
+        if top is not None and svn[0] < top.isv_svn:
+            behind.append(f"TDX module {module_id} SVN {svn[0]} < {top.isv_svn} (of {top.tcb_date})")
+    top_qe = qe_identity.tcb_levels[0] if qe_identity.tcb_levels else None
+    if top_qe is not None and qe.isv_svn < top_qe.isv_svn:
+        behind.append(f"QE ISV SVN {qe.isv_svn} < {top_qe.isv_svn} (of {top_qe.tcb_date})")
+    return TcbDrift(level.tcb_date, latest.tcb_date, tuple(behind))

@@ -30,7 +30,6 @@ from eemini.tdx.chain import (
     Context,
     Crl,
     VerificationCache,
-    digest,
     ec_key,
     ecdsa_verify_raw,
     load_crl,
@@ -44,13 +43,13 @@ from eemini.tdx.collateral import (
     parse_tcb_info,
 )
 from eemini.tdx.errors import (
-    CertificateParseError,
     CertificateRevoked,
     CollateralExpired,
     CollateralInvalid,
     CollateralParseError,
     CollateralRequired,
     CollateralSignatureInvalid,
+    CollateralTooOld,
     CrlInvalid,
     DebugTdRejected,
     EventLogRequired,
@@ -67,10 +66,7 @@ from eemini.tdx.errors import (
 )
 from eemini.tdx.evidence import EventLogReport, check_event_log
 from eemini.tdx.guard import parsing, utf8
-from eemini.tdx.pck import (
-    PckExtension,
-    parse_pck_extension,
-)
+from eemini.tdx.pck import PckExtension
 from eemini.tdx.policy import DEFAULT_POLICY, Policy
 from eemini.tdx.quote import Quote, TdReport, parse_quote
 from eemini.tdx.roots import INTEL_ROOT, TrustAnchor
@@ -145,17 +141,21 @@ def check_pck_chain(ctx: Context, quote: Quote) -> _PckResult:
     leaf = chain[0]
     ext = ctx.cache.pck_extensions.get(leaf.fingerprint)
     if ext is None:
-        ext = parse_pck_extension(leaf.cert)
-        ctx.cache.pck_extensions[leaf.fingerprint] = ext
+        ext = ctx.cache.pck_extensions[leaf.fingerprint] = ctx.pck_extension(leaf)
     ctx.passed("pck-chain")
     return _PckResult(anchor, root, chain, ext)
 
 
 def check_qe_report_signature(ctx: Context, quote: Quote, pck: _PckResult) -> None:
+    # A platform's quoting enclave signs every quote with one attestation key, and the QE report
+    # binding that key is the same in all of them: a cache checks its signature once per PCK.
     cert = quote.signature_data.certification
-    key = ec_key(pck.chain[0], "PCK certificate")
-    if not ecdsa_verify_raw(key, cert.qe_report_signature, cert.qe_report.raw):
-        raise QeReportSignatureInvalid("the QE report is not signed by the PCK certificate's key")
+    seen = (pck.chain[0].fingerprint, cert.qe_report.raw, cert.qe_report_signature)
+    if seen not in ctx.cache.qe_reports:
+        key = ec_key(pck.chain[0], "PCK certificate")
+        if not ecdsa_verify_raw(key, cert.qe_report_signature, cert.qe_report.raw):
+            raise QeReportSignatureInvalid("the QE report is not signed by the PCK certificate's key")
+        ctx.cache.qe_reports.add(seen)
     ctx.passed("qe-report-signature")
 
 
@@ -177,8 +177,11 @@ def check_qe_report_data(ctx: Context, quote: Quote) -> None:
 
 def check_quote_signature(ctx: Context, quote: Quote) -> None:
     raw = quote.signature_data.attestation_key
-    with parsing(QuoteSignatureInvalid, "the attestation key is not a point on P-256"):
-        key = ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), b"\x04" + raw)
+    key = ctx.cache.attestation_keys.get(raw)
+    if key is None:
+        with parsing(QuoteSignatureInvalid, "the attestation key is not a point on P-256"):
+            key = ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), b"\x04" + raw)
+        ctx.cache.attestation_keys[raw] = key
     if not ecdsa_verify_raw(key, quote.signature_data.signature, quote.signed_data):
         raise QuoteSignatureInvalid(
             "the quote header and TD report are not signed by the attestation key"
@@ -198,8 +201,8 @@ class _Crls:
 def check_crls(ctx: Context, collateral: Collateral, root: Cert) -> tuple[_Crls, tuple[Cert, ...]]:
     root_crl = load_crl(ctx, collateral.root_ca_crl, root, "root CA CRL")
     what = "PCK CRL issuer chain"
-    certs = ctx.load_chain(utf8(collateral.pck_crl_issuer_chain, CertificateParseError, what), what)
-    _, _, chain = ctx.verify_chain(certs, "PCK CRL issuer chain")
+    certs = ctx.load_chain(collateral.pck_crl_issuer_chain, what)
+    _, _, chain = ctx.verify_chain(certs, what)
     pck_crl = load_crl(ctx, collateral.pck_crl, chain[0], "PCK CRL")
     ctx.passed("crls")
     return _Crls(root_crl, pck_crl), chain
@@ -215,17 +218,6 @@ def _check_window(ctx: Context, issue: datetime.datetime, nxt: datetime.datetime
         )
 
 
-def _signed_json_chain(
-    ctx: Context, text: bytes, signature: bytes, chain_pem: bytes, what: str, *, verified: bool
-) -> tuple[Cert, ...]:
-    # The chain is always re-checked (validity at `now`); a cached document skips its signature.
-    certs = ctx.load_chain(chain_pem, f"{what} issuer chain")
-    _, _, chain = ctx.verify_chain(certs, f"{what} issuer chain")
-    if not verified and not ecdsa_verify_raw(ec_key(chain[0], what), signature, text):
-        raise CollateralSignatureInvalid(f"{what} is not signed by {chain[0].name}")
-    return chain
-
-
 _Signed = TypeVar("_Signed", TcbInfo, QeIdentity)
 
 
@@ -236,17 +228,20 @@ def _check_signed_json(
     chain_pem: str,
     what: str,
     *,
-    cache: dict[bytes, _Signed],
+    cache: dict[tuple[str, bytes, str], _Signed],
     parse: Callable[[str], _Signed],
 ) -> tuple[_Signed, tuple[Cert, ...]]:
-    # TCB info and QE identity are checked alike: cached by digest of what was signed, the
-    # signature only on a cache miss, the issue/next-update window always.
-    signed = utf8(text, CollateralInvalid, what)
-    chain_bytes = utf8(chain_pem, CertificateParseError, f"{what} issuer chain")
-    key = digest(signed, signature, chain_bytes)
+    # TCB info and QE identity are checked alike: cached by what was signed, its signature and
+    # chain, the signature checked only on a cache miss; the chain (validity at `now`) and the
+    # issue/next-update window always.
+    key = (text, signature, chain_pem)
     doc = cache.get(key)
-    chain = _signed_json_chain(ctx, signed, signature, chain_bytes, what, verified=doc is not None)
+    signed = utf8(text, CollateralInvalid, what) if doc is None else b""
+    certs = ctx.load_chain(chain_pem, f"{what} issuer chain")
+    _, _, chain = ctx.verify_chain(certs, f"{what} issuer chain")
     if doc is None:
+        if not ecdsa_verify_raw(ec_key(chain[0], what), signature, signed):
+            raise CollateralSignatureInvalid(f"{what} is not signed by {chain[0].name}")
         try:
             doc = parse(text)
         except CollateralParseError as e:
@@ -286,7 +281,7 @@ def check_qe_identity(ctx: Context, collateral: Collateral) -> tuple[QeIdentity,
 
 def check_revocation(ctx: Context, crls: _Crls, root: Cert, chains: Sequence[tuple[Cert, ...]]) -> None:
     # The root itself may be listed in its own CRL (dcap-qvl checks this too): then nothing holds.
-    if root.serial in crls.root.revoked:
+    if crls.root.is_revoked(root.serial):
         raise CertificateRevoked(f"the root {root.name} is revoked by its own CRL")
     for chain in chains:
         for cert in chain:
@@ -296,15 +291,48 @@ def check_revocation(ctx: Context, crls: _Crls, root: Cert, chains: Sequence[tup
                 crl, what = crls.pck, "PCK CRL"
             else:
                 raise CrlInvalid(f"no CRL covers {cert.name} (its issuer issued neither CRL)")
-            if cert.serial in crl.revoked:
+            if crl.is_revoked(cert.serial):
                 raise CertificateRevoked(
                     f"{cert.name} (serial {cert.serial:x}) is revoked by the {what}"
                 )
     ctx.passed("revocation")
 
 
+def check_collateral_age(
+    ctx: Context, policy: Policy, tcb_info: TcbInfo, qe_identity: QeIdentity, crls: _Crls
+) -> None:
+    """The policy's max_collateral_age: TCB info and QE identity by issueDate, the PCK CRL by
+    thisUpdate. The root CA CRL is exempt: Intel issues it about once a year."""
+    if policy.max_collateral_age is None:
+        return
+    limit = datetime.timedelta(seconds=policy.max_collateral_age)
+    for what, issued, field in (
+        ("TCB info", tcb_info.issue_date, "issueDate"),
+        ("QE identity", qe_identity.issue_date, "issueDate"),
+        ("PCK CRL", crls.pck.this_update, "thisUpdate"),
+    ):
+        age = ctx.when - issued
+        if age > limit:
+            raise CollateralTooOld(
+                f"{what} is from {issued.isoformat()} ({field}), {_span(age)} before "
+                f"{ctx.when.isoformat()}; the policy accepts at most {_span(limit)} (max_collateral_age)"
+            )
+    ctx.passed("collateral-age")
+
+
+def _span(delta: datetime.timedelta) -> str:
+    """Exactly, as the policy's durations are written: "7d", "29d 23h 59m 59s"."""
+    seconds = int(delta.total_seconds())
+    parts: list[str] = []
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        if seconds >= size or (unit == "s" and not parts):
+            parts.append(f"{seconds // size}{unit}")
+            seconds %= size
+    return " ".join(parts)
+
+
 def check_collateral(
-    ctx: Context, quote: Quote, collateral: Collateral, pck: _PckResult
+    ctx: Context, quote: Quote, collateral: Collateral, pck: _PckResult, policy: Policy = DEFAULT_POLICY
 ) -> tcb.TcbEvaluation:
     # Collateral must come from the PCK chain's own root: with a development root trusted as well,
     # Intel's collateral must not vouch for a development PCK, nor the reverse.
@@ -312,6 +340,7 @@ def check_collateral(
     crls, crl_chain = check_crls(ctx, collateral, pck.root)
     tcb_info, tcb_chain = check_tcb_info(ctx, collateral)
     qe_identity, qe_chain = check_qe_identity(ctx, collateral)
+    check_collateral_age(ctx, policy, tcb_info, qe_identity, crls)
     check_revocation(ctx, crls, pck.root, (pck.chain, crl_chain, tcb_chain, qe_chain))
     evaluation = tcb.evaluate(
         tcb_info, qe_identity, pck.extension, quote.report, quote.signature_data.certification.qe_report
@@ -386,9 +415,10 @@ def check_tcb_status(ctx: Context, evaluation: tcb.TcbEvaluation | None, policy:
         return
     if evaluation.status == TcbStatus.REVOKED or evaluation.status not in policy.accepted_tcb_statuses:
         accepted = ", ".join(sorted(s.value for s in policy.accepted_tcb_statuses))
+        drift = f"; {evaluation.drift.sentence()}" if evaluation.drift else ""
         raise TcbStatusRejected(
             f"TCB status is {evaluation.status.value} (advisories: "
-            f"{', '.join(evaluation.advisory_ids) or 'none'}); accepted: {accepted}"
+            f"{', '.join(evaluation.advisory_ids) or 'none'}); accepted: {accepted}{drift}"
         )
     rejected = sorted(set(evaluation.advisory_ids) & policy.rejected_advisory_ids)
     if rejected:
@@ -520,7 +550,9 @@ def verify(
     check_qe_report_signature(ctx, parsed, pck)
     check_qe_report_data(ctx, parsed)
     check_quote_signature(ctx, parsed)
-    evaluation = check_collateral(ctx, parsed, collateral, pck) if collateral is not None else None
+    evaluation = (
+        check_collateral(ctx, parsed, collateral, pck, policy) if collateral is not None else None
+    )
     check_policy(ctx, parsed, policy, evaluation)
     waived: list[Waiver] = []
     event_report = check_event_logs(ctx, parsed, policy, event_log, runtime_events, waived=waived)

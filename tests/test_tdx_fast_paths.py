@@ -1,0 +1,180 @@
+"""The verifier's fast paths agree with the slow, general readers they stand in for.
+
+A first verification reads TCB levels, QE identity levels, CRL dates, revoked serial numbers and
+certificate keys without the general readers (collateral._Doc, cryptography's accessors); these
+tests hold each fast path to the reader it replaces, on the real corpus and on mutated input.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+from typing import Any
+
+import pytest
+from cryptography import x509
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from conftest import shared_testdata
+from eemini.tdx import chain, collateral
+from eemini.tdx.chain import Crl, split_signed
+from eemini.tdx.errors import CollateralParseError
+from eemini.tdx.pck import pem_ders
+from tdx_builder import der_tlv
+
+
+def _collaterals() -> list[dict[str, Any]]:
+    d = shared_testdata("quotes")
+    return [json.loads(p.read_text()) for p in sorted(d.glob("*.collateral.json"))]
+
+
+def _slow_levels(text: str) -> tuple[collateral.TcbLevel, ...]:
+    return collateral._levels(collateral._load(text, "tcb_info"))
+
+
+def _slow_isv_levels(text: str) -> tuple[collateral.IsvTcbLevel, ...]:
+    doc = collateral._load(text, "qe_identity")
+    levels = []
+    for i, raw in enumerate(doc.items("tcbLevels")):
+        lv = collateral._Doc(raw, f"qe_identity.tcbLevels[{i}]")
+        isv = lv.obj("tcb").uint("isvsvn")
+        date, status = lv.text("tcbDate"), lv.status("tcbStatus")
+        levels.append(collateral.IsvTcbLevel(isv, date, status, lv.advisories()))
+    return tuple(levels)
+
+
+def test_corpus_levels_equal_the_general_reader() -> None:
+    docs = _collaterals()
+    assert len(docs) == 15
+    for doc in docs:
+        info = collateral.parse_tcb_info(doc["tcb_info"])
+        assert collateral._fast_levels(json.loads(doc["tcb_info"])["tcbLevels"]) is not None
+        assert info.tcb_levels == _slow_levels(doc["tcb_info"])
+        raw = json.loads(doc["qe_identity"])["tcbLevels"]
+        assert collateral._fast_isv_levels(raw) == _slow_isv_levels(doc["qe_identity"])
+
+
+def test_corpus_crl_dates_and_serials_equal_cryptography() -> None:
+    seen = 0
+    for doc in _collaterals():
+        for key in ("root_ca_crl", "pck_crl"):
+            der = bytes.fromhex(doc[key])
+            theirs = x509.load_der_x509_crl(der)
+            signed = split_signed(der, key)
+            first = 1 if signed.field_tags[0] == 0x02 else 0
+            tags, fields = signed.field_tags, signed.fields
+            assert chain._der_time(tags[first + 2], fields[first + 2]) == theirs.last_update_utc
+            assert chain._der_time(tags[first + 3], fields[first + 3]) == theirs.next_update_utc
+            entries = fields[first + 4] if tags[first + 4] == 0x30 else b""
+            serials = frozenset(e.serial_number for e in theirs)
+            assert chain._revoked_serials(entries, key) == serials
+            seen += len(serials)
+    assert seen > 100  # the PCK CRLs list dozens each
+
+
+def test_corpus_keys_equal_cryptography() -> None:
+    for doc in _collaterals():
+        for key in ("pck_crl_issuer_chain", "tcb_info_issuer_chain"):
+            for der in pem_ders(doc[key].encode(), key):
+                cert = x509.load_der_x509_certificate(der)
+                signed = split_signed(der, key)
+                first = 1 if signed.field_tags[0] == 0xA0 else 0
+                assert chain._spki_key(cert, signed, first) == cert.public_key()
+
+
+@pytest.mark.parametrize(
+    ("tag", "text", "expected"),
+    [
+        (0x17, b"250719100035Z", datetime.datetime(2025, 7, 19, 10, 0, 35, tzinfo=datetime.UTC)),
+        (0x17, b"490101000000Z", datetime.datetime(2049, 1, 1, tzinfo=datetime.UTC)),
+        (0x17, b"500101000000Z", datetime.datetime(1950, 1, 1, tzinfo=datetime.UTC)),
+        (0x18, b"20491231235959Z", datetime.datetime(2049, 12, 31, 23, 59, 59, tzinfo=datetime.UTC)),
+        (0x17, b"251319100035Z", None),  # month 13: cryptography decides (and refuses)
+        (0x17, b"2507191000-5Z", None),
+        (0x17, b"250719100035+", None),
+        (0x17, b"2507191000351", None),
+        (0x18, b"250719100035Z", None),  # a UTCTime's length under the GeneralizedTime tag
+        (0x04, b"250719100035Z", None),
+    ],
+)
+def test_der_time(tag: int, text: bytes, expected: datetime.datetime | None) -> None:
+    assert chain._der_time(tag, text) == expected
+
+
+def _entry(serial_contents: bytes) -> bytes:
+    return der_tlv(0x30, der_tlv(0x02, serial_contents) + der_tlv(0x17, b"250101000000Z"))
+
+
+def _crl(entries: bytes) -> Crl:
+    now = datetime.datetime(2025, 1, 1, tzinfo=datetime.UTC)
+    return Crl(
+        crl=None,  # type: ignore[arg-type]
+        issuer=b"", this_update=now, next_update=now, entries=entries, what="CRL",
+    )  # fmt: skip
+
+
+def test_is_revoked_finds_a_serial_however_it_is_encoded() -> None:
+    serial = 0x1234
+    minimal = _crl(_entry(b"\x00\x99") + _entry(b"\x12\x34"))
+    padded = _crl(_entry(b"\x00\x00\x12\x34"))  # not DER, but the same INTEGER
+    negative = _crl(_entry(b"\xff\xfe"))
+    assert (minimal.is_revoked(serial), padded.is_revoked(serial)) == (True, True)
+    assert (minimal.is_revoked(0x99), minimal.is_revoked(0x1235)) == (True, False)
+    assert (negative.is_revoked(-2), negative.is_revoked(0xFFFE)) == (True, False)
+    # Bytes of the serial elsewhere in an entry (here, in its date) are no revocation.
+    assert _crl(_entry(b"\x01")).is_revoked(int.from_bytes(b"2501", "big")) is False
+    assert _crl(b"").is_revoked(serial) is False
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-5, 300) | st.text(max_size=12),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
+    max_leaves=20,
+)
+
+
+def _outcome(parse: Any, text: str) -> object:
+    try:
+        return parse(text)
+    except CollateralParseError as e:
+        return f"error: {e}"
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(st.data())
+def test_mutated_levels_read_alike(data: st.DataObject) -> None:
+    # Change one value somewhere inside the TCB levels (or the QE identity's): the fast path and
+    # the general reader give the same levels, or the general reader's error.
+    docs = _collaterals()
+    doc = data.draw(st.sampled_from(docs))
+    which = data.draw(st.sampled_from(["tcb_info", "qe_identity"]))
+    obj = json.loads(doc[which])
+    node: Any = obj["tcbLevels"]
+    while True:
+        keys = list(node) if isinstance(node, dict) else list(range(len(node)))
+        if not keys:
+            break
+        k = data.draw(st.sampled_from(keys))
+        if isinstance(node[k], dict | list) and data.draw(st.booleans()):
+            node = node[k]
+            continue
+        node[k] = data.draw(_JSON)
+        break
+    text = json.dumps(obj)
+    if which == "tcb_info":
+        fast: object = collateral._fast_levels(obj["tcbLevels"])
+        slow = _outcome(_slow_levels, text)
+        parsed = _outcome(collateral.parse_tcb_info, text)
+    else:
+        fast = collateral._fast_isv_levels(obj["tcbLevels"])
+        slow = _outcome(_slow_isv_levels, text)
+        parsed = _outcome(collateral.parse_qe_identity, text)
+    if fast is not None:
+        assert fast == slow
+    if isinstance(slow, str):
+        assert parsed == slow
+    else:
+        assert parsed.tcb_levels == slow  # type: ignore[attr-defined]
