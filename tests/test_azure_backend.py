@@ -238,3 +238,33 @@ def test_an_absent_wire_server_is_named(wireserver: tuple[Server, Behaviour]) ->
     with pytest.raises(WireServerError) as e:
         report_ready(_fetch(port))
     assert str(e.value) == "the wire server 127.0.0.1 did not answer"
+
+
+# --- PID 1's trial attestation --------------------------------------------------------------------
+
+
+def test_pid1_refuses_without_a_vtpm(tmp_path: Any) -> None:
+    from eemini.guest import pid1
+
+    backend = AzureVtpmBackend(open_tpm=lambda: Tpm.open(str(tmp_path / "tpmrm0")))
+    with pytest.raises(pid1.Refusal) as e:
+        pid1.trial_quote(backend)
+    assert e.value.line() == (
+        "refusing to start the workload: TDX attestation is unavailable: the vTPM is not "
+        f"available: cannot open the TPM {tmp_path / 'tpmrm0'}: No such file or directory"
+    )
+
+
+def test_pid1_refuses_when_the_report_stays_stale(swtpm: Swtpm, imds: tuple[Server, Behaviour]) -> None:
+    """The trial uses fresh random report data, for which this fake has no report."""
+    from eemini.guest import pid1
+
+    swtpm.provision_report(REPORT_DATA)
+    b = Backend(swtpm, imds[0].port, reads=2)
+    with pytest.raises(pid1.Refusal) as e:
+        pid1.trial_quote(b.backend)
+    assert e.value.line().startswith(
+        "refusing to start the workload: TDX attestation is unavailable: the HCL report is stale: "
+        "after 2 reads over "
+    )
+    assert imds[1].requests == []  # nothing was sent to the quote service for a stale report
