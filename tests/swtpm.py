@@ -181,5 +181,10 @@ def running_swtpm(work: Path) -> Iterator[Swtpm]:
         tpm.ak_public = key
         yield tpm
     finally:
-        proc.kill()
-        proc.wait()
+        # SIGTERM: swtpm saves its state, which a later swtpm (a VM's) may start from.
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
