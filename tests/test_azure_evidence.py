@@ -172,6 +172,35 @@ def test_only_the_bound_sha256_bank_counts() -> None:
     assert check(answer(log=log_with(LOG, 23, sha384=b"\x03" * 48))).boot is not None
 
 
+def test_pcrs_extended_after_boot_are_reported_not_judged() -> None:
+    # Linux's IMA extends PCR 10 with its boot_aggregate (logged in its own log, not this one).
+    pcrs = replay_sha256(LOG)
+    pcrs[10] = hashlib.sha256(bytes(32) + b"\x10" * 32).digest()
+    pcrs[23] = hashlib.sha256(bytes(32) + b"\x23" * 32).digest()
+    v = check(answer(pcrs=pcrs))
+    assert v.pcrs_after_boot == ((10, pcrs[10]), (23, pcrs[23]))
+    assert "expected-events" in v.checks
+    # A boot PCR extended outside the log is not the boot the log describes.
+    for boot_pcr in (0, 9, 11, 15):
+        changed = replay_sha256(LOG)
+        changed[boot_pcr] = pcrs[10]
+        e = rejected(answer(pcrs=changed))
+        assert e.check == "tpm-event-log"
+        assert e.message.startswith(
+            f"the TPM event log does not replay to the quoted PCRs: PCR {boot_pcr} "
+        )
+
+
+def test_a_log_extending_a_pcr_outside_the_boot_is_judged_too() -> None:
+    other = append_event(LOG, 23, 0x0D, b"late")  # EV_IPL into PCR 23, PCRs replayed to match
+    e = rejected(answer(log=other))
+    assert (e.check, e.message.split(":")[0]) == ("expected-events", "event 41")
+    assert e.message.endswith("PCR23 is outside the registers a measured boot extends")
+    # Claimed in the log but not in the PCRs: the replay fails first.
+    e = rejected(answer(log=other, pcrs=replay_sha256(LOG)))
+    assert e.message.startswith("the TPM event log does not replay to the quoted PCRs: PCR 23 ")
+
+
 def test_expected_events_need_a_tpm_log() -> None:
     e = rejected(answer(log=None))
     assert (e.check, e.message) == (

@@ -63,6 +63,8 @@ def azure_to_dict(v: VerifiedAzure) -> dict[str, Any]:
                 {"event": e.number, "pcr": e.register, "group": g.value, "what": e.describe()}
                 for e, g in (boot.allowed if boot else ())
             ],
+            # Extended outside the firmware's log (IMA's PCR 10): reported, not judged.
+            "pcrs_after_boot": {str(i): p.hex() for i, p in v.pcrs_after_boot},
         }  # fmt: skip
     return out
 

@@ -14,6 +14,12 @@ from collections.abc import Sequence
 from eemini.tdx.eventlog import DIGEST_SIZES, EventLog, EventType, HashAlg
 
 PCR_COUNT = 24
+# The PCRs a boot extends (PC Client: 0-7 the firmware, 8-9 the loader and the Linux stub, 11-15
+# systemd-stub and the like): each must be the log's replay. PCR 10 is IMA's (Linux extends it with
+# its boot_aggregate once a TPM is there, logging it in its own runtime log, not this one), 16 is
+# for debug, 17-22 for a dynamic launch, 23 for applications: extended after boot if at all, they
+# are reported, not judged, unless the firmware's log itself extends them.
+BOOT_PCRS = frozenset(range(10)) | frozenset(range(11, 16))
 STARTUP_LOCALITY = b"StartupLocality\0"
 _HASHLIB = {HashAlg.SHA1: "sha1", HashAlg.SHA256: "sha256", HashAlg.SHA384: "sha384",
             HashAlg.SHA512: "sha512"}  # fmt: skip
@@ -53,8 +59,15 @@ def replay_pcrs(log: EventLog, alg: int = HashAlg.SHA256) -> list[bytes]:
     return pcrs
 
 
-def first_mismatch(replayed: Sequence[bytes], quoted: Sequence[bytes]) -> int | None:
+def judged_pcrs(log: EventLog) -> frozenset[int]:
+    """The PCRs whose quoted value must be the log's replay: the boot's, and any the log extends."""
+    return BOOT_PCRS | {e.register for e in log.measured() if 0 <= e.register < PCR_COUNT}
+
+
+def first_mismatch(
+    replayed: Sequence[bytes], quoted: Sequence[bytes], judged: frozenset[int]
+) -> int | None:
     for i, (a, b) in enumerate(zip(replayed, quoted, strict=True)):
-        if a != b:
+        if i in judged and a != b:
             return i
     return None

@@ -14,7 +14,8 @@ The trust chain, and the check that holds each link (docs/verify.md, "Azure evid
                                                 (a TPM-generated TPMS_ATTEST of type QUOTE)
     vTPM quote -> caller's nonce                vtpm-nonce: extraData = the expected nonce
     vTPM quote -> PCR values                    vtpm-pcrs: SHA-256 PCRs 0..23, digest matches
-    PCR values -> TPM event log                 tpm-event-log: the log replays to all 24 PCRs
+    PCR values -> TPM event log                 tpm-event-log: the log replays to the boot's PCRs
+                                                (0-9, 11-15) and to every PCR it extends
     TPM event log -> this image                 expected-events: the exact-set rule of
                                                 eemini.tdx.bootevents on the PCR log, SHA-256 bank
     runtime event log                           runtime-log: nothing in Azure evidence binds it
@@ -61,7 +62,7 @@ from eemini.tdx.azure.tpm import (
     pcr_digest,
     rsassa_sha256_verify,
 )
-from eemini.tdx.azure.tpmlog import ReplayError, first_mismatch, replay_pcrs
+from eemini.tdx.azure.tpmlog import ReplayError, first_mismatch, judged_pcrs, replay_pcrs
 from eemini.tdx.bootevents import BootCheck, check_boot_events
 from eemini.tdx.collateral import Collateral
 from eemini.tdx.errors import PolicyError, RuntimeLogUnbound
@@ -157,6 +158,9 @@ class VerifiedAzure:
     event_log: EventLog | None = None
     boot: BootCheck | None = None
     waived: tuple[Waiver, ...] = ()
+    # PCRs (outside the boot's) whose value is not the TPM log's replay: extended after boot, e.g.
+    # PCR 10 by the kernel's IMA. Reported, not judged.
+    pcrs_after_boot: tuple[tuple[int, bytes], ...] = ()
 
     @property
     def user_data(self) -> bytes:
@@ -260,19 +264,22 @@ def check_vtpm_pcrs(attest: TpmQuote, pcrs: Sequence[bytes]) -> None:
         )
 
 
-def check_tpm_event_log(data: bytes, pcrs: Sequence[bytes]) -> EventLog:
+def check_tpm_event_log(data: bytes, pcrs: Sequence[bytes]) -> tuple[EventLog, dict[int, bytes]]:
+    """The log and the PCRs extended outside it (IMA's PCR 10, say): the boot's PCRs, and every PCR
+    the log extends, must be its SHA-256 replay (tpmlog.BOOT_PCRS)."""
     try:
         log = parse_event_log(data)
         replayed = replay_pcrs(log, HashAlg.SHA256)
     except (EventLogError, ReplayError) as e:
         raise TpmEventLogInvalid(f"the TPM event log is not valid: {e}") from None
-    bad = first_mismatch(replayed, pcrs)
+    bad = first_mismatch(replayed, pcrs, judged_pcrs(log))
     if bad is not None:
         raise TpmEventLogInvalid(
             f"the TPM event log does not replay to the quoted PCRs: PCR {bad} is "
             f"{pcrs[bad].hex()}, the log's SHA-256 replay gives {replayed[bad].hex()}"
         )
-    return log
+    after_boot = {i: p for i, (p, r) in enumerate(zip(pcrs, replayed, strict=True)) if p != r}
+    return log, after_boot
 
 
 def _unix(now: int | float | datetime.datetime | None) -> int | float | datetime.datetime:
@@ -319,8 +326,9 @@ def verify_azure(
     log_data = event_log if event_log is not None else evidence.tpm_event_log
     log = None
     boot = None
+    after_boot: dict[int, bytes] = {}
     if log_data is not None:
-        log = check_tpm_event_log(log_data, vq.pcrs)
+        log, after_boot = check_tpm_event_log(log_data, vq.pcrs)
         checks.append("tpm-event-log")
     if policy.expected_events is not None:
         if log is None:
@@ -353,4 +361,5 @@ def verify_azure(
         event_log=log,
         boot=boot,
         waived=tuple(waived),
+        pcrs_after_boot=tuple(sorted(after_boot.items())),
     )
