@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import http.client
 import json
+import struct
 from collections.abc import Iterator
 from typing import Any
 
@@ -268,3 +269,43 @@ def test_pid1_refuses_when_the_report_stays_stale(swtpm: Swtpm, imds: tuple[Serv
         "after 2 reads over "
     )
     assert imds[1].requests == []  # nothing was sent to the quote service for a stale report
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda r: b"HCLB" + r[4:], "the vTPM's NV index 0x01400001 holds no HCL report"),
+        (lambda r: r[:1224] + b"\x02" + r[1225:], "the HCL report is of type 2, not 4 (TDX)"),
+        (lambda r: r[:1228] + b"\x03" + r[1229:], "the HCL report's report-data hash type is 3"),
+        (
+            lambda r: r[:1232] + b"\xff\xff\x00\x00" + r[1236:],
+            "the HCL report's runtime data (65535 bytes)",
+        ),
+        (lambda r: r[:1236] + b"[" * 100000, "the HCL report's runtime data is not Azure's JSON"),
+        (
+            lambda r: r[:1232] + struct.pack("<I", 30) + b'{"keys": 5, "user-data": "00"}',
+            "the HCL report's runtime data is not Azure's JSON: TypeError",
+        ),
+    ],
+)
+def test_the_guest_names_a_malformed_hcl_report(mutate: Any, message: str) -> None:
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    from eemini.guest.azure import HclReport
+
+    runtime = azure_builder.runtime_data(rsa.generate_private_key(65537, 2048).public_key(), bytes(64))
+    raw = azure_builder.hcl_report(azure_builder.td_report(bytes(64)), runtime)
+    assert HclReport(raw).user_data == bytes(64)
+    with pytest.raises(AttestError) as e:
+        HclReport(mutate(raw))
+    assert str(e.value).startswith(message)
+
+
+def test_base64url_is_strict() -> None:
+    from eemini.guest.azure import b64url_decode, b64url_encode
+
+    assert b64url_encode(b"\xfb\xff") == "-_8"
+    assert b64url_decode("-_8") == b64url_decode("-_8=") == b"\xfb\xff"
+    for bad in ("+/8", "-_8*", "-_ 8"):
+        with pytest.raises(ValueError):
+            b64url_decode(bad)

@@ -66,7 +66,7 @@ TPM_RC_HANDLE_1 = 0x18B  # TPM_RC_HANDLE for the first handle: no such NV index
 
 
 def b64url_decode(text: str) -> bytes:
-    """base64url, padded or not, strictly (binascii.Error or ValueError otherwise)."""
+    """base64url, padded or not, strictly (binascii.Error, a ValueError, otherwise)."""
     std = text.replace("-", "+").replace("_", "/").rstrip("=")
     if "+" in text or "/" in text:
         raise ValueError("standard base64 characters in base64url text")
@@ -119,7 +119,9 @@ class HclReport:
             ak = next(k for k in doc["keys"] if k.get("kid") == "HCLAkPub")
             self.ak_n = int.from_bytes(b64url_decode(ak["n"]), "big")
             self.ak_e = int.from_bytes(b64url_decode(ak["e"]), "big")
-        except (ValueError, KeyError, TypeError, AttributeError, StopIteration, binascii.Error) as e:
+        except (
+            ValueError, KeyError, TypeError, AttributeError, StopIteration, RecursionError,
+        ) as e:  # fmt: skip
             raise AttestError(f"the HCL report's runtime data is not Azure's JSON: {e!r}") from None
 
 
@@ -144,8 +146,11 @@ class ImdsQuoteClient:
             text = data[:200].decode("utf-8", "replace")
             raise AttestError(f"{where} answered HTTP {status}: {text!r}")
         try:
-            quote = b64url_decode(json.loads(data)["quote"])
-        except (ValueError, KeyError, TypeError, binascii.Error) as e:
+            text = json.loads(data)["quote"]
+            if not isinstance(text, str):
+                raise TypeError(f"quote is a {type(text).__name__}, not a string")
+            quote = b64url_decode(text)
+        except (ValueError, KeyError, TypeError, RecursionError) as e:  # binascii.Error is a ValueError
             raise AttestError(f"{where} answered something that is not a TD quote: {e!r}") from None
         if not quote:
             raise AttestError(f"{where} answered an empty quote")

@@ -241,8 +241,9 @@ def report_ready() -> None:
 
     try:
         instance = report()
-    except WireServerError as e:
-        console(f"azure: reporting ready failed: {e} (Azure will count the provisioning as failed)")
+    except Exception as e:  # a WireServerError, or anything unforeseen: the boot goes on
+        why = str(e) if isinstance(e, WireServerError) else f"{type(e).__name__}: {e}"
+        console(f"azure: reporting ready failed: {why} (Azure will count the provisioning as failed)")
         return
     console(f"azure: reported ready to the wire server (role instance {instance})")
 
