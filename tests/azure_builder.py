@@ -58,6 +58,7 @@ TD_FIELDS = {
     "td_attributes": bytes(8),  # the paravisor's TD: no SEPT_VE_DISABLE, as on Azure
     "mr_td": FAKE_PARAVISOR_MRTD,
     "rtmr0": bytes(48), "rtmr1": bytes(48), "rtmr2": bytes(48), "rtmr3": bytes(48),
+    "tee_tcb_svn2": bytes(16), "mr_servicetd": bytes(48),  # TDX 1.5 (quote v5)
 }  # fmt: skip
 
 
@@ -67,11 +68,11 @@ def td_report(report_data: bytes, **fields: bytes) -> bytes:
     f = {**TD_FIELDS, **fields}
     tee_tcb_info = (
         b"\xff\x01\x03\x00\x00\x00\x00\x00" + f["tee_tcb_svn"] + f["mr_seam"] + f["mr_signer_seam"]
-        + f["seam_attributes"]
+        + f["seam_attributes"] + f["tee_tcb_svn2"]
     ).ljust(239, b"\0")  # fmt: skip
     td_info = (
         f["td_attributes"] + f["xfam"] + f["mr_td"] + f["mr_config_id"] + f["mr_owner"]
-        + f["mr_owner_config"] + f["rtmr0"] + f["rtmr1"] + f["rtmr2"] + f["rtmr3"]
+        + f["mr_owner_config"] + f["rtmr0"] + f["rtmr1"] + f["rtmr2"] + f["rtmr3"] + f["mr_servicetd"]
     ).ljust(512, b"\0")  # fmt: skip
     mac_struct = (
         bytes([0x81, 0, 0, 0]) + bytes(12) + b"\x06" * 16
@@ -91,8 +92,9 @@ def hcl_report(report: bytes, runtime: bytes, size: int = HCL_NV_SIZE) -> bytes:
     return out.ljust(size, b"\0")
 
 
-def report_fields(report: bytes) -> dict[str, bytes]:
-    """The TD quote body fields of a TDREPORT (what a quoting service copies into the quote)."""
+def report_fields(report: bytes, tdx15: bool = False) -> dict[str, bytes]:
+    """The TD quote body fields of a TDREPORT (what a quoting service copies into the quote);
+    with `tdx15`, also TEE_TCB_SVN2 and SERVTD_HASH (a v5 quote's body type 3)."""
     t, d = report[256:495], report[512:1024]
     fields = {
         "tee_tcb_svn": t[8:24], "mr_seam": t[24:72], "mr_signer_seam": t[72:120],
@@ -101,13 +103,16 @@ def report_fields(report: bytes) -> dict[str, bytes]:
         "rtmr0": d[208:256], "rtmr1": d[256:304], "rtmr2": d[304:352], "rtmr3": d[352:400],
         "report_data": report[128:192],
     }  # fmt: skip
+    if tdx15:
+        fields |= {"tee_tcb_svn2": t[128:144], "mr_servicetd": d[400:448]}
     return fields
 
 
-def quote_for_report(chain: DevChain, report: bytes) -> bytes:
-    """The TD quote a quoting service makes of `report` (v4, signed by the dev chain)."""
-    fields: dict[str, Any] = report_fields(report)
-    return build_quote(chain, **fields)
+def quote_for_report(chain: DevChain, report: bytes, version: int = 4) -> bytes:
+    """The TD quote a quoting service makes of `report` (v4, or v5 with a TDX 1.5 body; signed by
+    the dev chain)."""
+    fields: dict[str, Any] = report_fields(report, tdx15=version == 5)
+    return build_quote(chain, version=version, **fields)
 
 
 def initial_pcrs() -> list[bytes]:

@@ -201,6 +201,29 @@ def test_a_log_extending_a_pcr_outside_the_boot_is_judged_too() -> None:
     assert e.message.startswith("the TPM event log does not replay to the quoted PCRs: PCR 23 ")
 
 
+def test_a_tdx15_quote_binds_its_extra_fields() -> None:
+    from azure_builder import hcl_report, quote_for_report, td_report
+
+    s = setup()
+    doc = answer()
+    hcl = base64.b64decode(doc["hcl_report_b64"])
+    (size,) = struct.unpack_from("<I", hcl, 1232)
+    runtime, report = hcl[1236 : 1236 + size], hcl[32:1056]
+    doc["quote_b64"] = base64.b64encode(quote_for_report(s.chain, report, version=5)).decode()
+    v = check(doc)
+    assert v.td.quote.header.version == 5 and v.td.report.mr_servicetd == bytes(48)
+    assert "hcl-td-report" in v.checks
+    # The HCL report's TDINFO.SERVTD_HASH is not the quote's MR_SERVICETD.
+    other = td_report(hashlib.sha256(runtime).digest() + bytes(32), mr_servicetd=b"\x01" * 48)
+    doc["hcl_report_b64"] = base64.b64encode(hcl_report(other, runtime)).decode()
+    e = rejected(doc)
+    assert e.check == "hcl-td-report"
+    assert e.message == (
+        f"the HCL report's TD report has mr_servicetd {'01' * 48}, the TD quote {'00' * 48}: the "
+        "quote was not made from this report"
+    )
+
+
 def test_expected_events_need_a_tpm_log() -> None:
     e = rejected(answer(log=None))
     assert (e.check, e.message) == (
@@ -290,3 +313,83 @@ def test_eemini_verify_azure_with_a_manifest(tmp_path: Path, capsys: pytest.Capt
         "eemini verify: rejected: measurements: "
         f"MRTD {FAKE_PARAVISOR_MRTD.hex()} is not an accepted value\n"
     )
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (
+            ["--vtpm"],
+            "--vtpm is for TDX quotes with a vTPM beside them (GCP); Azure evidence is all vTPM",
+        ),
+        (["--nonce", "zz"], "--nonce 'zz' is not hex"),
+        (["--policy", "{allow_any}"], "allow_any_firmware cannot apply to Azure evidence"),
+    ],
+)
+def test_azure_usage_errors_are_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str], message: str
+) -> None:
+    (tmp_path / "attest.json").write_text(json.dumps(answer()))
+    (tmp_path / "policy.json").write_text('{"allow_any_firmware": true}')
+    extra = [str(tmp_path / "policy.json") if a == "{allow_any}" else a for a in extra]
+    assert main(["verify", "--azure", str(tmp_path / "attest.json"), *extra]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_evidence_that_is_not_azure_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "a.json").write_text('{"ok": true, "attestation_type": "tdx", "quote_b64": "AA=="}')
+    assert main(["verify", "--azure", str(tmp_path / "a.json")]) == 2
+    assert capsys.readouterr().err == (
+        f"eemini verify: error: {tmp_path / 'a.json'} is not Azure vTPM evidence: evidence is an "
+        "attest answer of type 'tdx', not 'azure-tdx-vtpm'\n"
+    )
+    (tmp_path / "q.bin").write_bytes(b"\x04\x00")
+    assert main(["verify", str(tmp_path / "q.bin"), "--nonce", "00"]) == 2
+    assert "--nonce applies to Azure evidence only (--azure)" in capsys.readouterr().err
+
+
+def _runtime(**changes: Any) -> bytes:
+    from azure_builder import runtime_data
+
+    doc = json.loads(runtime_data(setup().ak.public_key(), bytes(64)))
+    doc.update(changes)
+    return json.dumps(doc).encode()
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        (b"\xff", "the runtime data is not JSON"),
+        (b"[" * 100000, "the runtime data is nested too deeply"),
+        (b'{"a": 1, "a": 2}', "the runtime data is not JSON: key 'a' appears twice in one object"),
+        (b"[]", "the runtime data is not Azure's runtime-data document: it is not a JSON object"),
+        ("no-ak", "`keys` holds 0 keys with kid HCLAkPub, expected exactly one"),
+        ("two-aks", "`keys` holds 2 keys with kid HCLAkPub, expected exactly one"),
+        ("short-ak", "HCLAkPub is a 1024-bit RSA key; at least 2048 bits are required"),
+        ("padded-n", "HCLAkPub.n is not unpadded base64url"),
+        ("spaced-user-data", "`user-data` is not 128 hex digits"),
+    ],
+)
+def test_runtime_data_that_is_not_azures_is_named(raw: bytes | str, message: str) -> None:
+    from cryptography.hazmat.primitives.asymmetric import rsa as rsa_mod
+
+    from azure_builder import jwk
+    from eemini.tdx.azure.hcl import parse_runtime_data
+
+    ak = jwk("HCLAkPub", setup().ak.public_key(), "sign")
+    if raw == "no-ak":
+        raw = _runtime(keys=[])
+    elif raw == "two-aks":
+        raw = _runtime(keys=[ak, ak])
+    elif raw == "short-ak":
+        raw = _runtime(
+            keys=[jwk("HCLAkPub", rsa_mod.generate_private_key(65537, 1024).public_key(), "sign")]
+        )
+    elif raw == "padded-n":
+        raw = _runtime(keys=[{**ak, "n": ak["n"] + "=="}])
+    elif raw == "spaced-user-data":
+        raw = _runtime(**{"user-data": "00 " * 42 + "00"})
+    assert isinstance(raw, bytes)
+    with pytest.raises(AzureEvidenceError) as e:
+        parse_runtime_data(raw)
+    assert message in str(e.value)

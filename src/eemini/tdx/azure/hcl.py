@@ -77,9 +77,10 @@ class TdReportStruct:
     td_info: bytes
 
     def quote_fields(self) -> dict[str, bytes]:
-        """The fields a TD quote's TDX 1.0 body carries, read from this report (TDX module ABI:
-        TEE_TCB_INFO = valid, TEE_TCB_SVN, MRSEAM, MRSIGNERSEAM, ATTRIBUTES, ...; TDINFO =
-        ATTRIBUTES, XFAM, MRTD, MRCONFIGID, MROWNER, MROWNERCONFIG, RTMR0..3, SERVTD_HASH)."""
+        """The fields a TD quote's body carries, read from this report (TDX module ABI:
+        TEE_TCB_INFO = valid, TEE_TCB_SVN, MRSEAM, MRSIGNERSEAM, ATTRIBUTES, TEE_TCB_SVN2 (1.5);
+        TDINFO = ATTRIBUTES, XFAM, MRTD, MRCONFIGID, MROWNER, MROWNERCONFIG, RTMR0..3,
+        SERVTD_HASH (MR_SERVICETD in a 1.5 quote))."""
         t, d = self.tee_tcb_info, self.td_info
         fields = {
             "tee_tcb_svn": t[8:24],
@@ -96,6 +97,9 @@ class TdReportStruct:
         for i in range(4):
             fields[f"rtmr{i}"] = d[208 + 48 * i : 256 + 48 * i]
         fields["report_data"] = self.report_data
+        # TDX 1.5 (quote v5, body type 3): TEE_TCB_INFO.TEE_TCB_SVN2 and TDINFO.SERVTD_HASH.
+        fields["tee_tcb_svn2"] = t[128:144]
+        fields["mr_servicetd"] = d[400:448]
         return fields
 
 

@@ -190,9 +190,9 @@ def check_hcl_td_report(hcl: HclReport, quote: Quote) -> None:
             "the HCL report's TD report: TDINFO does not hash to the TDINFO hash in its REPORTMACSTRUCT"
         )
     ours = td.quote_fields()
-    theirs = report_fields(quote.report)
+    theirs = report_fields(quote.report)  # a TDX 1.0 quote has no TEE_TCB_SVN2 nor MR_SERVICETD
     for name, value in ours.items():
-        if theirs[name] != value:
+        if name in theirs and theirs[name] != value:
             raise HclTdReportMismatch(
                 f"the HCL report's TD report has {name} {value.hex()}, the TD quote "
                 f"{theirs[name].hex()}: the quote was not made from this report"
