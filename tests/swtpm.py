@@ -9,7 +9,9 @@ Azure's vTPM with tpm2-tools (Debian's tpm2-tools), an implementation independen
 
 What this fake cannot do that Azure's paravisor does: regenerate the HCL report when the guest
 writes new user data to 0x01400002. The harness writes a report for the report data a test will
-ask for (`provision_report`); any other request finds a stale report. swtpm's NV indexes are at
+ask for (`provision_report`); any other request finds a stale report (which is how the guest's
+bounded stale-report error is tested). The VM test puts tests/fake_paravisor.py between QEMU and
+swtpm, which does regenerate it. swtpm's NV indexes are at
 most 2048 bytes (TPM_PT_NV_INDEX_MAX), less than Azure's 2600-byte report, so the fake's report
 is cut to its real size and its runtime data carries HCLAkPub only (no HCLEkPub).
 """
