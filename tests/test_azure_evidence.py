@@ -393,3 +393,39 @@ def test_runtime_data_that_is_not_azures_is_named(raw: bytes | str, message: str
     with pytest.raises(AzureEvidenceError) as e:
         parse_runtime_data(raw)
     assert message in str(e.value)
+
+
+def sha256_only(log: bytes) -> bytes:
+    """The same log as a TPM with only a SHA-256 bank would write it (Azure's vTPM logs SHA-1 and
+    SHA-256; the SHA-1 bank changes nothing here)."""
+    parsed = parse_event_log(log)
+    spec = parsed.spec_id
+    spec_data = (
+        b"Spec ID Event03\0"
+        + struct.pack("<IBBBBI", spec.platform_class, spec.spec_version[1], spec.spec_version[0],
+                      spec.spec_version[2], spec.uintn_size, 1)
+        + struct.pack("<HH", 0x000B, 32) + bytes([len(spec.vendor_info)]) + spec.vendor_info
+    )  # fmt: skip
+    out = struct.pack("<II20sI", 0, 3, bytes(20), len(spec_data)) + spec_data
+    for e in parsed.events:
+        out += struct.pack("<IIIH", e.register, e.event_type, 1, 0x000B) + e.digest(0x000B)
+        out += struct.pack("<I", len(e.data)) + e.data
+    return out
+
+
+def test_a_sha256_only_tpm_log_is_held_to_the_same_rule(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from eemini.commands.measure import check_log
+
+    log = sha256_only(LOG)
+    assert dict(parse_event_log(log).spec_id.algorithms) == {0x000B: 32}
+    v = check(answer(log=log))
+    assert v.boot is not None and len(v.boot.matched) == 16
+    # `eemini measure --check-log --tpm` matches such a log in SHA-256 as well.
+    (tmp_path / "log").write_bytes(log)
+    check_log(PREDICTION, tmp_path / "log", tpm=True)
+    assert capsys.readouterr().err.endswith(
+        f"{tmp_path / 'log'}: exactly the 16 predicted events, in order, and 24 allowlisted firmware "
+        "events that load no code\n"
+    )
