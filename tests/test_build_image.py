@@ -64,7 +64,7 @@ def test_build_reports_steps_sizes_and_outputs() -> None:
     steps = [line.strip() for line in stderr.splitlines() if line.lstrip().startswith("‣")]
     top = [s for s in steps if not s.startswith("‣ Downloading") and not s.startswith("‣ Unpacking")]
     assert top[:3] == ["‣ Fetching 9 pinned Debian packages",
-                       "‣ Resolving 6 kernel modules and their dependencies",
+                       "‣ Resolving 5 kernel modules and their dependencies",
                        "‣ Adding the trimmed Python runtime and the guest runtime"]  # fmt: skip
     uki_step = top.index("‣ Assembling the UKI")
     assert top[uki_step + 1] == "‣ Writing disk.vhd"

@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(
     python3 python3-venv python3-dev gcc libc6-dev make
-    qemu-system-x86 qemu-utils ovmf swtpm swtpm-tools
+    qemu-system-x86 qemu-utils ovmf swtpm swtpm-tools tpm2-tools
     mtools dosfstools fdisk cpio libarchive-tools binutils zstd xz-utils lz4
     pesign osslsigncode systemd-boot-efi openssl
 )

@@ -745,10 +745,12 @@ def start(cfg: VmConfig) -> Vm:
     for path, what in ((OVMF_CODE, "OVMF firmware"), (OVMF_VARS, "OVMF variable store")):
         if not path.exists():
             die(f"{what} {path} is missing", hint="install the Debian package 'ovmf'")
-    if image_attestation(cfg.disk) == "configfs-tsm":
+    kind = image_attestation(cfg.disk)
+    if kind in ("configfs-tsm", "azure-tdx-vtpm"):
         # Allowed (it is how the refusal itself is tested), but never what the user wants here.
+        where = "TDX" if kind == "configfs-tsm" else "Azure's vTPM and metadata service"
         log_warning(
-            f"{cfg.disk} is a production image (configfs-tsm attestation): booted without TDX, its "
+            f"{cfg.disk} is a production image ({kind} attestation): booted without {where}, its "
             "PID 1 refuses to start the workload and powers off; use a local-dev image here"
         )
     accel = choose_accel(cfg.accel)

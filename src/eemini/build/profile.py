@@ -17,6 +17,7 @@ PROFILES_DIR = REPO / "profiles"
 
 class Attestation(StrEnum):
     CONFIGFS_TSM = "configfs-tsm"
+    AZURE_TDX_VTPM = "azure-tdx-vtpm"  # Azure's paravisor: the vTPM, the HCL report, IMDS
     SIMULATED = "simulated"
 
 

@@ -72,7 +72,7 @@ def check_log(prediction: Prediction, path: Path, *, tpm: bool) -> None:
     """Apply the exact-set rule (eemini.tdx.bootevents) to a log: one line per predicted event on
     stderr, or fail naming the first unexpected or missing event."""
     from eemini.tdx.bootevents import EventsMissing, UnexpectedEvent, check_boot_events, register_name
-    from eemini.tdx.eventlog import EventLogError, parse_event_log
+    from eemini.tdx.eventlog import EventLogError, HashAlg, parse_event_log
 
     try:
         log = parse_event_log(path.read_bytes())
@@ -80,8 +80,12 @@ def check_log(prediction: Prediction, path: Path, *, tpm: bool) -> None:
         die(f"cannot read {path}: {e.strerror}")
     except EventLogError as e:
         die(f"{path} is not an event log: {e}")
+    # A TPM log without a SHA-384 bank (Azure's vTPM has SHA-1 and SHA-256) is matched in SHA-256.
+    alg = HashAlg.SHA384
+    if tpm and HashAlg.SHA384 not in dict(log.spec_id.algorithms):
+        alg = HashAlg.SHA256
     try:
-        seen = check_boot_events(log, prediction.events, cc=not tpm)
+        seen = check_boot_events(log, prediction.events, cc=not tpm, alg=alg)
     except (EventsMissing, UnexpectedEvent) as e:
         die(f"{path}: {e}")
     for predicted, event in seen.matched:

@@ -557,22 +557,36 @@ def http_get(
     fetch: Fetch, path: str, headers: dict[str, str]
 ) -> tuple[int, dict[str, str], bytes] | None:
     """GET with bounded retries; None when the server never answered (absent source)."""
+    return http_request(fetch, "GET", path, headers)
+
+
+def http_request(
+    fetch: Fetch,
+    method: str,
+    path: str,
+    headers: dict[str, str],
+    *,
+    body: bytes | None = None,
+    limit: int = MAX_FILE * 2 + 1,
+) -> tuple[int, dict[str, str], bytes] | None:
+    """One HTTP request with bounded retries (connection errors and 5xx answers); None when the
+    server never answered. At most `limit` bytes of the answer are read."""
     import http.client
 
     delay = fetch.backoff
     for attempt in range(fetch.attempts):
         conn = _connection(fetch)
         try:
-            conn.request("GET", path, headers=headers)
+            conn.request(method, path, body=body, headers=headers)
             resp = conn.getresponse()
-            body = resp.read(MAX_FILE * 2 + 1)
+            body_read = resp.read(limit)
             status = resp.status
             got = {k.lower(): v for k, v in resp.getheaders()}
             if status >= 500 and attempt + 1 < fetch.attempts:
                 time.sleep(delay)
                 delay *= 2
                 continue
-            return status, got, body
+            return status, got, body_read
         except (OSError, http.client.HTTPException):
             if attempt + 1 < fetch.attempts:
                 time.sleep(delay)

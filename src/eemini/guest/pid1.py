@@ -55,6 +55,8 @@ CONFIGFS: MountSpec = (
     None,
 )
 CCEL = "/sys/firmware/acpi/tables/data/CCEL"
+# The backends of production images: they take a trial quote and run only with the UKI's cmdline.
+PRODUCTION_ATTESTATION = ("configfs-tsm", "azure-tdx-vtpm")
 NIC_WAIT = 5.0  # drivers probe asynchronously after their module loads
 GRACE_KILL = 2.0  # leftover processes at power-off: SIGTERM, this long, then SIGKILL
 
@@ -225,14 +227,30 @@ def check_cmdline(image: dict[str, Any], cmdline_text: str) -> None:
 
 
 def trial_quote(backend: Any) -> int:
-    """One quote through the real path (entry, provider, inblob, outblob, generation, self-check,
-    removal) for fresh random report data; its size, or Refusal saying why there is none."""
+    """One quote through the real path (configfs-tsm: entry, provider, inblob, outblob,
+    generation, self-check, removal; Azure: user data, HCL report, TD quote, vTPM quote, every
+    self-check) for fresh random report data; its size, or Refusal saying why there is none."""
     from eemini.guest.attest import REPORT_DATA_SIZE, AttestError
 
     try:
         return len(backend.quote(os.getrandom(REPORT_DATA_SIZE)))
     except AttestError as e:
         raise Refusal(f"TDX attestation is unavailable: {e}") from None
+
+
+def report_ready() -> None:
+    """Azure provisions a VM only once it reports ready to the wire server (its guest agent's job).
+    Not a security property: a failure is said on the console and the boot goes on."""
+    from eemini.guest.azure import WireServerError
+    from eemini.guest.azure import report_ready as report
+
+    try:
+        instance = report()
+    except Exception as e:  # a WireServerError, or anything unforeseen: the boot goes on
+        why = str(e) if isinstance(e, WireServerError) else f"{type(e).__name__}: {e}"
+        console(f"azure: reporting ready failed: {why} (Azure will count the provisioning as failed)")
+        return
+    console(f"azure: reported ready to the wire server (role instance {instance})")
 
 
 class Boot:
@@ -260,7 +278,7 @@ class Boot:
         except OSError:
             pass
         image = self.read_json(self.paths.image_json, "image facts")
-        if image.get("attestation") == "configfs-tsm":
+        if image.get("attestation") in PRODUCTION_ATTESTATION:
             check_cmdline(image, cmdline_text)
         modules = image.get("modules", [])
         if not isinstance(modules, list) or not all(isinstance(m, str) for m in modules):
@@ -285,9 +303,8 @@ class Boot:
         self.timeline.mark("modules")
         console(self.modules_line(loader))
         # configfs-tsm needs configfs before the control socket serves; a simulated image mounts
-        # it once the workload has started.
-        configfs_now = image.get("attestation") != "simulated"
-        if configfs_now:
+        # it once the workload has started; an Azure image has no use for it.
+        if image.get("attestation") == "configfs-tsm":
             self.mount_configfs(loader)
         allow = spec.workload.allow_env
         try:
@@ -318,7 +335,7 @@ class Boot:
             events=events,
             measurer=measurer,
             loader=loader,
-            mount_configfs=not configfs_now,
+            mount_configfs=image.get("attestation") == "simulated",
         )
 
     # --- steps ---
@@ -498,6 +515,26 @@ class Boot:
                 )
             )
             return backend, measurer
+        if kind == "azure-tdx-vtpm":
+            from eemini.guest import azure
+            from eemini.guest.rtmr import RuntimeMeasurer
+
+            try:
+                azure.mount_securityfs()
+            except OSError as e:
+                console(f"securityfs: {e}; attest answers will carry no TPM event log")
+            vtpm = azure.AzureVtpmBackend()
+            size = trial_quote(vtpm)
+            measurer = RuntimeMeasurer()
+            if not measurer.enabled:
+                measurer.reason = "the TD is Azure's paravisor: the guest has no RTMR3 of its own"
+            console(
+                f"attestation: Azure TDX through the vTPM and the HCL report (trial: {size}-byte "
+                "TD quote, vTPM quote over PCRs 0-23); RTMR3 "
+                + ("extended" if measurer.enabled else f"not extended ({measurer.reason})")
+            )
+            report_ready()
+            return vtpm, measurer
         raise BootFailure(f"image.json: unknown attestation backend {kind!r}")
 
     @staticmethod

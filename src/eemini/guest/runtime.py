@@ -96,12 +96,12 @@ class AttestWorker:
         # A bounded queue (as queue.Queue(max_queue), which costs boot time to import): the loop
         # thread appends, the worker thread waits on the condition and takes from the left.
         self.max_queue = max_queue
-        self._queue: deque[tuple[bytes, Callable[[bytes | AttestError], None]]] = deque()
+        self._queue: deque[tuple[bytes, Callable[[Any], None]]] = deque()
         self._queued = threading.Condition()
         self._worker = WorkerThread("eemini-attest", self._work)
         self.quotes = 0
 
-    def submit(self, report_data: bytes, done: Callable[[bytes | AttestError], None]) -> None:
+    def submit(self, report_data: bytes, done: Callable[[Any], None]) -> None:
         """Queue a request; `done(quote or AttestError)` later runs on the loop thread.
 
         RequestError (code `busy`) when the queue is full or the worker thread cannot be started
@@ -125,9 +125,11 @@ class AttestWorker:
                 while not self._queue:
                     self._queued.wait()
                 report_data, done = self._queue.popleft()
-            result: bytes | AttestError
+            result: Any
             try:
-                result = self.backend.quote(report_data)
+                # A backend with more evidence than a quote (azure-tdx-vtpm) offers attest().
+                attest = getattr(self.backend, "attest", None)
+                result = attest(report_data) if attest is not None else self.backend.quote(report_data)
                 self.quotes += 1
             except AttestError as e:
                 result = e
@@ -314,24 +316,27 @@ class Runtime:
         data = decode_report_data(params)
         backend = self.config.backend
 
-        def done(result: bytes | AttestError) -> None:
+        def done(result: Any) -> None:
             if isinstance(result, AttestError):
                 response = error(f"attest: {result}", result.code)
                 response["attestation_type"] = backend.attestation_type
                 respond(response)
                 return
+            # bytes (a quote), or the Evidence of a backend with attest(): a quote and more fields.
+            quote, extra = (result, {}) if isinstance(result, bytes) else (result.quote, result.extra)
             ccel = read_ccel(self.config.ccel_path) if self.config.ccel_path else None
             respond(
                 {
                     "ok": True,
                     "attestation_type": backend.attestation_type,
                     "quote_format": "tdx",
-                    "quote_b64": _b64encode(result),
+                    "quote_b64": _b64encode(quote),
                     "report_data_b64": _b64encode(data),
                     "report_data_len": len(data),
                     "events": self.events.to_list(),
                     "rtmr3_extended": self._rtmr3_status()["rtmr3_extended"],
                     "cc_eventlog_b64": None if ccel is None else _b64encode(ccel),
+                    **extra,
                 }
             )
 

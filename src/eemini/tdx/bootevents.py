@@ -184,19 +184,34 @@ class BootCheck:
     allowed: tuple[tuple[Event, Group], ...]
 
 
+def _alg_name(alg: int) -> str:
+    return "sha256" if alg == HashAlg.SHA256 else "sha384"
+
+
+def _want(p: PredictedEvent, alg: int) -> bytes:
+    """The predicted digest in the bank the log is matched in."""
+    return p.sha256 if alg == HashAlg.SHA256 else p.sha384
+
+
 def _label(e: Event, *, cc: bool, alg: int) -> str:
     try:
         digest = e.digest(alg).hex()
     except KeyError:
         digest = "(none)"
-    return f"event {e.number}: {register_name(e.register, cc=cc)} {e.describe()} sha384 {digest}"
+    where = register_name(e.register, cc=cc)
+    return f"event {e.number}: {where} {e.describe()} {_alg_name(alg)} {digest}"
 
 
-def check_boot_events(log: EventLog, predicted: Sequence[PredictedEvent], *, cc: bool) -> BootCheck:
+def check_boot_events(
+    log: EventLog, predicted: Sequence[PredictedEvent], *, cc: bool, alg: int = HashAlg.SHA384
+) -> BootCheck:
     """Apply the exact-set rule to a CC log (`cc`: registers are MR indexes, only the predicted
     events that reach the CC log are expected) or a TPM log (registers are PCRs, every predicted
-    event is expected). Raises UnexpectedEvent or EventsMissing; returns what matched."""
-    alg = HashAlg.SHA384
+    event is expected). Events are matched by their digest in bank `alg`: SHA-384 (the CC log's,
+    and a TPM log's when it has that bank) or SHA-256 (a TPM log with no SHA-384 bank, such as
+    Azure's vTPM). Raises UnexpectedEvent or EventsMissing; returns what matched."""
+    if alg not in (HashAlg.SHA256, HashAlg.SHA384):
+        raise ValueError(f"events are predicted in SHA-256 and SHA-384 only, not {alg:#06x}")
     wanted = [p for p in predicted if p.cc] if cc else list(predicted)
     queues: dict[Group, deque[tuple[int, PredictedEvent]]] = {}
     for n, p in enumerate(wanted, 1):
@@ -211,7 +226,7 @@ def check_boot_events(log: EventLog, predicted: Sequence[PredictedEvent], *, cc:
             if (
                 e.register == (p.mr_index if cc else p.pcr)
                 and e.event_type == p.event_type
-                and _digest(e, alg) == p.sha384
+                and _digest(e, alg) == _want(p, alg)
             ):
                 matched.append((p, e))
                 queue.popleft()
@@ -220,33 +235,34 @@ def check_boot_events(log: EventLog, predicted: Sequence[PredictedEvent], *, cc:
         if row is not None:
             allowed.append((e, group))
             continue
-        if queue and (skipped := _skips(e, queue)) is not None:
+        if queue and (skipped := _skips(e, queue, alg)) is not None:
             n, p = queue[0]
             raise EventsMissing(
-                f"predicted event {n} of {len(wanted)}, {p.label()} sha384 {p.sha384.hex()}, is not "
+                f"predicted event {n} of {len(wanted)}, {p.label()} {_alg_name(alg)} "
+                f"{_want(p, alg).hex()}, is not "
                 f"in {register_name(e.register, cc=cc)}: event {e.number} is predicted event "
                 f"{skipped}, which follows it"
             )
         raise UnexpectedEvent(
             f"{_label(e, cc=cc, alg=alg)} is not this image's: "
-            + (why or _why_unexpected(e, group, queue, wanted, matched, cc=cc))
+            + (why or _why_unexpected(e, group, queue, wanted, matched, cc=cc, alg=alg))
         )
     for queue in queues.values():
         if queue:
             n, p = min(q[0] for q in queues.values() if q)
             where = register_name(p.mr_index if cc else p.pcr, cc=cc)
             raise EventsMissing(
-                f"predicted event {n} of {len(wanted)}, {p.label()} sha384 {p.sha384.hex()}, is not "
-                f"in {where}: the log ends without it"
+                f"predicted event {n} of {len(wanted)}, {p.label()} {_alg_name(alg)} "
+                f"{_want(p, alg).hex()}, is not in {where}: the log ends without it"
             )
     return BootCheck(tuple(matched), tuple(allowed))
 
 
-def _skips(e: Event, queue: deque[tuple[int, PredictedEvent]]) -> int | None:
+def _skips(e: Event, queue: deque[tuple[int, PredictedEvent]], alg: int) -> int | None:
     """The number of a later predicted event of the same group that `e` is, if any."""
-    digest = _digest(e, HashAlg.SHA384)
+    digest = _digest(e, alg)
     for n, p in list(queue)[1:]:
-        if p.event_type == e.event_type and p.sha384 == digest:
+        if p.event_type == e.event_type and _want(p, alg) == digest:
             return n
     return None
 
@@ -266,11 +282,12 @@ def _why_unexpected(
     matched: Sequence[tuple[PredictedEvent, Event]],
     *,
     cc: bool,
+    alg: int,
 ) -> str:
     name = register_name(e.register, cc=cc)
-    digest = _digest(e, HashAlg.SHA384)
+    digest = _digest(e, alg)
     for p, first in matched:
-        if p.sha384 == digest and p.event_type == e.event_type:
+        if _want(p, alg) == digest and p.event_type == e.event_type:
             return f"it repeats {p.label()} (already seen as event {first.number})"
     if group == Group.NONE:
         return f"{name} is outside the registers a measured boot extends"
@@ -278,7 +295,7 @@ def _why_unexpected(
         return "the firmware never extends RTMR3 (the runtime event log owns it)"
     if group in (Group.HOST_CONFIG, Group.FIRMWARE):
         return f"{e.type_name} is not a {group.value} type (see bootevents.ALLOWED)"
-    same = [p for p in wanted if p.sha384 == digest and p.event_type == e.event_type]
+    same = [p for p in wanted if _want(p, alg) == digest and p.event_type == e.event_type]
     if same:
         home = register_name(same[0].mr_index if cc else same[0].pcr, cc=cc)
         if home != name:
@@ -287,7 +304,8 @@ def _why_unexpected(
     if queue:
         n, p = queue[0]
         return (
-            f"expected here: predicted event {n} of {len(wanted)}, {p.label()} sha384 {p.sha384.hex()}"
+            f"expected here: predicted event {n} of {len(wanted)}, {p.label()} {_alg_name(alg)} "
+            f"{_want(p, alg).hex()}"
         )
     if any(group_of(p.mr_index if cc else p.pcr, cc=cc) == group for p in wanted):
         return f"{name} may hold only this image's predicted events, and all of them were already seen"

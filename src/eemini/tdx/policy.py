@@ -87,6 +87,10 @@ class PolicyBuilder:
             raise PolicyError(f"{name} may only be set once")
         return PolicyBuilder({**self._changes, name: value})
 
+    def has(self, name: str) -> bool:
+        """Whether setting `name` was asked for (a policy file's key, or a setter's call)."""
+        return name in self._changes
+
     def report_data(self, value: str | bytes) -> PolicyBuilder:
         return self._set("report_data", _bytes("report_data", value, REPORT_DATA_SIZE, pad=True))
 
