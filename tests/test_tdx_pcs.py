@@ -556,3 +556,23 @@ def test_quote_of_an_unknown_ca_asks_for_fmspc_and_ca() -> None:
         CollateralFetcher(offline=True).for_quote(
             parse_quote(build_quote(make_chain(intermediate=True))), 0
         )
+
+
+def test_azure_evidence_with_fetched_collateral(pccs: FakePcs, tls: TlsFiles, tmp_path: Path) -> None:
+    # The paravisor's TD quote is an ordinary TDX quote: its collateral comes through the same fetcher.
+    _, doc, at = _load("trustee__az-tdx-vtpm_td-quote")
+    pccs.serve(doc)
+    policy = tmp_path / "policy.json"
+    policy.write_text('{"accepted_tcb_statuses": ["UpToDate", "OutOfDate"]}')
+    evidence = shared_testdata("azure") / "trustee__az-tdx-vtpm_evidence-v1.json"
+    proc = _eemini("verify", "--azure", str(evidence), "--fetch-collateral", "--pccs", pccs.url,
+                   "--pccs-ca", str(tls.ca_pem), "--cache-dir", str(tmp_path / "cache"), "--at", str(at),
+                   "--report-data", "00", "--nonce", b"challenge".hex(), "--policy", str(policy),
+                   "--json")  # fmt: skip
+    assert (proc.returncode, proc.stderr) == (0, ""), proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["td_quote"]["tcb_status"] == "OutOfDate"
+    assert out["checks"][4:9] == ["crls", "tcb-info", "qe-identity-collateral", "revocation",
+                                  "tcb-evaluation"]  # fmt: skip
+    assert out["checks"][-1] == "vtpm-pcrs"
+    assert len(pccs.requests) == 4
