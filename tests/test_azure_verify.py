@@ -162,7 +162,11 @@ def test_the_default_tcb_policy_rejects_the_azure_platform_as_out_of_date() -> N
     assert e.value.check == "tcb-status"
     assert e.value.message == (
         "TCB status is OutOfDate (advisories: INTEL-SA-00960, INTEL-SA-00982, INTEL-SA-00986); "
-        "accepted: UpToDate"
+        "accepted: UpToDate; the platform matches the TCB level of 2023-08-09T00:00:00Z, the latest "
+        "is of 2024-03-13T00:00:00Z; below the latest: SGX component 0 (BIOS, Early Microcode "
+        "Update) SVN 6 < 7; SGX component 1 (OS/VMM, SGX Late Microcode Update) SVN 6 < 7; TDX "
+        "component 2 (OS/VMM, TDX Late Microcode Update) SVN 6 < 7; TDX module TDX_01 SVN 2 < 4 (of "
+        "2024-03-13T00:00:00Z)"
     )
 
 
