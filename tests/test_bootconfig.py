@@ -340,7 +340,7 @@ def test_find_config_disk_waits_for_every_virtio_disk(
 
 MOUNT_SCRIPT = r"""
 import sys
-from eemini.guest import bootconfig as bc, sys as k
+from eemini.guest import bootconfig as bc, linux as k
 k.mount("none", "/", None, k.MS_REC | k.MS_PRIVATE)
 bc.find_config_disk = lambda wait: (sys.argv[1], sys.argv[2])
 try:
@@ -391,7 +391,7 @@ def _read_fake_disk(
 ) -> tuple[bytes | BaseException | None, list[tuple[object, ...]], bool]:
     """read_config_disk() on /dev/vdb, whose "mount" runs `make(mountpoint)`, on a thread that
     may take 5 s at most: (what it returned or raised, the mount calls, whether it finished)."""
-    from eemini.guest import sys as ksys
+    from eemini.guest import linux
 
     calls: list[tuple[object, ...]] = []
 
@@ -403,8 +403,8 @@ def _read_fake_disk(
         calls.append(("umount", target, flags))
 
     monkeypatch.setattr(bc, "find_config_disk", lambda wait: ("/dev/vdb", "iso9660"))
-    monkeypatch.setattr(ksys, "mount", mount)
-    monkeypatch.setattr(ksys, "umount", umount)
+    monkeypatch.setattr(linux, "mount", mount)
+    monkeypatch.setattr(linux, "umount", umount)
     result: list[bytes | BaseException | None] = []
 
     def read() -> None:

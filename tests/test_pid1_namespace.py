@@ -29,7 +29,7 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="PID namespaces need r
 HARNESS = r"""
 import os, sys
 import eemini
-from eemini.guest import sys as k, pid1
+from eemini.guest import linux as k, pid1
 k.mount("none", "/", None, k.MS_REC | k.MS_PRIVATE)
 k.mount(sys.argv[1], "/mnt", None, k.MS_BIND)
 # PID 1 mounts empty tmpfs on /run and /tmp: not over the code under test (a checkout or venv

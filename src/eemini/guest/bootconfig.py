@@ -432,7 +432,7 @@ def read_config_disk(
     mount is read-only, nosuid, nodev, noexec and nosymfollow: the disk is the host's, and a
     symbolic link on it (iso9660 Rock Ridge has them) must not reach the guest's own files.
     """
-    from eemini.guest import sys as ksys
+    from eemini.guest import linux
 
     found = find_config_disk(wait)
     if found is None:
@@ -441,14 +441,14 @@ def read_config_disk(
     if prepare is not None:
         prepare(fstype)
     os.makedirs(mountpoint, exist_ok=True)
-    flags = ksys.MS_RDONLY | ksys.MS_NOSUID | ksys.MS_NODEV | ksys.MS_NOEXEC | ksys.MS_NOSYMFOLLOW
+    flags = linux.MS_RDONLY | linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC | linux.MS_NOSYMFOLLOW
     # Debian's kernel defaults FAT to iocharset=ascii (CONFIG_FAT_DEFAULT_IOCHARSET), whose NLS
     # module images do not carry; name the charsets the image has (nls_utf8, nls_cp437). FAT has
     # no symlinks, FIFOs or devices; on iso9660 only Rock Ridge brings them, and `norock` leaves
     # its extensions unread (agent.env is an 8.3 name, which plain ISO 9660 and Joliet carry).
     options = {"vfat": "iocharset=utf8,codepage=437", "iso9660": "norock"}.get(fstype)
     try:
-        ksys.mount(dev, mountpoint, fstype, flags, options)
+        linux.mount(dev, mountpoint, fstype, flags, options)
     except OSError as e:
         raise ConfigError(
             f"the config disk {dev} ({fstype}) cannot be mounted: {os.strerror(e.errno or 0)}"
@@ -456,7 +456,7 @@ def read_config_disk(
     try:
         return read_env_file(mountpoint, dev)
     finally:
-        ksys.umount(mountpoint, ksys.MNT_DETACH)
+        linux.umount(mountpoint, linux.MNT_DETACH)
 
 
 _FILE_TYPES = (

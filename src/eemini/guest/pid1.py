@@ -21,8 +21,7 @@ import signal
 import sys
 import time
 
-from eemini.guest import kmods
-from eemini.guest import sys as ksys
+from eemini.guest import kmods, linux
 from eemini.guest.record import record
 
 TYPE_CHECKING = False
@@ -33,25 +32,25 @@ MountSpec = tuple[str, str, str, int, str | None]
 
 # (source, target, fstype, flags, options): the API filesystems, in the order they are needed.
 EARLY_MOUNTS: tuple[MountSpec, ...] = (
-    ("proc", "/proc", "proc", ksys.MS_NOSUID | ksys.MS_NODEV | ksys.MS_NOEXEC, None),
-    ("sysfs", "/sys", "sysfs", ksys.MS_NOSUID | ksys.MS_NODEV | ksys.MS_NOEXEC, None),
-    ("devtmpfs", "/dev", "devtmpfs", ksys.MS_NOSUID, "mode=0755"),
+    ("proc", "/proc", "proc", linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC, None),
+    ("sysfs", "/sys", "sysfs", linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC, None),
+    ("devtmpfs", "/dev", "devtmpfs", linux.MS_NOSUID, "mode=0755"),
     (
         "devpts",
         "/dev/pts",
         "devpts",
-        ksys.MS_NOSUID | ksys.MS_NOEXEC,
+        linux.MS_NOSUID | linux.MS_NOEXEC,
         "newinstance,ptmxmode=0666,mode=0620",
     ),
-    ("tmpfs", "/run", "tmpfs", ksys.MS_NOSUID | ksys.MS_NODEV, "mode=0755"),
-    ("tmpfs", "/tmp", "tmpfs", ksys.MS_NOSUID | ksys.MS_NODEV, "mode=1777"),
+    ("tmpfs", "/run", "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, "mode=0755"),
+    ("tmpfs", "/tmp", "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, "mode=1777"),
 )
 # configfs may be a module (CONFIG_CONFIGFS_FS=m in Debian's cloud kernel): mounted after modules.
 CONFIGFS: MountSpec = (
     "configfs",
     "/sys/kernel/config",
     "configfs",
-    ksys.MS_NOSUID | ksys.MS_NODEV | ksys.MS_NOEXEC,
+    linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC,
     None,
 )
 CCEL = "/sys/firmware/acpi/tables/data/CCEL"
@@ -125,7 +124,7 @@ def mount_all(mounts: tuple[MountSpec, ...]) -> None:
         os.makedirs(target, exist_ok=True)
         if os.path.ismount(target):
             continue  # the kernel (devtmpfs.mount=1) or a test harness did it already
-        ksys.mount(source, target, fstype, flags, options)
+        linux.mount(source, target, fstype, flags, options)
 
 
 def open_console(cmdline_text: str) -> None:
@@ -177,14 +176,14 @@ def power_off(reason: str) -> NoReturn:
     """Stop what is left, sync, and power off. Never returns; if even reboot(2) fails, sleep
     forever rather than exit (an exiting init is a kernel panic)."""
     console(f"powering off ({reason})")
-    for step in (kill_everything, ksys.sync):
+    for step in (kill_everything, linux.sync):
         try:
             step()
         except BaseException as e:  # PID 1 must get to reboot(2) no matter what
             console(f"power-off step {step.__name__} failed: {e}")
     while True:
         try:
-            ksys.reboot(ksys.LINUX_REBOOT_CMD_POWER_OFF)
+            linux.reboot(linux.LINUX_REBOOT_CMD_POWER_OFF)
         except BaseException as e:
             console(f"power-off failed: {e}")
         try:
@@ -256,7 +255,7 @@ class Boot:
         try:
             # Ctrl-Alt-Del becomes SIGINT to us instead of an immediate reboot. (EINVAL inside a
             # PID namespace, where the kernel offers only the power commands.)
-            ksys.set_ctrl_alt_del(False)
+            linux.set_ctrl_alt_del(False)
         except OSError:
             pass
         image = self.read_json(self.paths.image_json, "image facts")

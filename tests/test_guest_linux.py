@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from eemini.guest import sys as ksys
+from eemini.guest import linux
 
 HEADERS = Path("/usr/include/linux")
 
@@ -52,7 +52,7 @@ def _header_value(header: str, name: str) -> int:
 def test_constants_match_kernel_headers(header: str, name: str) -> None:
     if not (HEADERS / header).exists():
         pytest.skip(f"kernel UAPI headers not installed ({HEADERS / header})")
-    assert getattr(ksys, name) == _header_value(header, name)
+    assert getattr(linux, name) == _header_value(header, name)
 
 
 def test_finit_module_syscall_number_matches_header() -> None:
@@ -61,12 +61,12 @@ def test_finit_module_syscall_number_matches_header() -> None:
         pytest.skip("x86_64 syscall header not installed")
     m = re.search(r"#define __NR_finit_module (\d+)", unistd.read_text())
     assert m
-    assert ksys.syscall_number("finit_module") == int(m.group(1))
+    assert linux.syscall_number("finit_module") == int(m.group(1))
 
 
 def test_finit_module_failure_is_a_named_oserror() -> None:
     with pytest.raises(OSError) as exc:
-        ksys.finit_module(-1)
+        linux.finit_module(-1)
     # EBADF on a kernel with modules; ENOSYS (with a readable sentence) on one built without.
     assert exc.value.errno in (errno.EBADF, errno.ENOSYS)
     expected = {
@@ -80,19 +80,19 @@ def test_load_module_names_the_file(tmp_path: Path) -> None:
     bogus = tmp_path / "bogus.ko.xz"
     bogus.write_bytes(b"not a module")
     with pytest.raises(OSError) as exc:
-        ksys.load_module(bogus)
+        linux.load_module(bogus)
     assert exc.value.filename == os.fspath(bogus)
     assert str(exc.value.strerror).startswith("finit_module: ")
 
 
 def test_load_module_missing_file() -> None:
     with pytest.raises(FileNotFoundError):
-        ksys.load_module("/nonexistent/mod.ko")
+        linux.load_module("/nonexistent/mod.ko")
 
 
 _MOUNT_SCRIPT = """
 import os, sys
-from eemini.guest import sys as k
+from eemini.guest import linux as k
 d = sys.argv[1]
 k.mount("none", "/", None, k.MS_REC | k.MS_PRIVATE)
 k.mount("tmpfs", d, "tmpfs", k.MS_NOSUID | k.MS_NODEV, "size=1m,mode=0700")
@@ -135,7 +135,7 @@ def test_mount_remount_umount_in_private_namespace(tmp_path: Path) -> None:
 
 _NOSYMFOLLOW_SCRIPT = """
 import os, sys
-from eemini.guest import sys as k
+from eemini.guest import linux as k
 d = sys.argv[1]
 k.mount("none", "/", None, k.MS_REC | k.MS_PRIVATE)
 for name, flags in (("follow", 0), ("nosymfollow", k.MS_NOSYMFOLLOW)):
@@ -169,7 +169,7 @@ def test_nosymfollow_mount_does_not_follow_symlinks(tmp_path: Path) -> None:
 
 def test_prctl_set_name_in_child() -> None:
     script = (
-        "from eemini.guest import sys as k; k.set_process_name('eemini-test-nm'); "
+        "from eemini.guest import linux as k; k.set_process_name('eemini-test-nm'); "
         "print(open('/proc/self/comm').read().strip()); k.set_child_subreaper()"
     )
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
@@ -178,6 +178,6 @@ def test_prctl_set_name_in_child() -> None:
 
 def test_prctl_bad_option_raises() -> None:
     with pytest.raises(OSError) as exc:
-        ksys.prctl(0x7FFF_FFFF)
+        linux.prctl(0x7FFF_FFFF)
     assert exc.value.errno == errno.EINVAL
     assert exc.value.strerror == "prctl: Invalid argument"
