@@ -341,7 +341,7 @@ def test_find_config_disk_waits_for_every_virtio_disk(
 MOUNT_SCRIPT = r"""
 import sys
 from eemini.guest import bootconfig as bc, linux as k
-k.mount("none", "/", None, k.MS_REC | k.MS_PRIVATE)
+k.mount("none", "/", None, 16384 | 1 << 18)  # MS_REC | MS_PRIVATE
 bc.find_config_disk = lambda wait: (sys.argv[1], sys.argv[2])
 try:
     print(bc.read_config_disk(0, sys.argv[3]))

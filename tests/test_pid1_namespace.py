@@ -30,8 +30,8 @@ HARNESS = r"""
 import os, sys
 import eemini
 from eemini.guest import linux as k, pid1
-k.mount("none", "/", None, k.MS_REC | k.MS_PRIVATE)
-k.mount(sys.argv[1], "/mnt", None, k.MS_BIND)
+k.mount("none", "/", None, 16384 | 1 << 18)  # MS_REC | MS_PRIVATE
+k.mount(sys.argv[1], "/mnt", None, 4096)  # MS_BIND
 # PID 1 mounts empty tmpfs on /run and /tmp: not over the code under test (a checkout or venv
 # in /tmp), which it still imports lazily and runs as the workload's interpreter.
 code = [os.path.dirname(eemini.__file__), sys.prefix, os.path.dirname(os.__file__)]

@@ -176,7 +176,7 @@ def power_off(reason: str) -> NoReturn:
     """Stop what is left, sync, and power off. Never returns; if even reboot(2) fails, sleep
     forever rather than exit (an exiting init is a kernel panic)."""
     console(f"powering off ({reason})")
-    for step in (kill_everything, linux.sync):
+    for step in (kill_everything, os.sync):
         try:
             step()
         except BaseException as e:  # PID 1 must get to reboot(2) no matter what
@@ -255,7 +255,7 @@ class Boot:
         try:
             # Ctrl-Alt-Del becomes SIGINT to us instead of an immediate reboot. (EINVAL inside a
             # PID namespace, where the kernel offers only the power commands.)
-            linux.set_ctrl_alt_del(False)
+            linux.ctrl_alt_del_to_init()
         except OSError:
             pass
         image = self.read_json(self.paths.image_json, "image facts")

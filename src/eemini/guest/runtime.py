@@ -24,6 +24,7 @@ from eemini.guest.attest import (
     read_ccel,
 )
 from eemini.guest.events import EventLog
+from eemini.guest.linux import set_child_subreaper
 from eemini.guest.logbuf import MAX_BYTES, MAX_LINES, LogBuffer
 from eemini.guest.loop import EventLoop, ThreadStartError, WorkerThread
 from eemini.guest.record import field, record
@@ -35,7 +36,6 @@ from eemini.guest.supervisor import (
     Reaper,
     RunRecord,
     Supervisor,
-    set_child_subreaper,
     workload_env,
 )
 

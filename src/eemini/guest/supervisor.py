@@ -8,7 +8,6 @@ PID 1 that is automatic, in dev mode `PR_SET_CHILD_SUBREAPER` makes the same cod
 
 from __future__ import annotations
 
-import ctypes
 import enum
 import errno
 import os
@@ -22,23 +21,9 @@ from eemini.guest.loop import EventLoop, ThreadStartError, Timer, WorkerThread
 from eemini.guest.record import record, replace
 from eemini.guest.spec import WorkloadSpec
 
-# From <linux/prctl.h>.
-PR_SET_CHILD_SUBREAPER = 36
-
 # Signals a spawned workload gets back at their default disposition (Python ignores SIGPIPE and
 # SIGXFSZ, and an ignored disposition survives execve).
 _SIGDEF = tuple(s for s in signal.valid_signals() if s not in (signal.SIGKILL, signal.SIGSTOP))
-
-
-def set_child_subreaper() -> None:
-    """Make orphaned descendants reparent to this process (prctl(2) PR_SET_CHILD_SUBREAPER)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    prctl = libc.prctl
-    prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
-    prctl.restype = ctypes.c_int
-    if prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"prctl(PR_SET_CHILD_SUBREAPER): {os.strerror(err)}")
 
 
 class Reaper:
