@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from eemini.guest.simulated import make_quote
+from eemini.guest.dev.simulated import make_quote
 from netns import namespaces, start_dhcp_server, veth
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="PID namespaces need root")
@@ -43,7 +43,7 @@ if "FAKE_TSM" in os.environ:  # a fake configfs-tsm on /mnt/tsm/report with this
     sys.path.insert(0, TESTS)
     from fake_tsm import FakeTsm
     from eemini.guest import attest
-    from eemini.guest.simulated import make_quote
+    from eemini.guest.dev.simulated import make_quote
     fake = FakeTsm(Path("/mnt/tsm/report"), make_quote, provider=os.environ["FAKE_TSM"] or None)
 
     class FakeBackend(attest.ConfigfsTsmBackend):

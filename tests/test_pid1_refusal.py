@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from eemini.guest import attest, pid1
-from eemini.guest.simulated import make_quote
+from eemini.guest.dev.simulated import make_quote
 from fake_tsm import FakeTsm, sgx_quote
 
 pytestmark = pytest.mark.timeout(60)

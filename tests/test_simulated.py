@@ -18,10 +18,10 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
-from eemini.guest import der
 from eemini.guest.attest import check_quote
-from eemini.guest.p256 import N, PrivateKey, PublicKey, _hmac_sha256
-from eemini.guest.simulated import (
+from eemini.guest.dev import der
+from eemini.guest.dev.p256 import N, PrivateKey, PublicKey, _hmac_sha256
+from eemini.guest.dev.simulated import (
     DEV_FMSPC,
     DEV_PCESVN,
     DEV_PPID,

@@ -285,7 +285,7 @@ def write_dev_root(ctx: Context) -> None:
     beside the image, for `eemini verify --trust-dev-root` (it is the same for every build)."""
     if not ctx.profile.simulated:
         return
-    from eemini.guest.simulated import dev_root_pem
+    from eemini.guest.dev.simulated import dev_root_pem
 
     path = ctx.out / DEV_ROOT_FILE
     path.write_bytes(dev_root_pem())

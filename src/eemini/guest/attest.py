@@ -3,7 +3,7 @@
 `configfs-tsm` follows the kernel ABI (Documentation/ABI/testing/configfs-tsm-report): make a
 report entry, check `provider`, write up to 64 bytes to `inblob`, read `outblob`, check that
 `generation` moved by exactly our one write, remove the entry. The simulated backend lives in
-`eemini.guest.simulated` and is imported only when asked for, so production images can omit it.
+`eemini.guest.dev.simulated`, which production images do not carry.
 """
 
 from __future__ import annotations

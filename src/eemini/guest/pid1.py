@@ -471,7 +471,7 @@ class Boot:
                 raise BootFailure(
                     "image.json asks for simulated attestation but the cmdline lacks ee.dev=1"
                 )
-            from eemini.guest.simulated import SimulatedBackend
+            from eemini.guest.dev.simulated import SimulatedBackend
 
             console("attestation: simulated (local-dev image; quotes are signed by a development key)")
             from eemini.guest.rtmr import RuntimeMeasurer

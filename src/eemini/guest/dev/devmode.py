@@ -1,6 +1,6 @@
 """Dev mode: the guest runtime as an ordinary process, with simulated attestation.
 
-`eemini dev` calls `run()`; `python -m eemini.guest.devmode` is the same runner with the knobs
+`eemini dev` calls `run()`; `python -m eemini.guest.dev.devmode` is the same runner with the knobs
 tests need (grace period, backoff, socket limits) and a resolved spec JSON instead of TOML.
 """
 
@@ -113,7 +113,7 @@ def run(spec: EnclaveSpec, options: DevOptions) -> int:
     Returns the workload's exit status when it ended for good under on_exit = poweroff
     (128 + signal number when killed), and 0 after Ctrl-C, SIGTERM or a `shutdown` request.
     """
-    from eemini.guest.simulated import SimulatedBackend, dev_root_pem
+    from eemini.guest.dev.simulated import SimulatedBackend, dev_root_pem
 
     requested = os.path.abspath(options.socket_path)
     directory = private_directory(os.path.dirname(requested))
@@ -186,7 +186,7 @@ def run(spec: EnclaveSpec, options: DevOptions) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m eemini.guest.devmode")
+    p = argparse.ArgumentParser(prog="python -m eemini.guest.dev.devmode")
     p.add_argument("--spec-json", required=True, help="resolved spec (canonical JSON)")
     p.add_argument("--socket", required=True)
     p.add_argument("--token")

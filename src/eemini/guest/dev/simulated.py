@@ -20,9 +20,9 @@ import struct
 import threading
 from functools import cache
 
-from eemini.guest import der
 from eemini.guest.attest import REPORT_DATA_SIZE, check_quote
-from eemini.guest.p256 import PrivateKey, PublicKey, der_signature
+from eemini.guest.dev import der
+from eemini.guest.dev.p256 import PrivateKey, PublicKey, der_signature
 from eemini.guest.record import record
 
 # Public on purpose: these seeds *are* the development keys.

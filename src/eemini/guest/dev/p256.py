@@ -231,7 +231,7 @@ def _rfc6979_nonces(d: int, h1: bytes) -> Iterator[int]:
 
 def der_signature(raw: bytes) -> bytes:
     """r||s -> DER Ecdsa-Sig-Value (RFC 3279 section 2.2.3), as X.509 signatures carry it."""
-    from eemini.guest import der
+    from eemini.guest.dev import der
 
     r = int.from_bytes(raw[:32], "big")
     s = int.from_bytes(raw[32:], "big")
