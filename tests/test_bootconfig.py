@@ -14,9 +14,8 @@ from pathlib import Path
 import pytest
 
 from eemini.guest import bootconfig as bc
+from eemini.guest.image import ConfigSource as S
 from fake_metadata import Behaviour, Server
-
-S = bc.Source
 
 
 def test_cmdline_like_the_kernel() -> None:
@@ -131,7 +130,7 @@ def test_cmdline_quotes_and_equals_like_next_arg(cmdline: str, params: tuple[obj
     ],
 )
 def test_agent_env_whitespace_is_space_and_tab(data: bytes, expected: list[tuple[str, str]]) -> None:
-    assert [(s.key, s.value) for s in bc.parse_env(data, S.DISK)] == expected
+    assert [(s.key, s.value) for s in bc.parse_env(data, S.CONFIG_DISK)] == expected
 
 
 def test_agent_env_unicode_space_in_a_key_is_refused() -> None:
@@ -139,22 +138,22 @@ def test_agent_env_unicode_space_in_a_key_is_refused() -> None:
         bc.ConfigError,
         match=r"^boot config key '\\xa0A' from config-disk \(line 1\) is not a valid name$",
     ):
-        bc.parse_env("\u00a0A=1\n".encode(), S.DISK)
+        bc.parse_env("\u00a0A=1\n".encode(), S.CONFIG_DISK)
     with pytest.raises(
         bc.ConfigError,
         match=r"^boot config key 'A\\x1c' from config-disk \(line 1\) is not a valid name$",
     ):
-        bc.parse_env(b"A\x1c=1\n", S.DISK)
+        bc.parse_env(b"A\x1c=1\n", S.CONFIG_DISK)
 
 
 def test_agent_env_parsing() -> None:
     data = b"# comment\n\nUPSTREAM_URL = 'http://x:1/=y'\nLOG_LEVEL=\"debug\"\nEE_IP=10.0.0.5/24\nEMPTY=\r\n"
-    got = bc.parse_env(data, S.DISK)
+    got = bc.parse_env(data, S.CONFIG_DISK)
     assert [(s.source, s.key, s.value) for s in got] == [
-        (S.DISK, "UPSTREAM_URL", "http://x:1/=y"),
-        (S.DISK, "LOG_LEVEL", "debug"),
-        (S.DISK, "EE_IP", "10.0.0.5/24"),
-        (S.DISK, "EMPTY", ""),
+        (S.CONFIG_DISK, "UPSTREAM_URL", "http://x:1/=y"),
+        (S.CONFIG_DISK, "LOG_LEVEL", "debug"),
+        (S.CONFIG_DISK, "EE_IP", "10.0.0.5/24"),
+        (S.CONFIG_DISK, "EMPTY", ""),
     ]
     assert got[1].event() == {
         "source": "config-disk",
@@ -182,16 +181,16 @@ def test_agent_env_parsing() -> None:
 )
 def test_agent_env_malformed(data: bytes, message: str) -> None:
     with pytest.raises(bc.ConfigError, match=message):
-        bc.parse_env(data, S.DISK)
+        bc.parse_env(data, S.CONFIG_DISK)
 
 
 def test_policy_accepts_allowed_and_network_keys() -> None:
     settings = [
         bc.Setting(S.CMDLINE, "UPSTREAM_URL", "a"),
-        bc.Setting(S.DISK, "UPSTREAM_URL", "b"),
-        bc.Setting(S.DISK, "EE_IP", "192.168.1.9/24"),
+        bc.Setting(S.CONFIG_DISK, "UPSTREAM_URL", "b"),
+        bc.Setting(S.CONFIG_DISK, "EE_IP", "192.168.1.9/24"),
         bc.Setting(S.CMDLINE, "EE_GATEWAY", "192.168.1.1"),
-        bc.Setting(S.DISK, "EE_DNS", "1.1.1.1, 9.9.9.9"),
+        bc.Setting(S.CONFIG_DISK, "EE_DNS", "1.1.1.1, 9.9.9.9"),
     ]
     cfg = bc.apply_policy(settings, ["UPSTREAM_URL", "OTHER"])
     assert cfg.env == {"UPSTREAM_URL": "b"}
@@ -207,12 +206,12 @@ def test_policy_accepts_allowed_and_network_keys() -> None:
     ("setting", "message"),
     [
         (
-            bc.Setting(S.DISK, "PATH", "/evil"),
+            bc.Setting(S.CONFIG_DISK, "PATH", "/evil"),
             r"boot config key 'PATH' from config-disk is not allowed "
             r"\(allowed: EE_DNS, EE_GATEWAY, EE_IP, UPSTREAM_URL\)",
         ),
         (
-            bc.Setting(S.GCE, "EE_IP", "10.0.0.1/24"),
+            bc.Setting(S.GCE_METADATA, "EE_IP", "10.0.0.1/24"),
             r"boot config key 'EE_IP' from gce-metadata is not allowed: network keys are read before",
         ),
         (
@@ -220,9 +219,9 @@ def test_policy_accepts_allowed_and_network_keys() -> None:
             r"'EE_IP' from cmdline is not valid: needs a prefix length",
         ),
         (bc.Setting(S.CMDLINE, "EE_GATEWAY", "10.0.0.300"), r"'EE_GATEWAY' from cmdline is not valid: "),
-        (bc.Setting(S.DISK, "EE_DNS", "1.1.1.1,x"), r"'EE_DNS' from config-disk is not valid: "),
+        (bc.Setting(S.CONFIG_DISK, "EE_DNS", "1.1.1.1,x"), r"'EE_DNS' from config-disk is not valid: "),
         (
-            bc.Setting(S.DISK, "EE_GATEWAY", "10.0.0.1"),
+            bc.Setting(S.CONFIG_DISK, "EE_GATEWAY", "10.0.0.1"),
             r"boot config sets EE_GATEWAY/EE_DNS without EE_IP",
         ),
     ],
@@ -230,17 +229,6 @@ def test_policy_accepts_allowed_and_network_keys() -> None:
 def test_policy_refuses(setting: bc.Setting, message: str) -> None:
     with pytest.raises(bc.ConfigError, match=message):
         bc.apply_policy([setting], ["UPSTREAM_URL"])
-
-
-def test_source_names() -> None:
-    assert bc.Sources.parse(["cmdline", "disk", "gce", "azure-imds"]) == (
-        bc.Sources.CMDLINE,
-        bc.Sources.DISK,
-        bc.Sources.GCE,
-        bc.Sources.AZURE,
-    )
-    with pytest.raises(bc.ConfigError, match=r"image.json names an unknown boot-config source 'ftp'"):
-        bc.Sources.parse(["ftp"])
 
 
 # --- config disks: real filesystem images made by the host tools eemini run uses ---
@@ -493,10 +481,10 @@ def test_gce_attribute() -> None:
     b = Behaviour("gce", gce_config=b"UPSTREAM_URL=http://x\n")
     server = Server(b).start()
     try:
-        got = bc.collect_remote([bc.Sources.GCE], _fetch(server), print)
+        got = bc.collect_remote([S.GCE_METADATA], _fetch(server), print)
     finally:
         server.shutdown()
-    assert [(s.source, s.key, s.value) for s in got] == [(S.GCE, "UPSTREAM_URL", "http://x")]
+    assert [(s.source, s.key, s.value) for s in got] == [(S.GCE_METADATA, "UPSTREAM_URL", "http://x")]
     path, headers = b.requests[0]
     assert path == "/computeMetadata/v1/instance/attributes/ee-config"
     assert headers["metadata-flavor"] == "Google"
@@ -506,7 +494,7 @@ def test_gce_attribute() -> None:
 def test_gce_absent_attribute_and_absent_server(capsys: pytest.CaptureFixture[str]) -> None:
     server = Server(Behaviour("gce")).start()
     try:
-        assert bc.collect_remote([bc.Sources.GCE], _fetch(server), print) == []
+        assert bc.collect_remote([S.GCE_METADATA], _fetch(server), print) == []
     finally:
         server.shutdown()
     # Nothing listening at all: bounded retries, then absent.
@@ -585,9 +573,9 @@ def test_azure_userdata_first_then_customdata() -> None:
     b = Behaviour("azure", azure_userdata=b"A=user\n", azure_customdata=b"A=custom\n")
     server = Server(b).start()
     try:
-        assert bc.read_azure(_fetch(server)) == (S.AZURE_USERDATA, b"A=user\n")
+        assert bc.read_azure(_fetch(server)) == (bc.AZURE_USERDATA, b"A=user\n")
         b.azure_userdata = None
-        assert bc.read_azure(_fetch(server)) == (S.AZURE_CUSTOMDATA, b"A=custom\n")
+        assert bc.read_azure(_fetch(server)) == (bc.AZURE_CUSTOMDATA, b"A=custom\n")
         b.azure_customdata = None
         assert bc.read_azure(_fetch(server)) is None
     finally:
@@ -602,7 +590,7 @@ def test_azure_errors() -> None:
     server = Server(b).start()
     try:
         with pytest.raises(bc.ConfigError, match="azure-userdata: IMDS answered HTTP 400"):
-            bc._read_azure(_fetch(server), "/metadata/instance/compute/userData", S.AZURE_USERDATA)
+            bc._read_azure(_fetch(server), "/metadata/instance/compute/userData", bc.AZURE_USERDATA)
     finally:
         server.shutdown()
 

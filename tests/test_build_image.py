@@ -146,8 +146,11 @@ def test_every_initramfs_byte_has_an_origin() -> None:
 
 
 def test_image_facts_and_spec_in_the_image() -> None:
+    from eemini.guest.image import ImageFacts
+
     doc = manifest(DEMO_PROFILE)
     facts = doc["image"]
+    assert ImageFacts.from_dict(facts).to_dict() == facts  # what PID 1 reads back
     assert facts["profile"] == "local-dev"
     assert facts["attestation"] == "simulated"
     assert facts["network"] == "dhcp"

@@ -327,13 +327,14 @@ def make_vfat(path: Path, files: dict[str, bytes], label: str = CONFIG_LABEL) ->
 def read_config_file(path: Path) -> bytes:
     """The --config file, checked with the guest's own parser so mistakes show up on the host."""
     from eemini.guest import bootconfig
+    from eemini.guest.image import ConfigSource
 
     try:
         data = path.read_bytes()
     except OSError as e:
         die(f"cannot read --config {path}: {e.strerror}")
     try:
-        bootconfig.parse_env(data, bootconfig.Source.DISK)
+        bootconfig.parse_env(data, ConfigSource.CONFIG_DISK)
     except bootconfig.ConfigError as e:
         die(f"--config {path}: {e}")
     return data

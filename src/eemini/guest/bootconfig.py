@@ -11,7 +11,6 @@ retries, then count as absent.
 
 from __future__ import annotations
 
-import enum
 import hashlib
 import ipaddress
 import os
@@ -19,6 +18,7 @@ import re
 import stat
 import time
 
+from eemini.guest.image import ConfigSource
 from eemini.guest.record import field, record
 
 TYPE_CHECKING = False
@@ -34,17 +34,10 @@ MAX_VALUE = 4096
 _KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
 
-class Source(enum.StrEnum):
-    CMDLINE = "cmdline"
-    DISK = "config-disk"
-    GCE = "gce-metadata"
-    AZURE_USERDATA = "azure-userdata"
-    AZURE_CUSTOMDATA = "azure-customdata"
-
-    @property
-    def local(self) -> bool:
-        """Read before the network exists (so they may carry the static network keys)."""
-        return self in (Source.CMDLINE, Source.DISK)
+# What a setting says it came from: its ConfigSource, or for Azure IMDS, which document.
+AZURE_USERDATA = "azure-userdata"
+AZURE_CUSTOMDATA = "azure-customdata"
+LOCAL_SOURCES = frozenset(source for source in ConfigSource if source.local)
 
 
 class ConfigError(Exception):
@@ -53,7 +46,7 @@ class ConfigError(Exception):
 
 @record
 class Setting:
-    source: Source
+    source: str  # a ConfigSource, or AZURE_USERDATA / AZURE_CUSTOMDATA
     key: str
     value: str
 
@@ -184,16 +177,16 @@ def cmdline_settings(cmdline: Cmdline) -> list[Setting]:
         name = key[3:]
         if value is None:
             raise ConfigError(
-                f"boot config {key!r} from {Source.CMDLINE} has no value (expected ee.KEY=VALUE)"
+                f"boot config {key!r} from {ConfigSource.CMDLINE} has no value (expected ee.KEY=VALUE)"
             )
-        out.append(_setting(Source.CMDLINE, name, value, where=f"{key}"))
+        out.append(_setting(ConfigSource.CMDLINE, name, value, where=f"{key}"))
     return out
 
 
 # --- agent.env ---
 
 
-def _setting(source: Source, key: str, value: str, where: str) -> Setting:
+def _setting(source: str, key: str, value: str, where: str) -> Setting:
     if not _KEY.match(key):
         raise ConfigError(f"boot config key {key!r} from {source} ({where}) is not a valid name")
     problem = None
@@ -220,7 +213,7 @@ def _setting(source: Source, key: str, value: str, where: str) -> Setting:
 ENV_BLANKS = " \t"
 
 
-def parse_env(data: bytes, source: Source) -> list[Setting]:
+def parse_env(data: bytes, source: str) -> list[Setting]:
     """agent.env: KEY=VALUE lines; blank lines and # comments skipped; one matching pair of
     surrounding quotes is removed. Anything else is malformed and stops the boot."""
     if len(data) > MAX_FILE:
@@ -298,7 +291,7 @@ def apply_policy(settings: Sequence[Setting], allow_env: Iterable[str]) -> BootC
     net: dict[str, str] = {}
     for s in settings:
         if s.key in NETWORK_KEYS:
-            if not s.source.local:
+            if s.source not in LOCAL_SOURCES:
                 raise ConfigError(
                     f"boot config key {s.key!r} from {s.source} is not allowed: network keys are read "
                     "before the network exists, so only the cmdline and the config disk may set them"
@@ -590,14 +583,18 @@ def read_gce(fetch: Fetch) -> bytes | None:
     if status == 404:
         return None
     if status != 200:
-        raise ConfigError(f"{Source.GCE}: the metadata server answered HTTP {status} for ee-config")
+        raise ConfigError(
+            f"{ConfigSource.GCE_METADATA}: the metadata server answered HTTP {status} for ee-config"
+        )
     # The real server marks its answers; anything else on that address is not the metadata server.
     if headers.get("metadata-flavor") != "Google":
-        raise ConfigError(f"{Source.GCE}: the answer lacks the 'Metadata-Flavor: Google' header")
+        raise ConfigError(
+            f"{ConfigSource.GCE_METADATA}: the answer lacks the 'Metadata-Flavor: Google' header"
+        )
     return body
 
 
-def _read_azure(fetch: Fetch, path: str, source: Source) -> bytes | None:
+def _read_azure(fetch: Fetch, path: str, source: str) -> bytes | None:
     answer = http_get(fetch, path, {"Metadata": "true"})
     if answer is None:
         return None
@@ -617,69 +614,49 @@ def _read_azure(fetch: Fetch, path: str, source: Source) -> bytes | None:
         raise ConfigError(f"{source}: the IMDS answer is not base64") from None
 
 
-def read_azure(fetch: Fetch) -> tuple[Source, bytes] | None:
+def read_azure(fetch: Fetch) -> tuple[str, bytes] | None:
     """userData first; customData only when userData is empty or absent."""
-    data = _read_azure(fetch, AZURE_USERDATA_PATH, Source.AZURE_USERDATA)
+    data = _read_azure(fetch, AZURE_USERDATA_PATH, AZURE_USERDATA)
     if data is not None:
-        return Source.AZURE_USERDATA, data
-    data = _read_azure(fetch, AZURE_CUSTOMDATA_PATH, Source.AZURE_CUSTOMDATA)
+        return AZURE_USERDATA, data
+    data = _read_azure(fetch, AZURE_CUSTOMDATA_PATH, AZURE_CUSTOMDATA)
     if data is not None:
-        return Source.AZURE_CUSTOMDATA, data
+        return AZURE_CUSTOMDATA, data
     return None
 
 
 # --- the whole collection, as PID 1 runs it ---
 
 
-class Sources(enum.StrEnum):
-    """Source names a profile lists in image.json's boot-config sources."""
-
-    CMDLINE = "cmdline"
-    DISK = "config-disk"
-    GCE = "gce"
-    AZURE = "azure"
-
-    @classmethod
-    def parse(cls, names: Iterable[str]) -> tuple[Sources, ...]:
-        aliases = {"disk": cls.DISK, "gce-metadata": cls.GCE, "azure-imds": cls.AZURE}
-        out = []
-        for name in names:
-            try:
-                out.append(aliases.get(name) or cls(name))
-            except ValueError:
-                raise ConfigError(f"image.json names an unknown boot-config source {name!r}") from None
-        return tuple(out)
-
-
 def collect_local(
     cmdline: Cmdline,
-    sources: Sequence[Sources],
+    sources: Sequence[ConfigSource],
     log: Callable[[str], None],
     prepare_mount: Callable[[str], object] | None = None,
 ) -> list[Setting]:
     settings: list[Setting] = []
-    if Sources.CMDLINE in sources:
+    if ConfigSource.CMDLINE in sources:
         settings += cmdline_settings(cmdline)
-    if Sources.DISK in sources:
+    if ConfigSource.CONFIG_DISK in sources:
         data = read_config_disk(prepare=prepare_mount)
         if data is None:
             log("boot config: no config disk")
         else:
-            settings += parse_env(data, Source.DISK)
+            settings += parse_env(data, ConfigSource.CONFIG_DISK)
     return settings
 
 
 def collect_remote(
-    sources: Sequence[Sources], fetch: Fetch, log: Callable[[str], None]
+    sources: Sequence[ConfigSource], fetch: Fetch, log: Callable[[str], None]
 ) -> list[Setting]:
     settings: list[Setting] = []
-    if Sources.GCE in sources:
+    if ConfigSource.GCE_METADATA in sources:
         data = read_gce(fetch)
         if data is None:
             log("boot config: no GCE ee-config attribute")
         else:
-            settings += parse_env(data, Source.GCE)
-    if Sources.AZURE in sources:
+            settings += parse_env(data, ConfigSource.GCE_METADATA)
+    if ConfigSource.AZURE_IMDS in sources:
         found = read_azure(fetch)
         if found is None:
             log("boot config: no Azure userData/customData")

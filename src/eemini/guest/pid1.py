@@ -22,6 +22,15 @@ import sys
 import time
 
 from eemini.guest import kmods, linux
+from eemini.guest.image import (
+    IMAGE_JSON,
+    SOCKET,
+    SPEC_JSON,
+    Attestation,
+    ImageError,
+    ImageFacts,
+    Network,
+)
 from eemini.guest.record import record
 
 TYPE_CHECKING = False
@@ -79,11 +88,11 @@ class Refusal(BootFailure):
 class Paths:
     """Where PID 1 reads its inputs; fixed in the image, moved only by tests."""
 
-    image_json: str = "/etc/eemini/image.json"
-    spec_json: str = "/etc/eemini/spec.json"
+    image_json: str = IMAGE_JSON
+    spec_json: str = SPEC_JSON
     cmdline: str = "/proc/cmdline"
     tsm_report: str = "/sys/kernel/config/tsm/report"  # eemini.guest.attest.TSM_REPORT_ROOT
-    socket: str = "/var/lib/easyenclave/agent.sock"
+    socket: str = SOCKET
     resolv_conf: str = "/etc/resolv.conf"
     sys_input: str = "/sys/class/input"
     dev_input: str = "/dev/input"
@@ -200,16 +209,21 @@ def write_resolv_conf(path: str, dns: tuple[Any, ...], domain: str | None) -> No
         f.write("".join(line + "\n" for line in lines))
 
 
-def check_cmdline(image: dict[str, Any], cmdline_text: str) -> None:
+def image_facts(doc: dict[str, Any]) -> ImageFacts:
+    try:
+        return ImageFacts.from_dict(doc)
+    except ImageError as e:
+        raise BootFailure(f"image.json: {e}") from None
+
+
+def check_cmdline(image: ImageFacts, cmdline_text: str) -> None:
     """A production image runs only with the command line built into its UKI.
 
     With Secure Boot off (the UKI is unsigned) systemd-stub passes the boot entry's LoadOptions
     instead of `.cmdline`, so the host could hand the kernel any command line. The builder records
     what the stub passes on from `.cmdline` as image.json `cmdline`; /proc/cmdline is the kernel's
     copy with a newline added."""
-    expected = image.get("cmdline")
-    if not isinstance(expected, str):
-        raise BootFailure("image.json: cmdline (the UKI's built-in command line) must be a string")
+    expected = image.cmdline
     from eemini.guest.bootconfig import KERNEL_SPACES
 
     # Trailing bytes the kernel takes for spaces only (str.rstrip() would also drop \x1c, U+2028 ...,
@@ -258,18 +272,13 @@ class Boot:
             linux.ctrl_alt_del_to_init()
         except OSError:
             pass
-        image = self.read_json(self.paths.image_json, "image facts")
-        if image.get("attestation") == "configfs-tsm":
+        image = image_facts(self.read_json(self.paths.image_json, "image facts"))
+        if image.attestation.production:
             check_cmdline(image, cmdline_text)
-        modules = image.get("modules", [])
-        if not isinstance(modules, list) or not all(isinstance(m, str) for m in modules):
-            raise BootFailure(f"{self.paths.image_json}: modules must be a list of paths")
         # Modules load on a thread (finit_module runs without the GIL) while this one reads the
         # spec and imports the rest of the runtime: drivers' probe waits overlap Python work.
-        facts = image.get("module_facts")
-        if facts is not None and not isinstance(facts, dict):
-            raise BootFailure(f"{self.paths.image_json}: module_facts must be an object")
-        loader = kmods.ModuleLoader(kmods.plan(modules, facts, kmods.device_modaliases()), console)
+        plan = kmods.plan(list(image.modules), image.module_facts, kmods.device_modaliases())
+        loader = kmods.ModuleLoader(plan, console)
         loader.start()
         try:
             cmdline = bootconfig.parse_cmdline(cmdline_text)
@@ -278,27 +287,26 @@ class Boot:
         # The boot token: 32 bytes from the kernel CSPRNG (getrandom(2) blocks until it is seeded).
         token = os.getrandom(32).hex()
         spec_bytes, spec = self.load_spec()
-        sources = self.config_sources(image)
         preload_runtime()
         loader.wait_boot()
         self.timeline.mark("modules")
         console(self.modules_line(loader))
         # configfs-tsm needs configfs before the control socket serves; a simulated image mounts
         # it once the workload has started.
-        configfs_now = image.get("attestation") != "simulated"
+        configfs_now = image.attestation is not Attestation.SIMULATED
         if configfs_now:
             self.mount_configfs(loader)
         allow = spec.workload.allow_env
         try:
-            local = bootconfig.collect_local(cmdline, sources, console, loader.require_fs)
+            local = bootconfig.collect_local(cmdline, image.config_sources, console, loader.require_fs)
             static = bootconfig.apply_policy(local, allow).network
         except bootconfig.ConfigError as e:
             raise BootFailure(str(e)) from None
         self.timeline.mark("local config")
-        self.network(str(image.get("network", "dhcp")), static)
+        self.network(image.network, static)
         self.timeline.mark("network")
         try:
-            remote = bootconfig.collect_remote(sources, bootconfig.Fetch(), console)
+            remote = bootconfig.collect_remote(image.config_sources, bootconfig.Fetch(), console)
             config = bootconfig.apply_policy(local + remote, allow)
         except bootconfig.ConfigError as e:
             raise BootFailure(str(e)) from None
@@ -379,28 +387,14 @@ class Boot:
         except guest_spec.SpecError as e:
             raise BootFailure(f"the enclave spec {self.paths.spec_json} is invalid: {e}") from None
 
-    @staticmethod
-    def config_sources(image: dict[str, Any]) -> tuple[Any, ...]:
-        from eemini.guest import bootconfig
-
-        names = image.get("config_sources", [])
-        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-            raise BootFailure("image.json: config_sources must be a list of names")
-        try:
-            return bootconfig.Sources.parse(names)
-        except bootconfig.ConfigError as e:
-            raise BootFailure(str(e)) from None
-
-    def network(self, mode: str, static: Any) -> None:
+    def network(self, kind: Network, static: Any) -> None:
         from eemini.guest import dhcp, netlink
 
         with netlink.Netlink() as nl:
             nl.set_link(nl.link("lo").index, up=True)
-            if mode == "none":
+            if kind is Network.NONE:
                 console("network: none (this image has no network)")
                 return
-            if mode != "dhcp":
-                raise BootFailure(f"image.json: unknown network mode {mode!r} (dhcp or none)")
             nic = netlink.wait_for_nic(nl, NIC_WAIT)
             if nic is None:
                 console(
@@ -460,11 +454,11 @@ class Boot:
         except OSError as e:
             console(f"network: removing the expired address failed: {e}")
 
-    def backend(self, image: dict[str, Any], cmdline: Any) -> tuple[Any, Any]:
+    def backend(self, image: ImageFacts, cmdline: Any) -> tuple[Any, Any]:
         from eemini.guest import bootconfig
 
-        kind = image.get("attestation")
-        if kind == "simulated":
+        kind = image.attestation
+        if kind is Attestation.SIMULATED:
             # Both must say so: image.json (in the initramfs) and the measured cmdline marker, so a
             # simulated image can never pass for a production one.
             if not cmdline.has(*bootconfig.DEV_MARKER):
@@ -481,7 +475,7 @@ class Boot:
             return simulated, RuntimeMeasurer(
                 extend=lambda digest: simulated.extend_rtmr(3, digest), via="simulated"
             )
-        if kind == "configfs-tsm":
+        if kind is Attestation.CONFIGFS_TSM:
             from eemini.guest.attest import ConfigfsTsmBackend
             from eemini.guest.rtmr import RuntimeMeasurer
 
@@ -497,7 +491,7 @@ class Boot:
                 )
             )
             return backend, measurer
-        raise BootFailure(f"image.json: unknown attestation backend {kind!r}")
+        raise BootFailure(f"image.json: no attestation backend for {kind}")
 
     @staticmethod
     def event_log(spec_bytes: bytes, workload_path: str, settings: Any, measurer: Any) -> Any:
@@ -523,7 +517,7 @@ class Boot:
         token: str,
         backend: Any,
         *,
-        image: Any,
+        image: ImageFacts,
         env: Any,
         events: Any,
         measurer: Any = None,

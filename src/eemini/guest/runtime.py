@@ -24,6 +24,7 @@ from eemini.guest.attest import (
     read_ccel,
 )
 from eemini.guest.events import EventLog
+from eemini.guest.image import SOCKET, ImageFacts
 from eemini.guest.linux import set_child_subreaper
 from eemini.guest.logbuf import MAX_BYTES, MAX_LINES, LogBuffer
 from eemini.guest.loop import EventLoop, ThreadStartError, WorkerThread
@@ -46,7 +47,6 @@ if TYPE_CHECKING:  # for the type checker only: typing costs boot time to import
     from eemini.guest.attest import Backend
     from eemini.guest.server import Respond
 
-DEFAULT_SOCKET = "/var/lib/easyenclave/agent.sock"
 MAX_TAIL = MAX_LINES
 # A `logs` answer without its lines: {"ok":true,"lines":[],"entries":[],"dropped":…,"omitted":…}
 # and the newline, with room for the two counts.
@@ -74,8 +74,8 @@ class RuntimeConfig:
     spec: EnclaveSpec
     token: str
     backend: Backend
-    socket_path: str = DEFAULT_SOCKET
-    image: Mapping[str, Any] | None = None  # /etc/eemini/image.json facts (None in dev mode)
+    socket_path: str = SOCKET
+    image: ImageFacts | None = None  # None in dev mode
     extra_env: Mapping[str, str] = field(default_factory=dict)  # accepted boot config
     console_fd: int | None = 2
     limits: Limits = field(default_factory=Limits)
@@ -201,7 +201,7 @@ class Runtime:
             config.spec.workload,
             token=config.token,
             extra_env=config.extra_env,
-            socket_path=None if config.socket_path == DEFAULT_SOCKET else config.socket_path,
+            socket_path=None if config.socket_path == SOCKET else config.socket_path,
         )
         self.supervisor = Supervisor(
             self.loop,
@@ -443,7 +443,7 @@ class Runtime:
                 "uptime_secs": self.uptime(),
                 "spec": self.config.spec.to_dict(),
                 "spec_digest": self.spec_digest,
-                "image": None if self.config.image is None else dict(self.config.image),
+                "image": None if self.config.image is None else self.config.image.to_dict(),
                 "events": self.events.to_list(),
                 "limits": {
                     "max_line": self.config.limits.max_line,
