@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from eemini.guest import bootconfig as bc
+from eemini.guest import metadata as md
 from eemini.guest.image import ConfigSource as S
 from fake_metadata import Behaviour, Server
 
@@ -471,8 +472,8 @@ def test_config_disk_agent_env_must_be_a_regular_file(
 # --- metadata servers ---
 
 
-def _fetch(server: Server, **kw: float) -> bc.Fetch:
-    return bc.Fetch(
+def _fetch(server: Server, **kw: float) -> md.Fetch:
+    return md.Fetch(
         host="127.0.0.1", port=server.port, timeout=kw.get("timeout", 1.0), attempts=2, backoff=0.05
     )
 
@@ -481,7 +482,7 @@ def test_gce_attribute() -> None:
     b = Behaviour("gce", gce_config=b"UPSTREAM_URL=http://x\n")
     server = Server(b).start()
     try:
-        got = bc.collect_remote([S.GCE_METADATA], _fetch(server), print)
+        got = md.collect([S.GCE_METADATA], _fetch(server), print)
     finally:
         server.shutdown()
     assert [(s.source, s.key, s.value) for s in got] == [(S.GCE_METADATA, "UPSTREAM_URL", "http://x")]
@@ -494,12 +495,12 @@ def test_gce_attribute() -> None:
 def test_gce_absent_attribute_and_absent_server(capsys: pytest.CaptureFixture[str]) -> None:
     server = Server(Behaviour("gce")).start()
     try:
-        assert bc.collect_remote([S.GCE_METADATA], _fetch(server), print) == []
+        assert md.collect([S.GCE_METADATA], _fetch(server), print) == []
     finally:
         server.shutdown()
     # Nothing listening at all: bounded retries, then absent.
     start = time.monotonic()
-    assert bc.read_gce(bc.Fetch(host="127.0.0.1", port=1, timeout=0.2, attempts=3, backoff=0.05)) is None
+    assert md.read_gce(md.Fetch(host="127.0.0.1", port=1, timeout=0.2, attempts=3, backoff=0.05)) is None
     assert time.monotonic() - start < 2
     assert capsys.readouterr().out == "boot config: no GCE ee-config attribute\n"
 
@@ -509,7 +510,7 @@ def test_gce_slow_server_times_out_then_absent() -> None:
     server = Server(b).start()
     try:
         start = time.monotonic()
-        assert bc.read_gce(_fetch(server, timeout=0.2)) is None
+        assert md.read_gce(_fetch(server, timeout=0.2)) is None
         assert time.monotonic() - start < 1.5
         # Both attempts were made (the server thread may record the second one a moment later).
         deadline = time.monotonic() + 10
@@ -517,7 +518,7 @@ def test_gce_slow_server_times_out_then_absent() -> None:
             time.sleep(0.02)
         assert len(b.requests) == 2
         # A slow but sufficient timeout gets the answer.
-        assert bc.read_gce(_fetch(server, timeout=2)) == b"A=1\n"
+        assert md.read_gce(_fetch(server, timeout=2)) == b"A=1\n"
     finally:
         server.shutdown()
 
@@ -526,7 +527,7 @@ def test_gce_retries_a_starting_server() -> None:
     b = Behaviour("gce", gce_config=b"A=1\n", fail_first=1)
     server = Server(b).start()
     try:
-        assert bc.read_gce(_fetch(server)) == b"A=1\n"
+        assert md.read_gce(_fetch(server)) == b"A=1\n"
     finally:
         server.shutdown()
     assert len(b.requests) == 2
@@ -552,7 +553,7 @@ def test_gce_impostor_without_flavor_header() -> None:
         with pytest.raises(
             bc.ConfigError, match="gce-metadata: the answer lacks the 'Metadata-Flavor: Google' header"
         ):
-            bc.read_gce(bc.Fetch(host="127.0.0.1", port=srv.server_address[1], timeout=1, attempts=1))
+            md.read_gce(md.Fetch(host="127.0.0.1", port=srv.server_address[1], timeout=1, attempts=1))
     finally:
         srv.shutdown()
 
@@ -573,15 +574,15 @@ def test_azure_userdata_first_then_customdata() -> None:
     b = Behaviour("azure", azure_userdata=b"A=user\n", azure_customdata=b"A=custom\n")
     server = Server(b).start()
     try:
-        assert bc.read_azure(_fetch(server)) == (bc.AZURE_USERDATA, b"A=user\n")
+        assert md.read_azure(_fetch(server)) == (md.AZURE_USERDATA, b"A=user\n")
         b.azure_userdata = None
-        assert bc.read_azure(_fetch(server)) == (bc.AZURE_CUSTOMDATA, b"A=custom\n")
+        assert md.read_azure(_fetch(server)) == (md.AZURE_CUSTOMDATA, b"A=custom\n")
         b.azure_customdata = None
-        assert bc.read_azure(_fetch(server)) is None
+        assert md.read_azure(_fetch(server)) is None
     finally:
         server.shutdown()
     paths = [p for p, _ in b.requests]
-    assert paths[:3] == [bc.AZURE_USERDATA_PATH, bc.AZURE_USERDATA_PATH, bc.AZURE_CUSTOMDATA_PATH]
+    assert paths[:3] == [md.AZURE_USERDATA_PATH, md.AZURE_USERDATA_PATH, md.AZURE_CUSTOMDATA_PATH]
     assert all(h["metadata"] == "true" for _, h in b.requests)
 
 
@@ -590,7 +591,7 @@ def test_azure_errors() -> None:
     server = Server(b).start()
     try:
         with pytest.raises(bc.ConfigError, match="azure-userdata: IMDS answered HTTP 400"):
-            bc._read_azure(_fetch(server), "/metadata/instance/compute/userData", bc.AZURE_USERDATA)
+            md._read_azure(_fetch(server), "/metadata/instance/compute/userData", md.AZURE_USERDATA)
     finally:
         server.shutdown()
 
@@ -613,7 +614,7 @@ def test_azure_not_base64() -> None:
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     try:
         with pytest.raises(bc.ConfigError, match="azure-userdata: the IMDS answer is not base64"):
-            bc.read_azure(bc.Fetch(host="127.0.0.1", port=srv.server_address[1], timeout=1, attempts=1))
+            md.read_azure(md.Fetch(host="127.0.0.1", port=srv.server_address[1], timeout=1, attempts=1))
     finally:
         srv.shutdown()
 
@@ -622,14 +623,14 @@ IDNA_SCRIPT = r"""
 import sys
 sys.modules["encodings.idna"] = None  # like the image's trimmed standard library
 import socket
-from eemini.guest import bootconfig as bc
+from eemini.guest import metadata as md
 port = int(sys.argv[1])
 try:
     socket.create_connection(("127.0.0.1", port), timeout=2).close()
     print("create_connection works")
 except LookupError as e:
     print("create_connection:", e)
-print(bc.read_gce(bc.Fetch(host="127.0.0.1", port=port, timeout=2, attempts=1)))
+print(md.read_gce(md.Fetch(host="127.0.0.1", port=port, timeout=2, attempts=1)))
 """
 
 

@@ -263,6 +263,15 @@ def test_production_images_carry_no_guest_dev_code_nor_what_only_it_imports() ->
         assert guest_paths(doc, GUEST) > {f"{pyruntime.GUEST_PREFIX}/eemini/guest/pid1.py"}
 
 
+def test_only_images_with_a_metadata_source_carry_an_http_client() -> None:
+    """gcp reads GCE metadata (its image has http.client and the email package it imports);
+    local-tdx-qcow2 reads a config disk only, so nothing of either is in its image."""
+    assert {"http.client", "email.parser"} <= stdlib_modules(manifest("gcp"))
+    shipped = stdlib_modules(manifest("local-tdx-qcow2"))
+    assert {m for m in shipped if m.split(".")[0] in ("http", "email")} == set()
+    assert "json" in shipped
+
+
 def _sections(uki: Path) -> dict[str, tuple[int, int, int]]:
     """name -> (size, vma, file offset) as objdump -h reports them."""
     out = run("objdump", "-h", uki).decode()

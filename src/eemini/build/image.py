@@ -165,7 +165,7 @@ def add_python(ctx: Context) -> None:
     python = [(p, ctx.roots[p.name]) for p in ctx.lock.packages if p.role in (Role.PYTHON, Role.LIBRARY)]
     with complete_step("Adding the trimmed Python runtime and the guest runtime"):
         target = pyruntime.Target(python, ctx.work)
-        analysis = pyruntime.analyze(target, ctx.profile.simulated)
+        analysis = pyruntime.analyze(target, ctx.profile)
         pyruntime.add_runtime(ctx.tree, target, analysis, ctx.work)
     shutil.rmtree(target.root, ignore_errors=True)
 

@@ -15,6 +15,7 @@ from pathlib import Path, PurePosixPath
 
 from eemini.build import elf
 from eemini.build.lock import Package
+from eemini.build.profile import Profile
 from eemini.build.tree import PROJECT, Origin, Source, Tree
 from eemini.log import complete_step, die, log_debug
 from eemini.proc import run
@@ -50,6 +51,9 @@ PID1 = "eemini.guest.pid1"
 # Guest code that never goes into a production image: the folder, whatever it holds.
 DEV_PACKAGE = "eemini.guest.dev"
 DEV_DIR = "eemini/guest/dev"
+# The metadata-server client, which PID 1 imports only where the profile names a metadata source:
+# elsewhere the analysis leaves it, and with it the HTTP client, out.
+METADATA = "eemini.guest.metadata"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,9 +134,11 @@ class Analysis:
     modules: tuple[str, ...]
 
 
-def analyze(target: Target, with_dev: bool) -> Analysis:
-    """What the shipped guest code imports, starting from what a PID 1 runs: `PID1`, and in an
-    image that carries guest/dev/ (with_dev) every module there too, so that each imports."""
+def analyze(target: Target, profile: Profile) -> Analysis:
+    """What the shipped guest code imports, starting from what PID 1 runs (`PID1`; in a simulated
+    image, which carries guest/dev/, every module there too, so that each imports) and leaving
+    out what PID 1 of this profile never imports."""
+    with_dev = profile.simulated
     guest = guest_modules(with_dev)
     entries = [PID1]
     excludes = list(EXCLUDES)
@@ -140,6 +146,8 @@ def analyze(target: Target, with_dev: bool) -> Analysis:
         entries += [g.name for g in guest if g.name.startswith(DEV_PACKAGE)]
     else:
         excludes.append(DEV_PACKAGE)  # PID 1 imports it only in a simulated image
+    if all(source.local for source in profile.config_sources):
+        excludes.append(METADATA)
     with complete_step("Finding the standard-library modules the guest runtime imports"):
         request: dict[str, object] = {
             "op": "analyze",

@@ -2,11 +2,11 @@
 
 Sources (the profile names which ones an image reads): `ee.KEY=VALUE` on the kernel cmdline, a
 config disk holding `agent.env` (iso9660 or vfat, volume label EECONFIG, mounted read-only), the
-GCE metadata attribute `ee-config`, and Azure IMDS `userData` then `customData` (base64). The
-operator controls all of them, so only the spec's `allow_env` keys and the network keys pass;
-anything else raises `ConfigError`, whose message names the key and the source, and PID 1 stops
-the boot. Absent sources are normal; unreachable metadata servers get short timeouts and a few
-retries, then count as absent.
+GCE metadata attribute `ee-config`, and Azure IMDS `userData` then `customData` (base64; both
+read by eemini.guest.metadata). The operator controls all of them, so only the spec's
+`allow_env` keys and the network keys pass; anything else raises `ConfigError`, whose message
+names the key and the source, and PID 1 stops the boot. Absent sources are normal; unreachable
+metadata servers get short timeouts and a few retries, then count as absent.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from eemini.guest.record import field, record
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Sequence
-    from typing import Any
 
 NETWORK_KEYS = ("EE_IP", "EE_GATEWAY", "EE_DNS")
 CONFIG_FILE = "agent.env"
@@ -34,9 +33,6 @@ MAX_VALUE = 4096
 _KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
 
-# What a setting says it came from: its ConfigSource, or for Azure IMDS, which document.
-AZURE_USERDATA = "azure-userdata"
-AZURE_CUSTOMDATA = "azure-customdata"
 LOCAL_SOURCES = frozenset(source for source in ConfigSource if source.local)
 
 
@@ -46,7 +42,7 @@ class ConfigError(Exception):
 
 @record
 class Setting:
-    source: str  # a ConfigSource, or AZURE_USERDATA / AZURE_CUSTOMDATA
+    source: str  # a ConfigSource, or which Azure IMDS document (eemini.guest.metadata)
     key: str
     value: str
 
@@ -505,127 +501,7 @@ def read_env_file(directory: str, dev: str) -> bytes:
         os.close(fd)
 
 
-# --- cloud metadata ---
-
-METADATA_HOST = "169.254.169.254"
-GCE_PATH = "/computeMetadata/v1/instance/attributes/ee-config"
-AZURE_USERDATA_PATH = "/metadata/instance/compute/userData?api-version=2021-01-01&format=text"
-AZURE_CUSTOMDATA_PATH = "/metadata/instance/compute/customData?api-version=2019-02-01&format=text"
-
-
-@record
-class Fetch:
-    """How hard to try a metadata server: short per-request timeout, a few attempts."""
-
-    host: str = METADATA_HOST
-    port: int = 80
-    timeout: float = 2.0
-    attempts: int = 3
-    backoff: float = 0.5
-
-
-def _connection(fetch: Fetch) -> Any:
-    import http.client
-    import socket
-
-    class Connection(http.client.HTTPConnection):
-        """Connects to the numeric address itself: socket.create_connection() would go through
-        getaddrinfo(), which encodes every str host with the idna codec, and the image's trimmed
-        standard library does not carry it (nor does a metadata IP need a resolver)."""
-
-        def connect(self) -> None:
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-            sock.settimeout(self.timeout)
-            try:
-                sock.connect((self.host, self.port))
-            except BaseException:
-                sock.close()
-                raise
-            self.sock = sock
-
-    return Connection(fetch.host, fetch.port, timeout=fetch.timeout)
-
-
-def http_get(
-    fetch: Fetch, path: str, headers: dict[str, str]
-) -> tuple[int, dict[str, str], bytes] | None:
-    """GET with bounded retries; None when the server never answered (absent source)."""
-    import http.client
-
-    delay = fetch.backoff
-    for attempt in range(fetch.attempts):
-        conn = _connection(fetch)
-        try:
-            conn.request("GET", path, headers=headers)
-            resp = conn.getresponse()
-            body = resp.read(MAX_FILE * 2 + 1)
-            status = resp.status
-            got = {k.lower(): v for k, v in resp.getheaders()}
-            if status >= 500 and attempt + 1 < fetch.attempts:
-                time.sleep(delay)
-                delay *= 2
-                continue
-            return status, got, body
-        except (OSError, http.client.HTTPException):
-            if attempt + 1 < fetch.attempts:
-                time.sleep(delay)
-                delay *= 2
-        finally:
-            conn.close()
-    return None
-
-
-def read_gce(fetch: Fetch) -> bytes | None:
-    answer = http_get(fetch, GCE_PATH, {"Metadata-Flavor": "Google"})
-    if answer is None:
-        return None
-    status, headers, body = answer
-    if status == 404:
-        return None
-    if status != 200:
-        raise ConfigError(
-            f"{ConfigSource.GCE_METADATA}: the metadata server answered HTTP {status} for ee-config"
-        )
-    # The real server marks its answers; anything else on that address is not the metadata server.
-    if headers.get("metadata-flavor") != "Google":
-        raise ConfigError(
-            f"{ConfigSource.GCE_METADATA}: the answer lacks the 'Metadata-Flavor: Google' header"
-        )
-    return body
-
-
-def _read_azure(fetch: Fetch, path: str, source: str) -> bytes | None:
-    answer = http_get(fetch, path, {"Metadata": "true"})
-    if answer is None:
-        return None
-    status, _headers, body = answer
-    if status == 404:
-        return None
-    if status != 200:
-        raise ConfigError(f"{source}: IMDS answered HTTP {status}")
-    text = body.strip()
-    if not text:
-        return None  # IMDS answers 200 with an empty body when nothing was provided
-    try:
-        import base64  # Azure only
-
-        return base64.b64decode(text, validate=True)
-    except ValueError:
-        raise ConfigError(f"{source}: the IMDS answer is not base64") from None
-
-
-def read_azure(fetch: Fetch) -> tuple[str, bytes] | None:
-    """userData first; customData only when userData is empty or absent."""
-    data = _read_azure(fetch, AZURE_USERDATA_PATH, AZURE_USERDATA)
-    if data is not None:
-        return AZURE_USERDATA, data
-    data = _read_azure(fetch, AZURE_CUSTOMDATA_PATH, AZURE_CUSTOMDATA)
-    if data is not None:
-        return AZURE_CUSTOMDATA, data
-    return None
-
-
-# --- the whole collection, as PID 1 runs it ---
+# --- what PID 1 reads before the network (eemini.guest.metadata reads the rest) ---
 
 
 def collect_local(
@@ -643,23 +519,4 @@ def collect_local(
             log("boot config: no config disk")
         else:
             settings += parse_env(data, ConfigSource.CONFIG_DISK)
-    return settings
-
-
-def collect_remote(
-    sources: Sequence[ConfigSource], fetch: Fetch, log: Callable[[str], None]
-) -> list[Setting]:
-    settings: list[Setting] = []
-    if ConfigSource.GCE_METADATA in sources:
-        data = read_gce(fetch)
-        if data is None:
-            log("boot config: no GCE ee-config attribute")
-        else:
-            settings += parse_env(data, ConfigSource.GCE_METADATA)
-    if ConfigSource.AZURE_IMDS in sources:
-        found = read_azure(fetch)
-        if found is None:
-            log("boot config: no Azure userData/customData")
-        else:
-            settings += parse_env(found[1], found[0])
     return settings

@@ -306,7 +306,11 @@ class Boot:
         self.network(image.network, static)
         self.timeline.mark("network")
         try:
-            remote = bootconfig.collect_remote(image.config_sources, bootconfig.Fetch(), console)
+            remote = []
+            if not all(source.local for source in image.config_sources):
+                from eemini.guest import metadata  # (only such images carry an HTTP client)
+
+                remote = metadata.collect(image.config_sources, metadata.Fetch(), console)
             config = bootconfig.apply_policy(local + remote, allow)
         except bootconfig.ConfigError as e:
             raise BootFailure(str(e)) from None
