@@ -27,15 +27,25 @@ from eemini.guest.image import (
     SOCKET,
     SPEC_JSON,
     Attestation,
+    ConfigSource,
     ImageError,
     ImageFacts,
-    Network,
 )
 from eemini.guest.record import record
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Any, NoReturn
+    from collections.abc import Mapping, Sequence
+    from typing import NoReturn
+
+    from eemini.guest.attest import Backend
+    from eemini.guest.bootconfig import Cmdline, Setting
+    from eemini.guest.events import EventLog
+    from eemini.guest.loop import EventLoop
+    from eemini.guest.net import Uplink
+    from eemini.guest.power import PowerWatch
+    from eemini.guest.rtmr import RuntimeMeasurer
+    from eemini.guest.spec import EnclaveSpec
 
 MountSpec = tuple[str, str, str, int, str | None]
 
@@ -63,7 +73,6 @@ CONFIGFS: MountSpec = (
     None,
 )
 CCEL = "/sys/firmware/acpi/tables/data/CCEL"
-NIC_WAIT = 5.0  # drivers probe asynchronously after their module loads
 GRACE_KILL = 2.0  # leftover processes at power-off: SIGTERM, this long, then SIGKILL
 
 
@@ -157,9 +166,8 @@ def open_console(cmdline_text: str) -> None:
 
 def preload_runtime() -> None:
     """Import what the rest of the boot needs while the module loader thread works."""
-    import eemini.guest.dhcp
     import eemini.guest.events
-    import eemini.guest.netlink
+    import eemini.guest.net
     import eemini.guest.power
     import eemini.guest.runtime  # noqa: F401
 
@@ -201,15 +209,7 @@ def power_off(reason: str) -> NoReturn:
             pass
 
 
-def write_resolv_conf(path: str, dns: tuple[Any, ...], domain: str | None) -> None:
-    # /etc lives in the initramfs, which is the tmpfs root: nothing here reaches a disk.
-    lines = [f"search {domain}"] if domain else []
-    lines += [f"nameserver {d}" for d in dns]
-    with open(path, "w") as f:
-        f.write("".join(line + "\n" for line in lines))
-
-
-def image_facts(doc: dict[str, Any]) -> ImageFacts:
+def image_facts(doc: object) -> ImageFacts:
     try:
         return ImageFacts.from_dict(doc)
     except ImageError as e:
@@ -237,7 +237,7 @@ def check_cmdline(image: ImageFacts, cmdline_text: str) -> None:
         )
 
 
-def trial_quote(backend: Any) -> int:
+def trial_quote(backend: Backend) -> int:
     """One quote through the real path (entry, provider, inblob, outblob, generation, self-check,
     removal) for fresh random report data; its size, or Refusal saying why there is none."""
     from eemini.guest.attest import REPORT_DATA_SIZE, AttestError
@@ -254,9 +254,7 @@ class Boot:
     def __init__(self, paths: Paths, started: float | None = None) -> None:
         self.paths = paths
         self.timeline = Timeline(started)
-        self.dhcp_client: Any = None
-        self.lease: Any = None
-        self.nic: Any = None
+        self.uplink: Uplink | None = None
 
     def run(self) -> None:
         from eemini.guest import bootconfig
@@ -303,14 +301,13 @@ class Boot:
         except bootconfig.ConfigError as e:
             raise BootFailure(str(e)) from None
         self.timeline.mark("local config")
-        self.network(image.network, static)
+        from eemini.guest.net import Uplink
+
+        self.uplink = Uplink(self.paths.resolv_conf, console)
+        self.uplink.bring_up(image.network, static)
         self.timeline.mark("network")
         try:
-            remote = []
-            if not all(source.local for source in image.config_sources):
-                from eemini.guest import metadata  # (only such images carry an HTTP client)
-
-                remote = metadata.collect(image.config_sources, metadata.Fetch(), console)
+            remote = self.remote_config(image.config_sources)
             config = bootconfig.apply_policy(local + remote, allow)
         except bootconfig.ConfigError as e:
             raise BootFailure(str(e)) from None
@@ -365,7 +362,7 @@ class Boot:
             return ""
 
     @staticmethod
-    def read_json(path: str, what: str) -> dict[str, Any]:
+    def read_json(path: str, what: str) -> dict[str, object]:
         try:
             with open(path, "rb") as f:
                 data = json.loads(f.read())
@@ -377,7 +374,7 @@ class Boot:
             raise BootFailure(f"the {what} {path} is not a JSON object")
         return data
 
-    def load_spec(self) -> tuple[bytes, Any]:
+    def load_spec(self) -> tuple[bytes, EnclaveSpec]:
         from eemini.guest import spec as guest_spec
 
         try:
@@ -391,74 +388,17 @@ class Boot:
         except guest_spec.SpecError as e:
             raise BootFailure(f"the enclave spec {self.paths.spec_json} is invalid: {e}") from None
 
-    def network(self, kind: Network, static: Any) -> None:
-        from eemini.guest import dhcp, netlink
+    @staticmethod
+    def remote_config(sources: Sequence[ConfigSource]) -> list[Setting]:
+        """Boot config from the metadata server, for an image whose profile names one (only
+        those images carry the metadata client's HTTP client)."""
+        if all(source.local for source in sources):
+            return []
+        from eemini.guest import metadata
 
-        with netlink.Netlink() as nl:
-            nl.set_link(nl.link("lo").index, up=True)
-            if kind is Network.NONE:
-                console("network: none (this image has no network)")
-                return
-            nic = netlink.wait_for_nic(nl, NIC_WAIT)
-            if nic is None:
-                console(
-                    f"network: no network interface appeared within {NIC_WAIT:.0f} s; going on without"
-                )
-                return
-            self.nic = nic
-            nl.set_link(nic.index, up=True)
-            if static is not None:
-                netlink.configure(
-                    nl, nic, static.address, static.gateway, protocol=netlink.RTPROT_STATIC
-                )
-                write_resolv_conf(self.paths.resolv_conf, static.dns, None)
-                via = f" via {static.gateway}" if static.gateway else ""
-                console(f"network: {nic.name} {static.address}{via} (static, from boot config)")
-                return
-            start = time.monotonic()
-            client = dhcp.Client(nic.name, nic.mac)
-            try:
-                lease = client.acquire(timeout=30.0, attempts=5)
-            except (dhcp.DhcpError, OSError) as e:
-                client.close()
-                console(f"network: {e}; going on without an address")
-                return
-            self.apply_lease(nl, lease)
-            self.dhcp_client, self.lease = client, lease
-            via = f"via {lease.router}" if lease.router else "(no router)"
-            dns = ",".join(map(str, lease.dns)) or "none"
-            console(
-                f"network: {nic.name} {lease.address} {via} dns {dns} (DHCP from {lease.server}, "
-                f"lease {lease.lease_time} s, {time.monotonic() - start:.2f} s)"
-            )
+        return metadata.collect(sources, metadata.Fetch(), console)
 
-    def apply_lease(self, nl: Any, lease: Any) -> None:
-        from eemini.guest import netlink
-
-        netlink.configure(
-            nl, self.nic, lease.address, lease.router, mtu=lease.mtu, protocol=netlink.RTPROT_DHCP
-        )
-        write_resolv_conf(self.paths.resolv_conf, lease.dns, lease.domain)
-
-    def renewed(self, lease: Any) -> None:
-        from eemini.guest import netlink
-
-        try:
-            with netlink.Netlink() as nl:
-                self.apply_lease(nl, lease)
-        except OSError as e:
-            console(f"network: applying the renewed lease failed: {e}")
-
-    def expired(self, lease: Any) -> None:
-        from eemini.guest import netlink
-
-        try:
-            with netlink.Netlink() as nl:
-                nl.delete_address(self.nic.index, lease.address)
-        except OSError as e:
-            console(f"network: removing the expired address failed: {e}")
-
-    def backend(self, image: ImageFacts, cmdline: Any) -> tuple[Any, Any]:
+    def backend(self, image: ImageFacts, cmdline: Cmdline) -> tuple[Backend, RuntimeMeasurer]:
         from eemini.guest import bootconfig
 
         kind = image.attestation
@@ -498,7 +438,12 @@ class Boot:
         raise BootFailure(f"image.json: no attestation backend for {kind}")
 
     @staticmethod
-    def event_log(spec_bytes: bytes, workload_path: str, settings: Any, measurer: Any) -> Any:
+    def event_log(
+        spec_bytes: bytes,
+        workload_path: str,
+        settings: Sequence[Setting],
+        measurer: RuntimeMeasurer,
+    ) -> EventLog:
         from eemini.guest.events import EventLog
 
         events = EventLog()
@@ -517,14 +462,14 @@ class Boot:
 
     def serve(
         self,
-        spec: Any,
+        spec: EnclaveSpec,
         token: str,
-        backend: Any,
+        backend: Backend,
         *,
         image: ImageFacts,
-        env: Any,
-        events: Any,
-        measurer: Any = None,
+        env: Mapping[str, str],
+        events: EventLog,
+        measurer: RuntimeMeasurer | None = None,
         loader: kmods.ModuleLoader | None = None,
         mount_configfs: bool = False,
     ) -> None:
@@ -544,17 +489,8 @@ class Boot:
         runtime = Runtime(config, events=events, on_poweroff=power_off, measurer=measurer)
         watch = PowerWatch(runtime.loop, runtime.shutdown, console)
         watch.install_signals()
-        if self.dhcp_client is not None:
-            from eemini.guest.dhcp import Renewer
-
-            Renewer(
-                self.dhcp_client,
-                self.lease,
-                runtime.loop,
-                on_lease=self.renewed,
-                on_expired=self.expired,
-                log=console,
-            ).start()
+        if self.uplink is not None:
+            self.uplink.keep(runtime.loop)
         runtime.start()
         self.timeline.mark("workload")
         console(
@@ -576,7 +512,7 @@ class Boot:
         # The loop only returns if something stopped it without powering off.
         raise BootFailure("the event loop ended")
 
-    def watch_buttons(self, watch: Any, loop: Any, retries: int) -> None:
+    def watch_buttons(self, watch: PowerWatch, loop: EventLoop, retries: int) -> None:
         """The button/evdev devices may appear a moment after their modules load: look again."""
         count = watch.watch_buttons(self.paths.sys_input, self.paths.dev_input)
         if count:
