@@ -99,7 +99,6 @@ class AttestWorker:
         self._queue: deque[tuple[bytes, Callable[[bytes | AttestError], None]]] = deque()
         self._queued = threading.Condition()
         self._worker = WorkerThread("eemini-attest", self._work)
-        self.quotes = 0
 
     def submit(self, report_data: bytes, done: Callable[[bytes | AttestError], None]) -> None:
         """Queue a request; `done(quote or AttestError)` later runs on the loop thread.
@@ -128,7 +127,6 @@ class AttestWorker:
             result: bytes | AttestError
             try:
                 result = self.backend.quote(report_data)
-                self.quotes += 1
             except AttestError as e:
                 result = e
             except Exception as e:  # a backend bug must not kill the worker

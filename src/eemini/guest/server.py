@@ -401,9 +401,7 @@ class Server:
         # unauthenticated one is the first found.
         self.conns: dict[_Conn, None] = {}
         self.listener: _socket.socket | None = None
-        self.requests = 0
-        self.rejected_connections = 0
-        self.evicted_connections = 0
+        self.requests = 0  # served so far
         self.pending_output = 0  # bytes of answers not yet taken by their clients, all together
         self.starved: dict[_Conn, None] = {}  # held back until pending_output falls
         self._waking: Timer | None = None
@@ -485,7 +483,6 @@ class Server:
                 return
             sock.setblocking(False)
             if len(self.conns) >= self.limits.max_connections and not self._evict():
-                self.rejected_connections += 1
                 limit = self.limits.max_connections
                 try:
                     sock.send(_encode(error(f"too many connections (limit {limit}); try again", "busy")))
@@ -501,7 +498,6 @@ class Server:
         """Make room by closing the oldest connection that has not authenticated, if any."""
         for conn in self.conns:
             if not conn.authenticated:
-                self.evicted_connections += 1
                 limit = self.limits.max_connections
                 conn.drop(
                     f"connection limit ({limit}) reached: closing the oldest connection "

@@ -30,12 +30,11 @@ class Reaper:
     """Reaps every child on SIGCHLD and tells whoever watches a pid how it ended.
 
     PID 1 registers its own children with `watch(pid, callback)`; unwatched pids are orphans
-    reparented to us and are only counted.
+    reparented to us, reaped and forgotten.
     """
 
     def __init__(self) -> None:
         self._watch: dict[int, Callable[[int], None]] = {}
-        self.orphans_reaped = 0
 
     def watch(self, pid: int, callback: Callable[[int], None]) -> None:
         """Call `callback(wait_status)` once `pid` has been reaped."""
@@ -53,9 +52,7 @@ class Reaper:
             if pid == 0:
                 return
             callback = self._watch.pop(pid, None)
-            if callback is None:
-                self.orphans_reaped += 1
-            else:
+            if callback is not None:
                 callback(status)
 
 
