@@ -51,10 +51,6 @@ class Setting:
         # SHA-384, like every other digest in the runtime event log (eemini.guest.events).
         return "sha384:" + hashlib.sha384(self.value.encode()).hexdigest()
 
-    def event(self) -> dict[str, str]:
-        """What the runtime event log records: never the value itself, only its digest."""
-        return {"source": str(self.source), "key": self.key, "value_digest": self.digest}
-
 
 # --- kernel cmdline ---
 
@@ -152,11 +148,6 @@ def parse_cmdline(text: str | bytes) -> Cmdline:
             )
         )
     return Cmdline(tuple(params))
-
-
-def read_cmdline(path: str = "/proc/cmdline") -> Cmdline:
-    with open(path, "rb") as f:
-        return parse_cmdline(f.read())
 
 
 # ee.* names on the cmdline that are image facts, not boot config: ee.dev=1 marks a local-dev

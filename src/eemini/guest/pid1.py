@@ -72,7 +72,6 @@ CONFIGFS: MountSpec = (
     linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC,
     None,
 )
-CCEL = "/sys/firmware/acpi/tables/data/CCEL"
 GRACE_KILL = 2.0  # leftover processes at power-off: SIGTERM, this long, then SIGKILL
 
 
@@ -412,13 +411,8 @@ class Boot:
             from eemini.guest.dev.simulated import SimulatedBackend
 
             console("attestation: simulated (local-dev image; quotes are signed by a development key)")
-            from eemini.guest.rtmr import RuntimeMeasurer
-
             simulated = SimulatedBackend()
-            # The simulated TD's RTMR3 carries the runtime log, as a Linux 6.16+ TD's does.
-            return simulated, RuntimeMeasurer(
-                extend=lambda digest: simulated.extend_rtmr(3, digest), via="simulated"
-            )
+            return simulated, simulated.rtmr3_measurer()
         if kind is Attestation.CONFIGFS_TSM:
             from eemini.guest.attest import ConfigfsTsmBackend
             from eemini.guest.rtmr import RuntimeMeasurer
@@ -446,18 +440,13 @@ class Boot:
     ) -> EventLog:
         from eemini.guest.events import EventLog
 
-        events = EventLog()
-        if measurer is not None:
-            events.on_append = measurer.on_append
-        events.append_data("spec", "image", "spec.json", spec_bytes)
         try:
             with open(workload_path, "rb") as f:
-                events.append_data("workload", "image", workload_path, f.read())
+                workload = f.read()
         except OSError as e:
             raise BootFailure(f"cannot read the workload {workload_path}: {e.strerror}") from None
-        for s in settings:
-            events.append("config", str(s.source), s.key, s.digest)
-        events.seal("pid1")
+        events = EventLog(measurer.on_append)
+        events.record_boot("image", spec_bytes, (workload_path, workload), settings, sealed_by="pid1")
         return events
 
     def serve(
@@ -473,6 +462,7 @@ class Boot:
         loader: kmods.ModuleLoader | None = None,
         mount_configfs: bool = False,
     ) -> None:
+        from eemini.guest.attest import CCEL_PATH
         from eemini.guest.power import PowerWatch
         from eemini.guest.runtime import Runtime, RuntimeConfig
 
@@ -484,7 +474,7 @@ class Boot:
             image=image,
             extra_env=env,
             console_fd=2,
-            ccel_path=CCEL if os.path.exists(CCEL) else None,
+            ccel_path=CCEL_PATH if os.path.exists(CCEL_PATH) else None,
         )
         runtime = Runtime(config, events=events, on_poweroff=power_off, measurer=measurer)
         watch = PowerWatch(runtime.loop, runtime.shutdown, console)

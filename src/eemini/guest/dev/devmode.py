@@ -15,7 +15,6 @@ import sys
 
 from eemini.guest.events import EventLog
 from eemini.guest.record import field, record
-from eemini.guest.rtmr import RuntimeMeasurer
 from eemini.guest.runtime import Runtime, RuntimeConfig
 from eemini.guest.server import Limits, socket_in_use
 from eemini.guest.spec import EnclaveSpec, SpecError, load
@@ -133,18 +132,16 @@ def run(spec: EnclaveSpec, options: DevOptions) -> int:
             f.write(root_pem)
 
     backend = SimulatedBackend()
-    events = EventLog()
     # The simulated TD has an RTMR3 to extend: dev mode binds its runtime log to the quote as a
     # Linux 6.16+ TD does (docs/measurements.md, "Runtime events").
-    measurer = RuntimeMeasurer(extend=lambda digest: backend.extend_rtmr(3, digest), via="simulated")
-    events.on_append = measurer.on_append
-    events.append_data("spec", "dev", "spec.json", spec.canonical_json())
+    measurer = backend.rtmr3_measurer()
     try:
         with open(spec.workload.path, "rb") as f:
-            events.append_data("workload", "dev", spec.workload.path, f.read())
+            workload: tuple[str, bytes] | None = (spec.workload.path, f.read())
     except OSError:
-        pass  # the supervisor reports a workload it cannot start
-    events.seal("dev")
+        workload = None  # the supervisor reports a workload it cannot start
+    events = EventLog(measurer.on_append)
+    events.record_boot("dev", spec.canonical_json(), workload, sealed_by="dev")
 
     config = RuntimeConfig(
         spec=spec,

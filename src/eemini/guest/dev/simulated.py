@@ -24,6 +24,7 @@ from eemini.guest.attest import REPORT_DATA_SIZE, check_quote
 from eemini.guest.dev import der
 from eemini.guest.dev.p256 import PrivateKey, PublicKey, der_signature
 from eemini.guest.record import record
+from eemini.guest.rtmr import RuntimeMeasurer
 
 # Public on purpose: these seeds *are* the development keys.
 DEV_SEEDS = {
@@ -333,6 +334,10 @@ class SimulatedBackend:
                 self._m.mr_owner_config,
                 (rtmrs[0], rtmrs[1], rtmrs[2], rtmrs[3]),
             )
+
+    def rtmr3_measurer(self) -> RuntimeMeasurer:
+        """Extends this TD's RTMR3 with the runtime log, as a Linux 6.16+ TD's is extended."""
+        return RuntimeMeasurer(extend=lambda digest: self.extend_rtmr(3, digest), via="simulated")
 
     def quote(self, report_data: bytes) -> bytes:
         with self._lock:
