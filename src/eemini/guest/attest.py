@@ -15,7 +15,7 @@ import threading
 from collections.abc import Callable
 
 TYPE_CHECKING = False
-if TYPE_CHECKING:  # typing is for the type checker only: importing it costs boot time
+if TYPE_CHECKING:
     from typing import Protocol
 
 REPORT_DATA_SIZE = 64
@@ -42,7 +42,7 @@ class AttestError(Exception):
         self.code = code
 
 
-if TYPE_CHECKING:  # a Protocol is for the type checker; at runtime annotations are strings
+if TYPE_CHECKING:
 
     class Backend(Protocol):
         """Something that turns 64 bytes of report data into a TDX quote."""

@@ -7,8 +7,6 @@ for an ACK so a failure comes back as an errno, raised as OSError naming the ope
 
 from __future__ import annotations
 
-# The socket module's C core: socket.py wraps it in enums and imports selectors (boot time
-# under emulation), and this module needs neither.
 import _socket
 import errno
 import ipaddress

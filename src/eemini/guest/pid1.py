@@ -524,7 +524,7 @@ def main(paths: Paths | None = None, started: float | None = None) -> NoReturn:
     except BaseException as e:  # PID 1 logs everything and powers off
         console(f"fatal: {type(e).__name__}: {e}")
         try:
-            import traceback  # only on this path: it is not a light import
+            import traceback
 
             traceback.print_exc()
         except BaseException:  # noqa: S110 (the power-off must follow)

@@ -41,7 +41,7 @@ from eemini.guest.supervisor import (
 )
 
 TYPE_CHECKING = False
-if TYPE_CHECKING:  # for the type checker only: typing costs boot time to import
+if TYPE_CHECKING:
     from typing import Any
 
     from eemini.guest.attest import Backend
@@ -93,8 +93,8 @@ class AttestWorker:
     def __init__(self, loop: EventLoop, backend: Backend, max_queue: int) -> None:
         self.loop = loop
         self.backend = backend
-        # A bounded queue (as queue.Queue(max_queue), which costs boot time to import): the loop
-        # thread appends, the worker thread waits on the condition and takes from the left.
+        # A bounded queue: the loop thread appends, the worker thread waits on the condition
+        # and takes from the left.
         self.max_queue = max_queue
         self._queue: deque[tuple[bytes, Callable[[bytes | AttestError], None]]] = deque()
         self._queued = threading.Condition()
@@ -161,14 +161,14 @@ def decode_report_data(params: Mapping[str, Any]) -> bytes:
 
 def _b64(field_name: str, text: str) -> bytes:
     try:
-        # What base64.b64decode(validate=True) does on 3.13, without importing base64.
+        # What base64.b64decode(validate=True) does on 3.13.
         return binascii.a2b_base64(text.encode("ascii"), strict_mode=True)
     except (binascii.Error, UnicodeEncodeError, ValueError):
         raise RequestError(f"attest: {field_name} is not valid base64") from None
 
 
 def _b64encode(data: bytes) -> str:
-    # base64.b64encode(data).decode(), without importing base64.
+    # base64.b64encode(data).decode()
     return binascii.b2a_base64(data, newline=False).decode("ascii")
 
 

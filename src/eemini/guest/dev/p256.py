@@ -197,7 +197,7 @@ class PrivateKey:
 
 
 # RFC 2104 HMAC over SHA-256 (block size 64 bytes): the same bytes as hmac.new(key, message,
-# hashlib.sha256).digest(), without importing hmac (boot time under emulation).
+# hashlib.sha256).digest().
 _IPAD = bytes(b ^ 0x36 for b in range(256))
 _OPAD = bytes(b ^ 0x5C for b in range(256))
 
