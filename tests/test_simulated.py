@@ -26,7 +26,6 @@ from eemini.guest.dev.simulated import (
     DEV_PCESVN,
     DEV_PPID,
     DEV_TCB_COMPONENTS,
-    INTEL_QE_VENDOR_ID,
     QE_AUTH_DATA,
     Measurements,
     SimulatedBackend,
@@ -34,6 +33,7 @@ from eemini.guest.dev.simulated import (
     dev_root_pem,
     make_quote,
 )
+from eemini.guest.quote_layout import INTEL_QE_VENDOR_ID
 
 REPORT_DATA = bytes(range(64))
 

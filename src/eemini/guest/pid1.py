@@ -239,7 +239,8 @@ def check_cmdline(image: ImageFacts, cmdline_text: str) -> None:
 def trial_quote(backend: Backend) -> int:
     """One quote through the real path (entry, provider, inblob, outblob, generation, self-check,
     removal) for fresh random report data; its size, or Refusal saying why there is none."""
-    from eemini.guest.attest import REPORT_DATA_SIZE, AttestError
+    from eemini.guest.attest import AttestError
+    from eemini.guest.quote_layout import REPORT_DATA_SIZE
 
     try:
         return len(backend.quote(os.getrandom(REPORT_DATA_SIZE)))

@@ -17,17 +17,13 @@ from collections import deque
 from collections.abc import Callable, Mapping
 
 from eemini import __version__
-from eemini.guest.attest import (
-    REPORT_DATA_SIZE,
-    AttestError,
-    pad_report_data,
-    read_ccel,
-)
+from eemini.guest.attest import AttestError, pad_report_data, read_ccel
 from eemini.guest.events import EventLog
 from eemini.guest.image import SOCKET, ImageFacts
 from eemini.guest.linux import set_child_subreaper
 from eemini.guest.logbuf import MAX_BYTES, MAX_LINES, LogBuffer
 from eemini.guest.loop import EventLoop, ThreadStartError, WorkerThread
+from eemini.guest.quote_layout import REPORT_DATA_SIZE
 from eemini.guest.record import field, record
 from eemini.guest.rtmr import RuntimeMeasurer
 from eemini.guest.server import Limits, Method, RequestError, Server, encoded_size, error
