@@ -11,7 +11,6 @@ from __future__ import annotations
 import enum
 
 from eemini.guest.record import record
-from eemini.guest.spec import type_name
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -61,6 +60,14 @@ class ConfigSource(enum.StrEnum):
         return self in (ConfigSource.CMDLINE, ConfigSource.CONFIG_DISK)
 
 
+def _got(value: object) -> str:
+    # PID 1 reads image.json before its kernel modules start loading: the spec module (and its
+    # regular expression) is imported on this error path only, not ahead of them.
+    from eemini.guest.spec import type_name
+
+    return f"{type_name(value)} {value!r}"
+
+
 def _enum(key: str, value: object, cls: type[E]) -> E:
     if isinstance(value, str):
         try:
@@ -68,7 +75,7 @@ def _enum(key: str, value: object, cls: type[E]) -> E:
         except ValueError:
             pass
     choices = ", ".join(m.value for m in cls)
-    raise ImageError(f"{key}: expected one of {choices}, got {type_name(value)} {value!r}")
+    raise ImageError(f"{key}: expected one of {choices}, got {_got(value)}")
 
 
 def _strings(key: str, value: object, what: str) -> tuple[str, ...]:
@@ -79,7 +86,7 @@ def _strings(key: str, value: object, what: str) -> tuple[str, ...]:
 
 def _string(key: str, value: object) -> str | None:
     if value is not None and not isinstance(value, str):
-        raise ImageError(f"{key}: expected a string, got {type_name(value)} {value!r}")
+        raise ImageError(f"{key}: expected a string, got {_got(value)}")
     return value
 
 
@@ -107,7 +114,7 @@ class ImageFacts:
     def from_dict(cls, data: object) -> ImageFacts:
         """Validate a parsed image.json; raises ImageError naming the key at fault."""
         if not isinstance(data, dict):
-            raise ImageError(f"expected an object, got {type_name(data)}")
+            raise ImageError(f"expected an object, got {_got(data)}")
         known = ("attestation", "network", "config_sources", "cmdline", "modules", "module_facts")
         unknown = sorted(set(data) - set(known) - set(_RECORDED))
         if unknown:
