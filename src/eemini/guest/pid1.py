@@ -1,9 +1,10 @@
 """PID 1 of an EasyEnclave Mini image.
 
 The kernel runs `/init`, which calls `main()`. The order is DESIGN.md's: mount the API
-filesystems, console, the command line check (production images), kernel modules (build-time
-order), cmdline, boot token, network, boot config, attestation (a production image's trial
-quote), runtime event log, control socket, workload, supervise. Boot config from the cmdline and
+filesystems, console, the image facts (eemini.guest.image) and the command line check (production
+images), kernel modules (build-time order), cmdline, boot token, network (eemini.guest.net), boot
+config, attestation (a production image's trial quote), runtime event log, control socket,
+workload, supervise. Boot config from the cmdline and
 the config disk is read before the network (it may hold the static network keys); metadata-server
 config after it.
 
