@@ -10,6 +10,7 @@ BENCHMARKS: list[str] = [
     "runtime",
     "verify",
     "build",
+    "tcb",
     "measure",
     "boot",
 ]

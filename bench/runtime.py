@@ -170,7 +170,7 @@ def _hostile(tmp: str) -> None:
     spec.write_text(json.dumps({"workload": {"path": os.fspath(workload), "on_exit": "stay"}}))
     path = os.path.join(tmp, "noisy-rt", "agent.sock")
     rt = subprocess.Popen(
-        [sys.executable, "-m", "eemini.guest.devmode", "--spec-json", os.fspath(spec),
+        [sys.executable, "-m", "eemini.guest.dev.devmode", "--spec-json", os.fspath(spec),
          "--socket", path, "--token", TOKEN],
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
@@ -277,7 +277,7 @@ def main() -> None:
         rt_sock = os.path.join(tmp, "rt", "agent.sock")
         echo_sock = os.path.join(tmp, "echo.sock")
         rt = subprocess.Popen(
-            [sys.executable, "-m", "eemini.guest.devmode", "--spec-json", os.fspath(spec),
+            [sys.executable, "-m", "eemini.guest.dev.devmode", "--spec-json", os.fspath(spec),
              "--socket", rt_sock, "--token", TOKEN],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip

@@ -42,7 +42,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from eemini.guest.attest import ConfigfsTsmBackend
-from eemini.guest.simulated import make_quote
+from eemini.guest.dev.simulated import make_quote
 
 
 class FakeTsm:

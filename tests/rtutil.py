@@ -40,7 +40,7 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "
 
 
 class RuntimeProc:
-    """`python -m eemini.guest.devmode` in its own process; stderr goes to a file.
+    """`python -m eemini.guest.dev.devmode` in its own process; stderr goes to a file.
 
     `setup`: Python code the process runs before the runtime (to inject a fault).
     """
@@ -52,9 +52,11 @@ class RuntimeProc:
         self.stderr_path = tmp / "runtime.stderr"
         self._stderr = open(self.stderr_path, "wb")  # noqa: SIM115
         if setup is None:
-            argv = [sys.executable, "-m", "eemini.guest.devmode"]
+            argv = [sys.executable, "-m", "eemini.guest.dev.devmode"]
         else:
-            main = "import sys\nfrom eemini.guest.devmode import main\nsys.exit(main(sys.argv[1:]))\n"
+            main = (
+                "import sys\nfrom eemini.guest.dev.devmode import main\nsys.exit(main(sys.argv[1:]))\n"
+            )
             argv = [sys.executable, "-c", setup + "\n" + main]
         argv += ["--spec-json", os.fspath(spec)]
         argv += ["--socket", self.socket, "--token", TOKEN, *extra]

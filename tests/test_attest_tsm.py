@@ -16,7 +16,7 @@ from eemini.guest.attest import (
     pad_report_data,
     quote_report_data,
 )
-from eemini.guest.simulated import make_quote
+from eemini.guest.dev.simulated import make_quote
 from fake_tsm import FakeTsm, sgx_quote
 
 pytestmark = pytest.mark.timeout(60)

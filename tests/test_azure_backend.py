@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 import azure_builder
-from eemini.guest import bootconfig
+from eemini.guest import metadata
 from eemini.guest.attest import AttestError
 from eemini.guest.azure import (
     AzureVtpmBackend,
@@ -65,7 +65,7 @@ class Backend:
             # The backend closes the TPM (and so the connection) after each attestation.
             return Tpm(swtpm.connect().detach())
 
-        fetch = bootconfig.Fetch(host="127.0.0.1", port=imds_port, timeout=5.0, attempts=2, backoff=0.05)
+        fetch = metadata.Fetch(host="127.0.0.1", port=imds_port, timeout=5.0, attempts=2, backoff=0.05)
         self.backend = AzureVtpmBackend(
             open_tpm=open_tpm, imds=ImdsQuoteClient(fetch), event_log="/nonexistent",
             report_reads=reads, report_delay=0.25, sleep=self.sleeps.append,
@@ -204,8 +204,8 @@ def wireserver() -> Iterator[tuple[Server, Behaviour]]:
     server.shutdown()
 
 
-def _fetch(port: int) -> bootconfig.Fetch:
-    return bootconfig.Fetch(host="127.0.0.1", port=port, timeout=5.0, attempts=2, backoff=0.05)
+def _fetch(port: int) -> metadata.Fetch:
+    return metadata.Fetch(host="127.0.0.1", port=port, timeout=5.0, attempts=2, backoff=0.05)
 
 
 def test_the_ready_report_is_what_the_wire_server_expects(wireserver: tuple[Server, Behaviour]) -> None:

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from eemini.guest import bootconfig as bc
+from eemini.guest import metadata as md
+from eemini.guest.image import ConfigSource as S
 from fake_metadata import Behaviour, Server
-
-S = bc.Source
 
 
 def test_cmdline_like_the_kernel() -> None:
@@ -62,7 +62,7 @@ def test_cmdline_errors() -> None:
 @pytest.mark.parametrize("space", [b"\t", b"\n", b"\v", b"\f", b"\r", b" ", b"\xa0"])
 def test_cmdline_splits_on_the_kernels_spaces(space: bytes) -> None:
     raw = b"ee.A=1" + space + b"ee.B=2" + space
-    # PID 1 passes the text it read with surrogateescape; read_cmdline() passes the bytes.
+    # PID 1 passes the text it read with surrogateescape; bytes are taken as they are.
     for given in (raw.decode("utf-8", "surrogateescape"), raw):
         assert bc.parse_cmdline(given).params == (("ee.A", "1"), ("ee.B", "2"))
 
@@ -131,7 +131,7 @@ def test_cmdline_quotes_and_equals_like_next_arg(cmdline: str, params: tuple[obj
     ],
 )
 def test_agent_env_whitespace_is_space_and_tab(data: bytes, expected: list[tuple[str, str]]) -> None:
-    assert [(s.key, s.value) for s in bc.parse_env(data, S.DISK)] == expected
+    assert [(s.key, s.value) for s in bc.parse_env(data, S.CONFIG_DISK)] == expected
 
 
 def test_agent_env_unicode_space_in_a_key_is_refused() -> None:
@@ -139,30 +139,29 @@ def test_agent_env_unicode_space_in_a_key_is_refused() -> None:
         bc.ConfigError,
         match=r"^boot config key '\\xa0A' from config-disk \(line 1\) is not a valid name$",
     ):
-        bc.parse_env("\u00a0A=1\n".encode(), S.DISK)
+        bc.parse_env("\u00a0A=1\n".encode(), S.CONFIG_DISK)
     with pytest.raises(
         bc.ConfigError,
         match=r"^boot config key 'A\\x1c' from config-disk \(line 1\) is not a valid name$",
     ):
-        bc.parse_env(b"A\x1c=1\n", S.DISK)
+        bc.parse_env(b"A\x1c=1\n", S.CONFIG_DISK)
 
 
 def test_agent_env_parsing() -> None:
     data = b"# comment\n\nUPSTREAM_URL = 'http://x:1/=y'\nLOG_LEVEL=\"debug\"\nEE_IP=10.0.0.5/24\nEMPTY=\r\n"
-    got = bc.parse_env(data, S.DISK)
+    got = bc.parse_env(data, S.CONFIG_DISK)
     assert [(s.source, s.key, s.value) for s in got] == [
-        (S.DISK, "UPSTREAM_URL", "http://x:1/=y"),
-        (S.DISK, "LOG_LEVEL", "debug"),
-        (S.DISK, "EE_IP", "10.0.0.5/24"),
-        (S.DISK, "EMPTY", ""),
+        (S.CONFIG_DISK, "UPSTREAM_URL", "http://x:1/=y"),
+        (S.CONFIG_DISK, "LOG_LEVEL", "debug"),
+        (S.CONFIG_DISK, "EE_IP", "10.0.0.5/24"),
+        (S.CONFIG_DISK, "EMPTY", ""),
     ]
-    assert got[1].event() == {
-        "source": "config-disk",
-        "key": "LOG_LEVEL",
+    # What the runtime event log records: never the value itself, only its digest.
+    assert got[1].digest == (
         # SHA-384 of "debug", computed with coreutils: printf debug | sha384sum
-        "value_digest": "sha384:b345909bba936cdc8ea81ae3ffe6c668481d351df7c46efd502f7f7f94dff566"
-        "d40a9ecaa6621609419ad1903f74a799",
-    }
+        "sha384:b345909bba936cdc8ea81ae3ffe6c668481d351df7c46efd502f7f7f94dff566"
+        "d40a9ecaa6621609419ad1903f74a799"
+    )
 
 
 @pytest.mark.parametrize(
@@ -182,16 +181,16 @@ def test_agent_env_parsing() -> None:
 )
 def test_agent_env_malformed(data: bytes, message: str) -> None:
     with pytest.raises(bc.ConfigError, match=message):
-        bc.parse_env(data, S.DISK)
+        bc.parse_env(data, S.CONFIG_DISK)
 
 
 def test_policy_accepts_allowed_and_network_keys() -> None:
     settings = [
         bc.Setting(S.CMDLINE, "UPSTREAM_URL", "a"),
-        bc.Setting(S.DISK, "UPSTREAM_URL", "b"),
-        bc.Setting(S.DISK, "EE_IP", "192.168.1.9/24"),
+        bc.Setting(S.CONFIG_DISK, "UPSTREAM_URL", "b"),
+        bc.Setting(S.CONFIG_DISK, "EE_IP", "192.168.1.9/24"),
         bc.Setting(S.CMDLINE, "EE_GATEWAY", "192.168.1.1"),
-        bc.Setting(S.DISK, "EE_DNS", "1.1.1.1, 9.9.9.9"),
+        bc.Setting(S.CONFIG_DISK, "EE_DNS", "1.1.1.1, 9.9.9.9"),
     ]
     cfg = bc.apply_policy(settings, ["UPSTREAM_URL", "OTHER"])
     assert cfg.env == {"UPSTREAM_URL": "b"}
@@ -207,12 +206,12 @@ def test_policy_accepts_allowed_and_network_keys() -> None:
     ("setting", "message"),
     [
         (
-            bc.Setting(S.DISK, "PATH", "/evil"),
+            bc.Setting(S.CONFIG_DISK, "PATH", "/evil"),
             r"boot config key 'PATH' from config-disk is not allowed "
             r"\(allowed: EE_DNS, EE_GATEWAY, EE_IP, UPSTREAM_URL\)",
         ),
         (
-            bc.Setting(S.GCE, "EE_IP", "10.0.0.1/24"),
+            bc.Setting(S.GCE_METADATA, "EE_IP", "10.0.0.1/24"),
             r"boot config key 'EE_IP' from gce-metadata is not allowed: network keys are read before",
         ),
         (
@@ -220,9 +219,9 @@ def test_policy_accepts_allowed_and_network_keys() -> None:
             r"'EE_IP' from cmdline is not valid: needs a prefix length",
         ),
         (bc.Setting(S.CMDLINE, "EE_GATEWAY", "10.0.0.300"), r"'EE_GATEWAY' from cmdline is not valid: "),
-        (bc.Setting(S.DISK, "EE_DNS", "1.1.1.1,x"), r"'EE_DNS' from config-disk is not valid: "),
+        (bc.Setting(S.CONFIG_DISK, "EE_DNS", "1.1.1.1,x"), r"'EE_DNS' from config-disk is not valid: "),
         (
-            bc.Setting(S.DISK, "EE_GATEWAY", "10.0.0.1"),
+            bc.Setting(S.CONFIG_DISK, "EE_GATEWAY", "10.0.0.1"),
             r"boot config sets EE_GATEWAY/EE_DNS without EE_IP",
         ),
     ],
@@ -230,17 +229,6 @@ def test_policy_accepts_allowed_and_network_keys() -> None:
 def test_policy_refuses(setting: bc.Setting, message: str) -> None:
     with pytest.raises(bc.ConfigError, match=message):
         bc.apply_policy([setting], ["UPSTREAM_URL"])
-
-
-def test_source_names() -> None:
-    assert bc.Sources.parse(["cmdline", "disk", "gce", "azure-imds"]) == (
-        bc.Sources.CMDLINE,
-        bc.Sources.DISK,
-        bc.Sources.GCE,
-        bc.Sources.AZURE,
-    )
-    with pytest.raises(bc.ConfigError, match=r"image.json names an unknown boot-config source 'ftp'"):
-        bc.Sources.parse(["ftp"])
 
 
 # --- config disks: real filesystem images made by the host tools eemini run uses ---
@@ -340,8 +328,8 @@ def test_find_config_disk_waits_for_every_virtio_disk(
 
 MOUNT_SCRIPT = r"""
 import sys
-from eemini.guest import bootconfig as bc, sys as k
-k.mount("none", "/", None, k.MS_REC | k.MS_PRIVATE)
+from eemini.guest import bootconfig as bc, linux as k
+k.mount("none", "/", None, 16384 | 1 << 18)  # MS_REC | MS_PRIVATE
 bc.find_config_disk = lambda wait: (sys.argv[1], sys.argv[2])
 try:
     print(bc.read_config_disk(0, sys.argv[3]))
@@ -391,7 +379,7 @@ def _read_fake_disk(
 ) -> tuple[bytes | BaseException | None, list[tuple[object, ...]], bool]:
     """read_config_disk() on /dev/vdb, whose "mount" runs `make(mountpoint)`, on a thread that
     may take 5 s at most: (what it returned or raised, the mount calls, whether it finished)."""
-    from eemini.guest import sys as ksys
+    from eemini.guest import linux
 
     calls: list[tuple[object, ...]] = []
 
@@ -403,8 +391,8 @@ def _read_fake_disk(
         calls.append(("umount", target, flags))
 
     monkeypatch.setattr(bc, "find_config_disk", lambda wait: ("/dev/vdb", "iso9660"))
-    monkeypatch.setattr(ksys, "mount", mount)
-    monkeypatch.setattr(ksys, "umount", umount)
+    monkeypatch.setattr(linux, "mount", mount)
+    monkeypatch.setattr(linux, "umount", umount)
     result: list[bytes | BaseException | None] = []
 
     def read() -> None:
@@ -483,8 +471,8 @@ def test_config_disk_agent_env_must_be_a_regular_file(
 # --- metadata servers ---
 
 
-def _fetch(server: Server, **kw: float) -> bc.Fetch:
-    return bc.Fetch(
+def _fetch(server: Server, **kw: float) -> md.Fetch:
+    return md.Fetch(
         host="127.0.0.1", port=server.port, timeout=kw.get("timeout", 1.0), attempts=2, backoff=0.05
     )
 
@@ -493,10 +481,10 @@ def test_gce_attribute() -> None:
     b = Behaviour("gce", gce_config=b"UPSTREAM_URL=http://x\n")
     server = Server(b).start()
     try:
-        got = bc.collect_remote([bc.Sources.GCE], _fetch(server), print)
+        got = md.collect([S.GCE_METADATA], _fetch(server), print)
     finally:
         server.shutdown()
-    assert [(s.source, s.key, s.value) for s in got] == [(S.GCE, "UPSTREAM_URL", "http://x")]
+    assert [(s.source, s.key, s.value) for s in got] == [(S.GCE_METADATA, "UPSTREAM_URL", "http://x")]
     path, headers = b.requests[0]
     assert path == "/computeMetadata/v1/instance/attributes/ee-config"
     assert headers["metadata-flavor"] == "Google"
@@ -506,12 +494,12 @@ def test_gce_attribute() -> None:
 def test_gce_absent_attribute_and_absent_server(capsys: pytest.CaptureFixture[str]) -> None:
     server = Server(Behaviour("gce")).start()
     try:
-        assert bc.collect_remote([bc.Sources.GCE], _fetch(server), print) == []
+        assert md.collect([S.GCE_METADATA], _fetch(server), print) == []
     finally:
         server.shutdown()
     # Nothing listening at all: bounded retries, then absent.
     start = time.monotonic()
-    assert bc.read_gce(bc.Fetch(host="127.0.0.1", port=1, timeout=0.2, attempts=3, backoff=0.05)) is None
+    assert md.read_gce(md.Fetch(host="127.0.0.1", port=1, timeout=0.2, attempts=3, backoff=0.05)) is None
     assert time.monotonic() - start < 2
     assert capsys.readouterr().out == "boot config: no GCE ee-config attribute\n"
 
@@ -521,7 +509,7 @@ def test_gce_slow_server_times_out_then_absent() -> None:
     server = Server(b).start()
     try:
         start = time.monotonic()
-        assert bc.read_gce(_fetch(server, timeout=0.2)) is None
+        assert md.read_gce(_fetch(server, timeout=0.2)) is None
         assert time.monotonic() - start < 1.5
         # Both attempts were made (the server thread may record the second one a moment later).
         deadline = time.monotonic() + 10
@@ -529,7 +517,7 @@ def test_gce_slow_server_times_out_then_absent() -> None:
             time.sleep(0.02)
         assert len(b.requests) == 2
         # A slow but sufficient timeout gets the answer.
-        assert bc.read_gce(_fetch(server, timeout=2)) == b"A=1\n"
+        assert md.read_gce(_fetch(server, timeout=2)) == b"A=1\n"
     finally:
         server.shutdown()
 
@@ -538,7 +526,7 @@ def test_gce_retries_a_starting_server() -> None:
     b = Behaviour("gce", gce_config=b"A=1\n", fail_first=1)
     server = Server(b).start()
     try:
-        assert bc.read_gce(_fetch(server)) == b"A=1\n"
+        assert md.read_gce(_fetch(server)) == b"A=1\n"
     finally:
         server.shutdown()
     assert len(b.requests) == 2
@@ -564,7 +552,7 @@ def test_gce_impostor_without_flavor_header() -> None:
         with pytest.raises(
             bc.ConfigError, match="gce-metadata: the answer lacks the 'Metadata-Flavor: Google' header"
         ):
-            bc.read_gce(bc.Fetch(host="127.0.0.1", port=srv.server_address[1], timeout=1, attempts=1))
+            md.read_gce(md.Fetch(host="127.0.0.1", port=srv.server_address[1], timeout=1, attempts=1))
     finally:
         srv.shutdown()
 
@@ -585,15 +573,15 @@ def test_azure_userdata_first_then_customdata() -> None:
     b = Behaviour("azure", azure_userdata=b"A=user\n", azure_customdata=b"A=custom\n")
     server = Server(b).start()
     try:
-        assert bc.read_azure(_fetch(server)) == (S.AZURE_USERDATA, b"A=user\n")
+        assert md.read_azure(_fetch(server)) == (md.AZURE_USERDATA, b"A=user\n")
         b.azure_userdata = None
-        assert bc.read_azure(_fetch(server)) == (S.AZURE_CUSTOMDATA, b"A=custom\n")
+        assert md.read_azure(_fetch(server)) == (md.AZURE_CUSTOMDATA, b"A=custom\n")
         b.azure_customdata = None
-        assert bc.read_azure(_fetch(server)) is None
+        assert md.read_azure(_fetch(server)) is None
     finally:
         server.shutdown()
     paths = [p for p, _ in b.requests]
-    assert paths[:3] == [bc.AZURE_USERDATA_PATH, bc.AZURE_USERDATA_PATH, bc.AZURE_CUSTOMDATA_PATH]
+    assert paths[:3] == [md.AZURE_USERDATA_PATH, md.AZURE_USERDATA_PATH, md.AZURE_CUSTOMDATA_PATH]
     assert all(h["metadata"] == "true" for _, h in b.requests)
 
 
@@ -602,7 +590,7 @@ def test_azure_errors() -> None:
     server = Server(b).start()
     try:
         with pytest.raises(bc.ConfigError, match="azure-userdata: IMDS answered HTTP 400"):
-            bc._read_azure(_fetch(server), "/metadata/instance/compute/userData", S.AZURE_USERDATA)
+            md._read_azure(_fetch(server), "/metadata/instance/compute/userData", md.AZURE_USERDATA)
     finally:
         server.shutdown()
 
@@ -625,7 +613,7 @@ def test_azure_not_base64() -> None:
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     try:
         with pytest.raises(bc.ConfigError, match="azure-userdata: the IMDS answer is not base64"):
-            bc.read_azure(bc.Fetch(host="127.0.0.1", port=srv.server_address[1], timeout=1, attempts=1))
+            md.read_azure(md.Fetch(host="127.0.0.1", port=srv.server_address[1], timeout=1, attempts=1))
     finally:
         srv.shutdown()
 
@@ -634,14 +622,14 @@ IDNA_SCRIPT = r"""
 import sys
 sys.modules["encodings.idna"] = None  # like the image's trimmed standard library
 import socket
-from eemini.guest import bootconfig as bc
+from eemini.guest import metadata as md
 port = int(sys.argv[1])
 try:
     socket.create_connection(("127.0.0.1", port), timeout=2).close()
     print("create_connection works")
 except LookupError as e:
     print("create_connection:", e)
-print(bc.read_gce(bc.Fetch(host="127.0.0.1", port=port, timeout=2, attempts=1)))
+print(md.read_gce(md.Fetch(host="127.0.0.1", port=port, timeout=2, attempts=1)))
 """
 
 

@@ -79,7 +79,7 @@ def test_build_reports_steps_sizes_and_outputs() -> None:
 
 
 def test_a_local_dev_build_has_the_development_root_beside_it() -> None:
-    from eemini.guest.simulated import dev_root_pem
+    from eemini.guest.dev.simulated import dev_root_pem
 
     out = image(DEMO_PROFILE)
     assert (out / "dev-root.pem").read_bytes() == dev_root_pem()
@@ -146,8 +146,11 @@ def test_every_initramfs_byte_has_an_origin() -> None:
 
 
 def test_image_facts_and_spec_in_the_image() -> None:
+    from eemini.guest.image import ImageFacts
+
     doc = manifest(DEMO_PROFILE)
     facts = doc["image"]
+    assert ImageFacts.from_dict(facts).to_dict() == facts  # what PID 1 reads back
     assert facts["profile"] == "local-dev"
     assert facts["attestation"] == "simulated"
     assert facts["network"] == "dhcp"
@@ -217,13 +220,56 @@ def test_production_image_facts_carry_the_ukis_own_cmdline() -> None:
     assert by_path["/etc/eemini/image.json"]["sha256"] == hashlib.sha256(image_json).hexdigest()
 
 
-def test_simulator_only_in_local_dev() -> None:
-    dev = {e["path"] for e in manifest("local-dev")["initramfs"]["files"]}
-    prod = {e["path"] for e in manifest("local-tdx-qcow2")["initramfs"]["files"]}
-    for module in ("simulated", "p256"):
-        path = f"/usr/lib/eemini/eemini/guest/{module}.py"
-        assert path not in prod
-        assert (path in dev) == (GUEST / f"{module}.py").exists()
+# Standard-library modules that only guest/dev/ imports (the dev-mode runner's argparse and
+# secrets, and what they import in turn): a production PID 1 never runs them.
+DEV_ONLY_STDLIB = {"argparse", "gettext", "secrets", "hmac"}
+PRODUCTION = ("gcp", "azure", "local-tdx-qcow2")
+
+
+def stdlib_modules(doc: dict[str, Any]) -> set[str]:
+    """The standard-library modules an image ships, by name, from its SBOM (their .pyc files)."""
+    prefix = f"/{pyruntime.STDLIB}/"
+    return {
+        e["path"][len(prefix) : -len(".pyc")].replace("/", ".").removesuffix(".__init__")
+        for e in doc["initramfs"]["files"]
+        if e["path"].startswith(prefix) and e["path"].endswith(".pyc")
+    }
+
+
+def guest_paths(doc: dict[str, Any], folder: Path) -> set[str]:
+    """What an image's SBOM holds from a folder of src/eemini (sources and their .pyc files)."""
+    prefix = f"{pyruntime.GUEST_PREFIX}/{folder.relative_to(pyruntime.SRC).as_posix()}/"
+    return {e["path"] for e in doc["initramfs"]["files"] if e["path"].startswith(prefix)}
+
+
+def test_production_images_carry_no_guest_dev_code_nor_what_only_it_imports() -> None:
+    """On the built artefacts: a production image's SBOM has nothing from guest/dev/, and none of
+    the standard-library modules only dev code imports; a local-dev image has both (so neither
+    check can pass because a name changed)."""
+    from eemini.guest.dev import der, devmode, p256, simulated
+
+    dev = GUEST / "dev"
+    local_dev = manifest("local-dev")
+    shipped = guest_paths(local_dev, dev)
+    for module in (simulated, p256, der, devmode):
+        source = Path(module.__file__ or "")
+        assert source.is_relative_to(dev), f"{module.__name__} is not in {dev}"
+        assert f"{pyruntime.GUEST_PREFIX}/{source.relative_to(pyruntime.SRC)}" in shipped
+    assert stdlib_modules(local_dev) >= DEV_ONLY_STDLIB
+    for profile in PRODUCTION:
+        doc = manifest(profile)
+        assert guest_paths(doc, dev) == set(), profile
+        assert stdlib_modules(doc) & DEV_ONLY_STDLIB == set(), profile
+        assert guest_paths(doc, GUEST) > {f"{pyruntime.GUEST_PREFIX}/eemini/guest/pid1.py"}
+
+
+def test_only_images_with_a_metadata_source_carry_an_http_client() -> None:
+    """gcp reads GCE metadata (its image has http.client and the email package it imports);
+    local-tdx-qcow2 reads a config disk only, so nothing of either is in its image."""
+    assert {"http.client", "email.parser"} <= stdlib_modules(manifest("gcp"))
+    shipped = stdlib_modules(manifest("local-tdx-qcow2"))
+    assert {m for m in shipped if m.split(".")[0] in ("http", "email")} == set()
+    assert "json" in shipped
 
 
 def _sections(uki: Path) -> dict[str, tuple[int, int, int]]:
@@ -321,7 +367,7 @@ def test_trimmed_interpreter_imports_every_guest_module(tmp_path: Path, profile:
         if e["path"].startswith(prefix) and e["path"].endswith(".py")
     )
     assert "eemini" in names and "eemini.guest.pid1" in names
-    assert ("eemini.guest.simulated" in names) == (profile == "local-dev")
+    assert ("eemini.guest.dev.simulated" in names) == (profile == "local-dev")
     script = (
         f"import sys; sys.path.insert(0, {str(root) + pyruntime.GUEST_PREFIX!r})\n"
         f"for n in {names!r}: __import__(n)\n"

@@ -17,7 +17,9 @@ from eemini.build import apt, cpio, disk, elf, fat, gpt, kmod, lock, profile, uk
 from eemini.build.compress import Compression
 from eemini.build.deb import unpacked
 from eemini.build.tree import PROJECT, Kind, Origin, Source, Tree
+from eemini.guest.image import Attestation
 from eemini.log import UserError
+from eemini.tdx.pe import parse_pe
 
 HELLO = Path(__file__).resolve().parent / "data" / "workload" / "hello.c"
 
@@ -186,13 +188,13 @@ def test_uki_sections_as_objdump_reads_them(tmp_path: Path) -> None:
                 ".initrd": b"\x01" * 1000, ".linux": b"\x02" * 5000}  # fmt: skip
     image = uki.assemble(fake_stub(), payloads)
     (tmp_path / "u.efi").write_bytes(image)
-    secs = {s.name: s for s in uki.sections(image)}
+    secs = {s.name: s for s in parse_pe(image).sections}
     assert list(secs) == [".text", ".osrel", ".cmdline", ".uname", ".initrd", ".linux"]
     for name, data in payloads.items():
         s = secs[name]
         assert s.virtual_size == len(data)  # exactly what the stub measures
-        assert s.virtual_address % 0x1000 == 0 and s.raw_pointer % 0x200 == 0
-        assert image[s.raw_pointer : s.raw_pointer + len(data)] == data
+        assert s.virtual_address % 0x1000 == 0 and s.pointer_to_raw_data % 0x200 == 0
+        assert image[s.pointer_to_raw_data : s.pointer_to_raw_data + len(data)] == data
     out = tool("objdump", "-h", tmp_path / "u.efi").decode()
     assert ".linux        00001388  0000000000006000" in out
     headers = tool("objdump", "-p", tmp_path / "u.efi").decode()
@@ -301,9 +303,7 @@ def test_profiles_in_the_repo_load() -> None:
         assert "cmdline" not in p.config_sources
         # Azure's guest is not the TD (its paravisor is): it attests through the vTPM instead.
         assert ("tdx_guest" in p.modules) == (name != "azure")
-        want = (
-            profile.Attestation.AZURE_TDX_VTPM if name == "azure" else profile.Attestation.CONFIGFS_TSM
-        )
+        want = Attestation.AZURE_TDX_VTPM if name == "azure" else Attestation.CONFIGFS_TSM
         assert p.attestation is want
     assert {profile.load(name).compression for name in profile.available()} == {Compression.ZSTD}
 

@@ -17,7 +17,7 @@ from conftest import REPO
 from eemini.client import CallError, ClientError, connect
 from eemini.commands.call import parse_params
 from eemini.guest.attest import quote_report_data
-from eemini.guest.simulated import dev_root_pem
+from eemini.guest.dev.simulated import dev_root_pem
 from eemini.log import UserError
 from rtutil import wait_for, write_workload
 
@@ -215,7 +215,7 @@ def test_dev_makes_missing_directories_private(tmp_path: Path) -> None:
 def test_default_socket_is_under_a_private_directory_in_tmpdir(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from eemini.guest.devmode import default_socket
+    from eemini.guest.dev.devmode import default_socket
 
     tmp = tmp_path / "tmp"
     tmp.mkdir()

@@ -154,8 +154,11 @@ def test_ack_mask_becomes_the_prefix_length(mask: str, address: str) -> None:
 
 
 CLIENT = r"""
-import heapq, ipaddress, json, select, sys, time
+import heapq, ipaddress, json, select, subprocess, sys, time
 from eemini.guest import dhcp, netlink
+
+def ip(*args):  # iproute2 reads back what netlink configured
+    return json.loads(subprocess.run(["ip", "-j", *args], capture_output=True, check=True).stdout)
 
 class Timers:
     def __init__(self):
@@ -191,8 +194,10 @@ with netlink.Netlink() as nl:
         "nic": nic.name, "address": str(lease.address), "router": str(lease.router),
         "dns": [str(d) for d in lease.dns], "lease": lease.lease_time, "t1": lease.renewal_time,
         "mtu": nl.link(nic.name).mtu, "domain": lease.domain,
-        "addresses": [str(a.address) for a in nl.addresses(nic.index)],
-        "routes": sorted(f"{r.dst} {r.gateway}" for r in nl.routes() if r.oif == nic.index),
+        "addresses": [f"{a['local']}/{a['prefixlen']}" for i in ip("addr", "show", "dev", nic.name)
+                      for a in i["addr_info"] if a["family"] == "inet"],
+        "routes": sorted(f"{'0.0.0.0/0' if r['dst'] == 'default' else r['dst']} {r.get('gateway')}"
+                         for r in ip("route", "show", "dev", nic.name)),
     }), flush=True)
     renewed = []
     t = Timers()

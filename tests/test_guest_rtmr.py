@@ -118,10 +118,6 @@ def test_extend_checks(tmp_path: Path) -> None:
     path = tmp_path / MEASUREMENTS_DIR / RTMR3_FILE
     path.parent.mkdir(parents=True)
     path.write_bytes(b"\x07" * 48)
-    assert r.read() == b"\x07" * 48
-    path.write_bytes(b"short")
-    with pytest.raises(RtmrError, match="gave 5 bytes, expected 48"):
-        r.read()
     if os.getuid() != 0:  # root writes through 0444
         path.chmod(0o444)
         assert r.unavailable_reason() == f"{path} is not writable"

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from eemini.guest.simulated import make_quote
+from eemini.guest.dev.simulated import make_quote
 from netns import namespaces, start_dhcp_server, veth
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="PID namespaces need root")
@@ -29,9 +29,9 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="PID namespaces need r
 HARNESS = r"""
 import os, sys
 import eemini
-from eemini.guest import sys as k, pid1
-k.mount("none", "/", None, k.MS_REC | k.MS_PRIVATE)
-k.mount(sys.argv[1], "/mnt", None, k.MS_BIND)
+from eemini.guest import linux as k, pid1
+k.mount("none", "/", None, 16384 | 1 << 18)  # MS_REC | MS_PRIVATE
+k.mount(sys.argv[1], "/mnt", None, 4096)  # MS_BIND
 # PID 1 mounts empty tmpfs on /run and /tmp: not over the code under test (a checkout or venv
 # in /tmp), which it still imports lazily and runs as the workload's interpreter.
 code = [os.path.dirname(eemini.__file__), sys.prefix, os.path.dirname(os.__file__)]
@@ -43,7 +43,7 @@ if "FAKE_TSM" in os.environ:  # a fake configfs-tsm on /mnt/tsm/report with this
     sys.path.insert(0, TESTS)
     from fake_tsm import FakeTsm
     from eemini.guest import attest
-    from eemini.guest.simulated import make_quote
+    from eemini.guest.dev.simulated import make_quote
     fake = FakeTsm(Path("/mnt/tsm/report"), make_quote, provider=os.environ["FAKE_TSM"] or None)
 
     class FakeBackend(attest.ConfigfsTsmBackend):

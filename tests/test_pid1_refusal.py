@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from eemini.guest import attest, pid1
-from eemini.guest.simulated import make_quote
+from eemini.guest.dev.simulated import make_quote
+from eemini.guest.image import ImageFacts
 from fake_tsm import FakeTsm, sgx_quote
 
 pytestmark = pytest.mark.timeout(60)
@@ -125,7 +126,7 @@ def test_no_report_directory(tmp_path: Path, capfd: pytest.CaptureFixture[str]) 
     )
 
 
-IMAGE = {"attestation": "configfs-tsm", "cmdline": "console=ttyS0 quiet"}
+IMAGE = ImageFacts.from_dict({"attestation": "configfs-tsm", "cmdline": "console=ttyS0 quiet"})
 
 
 @pytest.mark.parametrize(
@@ -169,7 +170,7 @@ def test_any_other_cmdline_is_refused(proc: str, got: str, capfd: pytest.Capture
 
 def test_image_facts_without_the_cmdline_stop_the_boot(capfd: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(pid1.BootFailure) as e:
-        pid1.check_cmdline({"attestation": "configfs-tsm"}, "console=ttyS0 quiet\n")
+        pid1.image_facts({"attestation": "configfs-tsm"})
     assert type(e.value) is pid1.BootFailure
     assert console_line(capfd, e.value) == (
         "eemini: boot failed: image.json: cmdline (the UKI's built-in command line) must be a string\n"

@@ -89,7 +89,7 @@ def test_replace_changes_only_the_named_fields() -> None:
 def test_the_guest_runtime_imports_neither_dataclasses_nor_inspect() -> None:
     code = (
         "import sys; import eemini.guest.pid1, eemini.guest.runtime, eemini.guest.bootconfig, "
-        "eemini.guest.dhcp, eemini.guest.netlink, eemini.guest.power, eemini.guest.simulated; "
+        "eemini.guest.dhcp, eemini.guest.netlink, eemini.guest.power, eemini.guest.dev.simulated; "
         "print(sorted({'dataclasses', 'inspect', 'ast'} & set(sys.modules)))"
     )
     # -S: no site-packages (a .pth file there may import anything); the package from src/.

@@ -7,16 +7,15 @@ and power the VM off by itself.
 
 from __future__ import annotations
 
-import importlib
 import os
 import shutil
 import subprocess
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from eemini import run as launcher
+from eemini.build import image, lock, profile, spec
 
 pytestmark = pytest.mark.vm
 
@@ -43,11 +42,6 @@ REFUSAL = (
 def test_production_image_without_tdx_refuses_and_powers_off(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    # Imported by name: the builder is another part of the project (typed Any here on purpose).
-    image: Any = importlib.import_module("eemini.build.image")
-    lock: Any = importlib.import_module("eemini.build.lock")
-    profile: Any = importlib.import_module("eemini.build.profile")
-    spec: Any = importlib.import_module("eemini.build.spec")
     if shutil.which("qemu-system-x86_64") is None or not launcher.OVMF_CODE.exists():
         pytest.skip("QEMU and OVMF are needed for VM tests")
     (tmp_path / "canary.c").write_text(WORKLOAD)

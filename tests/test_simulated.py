@@ -18,15 +18,14 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
-from eemini.guest import der
 from eemini.guest.attest import check_quote
-from eemini.guest.p256 import N, PrivateKey, PublicKey, _hmac_sha256
-from eemini.guest.simulated import (
+from eemini.guest.dev import der
+from eemini.guest.dev.p256 import N, PrivateKey, PublicKey, _hmac_sha256
+from eemini.guest.dev.simulated import (
     DEV_FMSPC,
     DEV_PCESVN,
     DEV_PPID,
     DEV_TCB_COMPONENTS,
-    INTEL_QE_VENDOR_ID,
     QE_AUTH_DATA,
     Measurements,
     SimulatedBackend,
@@ -34,6 +33,7 @@ from eemini.guest.simulated import (
     dev_root_pem,
     make_quote,
 )
+from eemini.guest.quote_layout import INTEL_QE_VENDOR_ID
 
 REPORT_DATA = bytes(range(64))
 

@@ -6,8 +6,8 @@ import struct
 
 import pytest
 
+from eemini.guest.quote_layout import BodyType
 from eemini.tdx.errors import QuoteParseError
-from eemini.tdx.layout import BodyType
 from eemini.tdx.quote import parse_quote
 from tdx_builder import build_quote, make_chain
 

@@ -1,5 +1,5 @@
-"""The runtime's simulated quotes (eemini.guest.simulated) verify end to end with the development root,
-and only with it: rejected by default (untrusted root) and by the default policy (debug TD)."""
+"""The runtime's simulated quotes (eemini.guest.dev.simulated) verify end to end with the development
+root, and only with it: rejected by default (untrusted root) and by the default policy (debug TD)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from eemini.guest.simulated import dev_root_pem, make_quote
+from eemini.guest.dev.simulated import dev_root_pem, make_quote
 from eemini.tdx.errors import DebugTdRejected, UntrustedRoot
 from eemini.tdx.policy import Policy, PolicyBuilder
 from eemini.tdx.roots import development_root

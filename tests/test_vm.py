@@ -15,7 +15,6 @@ three boots:
 
 from __future__ import annotations
 
-import importlib
 import os
 import shutil
 import socket
@@ -24,11 +23,11 @@ import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from eemini import run as launcher
+from eemini.build import image, lock, profile, spec
 from fake_metadata import Behaviour, Server
 
 pytestmark = pytest.mark.vm
@@ -49,14 +48,6 @@ BOOT_TIMEOUT = 420.0
 
 @pytest.fixture(scope="session")
 def vm_disk(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    # Imported by name: the builder is another part of the project (typed Any here on purpose).
-    image: Any = pytest.importorskip(
-        "eemini.build.image", reason="the image builder is not in this tree"
-    )
-    lock: Any = importlib.import_module("eemini.build.lock")
-    profile: Any = importlib.import_module("eemini.build.profile")
-    spec: Any = importlib.import_module("eemini.build.spec")
-
     if shutil.which("qemu-system-x86_64") is None or not launcher.OVMF_CODE.exists():
         pytest.skip("QEMU and OVMF are needed for VM tests")
     work = tmp_path_factory.mktemp("vm-image")

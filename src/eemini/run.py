@@ -162,10 +162,10 @@ def stop_signals() -> Iterator[_Stop]:
 def _qemu_child(launcher: int) -> Callable[[], None]:
     """What the QEMU child runs before exec: QEMU gets SIGTERM when the launcher dies, however it
     dies (PR_SET_PDEATHSIG; after a SIGKILL there is no other way), and at once if it is gone."""
-    from eemini.guest import sys as ksys
+    from eemini.guest import linux
 
     def setup() -> None:
-        ksys.prctl(ksys.PR_SET_PDEATHSIG, signal.SIGTERM)
+        linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGTERM)
         if os.getppid() != launcher:
             os.kill(os.getpid(), signal.SIGTERM)
 
@@ -327,13 +327,14 @@ def make_vfat(path: Path, files: dict[str, bytes], label: str = CONFIG_LABEL) ->
 def read_config_file(path: Path) -> bytes:
     """The --config file, checked with the guest's own parser so mistakes show up on the host."""
     from eemini.guest import bootconfig
+    from eemini.guest.image import ConfigSource
 
     try:
         data = path.read_bytes()
     except OSError as e:
         die(f"cannot read --config {path}: {e.strerror}")
     try:
-        bootconfig.parse_env(data, bootconfig.Source.DISK)
+        bootconfig.parse_env(data, ConfigSource.CONFIG_DISK)
     except bootconfig.ConfigError as e:
         die(f"--config {path}: {e}")
     return data

@@ -20,6 +20,7 @@ from eemini.build.lock import Lock, Role
 from eemini.build.profile import Output, Profile
 from eemini.build.spec import ResolvedSpec
 from eemini.build.tree import PROJECT, Origin, Source, Tree
+from eemini.guest.image import IMAGE_JSON, SOCKET, SPEC_JSON, ImageFacts
 from eemini.log import complete_step, die
 
 STUB = "usr/lib/systemd/boot/efi/linuxx64.efi.stub"
@@ -138,7 +139,7 @@ def fetch_packages(ctx: Context) -> None:
 
 def add_layout(ctx: Context) -> None:
     t = ctx.tree
-    for d in ("/proc", "/sys", "/run", "/etc/eemini", "/var/lib/easyenclave", "/root"):
+    for d in ("/proc", "/sys", "/run", "/root", *(os.path.dirname(p) for p in (IMAGE_JSON, SOCKET))):
         t.dir(d)
     t.dir("/tmp", mode=0o1777)
     t.dir("/dev")
@@ -164,7 +165,7 @@ def add_python(ctx: Context) -> None:
     python = [(p, ctx.roots[p.name]) for p in ctx.lock.packages if p.role in (Role.PYTHON, Role.LIBRARY)]
     with complete_step("Adding the trimmed Python runtime and the guest runtime"):
         target = pyruntime.Target(python, ctx.work)
-        analysis = pyruntime.analyze(target, ctx.profile.simulated)
+        analysis = pyruntime.analyze(target, ctx.profile)
         pyruntime.add_runtime(ctx.tree, target, analysis, ctx.work)
     shutil.rmtree(target.root, ignore_errors=True)
 
@@ -200,28 +201,28 @@ def builtin_cmdline(ctx: Context) -> str:
         die(f"profile {ctx.profile.name}: {e}")
 
 
-def image_facts(ctx: Context) -> dict[str, Any]:
+def image_facts(ctx: Context) -> ImageFacts:
     assert ctx.kernel is not None
-    return {
-        "profile": ctx.profile.name,
-        "cmdline": builtin_cmdline(ctx),
-        "modules": [str(m.path) for m in ctx.modules],
-        "module_facts": module_facts(ctx),
-        "attestation": ctx.profile.attestation.value,
-        "network": ctx.profile.network.value,
-        "config_sources": list(ctx.profile.config_sources),
-        "builder_version": __version__,
-        "kernel": ctx.kernel.version,
-        "spec_digest": hashlib.sha256(ctx.spec.canonical).hexdigest(),
-        "workload_sha256": hashlib.sha256(ctx.spec.workload.read_bytes()).hexdigest(),
-        "workload_path": str(ctx.spec.image_path),
-    }
+    return ImageFacts(
+        profile=ctx.profile.name,
+        cmdline=builtin_cmdline(ctx),
+        modules=tuple(str(m.path) for m in ctx.modules),
+        module_facts=module_facts(ctx),
+        attestation=ctx.profile.attestation,
+        network=ctx.profile.network,
+        config_sources=ctx.profile.config_sources,
+        builder_version=__version__,
+        kernel=ctx.kernel.version,
+        spec_digest=hashlib.sha256(ctx.spec.canonical).hexdigest(),
+        workload_sha256=hashlib.sha256(ctx.spec.workload.read_bytes()).hexdigest(),
+        workload_path=str(ctx.spec.image_path),
+    )
 
 
 def add_image_facts(ctx: Context) -> None:
-    ctx.tree.file("/etc/eemini/spec.json", ctx.spec.canonical, Origin(Source.WORKLOAD), "workload")
-    facts = json.dumps(image_facts(ctx), sort_keys=True, separators=(",", ":")).encode()
-    ctx.tree.file("/etc/eemini/image.json", facts, PROJECT, "layout")
+    ctx.tree.file(SPEC_JSON, ctx.spec.canonical, Origin(Source.WORKLOAD), "workload")
+    facts = json.dumps(image_facts(ctx).to_dict(), sort_keys=True, separators=(",", ":")).encode()
+    ctx.tree.file(IMAGE_JSON, facts, PROJECT, "layout")
 
 
 def make_initramfs(ctx: Context) -> bytes:
@@ -285,7 +286,7 @@ def write_dev_root(ctx: Context) -> None:
     beside the image, for `eemini verify --trust-dev-root` (it is the same for every build)."""
     if not ctx.profile.simulated:
         return
-    from eemini.guest.simulated import dev_root_pem
+    from eemini.guest.dev.simulated import dev_root_pem
 
     path = ctx.out / DEV_ROOT_FILE
     path.write_bytes(dev_root_pem())
@@ -302,7 +303,7 @@ def write_manifest(ctx: Context, extra: dict[str, Any]) -> None:
     sections = {
         "builder": {"name": "eemini", "version": __version__},
         "profile": ctx.profile.name,
-        "image": image_facts(ctx),
+        "image": image_facts(ctx).to_dict(),
         "cmdline": ctx.profile.cmdline_text,
         "packages": [
             {"name": p.name, "version": p.version, "sha256": p.sha256, "role": p.role.value}

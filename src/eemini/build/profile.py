@@ -10,20 +10,10 @@ from pathlib import Path
 from eemini.build.compress import DEFAULT as DEFAULT_COMPRESSION
 from eemini.build.compress import Compression
 from eemini.build.lock import REPO
+from eemini.guest.image import Attestation, ConfigSource, Network
 from eemini.log import die
 
 PROFILES_DIR = REPO / "profiles"
-
-
-class Attestation(StrEnum):
-    CONFIGFS_TSM = "configfs-tsm"
-    AZURE_TDX_VTPM = "azure-tdx-vtpm"  # Azure's paravisor: the vTPM, the HCL report, IMDS
-    SIMULATED = "simulated"
-
-
-class Network(StrEnum):
-    DHCP = "dhcp"
-    NONE = "none"
 
 
 class Output(StrEnum):
@@ -42,7 +32,7 @@ class Profile:
     description: str
     attestation: Attestation
     network: Network
-    config_sources: tuple[str, ...]
+    config_sources: tuple[ConfigSource, ...]
     cmdline: tuple[str, ...]
     modules: tuple[str, ...]
     outputs: tuple[Output, ...]
@@ -60,7 +50,6 @@ class Profile:
 
 KEYS = {"description", "attestation", "network", "config_sources", "cmdline", "modules", "outputs"}
 OPTIONAL_KEYS = {"initramfs_compression"}
-CONFIG_SOURCES = {"cmdline", "config-disk", "gce-metadata", "azure-imds"}
 
 
 def available() -> list[str]:
@@ -100,11 +89,13 @@ def load(name: str, directory: Path = PROFILES_DIR) -> Profile:
             f"profile {path}: initramfs_compression {method!r} is not one of "
             f"{', '.join(c.value for c in Compression)}"
         )
-    sources = strings("config_sources")
-    bad = set(sources) - CONFIG_SOURCES
+    names = strings("config_sources")
+    known = {s.value for s in ConfigSource}
+    bad = set(names) - known
     if bad:
-        die(f"profile {path}: unknown config sources {sorted(bad)} (known: {sorted(CONFIG_SOURCES)})")
-    if "cmdline" in sources and attestation is not Attestation.SIMULATED:
+        die(f"profile {path}: unknown config sources {sorted(bad)} (known: {sorted(known)})")
+    sources = tuple(ConfigSource(n) for n in names)
+    if ConfigSource.CMDLINE in sources and attestation.production:
         die(
             f"profile {path}: the config source 'cmdline' is for simulated (local-dev) images only: "
             "a production image refuses any kernel command line but the UKI's own, and a host's "

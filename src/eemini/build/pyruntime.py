@@ -15,6 +15,7 @@ from pathlib import Path, PurePosixPath
 
 from eemini.build import elf
 from eemini.build.lock import Package
+from eemini.build.profile import Profile
 from eemini.build.tree import PROJECT, Origin, Source, Tree
 from eemini.log import complete_step, die, log_debug
 from eemini.proc import run
@@ -45,8 +46,14 @@ EXCLUDES = (
 # exception shows a real traceback on the console instead of "No module named 'linecache'".
 STARTUP_EXTRA = ("encodings.utf_8", "encodings.ascii", "encodings.latin_1", "encodings.aliases", "os",
                  "traceback", "linecache")  # fmt: skip
-# Only in profiles with the simulated attestation backend (see DESIGN.md, "Attestation").
-SIMULATOR_MODULES = ("eemini.guest.simulated", "eemini.guest.p256")
+# PID 1, what /init runs: the import analysis starts here (and nowhere else in a production image).
+PID1 = "eemini.guest.pid1"
+# Guest code that never goes into a production image: the folder, whatever it holds.
+DEV_PACKAGE = "eemini.guest.dev"
+DEV_DIR = "eemini/guest/dev"
+# The metadata-server client, which PID 1 imports only where the profile names a metadata source:
+# elsewhere the analysis leaves it, and with it the HTTP client, out.
+METADATA = "eemini.guest.metadata"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,22 +63,22 @@ class GuestModule:
     image_path: str  # .py path inside the image
 
 
-def guest_modules(with_simulator: bool, src: Path = SRC) -> list[GuestModule]:
-    """The eemini package root plus eemini.guest, as shipped (simulator only when asked)."""
+def guest_modules(with_dev: bool, src: Path = SRC) -> list[GuestModule]:
+    """The eemini package root plus eemini.guest, as shipped: guest/dev/ only when asked."""
     found = []
     files = [src / "eemini/__init__.py"]
     guest = src / "eemini/guest"
     if guest.is_dir():
         files += sorted(guest.rglob("*.py"))
+    dev = src / DEV_DIR
     for path in files:
+        if path.is_relative_to(dev) and not with_dev:
+            continue
         rel = path.relative_to(src)
         parts = list(rel.with_suffix("").parts)
         if parts[-1] == "__init__":
             parts.pop()
-        name = ".".join(parts)
-        if name in SIMULATOR_MODULES and not with_simulator:
-            continue
-        found.append(GuestModule(name, path, f"{GUEST_PREFIX}/{rel.as_posix()}"))
+        found.append(GuestModule(".".join(parts), path, f"{GUEST_PREFIX}/{rel.as_posix()}"))
     return found
 
 
@@ -127,16 +134,27 @@ class Analysis:
     modules: tuple[str, ...]
 
 
-def analyze(target: Target, with_simulator: bool) -> Analysis:
-    guest = guest_modules(with_simulator)
-    excludes = list(EXCLUDES) + ([] if with_simulator else list(SIMULATOR_MODULES))
+def analyze(target: Target, profile: Profile) -> Analysis:
+    """What the shipped guest code imports, starting from what PID 1 runs (`PID1`; in a simulated
+    image, which carries guest/dev/, every module there too, so that each imports) and leaving
+    out what PID 1 of this profile never imports."""
+    with_dev = profile.simulated
+    guest = guest_modules(with_dev)
+    entries = [PID1]
+    excludes = list(EXCLUDES)
+    if with_dev:
+        entries += [g.name for g in guest if g.name.startswith(DEV_PACKAGE)]
+    else:
+        excludes.append(DEV_PACKAGE)  # PID 1 imports it only in a simulated image
+    if all(source.local for source in profile.config_sources):
+        excludes.append(METADATA)
     with complete_step("Finding the standard-library modules the guest runtime imports"):
         request: dict[str, object] = {
             "op": "analyze",
             "path": [str(SRC)],
             "excludes": excludes,
             "extra": list(STARTUP_EXTRA),
-            "entries": [g.name for g in guest],
+            "entries": entries,
             "guest_roots": ["eemini"],
         }
         reply = target.call(request)

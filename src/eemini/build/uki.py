@@ -1,6 +1,6 @@
 """Assemble a Unified Kernel Image: the pinned systemd-stub plus our sections appended.
 
-PE/COFF layout: Microsoft PE Format specification ("Optional Header", "Section Table"); UKI
+PE/COFF layout: Microsoft PE Format specification, as eemini.tdx.pe describes it; UKI
 sections: UAPI Group "Unified Kernel Image" specification. Like ukify, but without pefile and
 without timestamps: the stub's TimeDateStamp is zeroed and the CheckSum recomputed.
 """
@@ -8,31 +8,11 @@ without timestamps: the stub's TimeDateStamp is zeroed and the CheckSum recomput
 from __future__ import annotations
 
 import array
-import dataclasses
 import struct
 import sys
 
 from eemini.log import die
-
-DOS_LFANEW = 0x3C
-COFF = struct.Struct("<HHIIIHH")  # Machine NumberOfSections TimeDateStamp PtrSym NumSym SizeOptHdr Chars
-SECTION = struct.Struct(
-    "<8sIIIIIIHHI"
-)  # Name VirtualSize VirtualAddress SizeOfRawData PointerToRawData ...
-assert (COFF.size, SECTION.size) == (20, 40)
-PE32PLUS = 0x20B
-# Optional header (PE32+) field offsets.
-OPT_SIZE_OF_INIT_DATA = 8
-OPT_SECTION_ALIGNMENT = 32
-OPT_FILE_ALIGNMENT = 36
-OPT_SIZE_OF_IMAGE = 56
-OPT_SIZE_OF_HEADERS = 60
-OPT_CHECKSUM = 64
-OPT_NUMBER_OF_RVA = 108
-OPT_DATA_DIRS = 112
-DIR_SECURITY = 4  # the certificate table: present only in signed images
-IMAGE_SCN_CNT_INITIALIZED_DATA = 0x00000040
-IMAGE_SCN_MEM_READ = 0x40000000
+from eemini.tdx import pe
 
 # In file order, as ukify writes them; the kernel last (largest, and the stub does not care).
 SECTION_ORDER = (".osrel", ".cmdline", ".uname", ".initrd", ".linux")
@@ -40,28 +20,6 @@ SECTION_ORDER = (".osrel", ".cmdline", ".uname", ".initrd", ".linux")
 
 def _align(n: int, a: int) -> int:
     return (n + a - 1) // a * a
-
-
-@dataclasses.dataclass(frozen=True)
-class Section:
-    name: str
-    virtual_size: int
-    virtual_address: int
-    raw_size: int
-    raw_pointer: int
-
-
-def sections(image: bytes) -> list[Section]:
-    pe = struct.unpack_from("<I", image, DOS_LFANEW)[0]
-    if image[pe : pe + 4] != b"PE\0\0":
-        raise ValueError("not a PE image (no PE signature)")
-    _, count, _, _, _, optsize, _ = COFF.unpack_from(image, pe + 4)
-    table = pe + 4 + COFF.size + optsize
-    out = []
-    for i in range(count):
-        name, vsize, va, rsize, rptr, *_ = SECTION.unpack_from(image, table + i * SECTION.size)
-        out.append(Section(name.rstrip(b"\0").decode(), vsize, va, rsize, rptr))
-    return out
 
 
 def pe_checksum(image: bytes | bytearray) -> int:
@@ -83,63 +41,62 @@ def assemble(stub: bytes, payloads: dict[str, bytes]) -> bytes:
     unknown = set(payloads) - set(SECTION_ORDER)
     if unknown:
         raise ValueError(f"unknown UKI sections {sorted(unknown)}")
-    out = bytearray(stub)
-    pe = struct.unpack_from("<I", out, DOS_LFANEW)[0]
-    if out[pe : pe + 4] != b"PE\0\0":
-        die("the systemd-stub is not a PE image (no PE signature)")
-    coff = pe + 4
-    machine, count, _, _, _, optsize, chars = COFF.unpack_from(out, coff)
-    opt = coff + COFF.size
-    if struct.unpack_from("<H", out, opt)[0] != PE32PLUS:
+    try:
+        image = pe.parse_pe(stub)
+    except pe.PeError as e:
+        die(f"the systemd-stub is not a PE image the firmware would load: {e}")
+    if not image.pe32_plus:
         die("the systemd-stub is not a PE32+ image")
-    nrva = struct.unpack_from("<I", out, opt + OPT_NUMBER_OF_RVA)[0]
-    if nrva > DIR_SECURITY and struct.unpack_from("<II", out, opt + OPT_DATA_DIRS + 8 * DIR_SECURITY)[1]:
+    if image.certificate_table_size:
         die("the systemd-stub is already signed; a UKI must be assembled from the unsigned stub",
             hint="use the stub from systemd-boot-efi, not from a -signed package")  # fmt: skip
-    salign, falign = struct.unpack_from("<II", out, opt + OPT_SECTION_ALIGNMENT)
-    headers_size = struct.unpack_from("<I", out, opt + OPT_SIZE_OF_HEADERS)[0]
-    existing = sections(stub)
-    present = {s.name for s in existing} & set(payloads)
+    present = {s.name for s in image.sections} & set(payloads)
     if present:
         die(f"the systemd-stub already has the sections {sorted(present)}")
-    table = opt + optsize
-    table_end = table + (count + len(payloads)) * SECTION.size
-    first_raw = min((s.raw_pointer for s in existing if s.raw_size), default=headers_size)
-    if table_end > min(headers_size, first_raw):
+    count, headers = len(image.sections), image.size_of_headers
+    table_end = image.section_table_offset + (count + len(payloads)) * pe.SECTION_HEADER_SIZE
+    first_raw = min((s.pointer_to_raw_data for s in image.sections if s.size_of_raw_data),
+                    default=headers)  # fmt: skip
+    if table_end > min(headers, first_raw):
         die(f"no room in the stub's PE headers for {len(payloads)} more section headers "
-            f"(table would end at {table_end:#x}, headers end at {headers_size:#x})")  # fmt: skip
-    raw_end = max((s.raw_pointer + s.raw_size for s in existing), default=headers_size)
-    if len(out) > raw_end:
-        die(
-            f"the systemd-stub has {len(out) - raw_end} bytes after its last section; refusing to append"
-        )
-    va_end = max(s.virtual_address + s.virtual_size for s in existing)
-    del out[raw_end:]
+            f"(table would end at {table_end:#x}, headers end at {headers:#x})")  # fmt: skip
+    raw_end = max((s.pointer_to_raw_data + s.size_of_raw_data for s in image.sections),
+                  default=headers)  # fmt: skip
+    if len(stub) > raw_end:
+        die(f"the systemd-stub has {len(stub) - raw_end} bytes after its last section; "
+            "refusing to append")  # fmt: skip
+    va_end = max(s.virtual_address + s.virtual_size for s in image.sections)
+    out = bytearray(stub[:raw_end])
+    opt = image.optional_header_offset
+    init_data_at = opt + pe.SIZE_OF_INITIALIZED_DATA_OFFSET
+    init_data = struct.unpack_from("<I", out, init_data_at)[0]
     index = count
-    init_data = struct.unpack_from("<I", out, opt + OPT_SIZE_OF_INIT_DATA)[0]
     for name in SECTION_ORDER:
         if name not in payloads:
             continue
         data = payloads[name]
-        va = _align(va_end, salign)
-        raw_ptr = _align(len(out), falign)
-        raw_size = _align(len(data), falign)
+        va = _align(va_end, image.section_alignment)
+        raw_ptr = _align(len(out), image.file_alignment)
+        raw_size = _align(len(data), image.file_alignment)
         out += b"\0" * (raw_ptr - len(out))
         out += data + b"\0" * (raw_size - len(data))
         # VirtualSize is the exact payload length: the stub measures (PCR 11 / RTMR2) and loads
         # VirtualSize bytes, so no padding may leak into what is hashed (systemd#34583).
-        SECTION.pack_into(out, table + index * SECTION.size, name.encode().ljust(8, b"\0"), len(data),
-                          va, raw_size, raw_ptr, 0, 0, 0, 0,
-                          IMAGE_SCN_CNT_INITIALIZED_DATA | IMAGE_SCN_MEM_READ)  # fmt: skip
+        pe.SECTION_HEADER.pack_into(
+            out, image.section_table_offset + index * pe.SECTION_HEADER_SIZE,
+            name.encode().ljust(8, b"\0"), len(data), va, raw_size, raw_ptr, 0, 0, 0, 0,
+            pe.IMAGE_SCN_CNT_INITIALIZED_DATA | pe.IMAGE_SCN_MEM_READ,
+        )  # fmt: skip
         init_data += raw_size
         va_end = va + len(data)
         index += 1
     # TimeDateStamp 0: the image is a pure function of its inputs.
-    COFF.pack_into(out, coff, machine, index, 0, 0, 0, optsize, chars)
-    struct.pack_into("<I", out, opt + OPT_SIZE_OF_INIT_DATA, init_data & 0xFFFFFFFF)
-    struct.pack_into("<I", out, opt + OPT_SIZE_OF_IMAGE, _align(va_end, salign))
-    struct.pack_into("<I", out, opt + OPT_CHECKSUM, 0)
-    struct.pack_into("<I", out, opt + OPT_CHECKSUM, pe_checksum(out))
+    machine, _, _, _, _, optsize, chars = pe.COFF_HEADER.unpack_from(out, image.coff_offset)
+    pe.COFF_HEADER.pack_into(out, image.coff_offset, machine, index, 0, 0, 0, optsize, chars)
+    struct.pack_into("<I", out, init_data_at, init_data & 0xFFFFFFFF)
+    struct.pack_into("<I", out, opt + pe.SIZE_OF_IMAGE_OFFSET, _align(va_end, image.section_alignment))
+    struct.pack_into("<I", out, image.checksum_offset, 0)
+    struct.pack_into("<I", out, image.checksum_offset, pe_checksum(out))
     return bytes(out)
 
 

@@ -56,7 +56,7 @@ def resolve_socket(arg: str | None) -> str:
         return arg
     if env := os.environ.get("EE_SOCKET_PATH"):
         return env
-    from eemini.guest.devmode import default_socket
+    from eemini.guest.dev.devmode import default_socket
 
     dev = default_socket()
     return dev if os.path.exists(dev) else DEFAULT_SOCKET
@@ -67,7 +67,7 @@ def resolve_token(arg: str | None, socket_path: str) -> str:
         return arg
     if env := os.environ.get("EE_TOKEN"):
         return env
-    from eemini.guest.devmode import TOKEN_FILE
+    from eemini.guest.dev.devmode import TOKEN_FILE
 
     path = os.path.join(os.path.dirname(socket_path), TOKEN_FILE)
     try:

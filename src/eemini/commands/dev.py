@@ -35,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from eemini.guest import devmode
+    from eemini.guest.dev import devmode
 
     spec = load_spec(args.file)
     options = devmode.DevOptions(

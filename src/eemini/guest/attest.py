@@ -3,35 +3,26 @@
 `configfs-tsm` follows the kernel ABI (Documentation/ABI/testing/configfs-tsm-report): make a
 report entry, check `provider`, write up to 64 bytes to `inblob`, read `outblob`, check that
 `generation` moved by exactly our one write, remove the entry. The simulated backend lives in
-`eemini.guest.simulated` and is imported only when asked for, so production images can omit it.
+`eemini.guest.dev.simulated`, which production images do not carry.
 """
 
 from __future__ import annotations
 
 import errno
 import os
-import struct
 import threading
 from collections.abc import Callable
 
+from eemini.guest import quote_layout as layout
+from eemini.guest.quote_layout import REPORT_DATA_SIZE
+
 TYPE_CHECKING = False
-if TYPE_CHECKING:  # typing is for the type checker only: importing it costs boot time
+if TYPE_CHECKING:
     from typing import Protocol
 
-REPORT_DATA_SIZE = 64
 TSM_REPORT_ROOT = "/sys/kernel/config/tsm/report"
 TDX_PROVIDER = "tdx_guest"
 CCEL_PATH = "/sys/firmware/acpi/tables/data/CCEL"
-
-# Intel TDX DCAP Quote Generation Library and Quote Verification Library, appendix "Quote
-# Format": a 48-byte header (version u16, attestation key type u16, TEE type u32, ...).
-QUOTE_HEADER_SIZE = 48
-TEE_TYPE_TDX = 0x00000081
-ATT_KEY_TYPE_ECDSA_P256 = 2
-TD_REPORT10_SIZE = 584  # TDX 1.0 TD report body (quote v4, and v5 body type 2)
-TD_REPORT15_SIZE = 648  # TDX 1.5 TD report body (quote v5 body type 3)
-REPORT_DATA_OFFSET = 520  # report_data is the last 64 bytes of the TDX 1.0 body
-V5_BODY_DESCRIPTOR_SIZE = 2 + 4  # body type u16, body size u32
 
 
 class AttestError(Exception):
@@ -42,7 +33,7 @@ class AttestError(Exception):
         self.code = code
 
 
-if TYPE_CHECKING:  # a Protocol is for the type checker; at runtime annotations are strings
+if TYPE_CHECKING:
 
     class Backend(Protocol):
         """Something that turns 64 bytes of report data into a TDX quote."""
@@ -64,31 +55,37 @@ def pad_report_data(data: bytes) -> bytes:
     return data.ljust(REPORT_DATA_SIZE, b"\0")
 
 
-def quote_report_data(quote: bytes) -> bytes:
-    """The 64 report-data bytes inside a TDX quote v4 or v5; raises AttestError if it is not one."""
-    if len(quote) < QUOTE_HEADER_SIZE:
-        raise AttestError(f"quote is {len(quote)} bytes, shorter than a quote header (48)")
-    version, key_type, tee_type = struct.unpack_from("<HHI", quote, 0)
-    if tee_type != TEE_TYPE_TDX:
-        raise AttestError(f"quote TEE type is {tee_type:#x}, expected {TEE_TYPE_TDX:#x} (TDX)")
-    if key_type != ATT_KEY_TYPE_ECDSA_P256:
+def _td_report(quote: bytes) -> tuple[int, int]:
+    """Where the TD report body of a TDX quote v4 or v5 starts, and its size; AttestError if the
+    bytes are not such a quote."""
+    if len(quote) < layout.HEADER_SIZE:
+        raise AttestError(
+            f"quote is {len(quote)} bytes, shorter than a quote header ({layout.HEADER_SIZE})"
+        )
+    version, key_type, tee_type, *_ = layout.HEADER_STRUCT.unpack_from(quote)
+    if tee_type != layout.TeeType.TDX:
+        raise AttestError(f"quote TEE type is {tee_type:#x}, expected {layout.TeeType.TDX:#x} (TDX)")
+    if key_type != layout.AttestationKeyType.ECDSA_P256:
         raise AttestError(f"quote attestation key type is {key_type}, expected 2 (ECDSA P-256)")
     if version == 4:
-        body = QUOTE_HEADER_SIZE
-        body_size = TD_REPORT10_SIZE
+        body, body_size = layout.HEADER_SIZE, layout.TD_REPORT_10_SIZE
     elif version == 5:
-        if len(quote) < QUOTE_HEADER_SIZE + V5_BODY_DESCRIPTOR_SIZE:
+        if len(quote) < layout.HEADER_SIZE + layout.BODY_DESCRIPTOR_SIZE:
             raise AttestError("quote v5 is too short for its body descriptor")
-        body_type, body_size = struct.unpack_from("<HI", quote, QUOTE_HEADER_SIZE)
-        expected = {2: TD_REPORT10_SIZE, 3: TD_REPORT15_SIZE}.get(body_type)
-        if expected is None or body_size != expected:
+        body_type, body_size = layout.BODY_DESCRIPTOR_STRUCT.unpack_from(quote, layout.HEADER_SIZE)
+        if layout.BODY_SIZES.get(body_type) != body_size:
             raise AttestError(f"quote v5 body type {body_type} of {body_size} bytes is not a TD report")
-        body = QUOTE_HEADER_SIZE + V5_BODY_DESCRIPTOR_SIZE
+        body = layout.HEADER_SIZE + layout.BODY_DESCRIPTOR_SIZE
     else:
         raise AttestError(f"quote version is {version}, expected 4 or 5")
-    if len(quote) < body + body_size + 4:
+    if len(quote) < body + body_size + layout.SIGNATURE_DATA_LEN_SIZE:
         raise AttestError(f"quote is {len(quote)} bytes, too short for its TD report body")
-    start = body + REPORT_DATA_OFFSET
+    return body, body_size
+
+
+def quote_report_data(quote: bytes) -> bytes:
+    """The 64 report-data bytes inside a TDX quote v4 or v5; raises AttestError if it is not one."""
+    start = _td_report(quote)[0] + layout.REPORT_DATA_OFFSET
     return quote[start : start + REPORT_DATA_SIZE]
 
 
@@ -102,17 +99,9 @@ def check_quote(quote: bytes, report_data: bytes) -> None:
             f"the report data inside the quote ({inside.hex()}) differs from the request "
             f"({report_data.hex()})"
         )
-    (sig_len,) = struct.unpack_from("<I", quote, _sig_len_offset(quote))
-    if sig_len == 0:
+    body, body_size = _td_report(quote)
+    if int.from_bytes(quote[body + body_size :][: layout.SIGNATURE_DATA_LEN_SIZE], "little") == 0:
         raise AttestError("the quote carries no signature data")
-
-
-def _sig_len_offset(quote: bytes) -> int:
-    version = struct.unpack_from("<H", quote, 0)[0]
-    if version == 4:
-        return QUOTE_HEADER_SIZE + TD_REPORT10_SIZE
-    _, body_size = struct.unpack_from("<HI", quote, QUOTE_HEADER_SIZE)
-    return QUOTE_HEADER_SIZE + V5_BODY_DESCRIPTOR_SIZE + int(body_size)
 
 
 def read_ccel(path: str = CCEL_PATH) -> bytes | None:

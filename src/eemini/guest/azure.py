@@ -32,8 +32,9 @@ import struct
 import threading
 import time
 
-from eemini.guest import bootconfig
-from eemini.guest.attest import REPORT_DATA_SIZE, AttestError, check_quote
+from eemini.guest import metadata
+from eemini.guest.attest import AttestError, check_quote
+from eemini.guest.quote_layout import REPORT_DATA_SIZE
 from eemini.guest.tpm import (
     TPM_DEVICE,
     TPMA_NV_OWNERREAD,
@@ -129,14 +130,14 @@ class ImdsQuoteClient:
     """`POST /acc/tdquote` on the instance metadata service: a TDREPORT in, its TD quote out.
     Content-Type must be exactly application/json (a charset suffix gets HTTP 415)."""
 
-    def __init__(self, fetch: bootconfig.Fetch | None = None) -> None:
-        self.fetch = fetch or bootconfig.Fetch(timeout=10.0, attempts=5, backoff=0.5)
+    def __init__(self, fetch: metadata.Fetch | None = None) -> None:
+        self.fetch = fetch or metadata.Fetch(timeout=10.0, attempts=5, backoff=0.5)
 
     def td_quote(self, td_report: bytes) -> bytes:
         body = json.dumps({"report": b64url_encode(td_report)}).encode()
         headers = {"Content-Type": "application/json", "Metadata": "true"}
         where = f"the metadata service ({self.fetch.host}{TDQUOTE_PATH})"
-        answer = bootconfig.http_request(
+        answer = metadata.http_request(
             self.fetch, "POST", TDQUOTE_PATH, headers, body=body, limit=1 << 20
         )
         if answer is None:
@@ -339,13 +340,13 @@ def _element(xml: str, name: str) -> str:
     return value
 
 
-def report_ready(fetch: bootconfig.Fetch | None = None) -> str:
+def report_ready(fetch: metadata.Fetch | None = None) -> str:
     """Tell Azure the VM is up (what its guest agent would do): GET the goal state, then POST a
     health report with State Ready for its incarnation, container and role instance. Returns the
     instance id; raises WireServerError saying what failed."""
-    fetch = fetch or bootconfig.Fetch(host=WIRESERVER, timeout=5.0, attempts=5, backoff=1.0)
+    fetch = fetch or metadata.Fetch(host=WIRESERVER, timeout=5.0, attempts=5, backoff=1.0)
     version = {"x-ms-version": WIRESERVER_VERSION}
-    answer = bootconfig.http_request(fetch, "GET", GOAL_STATE_PATH, version, limit=1 << 20)
+    answer = metadata.http_request(fetch, "GET", GOAL_STATE_PATH, version, limit=1 << 20)
     if answer is None:
         raise WireServerError(f"the wire server {fetch.host} did not answer")
     status, _, body = answer
@@ -359,7 +360,7 @@ def report_ready(fetch: bootconfig.Fetch | None = None) -> str:
         raise WireServerError(f"the goal state's incarnation is not a number: {incarnation!r}")
     health = HEALTH_TEMPLATE.format(incarnation=incarnation, container=container, instance=instance)
     headers = {**version, "Content-Type": "text/xml;charset=utf-8"}
-    answer = bootconfig.http_request(fetch, "POST", HEALTH_PATH, headers, body=health.encode())
+    answer = metadata.http_request(fetch, "POST", HEALTH_PATH, headers, body=health.encode())
     if answer is None:
         raise WireServerError(f"the wire server {fetch.host} did not answer the health report")
     if answer[0] != 200:
@@ -369,7 +370,7 @@ def report_ready(fetch: bootconfig.Fetch | None = None) -> str:
 
 def mount_securityfs(path: str = "/sys/kernel/security") -> None:
     """securityfs holds the TPM event log (tpm0/binary_bios_measurements)."""
-    from eemini.guest import sys as ksys
+    from eemini.guest import linux as ksys
 
     if os.path.ismount(path):
         return

@@ -2,16 +2,15 @@
 
 Sources (the profile names which ones an image reads): `ee.KEY=VALUE` on the kernel cmdline, a
 config disk holding `agent.env` (iso9660 or vfat, volume label EECONFIG, mounted read-only), the
-GCE metadata attribute `ee-config`, and Azure IMDS `userData` then `customData` (base64). The
-operator controls all of them, so only the spec's `allow_env` keys and the network keys pass;
-anything else raises `ConfigError`, whose message names the key and the source, and PID 1 stops
-the boot. Absent sources are normal; unreachable metadata servers get short timeouts and a few
-retries, then count as absent.
+GCE metadata attribute `ee-config`, and Azure IMDS `userData` then `customData` (base64; both
+read by eemini.guest.metadata). The operator controls all of them, so only the spec's
+`allow_env` keys and the network keys pass; anything else raises `ConfigError`, whose message
+names the key and the source, and PID 1 stops the boot. Absent sources are normal; unreachable
+metadata servers get short timeouts and a few retries, then count as absent.
 """
 
 from __future__ import annotations
 
-import enum
 import hashlib
 import ipaddress
 import os
@@ -19,12 +18,12 @@ import re
 import stat
 import time
 
+from eemini.guest.image import ConfigSource
 from eemini.guest.record import field, record
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Sequence
-    from typing import Any
 
 NETWORK_KEYS = ("EE_IP", "EE_GATEWAY", "EE_DNS")
 CONFIG_FILE = "agent.env"
@@ -34,17 +33,7 @@ MAX_VALUE = 4096
 _KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
 
-class Source(enum.StrEnum):
-    CMDLINE = "cmdline"
-    DISK = "config-disk"
-    GCE = "gce-metadata"
-    AZURE_USERDATA = "azure-userdata"
-    AZURE_CUSTOMDATA = "azure-customdata"
-
-    @property
-    def local(self) -> bool:
-        """Read before the network exists (so they may carry the static network keys)."""
-        return self in (Source.CMDLINE, Source.DISK)
+LOCAL_SOURCES = frozenset(source for source in ConfigSource if source.local)
 
 
 class ConfigError(Exception):
@@ -53,7 +42,7 @@ class ConfigError(Exception):
 
 @record
 class Setting:
-    source: Source
+    source: str  # a ConfigSource, or which Azure IMDS document (eemini.guest.metadata)
     key: str
     value: str
 
@@ -61,10 +50,6 @@ class Setting:
     def digest(self) -> str:
         # SHA-384, like every other digest in the runtime event log (eemini.guest.events).
         return "sha384:" + hashlib.sha384(self.value.encode()).hexdigest()
-
-    def event(self) -> dict[str, str]:
-        """What the runtime event log records: never the value itself, only its digest."""
-        return {"source": str(self.source), "key": self.key, "value_digest": self.digest}
 
 
 # --- kernel cmdline ---
@@ -165,11 +150,6 @@ def parse_cmdline(text: str | bytes) -> Cmdline:
     return Cmdline(tuple(params))
 
 
-def read_cmdline(path: str = "/proc/cmdline") -> Cmdline:
-    with open(path, "rb") as f:
-        return parse_cmdline(f.read())
-
-
 # ee.* names on the cmdline that are image facts, not boot config: ee.dev=1 marks a local-dev
 # image in the measured cmdline (set by the builder, checked by PID 1).
 RESERVED = frozenset({"ee.dev"})
@@ -184,16 +164,16 @@ def cmdline_settings(cmdline: Cmdline) -> list[Setting]:
         name = key[3:]
         if value is None:
             raise ConfigError(
-                f"boot config {key!r} from {Source.CMDLINE} has no value (expected ee.KEY=VALUE)"
+                f"boot config {key!r} from {ConfigSource.CMDLINE} has no value (expected ee.KEY=VALUE)"
             )
-        out.append(_setting(Source.CMDLINE, name, value, where=f"{key}"))
+        out.append(_setting(ConfigSource.CMDLINE, name, value, where=f"{key}"))
     return out
 
 
 # --- agent.env ---
 
 
-def _setting(source: Source, key: str, value: str, where: str) -> Setting:
+def _setting(source: str, key: str, value: str, where: str) -> Setting:
     if not _KEY.match(key):
         raise ConfigError(f"boot config key {key!r} from {source} ({where}) is not a valid name")
     problem = None
@@ -220,7 +200,7 @@ def _setting(source: Source, key: str, value: str, where: str) -> Setting:
 ENV_BLANKS = " \t"
 
 
-def parse_env(data: bytes, source: Source) -> list[Setting]:
+def parse_env(data: bytes, source: str) -> list[Setting]:
     """agent.env: KEY=VALUE lines; blank lines and # comments skipped; one matching pair of
     surrounding quotes is removed. Anything else is malformed and stops the boot."""
     if len(data) > MAX_FILE:
@@ -298,7 +278,7 @@ def apply_policy(settings: Sequence[Setting], allow_env: Iterable[str]) -> BootC
     net: dict[str, str] = {}
     for s in settings:
         if s.key in NETWORK_KEYS:
-            if not s.source.local:
+            if s.source not in LOCAL_SOURCES:
                 raise ConfigError(
                     f"boot config key {s.key!r} from {s.source} is not allowed: network keys are read "
                     "before the network exists, so only the cmdline and the config disk may set them"
@@ -432,7 +412,7 @@ def read_config_disk(
     mount is read-only, nosuid, nodev, noexec and nosymfollow: the disk is the host's, and a
     symbolic link on it (iso9660 Rock Ridge has them) must not reach the guest's own files.
     """
-    from eemini.guest import sys as ksys
+    from eemini.guest import linux
 
     found = find_config_disk(wait)
     if found is None:
@@ -441,14 +421,14 @@ def read_config_disk(
     if prepare is not None:
         prepare(fstype)
     os.makedirs(mountpoint, exist_ok=True)
-    flags = ksys.MS_RDONLY | ksys.MS_NOSUID | ksys.MS_NODEV | ksys.MS_NOEXEC | ksys.MS_NOSYMFOLLOW
+    flags = linux.MS_RDONLY | linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC | linux.MS_NOSYMFOLLOW
     # Debian's kernel defaults FAT to iocharset=ascii (CONFIG_FAT_DEFAULT_IOCHARSET), whose NLS
     # module images do not carry; name the charsets the image has (nls_utf8, nls_cp437). FAT has
     # no symlinks, FIFOs or devices; on iso9660 only Rock Ridge brings them, and `norock` leaves
     # its extensions unread (agent.env is an 8.3 name, which plain ISO 9660 and Joliet carry).
     options = {"vfat": "iocharset=utf8,codepage=437", "iso9660": "norock"}.get(fstype)
     try:
-        ksys.mount(dev, mountpoint, fstype, flags, options)
+        linux.mount(dev, mountpoint, fstype, flags, options)
     except OSError as e:
         raise ConfigError(
             f"the config disk {dev} ({fstype}) cannot be mounted: {os.strerror(e.errno or 0)}"
@@ -456,7 +436,7 @@ def read_config_disk(
     try:
         return read_env_file(mountpoint, dev)
     finally:
-        ksys.umount(mountpoint, ksys.MNT_DETACH)
+        linux.umount(mountpoint, linux.MNT_DETACH)
 
 
 _FILE_TYPES = (
@@ -512,191 +492,22 @@ def read_env_file(directory: str, dev: str) -> bytes:
         os.close(fd)
 
 
-# --- cloud metadata ---
-
-METADATA_HOST = "169.254.169.254"
-GCE_PATH = "/computeMetadata/v1/instance/attributes/ee-config"
-AZURE_USERDATA_PATH = "/metadata/instance/compute/userData?api-version=2021-01-01&format=text"
-AZURE_CUSTOMDATA_PATH = "/metadata/instance/compute/customData?api-version=2019-02-01&format=text"
-
-
-@record
-class Fetch:
-    """How hard to try a metadata server: short per-request timeout, a few attempts."""
-
-    host: str = METADATA_HOST
-    port: int = 80
-    timeout: float = 2.0
-    attempts: int = 3
-    backoff: float = 0.5
-
-
-def _connection(fetch: Fetch) -> Any:
-    import http.client
-    import socket
-
-    class Connection(http.client.HTTPConnection):
-        """Connects to the numeric address itself: socket.create_connection() would go through
-        getaddrinfo(), which encodes every str host with the idna codec, and the image's trimmed
-        standard library does not carry it (nor does a metadata IP need a resolver)."""
-
-        def connect(self) -> None:
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-            sock.settimeout(self.timeout)
-            try:
-                sock.connect((self.host, self.port))
-            except BaseException:
-                sock.close()
-                raise
-            self.sock = sock
-
-    return Connection(fetch.host, fetch.port, timeout=fetch.timeout)
-
-
-def http_get(
-    fetch: Fetch, path: str, headers: dict[str, str]
-) -> tuple[int, dict[str, str], bytes] | None:
-    """GET with bounded retries; None when the server never answered (absent source)."""
-    return http_request(fetch, "GET", path, headers)
-
-
-def http_request(
-    fetch: Fetch,
-    method: str,
-    path: str,
-    headers: dict[str, str],
-    *,
-    body: bytes | None = None,
-    limit: int = MAX_FILE * 2 + 1,
-) -> tuple[int, dict[str, str], bytes] | None:
-    """One HTTP request with bounded retries (connection errors and 5xx answers); None when the
-    server never answered. At most `limit` bytes of the answer are read."""
-    import http.client
-
-    delay = fetch.backoff
-    for attempt in range(fetch.attempts):
-        conn = _connection(fetch)
-        try:
-            conn.request(method, path, body=body, headers=headers)
-            resp = conn.getresponse()
-            body_read = resp.read(limit)
-            status = resp.status
-            got = {k.lower(): v for k, v in resp.getheaders()}
-            if status >= 500 and attempt + 1 < fetch.attempts:
-                time.sleep(delay)
-                delay *= 2
-                continue
-            return status, got, body_read
-        except (OSError, http.client.HTTPException):
-            if attempt + 1 < fetch.attempts:
-                time.sleep(delay)
-                delay *= 2
-        finally:
-            conn.close()
-    return None
-
-
-def read_gce(fetch: Fetch) -> bytes | None:
-    answer = http_get(fetch, GCE_PATH, {"Metadata-Flavor": "Google"})
-    if answer is None:
-        return None
-    status, headers, body = answer
-    if status == 404:
-        return None
-    if status != 200:
-        raise ConfigError(f"{Source.GCE}: the metadata server answered HTTP {status} for ee-config")
-    # The real server marks its answers; anything else on that address is not the metadata server.
-    if headers.get("metadata-flavor") != "Google":
-        raise ConfigError(f"{Source.GCE}: the answer lacks the 'Metadata-Flavor: Google' header")
-    return body
-
-
-def _read_azure(fetch: Fetch, path: str, source: Source) -> bytes | None:
-    answer = http_get(fetch, path, {"Metadata": "true"})
-    if answer is None:
-        return None
-    status, _headers, body = answer
-    if status == 404:
-        return None
-    if status != 200:
-        raise ConfigError(f"{source}: IMDS answered HTTP {status}")
-    text = body.strip()
-    if not text:
-        return None  # IMDS answers 200 with an empty body when nothing was provided
-    try:
-        import base64  # Azure only
-
-        return base64.b64decode(text, validate=True)
-    except ValueError:
-        raise ConfigError(f"{source}: the IMDS answer is not base64") from None
-
-
-def read_azure(fetch: Fetch) -> tuple[Source, bytes] | None:
-    """userData first; customData only when userData is empty or absent."""
-    data = _read_azure(fetch, AZURE_USERDATA_PATH, Source.AZURE_USERDATA)
-    if data is not None:
-        return Source.AZURE_USERDATA, data
-    data = _read_azure(fetch, AZURE_CUSTOMDATA_PATH, Source.AZURE_CUSTOMDATA)
-    if data is not None:
-        return Source.AZURE_CUSTOMDATA, data
-    return None
-
-
-# --- the whole collection, as PID 1 runs it ---
-
-
-class Sources(enum.StrEnum):
-    """Source names a profile lists in image.json's boot-config sources."""
-
-    CMDLINE = "cmdline"
-    DISK = "config-disk"
-    GCE = "gce"
-    AZURE = "azure"
-
-    @classmethod
-    def parse(cls, names: Iterable[str]) -> tuple[Sources, ...]:
-        aliases = {"disk": cls.DISK, "gce-metadata": cls.GCE, "azure-imds": cls.AZURE}
-        out = []
-        for name in names:
-            try:
-                out.append(aliases.get(name) or cls(name))
-            except ValueError:
-                raise ConfigError(f"image.json names an unknown boot-config source {name!r}") from None
-        return tuple(out)
+# --- what PID 1 reads before the network (eemini.guest.metadata reads the rest) ---
 
 
 def collect_local(
     cmdline: Cmdline,
-    sources: Sequence[Sources],
+    sources: Sequence[ConfigSource],
     log: Callable[[str], None],
     prepare_mount: Callable[[str], object] | None = None,
 ) -> list[Setting]:
     settings: list[Setting] = []
-    if Sources.CMDLINE in sources:
+    if ConfigSource.CMDLINE in sources:
         settings += cmdline_settings(cmdline)
-    if Sources.DISK in sources:
+    if ConfigSource.CONFIG_DISK in sources:
         data = read_config_disk(prepare=prepare_mount)
         if data is None:
             log("boot config: no config disk")
         else:
-            settings += parse_env(data, Source.DISK)
-    return settings
-
-
-def collect_remote(
-    sources: Sequence[Sources], fetch: Fetch, log: Callable[[str], None]
-) -> list[Setting]:
-    settings: list[Setting] = []
-    if Sources.GCE in sources:
-        data = read_gce(fetch)
-        if data is None:
-            log("boot config: no GCE ee-config attribute")
-        else:
-            settings += parse_env(data, Source.GCE)
-    if Sources.AZURE in sources:
-        found = read_azure(fetch)
-        if found is None:
-            log("boot config: no Azure userData/customData")
-        else:
-            settings += parse_env(found[1], found[0])
+            settings += parse_env(data, ConfigSource.CONFIG_DISK)
     return settings

@@ -9,8 +9,6 @@ PID 1 event loop's timers through `Renewer`.
 
 from __future__ import annotations
 
-# The socket module's C core: socket.py wraps it in enums and imports selectors (boot time
-# under emulation), and this module needs neither.
 import _socket
 import enum
 import ipaddress
@@ -23,7 +21,7 @@ from collections.abc import Callable
 from eemini.guest.record import field, record
 
 TYPE_CHECKING = False
-if TYPE_CHECKING:  # typing is for the type checker only: importing it costs boot time
+if TYPE_CHECKING:
     from typing import Any, Protocol
 
 SERVER_PORT = 67
@@ -356,7 +354,7 @@ class Client:
         return reply
 
     def _new_xid(self) -> None:
-        # Uniform over 32 bits, from the kernel CSPRNG (the random module costs boot time).
+        # Uniform over 32 bits, from the kernel CSPRNG.
         self.xid = int.from_bytes(os.urandom(4), "big")
 
     def acquire(self, timeout: float = 30.0, attempts: int = 4, first_wait: float = 1.0) -> Lease:
@@ -396,7 +394,7 @@ class Client:
         raise DhcpError(f"no DHCP lease on {self.ifname} after {attempts} attempts: {last_problem}")
 
 
-if TYPE_CHECKING:  # a Protocol is for the type checker; at runtime annotations are strings
+if TYPE_CHECKING:
 
     class Timers(Protocol):
         """What `Renewer` needs from the event loop (eemini.guest.loop offers these)."""

@@ -15,6 +15,12 @@ from collections.abc import Callable
 
 from eemini.guest.record import record
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+    from eemini.guest.bootconfig import Setting
+
 
 @record
 class Event:
@@ -43,12 +49,12 @@ def sha384_digest(data: bytes) -> str:
 class EventLog:
     """An append-only, ordered list of events; thread-safe."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_append: Callable[[Event], None] | None = None) -> None:
         self._lock = threading.Lock()
         self._events: list[Event] = []
         self._sealed = False
         # Called under the lock with each new event before it becomes visible (RTMR3 extension).
-        self.on_append: Callable[[Event], None] | None = None
+        self.on_append = on_append
 
     def append(self, kind: str, source: str, key: str, digest: str) -> Event:
         """Append one event; raises RuntimeError after `seal()`."""
@@ -68,16 +74,31 @@ class EventLog:
         """Append an event whose digest is SHA-384 of `data` (the value itself is not kept)."""
         return self.append(kind, source, key, sha384_digest(data))
 
+    def record_boot(
+        self,
+        source: str,
+        spec_json: bytes,
+        workload: tuple[str, bytes] | None,
+        settings: Iterable[Setting] = (),
+        *,
+        sealed_by: str,
+    ) -> None:
+        """What the runtime accepted before the workload starts, in order: the spec, the workload
+        binary (path and bytes; None when it cannot be read), each accepted boot-config value;
+        then the separator."""
+        self.append_data("spec", source, "spec.json", spec_json)
+        if workload is not None:
+            self.append_data("workload", source, *workload)
+        for s in settings:
+            self.append("config", str(s.source), s.key, s.digest)
+        self.seal(sealed_by)
+
     def seal(self, source: str = "runtime") -> Event:
         """Append the separator; later appends are refused."""
         with self._lock:
             event = self._append_locked("separator", source, "", sha384_digest(b""))
             self._sealed = True
             return event
-
-    @property
-    def sealed(self) -> bool:
-        return self._sealed
 
     def events(self) -> list[Event]:
         with self._lock:

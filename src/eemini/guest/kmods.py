@@ -24,7 +24,7 @@ import os
 import threading
 import time
 
-from eemini.guest import sys as ksys
+from eemini.guest import linux as ksys
 from eemini.guest.record import record
 
 TYPE_CHECKING = False

@@ -37,9 +37,6 @@ class LogBuffer:
         self._seq = 0
         self.dropped = 0
 
-    def __len__(self) -> int:
-        return len(self._lines)
-
     @property
     def size(self) -> int:
         return self._bytes

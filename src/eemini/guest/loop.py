@@ -12,7 +12,7 @@ context.
 
 The loop uses `select.epoll` directly, as `selectors.EpollSelector` would (level-triggered; a
 hang-up or error wakes both the reader and the writer of the fd): the guest and dev mode run on
-Linux only, and the selectors module costs boot time under emulation.
+Linux only.
 """
 
 from __future__ import annotations
@@ -249,7 +249,7 @@ class EventLoop:
             callback()
         except Exception:
             # A bug in one callback must not take PID 1 down with it.
-            import traceback  # only on this path: it imports textwrap and more (boot time)
+            import traceback
 
             print("eemini: error in event loop callback:", file=sys.stderr)
             traceback.print_exc(file=sys.stderr)

@@ -7,8 +7,6 @@ for an ACK so a failure comes back as an errno, raised as OSError naming the ope
 
 from __future__ import annotations
 
-# The socket module's C core: socket.py wraps it in enums and imports selectors (boot time
-# under emulation), and this module needs neither.
 import _socket
 import errno
 import ipaddress
@@ -27,7 +25,6 @@ NLM_F_ROOT = 0x100
 NLM_F_MATCH = 0x200
 NLM_F_DUMP = NLM_F_ROOT | NLM_F_MATCH
 NLM_F_REPLACE = 0x100
-NLM_F_EXCL = 0x200
 NLM_F_CREATE = 0x400
 NLMSG_ERROR = 2
 NLMSG_DONE = 3
@@ -37,28 +34,23 @@ RTM_NEWLINK = 16
 RTM_GETLINK = 18
 RTM_NEWADDR = 20
 RTM_DELADDR = 21
-RTM_GETADDR = 22
 RTM_NEWROUTE = 24
-RTM_GETROUTE = 26
 RT_TABLE_MAIN = 254
 RTPROT_BOOT = 3
 RTPROT_STATIC = 4
 RTPROT_DHCP = 16
 RT_SCOPE_UNIVERSE = 0
 RT_SCOPE_LINK = 253
-RT_SCOPE_HOST = 254
 RTN_UNICAST = 1
 RTA_DST = 1
 RTA_OIF = 4
 RTA_GATEWAY = 5
-RTA_PRIORITY = 6
 RTA_PREFSRC = 7
 
 # <linux/if_link.h>
 IFLA_ADDRESS = 1
 IFLA_IFNAME = 3
 IFLA_MTU = 4
-IFLA_OPERSTATE = 16
 
 # <linux/if_addr.h>
 IFA_ADDRESS = 1
@@ -69,12 +61,9 @@ IFA_F_PERMANENT = 0x80
 # <linux/if.h>
 IFF_UP = 0x1
 IFF_LOOPBACK = 0x8
-IFF_RUNNING = 0x40
-IFF_LOWER_UP = 0x10000
 
 # <linux/if_arp.h>
 ARPHRD_ETHER = 1
-ARPHRD_LOOPBACK = 772
 
 _NLMSGHDR = struct.Struct("=IHHII")  # len, type, flags, seq, pid
 _IFINFOMSG = struct.Struct("=BxHiII")  # family, type, index, flags, change
@@ -115,27 +104,6 @@ class Link:
     flags: int
     mac: bytes
     mtu: int
-
-    @property
-    def is_up(self) -> bool:
-        return bool(self.flags & IFF_UP)
-
-    @property
-    def carrier(self) -> bool:
-        return bool(self.flags & IFF_LOWER_UP)
-
-
-@record
-class Address:
-    index: int
-    address: ipaddress.IPv4Interface
-
-
-@record
-class Route:
-    dst: ipaddress.IPv4Network
-    gateway: ipaddress.IPv4Address | None
-    oif: int
 
 
 class Netlink:
@@ -236,23 +204,6 @@ class Netlink:
         body += attr(IFA_LOCAL, iface.ip.packed)
         self.request(RTM_DELADDR, 0, body, f"delete address {iface}")
 
-    def addresses(self, index: int | None = None) -> list[Address]:
-        out = []
-        body = _IFADDRMSG.pack(_socket.AF_INET, 0, 0, 0, 0)
-        for kind, msg in self.request(RTM_GETADDR, NLM_F_DUMP, body, "list addresses"):
-            if kind != RTM_NEWADDR:
-                continue
-            family, prefixlen, _flags, _scope, ifindex = _IFADDRMSG.unpack_from(msg)
-            if family != _socket.AF_INET or (index is not None and ifindex != index):
-                continue
-            attrs = parse_attrs(msg[_IFADDRMSG.size :])
-            raw = attrs.get(IFA_LOCAL) or attrs.get(IFA_ADDRESS)
-            if raw:
-                out.append(
-                    Address(ifindex, ipaddress.IPv4Interface((ipaddress.IPv4Address(raw), prefixlen)))
-                )
-        return out
-
     # --- routes ---
 
     def add_route(
@@ -277,22 +228,6 @@ class Netlink:
         body += attr(RTA_OIF, struct.pack("=i", index))
         via = f" via {gateway}" if gateway else ""
         self.request(RTM_NEWROUTE, NLM_F_CREATE | NLM_F_REPLACE, body, f"add route {dst}{via}")
-
-    def routes(self) -> list[Route]:
-        out = []
-        body = _RTMSG.pack(_socket.AF_INET, 0, 0, 0, 0, 0, 0, 0, 0)
-        for kind, msg in self.request(RTM_GETROUTE, NLM_F_DUMP, body, "list routes"):
-            if kind != RTM_NEWROUTE:
-                continue
-            family, dst_len, _s, _t, table, _p, _sc, rtype, _f = _RTMSG.unpack_from(msg)
-            if family != _socket.AF_INET or table != RT_TABLE_MAIN or rtype != RTN_UNICAST:
-                continue
-            attrs = parse_attrs(msg[_RTMSG.size :])
-            dst = ipaddress.IPv4Address(attrs.get(RTA_DST, b"\0\0\0\0"))
-            gw = ipaddress.IPv4Address(attrs[RTA_GATEWAY]) if RTA_GATEWAY in attrs else None
-            oif = struct.unpack("=i", attrs[RTA_OIF])[0] if RTA_OIF in attrs else 0
-            out.append(Route(ipaddress.IPv4Network((dst, dst_len)), gw, oif))
-        return out
 
 
 def first_nic(links: list[Link]) -> Link | None:

@@ -1,9 +1,10 @@
 """PID 1 of an EasyEnclave Mini image.
 
 The kernel runs `/init`, which calls `main()`. The order is DESIGN.md's: mount the API
-filesystems, console, the command line check (production images), kernel modules (build-time
-order), cmdline, boot token, network, boot config, attestation (a production image's trial
-quote), runtime event log, control socket, workload, supervise. Boot config from the cmdline and
+filesystems, console, the image facts (eemini.guest.image) and the command line check (production
+images), kernel modules (build-time order), cmdline, boot token, network (eemini.guest.net), boot
+config, attestation (a production image's trial quote), runtime event log, control socket,
+workload, supervise. Boot config from the cmdline and
 the config disk is read before the network (it may hold the static network keys); metadata-server
 config after it.
 
@@ -21,43 +22,57 @@ import signal
 import sys
 import time
 
-from eemini.guest import kmods
-from eemini.guest import sys as ksys
+from eemini.guest import kmods, linux
+from eemini.guest.image import (
+    IMAGE_JSON,
+    SOCKET,
+    SPEC_JSON,
+    Attestation,
+    ConfigSource,
+    ImageError,
+    ImageFacts,
+)
 from eemini.guest.record import record
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Any, NoReturn
+    from collections.abc import Mapping, Sequence
+    from typing import NoReturn
+
+    from eemini.guest.attest import Backend
+    from eemini.guest.bootconfig import Cmdline, Setting
+    from eemini.guest.events import EventLog
+    from eemini.guest.loop import EventLoop
+    from eemini.guest.net import Uplink
+    from eemini.guest.power import PowerWatch
+    from eemini.guest.rtmr import RuntimeMeasurer
+    from eemini.guest.spec import EnclaveSpec
 
 MountSpec = tuple[str, str, str, int, str | None]
 
 # (source, target, fstype, flags, options): the API filesystems, in the order they are needed.
 EARLY_MOUNTS: tuple[MountSpec, ...] = (
-    ("proc", "/proc", "proc", ksys.MS_NOSUID | ksys.MS_NODEV | ksys.MS_NOEXEC, None),
-    ("sysfs", "/sys", "sysfs", ksys.MS_NOSUID | ksys.MS_NODEV | ksys.MS_NOEXEC, None),
-    ("devtmpfs", "/dev", "devtmpfs", ksys.MS_NOSUID, "mode=0755"),
+    ("proc", "/proc", "proc", linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC, None),
+    ("sysfs", "/sys", "sysfs", linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC, None),
+    ("devtmpfs", "/dev", "devtmpfs", linux.MS_NOSUID, "mode=0755"),
     (
         "devpts",
         "/dev/pts",
         "devpts",
-        ksys.MS_NOSUID | ksys.MS_NOEXEC,
+        linux.MS_NOSUID | linux.MS_NOEXEC,
         "newinstance,ptmxmode=0666,mode=0620",
     ),
-    ("tmpfs", "/run", "tmpfs", ksys.MS_NOSUID | ksys.MS_NODEV, "mode=0755"),
-    ("tmpfs", "/tmp", "tmpfs", ksys.MS_NOSUID | ksys.MS_NODEV, "mode=1777"),
+    ("tmpfs", "/run", "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, "mode=0755"),
+    ("tmpfs", "/tmp", "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, "mode=1777"),
 )
 # configfs may be a module (CONFIG_CONFIGFS_FS=m in Debian's cloud kernel): mounted after modules.
 CONFIGFS: MountSpec = (
     "configfs",
     "/sys/kernel/config",
     "configfs",
-    ksys.MS_NOSUID | ksys.MS_NODEV | ksys.MS_NOEXEC,
+    linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC,
     None,
 )
-CCEL = "/sys/firmware/acpi/tables/data/CCEL"
-# The backends of production images: they take a trial quote and run only with the UKI's cmdline.
-PRODUCTION_ATTESTATION = ("configfs-tsm", "azure-tdx-vtpm")
-NIC_WAIT = 5.0  # drivers probe asynchronously after their module loads
 GRACE_KILL = 2.0  # leftover processes at power-off: SIGTERM, this long, then SIGKILL
 
 
@@ -82,11 +97,11 @@ class Refusal(BootFailure):
 class Paths:
     """Where PID 1 reads its inputs; fixed in the image, moved only by tests."""
 
-    image_json: str = "/etc/eemini/image.json"
-    spec_json: str = "/etc/eemini/spec.json"
+    image_json: str = IMAGE_JSON
+    spec_json: str = SPEC_JSON
     cmdline: str = "/proc/cmdline"
     tsm_report: str = "/sys/kernel/config/tsm/report"  # eemini.guest.attest.TSM_REPORT_ROOT
-    socket: str = "/var/lib/easyenclave/agent.sock"
+    socket: str = SOCKET
     resolv_conf: str = "/etc/resolv.conf"
     sys_input: str = "/sys/class/input"
     dev_input: str = "/dev/input"
@@ -127,7 +142,7 @@ def mount_all(mounts: tuple[MountSpec, ...]) -> None:
         os.makedirs(target, exist_ok=True)
         if os.path.ismount(target):
             continue  # the kernel (devtmpfs.mount=1) or a test harness did it already
-        ksys.mount(source, target, fstype, flags, options)
+        linux.mount(source, target, fstype, flags, options)
 
 
 def open_console(cmdline_text: str) -> None:
@@ -151,9 +166,8 @@ def open_console(cmdline_text: str) -> None:
 
 def preload_runtime() -> None:
     """Import what the rest of the boot needs while the module loader thread works."""
-    import eemini.guest.dhcp
     import eemini.guest.events
-    import eemini.guest.netlink
+    import eemini.guest.net
     import eemini.guest.power
     import eemini.guest.runtime  # noqa: F401
 
@@ -179,14 +193,14 @@ def power_off(reason: str) -> NoReturn:
     """Stop what is left, sync, and power off. Never returns; if even reboot(2) fails, sleep
     forever rather than exit (an exiting init is a kernel panic)."""
     console(f"powering off ({reason})")
-    for step in (kill_everything, ksys.sync):
+    for step in (kill_everything, os.sync):
         try:
             step()
         except BaseException as e:  # PID 1 must get to reboot(2) no matter what
             console(f"power-off step {step.__name__} failed: {e}")
     while True:
         try:
-            ksys.reboot(ksys.LINUX_REBOOT_CMD_POWER_OFF)
+            linux.reboot(linux.LINUX_REBOOT_CMD_POWER_OFF)
         except BaseException as e:
             console(f"power-off failed: {e}")
         try:
@@ -195,24 +209,21 @@ def power_off(reason: str) -> NoReturn:
             pass
 
 
-def write_resolv_conf(path: str, dns: tuple[Any, ...], domain: str | None) -> None:
-    # /etc lives in the initramfs, which is the tmpfs root: nothing here reaches a disk.
-    lines = [f"search {domain}"] if domain else []
-    lines += [f"nameserver {d}" for d in dns]
-    with open(path, "w") as f:
-        f.write("".join(line + "\n" for line in lines))
+def image_facts(doc: object) -> ImageFacts:
+    try:
+        return ImageFacts.from_dict(doc)
+    except ImageError as e:
+        raise BootFailure(f"image.json: {e}") from None
 
 
-def check_cmdline(image: dict[str, Any], cmdline_text: str) -> None:
+def check_cmdline(image: ImageFacts, cmdline_text: str) -> None:
     """A production image runs only with the command line built into its UKI.
 
     With Secure Boot off (the UKI is unsigned) systemd-stub passes the boot entry's LoadOptions
     instead of `.cmdline`, so the host could hand the kernel any command line. The builder records
     what the stub passes on from `.cmdline` as image.json `cmdline`; /proc/cmdline is the kernel's
     copy with a newline added."""
-    expected = image.get("cmdline")
-    if not isinstance(expected, str):
-        raise BootFailure("image.json: cmdline (the UKI's built-in command line) must be a string")
+    expected = image.cmdline
     from eemini.guest.bootconfig import KERNEL_SPACES
 
     # Trailing bytes the kernel takes for spaces only (str.rstrip() would also drop \x1c, U+2028 ...,
@@ -226,11 +237,12 @@ def check_cmdline(image: dict[str, Any], cmdline_text: str) -> None:
         )
 
 
-def trial_quote(backend: Any) -> int:
+def trial_quote(backend: Backend) -> int:
     """One quote through the real path (configfs-tsm: entry, provider, inblob, outblob,
     generation, self-check, removal; Azure: user data, HCL report, TD quote, vTPM quote, every
     self-check) for fresh random report data; its size, or Refusal saying why there is none."""
-    from eemini.guest.attest import REPORT_DATA_SIZE, AttestError
+    from eemini.guest.attest import AttestError
+    from eemini.guest.quote_layout import REPORT_DATA_SIZE
 
     try:
         return len(backend.quote(os.getrandom(REPORT_DATA_SIZE)))
@@ -259,9 +271,7 @@ class Boot:
     def __init__(self, paths: Paths, started: float | None = None) -> None:
         self.paths = paths
         self.timeline = Timeline(started)
-        self.dhcp_client: Any = None
-        self.lease: Any = None
-        self.nic: Any = None
+        self.uplink: Uplink | None = None
 
     def run(self) -> None:
         from eemini.guest import bootconfig
@@ -274,21 +284,16 @@ class Boot:
         try:
             # Ctrl-Alt-Del becomes SIGINT to us instead of an immediate reboot. (EINVAL inside a
             # PID namespace, where the kernel offers only the power commands.)
-            ksys.set_ctrl_alt_del(False)
+            linux.ctrl_alt_del_to_init()
         except OSError:
             pass
-        image = self.read_json(self.paths.image_json, "image facts")
-        if image.get("attestation") in PRODUCTION_ATTESTATION:
+        image = image_facts(self.read_json(self.paths.image_json, "image facts"))
+        if image.attestation.production:
             check_cmdline(image, cmdline_text)
-        modules = image.get("modules", [])
-        if not isinstance(modules, list) or not all(isinstance(m, str) for m in modules):
-            raise BootFailure(f"{self.paths.image_json}: modules must be a list of paths")
         # Modules load on a thread (finit_module runs without the GIL) while this one reads the
         # spec and imports the rest of the runtime: drivers' probe waits overlap Python work.
-        facts = image.get("module_facts")
-        if facts is not None and not isinstance(facts, dict):
-            raise BootFailure(f"{self.paths.image_json}: module_facts must be an object")
-        loader = kmods.ModuleLoader(kmods.plan(modules, facts, kmods.device_modaliases()), console)
+        plan = kmods.plan(list(image.modules), image.module_facts, kmods.device_modaliases())
+        loader = kmods.ModuleLoader(plan, console)
         loader.start()
         try:
             cmdline = bootconfig.parse_cmdline(cmdline_text)
@@ -297,26 +302,28 @@ class Boot:
         # The boot token: 32 bytes from the kernel CSPRNG (getrandom(2) blocks until it is seeded).
         token = os.getrandom(32).hex()
         spec_bytes, spec = self.load_spec()
-        sources = self.config_sources(image)
         preload_runtime()
         loader.wait_boot()
         self.timeline.mark("modules")
         console(self.modules_line(loader))
         # configfs-tsm needs configfs before the control socket serves; a simulated image mounts
         # it once the workload has started; an Azure image has no use for it.
-        if image.get("attestation") == "configfs-tsm":
+        if image.attestation is Attestation.CONFIGFS_TSM:
             self.mount_configfs(loader)
         allow = spec.workload.allow_env
         try:
-            local = bootconfig.collect_local(cmdline, sources, console, loader.require_fs)
+            local = bootconfig.collect_local(cmdline, image.config_sources, console, loader.require_fs)
             static = bootconfig.apply_policy(local, allow).network
         except bootconfig.ConfigError as e:
             raise BootFailure(str(e)) from None
         self.timeline.mark("local config")
-        self.network(str(image.get("network", "dhcp")), static)
+        from eemini.guest.net import Uplink
+
+        self.uplink = Uplink(self.paths.resolv_conf, console)
+        self.uplink.bring_up(image.network, static)
         self.timeline.mark("network")
         try:
-            remote = bootconfig.collect_remote(sources, bootconfig.Fetch(), console)
+            remote = self.remote_config(image.config_sources)
             config = bootconfig.apply_policy(local + remote, allow)
         except bootconfig.ConfigError as e:
             raise BootFailure(str(e)) from None
@@ -335,7 +342,7 @@ class Boot:
             events=events,
             measurer=measurer,
             loader=loader,
-            mount_configfs=image.get("attestation") == "simulated",
+            mount_configfs=image.attestation is Attestation.SIMULATED,
         )
 
     # --- steps ---
@@ -371,7 +378,7 @@ class Boot:
             return ""
 
     @staticmethod
-    def read_json(path: str, what: str) -> dict[str, Any]:
+    def read_json(path: str, what: str) -> dict[str, object]:
         try:
             with open(path, "rb") as f:
                 data = json.loads(f.read())
@@ -383,7 +390,7 @@ class Boot:
             raise BootFailure(f"the {what} {path} is not a JSON object")
         return data
 
-    def load_spec(self) -> tuple[bytes, Any]:
+    def load_spec(self) -> tuple[bytes, EnclaveSpec]:
         from eemini.guest import spec as guest_spec
 
         try:
@@ -398,108 +405,32 @@ class Boot:
             raise BootFailure(f"the enclave spec {self.paths.spec_json} is invalid: {e}") from None
 
     @staticmethod
-    def config_sources(image: dict[str, Any]) -> tuple[Any, ...]:
+    def remote_config(sources: Sequence[ConfigSource]) -> list[Setting]:
+        """Boot config from the metadata server, for an image whose profile names one (only
+        those images carry the metadata client's HTTP client)."""
+        if all(source.local for source in sources):
+            return []
+        from eemini.guest import metadata
+
+        return metadata.collect(sources, metadata.Fetch(), console)
+
+    def backend(self, image: ImageFacts, cmdline: Cmdline) -> tuple[Backend, RuntimeMeasurer]:
         from eemini.guest import bootconfig
 
-        names = image.get("config_sources", [])
-        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-            raise BootFailure("image.json: config_sources must be a list of names")
-        try:
-            return bootconfig.Sources.parse(names)
-        except bootconfig.ConfigError as e:
-            raise BootFailure(str(e)) from None
-
-    def network(self, mode: str, static: Any) -> None:
-        from eemini.guest import dhcp, netlink
-
-        with netlink.Netlink() as nl:
-            nl.set_link(nl.link("lo").index, up=True)
-            if mode == "none":
-                console("network: none (this image has no network)")
-                return
-            if mode != "dhcp":
-                raise BootFailure(f"image.json: unknown network mode {mode!r} (dhcp or none)")
-            nic = netlink.wait_for_nic(nl, NIC_WAIT)
-            if nic is None:
-                console(
-                    f"network: no network interface appeared within {NIC_WAIT:.0f} s; going on without"
-                )
-                return
-            self.nic = nic
-            nl.set_link(nic.index, up=True)
-            if static is not None:
-                netlink.configure(
-                    nl, nic, static.address, static.gateway, protocol=netlink.RTPROT_STATIC
-                )
-                write_resolv_conf(self.paths.resolv_conf, static.dns, None)
-                via = f" via {static.gateway}" if static.gateway else ""
-                console(f"network: {nic.name} {static.address}{via} (static, from boot config)")
-                return
-            start = time.monotonic()
-            client = dhcp.Client(nic.name, nic.mac)
-            try:
-                lease = client.acquire(timeout=30.0, attempts=5)
-            except (dhcp.DhcpError, OSError) as e:
-                client.close()
-                console(f"network: {e}; going on without an address")
-                return
-            self.apply_lease(nl, lease)
-            self.dhcp_client, self.lease = client, lease
-            via = f"via {lease.router}" if lease.router else "(no router)"
-            dns = ",".join(map(str, lease.dns)) or "none"
-            console(
-                f"network: {nic.name} {lease.address} {via} dns {dns} (DHCP from {lease.server}, "
-                f"lease {lease.lease_time} s, {time.monotonic() - start:.2f} s)"
-            )
-
-    def apply_lease(self, nl: Any, lease: Any) -> None:
-        from eemini.guest import netlink
-
-        netlink.configure(
-            nl, self.nic, lease.address, lease.router, mtu=lease.mtu, protocol=netlink.RTPROT_DHCP
-        )
-        write_resolv_conf(self.paths.resolv_conf, lease.dns, lease.domain)
-
-    def renewed(self, lease: Any) -> None:
-        from eemini.guest import netlink
-
-        try:
-            with netlink.Netlink() as nl:
-                self.apply_lease(nl, lease)
-        except OSError as e:
-            console(f"network: applying the renewed lease failed: {e}")
-
-    def expired(self, lease: Any) -> None:
-        from eemini.guest import netlink
-
-        try:
-            with netlink.Netlink() as nl:
-                nl.delete_address(self.nic.index, lease.address)
-        except OSError as e:
-            console(f"network: removing the expired address failed: {e}")
-
-    def backend(self, image: dict[str, Any], cmdline: Any) -> tuple[Any, Any]:
-        from eemini.guest import bootconfig
-
-        kind = image.get("attestation")
-        if kind == "simulated":
+        kind = image.attestation
+        if kind is Attestation.SIMULATED:
             # Both must say so: image.json (in the initramfs) and the measured cmdline marker, so a
             # simulated image can never pass for a production one.
             if not cmdline.has(*bootconfig.DEV_MARKER):
                 raise BootFailure(
                     "image.json asks for simulated attestation but the cmdline lacks ee.dev=1"
                 )
-            from eemini.guest.simulated import SimulatedBackend
+            from eemini.guest.dev.simulated import SimulatedBackend
 
             console("attestation: simulated (local-dev image; quotes are signed by a development key)")
-            from eemini.guest.rtmr import RuntimeMeasurer
-
             simulated = SimulatedBackend()
-            # The simulated TD's RTMR3 carries the runtime log, as a Linux 6.16+ TD's does.
-            return simulated, RuntimeMeasurer(
-                extend=lambda digest: simulated.extend_rtmr(3, digest), via="simulated"
-            )
-        if kind == "configfs-tsm":
+            return simulated, simulated.rtmr3_measurer()
+        if kind is Attestation.CONFIGFS_TSM:
             from eemini.guest.attest import ConfigfsTsmBackend
             from eemini.guest.rtmr import RuntimeMeasurer
 
@@ -515,7 +446,7 @@ class Boot:
                 )
             )
             return backend, measurer
-        if kind == "azure-tdx-vtpm":
+        if kind is Attestation.AZURE_TDX_VTPM:
             from eemini.guest import azure
             from eemini.guest.rtmr import RuntimeMeasurer
 
@@ -535,39 +466,40 @@ class Boot:
             )
             report_ready()
             return vtpm, measurer
-        raise BootFailure(f"image.json: unknown attestation backend {kind!r}")
+        raise BootFailure(f"image.json: no attestation backend for {kind}")
 
     @staticmethod
-    def event_log(spec_bytes: bytes, workload_path: str, settings: Any, measurer: Any) -> Any:
+    def event_log(
+        spec_bytes: bytes,
+        workload_path: str,
+        settings: Sequence[Setting],
+        measurer: RuntimeMeasurer,
+    ) -> EventLog:
         from eemini.guest.events import EventLog
 
-        events = EventLog()
-        if measurer is not None:
-            events.on_append = measurer.on_append
-        events.append_data("spec", "image", "spec.json", spec_bytes)
         try:
             with open(workload_path, "rb") as f:
-                events.append_data("workload", "image", workload_path, f.read())
+                workload = f.read()
         except OSError as e:
             raise BootFailure(f"cannot read the workload {workload_path}: {e.strerror}") from None
-        for s in settings:
-            events.append("config", str(s.source), s.key, s.digest)
-        events.seal("pid1")
+        events = EventLog(measurer.on_append)
+        events.record_boot("image", spec_bytes, (workload_path, workload), settings, sealed_by="pid1")
         return events
 
     def serve(
         self,
-        spec: Any,
+        spec: EnclaveSpec,
         token: str,
-        backend: Any,
+        backend: Backend,
         *,
-        image: Any,
-        env: Any,
-        events: Any,
-        measurer: Any = None,
+        image: ImageFacts,
+        env: Mapping[str, str],
+        events: EventLog,
+        measurer: RuntimeMeasurer | None = None,
         loader: kmods.ModuleLoader | None = None,
         mount_configfs: bool = False,
     ) -> None:
+        from eemini.guest.attest import CCEL_PATH
         from eemini.guest.power import PowerWatch
         from eemini.guest.runtime import Runtime, RuntimeConfig
 
@@ -579,22 +511,13 @@ class Boot:
             image=image,
             extra_env=env,
             console_fd=2,
-            ccel_path=CCEL if os.path.exists(CCEL) else None,
+            ccel_path=CCEL_PATH if os.path.exists(CCEL_PATH) else None,
         )
         runtime = Runtime(config, events=events, on_poweroff=power_off, measurer=measurer)
         watch = PowerWatch(runtime.loop, runtime.shutdown, console)
         watch.install_signals()
-        if self.dhcp_client is not None:
-            from eemini.guest.dhcp import Renewer
-
-            Renewer(
-                self.dhcp_client,
-                self.lease,
-                runtime.loop,
-                on_lease=self.renewed,
-                on_expired=self.expired,
-                log=console,
-            ).start()
+        if self.uplink is not None:
+            self.uplink.keep(runtime.loop)
         runtime.start()
         self.timeline.mark("workload")
         console(
@@ -616,7 +539,7 @@ class Boot:
         # The loop only returns if something stopped it without powering off.
         raise BootFailure("the event loop ended")
 
-    def watch_buttons(self, watch: Any, loop: Any, retries: int) -> None:
+    def watch_buttons(self, watch: PowerWatch, loop: EventLoop, retries: int) -> None:
         """The button/evdev devices may appear a moment after their modules load: look again."""
         count = watch.watch_buttons(self.paths.sys_input, self.paths.dev_input)
         if count:
@@ -638,7 +561,7 @@ def main(paths: Paths | None = None, started: float | None = None) -> NoReturn:
     except BaseException as e:  # PID 1 logs everything and powers off
         console(f"fatal: {type(e).__name__}: {e}")
         try:
-            import traceback  # only on this path: it is not a light import
+            import traceback
 
             traceback.print_exc()
         except BaseException:  # noqa: S110 (the power-off must follow)

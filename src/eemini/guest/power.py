@@ -15,7 +15,7 @@ from collections.abc import Callable
 from eemini.guest.record import record
 
 TYPE_CHECKING = False
-if TYPE_CHECKING:  # typing is for the type checker only: importing it costs boot time
+if TYPE_CHECKING:
     from typing import Protocol
 
 # <linux/input-event-codes.h>
@@ -77,7 +77,7 @@ def find_power_buttons(sys_input: str = "/sys/class/input") -> list[str]:
     return found
 
 
-if TYPE_CHECKING:  # a Protocol is for the type checker; at runtime annotations are strings
+if TYPE_CHECKING:
 
     class Loop(Protocol):
         def add_reader(self, fd: int, callback: Callable[[], None]) -> None: ...

@@ -1,7 +1,7 @@
 """Frozen record classes for the guest, declared like frozen dataclasses.
 
-`dataclasses` imports `inspect` (and with it `ast`, `dis`, `tokenize`) and compiles each
-class's methods with `exec`: together about a third of a second of every boot under TCG. A
+The stand-in for `dataclasses` (see the lean-import rule in eemini.guest), whose imports and
+`exec`-compiled methods cost about a third of a second of every boot under TCG. A
 `@record` class is declared the same way (annotated fields, defaults, `field(default_factory=)`,
 `__post_init__`) and behaves the same (keyword or positional construction, `==`, `hash`, `repr`,
 frozen attributes, `replace`), with shared methods instead of generated ones. Type checkers see
@@ -10,8 +10,6 @@ it as a frozen dataclass (PEP 681 `dataclass_transform`).
 
 from __future__ import annotations
 
-# typing costs more to import than this whole module: the names below are for type checkers
-# only (mypy takes TYPE_CHECKING as true; at runtime every annotation here is a string).
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable

@@ -59,9 +59,6 @@ class Rtmr3:
     def __init__(self, root: str = "/") -> None:
         self.path = os.path.join(root, MEASUREMENTS_DIR, RTMR3_FILE)
 
-    def available(self) -> bool:
-        return os.path.exists(self.path)
-
     def unavailable_reason(self) -> str | None:
         """None when RTMR3 can be extended, else a sentence saying why not."""
         if not os.path.exists(self.path):
@@ -69,13 +66,6 @@ class Rtmr3:
         if not os.access(self.path, os.W_OK):
             return f"{self.path} is not writable"
         return None
-
-    def read(self) -> bytes:
-        with open(self.path, "rb", buffering=0) as f:
-            value = f.read(RTMR_SIZE + 1)
-        if len(value) != RTMR_SIZE:
-            raise RtmrError(f"{self.path} gave {len(value)} bytes, expected {RTMR_SIZE}")
-        return value
 
     def extend(self, digest: bytes) -> None:
         """Extend RTMR3 with a 48-byte digest: one write of all 48 bytes at offset 0 (a fresh

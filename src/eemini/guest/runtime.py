@@ -17,15 +17,13 @@ from collections import deque
 from collections.abc import Callable, Mapping
 
 from eemini import __version__
-from eemini.guest.attest import (
-    REPORT_DATA_SIZE,
-    AttestError,
-    pad_report_data,
-    read_ccel,
-)
+from eemini.guest.attest import AttestError, pad_report_data, read_ccel
 from eemini.guest.events import EventLog
+from eemini.guest.image import SOCKET, ImageFacts
+from eemini.guest.linux import set_child_subreaper
 from eemini.guest.logbuf import MAX_BYTES, MAX_LINES, LogBuffer
 from eemini.guest.loop import EventLoop, ThreadStartError, WorkerThread
+from eemini.guest.quote_layout import REPORT_DATA_SIZE
 from eemini.guest.record import field, record
 from eemini.guest.rtmr import RuntimeMeasurer
 from eemini.guest.server import Limits, Method, RequestError, Server, encoded_size, error
@@ -35,18 +33,16 @@ from eemini.guest.supervisor import (
     Reaper,
     RunRecord,
     Supervisor,
-    set_child_subreaper,
     workload_env,
 )
 
 TYPE_CHECKING = False
-if TYPE_CHECKING:  # for the type checker only: typing costs boot time to import
+if TYPE_CHECKING:
     from typing import Any
 
     from eemini.guest.attest import Backend
     from eemini.guest.server import Respond
 
-DEFAULT_SOCKET = "/var/lib/easyenclave/agent.sock"
 MAX_TAIL = MAX_LINES
 # A `logs` answer without its lines: {"ok":true,"lines":[],"entries":[],"dropped":…,"omitted":…}
 # and the newline, with room for the two counts.
@@ -74,8 +70,8 @@ class RuntimeConfig:
     spec: EnclaveSpec
     token: str
     backend: Backend
-    socket_path: str = DEFAULT_SOCKET
-    image: Mapping[str, Any] | None = None  # /etc/eemini/image.json facts (None in dev mode)
+    socket_path: str = SOCKET
+    image: ImageFacts | None = None  # None in dev mode
     extra_env: Mapping[str, str] = field(default_factory=dict)  # accepted boot config
     console_fd: int | None = 2
     limits: Limits = field(default_factory=Limits)
@@ -93,13 +89,12 @@ class AttestWorker:
     def __init__(self, loop: EventLoop, backend: Backend, max_queue: int) -> None:
         self.loop = loop
         self.backend = backend
-        # A bounded queue (as queue.Queue(max_queue), which costs boot time to import): the loop
-        # thread appends, the worker thread waits on the condition and takes from the left.
+        # A bounded queue: the loop thread appends, the worker thread waits on the condition
+        # and takes from the left.
         self.max_queue = max_queue
         self._queue: deque[tuple[bytes, Callable[[Any], None]]] = deque()
         self._queued = threading.Condition()
         self._worker = WorkerThread("eemini-attest", self._work)
-        self.quotes = 0
 
     def submit(self, report_data: bytes, done: Callable[[Any], None]) -> None:
         """Queue a request; `done(quote or AttestError)` later runs on the loop thread.
@@ -130,7 +125,6 @@ class AttestWorker:
                 # A backend with more evidence than a quote (azure-tdx-vtpm) offers attest().
                 attest = getattr(self.backend, "attest", None)
                 result = attest(report_data) if attest is not None else self.backend.quote(report_data)
-                self.quotes += 1
             except AttestError as e:
                 result = e
             except Exception as e:  # a backend bug must not kill the worker
@@ -165,14 +159,14 @@ def decode_report_data(params: Mapping[str, Any]) -> bytes:
 
 def _b64(field_name: str, text: str) -> bytes:
     try:
-        # What base64.b64decode(validate=True) does on 3.13, without importing base64.
+        # What base64.b64decode(validate=True) does on 3.13.
         return binascii.a2b_base64(text.encode("ascii"), strict_mode=True)
     except (binascii.Error, UnicodeEncodeError, ValueError):
         raise RequestError(f"attest: {field_name} is not valid base64") from None
 
 
 def _b64encode(data: bytes) -> str:
-    # base64.b64encode(data).decode(), without importing base64.
+    # base64.b64encode(data).decode()
     return binascii.b2a_base64(data, newline=False).decode("ascii")
 
 
@@ -203,7 +197,7 @@ class Runtime:
             config.spec.workload,
             token=config.token,
             extra_env=config.extra_env,
-            socket_path=None if config.socket_path == DEFAULT_SOCKET else config.socket_path,
+            socket_path=None if config.socket_path == SOCKET else config.socket_path,
         )
         self.supervisor = Supervisor(
             self.loop,
@@ -448,7 +442,7 @@ class Runtime:
                 "uptime_secs": self.uptime(),
                 "spec": self.config.spec.to_dict(),
                 "spec_digest": self.spec_digest,
-                "image": None if self.config.image is None else dict(self.config.image),
+                "image": None if self.config.image is None else self.config.image.to_dict(),
                 "events": self.events.to_list(),
                 "limits": {
                     "max_line": self.config.limits.max_line,

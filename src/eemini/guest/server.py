@@ -25,8 +25,6 @@ constant time and never logged or echoed.
 
 from __future__ import annotations
 
-# The socket module's C core: socket.py wraps it in enums and imports selectors (boot time
-# under emulation), and this module needs neither.
 import _socket
 import errno
 import json
@@ -34,8 +32,8 @@ import os
 import stat
 import sys
 
-# Constant-time comparison without importing hmac (boot time): hmac.compare_digest is this very
-# function when the interpreter has no _hashlib, as in the image (OpenSSL's otherwise).
+# Constant-time comparison: hmac.compare_digest is this very function when the interpreter has
+# no _hashlib, as in the image (OpenSSL's otherwise).
 from _operator import _compare_digest as compare_digest
 from collections.abc import Mapping
 
@@ -43,7 +41,7 @@ from eemini.guest.loop import EventLoop, Timer
 from eemini.guest.record import field, record
 
 TYPE_CHECKING = False
-if TYPE_CHECKING:  # for the type checker only: typing costs boot time to import
+if TYPE_CHECKING:
     from collections.abc import Callable
     from typing import Any
 
@@ -401,9 +399,7 @@ class Server:
         # unauthenticated one is the first found.
         self.conns: dict[_Conn, None] = {}
         self.listener: _socket.socket | None = None
-        self.requests = 0
-        self.rejected_connections = 0
-        self.evicted_connections = 0
+        self.requests = 0  # served so far
         self.pending_output = 0  # bytes of answers not yet taken by their clients, all together
         self.starved: dict[_Conn, None] = {}  # held back until pending_output falls
         self._waking: Timer | None = None
@@ -485,7 +481,6 @@ class Server:
                 return
             sock.setblocking(False)
             if len(self.conns) >= self.limits.max_connections and not self._evict():
-                self.rejected_connections += 1
                 limit = self.limits.max_connections
                 try:
                     sock.send(_encode(error(f"too many connections (limit {limit}); try again", "busy")))
@@ -501,7 +496,6 @@ class Server:
         """Make room by closing the oldest connection that has not authenticated, if any."""
         for conn in self.conns:
             if not conn.authenticated:
-                self.evicted_connections += 1
                 limit = self.limits.max_connections
                 conn.drop(
                     f"connection limit ({limit}) reached: closing the oldest connection "
@@ -656,7 +650,7 @@ class Server:
         except RequestError as e:
             reply(error(str(e), e.code))
         except Exception as e:
-            import traceback  # only on this path: it imports textwrap and more (boot time)
+            import traceback
 
             print(f"eemini: control socket: {name} failed:", file=sys.stderr)
             traceback.print_exc(file=sys.stderr)

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from eemini.guest.record import field, record
 
 TYPE_CHECKING = False
-if TYPE_CHECKING:  # typing is for the type checker only: it costs boot time to import
+if TYPE_CHECKING:
     from typing import Any, TypeVar
 
     E = TypeVar("E", bound=enum.StrEnum)

@@ -8,7 +8,6 @@ PID 1 that is automatic, in dev mode `PR_SET_CHILD_SUBREAPER` makes the same cod
 
 from __future__ import annotations
 
-import ctypes
 import enum
 import errno
 import os
@@ -22,35 +21,20 @@ from eemini.guest.loop import EventLoop, ThreadStartError, Timer, WorkerThread
 from eemini.guest.record import record, replace
 from eemini.guest.spec import WorkloadSpec
 
-# From <linux/prctl.h>.
-PR_SET_CHILD_SUBREAPER = 36
-
 # Signals a spawned workload gets back at their default disposition (Python ignores SIGPIPE and
 # SIGXFSZ, and an ignored disposition survives execve).
 _SIGDEF = tuple(s for s in signal.valid_signals() if s not in (signal.SIGKILL, signal.SIGSTOP))
-
-
-def set_child_subreaper() -> None:
-    """Make orphaned descendants reparent to this process (prctl(2) PR_SET_CHILD_SUBREAPER)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    prctl = libc.prctl
-    prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
-    prctl.restype = ctypes.c_int
-    if prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"prctl(PR_SET_CHILD_SUBREAPER): {os.strerror(err)}")
 
 
 class Reaper:
     """Reaps every child on SIGCHLD and tells whoever watches a pid how it ended.
 
     PID 1 registers its own children with `watch(pid, callback)`; unwatched pids are orphans
-    reparented to us and are only counted.
+    reparented to us, reaped and forgotten.
     """
 
     def __init__(self) -> None:
         self._watch: dict[int, Callable[[int], None]] = {}
-        self.orphans_reaped = 0
 
     def watch(self, pid: int, callback: Callable[[int], None]) -> None:
         """Call `callback(wait_status)` once `pid` has been reaped."""
@@ -68,9 +52,7 @@ class Reaper:
             if pid == 0:
                 return
             callback = self._watch.pop(pid, None)
-            if callback is None:
-                self.orphans_reaped += 1
-            else:
+            if callback is not None:
                 callback(status)
 
 

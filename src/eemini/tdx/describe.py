@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from eemini.tdx.layout import AttestationKeyType, CertificationDataType, TeeType
+from eemini.guest.quote_layout import AttestationKeyType, CertificationDataType, TeeType
 from eemini.tdx.quote import EnclaveReport, Quote, report_fields
 from eemini.tdx.tcb import TcbDrift
 from eemini.tdx.verify import VerifiedQuote

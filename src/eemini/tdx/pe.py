@@ -8,7 +8,8 @@ Portable Executable Signature Format", "Calculating the PE Image Hash". This mod
 step for step, and reads sections the way the firmware's loader lays them out in memory.
 
 Layouts from the Microsoft PE format specification ("PE Format", sections "MS-DOS Stub", "COFF File
-Header", "Optional Header", "Section Table"), all little-endian.
+Header", "Optional Header", "Section Table"), all little-endian. They are described here once: the
+image builder (eemini.build.uki) reads a stub and writes a UKI with them.
 """
 
 from __future__ import annotations
@@ -33,20 +34,32 @@ class DigestAlgorithm(StrEnum):
 DOS_HEADER_SIZE = 64
 E_LFANEW_OFFSET = 0x3C
 PE_SIGNATURE = b"PE\0\0"
-COFF_HEADER_SIZE = 2 + 2 + 4 + 4 + 4 + 2 + 2  # Machine .. Characteristics
+# Machine, NumberOfSections, TimeDateStamp, PointerToSymbolTable, NumberOfSymbols,
+# SizeOfOptionalHeader, Characteristics
+COFF_HEADER = struct.Struct("<HHIIIHH")
+COFF_HEADER_SIZE = 2 + 2 + 4 + 4 + 4 + 2 + 2
+# Name, VirtualSize, VirtualAddress, SizeOfRawData, PointerToRawData, PointerToRelocations,
+# PointerToLinenumbers, NumberOfRelocations, NumberOfLinenumbers, Characteristics
+SECTION_HEADER = struct.Struct("<8sIIIIIIHHI")
 SECTION_HEADER_SIZE = 8 + 4 + 4 + 4 + 4 + 4 + 4 + 2 + 2 + 4
+assert (COFF_HEADER.size, SECTION_HEADER.size) == (COFF_HEADER_SIZE, SECTION_HEADER_SIZE)
 PE32_MAGIC = 0x10B
 PE32PLUS_MAGIC = 0x20B
-# Optional-header offsets: CheckSum is at 64 in both formats; the data directories start at 96
-# (PE32) or 112 (PE32+), with NumberOfRvaAndSizes in the 4 bytes before them.
-CHECKSUM_OFFSET = 64
-SIZE_OF_HEADERS_OFFSET = 60
+# Optional-header offsets (the same in PE32 and PE32+ up to CheckSum); the data directories start
+# at 96 (PE32) or 112 (PE32+), with NumberOfRvaAndSizes in the 4 bytes before them.
+SIZE_OF_INITIALIZED_DATA_OFFSET = 8
+SECTION_ALIGNMENT_OFFSET = 32  # FileAlignment follows it
 SIZE_OF_IMAGE_OFFSET = 56
+SIZE_OF_HEADERS_OFFSET = 60
+CHECKSUM_OFFSET = 64
 DATA_DIRECTORIES_OFFSET = {PE32_MAGIC: 96, PE32PLUS_MAGIC: 112}
 DATA_DIRECTORY_SIZE = 8
 MAX_DATA_DIRECTORIES = 16
 # Data directory 4 is the Certificate Table (attribute certificates); its "RVA" is a file offset.
 CERTIFICATE_TABLE_INDEX = 4
+# Section Flags
+IMAGE_SCN_CNT_INITIALIZED_DATA = 0x00000040
+IMAGE_SCN_MEM_READ = 0x40000000
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +80,11 @@ class PeImage:
     file_size: int
     magic: int
     machine: int
+    coff_offset: int
+    optional_header_offset: int
+    section_table_offset: int
+    section_alignment: int
+    file_alignment: int
     checksum_offset: int
     number_of_rva_and_sizes: int
     certificate_entry_offset: int | None
@@ -121,9 +139,9 @@ def parse_pe(data: bytes) -> PeImage:
         raise PeError(
             f"no PE signature at e_lfanew {pe:#x}: found {data[pe:coff].hex()}, expected 50450000"
         )
-    machine = _u16(data, coff)
-    number_of_sections = _u16(data, coff + 2)
-    size_of_optional_header = _u16(data, coff + 16)
+    machine, number_of_sections, _, _, _, size_of_optional_header, _ = COFF_HEADER.unpack_from(
+        data, coff
+    )
     if size_of_optional_header < 2 or opt + 2 > size:
         raise PeError(f"optional header is missing (SizeOfOptionalHeader {size_of_optional_header})")
     magic = _u16(data, opt)
@@ -147,6 +165,7 @@ def parse_pe(data: bytes) -> PeImage:
             f"{number_of_rva_and_sizes} data directories do not fit in an optional header of "
             f"{size_of_optional_header} bytes"
         )
+    section_alignment, file_alignment = struct.unpack_from("<II", data, opt + SECTION_ALIGNMENT_OFFSET)
     size_of_image = _u32(data, opt + SIZE_OF_IMAGE_OFFSET)
     size_of_headers = _u32(data, opt + SIZE_OF_HEADERS_OFFSET)
     sections_at = opt + size_of_optional_header
@@ -172,9 +191,10 @@ def parse_pe(data: bytes) -> PeImage:
 
     sections = []
     for i in range(number_of_sections):
-        at = sections_at + i * SECTION_HEADER_SIZE
-        vsize, vaddr, raw_size, raw_ptr = struct.unpack_from("<IIII", data, at + 8)
-        section = PeSection(_section_name(data[at : at + 8]), vsize, vaddr, raw_size, raw_ptr)
+        name, vsize, vaddr, raw_size, raw_ptr, *_ = SECTION_HEADER.unpack_from(
+            data, sections_at + i * SECTION_HEADER_SIZE
+        )
+        section = PeSection(_section_name(name), vsize, vaddr, raw_size, raw_ptr)
         # edk2's loader rejects images whose raw data is not inside the buffer
         # (BasePeCoffLib "Read the last byte to make sure the data is in the image region").
         if raw_size and raw_ptr + raw_size > size:
@@ -188,6 +208,11 @@ def parse_pe(data: bytes) -> PeImage:
         file_size=size,
         magic=magic,
         machine=machine,
+        coff_offset=coff,
+        optional_header_offset=opt,
+        section_table_offset=sections_at,
+        section_alignment=section_alignment,
+        file_alignment=file_alignment,
         checksum_offset=opt + CHECKSUM_OFFSET,
         number_of_rva_and_sizes=number_of_rva_and_sizes,
         certificate_entry_offset=cert_entry,

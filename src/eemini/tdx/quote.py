@@ -1,4 +1,5 @@
-"""The TDX quote object model: typed frozen dataclasses built from the layouts in `layout`.
+"""The TDX quote object model: typed frozen dataclasses built from the layouts in
+`eemini.guest.quote_layout`.
 
 `parse_quote(data)` is the one entry point. Every read goes through `_Reader.take`, which raises
 `QuoteParseError` naming the field, its offset, what was expected and what was found; nothing here
@@ -11,10 +12,10 @@ import dataclasses
 import enum
 from dataclasses import dataclass
 
-from eemini.tdx import layout
+from eemini.guest import quote_layout as layout
+from eemini.guest.quote_layout import AttestationKeyType, BodyType, CertificationDataType, TeeType
 from eemini.tdx.errors import QuoteParseError
 from eemini.tdx.guard import parsing
-from eemini.tdx.layout import AttestationKeyType, BodyType, CertificationDataType, TeeType
 
 
 @dataclass(frozen=True, slots=True)
@@ -271,14 +272,12 @@ def _parse(data: bytes) -> Quote:
         at = r.pos
         raw_type = r.u16("body.type")
         size = r.u32("body.size")
-        if raw_type not in (BodyType.TD_REPORT_10, BodyType.TD_REPORT_15):
+        if raw_type not in layout.BODY_SIZES:
             raise QuoteParseError(
                 "body.type", at, "2 (TD_REPORT_10) or 3 (TD_REPORT_15)", _enum_name(BodyType, raw_type)
             )
         body_type = BodyType(raw_type)
-        want = (
-            layout.TD_REPORT_10_SIZE if body_type == BodyType.TD_REPORT_10 else layout.TD_REPORT_15_SIZE
-        )
+        want = layout.BODY_SIZES[body_type]
         if size != want:
             raise QuoteParseError(
                 "body.size", at + 2, f"{want} for body type {body_type.name}", str(size)

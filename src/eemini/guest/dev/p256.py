@@ -197,7 +197,7 @@ class PrivateKey:
 
 
 # RFC 2104 HMAC over SHA-256 (block size 64 bytes): the same bytes as hmac.new(key, message,
-# hashlib.sha256).digest(), without importing hmac (boot time under emulation).
+# hashlib.sha256).digest().
 _IPAD = bytes(b ^ 0x36 for b in range(256))
 _OPAD = bytes(b ^ 0x5C for b in range(256))
 
@@ -231,7 +231,7 @@ def _rfc6979_nonces(d: int, h1: bytes) -> Iterator[int]:
 
 def der_signature(raw: bytes) -> bytes:
     """r||s -> DER Ecdsa-Sig-Value (RFC 3279 section 2.2.3), as X.509 signatures carry it."""
-    from eemini.guest import der
+    from eemini.guest.dev import der
 
     r = int.from_bytes(raw[:32], "big")
     s = int.from_bytes(raw[32:], "big")

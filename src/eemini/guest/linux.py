@@ -18,14 +18,8 @@ MS_NOSUID = 2
 MS_NODEV = 4
 MS_NOEXEC = 8
 MS_NOSYMFOLLOW = 256  # Linux 5.10+: symlinks on the mount are not followed (readlink still works)
-MS_REMOUNT = 32
-MS_BIND = 4096
-MS_REC = 16384
-MS_PRIVATE = 1 << 18
-MS_RELATIME = 1 << 21
 
 # <linux/fs.h> (umount2 flags)
-MNT_FORCE = 1
 MNT_DETACH = 2
 
 # <linux/module.h>: finit_module(2) flags. COMPRESSED_FILE lets the kernel decompress a .ko.xz/.ko.zst
@@ -35,15 +29,11 @@ MODULE_INIT_IGNORE_VERMAGIC = 2
 MODULE_INIT_COMPRESSED_FILE = 4
 
 # <linux/reboot.h>: the command values glibc's reboot() passes on with the two magic numbers.
-LINUX_REBOOT_CMD_RESTART = 0x01234567
-LINUX_REBOOT_CMD_HALT = 0xCDEF0123
 LINUX_REBOOT_CMD_POWER_OFF = 0x4321FEDC
-LINUX_REBOOT_CMD_CAD_ON = 0x89ABCDEF
 LINUX_REBOOT_CMD_CAD_OFF = 0x00000000
 
 # <linux/prctl.h>
-PR_SET_PDEATHSIG = 1
-PR_SET_NAME = 15
+PR_SET_PDEATHSIG = 1  # the host launcher's (eemini.run)
 PR_SET_CHILD_SUBREAPER = 36
 
 # <asm/unistd_64.h> and <asm-generic/unistd.h>: syscall numbers for the calls glibc 2.36+ wraps
@@ -141,24 +131,14 @@ def load_module(path: str | os.PathLike[str], params: str = "") -> bool:
 
 
 def reboot(cmd: int) -> None:
-    """reboot(2). For POWER_OFF/RESTART/HALT it does not return when it works."""
+    """reboot(2). For POWER_OFF it does not return when it works."""
     if _reboot(ctypes.c_int(ctypes.c_uint32(cmd).value).value) != 0:
         raise oserror("reboot")
 
 
-def power_off() -> None:
-    """Flush the filesystems and power the machine off (reboot(2), LINUX_REBOOT_CMD_POWER_OFF)."""
-    os.sync()
-    reboot(LINUX_REBOOT_CMD_POWER_OFF)
-
-
-def set_ctrl_alt_del(kernel_reboots: bool) -> None:
-    """CAD_OFF makes the kernel send SIGINT to PID 1 on Ctrl-Alt-Del instead of rebooting at once."""
-    reboot(LINUX_REBOOT_CMD_CAD_ON if kernel_reboots else LINUX_REBOOT_CMD_CAD_OFF)
-
-
-def sync() -> None:
-    os.sync()
+def ctrl_alt_del_to_init() -> None:
+    """CAD_OFF: the kernel sends SIGINT to PID 1 on Ctrl-Alt-Del instead of rebooting at once."""
+    reboot(LINUX_REBOOT_CMD_CAD_OFF)
 
 
 def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 0) -> int:
@@ -169,10 +149,5 @@ def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 
 
 
 def set_child_subreaper() -> None:
-    """Orphans of our descendants come to us (what PID 1 gets anyway; useful in dev mode)."""
+    """Orphans of our descendants come to us (what PID 1 gets anyway; dev mode asks for it)."""
     prctl(PR_SET_CHILD_SUBREAPER, 1)
-
-
-def set_process_name(name: str) -> None:
-    buf = ctypes.create_string_buffer(name.encode()[:15])
-    prctl(PR_SET_NAME, ctypes.cast(buf, ctypes.c_void_p).value or 0)

@@ -1,6 +1,6 @@
 """Dev mode: the guest runtime as an ordinary process, with simulated attestation.
 
-`eemini dev` calls `run()`; `python -m eemini.guest.devmode` is the same runner with the knobs
+`eemini dev` calls `run()`; `python -m eemini.guest.dev.devmode` is the same runner with the knobs
 tests need (grace period, backoff, socket limits) and a resolved spec JSON instead of TOML.
 """
 
@@ -15,7 +15,6 @@ import sys
 
 from eemini.guest.events import EventLog
 from eemini.guest.record import field, record
-from eemini.guest.rtmr import RuntimeMeasurer
 from eemini.guest.runtime import Runtime, RuntimeConfig
 from eemini.guest.server import Limits, socket_in_use
 from eemini.guest.spec import EnclaveSpec, SpecError, load
@@ -113,7 +112,7 @@ def run(spec: EnclaveSpec, options: DevOptions) -> int:
     Returns the workload's exit status when it ended for good under on_exit = poweroff
     (128 + signal number when killed), and 0 after Ctrl-C, SIGTERM or a `shutdown` request.
     """
-    from eemini.guest.simulated import SimulatedBackend, dev_root_pem
+    from eemini.guest.dev.simulated import SimulatedBackend, dev_root_pem
 
     requested = os.path.abspath(options.socket_path)
     directory = private_directory(os.path.dirname(requested))
@@ -133,18 +132,16 @@ def run(spec: EnclaveSpec, options: DevOptions) -> int:
             f.write(root_pem)
 
     backend = SimulatedBackend()
-    events = EventLog()
     # The simulated TD has an RTMR3 to extend: dev mode binds its runtime log to the quote as a
     # Linux 6.16+ TD does (docs/measurements.md, "Runtime events").
-    measurer = RuntimeMeasurer(extend=lambda digest: backend.extend_rtmr(3, digest), via="simulated")
-    events.on_append = measurer.on_append
-    events.append_data("spec", "dev", "spec.json", spec.canonical_json())
+    measurer = backend.rtmr3_measurer()
     try:
         with open(spec.workload.path, "rb") as f:
-            events.append_data("workload", "dev", spec.workload.path, f.read())
+            workload: tuple[str, bytes] | None = (spec.workload.path, f.read())
     except OSError:
-        pass  # the supervisor reports a workload it cannot start
-    events.seal("dev")
+        workload = None  # the supervisor reports a workload it cannot start
+    events = EventLog(measurer.on_append)
+    events.record_boot("dev", spec.canonical_json(), workload, sealed_by="dev")
 
     config = RuntimeConfig(
         spec=spec,
@@ -186,7 +183,7 @@ def run(spec: EnclaveSpec, options: DevOptions) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m eemini.guest.devmode")
+    p = argparse.ArgumentParser(prog="python -m eemini.guest.dev.devmode")
     p.add_argument("--spec-json", required=True, help="resolved spec (canonical JSON)")
     p.add_argument("--socket", required=True)
     p.add_argument("--token")

@@ -1,5 +1,10 @@
 """Byte layouts of TDX DCAP quotes v4 and v5: field names, widths, and the enums of their tag values.
 
+The one description of the quote format: the guest's self-check of every quote
+(eemini.guest.attest), the simulator that makes development quotes (eemini.guest.dev.simulated)
+and the verifier's parser (eemini.tdx.quote) all read it. It lives in the guest package because
+the guest may import nothing else; the host imports it from here.
+
 Source: Intel TDX DCAP Quoting Library API (quote format, appendix A.3 "Version 4 Quote Format" and
 A.4 "Version 5"), and the Intel SGX DCAP ECDSA quote library reference for the QE report (SGX
 REPORT body) and the certification data types. All integers are little-endian.
@@ -80,14 +85,19 @@ TD_REPORT_15_EXTRA_FIELDS: tuple[tuple[str, int], ...] = (
 )
 TD_REPORT_10_SIZE = 584
 TD_REPORT_15_SIZE = 648
+REPORT_DATA_OFFSET = 520  # within the body: report_data is the last field of the TDX 1.0 report
+REPORT_DATA_SIZE = 64
 
-BODY_DESCRIPTOR_SIZE = 2 + 4  # v5: u16 body type, u32 body size
+BODY_DESCRIPTOR_STRUCT = struct.Struct("<HI")  # v5: u16 body type, u32 body size
+BODY_DESCRIPTOR_SIZE = 2 + 4
+BODY_SIZES = {BodyType.TD_REPORT_10: TD_REPORT_10_SIZE, BodyType.TD_REPORT_15: TD_REPORT_15_SIZE}
 SIGNATURE_DATA_LEN_SIZE = 4
 
 # ECDSA-256 signature data (A.3.8): signature r||s, attestation public key x||y, certification data.
 ECDSA_SIGNATURE_SIZE = 64
 ECDSA_KEY_SIZE = 64
 CERTIFICATION_HEADER_SIZE = 2 + 4  # u16 type, u32 size
+CERTIFICATION_HEADER_STRUCT = struct.Struct("<HI")
 
 # SGX REPORT body (the QE report), 384 bytes.
 ENCLAVE_REPORT_FIELDS: tuple[tuple[str, int], ...] = (
@@ -123,6 +133,10 @@ TD_ATTR_PERFMON = 1 << 63
 def _check() -> None:
     assert sum(w for _, w in HEADER_FIELDS) == HEADER_SIZE == HEADER_STRUCT.size
     assert sum(w for _, w in TD_REPORT_10_FIELDS) == TD_REPORT_10_SIZE
+    assert TD_REPORT_10_FIELDS[-1] == ("report_data", REPORT_DATA_SIZE)
+    assert REPORT_DATA_OFFSET == TD_REPORT_10_SIZE - REPORT_DATA_SIZE
+    assert BODY_DESCRIPTOR_STRUCT.size == BODY_DESCRIPTOR_SIZE
+    assert CERTIFICATION_HEADER_STRUCT.size == CERTIFICATION_HEADER_SIZE
     assert TD_REPORT_10_SIZE + sum(w for _, w in TD_REPORT_15_EXTRA_FIELDS) == TD_REPORT_15_SIZE
     assert sum(w for _, w in ENCLAVE_REPORT_FIELDS) == ENCLAVE_REPORT_SIZE
     assert ENCLAVE_REPORT_STRUCT.size == ENCLAVE_REPORT_SIZE

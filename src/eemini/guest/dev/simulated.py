@@ -16,14 +16,16 @@ from __future__ import annotations
 
 import binascii
 import hashlib
-import struct
 import threading
 from functools import cache
 
-from eemini.guest import der
-from eemini.guest.attest import REPORT_DATA_SIZE, check_quote
-from eemini.guest.p256 import PrivateKey, PublicKey, der_signature
+from eemini.guest import quote_layout as layout
+from eemini.guest.attest import check_quote
+from eemini.guest.dev import der
+from eemini.guest.dev.p256 import PrivateKey, PublicKey, der_signature
+from eemini.guest.quote_layout import INTEL_QE_VENDOR_ID, REPORT_DATA_SIZE
 from eemini.guest.record import record
+from eemini.guest.rtmr import RuntimeMeasurer
 
 # Public on purpose: these seeds *are* the development keys.
 DEV_SEEDS = {
@@ -34,23 +36,11 @@ DEV_SEEDS = {
 }
 
 QUOTE_VERSION = 4
-ATT_KEY_TYPE_ECDSA_P256 = 2
-TEE_TYPE_TDX = 0x00000081
-# Intel's QE vendor id (the TDQE), as in every DCAP quote.
-INTEL_QE_VENDOR_ID = bytes.fromhex("939a7233f79c4ca9940a0db3957f0607")
 # Header user data (20 bytes): ours says what it is.
 HEADER_USER_DATA = b"EEMINI-SIMULATED".ljust(20, b"\0")
-HEADER_SIZE = 2 + 2 + 4 + 2 + 2 + 16 + 20
-TD_REPORT_SIZE = 16 + 48 + 48 + 8 + 8 + 8 + 48 + 48 + 48 + 48 + 4 * 48 + 64
-SGX_REPORT_SIZE = 16 + 4 + 28 + 16 + 32 + 32 + 32 + 96 + 2 + 2 + 60 + 64
-CERT_DATA_QE_REPORT = 6  # QE report certification data
-CERT_DATA_PCK_CHAIN = 5  # PCK leaf || intermediate || root, PEM
-assert HEADER_SIZE == 48 and TD_REPORT_SIZE == 584 and SGX_REPORT_SIZE == 384
-
-# TD attributes (Intel TDX module ABI, TDINFO_STRUCT ATTRIBUTES): bit 0 is TUD.DEBUG; bit 28 is
-# SEPT_VE_DISABLE, which Linux TD guests require, so every real TD quote has it.
-TD_ATTRIBUTES_DEBUG = 1 << 0
-TD_ATTRIBUTES_SEPT_VE_DISABLE = 1 << 28
+# TD attributes: TUD.DEBUG, and SEPT_VE_DISABLE, which Linux TD guests require, so every real TD
+# quote has it.
+TD_ATTRIBUTES = layout.TD_ATTR_DEBUG | layout.TD_ATTR_SEPT_VE_DISABLE
 XFAM = 0x00000000000618E7  # x87, SSE, AVX, AVX-512, PK, ... (a common TD value)
 
 # PCK certificate: Intel SGX PCK Certificate and CRL Profile, "SGX Extensions".
@@ -228,41 +218,49 @@ def dev_root_pem() -> bytes:
 # -- the quote ----------------------------------------------------------------------------------
 
 
+def _fields(table: tuple[tuple[str, int], ...], values: dict[str, bytes]) -> bytes:
+    """`values` laid out as one of the layout's (field, width) tables describes."""
+    assert [name for name, _ in table] == list(values), "fields out of the layout's order"
+    assert all(len(values[name]) == width for name, width in table), "a field of the wrong width"
+    return b"".join(values.values())
+
+
 def _header() -> bytes:
-    header = struct.pack(
-        "<HHIHH16s20s",
+    return layout.HEADER_STRUCT.pack(
         QUOTE_VERSION,
-        ATT_KEY_TYPE_ECDSA_P256,
-        TEE_TYPE_TDX,
+        layout.AttestationKeyType.ECDSA_P256,
+        layout.TeeType.TDX,
         0,  # reserved in TDX quotes (QE SVN in SGX quotes)
         0,  # reserved in TDX quotes (PCE SVN in SGX quotes)
         INTEL_QE_VENDOR_ID,
         HEADER_USER_DATA,
     )
-    assert len(header) == HEADER_SIZE
-    return header
 
 
 def td_report_body(m: Measurements, report_data: bytes) -> bytes:
     """TDX 1.0 TD report body (584 bytes) as quotes v4 carry it."""
-    body = b"".join(
-        [
-            bytes([3, 0, 5, 0]) + bytes(12),  # TEE_TCB_SVN
-            _sha384("eemini simulated TDX module"),  # MRSEAM
-            bytes(48),  # MRSIGNERSEAM (zero for Intel's TDX module)
-            struct.pack("<Q", 0),  # SEAMATTRIBUTES
-            struct.pack("<Q", TD_ATTRIBUTES_DEBUG | TD_ATTRIBUTES_SEPT_VE_DISABLE),  # TDATTRIBUTES
-            struct.pack("<Q", XFAM),
-            m.mr_td,
-            m.mr_config_id,
-            m.mr_owner,
-            m.mr_owner_config,
-            *m.rtmrs,
-            report_data,
-        ]
+    rtmrs = {f"rtmr{i}": rtmr for i, rtmr in enumerate(m.rtmrs)}
+    return _fields(
+        layout.TD_REPORT_10_FIELDS,
+        {
+            "tee_tcb_svn": bytes([3, 0, 5, 0]) + bytes(12),
+            "mr_seam": _sha384("eemini simulated TDX module"),
+            "mr_signer_seam": bytes(48),  # zero for Intel's TDX module
+            "seam_attributes": bytes(8),
+            "td_attributes": TD_ATTRIBUTES.to_bytes(8, "little"),
+            "xfam": XFAM.to_bytes(8, "little"),
+            "mr_td": m.mr_td,
+            "mr_config_id": m.mr_config_id,
+            "mr_owner": m.mr_owner,
+            "mr_owner_config": m.mr_owner_config,
+            **rtmrs,
+            "report_data": report_data,
+        },
     )
-    assert len(body) == TD_REPORT_SIZE
-    return body
+
+
+def _certification(kind: layout.CertificationDataType, data: bytes) -> bytes:
+    return layout.CERTIFICATION_HEADER_STRUCT.pack(kind, len(data)) + data
 
 
 @cache
@@ -272,27 +270,30 @@ def _qe_certification_data() -> bytes:
     # Intel SGX DCAP: the QE report's report data binds the attestation key:
     # SHA-256(attestation public key || QE authentication data) || 32 zero bytes.
     qe_report_data = hashlib.sha256(chain.attestation_pub.raw() + QE_AUTH_DATA).digest() + bytes(32)
-    qe_report = b"".join(
-        [
-            DEV_TCB_COMPONENTS,  # CPUSVN
-            struct.pack("<I", 0),  # MISCSELECT
-            bytes(28),
-            bytes.fromhex("15000000000000000700000000000000"),  # ATTRIBUTES: INIT|MODE64BIT|...
-            _sha384("eemini simulated QE MRENCLAVE")[:32],
-            bytes(32),
-            _sha384("eemini simulated QE MRSIGNER")[:32],
-            bytes(96),
-            struct.pack("<HH", 2, 4),  # ISVPRODID 2 (TDQE), ISVSVN
-            bytes(60),
-            qe_report_data,
-        ]
+    qe_report = _fields(
+        layout.ENCLAVE_REPORT_FIELDS,
+        {
+            "cpu_svn": DEV_TCB_COMPONENTS,
+            "misc_select": bytes(4),
+            "reserved1": bytes(28),
+            "attributes": bytes.fromhex("15000000000000000700000000000000"),  # INIT|MODE64BIT|...
+            "mr_enclave": _sha384("eemini simulated QE MRENCLAVE")[:32],
+            "reserved2": bytes(32),
+            "mr_signer": _sha384("eemini simulated QE MRSIGNER")[:32],
+            "reserved3": bytes(96),
+            "isv_prod_id": (2).to_bytes(2, "little"),  # the TDQE
+            "isv_svn": (4).to_bytes(2, "little"),
+            "reserved4": bytes(60),
+            "report_data": qe_report_data,
+        },
     )
-    assert len(qe_report) == SGX_REPORT_SIZE
     qe_report_sig = chain.pck_key.sign(qe_report)
-    pck_chain = chain.pem_chain
-    inner = struct.pack("<HI", CERT_DATA_PCK_CHAIN, len(pck_chain)) + pck_chain
-    data = qe_report + qe_report_sig + struct.pack("<H", len(QE_AUTH_DATA)) + QE_AUTH_DATA + inner
-    return struct.pack("<HI", CERT_DATA_QE_REPORT, len(data)) + data
+    auth = len(QE_AUTH_DATA).to_bytes(layout.QE_AUTH_DATA_LEN_SIZE, "little") + QE_AUTH_DATA
+    pck_chain = _certification(layout.CertificationDataType.PCK_CERT_CHAIN, chain.pem_chain)
+    return _certification(
+        layout.CertificationDataType.QE_REPORT_CERTIFICATION_DATA,
+        qe_report + qe_report_sig + auth + pck_chain,
+    )
 
 
 def make_quote(report_data: bytes, measurements: Measurements = Measurements()) -> bytes:
@@ -303,7 +304,7 @@ def make_quote(report_data: bytes, measurements: Measurements = Measurements()) 
     signed = _header() + td_report_body(measurements, report_data)
     signature = chain.attestation_key.sign(signed)
     sig_data = signature + chain.attestation_pub.raw() + _qe_certification_data()
-    return signed + struct.pack("<I", len(sig_data)) + sig_data
+    return signed + len(sig_data).to_bytes(layout.SIGNATURE_DATA_LEN_SIZE, "little") + sig_data
 
 
 class SimulatedBackend:
@@ -333,6 +334,10 @@ class SimulatedBackend:
                 self._m.mr_owner_config,
                 (rtmrs[0], rtmrs[1], rtmrs[2], rtmrs[3]),
             )
+
+    def rtmr3_measurer(self) -> RuntimeMeasurer:
+        """Extends this TD's RTMR3 with the runtime log, as a Linux 6.16+ TD's is extended."""
+        return RuntimeMeasurer(extend=lambda digest: self.extend_rtmr(3, digest), via="simulated")
 
     def quote(self, report_data: bytes) -> bytes:
         with self._lock:

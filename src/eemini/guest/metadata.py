@@ -1,0 +1,173 @@
+"""Boot config from the cloud's metadata server: the GCE attribute `ee-config`, Azure IMDS
+`userData` then `customData` (base64). Read once the network is up, through eemini.guest.bootconfig's
+parser and policy like every other source.
+
+PID 1 imports this module only for an image whose profile names a metadata source, and the builder
+leaves it out of the import analysis of the others: their images carry no HTTP client (http.client,
+email). The HTTP client is imported where it is used, so the module itself imports everywhere.
+"""
+
+from __future__ import annotations
+
+import time
+
+from eemini.guest.bootconfig import MAX_FILE, ConfigError, Setting, parse_env
+from eemini.guest.image import ConfigSource
+from eemini.guest.record import record
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+    from typing import Any
+
+# Which Azure IMDS document a setting came from (Setting.source, the runtime event log).
+AZURE_USERDATA = "azure-userdata"
+AZURE_CUSTOMDATA = "azure-customdata"
+
+METADATA_HOST = "169.254.169.254"
+GCE_PATH = "/computeMetadata/v1/instance/attributes/ee-config"
+AZURE_USERDATA_PATH = "/metadata/instance/compute/userData?api-version=2021-01-01&format=text"
+AZURE_CUSTOMDATA_PATH = "/metadata/instance/compute/customData?api-version=2019-02-01&format=text"
+
+
+@record
+class Fetch:
+    """How hard to try a metadata server: short per-request timeout, a few attempts."""
+
+    host: str = METADATA_HOST
+    port: int = 80
+    timeout: float = 2.0
+    attempts: int = 3
+    backoff: float = 0.5
+
+
+def _connection(fetch: Fetch) -> Any:
+    import http.client
+    import socket
+
+    class Connection(http.client.HTTPConnection):
+        """Connects to the numeric address itself: socket.create_connection() would go through
+        getaddrinfo(), which encodes every str host with the idna codec, and the image's trimmed
+        standard library does not carry it (nor does a metadata IP need a resolver)."""
+
+        def connect(self) -> None:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            sock.settimeout(self.timeout)
+            try:
+                sock.connect((self.host, self.port))
+            except BaseException:
+                sock.close()
+                raise
+            self.sock = sock
+
+    return Connection(fetch.host, fetch.port, timeout=fetch.timeout)
+
+
+def http_get(
+    fetch: Fetch, path: str, headers: dict[str, str]
+) -> tuple[int, dict[str, str], bytes] | None:
+    """GET with bounded retries; None when the server never answered (absent source)."""
+    return http_request(fetch, "GET", path, headers)
+
+
+def http_request(
+    fetch: Fetch,
+    method: str,
+    path: str,
+    headers: dict[str, str],
+    *,
+    body: bytes | None = None,
+    limit: int = MAX_FILE * 2 + 1,
+) -> tuple[int, dict[str, str], bytes] | None:
+    """One HTTP request with bounded retries (connection errors and 5xx answers); None when the
+    server never answered. At most `limit` bytes of the answer are read."""
+    import http.client
+
+    delay = fetch.backoff
+    for attempt in range(fetch.attempts):
+        conn = _connection(fetch)
+        try:
+            conn.request(method, path, body=body, headers=headers)
+            resp = conn.getresponse()
+            body_read = resp.read(limit)
+            status = resp.status
+            got = {k.lower(): v for k, v in resp.getheaders()}
+            if status >= 500 and attempt + 1 < fetch.attempts:
+                time.sleep(delay)
+                delay *= 2
+                continue
+            return status, got, body_read
+        except (OSError, http.client.HTTPException):
+            if attempt + 1 < fetch.attempts:
+                time.sleep(delay)
+                delay *= 2
+        finally:
+            conn.close()
+    return None
+
+
+def read_gce(fetch: Fetch) -> bytes | None:
+    answer = http_get(fetch, GCE_PATH, {"Metadata-Flavor": "Google"})
+    if answer is None:
+        return None
+    status, headers, body = answer
+    if status == 404:
+        return None
+    if status != 200:
+        raise ConfigError(
+            f"{ConfigSource.GCE_METADATA}: the metadata server answered HTTP {status} for ee-config"
+        )
+    # The real server marks its answers; anything else on that address is not the metadata server.
+    if headers.get("metadata-flavor") != "Google":
+        raise ConfigError(
+            f"{ConfigSource.GCE_METADATA}: the answer lacks the 'Metadata-Flavor: Google' header"
+        )
+    return body
+
+
+def _read_azure(fetch: Fetch, path: str, source: str) -> bytes | None:
+    answer = http_get(fetch, path, {"Metadata": "true"})
+    if answer is None:
+        return None
+    status, _headers, body = answer
+    if status == 404:
+        return None
+    if status != 200:
+        raise ConfigError(f"{source}: IMDS answered HTTP {status}")
+    text = body.strip()
+    if not text:
+        return None  # IMDS answers 200 with an empty body when nothing was provided
+    try:
+        import base64  # Azure only
+
+        return base64.b64decode(text, validate=True)
+    except ValueError:
+        raise ConfigError(f"{source}: the IMDS answer is not base64") from None
+
+
+def read_azure(fetch: Fetch) -> tuple[str, bytes] | None:
+    """userData first; customData only when userData is empty or absent."""
+    data = _read_azure(fetch, AZURE_USERDATA_PATH, AZURE_USERDATA)
+    if data is not None:
+        return AZURE_USERDATA, data
+    data = _read_azure(fetch, AZURE_CUSTOMDATA_PATH, AZURE_CUSTOMDATA)
+    if data is not None:
+        return AZURE_CUSTOMDATA, data
+    return None
+
+
+def collect(sources: Sequence[ConfigSource], fetch: Fetch, log: Callable[[str], None]) -> list[Setting]:
+    settings: list[Setting] = []
+    if ConfigSource.GCE_METADATA in sources:
+        data = read_gce(fetch)
+        if data is None:
+            log("boot config: no GCE ee-config attribute")
+        else:
+            settings += parse_env(data, ConfigSource.GCE_METADATA)
+    if ConfigSource.AZURE_IMDS in sources:
+        found = read_azure(fetch)
+        if found is None:
+            log("boot config: no Azure userData/customData")
+        else:
+            settings += parse_env(found[1], found[0])
+    return settings
