@@ -31,6 +31,7 @@ COMMANDS: dict[str, str] = {
     "measure": "eemini.commands.measure",
     "build": "eemini.commands.build",
     "lock": "eemini.commands.lock",
+    "kernel": "eemini.commands.kernel",
 }
 
 
