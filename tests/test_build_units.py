@@ -13,9 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from eemini.build import apt, cpio, disk, elf, fat, gpt, kmod, lock, profile, uki
+from eemini.build import apt, cpio, disk, elf, fat, gpt, lock, profile, uki
 from eemini.build.compress import Compression
-from eemini.build.deb import unpacked
 from eemini.build.tree import PROJECT, Kind, Origin, Source, Tree
 from eemini.log import UserError
 
@@ -267,7 +266,7 @@ def test_static_workload_is_accepted(tmp_path: Path) -> None:
 def write_profile(tmp_path: Path, **changes: object) -> Path:
     doc: dict[str, object] = {"description": "t", "attestation": "configfs-tsm", "network": "dhcp",
                               "config_sources": ["config-disk"], "cmdline": ["console=ttyS0"],
-                              "modules": ["virtio_net"], "outputs": ["qcow2"]}  # fmt: skip
+                              "outputs": ["qcow2"]}  # fmt: skip
     doc.update(changes)
     lines = [f"{k} = {json.dumps(v)}" for k, v in doc.items() if v is not None]
     (tmp_path / "p.toml").write_text("\n".join(lines) + "\n")
@@ -281,7 +280,7 @@ def test_profiles_in_the_repo_load() -> None:
     assert dev.config_sources == ("cmdline", "config-disk")
     for name in ("azure", "gcp", "local-tdx-qcow2"):
         p = profile.load(name)
-        assert not p.simulated and "ee.dev=1" not in p.cmdline and "tdx_guest" in p.modules
+        assert not p.simulated and "ee.dev=1" not in p.cmdline
         assert "cmdline" not in p.config_sources
     assert {profile.load(name).compression for name in profile.available()} == {Compression.ZSTD}
 
@@ -312,6 +311,16 @@ def test_a_profile_may_choose_the_initramfs_compression(tmp_path: Path) -> None:
 def test_bad_profiles_are_refused(tmp_path: Path, changes: dict[str, object], message: str) -> None:
     with pytest.raises(UserError, match=message):
         profile.load("p", directory=write_profile(tmp_path, **changes))
+
+
+def test_a_profile_listing_kernel_modules_is_refused_saying_why(tmp_path: Path) -> None:
+    with pytest.raises(UserError) as e:
+        profile.load("p", directory=write_profile(tmp_path, modules=["virtio_net"]))
+    assert str(e.value) == (
+        f"profile {tmp_path}/p.toml: `modules` is no longer a profile key: the kernel has no loadable "
+        "modules, every driver an image needs is built in (kernel/fragment.config)"
+    )
+    assert e.value.hint == "remove the `modules` list from the profile"
 
 
 def test_only_a_simulated_profile_may_read_boot_config_from_the_cmdline(tmp_path: Path) -> None:
@@ -378,7 +387,9 @@ def test_lock_command_lists_the_pins() -> None:
     )
     rows = [line.split("\t") for line in proc.stdout.splitlines()]
     pins = lock.load()
-    assert rows == [[p.name, p.version, p.sha256, p.role.value] for p in [*pins.packages, *pins.toolchain]]
+    assert rows == [
+        [p.name, p.version, p.sha256, p.role.value] for p in [*pins.packages, *pins.toolchain]
+    ]
     assert len(rows) == len(pins.packages) + len(pins.toolchain) == 9 + 82
 
 
@@ -399,10 +410,13 @@ def test_lock_file_in_repo_pins_what_the_issue_asks_for() -> None:
     assert pinned.kernel.version == "7.3.4-1~bpo13+1"
     assert lock.upstream_version(pinned.kernel.version) >= lock.MIN_KERNEL == (6, 16)
     names = {p.name for p in pinned.packages}
-    assert names == {"linux-source-7.3", "systemd-boot-efi", "python3.13-minimal", "libpython3.13-minimal",
-                     "libpython3.13-stdlib", "libc6", "libffi8", "zlib1g", "libexpat1"}  # fmt: skip
+    assert names == {"linux-source-7.3", "systemd-boot-efi", "python3.13-minimal",
+                     "libpython3.13-minimal", "libpython3.13-stdlib", "libc6", "libffi8", "zlib1g",
+                     "libexpat1"}  # fmt: skip
     tools = {p.name: p.version for p in pinned.toolchain}
-    assert tools["gcc-14"] == "14.2.0-19" and tools["binutils"] == "2.44-3" and tools["make"] == "4.4.1-2"
+    assert (
+        tools["gcc-14"] == "14.2.0-19" and tools["binutils"] == "2.44-3" and tools["make"] == "4.4.1-2"
+    )
     assert {name for name, _ in lock.TOOLCHAIN_ROOTS} <= set(tools)
     assert all(p.role is lock.Role.TOOLCHAIN for p in pinned.toolchain)
     assert lock.Lock.to_json(pinned) == lock.LOCK_PATH.read_text()
@@ -434,7 +448,9 @@ def test_a_kernel_older_than_the_measurement_abi_is_refused() -> None:
         "measurement ABI (RTMR3 extension through sysfs)"
     )
     assert lock.upstream_version("1:6.16-1") == (6, 16)
-    lock.check_kernel(lock.Package("linux-source-6.16", "6.16.3-1~bpo13+1", "0" * 64, 1, lock.Role.KERNEL))
+    lock.check_kernel(
+        lock.Package("linux-source-6.16", "6.16.3-1~bpo13+1", "0" * 64, 1, lock.Role.KERNEL)
+    )
 
 
 @pytest.fixture
@@ -488,27 +504,6 @@ def test_vanished_version_says_what_to_do(private_cache: Path) -> None:
         "if the Debian archive no longer offers this version, run `eemini lock --update` to pin what it "
         "offers now (this changes the image and its measurements)"
     )
-
-
-# --- kernel modules ---
-
-
-@pytest.fixture(scope="module")
-def kernel() -> kmod.KernelTree:
-    return kmod.KernelTree(unpacked(apt.Apt(), lock.load().kernel))
-
-
-def test_module_order_puts_dependencies_first(kernel: kmod.KernelTree) -> None:
-    order = [m.name for m in kernel.load_order(["tdx_guest", "hv_netvsc", "nvme", "vfat"])]
-    # nvme is built in: nothing to load.
-    assert order == ["configfs", "tsm", "tdx_guest", "hv_vmbus", "hv_netvsc", "fat", "vfat"]
-
-
-def test_unknown_module_is_named_with_its_chain(kernel: kmod.KernelTree) -> None:
-    with pytest.raises(
-        UserError, match=rf"^kernel {re.escape(kernel.version)} has no module no_such_mod$"
-    ):
-        kernel.load_order(["no-such-mod"])
 
 
 def test_kind_values_are_stable() -> None:

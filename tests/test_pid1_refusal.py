@@ -51,7 +51,8 @@ TRIAL_REFUSALS: dict[str, tuple[dict[str, object], Callable[[FakeTsm], str]]] = 
         {"provider": None},
         lambda f: (
             UNAVAILABLE + f"configfs-tsm has no provider (creating a report entry in {f.root} "
-            "failed with ENXIO): tdx_guest is not loaded, so this is not a TDX guest or its driver "
+            "failed with ENXIO): no TDX guest driver is registered, so this is not a TDX guest or "
+            "its driver "
             "failed to start\n"
         ),
     ),

@@ -14,7 +14,6 @@ import os
 import re
 import shutil
 import tempfile
-import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -209,8 +208,11 @@ class Apt:
         # "'URI' NAME_VERSION_ARCH.deb SIZE SHA256:HEX"
         hashes = {
             m[1]: (m[3], int(m[2]))
-            for m in re.finditer(r"^'[^']*' ([^_\s]+)_\S+\.deb (\d+) SHA256:([0-9a-f]{64})$",
-                                 uris.stdout.decode(), re.MULTILINE)  # fmt: skip
+            for m in re.finditer(
+                r"^'[^']*' ([^_\s]+)_\S+\.deb (\d+) SHA256:([0-9a-f]{64})$",
+                uris.stdout.decode(),
+                re.MULTILINE,
+            )
         }
         if not versions or set(versions) != set(hashes):
             die(

@@ -37,6 +37,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from eemini.build.apt import Apt, cache_dir, fetch
 from eemini.build.deb import unpacked
@@ -84,9 +85,10 @@ class Kernel:
     def config(self) -> Path:
         return self.path / "config"
 
-    def info(self) -> dict[str, object]:
+    def info(self) -> dict[str, Any]:
         """The build record (build.json): what went in and what came out."""
-        return json.loads((self.path / "build.json").read_text())
+        doc: dict[str, Any] = json.loads((self.path / "build.json").read_text())
+        return doc
 
 
 # --- the fragment ---
@@ -217,7 +219,9 @@ def tools_tree(apt: Apt, lock: Lock) -> Path:
         if missing:
             die(f"the unpacked kernel toolchain lacks {', '.join(missing)}",
                 hint="the toolchain pins are incomplete; run `eemini lock --update`")  # fmt: skip
-        (tree / ".complete").write_text("\n".join(f"{p.name} {p.version}" for p in lock.toolchain) + "\n")
+        (tree / ".complete").write_text(
+            "\n".join(f"{p.name} {p.version}" for p in lock.toolchain) + "\n"
+        )
         try:
             os.rename(tmp, root)
             os.mkdir(tmp)
@@ -358,8 +362,8 @@ def _run_logged(argv: list[str], log: Path, progress: Progress | None, what: str
         progress.finish()
     if code != 0:
         tail = log.read_text(errors="replace").splitlines()[-15:]
-        for line in tail:
-            log_notice(f"    {line}")
+        for text in tail:
+            log_notice(f"    {text}")
         die(f"{what} failed (exit status {code}); the whole log is {log}")
 
 
@@ -444,19 +448,22 @@ def ensure(apt: Apt, lock: Lock) -> Kernel:
     if not (final / "build.json").is_file():
         with _locked(base / f"{key}.lock"):
             if not (final / "build.json").is_file():
-                _build(apt, lock, options, resolved, key, final)
+                _build(apt, lock, options, resolved, key=key, final=final)
+    else:
+        info = json.loads((final / "build.json").read_text())
+        log_step(f"Kernel {info['release']} from the cache (built earlier from {lock.kernel.label})")
     info = json.loads((final / "build.json").read_text())
     return Kernel(final, key, str(info["release"]), lock.kernel)
 
 
-def _build(apt: Apt, lock: Lock, options: list[Option], resolved: str, key: str, final: Path) -> None:
+def _build(apt: Apt, lock: Lock, options: list[Option], resolved: str, *, key: str, final: Path) -> None:
     _check_host()
     tree = tools_tree(apt, lock)
     n = jobs()
     minutes = CPU_MINUTES / n + 1
     failed_log = final.parent / f"{key}.failed.log"
     with complete_step(
-        f"Building Linux from {lock.kernel.label} with the pinned toolchain (about "
+        f"Building the kernel from {lock.kernel.label} with the pinned toolchain (about "
         f"{minutes:.0f} minutes with {n} jobs; cached afterwards)"
     ):
         with tempfile.TemporaryDirectory(dir=final.parent, prefix=f".work-{key[:12]}-") as tmp:
@@ -468,12 +475,15 @@ def _build(apt: Apt, lock: Lock, options: list[Option], resolved: str, key: str,
                 got = _prepare_config(tree, work, options, log)
                 if got != resolved:
                     diff = config_difference(resolved, got)
-                    shown = "; ".join(diff[:12]) + (f"; and {len(diff) - 12} more" if len(diff) > 12 else "")
+                    shown = "; ".join(diff[:12]) + (
+                        f"; and {len(diff) - 12} more" if len(diff) > 12 else ""
+                    )
                     die(
                         "the kernel configuration after olddefconfig differs from the committed "
                         f"kernel/config: {shown}",
                         hint="if this is intended (a new kernel version or fragment), run "
-                        "`eemini kernel --update-config`, review the diff of kernel/config and commit it",
+                        "`eemini kernel --update-config`, review the diff of kernel/config and "
+                        "commit it",
                     )
                 release = _capture(tree, work, f"cd {SRC}; {_make(1, '-s', 'kernelrelease')}", log)
                 _run_logged(
@@ -493,10 +503,13 @@ def _build(apt: Apt, lock: Lock, options: list[Option], resolved: str, key: str,
             (result / "config").write_text(got)
             steps = sum(1 for line in log.read_text(errors="replace").splitlines()
                         if re.match(r"\s{2}[A-Z0-9_-]+\s+\S", line))  # fmt: skip
-            info = {
+            info: dict[str, Any] = {
                 "release": release,
-                "source": {"name": lock.kernel.name, "version": lock.kernel.version,
-                           "sha256": lock.kernel.sha256},
+                "source": {
+                    "name": lock.kernel.name,
+                    "version": lock.kernel.version,
+                    "sha256": lock.kernel.sha256,
+                },
                 "toolchain": toolchain_key(lock.toolchain),
                 "config_sha256": hashlib.sha256(got.encode()).hexdigest(),
                 "options_on": len(enabled_options(got)),

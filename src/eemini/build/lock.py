@@ -40,8 +40,13 @@ MIN_KERNEL = (6, 16)
 # update picks the newest source trixie-backports offers; the libraries are what the interpreter
 # and the extension modules we ship link (DT_NEEDED), checked at build time.
 ROOTS: tuple[Root, ...] = (
-    Root(Role.KERNEL, "linux-source", "Debian's kernel source, Linux >= 6.16 (TSM measurement ABI)",
-         meta=True, release=BACKPORTS),  # fmt: skip
+    Root(
+        Role.KERNEL,
+        "linux-source",
+        "Debian's kernel source, Linux >= 6.16 (TSM measurement ABI)",
+        meta=True,
+        release=BACKPORTS,
+    ),
     Root(Role.STUB, "systemd-boot-efi", "systemd-stub, the UKI's EFI body"),
     Root(Role.PYTHON, "python3.13-minimal", "the interpreter binary"),
     Root(Role.PYTHON, "libpython3.13-minimal", "core standard library"),
@@ -145,6 +150,7 @@ def load(path: Path = LOCK_PATH) -> Lock:
         die(f"the lock file {path} does not exist", hint="run `eemini lock --update` to create it")
     except json.JSONDecodeError as e:
         die(f"the lock file {path} is not valid JSON: {e}")
+
     def entries(key: str, toolchain: bool) -> tuple[Package, ...]:
         found = []
         # A lock file written before the kernel was compiled here has no toolchain list.

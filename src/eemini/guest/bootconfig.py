@@ -348,24 +348,18 @@ def find_config_disk(
 def read_config_disk(
     wait: float = 2.0,
     mountpoint: str = "/run/eemini/config",
-    prepare: Callable[[str], object] | None = None,
 ) -> bytes | None:
-    """agent.env from the config disk, or None when there is no config disk.
-
-    `prepare(fstype)` runs before the mount (PID 1 loads the filesystem's modules there).
-    """
+    """agent.env from the config disk, or None when there is no config disk."""
     from eemini.guest import sys as ksys
 
     found = find_config_disk(wait)
     if found is None:
         return None
     dev, fstype = found
-    if prepare is not None:
-        prepare(fstype)
     os.makedirs(mountpoint, exist_ok=True)
     flags = ksys.MS_RDONLY | ksys.MS_NOSUID | ksys.MS_NODEV | ksys.MS_NOEXEC
-    # Debian's kernel defaults FAT to iocharset=ascii (CONFIG_FAT_DEFAULT_IOCHARSET), whose NLS
-    # module images do not carry; name the charsets the image has (nls_utf8, nls_cp437).
+    # The character sets the kernel has built in (kernel/fragment.config: NLS_UTF8, NLS_CODEPAGE_437),
+    # named rather than left to the kernel's defaults.
     options = "iocharset=utf8,codepage=437" if fstype == "vfat" else None
     try:
         ksys.mount(dev, mountpoint, fstype, flags, options)
@@ -529,13 +523,12 @@ def collect_local(
     cmdline: Cmdline,
     sources: Sequence[Sources],
     log: Callable[[str], None],
-    prepare_mount: Callable[[str], object] | None = None,
 ) -> list[Setting]:
     settings: list[Setting] = []
     if Sources.CMDLINE in sources:
         settings += cmdline_settings(cmdline)
     if Sources.DISK in sources:
-        data = read_config_disk(prepare=prepare_mount)
+        data = read_config_disk()
         if data is None:
             log("boot config: no config disk")
         else:

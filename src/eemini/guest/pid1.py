@@ -1,11 +1,11 @@
 """PID 1 of an EasyEnclave Mini image.
 
 The kernel runs `/init`, which calls `main()`. The order is DESIGN.md's: mount the API
-filesystems, console, the command line check (production images), kernel modules (build-time
-order), cmdline, boot token, network, boot config, attestation (a production image's trial
-quote), runtime event log, control socket, workload, supervise. Boot config from the cmdline and
-the config disk is read before the network (it may hold the static network keys); metadata-server
-config after it.
+filesystems and configfs, console, the command line check (production images), cmdline, boot
+token, network, boot config, attestation (a production image's trial quote), runtime event log,
+control socket, workload, supervise. The kernel has every driver built in (no loadable modules).
+Boot config from the cmdline and the config disk is read before the network (it may hold the
+static network keys); metadata-server config after it.
 
 PID 1 must never return or raise: the kernel panics when init exits. Every path ends in
 `power_off()`: an unexpected exception is printed on the console and followed by a clean
@@ -21,7 +21,6 @@ import signal
 import sys
 import time
 
-from eemini.guest import kmods
 from eemini.guest import sys as ksys
 from eemini.guest.record import record
 
@@ -45,17 +44,17 @@ EARLY_MOUNTS: tuple[MountSpec, ...] = (
     ),
     ("tmpfs", "/run", "tmpfs", ksys.MS_NOSUID | ksys.MS_NODEV, "mode=0755"),
     ("tmpfs", "/tmp", "tmpfs", ksys.MS_NOSUID | ksys.MS_NODEV, "mode=1777"),
-)
-# configfs may be a module (CONFIG_CONFIGFS_FS=m in Debian's cloud kernel): mounted after modules.
-CONFIGFS: MountSpec = (
-    "configfs",
-    "/sys/kernel/config",
-    "configfs",
-    ksys.MS_NOSUID | ksys.MS_NODEV | ksys.MS_NOEXEC,
-    None,
+    # configfs-tsm's /sys/kernel/config/tsm/report (the quote interface).
+    (
+        "configfs",
+        "/sys/kernel/config",
+        "configfs",
+        ksys.MS_NOSUID | ksys.MS_NODEV | ksys.MS_NOEXEC,
+        None,
+    ),
 )
 CCEL = "/sys/firmware/acpi/tables/data/CCEL"
-NIC_WAIT = 5.0  # drivers probe asynchronously after their module loads
+NIC_WAIT = 5.0  # a NIC driver may finish probing after /init starts
 GRACE_KILL = 2.0  # leftover processes at power-off: SIGTERM, this long, then SIGKILL
 
 
@@ -145,15 +144,6 @@ def open_console(cmdline_text: str) -> None:
         os.close(fd)
     sys.stdout = open(1, "w", buffering=1, encoding="utf-8", errors="replace", closefd=False)  # noqa: SIM115
     sys.stderr = open(2, "w", buffering=1, encoding="utf-8", errors="replace", closefd=False)  # noqa: SIM115
-
-
-def preload_runtime() -> None:
-    """Import what the rest of the boot needs while the module loader thread works."""
-    import eemini.guest.dhcp
-    import eemini.guest.events
-    import eemini.guest.netlink
-    import eemini.guest.power
-    import eemini.guest.runtime  # noqa: F401
 
 
 def kill_everything() -> None:
@@ -257,16 +247,6 @@ class Boot:
         image = self.read_json(self.paths.image_json, "image facts")
         if image.get("attestation") == "configfs-tsm":
             check_cmdline(image, cmdline_text)
-        modules = image.get("modules", [])
-        if not isinstance(modules, list) or not all(isinstance(m, str) for m in modules):
-            raise BootFailure(f"{self.paths.image_json}: modules must be a list of paths")
-        # Modules load on a thread (finit_module runs without the GIL) while this one reads the
-        # spec and imports the rest of the runtime: drivers' probe waits overlap Python work.
-        facts = image.get("module_facts")
-        if facts is not None and not isinstance(facts, dict):
-            raise BootFailure(f"{self.paths.image_json}: module_facts must be an object")
-        loader = kmods.ModuleLoader(kmods.plan(modules, facts, kmods.device_modaliases()), console)
-        loader.start()
         try:
             cmdline = bootconfig.parse_cmdline(cmdline_text)
         except bootconfig.ConfigError as e:
@@ -275,18 +255,9 @@ class Boot:
         token = os.getrandom(32).hex()
         spec_bytes, spec = self.load_spec()
         sources = self.config_sources(image)
-        preload_runtime()
-        loader.wait_boot()
-        self.timeline.mark("modules")
-        console(self.modules_line(loader))
-        # configfs-tsm needs configfs before the control socket serves; a simulated image mounts
-        # it once the workload has started.
-        configfs_now = image.get("attestation") != "simulated"
-        if configfs_now:
-            self.mount_configfs(loader)
         allow = spec.workload.allow_env
         try:
-            local = bootconfig.collect_local(cmdline, sources, console, loader.require_fs)
+            local = bootconfig.collect_local(cmdline, sources, console)
             static = bootconfig.apply_policy(local, allow).network
         except bootconfig.ConfigError as e:
             raise BootFailure(str(e)) from None
@@ -312,31 +283,9 @@ class Boot:
             env=config.env,
             events=events,
             measurer=measurer,
-            loader=loader,
-            mount_configfs=not configfs_now,
         )
 
     # --- steps ---
-
-    @staticmethod
-    def modules_line(loader: kmods.ModuleLoader) -> str:
-        plan = loader.plan
-        text = f"{loader.loaded} of {len(plan.boot)} kernel modules loaded in {loader.elapsed:.2f} s"
-        if plan.absent:
-            text += f"; no device for {', '.join(plan.absent)}"
-        if plan.on_demand:
-            text += f"; on mount: {', '.join(plan.on_demand)}"
-        if plan.late:
-            text += f"; {', '.join(map(kmods.module_name, plan.late))} next"
-        return text
-
-    @staticmethod
-    def mount_configfs(loader: kmods.ModuleLoader) -> None:
-        loader.require_fs("configfs")
-        try:
-            mount_all((CONFIGFS,))
-        except OSError as e:
-            console(f"configfs: {e}")
 
     @staticmethod
     def read_text(path: str) -> str:
@@ -521,8 +470,6 @@ class Boot:
         env: Any,
         events: Any,
         measurer: Any = None,
-        loader: kmods.ModuleLoader | None = None,
-        mount_configfs: bool = False,
     ) -> None:
         from eemini.guest.power import PowerWatch
         from eemini.guest.runtime import Runtime, RuntimeConfig
@@ -558,22 +505,14 @@ class Boot:
             f"started at uptime {uptime():.2f} s"
         )
         console(self.timeline.line())
-        if loader is not None:
-            loader.load_late()
-            if loader.plan.late:
-                console(
-                    f"{loader.late_loaded} of {len(loader.plan.late)} more kernel modules loaded "
-                    f"in {loader.late_elapsed:.2f} s"
-                )
-            if mount_configfs:
-                self.mount_configfs(loader)
         self.watch_buttons(watch, runtime.loop, retries=3)
         runtime.loop.run()
         # The loop only returns if something stopped it without powering off.
         raise BootFailure("the event loop ended")
 
     def watch_buttons(self, watch: Any, loop: Any, retries: int) -> None:
-        """The button/evdev devices may appear a moment after their modules load: look again."""
+        """The power button's input device may be registered a moment after /init starts: look
+        again a few times."""
         count = watch.watch_buttons(self.paths.sys_input, self.paths.dev_input)
         if count:
             console(f"power button: watching {', '.join(sorted(watch.fds.values()))}")
