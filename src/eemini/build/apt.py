@@ -272,5 +272,54 @@ def fetch(apt: Apt, name: str, version: str, sha256: str) -> Path:
     return final
 
 
+def fetch_all(apt: Apt, packages: list[tuple[str, str, str]], what: str) -> dict[str, Path]:
+    """fetch() for many packages (name, version, sha256) at once: those not in the cache come in one
+    apt run. {sha256: cached .deb}."""
+    debs = apt.root.parent / "debs"
+    debs.mkdir(parents=True, exist_ok=True)
+    found: dict[str, Path] = {}
+    missing = []
+    for name, version, sha256 in packages:
+        final = debs / f"{sha256}.deb"
+        if final.is_file() and sha256_file(final) == sha256:
+            found[sha256] = final
+        else:
+            final.unlink(missing_ok=True)
+            missing.append((name, version, sha256))
+    if not missing:
+        return found
+    if not apt.updated:
+        apt.update()
+    with (
+        complete_step(f"Downloading {len(missing)} packages for {what}"),
+        tempfile.TemporaryDirectory(dir=debs, prefix=".partial-") as tmp,
+    ):
+        with apt.locked():
+            apt._prepare()
+            proc = run(["apt-get", "-q", *apt._options(), "download",
+                        *(f"{n}={v}" for n, v, _ in missing)],
+                       capture=True, check=False, cwd=tmp)  # fmt: skip
+        if proc.returncode != 0:
+            err = proc.stderr.decode(errors="replace").strip().splitlines()
+            die(
+                f"apt could not download the packages for {what}: "
+                f"{err[-1] if err else 'no reason given'}",
+                hint="if the Debian archive no longer offers these versions, run `eemini lock --update` "
+                "to pin what it offers now (this changes the image and its measurements)",
+            )
+        got = {sha256_file(f): f for f in Path(tmp).glob("*.deb")}
+        for name, version, sha256 in missing:
+            if sha256 not in got:
+                die(
+                    f"{name} {version} downloaded with another sha256 than the lock file pins "
+                    f"({sha256})",
+                    hint="the downloads were discarded; if the archive really changed this package, "
+                    "review it and run `eemini lock --update`, otherwise check the mirror and retry",
+                )
+            os.replace(got[sha256], debs / f"{sha256}.deb")
+            found[sha256] = debs / f"{sha256}.deb"
+    return found
+
+
 def clear_lists(apt: Apt) -> None:
     shutil.rmtree(apt.root / "lists", ignore_errors=True)

@@ -33,14 +33,14 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from eemini.build.apt import Apt, cache_dir, fetch
-from eemini.build.deb import unpacked
+from eemini.build.apt import Apt, cache_dir, fetch, fetch_all
 from eemini.build.lock import REPO, Lock, Package, check_kernel
 from eemini.log import complete_step, die, log_notice, log_step
 from eemini.proc import find_tool, run
@@ -64,8 +64,8 @@ CC = "x86_64-linux-gnu-gcc-14"
 SRC = "/build/linux"  # the source tree's path inside the tools tree, the same on every machine
 # The size of a cold build, for the progress counter and the time estimate: kbuild's output lines
 # ("  CC      kernel/fork.o") and the CPU time of a reference build of the committed config.
-EXPECTED_STEPS = 1500
-CPU_MINUTES = 13.0
+EXPECTED_STEPS = 2100
+CPU_MINUTES = 20.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,8 +206,11 @@ def tools_tree(apt: Apt, lock: Lock) -> Path:
         tempfile.TemporaryDirectory(dir=root.parent, prefix=".partial-") as tmp,
     ):
         tree = Path(tmp)
+        debs = fetch_all(
+            apt, [(p.name, p.version, p.sha256) for p in lock.toolchain], "the kernel toolchain"
+        )
         for pkg in sorted(lock.toolchain, key=lambda p: p.name):
-            run(["dpkg-deb", "--extract", fetch(apt, pkg.name, pkg.version, pkg.sha256), tree])
+            run(["dpkg-deb", "--extract", debs[pkg.sha256], tree])
         for link, target in TREE_LINKS.items():
             path = tree / link
             if not path.exists():
@@ -318,13 +321,26 @@ def read_resolved() -> str:
 
 
 def _source_tarball(apt: Apt, pkg: Package, dest: Path) -> Path:
-    """The upstream tarball inside the pinned linux-source package, copied to dest."""
-    root = unpacked(apt, pkg)
-    found = sorted((root / "usr/src").glob("linux-source-*.tar.xz"))
-    if len(found) != 1:
-        die(f"{pkg.label} holds {len(found)} source tarballs under /usr/src, expected one")
+    """The upstream tarball inside the pinned linux-source package (usr/src/linux-source-X.Y.tar.xz),
+    copied out of the verified .deb into dest."""
+    deb = fetch(apt, pkg.name, pkg.version, pkg.sha256)
+    find_tool("dpkg-deb", "to read the kernel source package", "dpkg")
     target = dest / "linux.tar.xz"
-    shutil.copyfile(found[0], target)
+    with subprocess.Popen(["dpkg-deb", "--fsys-tarfile", os.fspath(deb)], stdout=subprocess.PIPE,
+                          stdin=subprocess.DEVNULL) as proc:  # fmt: skip
+        assert proc.stdout is not None
+        names = []
+        with tarfile.open(fileobj=proc.stdout, mode="r|") as tar:
+            for member in tar:
+                if re.fullmatch(r"(\./)?usr/src/linux-source-[0-9.]+\.tar\.xz", member.name):
+                    names.append(member.name)
+                    source = tar.extractfile(member)
+                    assert source is not None
+                    with target.open("wb") as out:
+                        shutil.copyfileobj(source, out, 1 << 20)
+    if proc.returncode != 0 or len(names) != 1:
+        die(f"{pkg.label} does not hold exactly one source tarball under /usr/src "
+            f"(found {names}, dpkg-deb exit status {proc.returncode})")  # fmt: skip
     return target
 
 
@@ -485,14 +501,14 @@ def _build(apt: Apt, lock: Lock, options: list[Option], resolved: str, *, key: s
                         "`eemini kernel --update-config`, review the diff of kernel/config and "
                         "commit it",
                     )
-                release = _capture(tree, work, f"cd {SRC}; {_make(1, '-s', 'kernelrelease')}", log)
-                _run_logged(
-                    _runner(tree, work, f"cd {SRC}; {_make(n, 'bzImage')}"),
-                    log, Progress(EXPECTED_STEPS), "the kernel build",
-                )  # fmt: skip
+                progress = Progress(EXPECTED_STEPS)
+                command = f"cd {SRC}; {_make(n, 'bzImage')}"
+                _run_logged(_runner(tree, work, command), log, progress, "the kernel build")
+                # After the build: kbuild writes it from CONFIG_LOCALVERSION during the build.
+                release = (work / "linux/include/config/kernel.release").read_text().strip()
             except BaseException:
-                shutil.copyfile(log, failed_log) if log.exists() else None
                 if log.exists():
+                    shutil.copyfile(log, failed_log)
                     log_notice(f"  the build log is kept at {failed_log}")
                 raise
             elapsed = time.monotonic() - start
@@ -501,8 +517,6 @@ def _build(apt: Apt, lock: Lock, options: list[Option], resolved: str, *, key: s
             bz = work / "linux/arch/x86/boot/bzImage"
             shutil.copyfile(bz, result / "bzImage")
             (result / "config").write_text(got)
-            steps = sum(1 for line in log.read_text(errors="replace").splitlines()
-                        if re.match(r"\s{2}[A-Z0-9_-]+\s+\S", line))  # fmt: skip
             info: dict[str, Any] = {
                 "release": release,
                 "source": {
@@ -517,7 +531,7 @@ def _build(apt: Apt, lock: Lock, options: list[Option], resolved: str, *, key: s
                 "bzimage_size": (result / "bzImage").stat().st_size,
                 "build_seconds": round(elapsed, 1),
                 "jobs": n,
-                "steps": steps,
+                "steps": progress.steps,
             }
             shutil.copyfile(log, result / "build.log")
             (result / "build.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
@@ -528,13 +542,3 @@ def _build(apt: Apt, lock: Lock, options: list[Option], resolved: str, *, key: s
             f"  Linux {release}: bzImage {info['bzimage_size'] / (1 << 20):.2f} MiB, "
             f"{info['options_on']} options on, built in {elapsed / 60:.1f} min"
         )
-
-
-def _capture(tree: Path, work: Path, script: str, log: Path) -> str:
-    proc = run(_runner(tree, work, script), capture=True, check=False)
-    with log.open("ab") as f:
-        f.write(proc.stdout + proc.stderr)
-    if proc.returncode != 0:
-        die(f"`{script}` failed in the toolchain tree: "
-            f"{proc.stderr.decode(errors='replace').strip()[-300:]}")  # fmt: skip
-    return proc.stdout.decode().strip()
