@@ -44,14 +44,16 @@ EARLY_MOUNTS: tuple[MountSpec, ...] = (
     ),
     ("tmpfs", "/run", "tmpfs", ksys.MS_NOSUID | ksys.MS_NODEV, "mode=0755"),
     ("tmpfs", "/tmp", "tmpfs", ksys.MS_NOSUID | ksys.MS_NODEV, "mode=1777"),
-    # configfs-tsm's /sys/kernel/config/tsm/report (the quote interface).
-    (
-        "configfs",
-        "/sys/kernel/config",
-        "configfs",
-        ksys.MS_NOSUID | ksys.MS_NODEV | ksys.MS_NOEXEC,
-        None,
-    ),
+)
+# configfs-tsm's /sys/kernel/config/tsm/report (the quote interface). Built into the image's
+# kernel; a kernel without it (or a test harness) gets a console line, and a production image
+# then refuses at its trial quote, saying the report directory is missing.
+CONFIGFS: MountSpec = (
+    "configfs",
+    "/sys/kernel/config",
+    "configfs",
+    ksys.MS_NOSUID | ksys.MS_NODEV | ksys.MS_NOEXEC,
+    None,
 )
 CCEL = "/sys/firmware/acpi/tables/data/CCEL"
 NIC_WAIT = 5.0  # a NIC driver may finish probing after /init starts
@@ -247,6 +249,10 @@ class Boot:
         image = self.read_json(self.paths.image_json, "image facts")
         if image.get("attestation") == "configfs-tsm":
             check_cmdline(image, cmdline_text)
+        try:
+            mount_all((CONFIGFS,))
+        except OSError as e:
+            console(f"configfs: {e}")
         try:
             cmdline = bootconfig.parse_cmdline(cmdline_text)
         except bootconfig.ConfigError as e:
