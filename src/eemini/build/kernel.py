@@ -115,8 +115,8 @@ def parse_fragment(text: str, where: str = "kernel/fragment.config") -> list[Opt
             continue
         m = _OPTION.fullmatch(line)
         if m is None:
-            if re.match(r"CONFIG_[A-Z0-9_]+=\S+\s*$", line):
-                die(f"{where}:{number}: {line} has no reason (write `# why` after the value)")
+            if re.fullmatch(r"CONFIG_[A-Z0-9_]+=\S+(\s+#\s*)?", line):
+                die(f"{where}:{number}: {line!r} has no reason (write `# why` after the value)")
             die(f"{where}:{number}: not an option line (`CONFIG_NAME=VALUE  # reason`): {line!r}")
         if m[1] in seen:
             die(f"{where}:{number}: {m[1]} is set twice (also on line {seen[m[1]]})")
