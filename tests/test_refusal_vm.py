@@ -1,8 +1,8 @@
 """A production image (local-tdx-qcow2, configfs-tsm) booted without TDX: one boot under TCG.
 
 Here the built-in TDX guest driver's init fails (no TDX), configfs-tsm still makes
-/sys/kernel/config/tsm/report, and the trial quote finds no provider. PID 1 must say so in one console line, never start the workload
-and power the VM off by itself.
+/sys/kernel/config/tsm/report, and the trial quote finds no provider. PID 1 must say so in one
+console line, never start the workload and power the VM off by itself.
 """
 
 from __future__ import annotations
