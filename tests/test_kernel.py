@@ -96,8 +96,8 @@ def test_config_difference_lists_options() -> None:
 def test_the_committed_config_has_every_option_of_the_fragment() -> None:
     options = kernel.parse_fragment(FRAGMENT)
     kernel.check_fragment(options, CONFIG)
-    assert len(options) == 186
-    assert len(kernel.enabled_options(CONFIG)) == 892
+    assert len(options) == 188
+    assert len(kernel.enabled_options(CONFIG)) == 894
     assert CONFIG.splitlines()[2] == "# Linux/x86_64 7.3.4 Kernel Configuration"
 
 
@@ -260,7 +260,7 @@ def test_the_cached_kernel_is_what_the_lock_and_config_say(built: kernel.Kernel)
     data = built.bzimage.read_bytes()
     assert info["bzimage_sha256"] == hashlib.sha256(data).hexdigest()
     assert info["bzimage_size"] == len(data)
-    assert info["options_on"] == 892
+    assert info["options_on"] == 894
     # An x86 boot image (Documentation/arch/x86/boot.rst): "HdrS" at 0x202, the version string
     # the header points at (0x20E, relative to 0x200) with the fixed user, host and timestamp.
     assert data[0x202:0x206] == b"HdrS"
@@ -285,7 +285,7 @@ def test_eemini_kernel_prints_the_cached_kernel(built: kernel.Kernel) -> None:
         f"bzImage\t{built.bzimage}",
         f"sha256\t{info['bzimage_sha256']}",
         f"size\t{info['bzimage_size']}",
-        "options_on\t892",
+        "options_on\t894",
         f"build_seconds\t{info['build_seconds']}",
     ]
     assert proc.stderr == (
