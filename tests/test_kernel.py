@@ -216,6 +216,21 @@ def test_progress_is_one_line_per_tenth_without_a_terminal(monkeypatch: pytest.M
 # --- the tools tree and the build ---
 
 
+def test_absolute_symlinks_in_the_tools_tree_stay_inside_it(tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    (tree / "usr/lib").mkdir(parents=True)
+    (tree / "usr/lib64").symlink_to("/usr/lib")
+    (tree / "usr/bin").mkdir()
+    (tree / "usr/bin/awk").symlink_to("gawk")
+    (tree / "etc").mkdir()
+    (tree / "etc/alt").symlink_to("/etc/alternatives/x")
+    assert kernel.relativize_symlinks(tree) == 2
+    assert os.readlink(tree / "usr/lib64") == "lib"
+    assert os.readlink(tree / "usr/bin/awk") == "gawk"
+    assert os.readlink(tree / "etc/alt") == "alternatives/x"
+    assert (tree / "usr/lib64").resolve() == (tree / "usr/lib").resolve()
+
+
 @pytest.fixture(scope="module")
 def built() -> kernel.Kernel:
     """The session's kernel: from the cache, or built now (once; every image build uses it)."""

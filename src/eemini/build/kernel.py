@@ -211,6 +211,9 @@ def tools_tree(apt: Apt, lock: Lock) -> Path:
         )
         for pkg in sorted(lock.toolchain, key=lambda p: p.name):
             run(["dpkg-deb", "--extract", debs[pkg.sha256], tree])
+            # Before the next package: an absolute link to a directory would make tar write that
+            # package's files through it, onto the build host.
+            relativize_symlinks(tree)
         for link, target in TREE_LINKS.items():
             path = tree / link
             if not path.exists():
@@ -232,6 +235,24 @@ def tools_tree(apt: Apt, lock: Lock) -> Path:
             if not (root / ".complete").is_file():
                 raise
     return root
+
+
+def relativize_symlinks(tree: Path) -> int:
+    """Make every absolute symlink under `tree` relative, pointing at the same place inside it (as
+    it would resolve in the chroot). The number rewritten."""
+    count = 0
+    for dirpath, dirnames, filenames in os.walk(tree):
+        for name in [*dirnames, *filenames]:
+            path = Path(dirpath) / name
+            if not path.is_symlink():
+                continue
+            target = os.readlink(path)
+            if target.startswith("/"):
+                inside = tree / target.lstrip("/")
+                path.unlink()
+                path.symlink_to(os.path.relpath(inside, path.parent))
+                count += 1
+    return count
 
 
 def _runner(tree: Path, build: Path, script: str) -> list[str]:
