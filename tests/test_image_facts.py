@@ -55,13 +55,14 @@ def test_local_sources_are_read_before_the_network() -> None:
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"attestation": "sev-snp"}, r"attestation: expected one of configfs-tsm, azure-tdx-vtpm, simulated, got "
-         r"string 'sev-snp'"),
-        ({"attestation": None}, r"attestation: expected one of configfs-tsm, azure-tdx-vtpm, simulated, got "
-         r"null None"),
+        ({"attestation": "sev-snp"}, r"attestation: expected one of configfs-tsm, azure-tdx-vtpm, "
+         r"simulated, got string 'sev-snp'"),
+        ({"attestation": None}, r"attestation: expected one of configfs-tsm, azure-tdx-vtpm, "
+         r"simulated, got null None"),
         ({"network": "wifi"}, r"network: expected one of dhcp, none, got string 'wifi'"),
         ({"cmdline": None}, r"cmdline \(the UKI's built-in command line\) must be a string"),
-        ({"modules": ["gve.ko"]}, r"unknown keys \['modules'\] \(an image built for another runtime\?\)"),
+        ({"modules": ["gve.ko"]}, r"unknown keys \['modules'\] \(an image built for another "
+         r"runtime\?\)"),
         ({"config_sources": "cmdline"}, r"config_sources must be a list of names"),
         ({"kernel": 6}, r"kernel: expected a string, got integer 6"),
         ({"rootfs": "/dev/vda"}, r"unknown keys \['rootfs'\] \(an image built for another runtime\?\)"),
