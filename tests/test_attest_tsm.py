@@ -67,8 +67,8 @@ def test_absent_configfs_tsm(tmp_path: Path) -> None:
     with pytest.raises(AttestError) as e:
         backend.quote(bytes(64))
     assert str(e.value) == (
-        f"configfs-tsm is not available: {tmp_path}/nope does not exist (needs a TDX guest with the "
-        "tdx_guest and tsm_report modules loaded and configfs mounted)"
+        f"configfs-tsm is not available: {tmp_path}/nope does not exist (needs a TDX guest whose "
+        "kernel has the TDX guest driver, and configfs mounted)"
     )
     assert e.value.code == "attest_unavailable"
 
@@ -90,7 +90,8 @@ def test_no_provider_registered(tmp_path: Path) -> None:
         fake.backend().quote(bytes(64))
     assert str(e.value) == (
         f"configfs-tsm has no provider (creating a report entry in {tmp_path}/report failed with "
-        "ENXIO): tdx_guest is not loaded, so this is not a TDX guest or its driver failed to start"
+        "ENXIO): no TDX guest driver is registered, so this is not a TDX guest or its driver "
+        "failed to start"
     )
     assert e.value.code == "attest_unavailable"
     assert fake.created == [] and fake.live_entries() == []

@@ -14,10 +14,11 @@ from typing import Any
 
 import pytest
 
-from eemini.build import pyruntime
+from eemini.build import kernel, lock, pyruntime
 from images import DEMO_HASH, DEMO_PROFILE, REPO, build, build_output, demo_image, image, workload_spec
 
 GUEST = REPO / "src" / "eemini" / "guest"
+RELEASE = "7.3.4-eemini"  # uname -r of our kernel: the pinned source's version and LOCALVERSION
 MIB = 1 << 20
 
 
@@ -63,16 +64,23 @@ def test_build_reports_steps_sizes_and_outputs() -> None:
         ("vhd", "disk.vhd"))]  # fmt: skip
     steps = [line.strip() for line in stderr.splitlines() if line.lstrip().startswith("‣")]
     top = [s for s in steps if not s.startswith("‣ Downloading") and not s.startswith("‣ Unpacking")]
-    assert top[:3] == ["‣ Fetching 9 pinned Debian packages",
-                       "‣ Resolving 5 kernel modules and their dependencies",
-                       "‣ Adding the trimmed Python runtime and the guest runtime"]  # fmt: skip
+    pins = lock.load()
+    # The kernel comes from the cache, or is built on a miss (whichever image the session built first).
+    assert top[1] in (
+        f"‣ Kernel {RELEASE} from the cache (built earlier from {pins.kernel.label})",
+        f"‣ Building the kernel from {pins.kernel.label} with the pinned toolchain (about "
+        f"{kernel.CPU_MINUTES / kernel.jobs() + 1:.0f} minutes with {kernel.jobs()} jobs; "
+        "cached afterwards)",
+    )
+    assert [top[0], top[2]] == ["‣ Fetching 8 pinned Debian packages",
+                                "‣ Adding the trimmed Python runtime and the guest runtime"]  # fmt: skip
     uki_step = top.index("‣ Assembling the UKI")
     assert top[uki_step + 1] == "‣ Writing disk.vhd"
     sizes = manifest("azure")["sizes"]
     table = stderr[stderr.index("Size breakdown:") :].splitlines()
-    assert table[1] == f"  {'kernel (vmlinuz)':<28} {sizes['kernel'] / (1 << 20):7.2f} MiB"
+    assert table[1] == f"  {'kernel (bzImage)':<28} {sizes['kernel'] / (1 << 20):7.2f} MiB"
     assert [row[2:30].strip() for row in table[1:]] == [
-        "kernel (vmlinuz)", "kernel modules", "Python runtime", "guest runtime", "workload + spec",
+        "kernel (bzImage)", "Python runtime", "guest runtime", "workload + spec",
         "layout, /init, image facts", "initramfs (cpio)", "initramfs compressed", "UKI",
         "compression ratio",
     ]  # fmt: skip
@@ -123,7 +131,7 @@ def test_every_initramfs_byte_has_an_origin() -> None:
     # The size breakdown covers every byte of content: file data and symlink targets.
     content = sum(e["size"] if e["type"] == "file" else len(e.get("target", "")) for e in sbom)
     assert content == sum(
-        doc["sizes"][c] for c in ("modules", "python-runtime", "guest-runtime", "workload", "layout")
+        doc["sizes"][c] for c in ("python-runtime", "guest-runtime", "workload", "layout")
     )
     for e in sbom:
         origin = e["origin"]
@@ -155,45 +163,13 @@ def test_image_facts_and_spec_in_the_image() -> None:
     assert facts["attestation"] == "simulated"
     assert facts["network"] == "dhcp"
     assert facts["config_sources"] == ["cmdline", "config-disk"]
-    kver = facts["kernel"]
-    mods = f"/usr/lib/modules/{kver}/kernel"
-    # Dependencies come before the modules that need them.
-    assert facts["modules"] == [
-        f"{mods}/fs/configfs/configfs.ko",
-        f"{mods}/net/core/failover.ko",
-        f"{mods}/drivers/net/net_failover.ko",
-        f"{mods}/drivers/net/virtio_net.ko",
-        f"{mods}/drivers/block/virtio_blk.ko",
-        f"{mods}/fs/fat/fat.ko",
-        f"{mods}/fs/fat/vfat.ko",
-        f"{mods}/fs/nls/nls_cp437.ko",
-        f"{mods}/fs/nls/nls_utf8.ko",
-        f"{mods}/drivers/cdrom/cdrom.ko",
-        f"{mods}/fs/isofs/isofs.ko",
-        f"{mods}/drivers/acpi/button.ko",
-        f"{mods}/drivers/input/evdev.ko",
-    ]
-    # What PID 1 plans module loading with (eemini.guest.kmods), from each module's .modinfo.
-    module_facts = facts["module_facts"]
-    assert sorted(module_facts) == sorted(Path(p).name.removesuffix(".ko") for p in facts["modules"])
-    assert module_facts["virtio_net"] == {
-        "aliases": ["virtio:d00000001v*"],
-        "depends": ["net_failover"],
-        "requested": True,
-    }
-    assert module_facts["failover"] == {"aliases": [], "depends": [], "requested": False}
-    assert module_facts["isofs"] == {
-        "aliases": ["fs-iso9660", "iso9660"],
-        "depends": ["cdrom"],
-        "requested": True,
-    }
+    assert facts["kernel"] == RELEASE
+    # No kernel modules: every driver is built in.
+    assert sorted(facts) == ["attestation", "builder_version", "cmdline", "config_sources",
+                             "kernel", "network", "profile", "spec_digest", "workload_path",
+                             "workload_sha256"]  # fmt: skip
+    assert not [e["path"] for e in doc["initramfs"]["files"] if "/modules/" in e["path"]]
     by_path = {e["path"]: e for e in doc["initramfs"]["files"]}
-    lock = {p["name"]: p["version"] for p in doc["packages"]}
-    # Shipped decompressed (the kernel would otherwise decompress xz on every boot).
-    assert by_path[f"{mods}/fs/configfs/configfs.ko"]["origin"] == {
-        "source": "debian", "package": f"linux-image-{kver}", "version": lock[f"linux-image-{kver}"],
-        "derived_from": f"{mods}/fs/configfs/configfs.ko.xz",
-    }  # fmt: skip
     workload = (image(DEMO_PROFILE).parent / "spec" / "hello").read_bytes()
     assert facts["workload_sha256"] == hashlib.sha256(workload).hexdigest()
     assert by_path["/app/hello"]["sha256"] == facts["workload_sha256"]
@@ -202,6 +178,32 @@ def test_image_facts_and_spec_in_the_image() -> None:
     assert doc["cmdline"] == "console=ttyS0 quiet ee.dev=1"
     assert facts["cmdline"] == "console=ttyS0 quiet ee.dev=1"
     assert doc["outputs"]["uki"]["sha256"] == sha256(image(DEMO_PROFILE) / "uki.efi")
+
+
+def test_every_profile_carries_the_same_kernel_and_the_manifest_says_what_made_it(
+    tmp_path: Path,
+) -> None:
+    pins = lock.load()
+    config = kernel.RESOLVED.read_text()
+    built = {}
+    for name in ("local-dev", "local-tdx-qcow2", "gcp", "azure"):
+        uki = image(name) / "uki.efi"
+        for section in (".linux", ".uname"):
+            run("objcopy", "-O", "binary", f"--only-section={section}", uki, tmp_path / section)
+        assert (tmp_path / ".uname").read_bytes() == RELEASE.encode()
+        built[name] = hashlib.sha256((tmp_path / ".linux").read_bytes()).hexdigest()
+        doc = manifest(name)
+        assert doc["kernel"] == {
+            "release": RELEASE,
+            "source": {"name": "linux-source-7.3", "version": "7.3.4-1~bpo13+1",
+                       "sha256": pins.kernel.sha256},
+            "config_sha256": hashlib.sha256(config.encode()).hexdigest(),
+            "options_on": len(kernel.enabled_options(config)),
+            "toolchain_sha256": kernel.toolchain_key(pins.toolchain),
+            "bzimage_sha256": built[name],
+        }  # fmt: skip
+        assert doc["sizes"]["kernel"] == (tmp_path / ".linux").stat().st_size
+    assert len(set(built.values())) == 1, built  # one kernel, one set of measurements
 
 
 def test_production_image_facts_carry_the_ukis_own_cmdline() -> None:
@@ -349,7 +351,7 @@ def test_gce_tarball_holds_one_disk_raw_of_whole_gib() -> None:
         head = f.read(1024)
     assert head[510:512] == b"\x55\xaa" and head[512:520] == b"EFI PART"
     facts = manifest("gcp")["image"]
-    assert any(m.endswith("/gve.ko") for m in facts["modules"])
+    assert facts["kernel"] == RELEASE
     assert facts["attestation"] == "configfs-tsm"
 
 

@@ -13,9 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from eemini.build import apt, cpio, disk, elf, fat, gpt, kmod, lock, profile, uki
+from eemini.build import apt, cpio, disk, elf, fat, gpt, lock, profile, uki
 from eemini.build.compress import Compression
-from eemini.build.deb import unpacked
 from eemini.build.tree import PROJECT, Kind, Origin, Source, Tree
 from eemini.guest.image import Attestation
 from eemini.log import UserError
@@ -285,7 +284,7 @@ def test_static_workload_is_accepted(tmp_path: Path) -> None:
 def write_profile(tmp_path: Path, **changes: object) -> Path:
     doc: dict[str, object] = {"description": "t", "attestation": "configfs-tsm", "network": "dhcp",
                               "config_sources": ["config-disk"], "cmdline": ["console=ttyS0"],
-                              "modules": ["virtio_net"], "outputs": ["qcow2"]}  # fmt: skip
+                              "outputs": ["qcow2"]}  # fmt: skip
     doc.update(changes)
     lines = [f"{k} = {json.dumps(v)}" for k, v in doc.items() if v is not None]
     (tmp_path / "p.toml").write_text("\n".join(lines) + "\n")
@@ -302,7 +301,6 @@ def test_profiles_in_the_repo_load() -> None:
         assert not p.simulated and "ee.dev=1" not in p.cmdline
         assert "cmdline" not in p.config_sources
         # Azure's guest is not the TD (its paravisor is): it attests through the vTPM instead.
-        assert ("tdx_guest" in p.modules) == (name != "azure")
         want = Attestation.AZURE_TDX_VTPM if name == "azure" else Attestation.CONFIGFS_TSM
         assert p.attestation is want
     assert {profile.load(name).compression for name in profile.available()} == {Compression.ZSTD}
@@ -334,6 +332,16 @@ def test_a_profile_may_choose_the_initramfs_compression(tmp_path: Path) -> None:
 def test_bad_profiles_are_refused(tmp_path: Path, changes: dict[str, object], message: str) -> None:
     with pytest.raises(UserError, match=message):
         profile.load("p", directory=write_profile(tmp_path, **changes))
+
+
+def test_a_profile_listing_kernel_modules_is_refused_saying_why(tmp_path: Path) -> None:
+    with pytest.raises(UserError) as e:
+        profile.load("p", directory=write_profile(tmp_path, modules=["virtio_net"]))
+    assert str(e.value) == (
+        f"profile {tmp_path}/p.toml: `modules` is no longer a profile key: the kernel has no loadable "
+        "modules, every driver an image needs is built in (kernel/fragment.config)"
+    )
+    assert e.value.hint == "remove the `modules` list from the profile"
 
 
 def test_only_a_simulated_profile_may_read_boot_config_from_the_cmdline(tmp_path: Path) -> None:
@@ -385,6 +393,8 @@ def test_host_sources_are_read_from_deb822_and_one_line_files(tmp_path: Path) ->
     ]
     assert apt.sources_list(found) == (
         "deb [arch=amd64 signed-by=/usr/share/keyrings/k.gpg] file:///srv/mirror/debian trixie main\n"
+        "deb [arch=amd64 signed-by=/usr/share/keyrings/k.gpg] file:///srv/mirror/debian "
+        "trixie-backports main\n"
         "deb [arch=amd64 signed-by=/usr/share/keyrings/k.gpg] file:///srv/mirror/debian-security "
         "trixie-security main\n"
     )
@@ -397,7 +407,11 @@ def test_lock_command_lists_the_pins() -> None:
         [sys.executable, "-m", "eemini", "lock"], capture_output=True, text=True, check=True
     )
     rows = [line.split("\t") for line in proc.stdout.splitlines()]
-    assert rows == [[p.name, p.version, p.sha256, p.role.value] for p in lock.load().packages]
+    pins = lock.load()
+    assert rows == [
+        [p.name, p.version, p.sha256, p.role.value] for p in [*pins.packages, *pins.toolchain]
+    ]
+    assert len(rows) == len(pins.packages) + len(pins.toolchain) == 9 + 82
 
 
 def test_lock_file_errors(tmp_path: Path) -> None:
@@ -413,12 +427,19 @@ def test_lock_file_errors(tmp_path: Path) -> None:
 def test_lock_file_in_repo_pins_what_the_issue_asks_for() -> None:
     pinned = lock.load()
     assert pinned.suite == "trixie"
-    assert pinned.kernel.name.startswith("linux-image-6.12.") and pinned.kernel.name.endswith(
-        "+deb13-cloud-amd64"
-    )
+    assert pinned.kernel.name == "linux-source-7.3"
+    assert pinned.kernel.version == "7.3.4-1~bpo13+1"
+    assert lock.upstream_version(pinned.kernel.version) >= lock.MIN_KERNEL == (6, 16)
     names = {p.name for p in pinned.packages}
-    assert {"systemd-boot-efi", "python3.13-minimal", "libpython3.13-minimal", "libpython3.13-stdlib",
-            "libc6", "libffi8"} <= names  # fmt: skip
+    assert names == {"linux-source-7.3", "systemd-boot-efi", "python3.13-minimal",
+                     "libpython3.13-minimal", "libpython3.13-stdlib", "libc6", "libffi8", "zlib1g",
+                     "libexpat1"}  # fmt: skip
+    tools = {p.name: p.version for p in pinned.toolchain}
+    assert (
+        tools["gcc-14"] == "14.2.0-19" and tools["binutils"] == "2.44-3" and tools["make"] == "4.4.1-2"
+    )
+    assert {name for name, _ in lock.TOOLCHAIN_ROOTS} <= set(tools)
+    assert all(p.role is lock.Role.TOOLCHAIN for p in pinned.toolchain)
     assert lock.Lock.to_json(pinned) == lock.LOCK_PATH.read_text()
 
 
@@ -427,11 +448,30 @@ def test_lock_update_resolves_every_root(private_cache: Path, tmp_path: Path) ->
     roles = {p.name: p.role for p in fresh.packages}
     assert roles.pop(fresh.kernel.name) is lock.Role.KERNEL
     assert roles == {r.name: r.role for r in lock.ROOTS if not r.meta}
-    assert re.fullmatch(r"linux-image-6\.12\.\d+\+deb13(\.\d+)?-cloud-amd64", fresh.kernel.name)
+    # The newest kernel source trixie-backports offers, never the release's 6.12.
+    assert re.fullmatch(r"linux-source-\d+\.\d+", fresh.kernel.name)
+    assert fresh.kernel.version.endswith(tuple(f"~bpo13+{n}" for n in range(1, 10)))
+    assert lock.upstream_version(fresh.kernel.version) >= (7, 3)
     assert all(re.fullmatch(r"[0-9a-f]{64}", p.sha256) and p.size > 0 for p in fresh.packages)
+    tools = {p.name for p in fresh.toolchain}
+    assert {name for name, _ in lock.TOOLCHAIN_ROOTS} | {"binutils", "libc6", "cpp-14"} <= tools
     lock.save(fresh, tmp_path / "l.json")
     assert lock.load(tmp_path / "l.json") == fresh
     assert not (tmp_path / "l.tmp").exists()
+
+
+def test_a_kernel_older_than_the_measurement_abi_is_refused() -> None:
+    old = lock.Package("linux-source-6.12", "6.12.118-1", "0" * 64, 1, lock.Role.KERNEL)
+    with pytest.raises(UserError) as e:
+        lock.check_kernel(old)
+    assert str(e.value) == (
+        "the kernel source linux-source-6.12 6.12.118-1 is older than Linux 6.16, which has the TSM "
+        "measurement ABI (RTMR3 extension through sysfs)"
+    )
+    assert lock.upstream_version("1:6.16-1") == (6, 16)
+    lock.check_kernel(
+        lock.Package("linux-source-6.16", "6.16.3-1~bpo13+1", "0" * 64, 1, lock.Role.KERNEL)
+    )
 
 
 @pytest.fixture
@@ -485,27 +525,6 @@ def test_vanished_version_says_what_to_do(private_cache: Path) -> None:
         "if the Debian archive no longer offers this version, run `eemini lock --update` to pin what it "
         "offers now (this changes the image and its measurements)"
     )
-
-
-# --- kernel modules ---
-
-
-@pytest.fixture(scope="module")
-def kernel() -> kmod.KernelTree:
-    return kmod.KernelTree(unpacked(apt.Apt(), lock.load().kernel))
-
-
-def test_module_order_puts_dependencies_first(kernel: kmod.KernelTree) -> None:
-    order = [m.name for m in kernel.load_order(["tdx_guest", "hv_netvsc", "nvme", "vfat"])]
-    # nvme is built in: nothing to load.
-    assert order == ["configfs", "tsm", "tdx_guest", "hv_vmbus", "hv_netvsc", "fat", "vfat"]
-
-
-def test_unknown_module_is_named_with_its_chain(kernel: kmod.KernelTree) -> None:
-    with pytest.raises(
-        UserError, match=rf"^kernel {re.escape(kernel.version)} has no module no_such_mod$"
-    ):
-        kernel.load_order(["no-such-mod"])
 
 
 def test_kind_values_are_stable() -> None:

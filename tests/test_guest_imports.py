@@ -63,7 +63,7 @@ AVOIDED = {
 # with it; the metadata client imports its HTTP client only when it fetches).
 LEAN = [
     "attest", "azure", "bootconfig", "dev.der", "dev.p256", "dev.simulated", "dhcp", "events", "image",
-    "kmods", "linux", "logbuf", "loop", "metadata", "net", "netlink", "pid1", "power", "record",
+    "linux", "logbuf", "loop", "metadata", "net", "netlink", "pid1", "power", "record",
     "rtmr", "runtime", "server", "spec", "supervisor", "tpm",
 ]  # fmt: skip
 

@@ -31,9 +31,6 @@ def _header_value(header: str, name: str) -> int:
         ("mount.h", "MS_NODEV"),
         ("mount.h", "MS_NOEXEC"),
         ("mount.h", "MS_NOSYMFOLLOW"),
-        ("module.h", "MODULE_INIT_IGNORE_MODVERSIONS"),
-        ("module.h", "MODULE_INIT_IGNORE_VERMAGIC"),
-        ("module.h", "MODULE_INIT_COMPRESSED_FILE"),
         ("reboot.h", "LINUX_REBOOT_CMD_POWER_OFF"),
         ("reboot.h", "LINUX_REBOOT_CMD_CAD_OFF"),
         ("prctl.h", "PR_SET_PDEATHSIG"),
@@ -44,41 +41,6 @@ def test_constants_match_kernel_headers(header: str, name: str) -> None:
     if not (HEADERS / header).exists():
         pytest.skip(f"kernel UAPI headers not installed ({HEADERS / header})")
     assert getattr(linux, name) == _header_value(header, name)
-
-
-def test_finit_module_syscall_number_matches_header() -> None:
-    unistd = Path("/usr/include/x86_64-linux-gnu/asm/unistd_64.h")
-    if not unistd.exists():
-        pytest.skip("x86_64 syscall header not installed")
-    m = re.search(r"#define __NR_finit_module (\d+)", unistd.read_text())
-    assert m
-    assert linux.syscall_number("finit_module") == int(m.group(1))
-
-
-def test_finit_module_failure_is_a_named_oserror() -> None:
-    with pytest.raises(OSError) as exc:
-        linux.finit_module(-1)
-    # EBADF on a kernel with modules; ENOSYS (with a readable sentence) on one built without.
-    assert exc.value.errno in (errno.EBADF, errno.ENOSYS)
-    expected = {
-        errno.EBADF: "finit_module: Bad file descriptor",
-        errno.ENOSYS: "finit_module: the kernel does not offer this system call",
-    }[exc.value.errno]
-    assert exc.value.strerror == expected
-
-
-def test_load_module_names_the_file(tmp_path: Path) -> None:
-    bogus = tmp_path / "bogus.ko.xz"
-    bogus.write_bytes(b"not a module")
-    with pytest.raises(OSError) as exc:
-        linux.load_module(bogus)
-    assert exc.value.filename == os.fspath(bogus)
-    assert str(exc.value.strerror).startswith("finit_module: ")
-
-
-def test_load_module_missing_file() -> None:
-    with pytest.raises(FileNotFoundError):
-        linux.load_module("/nonexistent/mod.ko")
 
 
 _MOUNT_SCRIPT = """

@@ -52,8 +52,8 @@ TRIAL_REFUSALS: dict[str, tuple[dict[str, object], Callable[[FakeTsm], str]]] = 
         {"provider": None},
         lambda f: (
             UNAVAILABLE + f"configfs-tsm has no provider (creating a report entry in {f.root} "
-            "failed with ENXIO): tdx_guest is not loaded, so this is not a TDX guest or its driver "
-            "failed to start\n"
+            "failed with ENXIO): no TDX guest driver is registered, so this is not a TDX guest or "
+            "its driver failed to start\n"
         ),
     ),
     "empty provider": (
@@ -122,7 +122,7 @@ def test_no_report_directory(tmp_path: Path, capfd: pytest.CaptureFixture[str]) 
         pid1.trial_quote(attest.ConfigfsTsmBackend(os.fspath(tmp_path / "report")))
     assert console_line(capfd, e.value) == (
         UNAVAILABLE + f"configfs-tsm is not available: {tmp_path}/report does not exist (needs a TDX "
-        "guest with the tdx_guest and tsm_report modules loaded and configfs mounted)\n"
+        "guest whose kernel has the TDX guest driver, and configfs mounted)\n"
     )
 
 

@@ -32,6 +32,7 @@ COMMANDS: dict[str, str] = {
     "measure": "eemini.commands.measure",
     "build": "eemini.commands.build",
     "lock": "eemini.commands.lock",
+    "kernel": "eemini.commands.kernel",
 }
 
 

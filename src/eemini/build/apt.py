@@ -20,9 +20,12 @@ from pathlib import Path
 from eemini.log import complete_step, die, log_debug
 from eemini.proc import find_tool, run, sha256_file
 
-# The Debian release the image is built from, and the suites searched for it (point releases
-# and security updates; the cloud kernel's security builds live in the latter).
+# The Debian release the image is built from, and the suites searched for it: point releases,
+# security updates, and backports (the kernel source: Linux >= 6.16 for the TSM measurement ABI is
+# only in trixie-backports; docs/kernel.md). apt ranks backports below the release (priority 100),
+# so a package the release has is resolved from the release.
 SUITE = "trixie"
+BACKPORTS = f"{SUITE}-backports"
 ARCH = "amd64"
 
 
@@ -102,7 +105,7 @@ def sources_list(sources: list[Source]) -> str:
         )
     security = next((s for s in sources if s.security), None)
     lines = []
-    for src, suite in ((main, SUITE), (security, f"{SUITE}-security")):
+    for src, suite in ((main, SUITE), (main, BACKPORTS), (security, f"{SUITE}-security")):
         if src is None:
             continue
         opts = f"[arch={ARCH} signed-by={src.signed_by}] " if src.signed_by else f"[arch={ARCH}] "
@@ -167,19 +170,56 @@ class Apt:
     def have_lists(self) -> bool:
         return any((self.root / "lists").glob("*_Packages*"))
 
-    def show(self, name: str, version: str | None = None) -> dict[str, str] | None:
-        """The package record of name=version (or the candidate), None when the lists lack it."""
+    def show(
+        self, name: str, version: str | None = None, release: str | None = None
+    ) -> dict[str, str] | None:
+        """The package record of name=version (or the candidate, from `release` first when given:
+        e.g. BACKPORTS, which apt otherwise ranks below the release), None when the lists lack it."""
         if not self.have_lists():
             self.update()
         spec = f"{name}={version}" if version else name
+        prefer = [f"-oAPT::Default-Release={release}"] if release else []
         with self.locked():
             self._prepare()
-            proc = run(["apt-cache", *self._options(), "show", "--no-all-versions", spec],
+            proc = run(["apt-cache", *self._options(), *prefer, "show", "--no-all-versions", spec],
                        capture=True, check=False)  # fmt: skip
         if proc.returncode != 0 or not proc.stdout.strip():
             return None
         paras = list(_deb822_paragraphs(proc.stdout.decode()))
         return paras[0] if paras else None
+
+    def closure(self, names: list[str]) -> list[tuple[str, str, str, int]]:
+        """(name, version, sha256, size) of every package an install of `names` into an empty
+        system takes (dependencies resolved, no Recommends), sorted by name."""
+        if not self.have_lists():
+            self.update()
+        base = ["apt-get", "-qq", *self._options(), "-oAcquire::ForceHash=SHA256", "install",
+                "--no-install-recommends"]  # fmt: skip
+        with self.locked():
+            self._prepare()
+            plan = run([*base, "--simulate", *names], capture=True, check=False)
+            uris = run([*base, "--print-uris", *names], capture=True, check=False)
+        for proc in (plan, uris):
+            if proc.returncode != 0:
+                err = proc.stderr.decode(errors="replace").strip().splitlines()
+                die(f"apt cannot resolve {' '.join(names)}: {err[-1] if err else 'no reason given'}")
+        # "Inst NAME (VERSION SUITES [ARCH])": the version with its epoch, which file names lack.
+        versions = dict(re.findall(r"^Inst (\S+) \((\S+) ", plan.stdout.decode(), re.MULTILINE))
+        # "'URI' NAME_VERSION_ARCH.deb SIZE SHA256:HEX"
+        hashes = {
+            m[1]: (m[3], int(m[2]))
+            for m in re.finditer(
+                r"^'[^']*' ([^_\s]+)_\S+\.deb (\d+) SHA256:([0-9a-f]{64})$",
+                uris.stdout.decode(),
+                re.MULTILINE,
+            )
+        }
+        if not versions or set(versions) != set(hashes):
+            die(
+                f"apt's plan and download list for {' '.join(names)} disagree: "
+                f"{sorted(set(versions) ^ set(hashes)) or 'no packages at all'}"
+            )
+        return [(n, versions[n], *hashes[n]) for n in sorted(versions)]
 
     def download(self, name: str, version: str, dest: Path) -> Path:
         """Download name=version into dest (a directory); return the file apt wrote."""
@@ -230,6 +270,55 @@ def fetch(apt: Apt, name: str, version: str, sha256: str) -> Path:
             )
         os.replace(got, final)
     return final
+
+
+def fetch_all(apt: Apt, packages: list[tuple[str, str, str]], what: str) -> dict[str, Path]:
+    """fetch() for many packages (name, version, sha256) at once: those not in the cache come in one
+    apt run. {sha256: cached .deb}."""
+    debs = apt.root.parent / "debs"
+    debs.mkdir(parents=True, exist_ok=True)
+    found: dict[str, Path] = {}
+    missing = []
+    for name, version, sha256 in packages:
+        final = debs / f"{sha256}.deb"
+        if final.is_file() and sha256_file(final) == sha256:
+            found[sha256] = final
+        else:
+            final.unlink(missing_ok=True)
+            missing.append((name, version, sha256))
+    if not missing:
+        return found
+    if not apt.updated:
+        apt.update()
+    with (
+        complete_step(f"Downloading {len(missing)} packages for {what}"),
+        tempfile.TemporaryDirectory(dir=debs, prefix=".partial-") as tmp,
+    ):
+        with apt.locked():
+            apt._prepare()
+            proc = run(["apt-get", "-q", *apt._options(), "download",
+                        *(f"{n}={v}" for n, v, _ in missing)],
+                       capture=True, check=False, cwd=tmp)  # fmt: skip
+        if proc.returncode != 0:
+            err = proc.stderr.decode(errors="replace").strip().splitlines()
+            die(
+                f"apt could not download the packages for {what}: "
+                f"{err[-1] if err else 'no reason given'}",
+                hint="if the Debian archive no longer offers these versions, run `eemini lock --update` "
+                "to pin what it offers now (this changes the image and its measurements)",
+            )
+        got = {sha256_file(f): f for f in Path(tmp).glob("*.deb")}
+        for name, version, sha256 in missing:
+            if sha256 not in got:
+                die(
+                    f"{name} {version} downloaded with another sha256 than the lock file pins "
+                    f"({sha256})",
+                    hint="the downloads were discarded; if the archive really changed this package, "
+                    "review it and run `eemini lock --update`, otherwise check the mirror and retry",
+                )
+            os.replace(got[sha256], debs / f"{sha256}.deb")
+            found[sha256] = debs / f"{sha256}.deb"
+    return found
 
 
 def clear_lists(apt: Apt) -> None:

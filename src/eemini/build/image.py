@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from eemini import __version__
-from eemini.build import compress, cpio, disk, elf, kmod, manifest, pyruntime, uki
+from eemini.build import compress, cpio, disk, elf, manifest, pyruntime, uki
+from eemini.build import kernel as kernel_build
 from eemini.build.apt import Apt
 from eemini.build.deb import unpacked
 from eemini.build.lock import Lock, Role
@@ -35,7 +36,7 @@ from eemini.guest.pid1 import main
 
 main(started=started)
 '''
-CATEGORIES = ("modules", "python-runtime", "guest-runtime", "workload", "layout")
+CATEGORIES = ("python-runtime", "guest-runtime", "workload", "layout")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,8 +59,7 @@ class Context:
     compression: compress.Compression = compress.DEFAULT
     roots: dict[str, Path] = dataclasses.field(default_factory=dict)
     tree: Tree = dataclasses.field(default_factory=Tree)
-    modules: list[kmod.Module] = dataclasses.field(default_factory=list)
-    kernel: kmod.KernelTree | None = None
+    kernel: kernel_build.Kernel | None = None
     outputs: dict[str, Path] = dataclasses.field(default_factory=dict)
     sizes: dict[str, int] = dataclasses.field(default_factory=dict)
 
@@ -92,8 +92,8 @@ def build(profile: Profile, lock: Lock, spec: ResolvedSpec, out: Path, *,
             ctx = Context(profile, lock, spec, out, Path(tmp), Apt(), compression)
             check_workload(ctx)
             fetch_packages(ctx)
+            build_kernel(ctx)
             add_layout(ctx)
-            add_modules(ctx)
             add_python(ctx)
             add_image_facts(ctx)
             initrd = make_initramfs(ctx)
@@ -131,10 +131,16 @@ def check_workload(ctx: Context) -> None:
 
 
 def fetch_packages(ctx: Context) -> None:
-    with complete_step(f"Fetching {len(ctx.lock.packages)} pinned Debian packages"):
-        for pkg in ctx.lock.packages:
+    """The packages whose files go into the image (the kernel source is the kernel build's)."""
+    wanted = [p for p in ctx.lock.packages if p.role is not Role.KERNEL]
+    with complete_step(f"Fetching {len(wanted)} pinned Debian packages"):
+        for pkg in wanted:
             ctx.roots[pkg.name] = unpacked(ctx.apt, pkg)
-    ctx.kernel = kmod.KernelTree(ctx.roots[ctx.lock.kernel.name])
+
+
+def build_kernel(ctx: Context) -> None:
+    """Our kernel (docs/kernel.md): from the cache, or compiled now from the pinned source."""
+    ctx.kernel = kernel_build.ensure(ctx.apt, ctx.lock)
 
 
 def add_layout(ctx: Context) -> None:
@@ -150,17 +156,6 @@ def add_layout(ctx: Context) -> None:
     t.file("/init", INIT, PROJECT, "layout", executable=True)
 
 
-def add_modules(ctx: Context) -> None:
-    assert ctx.kernel is not None
-    kpkg = ctx.lock.kernel
-    with complete_step(f"Resolving {len(ctx.profile.modules)} kernel modules and their dependencies"):
-        ctx.modules = ctx.kernel.load_order(list(ctx.profile.modules))
-    for m in ctx.modules:
-        derived = None if m.path == m.packaged else str(m.packaged)
-        origin = Origin(Source.DEBIAN, kpkg.name, kpkg.version, derived)
-        ctx.tree.file(str(m.path), m.data(), origin, "modules")
-
-
 def add_python(ctx: Context) -> None:
     python = [(p, ctx.roots[p.name]) for p in ctx.lock.packages if p.role in (Role.PYTHON, Role.LIBRARY)]
     with complete_step("Adding the trimmed Python runtime and the guest runtime"):
@@ -168,21 +163,6 @@ def add_python(ctx: Context) -> None:
         analysis = pyruntime.analyze(target, ctx.profile)
         pyruntime.add_runtime(ctx.tree, target, analysis, ctx.work)
     shutil.rmtree(target.root, ignore_errors=True)
-
-
-def module_facts(ctx: Context) -> dict[str, dict[str, Any]]:
-    """What PID 1 needs to load only the modules a machine uses (eemini.guest.kmods): each
-    module's aliases and dependencies from its .modinfo, and whether the profile names it."""
-    assert ctx.kernel is not None
-    requested = {n.replace("-", "_") for n in ctx.profile.modules}
-    return {
-        m.name: {
-            "aliases": sorted(set(ctx.kernel.modinfo(m.name).get("alias", []))),
-            "depends": list(m.depends),
-            "requested": m.name in requested,
-        }
-        for m in ctx.modules
-    }
 
 
 def cmdline_section(ctx: Context) -> bytes:
@@ -206,13 +186,11 @@ def image_facts(ctx: Context) -> ImageFacts:
     return ImageFacts(
         profile=ctx.profile.name,
         cmdline=builtin_cmdline(ctx),
-        modules=tuple(str(m.path) for m in ctx.modules),
-        module_facts=module_facts(ctx),
         attestation=ctx.profile.attestation,
         network=ctx.profile.network,
         config_sources=ctx.profile.config_sources,
         builder_version=__version__,
-        kernel=ctx.kernel.version,
+        kernel=ctx.kernel.release,
         spec_digest=hashlib.sha256(ctx.spec.canonical).hexdigest(),
         workload_sha256=hashlib.sha256(ctx.spec.workload.read_bytes()).hexdigest(),
         workload_path=str(ctx.spec.image_path),
@@ -244,11 +222,11 @@ def make_uki(ctx: Context, initrd: bytes) -> bytes:
     stub_pkg = ctx.lock.by_role(Role.STUB)[0]
     with complete_step("Assembling the UKI"):
         stub = (ctx.roots[stub_pkg.name] / STUB).read_bytes()
-        kernel = ctx.kernel.vmlinuz.read_bytes()
+        kernel = ctx.kernel.bzimage.read_bytes()
         image = uki.assemble(stub, {
             ".osrel": uki.os_release(__version__, ctx.profile.name),
             ".cmdline": cmdline_section(ctx),
-            ".uname": ctx.kernel.version.encode(),
+            ".uname": ctx.kernel.release.encode(),
             ".initrd": initrd,
             ".linux": kernel,
         })  # fmt: skip
@@ -293,6 +271,20 @@ def write_dev_root(ctx: Context) -> None:
     ctx.outputs["dev-root"] = path
 
 
+def kernel_facts(ctx: Context) -> dict[str, Any]:
+    """What the kernel was made of, for the manifest: source, configuration, toolchain, result."""
+    assert ctx.kernel is not None
+    info = ctx.kernel.info()
+    return {
+        "release": ctx.kernel.release,
+        "source": info["source"],
+        "config_sha256": info["config_sha256"],
+        "options_on": info["options_on"],
+        "toolchain_sha256": info["toolchain"],
+        "bzimage_sha256": info["bzimage_sha256"],
+    }
+
+
 def write_manifest(ctx: Context, extra: dict[str, Any]) -> None:
     from eemini.build.manifest import sbom
 
@@ -309,6 +301,7 @@ def write_manifest(ctx: Context, extra: dict[str, Any]) -> None:
             {"name": p.name, "version": p.version, "sha256": p.sha256, "role": p.role.value}
             for p in ctx.lock.packages
         ],
+        "kernel": kernel_facts(ctx),
         "outputs": outputs,
         "sizes": ctx.sizes,
         "initramfs": {"compression": ctx.compression.value, "files": sbom(ctx.tree)},

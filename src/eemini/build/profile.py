@@ -34,7 +34,6 @@ class Profile:
     network: Network
     config_sources: tuple[ConfigSource, ...]
     cmdline: tuple[str, ...]
-    modules: tuple[str, ...]
     outputs: tuple[Output, ...]
     # Size against boot time (docs/build.md, "Compression"): zstd unless the profile says otherwise.
     compression: Compression = DEFAULT_COMPRESSION
@@ -48,7 +47,7 @@ class Profile:
         return " ".join(self.cmdline)
 
 
-KEYS = {"description", "attestation", "network", "config_sources", "cmdline", "modules", "outputs"}
+KEYS = {"description", "attestation", "network", "config_sources", "cmdline", "outputs"}
 OPTIONAL_KEYS = {"initramfs_compression"}
 
 
@@ -64,6 +63,12 @@ def load(name: str, directory: Path = PROFILES_DIR) -> Profile:
         doc = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as e:
         die(f"profile {path} is not valid TOML: {e}")
+    if "modules" in doc:
+        die(
+            f"profile {path}: `modules` is no longer a profile key: the kernel has no loadable "
+            "modules, every driver an image needs is built in (kernel/fragment.config)",
+            hint="remove the `modules` list from the profile",
+        )
     unknown = set(doc) - KEYS - OPTIONAL_KEYS
     missing = KEYS - set(doc)
     if unknown or missing:
@@ -108,5 +113,5 @@ def load(name: str, directory: Path = PROFILES_DIR) -> Profile:
         die(f"profile {path}: the cmdline must include console=ttyS0 (the serial console)")
     if ("ee.dev=1" in cmdline) != (attestation is Attestation.SIMULATED):
         die(f"profile {path}: ee.dev=1 must be in the cmdline exactly when attestation is simulated")
-    return Profile(name, str(doc["description"]), attestation, network, sources, cmdline,
-                   strings("modules"), outputs, compression)  # fmt: skip
+    return Profile(name, str(doc["description"]), attestation, network, sources, cmdline, outputs,
+                   compression)  # fmt: skip

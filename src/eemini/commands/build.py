@@ -30,8 +30,7 @@ def _mib(n: int) -> str:
 def print_sizes(built: Built) -> None:
     s = built.sizes
     rows = [
-        ("kernel (vmlinuz)", s["kernel"]),
-        ("kernel modules", s["modules"]),
+        ("kernel (bzImage)", s["kernel"]),
         ("Python runtime", s["python-runtime"]),
         ("guest runtime", s["guest-runtime"]),
         ("workload + spec", s["workload"]),

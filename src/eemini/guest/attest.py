@@ -142,7 +142,7 @@ class ConfigfsTsmBackend:
         if not os.path.isdir(self.root):
             raise AttestError(
                 f"configfs-tsm is not available: {self.root} does not exist (needs a TDX guest "
-                "with the tdx_guest and tsm_report modules loaded and configfs mounted)",
+                "whose kernel has the TDX guest driver, and configfs mounted)",
                 "attest_unavailable",
             )
 
@@ -158,12 +158,12 @@ class ConfigfsTsmBackend:
                 self._mkdir(entry)
             except OSError as e:
                 if e.errno == errno.ENXIO:
-                    # tsm.ko refuses new entries while no provider is registered: what a VM
-                    # without TDX shows (tdx_guest's init failed with ENODEV, tsm.ko loaded).
+                    # configfs-tsm refuses new entries while no provider is registered: what a VM
+                    # without TDX shows (the TDX guest driver's init failed with ENODEV).
                     raise AttestError(
                         f"configfs-tsm has no provider (creating a report entry in {self.root} "
-                        "failed with ENXIO): tdx_guest is not loaded, so this is not a TDX guest "
-                        "or its driver failed to start",
+                        "failed with ENXIO): no TDX guest driver is registered, so this is not a "
+                        "TDX guest or its driver failed to start",
                         "attest_unavailable",
                     ) from None
                 msg = f"configfs-tsm: cannot create report entry {entry}: {e.strerror}"

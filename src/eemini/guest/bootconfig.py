@@ -404,12 +404,10 @@ def find_config_disk(
 def read_config_disk(
     wait: float = 2.0,
     mountpoint: str = "/run/eemini/config",
-    prepare: Callable[[str], object] | None = None,
 ) -> bytes | None:
     """agent.env from the config disk, or None when there is no config disk.
 
-    `prepare(fstype)` runs before the mount (PID 1 loads the filesystem's modules there). The
-    mount is read-only, nosuid, nodev, noexec and nosymfollow: the disk is the host's, and a
+    The mount is read-only, nosuid, nodev, noexec and nosymfollow: the disk is the host's, and a
     symbolic link on it (iso9660 Rock Ridge has them) must not reach the guest's own files.
     """
     from eemini.guest import linux
@@ -418,12 +416,10 @@ def read_config_disk(
     if found is None:
         return None
     dev, fstype = found
-    if prepare is not None:
-        prepare(fstype)
     os.makedirs(mountpoint, exist_ok=True)
     flags = linux.MS_RDONLY | linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC | linux.MS_NOSYMFOLLOW
-    # Debian's kernel defaults FAT to iocharset=ascii (CONFIG_FAT_DEFAULT_IOCHARSET), whose NLS
-    # module images do not carry; name the charsets the image has (nls_utf8, nls_cp437). FAT has
+    # The character sets the kernel has built in (kernel/fragment.config: NLS_UTF8,
+    # NLS_CODEPAGE_437), named rather than left to the kernel's defaults. FAT has
     # no symlinks, FIFOs or devices; on iso9660 only Rock Ridge brings them, and `norock` leaves
     # its extensions unread (agent.env is an 8.3 name, which plain ISO 9660 and Joliet carry).
     options = {"vfat": "iocharset=utf8,codepage=437", "iso9660": "norock"}.get(fstype)
@@ -499,13 +495,12 @@ def collect_local(
     cmdline: Cmdline,
     sources: Sequence[ConfigSource],
     log: Callable[[str], None],
-    prepare_mount: Callable[[str], object] | None = None,
 ) -> list[Setting]:
     settings: list[Setting] = []
     if ConfigSource.CMDLINE in sources:
         settings += cmdline_settings(cmdline)
     if ConfigSource.CONFIG_DISK in sources:
-        data = read_config_disk(prepare=prepare_mount)
+        data = read_config_disk()
         if data is None:
             log("boot config: no config disk")
         else:

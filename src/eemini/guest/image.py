@@ -14,7 +14,6 @@ from eemini.guest.record import record
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Mapping
     from typing import Any, TypeVar
 
     E = TypeVar("E", bound=enum.StrEnum)
@@ -62,8 +61,8 @@ class ConfigSource(enum.StrEnum):
 
 
 def _got(value: object) -> str:
-    # PID 1 reads image.json before its kernel modules start loading: the spec module (and its
-    # regular expression) is imported on this error path only, not ahead of them.
+    # PID 1 reads image.json first thing: the spec module (and its regular expression) is imported
+    # on this error path only.
     from eemini.guest.spec import type_name
 
     return f"{type_name(value)} {value!r}"
@@ -102,8 +101,6 @@ class ImageFacts:
     config_sources: tuple[ConfigSource, ...] = ()
     # What systemd-stub passes on from the UKI's .cmdline; required where attestation is real.
     cmdline: str | None = None
-    modules: tuple[str, ...] = ()  # kernel module paths in load order (eemini.guest.kmods)
-    module_facts: Mapping[str, Any] | None = None  # per module: aliases, depends, requested
     profile: str | None = None
     builder_version: str | None = None
     kernel: str | None = None
@@ -116,7 +113,7 @@ class ImageFacts:
         """Validate a parsed image.json; raises ImageError naming the key at fault."""
         if not isinstance(data, dict):
             raise ImageError(f"expected an object, got {_got(data)}")
-        known = ("attestation", "network", "config_sources", "cmdline", "modules", "module_facts")
+        known = ("attestation", "network", "config_sources", "cmdline")
         unknown = sorted(set(data) - set(known) - set(_RECORDED))
         if unknown:
             raise ImageError(f"unknown keys {unknown} (an image built for another runtime?)")
@@ -126,9 +123,6 @@ class ImageFacts:
         cmdline = data.get("cmdline")
         if attestation.production and not isinstance(cmdline, str):
             raise ImageError("cmdline (the UKI's built-in command line) must be a string")
-        module_facts = data.get("module_facts")
-        if module_facts is not None and not isinstance(module_facts, dict):
-            raise ImageError("module_facts must be an object")
         return cls(
             attestation=attestation,
             network=_enum("network", data.get("network", "dhcp"), Network),
@@ -137,8 +131,6 @@ class ImageFacts:
                 for s in _strings("config_sources", data.get("config_sources", []), "names")
             ),
             cmdline=_string("cmdline", cmdline),
-            modules=_strings("modules", data.get("modules", []), "paths"),
-            module_facts=module_facts,
             profile=_string("profile", data.get("profile")),
             builder_version=_string("builder_version", data.get("builder_version")),
             kernel=_string("kernel", data.get("kernel")),
@@ -153,9 +145,8 @@ class ImageFacts:
             "attestation": self.attestation.value,
             "network": self.network.value,
             "config_sources": [s.value for s in self.config_sources],
-            "modules": list(self.modules),
         }
-        optional = {"cmdline": self.cmdline, "module_facts": self.module_facts}
+        optional: dict[str, Any] = {"cmdline": self.cmdline}
         optional.update((key, getattr(self, key)) for key in _RECORDED)
         doc.update((key, value) for key, value in optional.items() if value is not None)
         return doc

@@ -9,7 +9,6 @@ function it uses, and every failure goes through `oserror()`.
 from __future__ import annotations
 
 import ctypes
-import errno
 import os
 
 # <linux/mount.h>
@@ -22,12 +21,6 @@ MS_NOSYMFOLLOW = 256  # Linux 5.10+: symlinks on the mount are not followed (rea
 # <linux/fs.h> (umount2 flags)
 MNT_DETACH = 2
 
-# <linux/module.h>: finit_module(2) flags. COMPRESSED_FILE lets the kernel decompress a .ko.xz/.ko.zst
-# itself (needs CONFIG_MODULE_DECOMPRESS, which Debian's kernels have).
-MODULE_INIT_IGNORE_MODVERSIONS = 1
-MODULE_INIT_IGNORE_VERMAGIC = 2
-MODULE_INIT_COMPRESSED_FILE = 4
-
 # <linux/reboot.h>: the command values glibc's reboot() passes on with the two magic numbers.
 LINUX_REBOOT_CMD_POWER_OFF = 0x4321FEDC
 LINUX_REBOOT_CMD_CAD_OFF = 0x00000000
@@ -35,13 +28,6 @@ LINUX_REBOOT_CMD_CAD_OFF = 0x00000000
 # <linux/prctl.h>
 PR_SET_PDEATHSIG = 1  # the host launcher's (eemini.run)
 PR_SET_CHILD_SUBREAPER = 36
-
-# <asm/unistd_64.h> and <asm-generic/unistd.h>: syscall numbers for the calls glibc 2.36+ wraps
-# only partly (finit_module has no glibc wrapper at all).
-_SYSCALL_NUMBERS = {
-    "x86_64": {"finit_module": 313},
-    "aarch64": {"finit_module": 273},
-}
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -61,15 +47,10 @@ _prctl = _libc.prctl
 _prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
 _prctl.restype = ctypes.c_int
 
-_syscall = _libc.syscall
-_syscall.restype = ctypes.c_long
-
 
 def oserror(call: str, filename: str | None = None) -> OSError:
     """The OSError for the current errno, named after the call that failed."""
     code = ctypes.get_errno()
-    if code == errno.ENOSYS:
-        return OSError(code, f"{call}: the kernel does not offer this system call", filename)
     return OSError(code, f"{call}: {os.strerror(code)}", filename)
 
 
@@ -91,43 +72,6 @@ def mount(
 def umount(target: str | os.PathLike[str], flags: int = 0) -> None:
     if _umount2(_bytes(target), flags) != 0:
         raise oserror("umount", os.fspath(target))
-
-
-def syscall_number(name: str) -> int:
-    machine = os.uname().machine
-    try:
-        return _SYSCALL_NUMBERS[machine][name]
-    except KeyError:
-        raise OSError(errno.ENOSYS, f"{name}: no syscall number known for {machine}") from None
-
-
-def finit_module(fd: int, params: str = "", flags: int = 0) -> None:
-    """Load the kernel module open on `fd` (finit_module(2)); EEXIST means it is already there."""
-    nr = syscall_number("finit_module")
-    ret = _syscall(
-        ctypes.c_long(nr), ctypes.c_int(fd), ctypes.c_char_p(params.encode()), ctypes.c_int(flags)
-    )
-    if ret != 0:
-        raise oserror("finit_module")
-
-
-def load_module(path: str | os.PathLike[str], params: str = "") -> bool:
-    """Load a module file; compressed files are handed to the kernel as they are.
-
-    Returns False when the module was already loaded (or built in), True when it was loaded now.
-    """
-    name = os.fspath(path)
-    flags = MODULE_INIT_COMPRESSED_FILE if name.endswith((".xz", ".zst", ".gz")) else 0
-    fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        finit_module(fd, params, flags)
-    except OSError as e:
-        if e.errno == errno.EEXIST:
-            return False
-        raise OSError(e.errno, e.strerror, name) from None
-    finally:
-        os.close(fd)
-    return True
 
 
 def reboot(cmd: int) -> None:

@@ -1,12 +1,12 @@
 """PID 1 of an EasyEnclave Mini image.
 
 The kernel runs `/init`, which calls `main()`. The order is DESIGN.md's: mount the API
-filesystems, console, the image facts (eemini.guest.image) and the command line check (production
-images), kernel modules (build-time order), cmdline, boot token, network (eemini.guest.net), boot
-config, attestation (a production image's trial quote), runtime event log, control socket,
-workload, supervise. Boot config from the cmdline and
-the config disk is read before the network (it may hold the static network keys); metadata-server
-config after it.
+filesystems and configfs, console, the image facts (eemini.guest.image) and the command line
+check (production images), cmdline, boot token, network (eemini.guest.net), boot config,
+attestation (a production image's trial quote), runtime event log, control socket, workload,
+supervise. The kernel has every driver built in (no loadable modules). Boot config from the
+cmdline and the config disk is read before the network (it may hold the static network keys);
+metadata-server config after it.
 
 PID 1 must never return or raise: the kernel panics when init exits. Every path ends in
 `power_off()`: an unexpected exception is printed on the console and followed by a clean
@@ -22,7 +22,7 @@ import signal
 import sys
 import time
 
-from eemini.guest import kmods, linux
+from eemini.guest import linux
 from eemini.guest.image import (
     IMAGE_JSON,
     SOCKET,
@@ -65,7 +65,9 @@ EARLY_MOUNTS: tuple[MountSpec, ...] = (
     ("tmpfs", "/run", "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, "mode=0755"),
     ("tmpfs", "/tmp", "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, "mode=1777"),
 )
-# configfs may be a module (CONFIG_CONFIGFS_FS=m in Debian's cloud kernel): mounted after modules.
+# configfs-tsm's /sys/kernel/config/tsm/report (the quote interface). Built into the image's
+# kernel; a kernel without it (or a test harness) gets a console line, and a production image
+# then refuses at its trial quote, saying the report directory is missing.
 CONFIGFS: MountSpec = (
     "configfs",
     "/sys/kernel/config",
@@ -162,14 +164,6 @@ def open_console(cmdline_text: str) -> None:
         os.close(fd)
     sys.stdout = open(1, "w", buffering=1, encoding="utf-8", errors="replace", closefd=False)  # noqa: SIM115
     sys.stderr = open(2, "w", buffering=1, encoding="utf-8", errors="replace", closefd=False)  # noqa: SIM115
-
-
-def preload_runtime() -> None:
-    """Import what the rest of the boot needs while the module loader thread works."""
-    import eemini.guest.events
-    import eemini.guest.net
-    import eemini.guest.power
-    import eemini.guest.runtime  # noqa: F401
 
 
 def kill_everything() -> None:
@@ -290,11 +284,10 @@ class Boot:
         image = image_facts(self.read_json(self.paths.image_json, "image facts"))
         if image.attestation.production:
             check_cmdline(image, cmdline_text)
-        # Modules load on a thread (finit_module runs without the GIL) while this one reads the
-        # spec and imports the rest of the runtime: drivers' probe waits overlap Python work.
-        plan = kmods.plan(list(image.modules), image.module_facts, kmods.device_modaliases())
-        loader = kmods.ModuleLoader(plan, console)
-        loader.start()
+        try:
+            mount_all((CONFIGFS,))
+        except OSError as e:
+            console(f"configfs: {e}")
         try:
             cmdline = bootconfig.parse_cmdline(cmdline_text)
         except bootconfig.ConfigError as e:
@@ -302,17 +295,9 @@ class Boot:
         # The boot token: 32 bytes from the kernel CSPRNG (getrandom(2) blocks until it is seeded).
         token = os.getrandom(32).hex()
         spec_bytes, spec = self.load_spec()
-        preload_runtime()
-        loader.wait_boot()
-        self.timeline.mark("modules")
-        console(self.modules_line(loader))
-        # configfs-tsm needs configfs before the control socket serves; a simulated image mounts
-        # it once the workload has started; an Azure image has no use for it.
-        if image.attestation is Attestation.CONFIGFS_TSM:
-            self.mount_configfs(loader)
         allow = spec.workload.allow_env
         try:
-            local = bootconfig.collect_local(cmdline, image.config_sources, console, loader.require_fs)
+            local = bootconfig.collect_local(cmdline, image.config_sources, console)
             static = bootconfig.apply_policy(local, allow).network
         except bootconfig.ConfigError as e:
             raise BootFailure(str(e)) from None
@@ -341,31 +326,9 @@ class Boot:
             env=config.env,
             events=events,
             measurer=measurer,
-            loader=loader,
-            mount_configfs=image.attestation is Attestation.SIMULATED,
         )
 
     # --- steps ---
-
-    @staticmethod
-    def modules_line(loader: kmods.ModuleLoader) -> str:
-        plan = loader.plan
-        text = f"{loader.loaded} of {len(plan.boot)} kernel modules loaded in {loader.elapsed:.2f} s"
-        if plan.absent:
-            text += f"; no device for {', '.join(plan.absent)}"
-        if plan.on_demand:
-            text += f"; on mount: {', '.join(plan.on_demand)}"
-        if plan.late:
-            text += f"; {', '.join(map(kmods.module_name, plan.late))} next"
-        return text
-
-    @staticmethod
-    def mount_configfs(loader: kmods.ModuleLoader) -> None:
-        loader.require_fs("configfs")
-        try:
-            mount_all((CONFIGFS,))
-        except OSError as e:
-            console(f"configfs: {e}")
 
     @staticmethod
     def read_text(path: str) -> str:
@@ -496,8 +459,6 @@ class Boot:
         env: Mapping[str, str],
         events: EventLog,
         measurer: RuntimeMeasurer | None = None,
-        loader: kmods.ModuleLoader | None = None,
-        mount_configfs: bool = False,
     ) -> None:
         from eemini.guest.attest import CCEL_PATH
         from eemini.guest.power import PowerWatch
@@ -525,22 +486,14 @@ class Boot:
             f"started at uptime {uptime():.2f} s"
         )
         console(self.timeline.line())
-        if loader is not None:
-            loader.load_late()
-            if loader.plan.late:
-                console(
-                    f"{loader.late_loaded} of {len(loader.plan.late)} more kernel modules loaded "
-                    f"in {loader.late_elapsed:.2f} s"
-                )
-            if mount_configfs:
-                self.mount_configfs(loader)
         self.watch_buttons(watch, runtime.loop, retries=3)
         runtime.loop.run()
         # The loop only returns if something stopped it without powering off.
         raise BootFailure("the event loop ended")
 
     def watch_buttons(self, watch: PowerWatch, loop: EventLoop, retries: int) -> None:
-        """The button/evdev devices may appear a moment after their modules load: look again."""
+        """The power button's input device may be registered a moment after /init starts: look
+        again a few times."""
         count = watch.watch_buttons(self.paths.sys_input, self.paths.dev_input)
         if count:
             console(f"power button: watching {', '.join(sorted(watch.fds.values()))}")

@@ -5,8 +5,9 @@ Linux >= 6.16 exposes the TDX measurement registers as sysfs attributes
 as sysfs attributes"): `/sys/class/misc/tdx_guest/measurements/rtmr3:sha384` reads the current
 48-byte value and, written with exactly 48 bytes at offset 0, extends RTMR3 with them through
 TDG.MR.RTMR.EXTEND, so the register becomes SHA-384(old || written). The kernel keeps no log of
-such extensions: ours is the runtime event log (eemini.guest.events). Earlier kernels (6.12) have
-no such file; then nothing is extended and `health` says so.
+such extensions: ours is the runtime event log (eemini.guest.events). The image's kernel (Linux
+7.3, docs/kernel.md) has the file, so on TDX this is the production path; earlier kernels (6.12)
+have no such file, and then nothing is extended and `health` says so.
 
 Standard library only (this runs as PID 1 inside the image).
 """
