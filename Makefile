@@ -13,7 +13,7 @@ demo: deps
 	@bash examples/demo.sh
 
 test: deps
-	@bash tools/build-kernel
+	$(PY) -m eemini kernel
 	$(PY) -m pytest tests
 
 test-fast: deps
