@@ -274,6 +274,16 @@ def test_only_images_with_a_metadata_source_carry_an_http_client() -> None:
     assert "json" in shipped
 
 
+def test_only_azure_images_carry_the_tpm_client() -> None:
+    """The Azure backend and its TPM 2.0 client ship only where PID 1 can import them."""
+    azure = {f"{pyruntime.GUEST_PREFIX}/eemini/guest/{n}.py" for n in ("azure", "tpm")}
+    assert azure <= guest_paths(manifest("azure"), GUEST)
+    for profile in ("gcp", "local-tdx-qcow2", "local-dev"):
+        shipped = guest_paths(manifest(profile), GUEST)
+        assert not {p for p in shipped if "/guest/azure" in p or "/guest/tpm" in p}, profile
+        assert f"{pyruntime.GUEST_PREFIX}/eemini/guest/attest.py" in shipped
+
+
 def _sections(uki: Path) -> dict[str, tuple[int, int, int]]:
     """name -> (size, vma, file offset) as objdump -h reports them."""
     out = run("objdump", "-h", uki).decode()

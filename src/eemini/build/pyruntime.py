@@ -17,6 +17,7 @@ from eemini.build import elf
 from eemini.build.lock import Package
 from eemini.build.profile import Profile
 from eemini.build.tree import PROJECT, Origin, Source, Tree
+from eemini.guest.image import Attestation
 from eemini.log import complete_step, die, log_debug
 from eemini.proc import run
 
@@ -54,6 +55,9 @@ DEV_DIR = "eemini/guest/dev"
 # The metadata-server client, which PID 1 imports only where the profile names a metadata source:
 # elsewhere the analysis leaves it, and with it the HTTP client, out.
 METADATA = "eemini.guest.metadata"
+# The Azure backend and its TPM 2.0 client, which PID 1 imports only in an azure-tdx-vtpm image:
+# elsewhere they are neither analysed nor shipped.
+AZURE_ONLY = ("eemini.guest.azure", "eemini.guest.tpm")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,9 +143,12 @@ def analyze(target: Target, profile: Profile) -> Analysis:
     image, which carries guest/dev/, every module there too, so that each imports) and leaving
     out what PID 1 of this profile never imports."""
     with_dev = profile.simulated
-    guest = guest_modules(with_dev)
+    azure = profile.attestation is Attestation.AZURE_TDX_VTPM
+    guest = [g for g in guest_modules(with_dev) if azure or g.name not in AZURE_ONLY]
     entries = [PID1]
     excludes = list(EXCLUDES)
+    if not azure:
+        excludes += AZURE_ONLY
     if with_dev:
         entries += [g.name for g in guest if g.name.startswith(DEV_PACKAGE)]
     else:
