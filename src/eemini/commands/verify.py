@@ -24,6 +24,7 @@ from eemini.tdx.measure import MeasureError
 
 if TYPE_CHECKING:
     from eemini.tdx.collateral import Collateral
+    from eemini.tdx.errors import VerificationError
     from eemini.tdx.quote import Quote
     from eemini.tdx.roots import TrustAnchor
 
@@ -132,10 +133,7 @@ def _verify(args: argparse.Namespace) -> int:
             event_log=event_log, runtime_events=runtime_events,
         )  # fmt: skip
     except VerificationError as e:
-        if args.json:
-            print(json.dumps({"verified": False, "check": e.check, "error": e.message}, indent=2))
-        print(f"eemini verify: rejected: {e.one_line()}", file=sys.stderr)
-        return 1
+        return _rejected(args, e)
     except QuoteError as e:  # an input that does not parse, found out only while verifying
         die(str(e), exit_code=2)
     if args.json:
@@ -148,6 +146,15 @@ def _verify(args: argparse.Namespace) -> int:
         if verified.event_log is not None:
             print("\n".join(verified.event_log.lines()))
     return 0
+
+
+def _rejected(args: argparse.Namespace, e: VerificationError) -> int:
+    """Print a rejection (the failed check as JSON on stdout with --json, one line on stderr
+    always) and return its exit code."""
+    if args.json:
+        print(json.dumps({"verified": False, "check": e.check, "error": e.message}, indent=2))
+    print(f"eemini verify: rejected: {e.one_line()}", file=sys.stderr)
+    return 1
 
 
 def _check_fetch_options(args: argparse.Namespace) -> None:
@@ -301,10 +308,7 @@ def _verify_azure(args: argparse.Namespace) -> int:
             event_log=event_log, runtime_events=runtime_events,
         )  # fmt: skip
     except VerificationError as e:
-        if args.json:
-            print(json.dumps({"verified": False, "check": e.check, "error": e.message}, indent=2))
-        print(f"eemini verify: rejected: {e.one_line()}", file=sys.stderr)
-        return 1
+        return _rejected(args, e)
     except QuoteParseError as e:
         die(f"{args.quote}: the TD quote does not parse: {e}", exit_code=2)
     except QuoteError as e:  # evidence that does not parse, found out only while verifying
