@@ -24,6 +24,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable
 from types import TracebackType
+from typing import Any
 
 from cryptography import exceptions as crypto_exceptions
 from cryptography import x509
@@ -85,3 +86,20 @@ def utf8(text: str, error: Callable[[str], QuoteError], what: str) -> bytes:
         return text.encode("ascii")
     with parsing(error, f"{what} is not valid Unicode"):
         return text.encode()
+
+
+def unique_keys(
+    error: Callable[[str], Exception],
+) -> Callable[[list[tuple[str, Any]]], dict[str, Any]]:
+    """A `json.loads` object_pairs_hook that raises `error(key)` for a key twice in one object: the
+    document says two things, and JSON parsers disagree on which wins."""
+
+    def hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in pairs:
+            if key in out:
+                raise error(key)
+            out[key] = value
+        return out
+
+    return hook

@@ -14,6 +14,7 @@ from typing import Any
 
 from eemini.tdx.collateral import TcbStatus
 from eemini.tdx.errors import PolicyError
+from eemini.tdx.guard import unique_keys
 from eemini.tdx.measure import MeasureError, PredictedEvent
 
 REPORT_DATA_SIZE = 64
@@ -237,14 +238,8 @@ def _events(name: str, value: object) -> list[PredictedEvent]:
         raise PolicyError(f"{name}: {e}") from None
 
 
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    # A key twice in one object: the file says two things, and JSON parsers disagree on which wins.
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise PolicyError(f"policy key {key!r} appears twice")
-        out[key] = value
-    return out
+# A key twice in one object: the file says two things, and JSON parsers disagree on which wins.
+_unique_keys = unique_keys(lambda key: PolicyError(f"policy key {key!r} appears twice"))
 
 
 def policy_builder_from_json(text: str | bytes) -> PolicyBuilder:

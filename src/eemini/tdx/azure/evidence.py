@@ -25,6 +25,7 @@ from typing import Any
 
 from eemini.tdx.azure.errors import AzureEvidenceError
 from eemini.tdx.azure.tpm import PCR_COUNT, PCR_SIZE
+from eemini.tdx.guard import unique_keys
 
 ATTESTATION_TYPE = "azure-tdx-vtpm"
 _HEX = frozenset("0123456789abcdefABCDEF")
@@ -49,13 +50,9 @@ class AzureEvidence:
     layout: str = "eemini"  # "eemini" (our attest answer) or "trustee"
 
 
-def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise AzureEvidenceError(f"evidence: key {key!r} appears twice in one object")
-        out[key] = value
-    return out
+_unique = unique_keys(
+    lambda key: AzureEvidenceError(f"evidence: key {key!r} appears twice in one object")
+)
 
 
 def _str(doc: Mapping[str, Any], key: str, where: str) -> str:

@@ -34,6 +34,7 @@ from typing import Any
 
 from eemini.tdx.azure.errors import AzureEvidenceError
 from eemini.tdx.errors import QuoteError
+from eemini.tdx.guard import unique_keys
 
 HCL_SIGNATURE = 0x414C4348  # "HCLA" read as a little-endian u32
 HEADER = struct.Struct("<IIIII12x")
@@ -203,14 +204,8 @@ class RuntimeData:
     document: dict[str, Any]
 
 
-def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            # Two values for one key: parsers disagree on which wins, so the document is ambiguous.
-            raise ValueError(f"key {key!r} appears twice in one object")
-        out[key] = value
-    return out
+# Two values for one key: parsers disagree on which wins, so the document is ambiguous.
+_unique = unique_keys(lambda key: ValueError(f"key {key!r} appears twice in one object"))
 
 
 def b64url_int(text: object, what: str) -> int:
