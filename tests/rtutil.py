@@ -100,19 +100,39 @@ class RuntimeProc:
         return self.proc.returncode
 
 
-def read_json_line(s: socket.socket) -> dict[str, Any]:
-    """Exactly one answer line: peek for the newline, then take just that much."""
-    while True:
-        peeked = s.recv(1 << 22, socket.MSG_PEEK)
-        if not peeked:
-            raise AssertionError("connection closed before a complete answer")
-        nl = peeked.find(b"\n")
-        if nl >= 0:
-            line = b""
-            while len(line) < nl + 1:
-                line += s.recv(nl + 1 - len(line))
-            break
-        time.sleep(0.005)
+ANSWER_TIMEOUT = 30.0  # seconds, for a socket without a timeout of its own
+
+
+def read_json_line(s: socket.socket, timeout: float | None = None) -> dict[str, Any]:
+    """Exactly one answer line, taken up to its newline and no further (a later answer on the same
+    connection is left for the next call), however large. It must be complete within `timeout`
+    seconds: by default the socket's own timeout, else ANSWER_TIMEOUT."""
+    limit = timeout if timeout is not None else (s.gettimeout() or ANSWER_TIMEOUT)
+    deadline = time.monotonic() + limit
+    saved = s.gettimeout()
+    line = bytearray()
+    try:
+        while not line.endswith(b"\n"):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError
+            s.settimeout(remaining)
+            peeked = s.recv(1 << 16, socket.MSG_PEEK)
+            if not peeked:
+                raise AssertionError("connection closed before a complete answer")
+            nl = peeked.find(b"\n")
+            want = len(line) + (nl + 1 if nl >= 0 else len(peeked))
+            while len(line) < want:  # what was peeked is there to take
+                chunk = s.recv(want - len(line))
+                if not chunk:
+                    raise AssertionError("connection closed before a complete answer")
+                line += chunk
+    except TimeoutError:
+        raise AssertionError(
+            f"no complete answer within {limit:g} s ({len(line)} bytes of it read)"
+        ) from None
+    finally:
+        s.settimeout(saved)
     answer = json.loads(line)
     assert isinstance(answer, dict)
     return answer

@@ -242,7 +242,7 @@ def test_64_mib_of_block_aligned_output_without_newlines(
     runs = deployment(rt)["runs"]
     assert isinstance(runs, list)
     pid = runs[0]["pid"]
-    answer = rt.call("logs", tail=20)  # (an answer must fit in the socket buffer: rtutil peeks)
+    answer = rt.call("logs", tail=20)
     # seq 0 is the start note; then exactly 16384 lines of 4096 bytes; then the exit notes.
     assert [(e["seq"], e["stream"]) for e in answer["entries"]] == [
         *((seq, "stdout") for seq in range(16367, 16385)),
