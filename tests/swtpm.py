@@ -120,9 +120,7 @@ class Swtpm:
     def provision_report(self, report_data: bytes) -> bytes:
         """(Re)write NV 0x01400001 with an HCL report whose user-data is `report_data`, as the
         paravisor would after the guest wrote it; returns the report."""
-        runtime = azure_builder.runtime_data(self.ak_public, report_data)
-        td = azure_builder.td_report(hashlib.sha256(runtime).digest() + bytes(32))
-        report = azure_builder.hcl_report(td, runtime, size=1236 + len(runtime))
+        report = hcl_report(self.ak_public, report_data)
         with contextlib.suppress(AssertionError):
             self.tool("tpm2_nvundefine", hex(HCL_INDEX), "-C", "o")
         self.tool(
@@ -143,13 +141,38 @@ class Swtpm:
         self.process.wait()
 
 
-def provision_state(state: Path) -> None:
-    """Manufacture a TPM 2.0 state with a SHA-256 PCR bank (Azure's vTPM offers SHA-1 and SHA-256)."""
+def hcl_report(ak_public: rsa.RSAPublicKey, user_data: bytes) -> bytes:
+    """An HCL report whose runtime data holds the AK and `user_data`, cut to its real size (swtpm's
+    NV indexes hold less than Azure's 2600 bytes)."""
+    runtime = azure_builder.runtime_data(ak_public, user_data)
+    td = azure_builder.td_report(hashlib.sha256(runtime).digest() + bytes(32))
+    return azure_builder.hcl_report(td, runtime, size=1236 + len(runtime))
+
+
+def provision_state(state: Path, banks: str = "sha256") -> None:
+    """Manufacture a TPM 2.0 state with these PCR banks (by default SHA-256: Azure's vTPM offers
+    SHA-1 and SHA-256)."""
     swtpm_setup = need("swtpm_setup", "swtpm-tools")
     subprocess.run(
-        [swtpm_setup, "--tpm2", "--tpmstate", str(state), "--pcr-banks", "sha256", "--overwrite"],
+        [swtpm_setup, "--tpm2", "--tpmstate", str(state), "--pcr-banks", banks, "--overwrite"],
         check=True, capture_output=True,
     )  # fmt: skip
+
+
+def start_for_qemu(state: Path, ctrl: Path) -> subprocess.Popen[bytes]:
+    """swtpm on `state` behind the control socket `ctrl` (QEMU's tpm emulator chardev, directly or
+    through the fake paravisor), ending when its client leaves; returns once the socket is there."""
+    swtpm = need("swtpm", "swtpm")
+    proc = subprocess.Popen(
+        [swtpm, "socket", "--tpm2", "--tpmstate", f"dir={state}", "--ctrl", f"type=unixio,path={ctrl}",
+         "--terminate"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    for _ in range(100):
+        if ctrl.exists():
+            break
+        time.sleep(0.05)
+    return proc
 
 
 @contextlib.contextmanager

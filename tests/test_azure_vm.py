@@ -37,7 +37,7 @@ from conftest import REPO
 from eemini.cli import main
 from fake_metadata import Behaviour, Server
 from fake_paravisor import Paravisor
-from swtpm import need, running_swtpm
+from swtpm import hcl_report, need, running_swtpm, start_for_qemu
 from tdx_builder import NOW, make_chain, make_collateral
 from tpmvm import OVMF_CODE, OVMF_VARS
 
@@ -133,7 +133,7 @@ def _qmp_powerdown(path: Path) -> None:
 @pytest.fixture(scope="module")
 def booted(azure_image: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Booted]:
     qemu = need("qemu-system-x86_64", "qemu-system-x86")
-    swtpm_bin = need("swtpm", "swtpm")
+    need("swtpm", "swtpm")
     if not OVMF_CODE.is_file():
         pytest.skip(f"{OVMF_CODE} is missing (Debian package ovmf)")
     work = tmp_path_factory.mktemp("azure-boot")
@@ -144,23 +144,13 @@ def booted(azure_image: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
     state = work / "tpm"
 
     def regenerate(user_data: bytes) -> bytes:
-        runtime = azure_builder.runtime_data(ak, user_data)
-        td = azure_builder.td_report(hashlib.sha256(runtime).digest() + bytes(32))
-        return azure_builder.hcl_report(td, runtime, size=1236 + len(runtime))
+        return hcl_report(ak, user_data)
 
     imds = Behaviour("azure", td_quote=lambda r: azure_builder.quote_for_report(CHAIN, r))
     wire = Behaviour("wireserver")
     imds_server, wire_server = Server(imds).start(), Server(wire).start()
     ctrl = work / "swtpm-ctrl.sock"
-    swtpm = subprocess.Popen(
-        [swtpm_bin, "socket", "--tpm2", "--tpmstate", f"dir={state}",
-         "--ctrl", f"type=unixio,path={ctrl}", "--terminate"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    for _ in range(100):
-        if ctrl.exists():
-            break
-        time.sleep(0.05)
+    swtpm = start_for_qemu(state, ctrl)
     paravisor = Paravisor(work / "paravisor.sock", ctrl, regenerate).start()
     vars_copy = work / "OVMF_VARS.fd"
     shutil.copyfile(OVMF_VARS, vars_copy)

@@ -10,11 +10,12 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from swtpm import need, provision_state, start_for_qemu
 
 OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")  # Secure Boot off
 OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
@@ -26,15 +27,6 @@ class TpmBoot:
     console: str
     tpm_log: bytes
     cmdline: bytes
-
-
-def need(tool: str, package: str) -> str:
-    path = shutil.which(tool) or shutil.which(tool, path="/usr/sbin:/sbin")
-    if path is None:
-        pytest.skip(
-            f"{tool} is not installed (Debian package {package}; tools/bootstrap.sh installs it)"
-        )
-    return path
 
 
 def build_dump_workload(out: Path) -> Path:
@@ -55,27 +47,16 @@ def _hex_block(console: str, tag: str) -> bytes:
 
 def boot_with_swtpm(disk: Path, disk_format: str, work: Path, timeout: float = 420) -> TpmBoot:
     qemu = need("qemu-system-x86_64", "qemu-system-x86")
-    swtpm = need("swtpm", "swtpm")
-    swtpm_setup = need("swtpm_setup", "swtpm-tools")
+    need("swtpm", "swtpm")
+    need("swtpm_setup", "swtpm-tools")
     if not OVMF_CODE.is_file():
         pytest.skip(f"{OVMF_CODE} is missing (Debian package ovmf)")
     state = work / "tpm"
     state.mkdir()
-    subprocess.run(
-        [swtpm_setup, "--tpm2", "--tpmstate", str(state), "--pcr-banks", "sha256,sha384", "--overwrite"],
-        check=True, capture_output=True,
-    )  # fmt: skip
+    provision_state(state, banks="sha256,sha384")
     sock = state / "sock"
-    tpm = subprocess.Popen(
-        [swtpm, "socket", "--tpm2", "--tpmstate", f"dir={state}", "--ctrl", f"type=unixio,path={sock}",
-         "--terminate"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+    tpm = start_for_qemu(state, sock)
     try:
-        for _ in range(100):
-            if sock.exists():
-                break
-            time.sleep(0.05)
         vars_copy = work / "OVMF_VARS.fd"
         shutil.copyfile(OVMF_VARS, vars_copy)
         console = work / "console.log"
