@@ -180,6 +180,21 @@ def test_image_facts_and_spec_in_the_image() -> None:
     assert doc["outputs"]["uki"]["sha256"] == sha256(image(DEMO_PROFILE) / "uki.efi")
 
 
+def test_the_manifest_repeats_the_image_json_in_the_image() -> None:
+    """image.json as cpio unpacks it is the manifest's `image` section, byte for byte, and the
+    workload it names is the one the image holds."""
+    data = initramfs(DEMO_PROFILE)
+    facts = manifest(DEMO_PROFILE)["image"]
+
+    def member(path: str) -> bytes:
+        return run("cpio", "-i", "--quiet", "--to-stdout", path.lstrip("/"), stdin=data)
+
+    image_json = member("/etc/eemini/image.json")
+    assert image_json == json.dumps(facts, sort_keys=True, separators=(",", ":")).encode()
+    workload = member(facts["workload_path"])
+    assert hashlib.sha256(workload).hexdigest() == facts["workload_sha256"]
+
+
 def test_every_profile_carries_the_same_kernel_and_the_manifest_says_what_made_it(
     tmp_path: Path,
 ) -> None:

@@ -278,6 +278,34 @@ def test_static_workload_is_accepted(tmp_path: Path) -> None:
     assert elf.parse(data).interpreter is None
 
 
+def test_image_facts_name_the_workload_the_image_holds(tmp_path: Path) -> None:
+    """The facts are computed once, from the workload bytes put in the image: a workload rebuilt
+    while the image is being built changes neither image.json nor the manifest's copy of it."""
+    from eemini.build import image, spec
+    from eemini.build.kernel import Kernel
+
+    tool("gcc", "-static", "-O2", "-o", tmp_path / "app", HELLO)
+    (tmp_path / "enclave.toml").write_text('[workload]\npath = "app"\n')
+    pins = lock.load()
+    cached = tmp_path / "kernel"
+    cached.mkdir()
+    (cached / "build.json").write_text(json.dumps({
+        "source": {}, "config_sha256": "c", "options_on": 1, "toolchain": "t", "bzimage_sha256": "b",
+    }))  # fmt: skip
+    ctx = image.Context(profile.load("local-dev"), pins, spec.resolve(tmp_path / "enclave.toml"),
+                        tmp_path / "out", tmp_path, apt.Apt(tmp_path / "cache"))  # fmt: skip
+    ctx.kernel = Kernel(cached, "key", "7.3.4-eemini", pins.kernel)
+    ctx.out.mkdir()
+    image.check_workload(ctx)
+    held = (tmp_path / "app").read_bytes()
+    (tmp_path / "app").write_bytes(held + b"rebuilt")
+    facts = image.add_image_facts(ctx)
+    image.write_manifest(ctx, facts, {})
+    in_image = json.loads(ctx.tree.entries["/etc/eemini/image.json"].data)
+    assert in_image["workload_sha256"] == hashlib.sha256(held).hexdigest()
+    assert json.loads((ctx.out / "manifest.json").read_text())["image"] == in_image
+
+
 # --- profiles ---
 
 

@@ -95,12 +95,12 @@ def build(profile: Profile, lock: Lock, spec: ResolvedSpec, out: Path, *,
             build_kernel(ctx)
             add_layout(ctx)
             add_python(ctx)
-            add_image_facts(ctx)
+            facts = add_image_facts(ctx)
             initrd = make_initramfs(ctx)
             image = make_uki(ctx, initrd)
             make_disks(ctx, image)
             write_dev_root(ctx)
-            write_manifest(ctx, {**(extra_manifest or {}), **predicted_measurements(image)})
+            write_manifest(ctx, facts, {**(extra_manifest or {}), **predicted_measurements(image)})
     except BaseException:
         remove_outputs()
         for directory in made:
@@ -182,7 +182,10 @@ def builtin_cmdline(ctx: Context) -> str:
 
 
 def image_facts(ctx: Context) -> ImageFacts:
+    """What PID 1 is told about its image; the workload's digest is that of the bytes the image
+    holds (check_workload put them in), not of the file as it is now."""
     assert ctx.kernel is not None
+    workload = ctx.tree.entries[str(ctx.spec.image_path)].data
     return ImageFacts(
         profile=ctx.profile.name,
         cmdline=builtin_cmdline(ctx),
@@ -192,15 +195,18 @@ def image_facts(ctx: Context) -> ImageFacts:
         builder_version=__version__,
         kernel=ctx.kernel.release,
         spec_digest=hashlib.sha256(ctx.spec.canonical).hexdigest(),
-        workload_sha256=hashlib.sha256(ctx.spec.workload.read_bytes()).hexdigest(),
+        workload_sha256=hashlib.sha256(workload).hexdigest(),
         workload_path=str(ctx.spec.image_path),
     )
 
 
-def add_image_facts(ctx: Context) -> None:
+def add_image_facts(ctx: Context) -> ImageFacts:
+    """Put the spec and image.json in the image; return the facts, for the manifest to repeat."""
     ctx.tree.file(SPEC_JSON, ctx.spec.canonical, Origin(Source.WORKLOAD), "workload")
-    facts = json.dumps(image_facts(ctx).to_dict(), sort_keys=True, separators=(",", ":")).encode()
-    ctx.tree.file(IMAGE_JSON, facts, PROJECT, "layout")
+    facts = image_facts(ctx)
+    text = json.dumps(facts.to_dict(), sort_keys=True, separators=(",", ":")).encode()
+    ctx.tree.file(IMAGE_JSON, text, PROJECT, "layout")
+    return facts
 
 
 def make_initramfs(ctx: Context) -> bytes:
@@ -285,7 +291,7 @@ def kernel_facts(ctx: Context) -> dict[str, Any]:
     }
 
 
-def write_manifest(ctx: Context, extra: dict[str, Any]) -> None:
+def write_manifest(ctx: Context, facts: ImageFacts, extra: dict[str, Any]) -> None:
     from eemini.build.manifest import sbom
 
     outputs = {}
@@ -295,7 +301,7 @@ def write_manifest(ctx: Context, extra: dict[str, Any]) -> None:
     sections = {
         "builder": {"name": "eemini", "version": __version__},
         "profile": ctx.profile.name,
-        "image": image_facts(ctx).to_dict(),
+        "image": facts.to_dict(),
         "cmdline": ctx.profile.cmdline_text,
         "packages": [
             {"name": p.name, "version": p.version, "sha256": p.sha256, "role": p.role.value}
