@@ -318,6 +318,7 @@ class Launcher:
         first = self.proc.stdout.readline().decode()
         assert first.startswith("fake qemu "), first + self.proc.stderr.read().decode()  # type: ignore[union-attr]
         self.qemu_pid = int(first.split()[2])
+        self.outlived = False
 
     def finish(self) -> tuple[int, str]:
         _, err = self.proc.communicate(timeout=30)
@@ -329,6 +330,22 @@ class Launcher:
         except ProcessLookupError:
             return False
         return True
+
+    def __enter__(self) -> Launcher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """Whatever the test found, no fake QEMU outlives the block (assert_all_gone says whether
+        one had to be killed here)."""
+        self.outlived = self.qemu_alive()
+        if self.outlived:
+            os.kill(self.qemu_pid, 9)
+
+    def assert_all_gone(self) -> None:
+        """QEMU had exited by itself and its work directory was removed."""
+        assert not self.outlived
+        assert not self.qemu_alive()
+        assert os.listdir(self.tmpdir) == []
 
 
 def _summary(prefix: str, err: str) -> str:
@@ -346,45 +363,34 @@ def _summary(prefix: str, err: str) -> str:
 def test_stop_signal_stops_qemu_and_removes_its_files(tmp_path: Path, signum: str, code: int) -> None:
     import signal
 
-    run = Launcher(tmp_path)
-    try:
+    with Launcher(tmp_path) as run:
         run.proc.send_signal(getattr(signal, signum))
         status, err = run.finish()
-    finally:
-        if run.qemu_alive():
-            os.kill(run.qemu_pid, 9)
     assert status == code, err
     assert _summary(f"booting {run.disk}\n", err) == f"interrupted by {signum}; QEMU was stopped"
-    assert not run.qemu_alive()
-    assert os.listdir(run.tmpdir) == []
+    run.assert_all_gone()
 
 
 def test_interrupted_guest_is_asked_to_power_off_through_qmp(tmp_path: Path) -> None:
     import signal
 
-    run = Launcher(tmp_path, "--qmp", os.fspath(tmp_path / "qmp.sock"))
-    try:
+    with Launcher(tmp_path, "--qmp", os.fspath(tmp_path / "qmp.sock")) as run:
         run.proc.send_signal(signal.SIGINT)
         status, err = run.finish()
-    finally:
-        if run.qemu_alive():
-            os.kill(run.qemu_pid, 9)
     assert status == 130, err
     assert _summary(
         f"booting {run.disk}\nwarning: interrupted by SIGINT: asking the guest to power off (ACPI "
         "power button); interrupt again to stop QEMU at once\n",
         err,
     ) == ("interrupted by SIGINT; the guest powered off cleanly (ACPI power button)")
-    assert not run.qemu_alive()
-    assert os.listdir(run.tmpdir) == []
+    run.assert_all_gone()
 
 
 def test_second_stop_signal_stops_qemu_at_once(tmp_path: Path) -> None:
     import signal
     import time
 
-    run = Launcher(tmp_path, "--qmp", os.fspath(tmp_path / "qmp.sock"), fake="deaf")
-    try:
+    with Launcher(tmp_path, "--qmp", os.fspath(tmp_path / "qmp.sock"), fake="deaf") as run:
         run.proc.send_signal(signal.SIGINT)
         assert run.proc.stderr is not None
         warning = run.proc.stderr.readline().decode()  # "booting ..."
@@ -394,26 +400,18 @@ def test_second_stop_signal_stops_qemu_at_once(tmp_path: Path) -> None:
         run.proc.send_signal(signal.SIGTERM)
         status, err = run.finish()
         assert time.monotonic() - start < 10  # not the 30 s power-off wait
-    finally:
-        if run.qemu_alive():
-            os.kill(run.qemu_pid, 9)
     assert status == 130, err
     assert _summary("", err) == "interrupted by SIGINT; QEMU was stopped"
-    assert not run.qemu_alive()
-    assert os.listdir(run.tmpdir) == []
+    run.assert_all_gone()
 
 
 def test_interrupt_when_qmp_does_not_answer_stops_qemu_at_once(tmp_path: Path) -> None:
     import signal
 
     qmp = tmp_path / "qmp.sock"
-    run = Launcher(tmp_path, "--qmp", os.fspath(qmp), fake="no-qmp")
-    try:
+    with Launcher(tmp_path, "--qmp", os.fspath(qmp), fake="no-qmp") as run:
         run.proc.send_signal(signal.SIGINT)
         status, err = run.finish()
-    finally:
-        if run.qemu_alive():
-            os.kill(run.qemu_pid, 9)
     assert status == 130, err
     assert _summary(
         f"booting {run.disk}\nwarning: interrupted by SIGINT: asking the guest to power off (ACPI "
@@ -423,8 +421,7 @@ def test_interrupt_when_qmp_does_not_answer_stops_qemu_at_once(tmp_path: Path) -
         "interrupted by SIGINT; the power button could not be pressed (QMP: [Errno 2] No such file "
         "or directory); QEMU was stopped"
     )
-    assert not run.qemu_alive()
-    assert os.listdir(run.tmpdir) == []
+    run.assert_all_gone()
 
 
 def test_timeout_still_says_timeout(tmp_path: Path) -> None:
@@ -434,5 +431,4 @@ def test_timeout_still_says_timeout(tmp_path: Path) -> None:
     assert _summary(f"booting {run.disk}\n", err) == (
         "the guest did not power off within 1 s; QEMU was stopped"
     )
-    assert not run.qemu_alive()
-    assert os.listdir(run.tmpdir) == []
+    run.assert_all_gone()
