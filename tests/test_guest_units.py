@@ -10,6 +10,7 @@ import socket
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 
 import pytest
 
@@ -135,6 +136,21 @@ def test_loop_waits_at_least_the_timer_delay() -> None:
     assert fired[0] >= 0.0105
 
 
+def run_until(loop: EventLoop, done: Callable[[], bool]) -> None:
+    """Run `loop` until `done()` (asked every 10 ms), for 10 s at the most; then close it."""
+    loop.call_later(10.0, loop.stop)
+
+    def check() -> None:
+        if done():
+            loop.stop()
+        else:
+            loop.call_later(0.01, check)
+
+    loop.call_soon(check)
+    loop.run()
+    loop.close()
+
+
 class BlockingBackend:
     """A backend whose quotes wait for `release`, so requests pile up in the worker's queue."""
 
@@ -165,17 +181,7 @@ def test_attest_worker_queue_is_bounded_and_keeps_order() -> None:
         worker.submit(b"4", results.append)
     assert e.value.code == "busy"
     backend.release.set()
-    loop.call_later(10.0, loop.stop)
-
-    def check() -> None:
-        if len(results) == 3:
-            loop.stop()
-        else:
-            loop.call_later(0.01, check)
-
-    loop.call_soon(check)
-    loop.run()
-    loop.close()
+    run_until(loop, lambda: len(results) == 3)
     assert results == [b"quote:1", b"quote:2", b"quote:3"]
 
 
@@ -216,17 +222,7 @@ def test_attest_worker_answers_a_failed_thread_start_and_tries_again(
     worker.submit(b"2", results.append)
     worker.submit(b"3", results.append)
     assert started == ["eemini-attest"]  # one thread, started by the request after the failure
-    loop.call_later(10.0, loop.stop)
-
-    def check() -> None:
-        if len(results) == 2:
-            loop.stop()
-        else:
-            loop.call_later(0.01, check)
-
-    loop.call_soon(check)
-    loop.run()
-    loop.close()
+    run_until(loop, lambda: len(results) == 2)
     assert results == [b"quote:2", b"quote:3"]
 
 
