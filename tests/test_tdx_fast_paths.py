@@ -21,6 +21,7 @@ from eemini.tdx import chain, collateral
 from eemini.tdx.chain import Crl, split_signed
 from eemini.tdx.errors import CollateralParseError
 from eemini.tdx.pck import pem_ders
+from jsonfuzz import replace_one_value
 from tdx_builder import der_tlv
 
 
@@ -127,15 +128,6 @@ def test_is_revoked_finds_a_serial_however_it_is_encoded() -> None:
     assert _crl(b"").is_revoked(serial) is False
 
 
-_JSON = st.recursive(
-    st.none() | st.booleans() | st.integers(-5, 300) | st.text(max_size=12),
-    lambda children: (
-        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
-    ),
-    max_leaves=20,
-)
-
-
 def _outcome(parse: Any, text: str) -> object:
     try:
         return parse(text)
@@ -152,17 +144,7 @@ def test_mutated_levels_read_alike(data: st.DataObject) -> None:
     doc = data.draw(st.sampled_from(docs))
     which = data.draw(st.sampled_from(["tcb_info", "qe_identity"]))
     obj = json.loads(doc[which])
-    node: Any = obj["tcbLevels"]
-    while True:
-        keys = list(node) if isinstance(node, dict) else list(range(len(node)))
-        if not keys:
-            break
-        k = data.draw(st.sampled_from(keys))
-        if isinstance(node[k], dict | list) and data.draw(st.booleans()):
-            node = node[k]
-            continue
-        node[k] = data.draw(_JSON)
-        break
+    replace_one_value(data, obj["tcbLevels"])
     text = json.dumps(obj)
     if which == "tcb_info":
         fast: object = collateral._fast_levels(obj["tcbLevels"])
