@@ -25,6 +25,16 @@ from tdx_builder import TD_REPORT_10_DEFAULTS, DevChain, build_quote
 # A fake paravisor MRTD (tests only): not Microsoft's.
 FAKE_PARAVISOR_MRTD = bytes.fromhex("a2" * 48)
 HCL_NV_SIZE = 2600  # the size of NV index 0x01400001 on Azure (both real reports)
+# The checks verify_azure passes, in order: the TD quote's (as for any TDX quote), then Azure's.
+DCAP_CHECKS = [
+    "pck-chain", "qe-report-signature", "qe-report-data", "quote-signature", "crls", "tcb-info",
+    "qe-identity-collateral", "revocation", "tcb-evaluation", "debug", "td-attributes",
+    "mr-servicetd", "mr-td", "tcb-status",
+]  # fmt: skip
+AZURE_CHECKS = [
+    "hcl-td-report", "runtime-data", "user-data", "vtpm-quote-signature", "vtpm-quote", "vtpm-nonce",
+    "vtpm-pcrs",
+]  # fmt: skip
 
 
 def b64url(n: int) -> str:

@@ -18,7 +18,13 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from azure_builder import FAKE_PARAVISOR_MRTD, attest_answer, replay_sha256
+from azure_builder import (
+    AZURE_CHECKS,
+    DCAP_CHECKS,
+    FAKE_PARAVISOR_MRTD,
+    attest_answer,
+    replay_sha256,
+)
 from conftest import REPO
 from eemini.cli import main
 from eemini.tdx.azure.errors import AzureEvidenceError
@@ -37,15 +43,6 @@ LOG = (DATA / "ovmf-swtpm-local-dev.tpmlog").read_bytes()
 PREDICTION_FILE = DATA / "ovmf-swtpm-local-dev.prediction.json"
 PREDICTION = Prediction.from_json(json.loads(PREDICTION_FILE.read_text()))
 REPORT_DATA = bytes(range(64))
-DCAP = [
-    "pck-chain", "qe-report-signature", "qe-report-data", "quote-signature", "crls", "tcb-info",
-    "qe-identity-collateral", "revocation", "tcb-evaluation", "debug", "td-attributes",
-    "mr-servicetd", "mr-td", "tcb-status",
-]  # fmt: skip
-AZURE = [
-    "hcl-td-report", "runtime-data", "user-data", "vtpm-quote-signature", "vtpm-quote", "vtpm-nonce",
-    "vtpm-pcrs",
-]  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,7 +117,7 @@ def append_event(log: bytes, pcr: int, etype: int, data: bytes) -> bytes:
 
 def test_our_attest_answer_verifies_with_the_images_events() -> None:
     v = check(answer())
-    assert list(v.checks) == DCAP + AZURE + ["tpm-event-log", "expected-events"]
+    assert list(v.checks) == DCAP_CHECKS + AZURE_CHECKS + ["tpm-event-log", "expected-events"]
     assert [(w.check, w.status) for w in v.waived] == [("runtime-log", "unbound")]
     assert v.boot is not None
     assert len(v.boot.matched) == len(PREDICTION.events) == 16
@@ -297,7 +294,7 @@ def test_eemini_verify_azure_with_a_manifest(tmp_path: Path, capsys: pytest.Capt
     out = capsys.readouterr().out
     assert (
         "checks: "
-        + ", ".join([*DCAP, *AZURE, "tpm-event-log", "expected-events"])
+        + ", ".join([*DCAP_CHECKS, *AZURE_CHECKS, "tpm-event-log", "expected-events"])
         + (", runtime-log UNBOUND (waived by policy)")
         in out
     )

@@ -24,6 +24,7 @@ from typing import Any
 
 import pytest
 
+from azure_builder import AZURE_CHECKS, DCAP_CHECKS
 from conftest import shared_testdata
 from eemini.cli import main
 from eemini.tdx.azure import hcl as hcl_mod
@@ -46,15 +47,6 @@ PARAVISOR_MRTD = (
 )
 RUNTIME_SHA256 = "9734504f161d104c74e3165c15f779b06a9bb40dfa71937817d7eee68e593839"
 QUOTE_LEN = 4936  # the file holds 70 bytes of zero padding after the quote
-DCAP_CHECKS = [
-    "pck-chain", "qe-report-signature", "qe-report-data", "quote-signature", "crls", "tcb-info",
-    "qe-identity-collateral", "revocation", "tcb-evaluation", "debug", "td-attributes",
-    "mr-servicetd", "mr-td", "tcb-status",
-]  # fmt: skip
-AZURE_CHECKS = [
-    "hcl-td-report", "runtime-data", "user-data", "vtpm-quote-signature", "vtpm-quote", "vtpm-nonce",
-    "vtpm-pcrs",
-]  # fmt: skip
 
 
 def read_bincode_quote(data: bytes) -> VtpmQuote:
