@@ -324,6 +324,11 @@ class Launcher:
         _, err = self.proc.communicate(timeout=30)
         return self.proc.returncode, err.decode()
 
+    def stop(self, signum: int) -> tuple[int, str]:
+        """Send `eemini run` a stop signal; its exit status and stderr."""
+        self.proc.send_signal(signum)
+        return self.finish()
+
     def qemu_alive(self) -> bool:
         try:
             os.kill(self.qemu_pid, 0)
@@ -348,6 +353,12 @@ class Launcher:
         assert os.listdir(self.tmpdir) == []
 
 
+ASKED_TO_POWER_OFF = (
+    "warning: interrupted by SIGINT: asking the guest to power off (ACPI power button); interrupt "
+    "again to stop QEMU at once\n"
+)
+
+
 def _summary(prefix: str, err: str) -> str:
     """The last line without its elapsed time ("... after 1.2 s")."""
     import re
@@ -364,8 +375,7 @@ def test_stop_signal_stops_qemu_and_removes_its_files(tmp_path: Path, signum: st
     import signal
 
     with Launcher(tmp_path) as run:
-        run.proc.send_signal(getattr(signal, signum))
-        status, err = run.finish()
+        status, err = run.stop(getattr(signal, signum))
     assert status == code, err
     assert _summary(f"booting {run.disk}\n", err) == f"interrupted by {signum}; QEMU was stopped"
     run.assert_all_gone()
@@ -375,14 +385,11 @@ def test_interrupted_guest_is_asked_to_power_off_through_qmp(tmp_path: Path) -> 
     import signal
 
     with Launcher(tmp_path, "--qmp", os.fspath(tmp_path / "qmp.sock")) as run:
-        run.proc.send_signal(signal.SIGINT)
-        status, err = run.finish()
+        status, err = run.stop(signal.SIGINT)
     assert status == 130, err
-    assert _summary(
-        f"booting {run.disk}\nwarning: interrupted by SIGINT: asking the guest to power off (ACPI "
-        "power button); interrupt again to stop QEMU at once\n",
-        err,
-    ) == ("interrupted by SIGINT; the guest powered off cleanly (ACPI power button)")
+    assert _summary(f"booting {run.disk}\n{ASKED_TO_POWER_OFF}", err) == (
+        "interrupted by SIGINT; the guest powered off cleanly (ACPI power button)"
+    )
     run.assert_all_gone()
 
 
@@ -395,7 +402,7 @@ def test_second_stop_signal_stops_qemu_at_once(tmp_path: Path) -> None:
         assert run.proc.stderr is not None
         warning = run.proc.stderr.readline().decode()  # "booting ..."
         warning = run.proc.stderr.readline().decode()
-        assert warning.startswith("warning: interrupted by SIGINT: asking the guest"), warning
+        assert warning == ASKED_TO_POWER_OFF
         start = time.monotonic()
         run.proc.send_signal(signal.SIGTERM)
         status, err = run.finish()
@@ -410,14 +417,9 @@ def test_interrupt_when_qmp_does_not_answer_stops_qemu_at_once(tmp_path: Path) -
 
     qmp = tmp_path / "qmp.sock"
     with Launcher(tmp_path, "--qmp", os.fspath(qmp), fake="no-qmp") as run:
-        run.proc.send_signal(signal.SIGINT)
-        status, err = run.finish()
+        status, err = run.stop(signal.SIGINT)
     assert status == 130, err
-    assert _summary(
-        f"booting {run.disk}\nwarning: interrupted by SIGINT: asking the guest to power off (ACPI "
-        "power button); interrupt again to stop QEMU at once\n",
-        err,
-    ) == (
+    assert _summary(f"booting {run.disk}\n{ASKED_TO_POWER_OFF}", err) == (
         "interrupted by SIGINT; the power button could not be pressed (QMP: [Errno 2] No such file "
         "or directory); QEMU was stopped"
     )
