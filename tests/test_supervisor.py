@@ -528,6 +528,17 @@ class InProcess:
             self.loop.call_later(0.05, lambda: None)  # select() never sleeps longer than this
             self.loop.run_once()
 
+    def start(self) -> int:
+        """Start the workload; its pid."""
+        self.sup.start()
+        assert self.sup.current is not None
+        return self.sup.current.pid
+
+    def end_with_sigchld_first(self, pid: int) -> None:
+        """Let the workload end on its own, its SIGCHLD handled before its pipes are read."""
+        self.sigchld_before_the_pipes(pid)
+        self.run_until(lambda: self.seen_when_done is not None, "the workload's end")
+
     def sigchld_before_the_pipes(self, pid: int) -> None:
         # Wait until the workload has exited (without reaping it), then handle its SIGCHLD
         # before the loop has looked at the pipes: the order a loaded machine can produce.
@@ -545,11 +556,8 @@ def test_last_output_is_read_before_the_exit_is_acted_on(tmp_path: Path) -> None
     body = "import sys\nprint('first', flush=True)\nprint('last words')\nsys.stderr.write('no newline')"
     rt = InProcess(tmp_path, body)
     try:
-        rt.sup.start()
-        assert rt.sup.current is not None
-        pid = rt.sup.current.pid
-        rt.sigchld_before_the_pipes(pid)
-        rt.run_until(lambda: rt.seen_when_done is not None, "the workload's end")
+        pid = rt.start()
+        rt.end_with_sigchld_first(pid)
     finally:
         rt.close()
     seen = rt.seen_when_done
@@ -575,9 +583,7 @@ while True:
     rt = InProcess(tmp_path, body)
     stopped: list[list[tuple[str, str]]] = []
     try:
-        rt.sup.start()
-        assert rt.sup.current is not None
-        pid = rt.sup.current.pid
+        pid = rt.start()
         rt.run_until(lambda: ("stdout", "waiting") in rt.lines(), "the workload's handler")
         rt.sup.stop(lambda: stopped.append(rt.lines()))
         rt.sigchld_before_the_pipes(pid)
@@ -611,11 +617,8 @@ print("leader done", flush=True)
     rt = InProcess(tmp_path, body, drain=0.5)
     grandchild = 0
     try:
-        rt.sup.start()
-        assert rt.sup.current is not None
-        pid = rt.sup.current.pid
-        rt.sigchld_before_the_pipes(pid)
-        rt.run_until(lambda: rt.seen_when_done is not None, "the workload's end")
+        pid = rt.start()
+        rt.end_with_sigchld_first(pid)
         grandchild = int(next(t for s, t in rt.lines() if t.startswith("grandchild "))[11:])
         assert os.path.exists(f"/proc/{grandchild}")  # still holding the pipe
     finally:
