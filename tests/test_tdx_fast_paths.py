@@ -1,6 +1,6 @@
 """The verifier's fast paths agree with the slow, general readers they stand in for.
 
-A first verification reads TCB levels, QE identity levels, CRL dates, revoked serial numbers and
+A first verification reads TCB info, QE identity, CRL dates, revoked serial numbers and
 certificate keys without the general readers (collateral._Doc, cryptography's accessors); these
 tests hold each fast path to the reader it replaces, on the real corpus and on mutated input.
 """
@@ -178,3 +178,62 @@ def test_mutated_levels_read_alike(data: st.DataObject) -> None:
         assert parsed == slow
     else:
         assert parsed.tcb_levels == slow  # type: ignore[attr-defined]
+
+
+def _build(which: str, reader: collateral._Doc, text: str) -> object:
+    if which == "tcb_info":
+        return collateral._tcb_info(reader, text)
+    return collateral._qe_identity(reader)
+
+
+def _plain(which: str, text: str) -> object:
+    """The document as _Plain reads it; None when it meets a fault (for _Doc to name)."""
+    try:
+        return _build(which, collateral._Plain(json.loads(text)), text)
+    except collateral._IRREGULAR:
+        return None
+
+
+def _general(which: str, text: str) -> object:
+    return _outcome(lambda t: _build(which, collateral._Doc(json.loads(t), which), t), text)
+
+
+def test_corpus_documents_read_plainly_as_the_general_reader_reads_them() -> None:
+    for doc in _collaterals():
+        for which in ("tcb_info", "qe_identity"):
+            plain = _plain(which, doc[which])
+            assert plain is not None
+            assert plain == _general(which, doc[which])
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(st.data())
+def test_mutated_documents_read_alike(data: st.DataObject) -> None:
+    # Change one value anywhere in TCB info or QE identity: _Plain reads what the general reader
+    # reads, or gives up; parsing gives the general reader's document or its error.
+    doc = data.draw(st.sampled_from(_collaterals()))
+    which = data.draw(st.sampled_from(["tcb_info", "qe_identity"]))
+    obj: Any = json.loads(doc[which])
+    node = obj
+    while True:
+        keys = list(node) if isinstance(node, dict) else list(range(len(node)))
+        if not keys:
+            break
+        k = data.draw(st.sampled_from(keys))
+        if isinstance(node[k], dict | list) and data.draw(st.booleans()):
+            node = node[k]
+            continue
+        if data.draw(st.booleans()):
+            node[k] = data.draw(_JSON)
+        elif isinstance(node, dict):
+            del node[k]
+        else:
+            node.pop(k)
+        break
+    text = json.dumps(obj)
+    general = _general(which, text)
+    plain = _plain(which, text)
+    if plain is not None:
+        assert plain == general
+    parse = collateral.parse_tcb_info if which == "tcb_info" else collateral.parse_qe_identity
+    assert _outcome(parse, text) == general
