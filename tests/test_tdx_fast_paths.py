@@ -9,17 +9,20 @@ from __future__ import annotations
 
 import datetime
 import json
+import re
 from typing import Any
 
+import pytest
 from cryptography import x509
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import shared_testdata
-from eemini.tdx import chain, collateral
+from eemini.tdx import chain, collateral, pck
 from eemini.tdx.chain import Crl, split_signed
-from eemini.tdx.errors import CollateralParseError
+from eemini.tdx.errors import CertificateParseError, CollateralParseError, QuoteParseError
 from eemini.tdx.pck import pem_ders
+from eemini.tdx.quote import parse_quote
 from tdx_builder import der_tlv
 
 
@@ -215,3 +218,57 @@ def test_mutated_documents_read_alike(data: st.DataObject) -> None:
         assert plain == general
     parse = collateral.parse_tcb_info if which == "tcb_info" else collateral.parse_qe_identity
     assert _outcome(parse, text) == general
+
+
+def _sgx_extensions() -> list[bytes]:
+    out = []
+    for path in sorted(shared_testdata("quotes").glob("*.bin")):
+        try:
+            quote = parse_quote(path.read_bytes())
+        except QuoteParseError:
+            continue
+        leaf = pem_ders(quote.signature_data.certification.pck_chain_pem, path.name)[0]
+        extensions = chain._tbs_extensions(split_signed(leaf, path.name), path.name)
+        out.append(extensions[chain._OID_SGX_EXTENSIONS])
+    return out
+
+
+def _pck_outcome(value: bytes, canonical: bool, monkeypatch: pytest.MonkeyPatch) -> object:
+    with monkeypatch.context() as m:
+        if not canonical:
+            m.setattr(pck, "_CANONICAL_TCB", re.compile(b"(?!)"))
+        try:
+            return pck.parse_pck_extension_value(value)
+        except CertificateParseError as e:
+            return f"error: {e}"
+
+
+def test_corpus_tcb_components_read_in_place_as_by_oid(monkeypatch: pytest.MonkeyPatch) -> None:
+    values = _sgx_extensions()
+    assert len(values) >= 15
+    matched = 0
+    for value in values:
+        fast = _pck_outcome(value, True, monkeypatch)
+        assert fast == _pck_outcome(value, False, monkeypatch)
+        assert not isinstance(fast, str)
+        matched += pck._CANONICAL_TCB.search(value) is not None
+    assert matched >= 15  # the in-place reading is the usual one
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(st.data())
+def test_changed_tcb_components_read_alike(data: st.DataObject) -> None:
+    # Change, drop or insert a byte of the SGX extension: the in-place reading of the TCB
+    # components and the reading by OID give the same extension, or the same error.
+    value = bytearray(data.draw(st.sampled_from(_sgx_extensions())))
+    at = data.draw(st.integers(0, len(value) - 1))
+    change = data.draw(st.sampled_from(["set", "drop", "insert"]))
+    if change == "set":
+        value[at] = data.draw(st.integers(0, 255))
+    elif change == "drop":
+        del value[at]
+    else:
+        value.insert(at, data.draw(st.integers(0, 255)))
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        fast = _pck_outcome(bytes(value), True, monkeypatch)
+        assert fast == _pck_outcome(bytes(value), False, monkeypatch)
