@@ -81,10 +81,12 @@ def parse_collateral(text: str | bytes) -> Collateral:
         raise CollateralParseError(f"collateral lacks {', '.join(missing)}")
     values: dict[str, Any] = {}
     for k in _STR_FIELDS:
-        if not isinstance(doc[k], str):
+        v = doc[k]
+        if not isinstance(v, str):
             raise CollateralParseError(f"collateral field {k!r} must be a string")
-        utf8(doc[k], CollateralParseError, f"collateral field {k!r}")  # "\ud800" is JSON, not text
-        values[k] = doc[k]
+        if not v.isascii():  # "\ud800" is JSON, not text
+            utf8(v, CollateralParseError, f"collateral field {k!r}")
+        values[k] = v
     for k in _BYTES_FIELDS:
         values[k] = _hex_or_list(k, doc[k])
     return Collateral(**values)
