@@ -23,6 +23,7 @@ from eemini.tdx.chain import Crl, split_signed
 from eemini.tdx.errors import CertificateParseError, CollateralParseError, QuoteParseError
 from eemini.tdx.pck import pem_ders
 from eemini.tdx.quote import parse_quote
+from json_changes import change
 from tdx_builder import der_tlv
 
 
@@ -108,15 +109,6 @@ def test_is_revoked_finds_a_serial_however_it_is_encoded() -> None:
     assert _crl(b"").is_revoked(serial) is False
 
 
-_JSON = st.recursive(
-    st.none() | st.booleans() | st.integers(-5, 300) | st.text(max_size=12),
-    lambda children: (
-        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
-    ),
-    max_leaves=20,
-)
-
-
 def _outcome(parse: Any, text: str) -> object:
     try:
         return parse(text)
@@ -133,17 +125,7 @@ def test_mutated_levels_read_alike(data: st.DataObject) -> None:
     doc = data.draw(st.sampled_from(docs))
     which = data.draw(st.sampled_from(["tcb_info", "qe_identity"]))
     obj = json.loads(doc[which])
-    node: Any = obj["tcbLevels"]
-    while True:
-        keys = list(node) if isinstance(node, dict) else list(range(len(node)))
-        if not keys:
-            break
-        k = data.draw(st.sampled_from(keys))
-        if isinstance(node[k], dict | list) and data.draw(st.booleans()):
-            node = node[k]
-            continue
-        node[k] = data.draw(_JSON)
-        break
+    change(data, obj["tcbLevels"])
     text = json.dumps(obj)
     if which == "tcb_info":
         fast: object = collateral._fast_levels(obj["tcbLevels"])
@@ -194,23 +176,8 @@ def test_mutated_documents_read_alike(data: st.DataObject) -> None:
     # reads, or gives up; parsing gives the general reader's document or its error.
     doc = data.draw(st.sampled_from(_collaterals()))
     which = data.draw(st.sampled_from(["tcb_info", "qe_identity"]))
-    obj: Any = json.loads(doc[which])
-    node = obj
-    while True:
-        keys = list(node) if isinstance(node, dict) else list(range(len(node)))
-        if not keys:
-            break
-        k = data.draw(st.sampled_from(keys))
-        if isinstance(node[k], dict | list) and data.draw(st.booleans()):
-            node = node[k]
-            continue
-        if data.draw(st.booleans()):
-            node[k] = data.draw(_JSON)
-        elif isinstance(node, dict):
-            del node[k]
-        else:
-            node.pop(k)
-        break
+    obj = json.loads(doc[which])
+    change(data, obj, remove=True)
     text = json.dumps(obj)
     general = _general(which, text)
     plain = _plain(which, text)

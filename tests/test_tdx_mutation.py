@@ -30,7 +30,6 @@ import json
 import string
 from collections import Counter
 from collections.abc import Callable, Iterator
-from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -45,6 +44,7 @@ from eemini.tdx.policy import Policy
 from eemini.tdx.quote import Quote, parse_quote
 from eemini.tdx.roots import development_root
 from eemini.tdx.verify import VerificationCache, verify
+from json_changes import JSON, change
 from tdx_builder import NOW, build_quote, make_chain
 
 # Mutated certificates make cryptography warn (a serial number that is not positive, a country
@@ -472,15 +472,6 @@ def test_fuzz_der_reader(data: bytes) -> None:
     assert all(head < start <= end for _, head, start, end in spans)
 
 
-_JSON = st.recursive(
-    st.none() | st.booleans() | st.integers(-5, 300) | st.text(max_size=12),
-    lambda children: (
-        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
-    ),
-    max_leaves=20,
-)
-
-
 @settings(max_examples=150, deadline=None, database=None)
 @given(st.data())
 def test_fuzz_collateral_parsers_structured(data: st.DataObject) -> None:
@@ -492,23 +483,13 @@ def test_fuzz_collateral_parsers_structured(data: st.DataObject) -> None:
     doc = json.loads((d / "trustee__tdx_quote_6.collateral.json").read_text())
     which = data.draw(st.sampled_from(["tcb_info", "qe_identity"]))
     obj = json.loads(doc[which])
-    path_obj: Any = obj
-    while True:
-        keys = list(path_obj) if isinstance(path_obj, dict) else list(range(len(path_obj)))
-        if not keys:
-            break
-        k = data.draw(st.sampled_from(keys))
-        if isinstance(path_obj[k], dict | list) and data.draw(st.booleans()):
-            path_obj = path_obj[k]
-            continue
-        path_obj[k] = data.draw(_JSON)
-        break
+    change(data, obj)
     parse = parse_tcb_info if which == "tcb_info" else parse_qe_identity
     try:
         parse(json.dumps(obj))
     except errors.CollateralParseError:
         pass
     try:
-        parse_collateral(json.dumps({**doc, which: data.draw(_JSON)}))
+        parse_collateral(json.dumps({**doc, which: data.draw(JSON)}))
     except errors.CollateralParseError:
         pass
