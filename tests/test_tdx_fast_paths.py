@@ -1,6 +1,6 @@
 """The verifier's fast paths agree with the slow, general readers they stand in for.
 
-A first verification reads TCB levels, QE identity levels, CRL dates, revoked serial numbers and
+A first verification reads TCB info, QE identity, revoked serial numbers, certificate headers and
 certificate keys without the general readers (collateral._Doc, cryptography's accessors); these
 tests hold each fast path to the reader it replaces, on the real corpus and on mutated input.
 """
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import re
 from typing import Any
 
 import pytest
@@ -17,11 +18,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import shared_testdata
-from eemini.tdx import chain, collateral
+from eemini.tdx import chain, collateral, pck
 from eemini.tdx.chain import Crl, split_signed
-from eemini.tdx.errors import CollateralParseError
+from eemini.tdx.errors import CertificateParseError, CollateralParseError, QuoteParseError
 from eemini.tdx.pck import pem_ders
-from jsonfuzz import replace_one_value
+from eemini.tdx.quote import parse_quote
+from json_changes import change
 from tdx_builder import der_tlv
 
 
@@ -56,7 +58,7 @@ def test_corpus_levels_equal_the_general_reader() -> None:
         assert collateral._fast_isv_levels(raw) == _slow_isv_levels(doc["qe_identity"])
 
 
-def test_corpus_crl_dates_and_serials_equal_cryptography() -> None:
+def test_corpus_crl_serials_equal_cryptography() -> None:
     seen = 0
     for doc in _collaterals():
         for key in ("root_ca_crl", "pck_crl"):
@@ -65,8 +67,6 @@ def test_corpus_crl_dates_and_serials_equal_cryptography() -> None:
             signed = split_signed(der, key)
             first = 1 if signed.field_tags[0] == 0x02 else 0
             tags, fields = signed.field_tags, signed.fields
-            assert chain._der_time(tags[first + 2], fields[first + 2]) == theirs.last_update_utc
-            assert chain._der_time(tags[first + 3], fields[first + 3]) == theirs.next_update_utc
             entries = fields[first + 4] if tags[first + 4] == 0x30 else b""
             serials = frozenset(e.serial_number for e in theirs)
             assert chain._revoked_serials(entries, key) == serials
@@ -82,25 +82,6 @@ def test_corpus_keys_equal_cryptography() -> None:
                 signed = split_signed(der, key)
                 first = 1 if signed.field_tags[0] == 0xA0 else 0
                 assert chain._spki_key(cert, signed, first) == cert.public_key()
-
-
-@pytest.mark.parametrize(
-    ("tag", "text", "expected"),
-    [
-        (0x17, b"250719100035Z", datetime.datetime(2025, 7, 19, 10, 0, 35, tzinfo=datetime.UTC)),
-        (0x17, b"490101000000Z", datetime.datetime(2049, 1, 1, tzinfo=datetime.UTC)),
-        (0x17, b"500101000000Z", datetime.datetime(1950, 1, 1, tzinfo=datetime.UTC)),
-        (0x18, b"20491231235959Z", datetime.datetime(2049, 12, 31, 23, 59, 59, tzinfo=datetime.UTC)),
-        (0x17, b"251319100035Z", None),  # month 13: cryptography decides (and refuses)
-        (0x17, b"2507191000-5Z", None),
-        (0x17, b"250719100035+", None),
-        (0x17, b"2507191000351", None),
-        (0x18, b"250719100035Z", None),  # a UTCTime's length under the GeneralizedTime tag
-        (0x04, b"250719100035Z", None),
-    ],
-)
-def test_der_time(tag: int, text: bytes, expected: datetime.datetime | None) -> None:
-    assert chain._der_time(tag, text) == expected
 
 
 def _entry(serial_contents: bytes) -> bytes:
@@ -144,7 +125,7 @@ def test_mutated_levels_read_alike(data: st.DataObject) -> None:
     doc = data.draw(st.sampled_from(docs))
     which = data.draw(st.sampled_from(["tcb_info", "qe_identity"]))
     obj = json.loads(doc[which])
-    replace_one_value(data, obj["tcbLevels"])
+    change(data, obj["tcbLevels"])
     text = json.dumps(obj)
     if which == "tcb_info":
         fast: object = collateral._fast_levels(obj["tcbLevels"])
@@ -160,3 +141,101 @@ def test_mutated_levels_read_alike(data: st.DataObject) -> None:
         assert parsed == slow
     else:
         assert parsed.tcb_levels == slow  # type: ignore[attr-defined]
+
+
+def _build(which: str, reader: collateral._Doc, text: str) -> object:
+    if which == "tcb_info":
+        return collateral._tcb_info(reader, text)
+    return collateral._qe_identity(reader)
+
+
+def _plain(which: str, text: str) -> object:
+    """The document as _Plain reads it; None when it meets a fault (for _Doc to name)."""
+    try:
+        return _build(which, collateral._Plain(json.loads(text)), text)
+    except collateral._IRREGULAR:
+        return None
+
+
+def _general(which: str, text: str) -> object:
+    return _outcome(lambda t: _build(which, collateral._Doc(json.loads(t), which), t), text)
+
+
+def test_corpus_documents_read_plainly_as_the_general_reader_reads_them() -> None:
+    for doc in _collaterals():
+        for which in ("tcb_info", "qe_identity"):
+            plain = _plain(which, doc[which])
+            assert plain is not None
+            assert plain == _general(which, doc[which])
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(st.data())
+def test_mutated_documents_read_alike(data: st.DataObject) -> None:
+    # Change one value anywhere in TCB info or QE identity: _Plain reads what the general reader
+    # reads, or gives up; parsing gives the general reader's document or its error.
+    doc = data.draw(st.sampled_from(_collaterals()))
+    which = data.draw(st.sampled_from(["tcb_info", "qe_identity"]))
+    obj = json.loads(doc[which])
+    change(data, obj, remove=True)
+    text = json.dumps(obj)
+    general = _general(which, text)
+    plain = _plain(which, text)
+    if plain is not None:
+        assert plain == general
+    parse = collateral.parse_tcb_info if which == "tcb_info" else collateral.parse_qe_identity
+    assert _outcome(parse, text) == general
+
+
+def _sgx_extensions() -> list[bytes]:
+    out = []
+    for path in sorted(shared_testdata("quotes").glob("*.bin")):
+        try:
+            quote = parse_quote(path.read_bytes())
+        except QuoteParseError:
+            continue
+        leaf = pem_ders(quote.signature_data.certification.pck_chain_pem, path.name)[0]
+        extensions = chain._tbs_extensions(split_signed(leaf, path.name), path.name)
+        out.append(extensions[chain._OID_SGX_EXTENSIONS])
+    return out
+
+
+def _pck_outcome(value: bytes, canonical: bool, monkeypatch: pytest.MonkeyPatch) -> object:
+    with monkeypatch.context() as m:
+        if not canonical:
+            m.setattr(pck, "_CANONICAL_TCB", re.compile(b"(?!)"))
+        try:
+            return pck.parse_pck_extension_value(value)
+        except CertificateParseError as e:
+            return f"error: {e}"
+
+
+def test_corpus_tcb_components_read_in_place_as_by_oid(monkeypatch: pytest.MonkeyPatch) -> None:
+    values = _sgx_extensions()
+    assert len(values) >= 15
+    matched = 0
+    for value in values:
+        fast = _pck_outcome(value, True, monkeypatch)
+        assert fast == _pck_outcome(value, False, monkeypatch)
+        assert not isinstance(fast, str)
+        matched += pck._CANONICAL_TCB.search(value) is not None
+    assert matched >= 15  # the in-place reading is the usual one
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(st.data())
+def test_changed_tcb_components_read_alike(data: st.DataObject) -> None:
+    # Change, drop or insert a byte of the SGX extension: the in-place reading of the TCB
+    # components and the reading by OID give the same extension, or the same error.
+    value = bytearray(data.draw(st.sampled_from(_sgx_extensions())))
+    at = data.draw(st.integers(0, len(value) - 1))
+    change = data.draw(st.sampled_from(["set", "drop", "insert"]))
+    if change == "set":
+        value[at] = data.draw(st.integers(0, 255))
+    elif change == "drop":
+        del value[at]
+    else:
+        value.insert(at, data.draw(st.integers(0, 255)))
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        fast = _pck_outcome(bytes(value), True, monkeypatch)
+        assert fast == _pck_outcome(bytes(value), False, monkeypatch)

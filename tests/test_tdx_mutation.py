@@ -44,7 +44,7 @@ from eemini.tdx.policy import Policy
 from eemini.tdx.quote import Quote, parse_quote
 from eemini.tdx.roots import development_root
 from eemini.tdx.verify import VerificationCache, verify
-from jsonfuzz import JSON, replace_one_value
+from json_changes import JSON, change
 from tdx_builder import NOW, build_quote, make_chain
 
 # Mutated certificates make cryptography warn (a serial number that is not positive, a country
@@ -483,7 +483,7 @@ def test_fuzz_collateral_parsers_structured(data: st.DataObject) -> None:
     doc = json.loads((d / "trustee__tdx_quote_6.collateral.json").read_text())
     which = data.draw(st.sampled_from(["tcb_info", "qe_identity"]))
     obj = json.loads(doc[which])
-    replace_one_value(data, obj)
+    change(data, obj)
     parse = parse_tcb_info if which == "tcb_info" else parse_qe_identity
     try:
         parse(json.dumps(obj))

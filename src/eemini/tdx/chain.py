@@ -10,8 +10,10 @@ from __future__ import annotations
 import base64
 import datetime
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
+from typing import TypeVar
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -33,7 +35,6 @@ from eemini.tdx.pck import (
     ParseErrorType,
     PckExtension,
     der_spans,
-    load_der_certificate,
     oid_text,
     parse_pck_extension_value,
     pem_bodies,
@@ -108,6 +109,44 @@ class SignedDer:
 
 
 def split_signed(der: bytes, what: str, error: ParseErrorType = CertificateParseError) -> SignedDer:
+    # The usual DER (one SEQUENCE { SEQUENCE, SEQUENCE, BIT STRING }, nothing after it): the four
+    # headers read in place. Anything else goes through the general reader, which names the fault.
+    size = len(der)
+    try:
+        tag, start, end = _head(der, 0)
+        if tag != 0x30 or end != size:
+            raise ValueError
+        tag, tbs_start, tbs_end = _head(der, start)
+        tag2, alg_start, alg_end = _head(der, tbs_end)
+        tag3, bits_start, bits_end = _head(der, alg_end)
+        if tag != 0x30 or tag2 != 0x30 or tag3 != 0x03 or bits_end != size:
+            raise ValueError
+    except (ValueError, IndexError):  # not converted: the general reader names the fault
+        return _split_signed(der, what, error)
+    spans = der_spans(der, what, error, tbs_start, tbs_end)
+    return SignedDer(
+        tbs=der[start:tbs_end],
+        fields=tuple([der[a:b] for _, _, a, b in spans]),
+        field_tags=tuple([tag for tag, _, _, _ in spans]),
+        algorithm=der[alg_start:alg_end],
+        signature=der[bits_start + 1 : bits_end] if der[bits_start : bits_start + 1] == b"\0" else b"",
+    )
+
+
+def _head(der: bytes, pos: int) -> tuple[int, int, int]:
+    """The tag, value start and value end of the DER element at `pos`, its length read as
+    der_spans reads it; ValueError or IndexError when the header is not there."""
+    length = der[pos + 1]
+    if length < 0x80:
+        return der[pos], pos + 2, pos + 2 + length
+    n = length & 0x7F
+    if n == 0 or n > 4 or pos + 2 + n > len(der):
+        raise ValueError
+    start = pos + 2 + n
+    return der[pos], start, start + int.from_bytes(der[pos + 2 : start], "big")
+
+
+def _split_signed(der: bytes, what: str, error: ParseErrorType) -> SignedDer:
     outer = der_spans(der, what, error)
     if len(outer) != 1 or outer[0][0] != 0x30:
         raise error(f"{what}: not a DER SEQUENCE")
@@ -177,7 +216,9 @@ def _tbs_extensions(signed: SignedDer, what: str) -> dict[bytes, bytes]:
         if len(outer) != 1 or outer[0][0] != 0x30:
             raise CertificateParseError(f"{what}: extensions are not a SEQUENCE")
         for ext_tag, _, start, end in der_spans(value, what, start=outer[0][2], end=outer[0][3]):
-            parts = der_spans(value, what, start=start, end=end) if ext_tag == 0x30 else []
+            parts = _extension_parts(value, start, end) if ext_tag == 0x30 else None
+            if parts is None:
+                parts = der_spans(value, what, start=start, end=end) if ext_tag == 0x30 else []
             if len(parts) not in (2, 3) or parts[0][0] != 0x06 or parts[-1][0] != 0x04:
                 raise CertificateParseError(f"{what}: an extension is not {{ OID, critical, value }}")
             oid = value[parts[0][2] : parts[0][3]]
@@ -185,6 +226,34 @@ def _tbs_extensions(signed: SignedDer, what: str) -> dict[bytes, bytes]:
                 raise CertificateParseError(f"{what}: extension {oid_text(oid)} appears twice")
             out[oid] = value[parts[-1][2] : parts[-1][3]]
     return out
+
+
+def _extension_parts(der: bytes, start: int, end: int) -> list[tuple[int, int, int, int]] | None:
+    """der_spans(der[start:end]) of the usual extension, its two or three headers read in place;
+    None for der_spans to read anything else (and name its fault)."""
+    try:
+        tag, oid_start, oid_end = _head(der, start)
+        tag2, start2, end2 = _head(der, oid_end)
+        if end2 == end:
+            return [(tag, start, oid_start, oid_end), (tag2, oid_end, start2, end2)]
+        tag3, start3, end3 = _head(der, end2)
+    except (ValueError, IndexError):
+        return None
+    if oid_end > end or end2 > end or end3 != end:
+        return None
+    return [(tag, start, oid_start, oid_end), (tag2, oid_end, start2, end2), (tag3, end2, start3, end3)]
+
+
+_T = TypeVar("_T")
+
+
+def _naming(cert: Cert, what: str, read: Callable[[str], _T]) -> _T:
+    """`read(what)`. A certificate's name is read for messages only: when `read` fails, it runs
+    again with the name in `what`, to raise the error that names the certificate."""
+    try:
+        return read(what)
+    except CertificateParseError:
+        return read(f"{what}: {cert.name}")
 
 
 def _is_ca(extensions: dict[bytes, bytes], what: str) -> bool:
@@ -241,11 +310,15 @@ def _p256(key: object) -> ec.EllipticCurvePublicKey | None:
     return None
 
 
-def _wrap(cert: x509.Certificate, der: bytes, fingerprint: bytes, what: str) -> Cert:
-    # What the checks need of cryptography's certificate, read once, here: it parses lazily, so a
-    # malformed certificate fails now, as a parse error, not in the middle of a check. Names and
-    # the key are read from the DER (and the CA flag, when asked: Context.is_ca).
+def _wrap(cert: x509.Certificate | None, der: bytes, fingerprint: bytes, what: str) -> Cert:
+    # The certificate parsed by cryptography (unless given), and what the checks need of it read
+    # once, here: cryptography decodes some of it lazily, so a malformed certificate fails now,
+    # as a parse error, not in the middle of a check. Names and the key are read from the DER (and
+    # the CA flag, when asked: Context.is_ca).
     with parsing(CertificateParseError, f"{what} does not parse"):
+        if cert is None:
+            cert = x509.load_der_x509_certificate(der)
+            _ = (cert.version, cert.signature_hash_algorithm)
         signed = split_signed(der, what)
         first = 1 if signed.field_tags and signed.field_tags[0] == 0xA0 else 0
         issuer, subject = _tbs_names(signed, what)
@@ -330,29 +403,6 @@ def _revoked_serials(entries: bytes, what: str) -> frozenset[int]:
     return frozenset(serials)
 
 
-def _der_time(tag: int, value: bytes) -> datetime.datetime | None:
-    """A UTCTime or GeneralizedTime as RFC 5280 4.1.2.5 has them (UTC, seconds, 'Z'); None for
-    anything else, which the caller leaves to cryptography."""
-    if tag == 0x17 and len(value) == 13:
-        digits, year = value[:12], int(value[:2]) if value[:2].isdigit() else -1
-        year += 1900 if year >= 50 else 2000
-        rest = value[2:12]
-    elif tag == 0x18 and len(value) == 15:
-        digits, year = value[:14], int(value[:4]) if value[:4].isdigit() else -1
-        rest = value[4:14]
-    else:
-        return None
-    if not (digits.isdigit() and digits.isascii() and value[-1:] == b"Z") or year < 0:
-        return None
-    try:
-        return datetime.datetime(
-            year, int(rest[0:2]), int(rest[2:4]), int(rest[4:6]), int(rest[6:8]), int(rest[8:10]),
-            tzinfo=datetime.UTC,
-        )  # fmt: skip
-    except ValueError:
-        return None
-
-
 @dataclass
 class VerificationCache:
     """Already-verified certificates, CRLs and signed collateral, keyed by their bytes (or SHA-256).
@@ -425,16 +475,16 @@ class Context:
         # Read from the DER when a chain needs it (only issuers are asked), then remembered.
         got = self.cache.ca.get(cert.fingerprint)
         if got is None:
-            where = f"{what}: {cert.name}"
-            got = self.cache.ca[cert.fingerprint] = _is_ca(_tbs_extensions(cert.signed, where), where)
+            got = _naming(cert, what, lambda where: _is_ca(_tbs_extensions(cert.signed, where), where))
+            self.cache.ca[cert.fingerprint] = got
         return got
 
     def pck_extension(self, leaf: Cert) -> PckExtension:
         """The Intel SGX extension of a PCK leaf, read from the DER (its extension list is read
         strictly: each extension at most once, each one { OID, critical, value })."""
-        where = f"PCK certificate chain: {leaf.name}"
         with parsing(CertificateParseError, "PCK certificate extensions do not parse"):
-            value = _tbs_extensions(leaf.signed, where).get(_OID_SGX_EXTENSIONS)
+            extensions = _naming(leaf, "PCK certificate chain", partial(_tbs_extensions, leaf.signed))
+        value = extensions.get(_OID_SGX_EXTENSIONS)
         if value is None:
             raise CertificateParseError("PCK certificate has no Intel SGX extension")
         return parse_pck_extension_value(value)
@@ -445,19 +495,19 @@ class Context:
         if chain is None:
             text = utf8(pem, CertificateParseError, what) if isinstance(pem, str) else pem
             certs = []
+            pem_certs, known = self.cache.pem_certs, self.cache.certs
             # The same certificates recur across chains (the root in all four, the platform CA
             # in two, the TCB signing certificate in two): decode and parse each once.
             for i, body in enumerate(pem_bodies(text, what)):
-                cert = self.cache.pem_certs.get(body) or _ANCHOR_BODIES.get(body)
+                cert = pem_certs.get(body) or _ANCHOR_BODIES.get(body)
                 if cert is None:
                     der = pem_body_der(body, what, i)
                     fingerprint = hashlib.sha256(der).digest()
-                    cert = self.cache.certs.get(fingerprint)
+                    cert = known.get(fingerprint)
                     if cert is None:
-                        loaded = load_der_certificate(der, what, i)
-                        cert = _wrap(loaded, der, fingerprint, f"{what}: certificate {i}")
-                        self.cache.certs[fingerprint] = cert
-                    self.cache.pem_certs[body] = cert
+                        cert = _wrap(None, der, fingerprint, f"{what}: certificate {i}")
+                        known[fingerprint] = cert
+                    pem_certs[body] = cert
                 certs.append(cert)
             chain = self.cache.chains[pem] = tuple(certs)
         return chain
@@ -595,17 +645,12 @@ def _verified_crl(der: bytes, issuer: Cert, what: str) -> Crl:
             valid = loaded.is_signature_valid(issuer.cert.public_key())  # type: ignore[arg-type]
     if not valid:
         raise CrlInvalid(f"{what} is not signed by {issuer.name}")
+    with parsing(CrlInvalid, parse_error):
+        this_update, next_update = loaded.last_update_utc, loaded.next_update_utc
+    if next_update is None:
+        raise CrlInvalid(f"{what} has no nextUpdate, so it is never current")
     tags, fields = signed.field_tags, signed.fields
     rest = first + 3  # after thisUpdate: nextUpdate?, revokedCertificates?, [0] extensions?
-    this_update = _der_time(tags[first + 2], fields[first + 2])
-    next_update = _der_time(tags[rest], fields[rest]) if len(fields) > rest else None
-    with parsing(CrlInvalid, parse_error):
-        if this_update is None:
-            this_update = loaded.last_update_utc
-        if next_update is None:
-            next_update = loaded.next_update_utc
-        if next_update is None:
-            raise CrlInvalid(f"{what} has no nextUpdate, so it is never current")
     if len(fields) > rest and tags[rest] in (0x17, 0x18):
         rest += 1
     entries = fields[rest] if len(fields) > rest and tags[rest] == 0x30 else b""

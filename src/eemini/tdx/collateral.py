@@ -14,9 +14,11 @@ import datetime
 import enum
 import functools
 import json
+import operator
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from eemini.tdx.errors import CollateralParseError
 from eemini.tdx.guard import parsing, utf8
@@ -79,10 +81,12 @@ def parse_collateral(text: str | bytes) -> Collateral:
         raise CollateralParseError(f"collateral lacks {', '.join(missing)}")
     values: dict[str, Any] = {}
     for k in _STR_FIELDS:
-        if not isinstance(doc[k], str):
+        v = doc[k]
+        if not isinstance(v, str):
             raise CollateralParseError(f"collateral field {k!r} must be a string")
-        utf8(doc[k], CollateralParseError, f"collateral field {k!r}")  # "\ud800" is JSON, not text
-        values[k] = doc[k]
+        if not v.isascii():  # "\ud800" is JSON, not text
+            utf8(v, CollateralParseError, f"collateral field {k!r}")
+        values[k] = v
     for k in _BYTES_FIELDS:
         values[k] = _hex_or_list(k, doc[k])
     return Collateral(**values)
@@ -171,6 +175,8 @@ class QeIdentity:
 class _Doc:
     """Typed field access into one JSON object; every mismatch is a CollateralParseError."""
 
+    __slots__ = ("doc", "where")
+
     def __init__(self, doc: object, where: str) -> None:
         if not isinstance(doc, dict):
             raise CollateralParseError(f"{where} must be a JSON object")
@@ -225,6 +231,10 @@ class _Doc:
     def obj(self, key: str) -> _Doc:
         return _Doc(self._get(key), f"{self.where}.{key}")
 
+    def each(self, key: str) -> list[_Doc]:
+        """The objects of the list under `key`."""
+        return [_Doc(raw, f"{self.where}.{key}[{i}]") for i, raw in enumerate(self.items(key))]
+
     def status(self, key: str) -> TcbStatus:
         s = self.text(key)
         if s not in _STATUSES:
@@ -239,11 +249,124 @@ class _Doc:
             raise CollateralParseError(f"{self.where}.advisoryIDs must be strings")
         return tuple(str(i) for i in ids)
 
+    def isv_levels(self) -> tuple[IsvTcbLevel, ...]:
+        """The `tcbLevels` of the QE identity or of a TDX module identity."""
+        fast = _fast_isv_levels(self.doc.get("tcbLevels"))
+        if fast is not None:
+            return fast
+        return tuple(
+            IsvTcbLevel(
+                lv.obj("tcb").uint("isvsvn"), lv.text("tcbDate"), lv.status("tcbStatus"), lv.advisories()
+            )
+            for lv in self.each("tcbLevels")
+        )
+
+    def tcb_levels(self) -> tuple[TcbLevel, ...]:
+        """The `tcbLevels` of TCB info."""
+        fast = _fast_levels(self.doc.get("tcbLevels"))
+        return fast if fast is not None else _levels(self)
+
+
+class _Irregular(Exception):
+    """Raised by _Plain at the first thing out of the ordinary."""
+
+
+# What reading a document with _Plain may raise: then _Doc reads it again and names the fault.
+_IRREGULAR = (_Irregular, KeyError, TypeError, ValueError)
+
+
+class _Plain(_Doc):
+    """_Doc for the usual, well-formed document, without naming faults (the hot spot of a first
+    verification): any fault raises one of _IRREGULAR, and `_read` has _Doc read the document
+    again to name it. It accepts nothing _Doc refuses (tests/test_tdx_fast_paths.py holds it to
+    that)."""
+
+    __slots__ = ()
+
+    def __init__(self, doc: object) -> None:
+        if type(doc) is not dict:
+            raise _Irregular
+        self.doc = doc
+        self.where = ""
+
+    def _get(self, key: str) -> object:
+        return self.doc[key]
+
+    def text(self, key: str) -> str:
+        v = self.doc[key]
+        if type(v) is not str:
+            raise _Irregular
+        return v
+
+    def uint(self, key: str) -> int:
+        v = self.doc[key]
+        if type(v) is not int or v < 0:
+            raise _Irregular
+        return v
+
+    def hexbytes(self, key: str, size: int | None = None) -> bytes:
+        v = bytes.fromhex(self.text(key))
+        if size is not None and len(v) != size:
+            raise _Irregular
+        return v
+
+    def when(self, key: str) -> datetime.datetime:
+        t = datetime.datetime.fromisoformat(self.text(key))
+        if t.tzinfo is None:
+            raise _Irregular
+        return t
+
+    def items(self, key: str) -> list[object]:
+        v = self.doc[key]
+        if type(v) is not list:
+            raise _Irregular
+        return v
+
+    def obj(self, key: str) -> _Doc:
+        return _Plain(self.doc[key])
+
+    def each(self, key: str) -> list[_Doc]:
+        return [_Plain(raw) for raw in self.items(key)]
+
+    def status(self, key: str) -> TcbStatus:
+        return _STATUS_OF[self.text(key)]
+
+    def advisories(self) -> tuple[str, ...]:
+        return _advisories(self.doc)
+
+    def isv_levels(self) -> tuple[IsvTcbLevel, ...]:
+        fast = _fast_isv_levels(self.doc.get("tcbLevels"))
+        if fast is None:
+            raise _Irregular
+        return fast
+
+    def tcb_levels(self) -> tuple[TcbLevel, ...]:
+        fast = _fast_levels(self.doc.get("tcbLevels"))
+        if fast is None:
+            raise _Irregular
+        return fast
+
+
+_T = TypeVar("_T")
+
+
+def _json(text: str, what: str) -> object:
+    with parsing(CollateralParseError, f"{what} is not JSON"):
+        return json.loads(text)
+
 
 def _load(text: str, what: str) -> _Doc:
-    with parsing(CollateralParseError, f"{what} is not JSON"):
-        doc = json.loads(text)
-    return _Doc(doc, what)
+    return _Doc(_json(text, what), what)
+
+
+def _read(text: str, what: str, build: Callable[[_Doc], _T]) -> _T:
+    """`build` the document of the JSON `text` with _Plain, or with _Doc when _Plain meets a fault."""
+    doc = _json(text, what)
+    try:
+        return build(_Plain(doc))
+    except _IRREGULAR:  # not converted: _Doc meets the fault too, and names it
+        pass
+    return build(_Doc(doc, what))
 
 
 def _svns(doc: _Doc, key: str) -> tuple[int, ...]:
@@ -257,42 +380,42 @@ def _svns(doc: _Doc, key: str) -> tuple[int, ...]:
     return out  # type: ignore[return-value]
 
 
-def _isv_levels(doc: _Doc) -> tuple[IsvTcbLevel, ...]:
-    fast = _fast_isv_levels(doc.doc.get("tcbLevels"))
-    if fast is not None:
-        return fast
-    levels = []
-    for i, raw in enumerate(doc.items("tcbLevels")):
-        lv = _Doc(raw, f"{doc.where}.tcbLevels[{i}]")
-        levels.append(
-            IsvTcbLevel(
-                lv.obj("tcb").uint("isvsvn"), lv.text("tcbDate"), lv.status("tcbStatus"), lv.advisories()
-            )
-        )
-    return tuple(levels)
+_STATUS_OF = {s.value: s for s in TcbStatus}
+_SVN = operator.itemgetter("svn")
+_INT = {int}
+
+
+def _advisories(lv: dict[str, object]) -> tuple[str, ...]:
+    """A well-formed level's advisory IDs (none when absent); raises _Irregular otherwise."""
+    if "advisoryIDs" not in lv:
+        return ()
+    ids = lv["advisoryIDs"]
+    if type(ids) is not list or list(map(type, ids)).count(str) != len(ids):
+        raise _Irregular
+    return tuple(ids)
+
+
+def _level_tail(lv: dict[str, object]) -> tuple[str, TcbStatus, tuple[str, ...]]:
+    """The date, status and advisory IDs of a well-formed TCB level of either kind (TCB info's,
+    or an ISV SVN's); raises one of _IRREGULAR otherwise."""
+    date, status = lv["tcbDate"], lv["tcbStatus"]
+    if type(date) is not str or type(status) is not str:
+        raise _Irregular
+    return date, _STATUS_OF[status], _advisories(lv)
 
 
 def _fast_isv_levels(raw: object) -> tuple[IsvTcbLevel, ...] | None:
-    """`_isv_levels` without _Doc, for well-formed levels; None for `_isv_levels` to name the fault."""
+    """Well-formed ISV levels without _Doc; None for the general reader to name the fault."""
     if type(raw) is not list:
         return None
     levels = []
     try:
         for lv in raw:
-            svn, date, status = lv["tcb"]["isvsvn"], lv["tcbDate"], lv["tcbStatus"]
-            ids = lv.get("advisoryIDs", [])
-            if (
-                type(lv) is not dict
-                or type(svn) is not int
-                or svn < 0
-                or type(date) is not str
-                or status not in _STATUSES
-                or type(ids) is not list
-                or list(map(type, ids)).count(str) != len(ids)
-            ):
+            svn = lv["tcb"]["isvsvn"]
+            if type(lv) is not dict or type(svn) is not int or svn < 0:
                 return None
-            levels.append(IsvTcbLevel(svn, date, TcbStatus(status), tuple(ids)))
-    except (KeyError, TypeError):  # not converted: the general reader names the fault
+            levels.append(IsvTcbLevel(svn, *_level_tail(lv)))
+    except _IRREGULAR:  # not converted: the general reader names the fault
         return None
     return tuple(levels)
 
@@ -306,30 +429,24 @@ def _fast_levels(raw: object) -> tuple[TcbLevel, ...] | None:
     try:
         for lv in raw:
             tcb = lv["tcb"]
-            sgx = tuple([c["svn"] for c in tcb["sgxtcbcomponents"]])
+            sgx = tuple(map(_SVN, tcb["sgxtcbcomponents"]))
             has_tdx = "tdxtcbcomponents" in tcb  # absent: none; present: exactly 16
-            tdx = tuple([c["svn"] for c in tcb["tdxtcbcomponents"]]) if has_tdx else ()
-            pce_svn, date, status = tcb["pcesvn"], lv["tcbDate"], lv["tcbStatus"]
-            ids = lv.get("advisoryIDs", [])
+            tdx = tuple(map(_SVN, tcb["tdxtcbcomponents"])) if has_tdx else ()
+            pce_svn = tcb["pcesvn"]
             svns = sgx + tdx
             if (
                 type(lv) is not dict
                 or type(tcb) is not dict
                 or len(sgx) != 16
                 or len(tdx) != (16 if has_tdx else 0)
-                or list(map(type, svns)).count(int) != len(svns)
-                or min(svns) < 0
-                or max(svns) > 255
+                or set(map(type, svns)) != _INT  # no bool, no float, nothing but int
                 or type(pce_svn) is not int
                 or pce_svn < 0
-                or type(date) is not str
-                or status not in _STATUSES
-                or type(ids) is not list
-                or list(map(type, ids)).count(str) != len(ids)
             ):
                 return None
-            levels.append(TcbLevel(sgx, pce_svn, tdx, date, TcbStatus(status), tuple(ids)))
-    except (KeyError, TypeError):  # not converted: the general reader names the fault
+            bytes(svns)  # each 0..255, or ValueError
+            levels.append(TcbLevel(sgx, pce_svn, tdx, *_level_tail(lv)))
+    except _IRREGULAR:  # not converted: the general reader names the fault
         return None
     return tuple(levels)
 
@@ -381,25 +498,23 @@ def _component_names(source: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
 
 def parse_tcb_info(text: str) -> TcbInfo:
     """Parse the signed `tcbInfo` JSON text (TDX TCB info v3)."""
-    d = _load(text, "tcb_info")
-    raw_levels = d.doc.get("tcbLevels")
-    levels = _fast_levels(raw_levels)
-    if levels is None:
-        levels = _levels(d)
+    return _read(text, "tcb_info", lambda d: _tcb_info(d, text))
+
+
+def _tcb_info(d: _Doc, text: str) -> TcbInfo:
+    # Read in this order, so that of several faults the general reader names the same one first.
+    levels = d.tcb_levels()
     module = d.obj("tdxModule") if d.has("tdxModule") else None
-    identities = []
-    if d.has("tdxModuleIdentities"):
-        for i, raw in enumerate(d.items("tdxModuleIdentities")):
-            m = _Doc(raw, f"tcb_info.tdxModuleIdentities[{i}]")
-            identities.append(
-                TdxModuleIdentity(
-                    m.text("id"),
-                    m.hexbytes("mrsigner", 48),
-                    m.hexbytes("attributes", 8),
-                    m.hexbytes("attributesMask", 8),
-                    _isv_levels(m),
-                )
-            )
+    identities = tuple(
+        TdxModuleIdentity(
+            m.text("id"),
+            m.hexbytes("mrsigner", 48),
+            m.hexbytes("attributes", 8),
+            m.hexbytes("attributesMask", 8),
+            m.isv_levels(),
+        )
+        for m in (d.each("tdxModuleIdentities") if d.has("tdxModuleIdentities") else [])
+    )
     return TcbInfo(
         id=d.text("id") if d.has("id") else "",
         version=d.uint("version"),
@@ -412,7 +527,7 @@ def parse_tcb_info(text: str) -> TcbInfo:
         tdx_module_mrsigner=module.hexbytes("mrsigner", 48) if module else None,
         tdx_module_attributes=module.hexbytes("attributes", 8) if module else None,
         tdx_module_attributes_mask=module.hexbytes("attributesMask", 8) if module else None,
-        tdx_module_identities=tuple(identities),
+        tdx_module_identities=identities,
         tcb_levels=levels,
         source=text,
     )
@@ -420,7 +535,10 @@ def parse_tcb_info(text: str) -> TcbInfo:
 
 def parse_qe_identity(text: str) -> QeIdentity:
     """Parse the signed `enclaveIdentity` JSON text (QE identity v2)."""
-    d = _load(text, "qe_identity")
+    return _read(text, "qe_identity", _qe_identity)
+
+
+def _qe_identity(d: _Doc) -> QeIdentity:
     return QeIdentity(
         id=d.text("id"),
         version=d.uint("version"),
@@ -433,5 +551,5 @@ def parse_qe_identity(text: str) -> QeIdentity:
         attributes_mask=d.hexbytes("attributesMask", 16),
         mrsigner=d.hexbytes("mrsigner", 32),
         isv_prod_id=d.uint("isvprodid"),
-        tcb_levels=_isv_levels(d),
+        tcb_levels=d.isv_levels(),
     )

@@ -71,7 +71,7 @@ class _Parsing:
     def __exit__(
         self, kind: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
-        if isinstance(e, LIBRARY_ERRORS) and not isinstance(e, QuoteError):
+        if e is not None and isinstance(e, LIBRARY_ERRORS) and not isinstance(e, QuoteError):
             raise self._error(f"{self._what}: {describe(e)}") from e
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import binascii
 import functools
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -110,6 +111,20 @@ _OID_COMPONENTS = tuple(_OID_TCB + bytes([i]) for i in range(1, 17))
 _OID_PCESVN = _OID_TCB + b"\x11"
 _OID_CPUSVN = _OID_TCB + b"\x12"
 
+# The TCB SEQUENCE as Intel's PCK certificates hold it: exactly its 18 members, in the profile's
+# order, each SVN an INTEGER of one byte below 0x80 (its only DER form), CPUSVN 16 bytes. A match
+# reads what _members and _uint would (by OID, in any order); anything else is read by them.
+_CANONICAL_TCB = re.compile(
+    b"".join(
+        b"\x30\x10\x06\x0b" + re.escape(oid) + b"\x02\x01([\x00-\x7f])"
+        for oid in (*_OID_COMPONENTS, _OID_PCESVN)
+    )
+    + b"\x30\x1f\x06\x0b"
+    + re.escape(_OID_CPUSVN)
+    + b"\x04\x10(.{16})",
+    re.DOTALL,
+)
+
 # (tag, value start, value end) of one member's value, in the extension's bytes.
 _Member = tuple[int, int, int]
 
@@ -140,7 +155,13 @@ def _members(der: bytes, start: int, end: int, what: str) -> dict[bytes, _Member
     result: dict[bytes, _Member] = {}
     pos = start
     while pos < end:
-        tag, item, pos = _tlv(der, pos, end, what)
+        tag = der[pos]
+        if pos + 1 < end and der[pos + 1] < 0x80:  # a short-form length, read in place
+            item, pos = pos + 2, pos + 2 + der[pos + 1]
+            if pos > end:
+                tag, item, pos = _tlv(der, item - 2, end, what)  # raises, naming the fault
+        else:
+            tag, item, pos = _tlv(der, pos, end, what)
         oid_end = item + 2 + der[item + 1] if tag == _TAG_SEQUENCE and pos - item >= 4 else 0
         if der[item] != _TAG_OID or der[item + 1] & 0x80 or oid_end + 2 > pos:
             raise CertificateParseError(f"{what}: expected SEQUENCE {{ OID, value }}")
@@ -204,19 +225,25 @@ def parse_pck_extension_value(der: bytes) -> PckExtension:
     top = _members(der, outer[0][2], outer[0][3], what)
     _get(der, top, _OID_TCB, _TAG_SEQUENCE)  # present, and a SEQUENCE
     _, tcb_start, tcb_end = top[_OID_TCB]
-    tcb = _members(der, tcb_start, tcb_end, "SGX TCB")
-    components = tuple(_uint(der, tcb, oid) for oid in _OID_COMPONENTS)
-    if any(c > 255 for c in components):
-        raise CertificateParseError("PCK certificate SGX extension: a TCB component SVN exceeds 255")
-    pce_svn = _uint(der, tcb, _OID_PCESVN)
-    if pce_svn > 0xFFFF:
-        raise CertificateParseError("PCK certificate SGX extension: PCESVN exceeds 65535")
+    canonical = _CANONICAL_TCB.fullmatch(der, tcb_start, tcb_end)
+    if canonical is not None:
+        *svns, cpu_svn = canonical.groups()
+        components, pce_svn = tuple(b"".join(svns[:16])), svns[16][0]
+    else:
+        tcb = _members(der, tcb_start, tcb_end, "SGX TCB")
+        components = tuple(_uint(der, tcb, oid) for oid in _OID_COMPONENTS)
+        if any(c > 255 for c in components):
+            raise CertificateParseError("PCK certificate SGX extension: a TCB component SVN exceeds 255")
+        pce_svn = _uint(der, tcb, _OID_PCESVN)
+        if pce_svn > 0xFFFF:
+            raise CertificateParseError("PCK certificate SGX extension: PCESVN exceeds 65535")
+        cpu_svn = _get(der, tcb, _OID_CPUSVN, _TAG_OCTET_STRING, 16)
     platform_instance = top.get(_OID_PLATFORM_INSTANCE_ID)
     return PckExtension(
         ppid=_get(der, top, _OID_PPID, _TAG_OCTET_STRING, 16),
         tcb_components=components,
         pce_svn=pce_svn,
-        cpu_svn=_get(der, tcb, _OID_CPUSVN, _TAG_OCTET_STRING, 16),
+        cpu_svn=cpu_svn,
         pce_id=_get(der, top, _OID_PCEID, _TAG_OCTET_STRING, 2),
         fmspc=_get(der, top, _OID_FMSPC, _TAG_OCTET_STRING, 6),
         sgx_type=_uint(der, top, _OID_SGX_TYPE, _TAG_ENUMERATED),
@@ -275,8 +302,10 @@ def pem_body_der(body: bytes, what: str, index: int) -> bytes:
         der = binascii.a2b_base64(b64, strict_mode=True)
     if not der:
         raise CertificateParseError(f"{what}: certificate {index} is empty")
-    if binascii.b2a_base64(der, newline=False) != b64:
-        # Non-zero bits after the last byte: another text for the same DER.
+    # Strict decoding leaves one freedom, in the last group of four characters: bits after the
+    # last byte that are not zero (another text for the same DER). Encoding the bytes of that
+    # group again tells, as encoding all of them would.
+    if binascii.b2a_base64(der[-(len(der) % 3 or 3) :], newline=False) != b64[-4:]:
         raise CertificateParseError(f"{what}: certificate {index} is not canonical base64")
     return der
 

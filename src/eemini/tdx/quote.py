@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import struct
 from dataclasses import dataclass
 
 from eemini.guest import quote_layout as layout
@@ -192,12 +193,25 @@ def _parse_header(r: _Reader) -> QuoteHeader:
     return QuoteHeader(version, key_type, tee_type, qe_svn, pce_svn, vendor, user)
 
 
+def _report_struct(fields: tuple[tuple[str, int], ...]) -> struct.Struct:
+    # TdReport's fields are the layout's, in its order: a report is built from one unpack.
+    names = tuple(f.name for f in dataclasses.fields(TdReport))
+    if names[: len(fields)] != tuple(name for name, _ in fields):
+        raise AssertionError("TdReport's fields are not the layout's, in order")
+    return struct.Struct("".join(f"{width}s" for _, width in fields))
+
+
+_TD_REPORT_10_STRUCT = _report_struct(layout.TD_REPORT_10_FIELDS)
+_TD_REPORT_15_STRUCT = _report_struct(layout.TD_REPORT_10_FIELDS + layout.TD_REPORT_15_EXTRA_FIELDS)
+
+
 def _parse_td_report(r: _Reader, tdx15: bool) -> TdReport:
-    values: dict[str, bytes] = {}
-    fields = layout.TD_REPORT_10_FIELDS + (layout.TD_REPORT_15_EXTRA_FIELDS if tdx15 else ())
-    for name, width in fields:
-        values[name] = r.take(f"td_report.{name}", width)
-    return TdReport(**values)
+    unpack = _TD_REPORT_15_STRUCT if tdx15 else _TD_REPORT_10_STRUCT
+    if r.end - r.pos < unpack.size:
+        fields = layout.TD_REPORT_10_FIELDS + (layout.TD_REPORT_15_EXTRA_FIELDS if tdx15 else ())
+        for name, width in fields:  # the first field cut short raises, naming itself
+            r.take(f"td_report.{name}", width)
+    return TdReport(*unpack.unpack(r.take("td_report", unpack.size)))
 
 
 def _parse_enclave_report(r: _Reader, field: str) -> EnclaveReport:

@@ -1,5 +1,4 @@
-"""Hypothesis helpers for fuzzing JSON documents: any small JSON value, and one value of a
-document replaced by it."""
+"""Changes of JSON documents for property tests: one value somewhere replaced, or removed."""
 
 from __future__ import annotations
 
@@ -16,11 +15,9 @@ JSON = st.recursive(
 )
 
 
-def replace_one_value(data: st.DataObject, doc: Any) -> None:
-    """Replace, in place, one value somewhere inside `doc` (a list or an object) with any JSON
-    value: from `doc` down, each step picks a member and goes into it (if it is a list or an
-    object) or replaces it. An empty container ends the walk unchanged."""
-    node = doc
+def change(data: st.DataObject, node: Any, *, remove: bool = False) -> None:
+    """Replace one value somewhere below `node` (a JSON object or list) with any JSON value, or,
+    with `remove`, perhaps remove it instead."""
     while True:
         keys = list(node) if isinstance(node, dict) else list(range(len(node)))
         if not keys:
@@ -29,5 +26,8 @@ def replace_one_value(data: st.DataObject, doc: Any) -> None:
         if isinstance(node[k], dict | list) and data.draw(st.booleans()):
             node = node[k]
             continue
-        node[k] = data.draw(JSON)
+        if remove and data.draw(st.booleans()):
+            del node[k]
+        else:
+            node[k] = data.draw(JSON)
         return
