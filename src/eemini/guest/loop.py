@@ -32,7 +32,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from types import FrameType
 
-Callback = Callable[[], None]
+Callback = Callable[[], object]  # what it returns is ignored
 
 # Byte written to the wakeup pipe by call_soon_threadsafe(); signal numbers are 1..64.
 _THREAD_WAKEUP = b"\0"

@@ -458,7 +458,7 @@ class Boot:
         image: ImageFacts,
         env: Mapping[str, str],
         events: EventLog,
-        measurer: RuntimeMeasurer | None = None,
+        measurer: RuntimeMeasurer,
     ) -> None:
         from eemini.guest.attest import CCEL_PATH
         from eemini.guest.power import PowerWatch
@@ -471,7 +471,6 @@ class Boot:
             socket_path=self.paths.socket,
             image=image,
             extra_env=env,
-            console_fd=2,
             ccel_path=CCEL_PATH if os.path.exists(CCEL_PATH) else None,
         )
         runtime = Runtime(config, events=events, on_poweroff=power_off, measurer=measurer)

@@ -26,10 +26,8 @@ constant time and never logged or echoed.
 from __future__ import annotations
 
 import _socket
-import errno
 import json
 import os
-import stat
 import sys
 
 # Constant-time comparison: hmac.compare_digest is this very function when the interpreter has
@@ -59,6 +57,13 @@ class RequestError(Exception):
     def __init__(self, message: str, code: str = "bad_params") -> None:
         super().__init__(message)
         self.code = code
+
+
+class BadRequest(RequestError):
+    """The line is not a request: not UTF-8, not JSON, not an object, or without a method."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, "bad_request")
 
 
 @record
@@ -93,35 +98,25 @@ def error(message: str, code: str) -> Response:
     return {"ok": False, "error": message, "code": code}
 
 
-_JSON_NAMES = {str: "a string", int: "an integer", bool: "a boolean", float: "a number"}
+# What a JSON value is called in error messages (bool before int: True is an int too).
+_JSON_TYPES = {
+    bool: "a boolean",
+    int: "an integer",
+    float: "a number",
+    str: "a string",
+    list: "an array",
+}
 
 
 def _json_type_name(value: object) -> str:
     if value is None:
         return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int):
-        return "an integer"
-    if isinstance(value, float):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "an array"
-    return "an object"
+    return next((name for t, name in _JSON_TYPES.items() if isinstance(value, t)), "an object")
 
 
-def socket_in_use(path: str) -> bool:
-    """True when something accepts connections on the unix socket at `path`."""
-    probe = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
-    try:
-        probe.connect(path)
-    except OSError:
-        return False
-    finally:
-        probe.close()
-    return True
+def _clip(text: str) -> str:
+    """A name from the client, cut to a length fit for an error message."""
+    return text if len(text) <= 64 else text[:64] + "..."
 
 
 def _accept(listener: _socket.socket) -> _socket.socket:
@@ -405,22 +400,12 @@ class Server:
         self._waking: Timer | None = None
         self._sweeper: Timer | None = None
 
-    def __repr__(self) -> str:  # never show the token
-        return f"Server(path={self.path!r}, methods={sorted(self.methods)})"
-
     def start(self) -> None:
-        """Bind the socket (mode 0600, parent directory created 0700) and start serving."""
-        parent = os.path.dirname(self.path) or "."
-        os.makedirs(parent, mode=0o700, exist_ok=True)
-        try:
-            st = os.lstat(self.path)
-            if not stat.S_ISSOCK(st.st_mode):
-                raise OSError(errno.EEXIST, f"{self.path} exists and is not a socket")
-            if socket_in_use(self.path):
-                raise OSError(errno.EADDRINUSE, f"another runtime is serving {self.path}")
-            os.unlink(self.path)  # a stale socket from an earlier run
-        except FileNotFoundError:
-            pass
+        """Bind the socket (mode 0600, parent directory created 0700) and start serving.
+
+        A socket file already at the path is replaced (dev mode checks first that no runtime
+        serves there; an image has none)."""
+        os.makedirs(os.path.dirname(self.path) or ".", mode=0o700, exist_ok=True)
         sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
         # Bind under a temporary name, listen, then rename: the path appears only once it accepts
         # connections (a client polling for it never sees ECONNREFUSED), already mode 0600.
@@ -578,51 +563,7 @@ class Server:
         if self.pending_output >= limits.max_total_output + 2 * limits.max_answer:
             return False
         try:
-            text = line.decode("utf-8")
-        except UnicodeDecodeError as e:
-            conn.send(error(f"request is not valid UTF-8 (bad byte at offset {e.start})", "bad_request"))
-            return True
-        try:
-            request = json.loads(text)
-        except json.JSONDecodeError as e:
-            conn.send(error(f"request is not valid JSON: {e.msg} at column {e.colno}", "bad_request"))
-            return True
-        except RecursionError:
-            conn.send(error("request is not valid JSON: nested too deeply", "bad_request"))
-            return True
-        except ValueError as e:  # e.g. an integer beyond the interpreter's digit limit
-            conn.send(error(f"request is not valid JSON: {e}", "bad_request"))
-            return True
-        if not isinstance(request, dict):
-            what = _json_type_name(request)
-            conn.send(error(f"request must be a JSON object, got {what}", "bad_request"))
-            return True
-        token = request.pop("token", None)
-        if token is None:
-            conn.send(error('missing "token": every request carries the boot token', "unauthenticated"))
-            return True
-        if not isinstance(token, str) or not compare_digest(
-            token.encode("utf-8", "surrogatepass"), self._token
-        ):
-            conn.send(error("wrong token", "unauthenticated"))
-            return True
-        conn.authenticated = True
-        name = request.pop("method", None)
-        if name is None:
-            conn.send(error('missing "method"', "bad_request"))
-            return True
-        if not isinstance(name, str):
-            what = _json_type_name(name)
-            conn.send(error(f'"method" must be a string, got {what}', "bad_request"))
-            return True
-        method = self.methods.get(name)
-        if method is None:
-            known = ", ".join(sorted(self.methods))
-            shown = name if len(name) <= 64 else name[:64] + "..."
-            conn.send(error(f"unknown method {shown!r} (known: {known})", "unknown_method"))
-            return True
-        try:
-            params = self._check_params(name, method, request)
+            name, method, params = self._request(conn, line)
         except RequestError as e:
             conn.send(error(str(e), e.code))
             return True
@@ -657,19 +598,48 @@ class Server:
             reply(error(f"internal error in {name}: {type(e).__name__}", "internal"))
         return True
 
-    @staticmethod
-    def _check_params(name: str, method: Method, request: dict[str, Any]) -> dict[str, Any]:
+    def _request(self, conn: _Conn, line: bytes) -> tuple[str, Method, dict[str, Any]]:
+        """The method a request line names and its parameters, checked; RequestError unless the
+        line is a well-formed request with the right token."""
+        try:
+            request = json.loads(line.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise BadRequest(f"request is not valid UTF-8 (bad byte at offset {e.start})") from None
+        except json.JSONDecodeError as e:
+            raise BadRequest(f"request is not valid JSON: {e.msg} at column {e.colno}") from None
+        except RecursionError:
+            raise BadRequest("request is not valid JSON: nested too deeply") from None
+        except ValueError as e:  # e.g. an integer beyond the interpreter's digit limit
+            raise BadRequest(f"request is not valid JSON: {e}") from None
+        if not isinstance(request, dict):
+            raise BadRequest(f"request must be a JSON object, got {_json_type_name(request)}")
+        token = request.pop("token", None)
+        if token is None:
+            raise RequestError(
+                'missing "token": every request carries the boot token', "unauthenticated"
+            )
+        if not isinstance(token, str) or not compare_digest(
+            token.encode("utf-8", "surrogatepass"), self._token
+        ):
+            raise RequestError("wrong token", "unauthenticated")
+        conn.authenticated = True
+        name = request.pop("method", None)
+        if name is None:
+            raise BadRequest('missing "method"')
+        if not isinstance(name, str):
+            raise BadRequest(f'"method" must be a string, got {_json_type_name(name)}')
+        method = self.methods.get(name)
+        if method is None:
+            known = ", ".join(sorted(self.methods))
+            raise RequestError(f"unknown method {_clip(name)!r} (known: {known})", "unknown_method")
         allowed = dict(method.params)
         for key, value in request.items():
             expected = allowed.get(key)
             if expected is None:
                 known = ", ".join(sorted(allowed)) or "none"
-                shown = key if len(key) <= 64 else key[:64] + "..."
-                raise RequestError(f"{name}: unknown parameter {shown!r} (accepted: {known})")
-            ok = isinstance(value, expected) and not (expected is not bool and isinstance(value, bool))
-            if not ok:
+                raise RequestError(f"{name}: unknown parameter {_clip(key)!r} (accepted: {known})")
+            if not isinstance(value, expected) or (expected is not bool and isinstance(value, bool)):
                 raise RequestError(
-                    f"{name}: {key} must be {_JSON_NAMES.get(expected, expected.__name__)}, "
-                    f"got {_json_type_name(value)}"
+                    f"{name}: {key} must be {_JSON_TYPES[expected]}, got {_json_type_name(value)}"
                 )
-        return request
+        return name, method, request

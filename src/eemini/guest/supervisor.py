@@ -24,6 +24,7 @@ from eemini.guest.spec import WorkloadSpec
 # Signals a spawned workload gets back at their default disposition (Python ignores SIGPIPE and
 # SIGXFSZ, and an ignored disposition survives execve).
 _SIGDEF = tuple(s for s in signal.valid_signals() if s not in (signal.SIGKILL, signal.SIGSTOP))
+HISTORY = 20  # runs kept for `list`
 
 
 class Reaper:
@@ -153,6 +154,22 @@ class State(enum.StrEnum):
     EXITED = "exited"  # done for good under its restart policy
 
 
+# The original runtime's status words for the supervisor's states (EXITED's depends on the run).
+_EE_STATUS = {
+    State.STARTING: "deploying",
+    State.BACKOFF: "deploying",  # waiting to start the next run
+    State.RUNNING: "running",
+    State.STOPPING: "running",  # still running until it is stopped
+    State.STOPPED: "stopped",
+}
+
+
+def _rfc3339(t: float) -> str:
+    """`t` (seconds since the epoch) as an RFC 3339 UTC time to the millisecond."""
+    ms = round(t * 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ms // 1000)) + f".{ms % 1000:03d}+00:00"
+
+
 @record
 class Backoff:
     """Exponential restart delay: initial * factor**(n-1) for the n-th quick exit, capped.
@@ -229,12 +246,9 @@ class _Pipe:
         self.prefix = prefix
         self.run = run
         self.closed = False
-        self.splitter = LineSplitter(sup.max_line)
+        self.splitter = LineSplitter()
         os.set_blocking(fd, False)
-        sup.loop.add_reader(fd, self.on_readable)
-
-    def on_readable(self) -> None:
-        self.read_once()
+        sup.loop.add_reader(fd, self.read_once)
 
     def read_once(self) -> bool:
         """Read once; False when nothing more is there right now (or the pipe is closed)."""
@@ -267,7 +281,7 @@ class _Pipe:
 
     def emit(self, lines: list[str]) -> None:
         for line in lines:
-            self.sup.logbuf.append(self.stream, line)
+            self.sup.logbuf.append(line)
             self.sup.console(self.prefix + line.encode("utf-8", "replace") + b"\n")
 
 
@@ -286,8 +300,6 @@ class Supervisor:
         console_fd: int | None = 2,
         backoff: Backoff = Backoff(),
         grace: float = 10.0,
-        max_line: int = 4096,
-        history: int = 20,
         drain: float = 0.5,
     ) -> None:
         self.loop = loop
@@ -299,11 +311,9 @@ class Supervisor:
         self._console = Console(console_fd) if console_fd is not None else None
         self.backoff = backoff
         self.grace = grace
-        self.max_line = max_line
-        self.history_len = history
         self.drain = drain
         self.state = State.STARTING
-        self.runs: list[RunRecord] = []  # the newest `history` runs
+        self.runs: list[RunRecord] = []  # the newest HISTORY runs
         self.current: RunRecord | None = None
         self.restarts = 0
         self.quick_exits = 0
@@ -324,7 +334,7 @@ class Supervisor:
 
     def note(self, text: str) -> None:
         """A runtime message about the workload: console and ring buffer."""
-        self.logbuf.append("runtime", text)
+        self.logbuf.append(text)
         self.console(b"eemini: " + text.encode("utf-8", "replace") + b"\n")
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -391,7 +401,7 @@ class Supervisor:
             self.runs[-1] = record
         else:
             self.runs.append(record)
-            del self.runs[: -self.history_len]
+            del self.runs[:-HISTORY]
 
     def _on_reaped(self, status: int) -> None:
         record = self.current
@@ -533,10 +543,6 @@ class Supervisor:
             self.note(f"{self.workload.name}: pid {pid} still running after {self.grace:g} s: SIGKILL")
             self._killpg(pid, signal.SIGKILL)
 
-    def restart(self, then: Callable[[], None] | None = None) -> None:
-        """Stop the current run (if any) and start a new one at once, without backoff."""
-        self.stop(then, restart=True)
-
     def flush_console(self, timeout: float = 2.0) -> None:
         """Wait until queued console output is written (before exiting or powering off)."""
         if self._console is not None:
@@ -545,18 +551,37 @@ class Supervisor:
     # -- reporting ---------------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, object]:
-        last = self.runs[-1] if self.runs else None
-        return {
+        """The workload as the original runtime's `DeploymentInfo`, then our own fields.
+
+        The original EasyEnclave runtime (easyenclave/easyenclave, src/workload.rs) answers
+        `list` with `DeploymentInfo {id, pid, app_name, source, status, error_message?,
+        started_at}`: `source` is the command line, `status` one of deploying | running |
+        completed | failed | stopped, `error_message` present only when it failed, and
+        `started_at` an RFC 3339 string (clients such as devopsdefender/dd, src/agent.rs, read
+        it as a string). The supervisor's own words and the float time follow, as `state` and
+        `started_at_unix`. Called once `start()` has made the first run (or failed to).
+        """
+        last = self.runs[-1]
+        status = _EE_STATUS.get(self.state) or ("failed" if last.failed else "completed")
+        ee: dict[str, object] = {
             "id": self.workload.name,
+            "pid": None if self.current is None else self.current.pid,
             "app_name": self.workload.name,
+            "source": " ".join(self.workload.argv),
+            "status": status,
+            "started_at": _rfc3339(last.started_at),
+        }
+        if status == "failed":
+            ee["error_message"] = last.describe()
+        return {
+            **ee,
+            "state": self.state.value,
+            "started_at_unix": round(last.started_at, 3),
             "path": self.workload.path,
-            "status": self.state.value,
-            "pid": self.current.pid if self.current is not None else None,
-            "started_at": None if last is None else round(last.started_at, 3),
             "restarts": self.restarts,
             "restart_policy": self.workload.restart.value,
             "on_exit": self.workload.on_exit.value,
-            "last_exit": None if last is None or last.running else last.describe(),
+            "last_exit": None if last.running else last.describe(),
             "runs": [r.to_dict() for r in self.runs],
         }
 
