@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 
     from eemini.guest.attest import Backend
     from eemini.guest.bootconfig import Cmdline, Setting
-    from eemini.guest.events import EventLog
+    from eemini.guest.events import Event
     from eemini.guest.loop import EventLoop
     from eemini.guest.net import Uplink
     from eemini.guest.power import PowerWatch
@@ -437,17 +437,17 @@ class Boot:
         workload_path: str,
         settings: Sequence[Setting],
         measurer: RuntimeMeasurer,
-    ) -> EventLog:
-        from eemini.guest.events import EventLog
+    ) -> tuple[Event, ...]:
+        from eemini.guest.events import boot_log
 
         try:
             with open(workload_path, "rb") as f:
                 workload = f.read()
         except OSError as e:
             raise BootFailure(f"cannot read the workload {workload_path}: {e.strerror}") from None
-        events = EventLog(measurer.on_append)
-        events.record_boot("image", spec_bytes, (workload_path, workload), settings, sealed_by="pid1")
-        return events
+        return boot_log(
+            measurer.measure, "image", spec_bytes, (workload_path, workload), settings, sealed_by="pid1"
+        )
 
     def serve(
         self,
@@ -457,7 +457,7 @@ class Boot:
         *,
         image: ImageFacts,
         env: Mapping[str, str],
-        events: EventLog,
+        events: tuple[Event, ...],
         measurer: RuntimeMeasurer,
     ) -> None:
         from eemini.guest.attest import CCEL_PATH

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from typing import Any
 
     from eemini.guest.attest import Backend
-    from eemini.guest.events import EventLog
+    from eemini.guest.events import Event
     from eemini.guest.rtmr import RuntimeMeasurer
     from eemini.guest.server import Respond
 
@@ -151,7 +151,7 @@ class Runtime:
         self,
         config: RuntimeConfig,
         *,
-        events: EventLog,
+        events: tuple[Event, ...],
         measurer: RuntimeMeasurer,
         on_poweroff: Callable[[str], None] | None = None,
     ) -> None:
@@ -268,7 +268,7 @@ class Runtime:
                     "quote_b64": _b64encode(quote),
                     "report_data_b64": _b64encode(data),
                     "report_data_len": len(data),
-                    "events": self.events.to_list(),
+                    "events": [e.to_dict() for e in self.events],
                     "rtmr3_extended": self.measurer.enabled,
                     "cc_eventlog_b64": None if ccel is None else _b64encode(ccel),
                     **extra,
@@ -343,7 +343,7 @@ class Runtime:
                 "spec": self.config.spec.to_dict(),
                 "spec_digest": self.spec_digest,
                 "image": None if self.config.image is None else self.config.image.to_dict(),
-                "events": self.events.to_list(),
+                "events": [e.to_dict() for e in self.events],
                 "limits": {
                     "max_line": self.config.limits.max_line,
                     "max_connections": self.config.limits.max_connections,

@@ -17,7 +17,7 @@ import stat
 import sys
 
 from eemini.guest import linux
-from eemini.guest.events import EventLog
+from eemini.guest.events import boot_log
 from eemini.guest.record import field, record
 from eemini.guest.runtime import Runtime, RuntimeConfig
 from eemini.guest.server import Limits
@@ -170,8 +170,7 @@ def run(spec: EnclaveSpec, options: DevOptions) -> int:
             workload: tuple[str, bytes] | None = (spec.workload.path, f.read())
     except OSError:
         workload = None  # the supervisor reports a workload it cannot start
-    events = EventLog(measurer.on_append)
-    events.record_boot("dev", spec.canonical_json(), workload, sealed_by="dev")
+    events = boot_log(measurer.measure, "dev", spec.canonical_json(), workload, sealed_by="dev")
 
     config = RuntimeConfig(
         spec=spec,
