@@ -48,13 +48,6 @@ if TYPE_CHECKING:
             ...
 
 
-def pad_report_data(data: bytes) -> bytes:
-    """Caller data of at most 64 bytes, zero-padded to 64 (as the original runtime did)."""
-    if len(data) > REPORT_DATA_SIZE:
-        raise ValueError(f"report data is {len(data)} bytes; the maximum is {REPORT_DATA_SIZE}")
-    return data.ljust(REPORT_DATA_SIZE, b"\0")
-
-
 def _td_report(quote: bytes) -> tuple[int, int]:
     """Where the TD report body of a TDX quote v4 or v5 starts, and its size; AttestError if the
     bytes are not such a quote."""
@@ -83,23 +76,17 @@ def _td_report(quote: bytes) -> tuple[int, int]:
     return body, body_size
 
 
-def quote_report_data(quote: bytes) -> bytes:
-    """The 64 report-data bytes inside a TDX quote v4 or v5; raises AttestError if it is not one."""
-    start = _td_report(quote)[0] + layout.REPORT_DATA_OFFSET
-    return quote[start : start + REPORT_DATA_SIZE]
-
-
 def check_quote(quote: bytes, report_data: bytes) -> None:
     """The self-check every quote passes before it leaves the runtime; raises AttestError."""
     if not quote:
         raise AttestError("the quote is empty")
-    inside = quote_report_data(quote)
+    body, body_size = _td_report(quote)
+    inside = quote[body + layout.REPORT_DATA_OFFSET :][:REPORT_DATA_SIZE]
     if inside != report_data:
         raise AttestError(
             f"the report data inside the quote ({inside.hex()}) differs from the request "
             f"({report_data.hex()})"
         )
-    body, body_size = _td_report(quote)
     if int.from_bytes(quote[body + body_size :][: layout.SIGNATURE_DATA_LEN_SIZE], "little") == 0:
         raise AttestError("the quote carries no signature data")
 
@@ -126,31 +113,23 @@ class ConfigfsTsmBackend:
     def __init__(
         self,
         root: str = TSM_REPORT_ROOT,
-        provider: str = TDX_PROVIDER,
         *,
         mkdir: Callable[[str], None] = os.mkdir,
         rmdir: Callable[[str], None] = os.rmdir,
     ) -> None:
         self.root = root
-        self.provider = provider
         self._mkdir = mkdir
         self._rmdir = rmdir
         self._lock = threading.Lock()
 
-    def check_available(self) -> None:
-        """Raise AttestError unless the report directory exists."""
-        if not os.path.isdir(self.root):
-            raise AttestError(
-                f"configfs-tsm is not available: {self.root} does not exist (needs a TDX guest "
-                "whose kernel has the TDX guest driver, and configfs mounted)",
-                "attest_unavailable",
-            )
-
     def quote(self, report_data: bytes) -> bytes:
-        if len(report_data) != REPORT_DATA_SIZE:
-            raise ValueError(f"report data must be {REPORT_DATA_SIZE} bytes, got {len(report_data)}")
         with self._lock:
-            self.check_available()
+            if not os.path.isdir(self.root):
+                raise AttestError(
+                    f"configfs-tsm is not available: {self.root} does not exist (needs a TDX guest "
+                    "whose kernel has the TDX guest driver, and configfs mounted)",
+                    "attest_unavailable",
+                )
             # A private entry per request (the ABI's way to avoid conflicts); the random part
             # keeps two runtimes (or a leftover entry after a crash) from colliding.
             entry = os.path.join(self.root, f"eemini-{os.getpid()}-{os.urandom(8).hex()}")
@@ -178,9 +157,9 @@ class ConfigfsTsmBackend:
 
     def _quote_in(self, entry: str, report_data: bytes) -> bytes:
         provider = _read_attr(entry, "provider").decode("ascii", "replace").strip()
-        if provider != self.provider:
+        if provider != TDX_PROVIDER:
             raise AttestError(
-                f"configfs-tsm provider is {provider!r}, expected {self.provider!r} "
+                f"configfs-tsm provider is {provider!r}, expected {TDX_PROVIDER!r} "
                 "(this is not a TDX guest, or another TSM driver is loaded)",
                 "attest_unavailable",
             )
@@ -208,10 +187,7 @@ def _read_attr(entry: str, name: str) -> bytes:
     path = os.path.join(entry, name)
     try:
         with open(path, "rb", buffering=0) as f:
-            chunks = []
-            while chunk := f.read(65536):
-                chunks.append(chunk)
-            return b"".join(chunks)
+            return f.readall()
     except OSError as e:
         if e.errno == errno.EFBIG:
             raise AttestError(f"configfs-tsm: {path}: report exceeds the kernel's maximum") from None
