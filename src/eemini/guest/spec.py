@@ -38,11 +38,7 @@ class RestartPolicy(enum.StrEnum):
     NEVER = "never"
 
     def restarts_after(self, *, failed: bool) -> bool:
-        if self is RestartPolicy.ALWAYS:
-            return True
-        if self is RestartPolicy.ON_FAILURE:
-            return failed
-        return False
+        return self is RestartPolicy.ALWAYS or (self is RestartPolicy.ON_FAILURE and failed)
 
 
 class OnExit(enum.StrEnum):
@@ -50,23 +46,22 @@ class OnExit(enum.StrEnum):
     STAY = "stay"
 
 
+# The TOML/JSON names of value types (bool before int: True is an int too).
+_TYPE_NAMES = {
+    bool: "boolean",
+    int: "integer",
+    float: "float",
+    str: "string",
+    list: "array",
+    dict: "table",
+}
+
+
 def type_name(value: object) -> str:
     """The TOML/JSON name of a value's type, for error messages."""
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, int):
-        return "integer"
-    if isinstance(value, float):
-        return "float"
-    if isinstance(value, str):
-        return "string"
-    if isinstance(value, list):
-        return "array"
-    if isinstance(value, dict):
-        return "table"
     if value is None:
         return "null"
-    return type(value).__name__
+    return next((name for t, name in _TYPE_NAMES.items() if isinstance(value, t)), type(value).__name__)
 
 
 def _expect_str(key: str, value: object, *, empty: bool = True) -> str:
