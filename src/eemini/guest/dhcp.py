@@ -22,7 +22,9 @@ from eemini.guest.record import field, record
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Any, Protocol
+    from typing import Any
+
+    from eemini.guest.loop import EventLoop
 
 SERVER_PORT = 67
 CLIENT_PORT = 68
@@ -45,10 +47,8 @@ class Option(enum.IntEnum):
     SUBNET_MASK = 1
     ROUTER = 3
     DNS = 6
-    HOSTNAME = 12
     DOMAIN_NAME = 15
     MTU = 26
-    BROADCAST = 28
     REQUESTED_IP = 50
     LEASE_TIME = 51
     OVERLOAD = 52
@@ -64,16 +64,13 @@ class Option(enum.IntEnum):
 
 
 class MessageType(enum.IntEnum):
-    """RFC 2132 9.6."""
+    """RFC 2132 9.6 (the ones this client sends or reads)."""
 
     DISCOVER = 1
     OFFER = 2
     REQUEST = 3
-    DECLINE = 4
     ACK = 5
     NAK = 6
-    RELEASE = 7
-    INFORM = 8
 
 
 class DhcpError(Exception):
@@ -394,18 +391,6 @@ class Client:
         raise DhcpError(f"no DHCP lease on {self.ifname} after {attempts} attempts: {last_problem}")
 
 
-if TYPE_CHECKING:
-
-    class Timers(Protocol):
-        """What `Renewer` needs from the event loop (eemini.guest.loop offers these)."""
-
-        def call_later(self, delay: float, callback: Callable[[], None]) -> object: ...
-
-        def add_reader(self, fd: int, callback: Callable[[], None]) -> None: ...
-
-        def remove_reader(self, fd: int) -> None: ...
-
-
 class Renewer:
     """Keeps a lease: at T1 unicast REQUEST to the server, at T2 broadcast, at expiry give up.
 
@@ -419,7 +404,7 @@ class Renewer:
         self,
         client: Client,
         lease: Lease,
-        timers: Timers,
+        timers: EventLoop,
         *,
         on_lease: Callable[[Lease], None],
         on_expired: Callable[[Lease], None],
@@ -438,16 +423,13 @@ class Renewer:
     def start(self) -> None:
         self._schedule()
 
-    def _at(self, seconds: float) -> float:
-        return self.lease.obtained + seconds - time.monotonic()
-
     def _later(self, delay: float) -> None:
         generation = self.generation
         self.timers.call_later(delay, lambda: self._tick(generation))
 
     def _schedule(self) -> None:
         self.generation += 1
-        self._later(max(self._at(self.lease.renewal_time), 0.0))
+        self._later(max(self.lease.obtained + self.lease.renewal_time - time.monotonic(), 0.0))
 
     def _tick(self, generation: int) -> None:
         if self.expired or generation != self.generation:

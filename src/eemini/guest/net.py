@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from eemini.guest.bootconfig import NetworkConfig
-    from eemini.guest.dhcp import Timers
+    from eemini.guest.loop import EventLoop
 
 NIC_WAIT = 5.0  # drivers probe asynchronously after their module loads
 
@@ -41,7 +41,7 @@ class Uplink:
 
     def bring_up(self, kind: Network, static: NetworkConfig | None) -> None:
         with netlink.Netlink() as nl:
-            nl.set_link(nl.link("lo").index, up=True)
+            nl.set_link(netlink.LOOPBACK_IFINDEX, up=True)
             if kind is Network.NONE:
                 self.log("network: none (this image has no network)")
                 return
@@ -77,7 +77,7 @@ class Uplink:
                 f"lease {lease.lease_time} s, {time.monotonic() - start:.2f} s)"
             )
 
-    def keep(self, loop: Timers) -> None:
+    def keep(self, loop: EventLoop) -> None:
         """Renew the DHCP lease on the event loop (a static address or none needs nothing)."""
         if self.dhcp is None:
             return
