@@ -47,7 +47,7 @@ def deployment(rt: RuntimeProc) -> dict[str, object]:
 
 def test_backoff_delays() -> None:
     b = Backoff(initial=0.5, factor=2, cap=3, stable_after=10)
-    assert [b.delay(n) for n in range(6)] == [0.0, 0.5, 1.0, 2.0, 3.0, 3.0]
+    assert [b.delay(n) for n in range(1, 6)] == [0.5, 1.0, 2.0, 3.0, 3.0]
 
 
 def test_crash_loop_backs_off_exponentially(tmp_path: Path, runtimes: list[RuntimeProc]) -> None:
@@ -495,6 +495,7 @@ class InProcess:
             {"version": 1, "workload": {"path": os.fspath(workload), "restart": "never"}}
         )
         self.loop = EventLoop()
+        self.devnull = os.open(os.devnull, os.O_WRONLY)
         self.reaper = WatchedOnlyReaper()
         self.logbuf = LogBuffer()
         self.seen_when_done: list[str] | None = None
@@ -505,7 +506,7 @@ class InProcess:
             env={},
             logbuf=self.logbuf,
             on_done=lambda record: self.done(),
-            console_fd=None,
+            console_fd=self.devnull,
             drain=drain,
         )
 
@@ -534,6 +535,8 @@ class InProcess:
             self.loop.remove_reader(pipe.fd)
             os.close(pipe.fd)
         self.loop.close()
+        self.sup.console.flush()
+        os.close(self.devnull)
 
 
 def test_last_output_is_read_before_the_exit_is_acted_on(tmp_path: Path) -> None:

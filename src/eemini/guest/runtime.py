@@ -216,7 +216,7 @@ class Runtime:
         self.supervisor.stop(lambda: self._stopped(reason))
 
     def _stopped(self, reason: str) -> None:
-        self.supervisor.flush_console()
+        self.supervisor.console.flush()  # before exiting or powering off
         if self.on_poweroff is not None:
             self.on_poweroff(reason)
         else:

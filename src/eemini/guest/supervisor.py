@@ -184,8 +184,7 @@ class Backoff:
     stable_after: float = 10.0
 
     def delay(self, quick_exits: int) -> float:
-        if quick_exits <= 0:
-            return 0.0
+        """The delay before the next start after the n-th (n >= 1) quick exit in a row."""
         return float(min(self.cap, self.initial * self.factor ** (quick_exits - 1)))
 
 
@@ -212,6 +211,7 @@ class RunRecord:
         return not self.running and self.exit_code != 0
 
     def describe(self) -> str:
+        """How an ended run ended."""
         if self.error is not None:
             return f"could not start: {self.error}"
         if self.signal is not None:
@@ -220,9 +220,7 @@ class RunRecord:
             except ValueError:
                 name = f"signal {self.signal}"
             return f"killed by {name}"
-        if self.exit_code is not None:
-            return f"exited with status {self.exit_code}"
-        return "running"
+        return f"exited with status {self.exit_code}"
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -271,7 +269,7 @@ class _Pipe:
         self.sup.loop.remove_reader(self.fd)
         os.close(self.fd)
         self.closed = True
-        self.sup.pipes.discard(self)
+        self.sup.pipes.remove(self)
 
     def read_available(self) -> None:
         """Read what the pipe holds now (a default pipe buffer is 64 KiB), without waiting."""
@@ -282,7 +280,7 @@ class _Pipe:
     def emit(self, lines: list[str]) -> None:
         for line in lines:
             self.sup.logbuf.append(line)
-            self.sup.console(self.prefix + line.encode("utf-8", "replace") + b"\n")
+            self.sup.console.write(self.prefix + line.encode("utf-8", "replace") + b"\n")
 
 
 class Supervisor:
@@ -297,7 +295,7 @@ class Supervisor:
         env: Mapping[str, str],
         logbuf: LogBuffer,
         on_done: Callable[[RunRecord], None],
-        console_fd: int | None = 2,
+        console_fd: int = 2,
         backoff: Backoff = Backoff(),
         grace: float = 10.0,
         drain: float = 0.5,
@@ -308,7 +306,7 @@ class Supervisor:
         self.env = dict(env)
         self.logbuf = logbuf
         self.on_done = on_done
-        self._console = Console(console_fd) if console_fd is not None else None
+        self.console = Console(console_fd)
         self.backoff = backoff
         self.grace = grace
         self.drain = drain
@@ -317,7 +315,7 @@ class Supervisor:
         self.current: RunRecord | None = None
         self.restarts = 0
         self.quick_exits = 0
-        self.pipes: set[_Pipe] = set()
+        self.pipes: list[_Pipe] = []  # stdout before stderr
         self._restart_timer: Timer | None = None
         self._kill_timer: Timer | None = None
         self._draining: tuple[RunRecord, Timer] | None = None  # ended, its output not yet read
@@ -328,14 +326,10 @@ class Supervisor:
 
     # -- output ------------------------------------------------------------------------------
 
-    def console(self, data: bytes) -> None:
-        if self._console is not None:
-            self._console.write(data)
-
     def note(self, text: str) -> None:
         """A runtime message about the workload: console and ring buffer."""
         self.logbuf.append(text)
-        self.console(b"eemini: " + text.encode("utf-8", "replace") + b"\n")
+        self.console.write(b"eemini: " + text.encode("utf-8", "replace") + b"\n")
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -352,15 +346,9 @@ class Supervisor:
         now, mono = time.time(), time.monotonic()
         fds: list[int] = []
         try:
-            fds.extend(os.pipe())
-            fds.extend(os.pipe())
-        except OSError as e:
-            for fd in fds:
-                os.close(fd)
-            self._start_failed(run, now, mono, f"cannot create its output pipes: {e.strerror or e}")
-            return
-        out_r, out_w, err_r, err_w = fds
-        try:
+            fds += os.pipe()
+            fds += os.pipe()
+            out_r, out_w, err_r, err_w = fds
             pid = os.posix_spawn(
                 self.workload.path,
                 self.workload.argv,
@@ -377,7 +365,8 @@ class Supervisor:
         except OSError as e:
             for fd in fds:
                 os.close(fd)
-            self._start_failed(run, now, mono, f"{self.workload.path}: {e.strerror or e}")
+            what = self.workload.path if len(fds) == 4 else "cannot create its output pipes"
+            self._start_failed(run, now, mono, f"{what}: {e.strerror or e}")
             return
         os.close(out_w)
         os.close(err_w)
@@ -386,8 +375,8 @@ class Supervisor:
         self.state = State.RUNNING
         self.reaper.watch(pid, self._on_reaped)
         prefix = b"[" + self._prefix + b"] "
-        self.pipes.add(_Pipe(self, out_r, "stdout", prefix, run))
-        self.pipes.add(_Pipe(self, err_r, "stderr", b"[" + self._prefix + b":err] ", run))
+        self.pipes.append(_Pipe(self, out_r, "stdout", prefix, run))
+        self.pipes.append(_Pipe(self, err_r, "stderr", b"[" + self._prefix + b":err] ", run))
         self.note(f"{self.workload.name}: started run {run} as pid {pid}")
 
     def _start_failed(self, run: int, now: float, mono: float, error: str) -> None:
@@ -441,8 +430,7 @@ class Supervisor:
         self._draining = None
         timer.cancel()
         held: list[str] = []
-        pipes = sorted((p for p in self.pipes if p.run == ended.run), key=lambda p: p.stream)
-        for pipe in reversed(pipes):  # stdout, then stderr
+        for pipe in [p for p in self.pipes if p.run == ended.run]:
             pipe.read_available()
             if not pipe.closed:
                 held.append(pipe.stream)
@@ -542,11 +530,6 @@ class Supervisor:
         if self.current is not None and self.current.pid == pid:
             self.note(f"{self.workload.name}: pid {pid} still running after {self.grace:g} s: SIGKILL")
             self._killpg(pid, signal.SIGKILL)
-
-    def flush_console(self, timeout: float = 2.0) -> None:
-        """Wait until queued console output is written (before exiting or powering off)."""
-        if self._console is not None:
-            self._console.flush(timeout)
 
     # -- reporting ---------------------------------------------------------------------------
 
