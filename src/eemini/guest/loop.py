@@ -45,15 +45,13 @@ _WRITE = select.EPOLLOUT
 class Timer:
     """A scheduled callback; `cancel()` it any time before it runs (cancelling twice is fine)."""
 
-    __slots__ = ("callback", "cancelled", "when")
+    __slots__ = ("callback", "when")
 
     def __init__(self, when: float, callback: Callback) -> None:
         self.when = when
-        self.callback: Callback | None = callback
-        self.cancelled = False
+        self.callback: Callback | None = callback  # None once cancelled or run
 
     def cancel(self) -> None:
-        self.cancelled = True
         self.callback = None
 
 
@@ -74,13 +72,9 @@ class WorkerThread:
         self.target = target
         self._thread: threading.Thread | None = None
 
-    @property
-    def running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
-
     def ensure(self) -> None:
         """Start the thread unless it is running; ThreadStartError if it cannot start now."""
-        if self.running:
+        if self._thread is not None and self._thread.is_alive():
             return
         thread = threading.Thread(target=self.target, name=self.name, daemon=True)
         try:
@@ -104,7 +98,7 @@ class EventLoop:
     - `add_writer(fd, cb)` / `remove_writer(fd)`: call `cb()` whenever `fd` is writable.
     - `call_later(delay, cb) -> Timer`, `call_soon(cb) -> Timer`; `Timer.cancel()`.
     - `call_soon_threadsafe(cb)`: the only method other threads may call.
-    - `add_signal_handler(signum, cb)` / `remove_signal_handler(signum)` (main thread only).
+    - `add_signal_handler(signum, cb)` (main thread only; `close()` restores the defaults).
     - `run()` until `stop()`; `time()` is the loop's monotonic clock.
     """
 
@@ -121,7 +115,6 @@ class EventLoop:
         self._signal_handlers: dict[int, Callback] = {}
         self._old_wakeup_fd: int | None = None
         self._stopping = False
-        self._closed = False
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -213,11 +206,6 @@ class EventLoop:
         # Restart interrupted system calls where possible; the loop sees the wakeup byte anyway.
         signal.siginterrupt(signum, False)
 
-    def remove_signal_handler(self, signum: int) -> None:
-        """Restore the default disposition of `signum`."""
-        if self._signal_handlers.pop(signum, None) is not None:
-            signal.signal(signum, signal.SIG_DFL)
-
     def _drain_wakeup(self) -> None:
         signums: list[int] = []
         while True:
@@ -257,7 +245,7 @@ class EventLoop:
     def _timeout(self) -> float | None:
         if self._ready or self._threadsafe:
             return 0.0
-        while self._timers and self._timers[0][2].cancelled:
+        while self._timers and self._timers[0][2].callback is None:
             heapq.heappop(self._timers)
         if not self._timers:
             return None
@@ -293,13 +281,13 @@ class EventLoop:
         now = self.time()
         while self._timers and self._timers[0][0] <= now:
             _, _, timer = heapq.heappop(self._timers)
-            if not timer.cancelled:
+            if timer.callback is not None:
                 self._ready.append(timer)
         # Only what is ready now; callbacks scheduled meanwhile wait for the next iteration.
         for _ in range(len(self._ready)):
             timer = self._ready.popleft()
             cb = timer.callback
-            if cb is not None and not timer.cancelled:
+            if cb is not None:
                 timer.cancel()
                 self._run_callback(cb)
 
@@ -311,11 +299,8 @@ class EventLoop:
 
     def close(self) -> None:
         """Restore signal dispositions and the previous wakeup fd, and release the epoll fd."""
-        if self._closed:
-            return
-        self._closed = True
-        for signum in list(self._signal_handlers):
-            self.remove_signal_handler(signum)
+        for signum in self._signal_handlers:
+            signal.signal(signum, signal.SIG_DFL)
         if self._old_wakeup_fd is not None:
             signal.set_wakeup_fd(self._old_wakeup_fd)
             self._old_wakeup_fd = None
