@@ -34,10 +34,19 @@ class InProcess:
 
     def __init__(self, path: str, limits: Limits) -> None:
         self.loop = EventLoop()
+        self.requests = 0  # requests of blob and small that reached their method
+
+        def counted(params: dict[str, Any], respond: Callable[[dict[str, Any]], None]) -> None:
+            self.requests += 1
+            if params:
+                blob(params, respond)
+            else:
+                respond({})
+
         methods = {
-            "blob": Method(blob, {"size": int}, large=True),
+            "blob": Method(counted, {"size": int}, large=True),
             "wide": Method(blob, {"size": int}),  # large answers from a method that says not
-            "small": Method(lambda params, respond: respond({})),
+            "small": Method(counted),
         }
         self.server = Server(self.loop, path, TOKEN, methods, limits)
         self.server.start()
@@ -136,7 +145,7 @@ def snapshot(served: InProcess) -> dict[str, Any]:
             "pending": server.pending_output,
             "outbufs": [len(c.outbuf) for c in server.conns],
             "starved": len(server.starved),
-            "requests": server.requests,
+            "requests": served.requests,
             "conns": len(server.conns),
         }
     )

@@ -161,8 +161,6 @@ class _Conn:
         self.eof = False  # the peer shut down its sending side
         self.closing = False  # close once outbuf is flushed
         self.closed = False
-        self.reading = False
-        self.writing = False
         self.serving = False  # inside process(): answers are flushed once, at its end
         self.scan_from = 0  # inbuf before this offset holds no newline
         self.turn: Timer | None = None
@@ -182,34 +180,26 @@ class _Conn:
         if self.eof and not held and not self.outbuf and not self.has_line():
             self.close()
             return
-        want_read = not (self.closing or self.eof or held) and (
-            len(self.outbuf) < self.server.limits.max_output and not self.has_line()
-        )
-        want_write = bool(self.outbuf)
+        # The loop touches epoll only when what is watched changes.
         loop = self.server.loop
-        if want_read != self.reading:
-            if want_read:
-                loop.add_reader(self.fd, self.on_readable)
-            else:
-                loop.remove_reader(self.fd)
-            self.reading = want_read
-        if want_write != self.writing:
-            if want_write:
-                loop.add_writer(self.fd, self.on_writable)
-            else:
-                loop.remove_writer(self.fd)
-            self.writing = want_write
+        if not (self.closing or self.eof or held or self.has_line()) and (
+            len(self.outbuf) < self.server.limits.max_output
+        ):
+            loop.add_reader(self.fd, self.on_readable)
+        else:
+            loop.remove_reader(self.fd)
+        if self.outbuf:
+            loop.add_writer(self.fd, self.on_writable)
+        else:
+            loop.remove_writer(self.fd)
 
     def close(self) -> None:
         if self.closed:
             return
         self.closed = True
         server = self.server
-        loop = server.loop
-        if self.reading:
-            loop.remove_reader(self.fd)
-        if self.writing:
-            loop.remove_writer(self.fd)
+        server.loop.remove_reader(self.fd)
+        server.loop.remove_writer(self.fd)
         if self.turn is not None:
             self.turn.cancel()
             self.turn = None
@@ -287,11 +277,9 @@ class _Conn:
                     self.turn = server.loop.call_soon(self.process)
                     break
                 line = bytes(self.inbuf[:nl])
-                if line.strip():
-                    if not server.handle_line(self, line):
-                        server.starved[self] = None  # resumed once the total falls
-                        break
-                    server.requests += 1
+                if line.strip() and not server.handle_line(self, line):
+                    server.starved[self] = None  # resumed once the total falls
+                    break
                 del self.inbuf[: nl + 1]
                 self.scan_from = 0
                 now = server.loop.time()
@@ -394,11 +382,12 @@ class Server:
         # unauthenticated one is the first found.
         self.conns: dict[_Conn, None] = {}
         self.listener: _socket.socket | None = None
-        self.requests = 0  # served so far
         self.pending_output = 0  # bytes of answers not yet taken by their clients, all together
         self.starved: dict[_Conn, None] = {}  # held back until pending_output falls
         self._waking: Timer | None = None
-        self._sweeper: Timer | None = None
+        # Deadlines are checked this often: a fraction of the shortest one.
+        shortest = min(limits.idle_timeout, limits.request_timeout, limits.auth_timeout)
+        self._sweep_every = max(0.05, min(1.0, shortest / 4, limits.stall_timeout / 2))
 
     def start(self) -> None:
         """Bind the socket (mode 0600, parent directory created 0700) and start serving.
@@ -428,14 +417,11 @@ class Server:
         sock.setblocking(False)
         self.listener = sock
         self.loop.add_reader(sock.fileno(), self._on_accept)
-        self._schedule_sweep()
+        self.loop.call_later(self._sweep_every, self._sweep)
 
     def close(self) -> None:
-        """Stop listening, drop every connection and remove the socket file."""
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-        if self._waking is not None:
-            self._waking.cancel()
+        """Stop listening, drop every connection and remove the socket file (dev mode, once its
+        loop has stopped)."""
         for conn in list(self.conns):
             conn.close()
         if self.listener is not None:
@@ -450,19 +436,21 @@ class Server:
     # -- connections -------------------------------------------------------------------------
 
     def _on_accept(self) -> None:
-        assert self.listener is not None
+        listener = self.listener
+        assert listener is not None
         for _ in range(64):  # bounded, so a connection storm does not starve the loop
             try:
-                sock = _accept(self.listener)
+                sock = _accept(listener)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:
                 # EMFILE/ENFILE: out of fds. The connection stays queued; stop watching the
                 # listener for a moment, or a level-triggered select would spin on it.
                 print(f"eemini: control socket: accept failed: {e.strerror}", file=sys.stderr)
-                fd = self.listener.fileno()
-                self.loop.remove_reader(fd)
-                self.loop.call_later(0.1, lambda fd=fd: self._resume_accept(fd))  # type: ignore[misc]
+                self.loop.remove_reader(listener.fileno())
+                self.loop.call_later(
+                    0.1, lambda: self.loop.add_reader(listener.fileno(), self._on_accept)
+                )
                 return
             sock.setblocking(False)
             if len(self.conns) >= self.limits.max_connections and not self._evict():
@@ -490,10 +478,6 @@ class Server:
                 return True
         return False
 
-    def _resume_accept(self, fd: int) -> None:
-        if self.listener is not None and self.listener.fileno() == fd:
-            self.loop.add_reader(fd, self._on_accept)
-
     # -- output budget -----------------------------------------------------------------------
 
     def output_taken(self, n: int) -> None:
@@ -510,12 +494,6 @@ class Server:
             conn.resume()
 
     # -- deadlines ---------------------------------------------------------------------------
-
-    def _schedule_sweep(self) -> None:
-        limits = self.limits
-        shortest = min(limits.idle_timeout, limits.request_timeout, limits.auth_timeout)
-        interval = max(0.05, min(1.0, shortest / 4, limits.stall_timeout / 2))
-        self._sweeper = self.loop.call_later(interval, self._sweep)
 
     def _sweep(self) -> None:
         now = self.loop.time()
@@ -546,14 +524,11 @@ class Server:
             elif now >= conn.last_activity + limits.idle_timeout:
                 conn.drop(f"connection idle for {limits.idle_timeout:g} s; closing it", "idle_timeout")
         if self.pending_output >= limits.max_total_output:
-            self._shed_stalled(now)
-        self._schedule_sweep()
-
-    def _shed_stalled(self, now: float) -> None:
-        """Over the output budget: close the clients that have stopped reading their answers."""
-        for conn in list(self.conns):
-            if conn.outbuf and now >= conn.last_read + self.limits.stall_timeout:
-                conn.close()
+            # Over the output budget: close the clients that have stopped reading their answers.
+            for conn in list(self.conns):
+                if conn.outbuf and now >= conn.last_read + limits.stall_timeout:
+                    conn.close()
+        self.loop.call_later(self._sweep_every, self._sweep)
 
     # -- requests ----------------------------------------------------------------------------
 
