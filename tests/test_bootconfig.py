@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from eemini.guest import bootconfig as bc
+from eemini.guest import configdisk as cd
 from eemini.guest import metadata as md
 from eemini.guest.image import ConfigSource as S
 from fake_metadata import Behaviour, Server
@@ -250,7 +251,7 @@ def _vfat(tmp: Path, label: str, content: bytes | None) -> Path:
 
 def test_detect_vfat_label(tmp_path: Path) -> None:
     img = _vfat(tmp_path, "EECONFIG", None)
-    assert bc.detect_label(os.fspath(img)) == ("vfat", "EECONFIG")
+    assert cd.detect_label(os.fspath(img)) == ("vfat", "EECONFIG")
 
 
 def test_detect_fat32_label(tmp_path: Path) -> None:
@@ -260,7 +261,7 @@ def test_detect_fat32_label(tmp_path: Path) -> None:
         check=True,
         capture_output=True,
     )
-    assert bc.detect_label(os.fspath(img)) == ("vfat", "EECONFIG")
+    assert cd.detect_label(os.fspath(img)) == ("vfat", "EECONFIG")
 
 
 def test_detect_iso9660_label(tmp_path: Path) -> None:
@@ -268,11 +269,11 @@ def test_detect_iso9660_label(tmp_path: Path) -> None:
 
     img = tmp_path / "c.iso"
     make_iso9660(img, {"agent.env": b"A=1\n"}, label="EECONFIG")
-    assert bc.detect_label(os.fspath(img)) == ("iso9660", "EECONFIG")
-    assert bc.detect_label("/nonexistent") is None
+    assert cd.detect_label(os.fspath(img)) == ("iso9660", "EECONFIG")
+    assert cd.detect_label("/nonexistent") is None
     other = tmp_path / "zero"
     other.write_bytes(bytes(40000))
-    assert bc.detect_label(os.fspath(other)) is None
+    assert cd.detect_label(os.fspath(other)) is None
 
 
 def _pci(root: Path, name: str, vendor: str, device: str) -> None:
@@ -292,7 +293,7 @@ def test_find_config_disk_waits_for_every_virtio_disk(
     _pci(pci, "0000:00:02.0", "0x1af4", "0x1041")  # virtio-net: not a disk
     _pci(pci, "0000:00:03.0", "0x1af4", "0x1001")  # virtio-blk, transitional (config disk)
     _pci(pci, "0000:00:04.0", "0x8086", "0x1042")  # someone else's device id
-    assert bc.expected_disks(os.fspath(pci)) == 2
+    assert cd.expected_disks(os.fspath(pci)) == 2
     for name in ("vda", "vda1", "loop0"):
         (sysblock / name).mkdir()
     (sysblock / "vda1" / "partition").write_text("1\n")
@@ -309,30 +310,30 @@ def test_find_config_disk_waits_for_every_virtio_disk(
 
     threading.Thread(target=config_disk_appears).start()
     start = time.monotonic()
-    assert bc.find_config_disk(5.0, *args) == (os.fspath(dev / "vdb"), "vfat")
+    assert cd.find_config_disk(5.0, *args) == (os.fspath(dev / "vdb"), "vfat")
     assert 0.3 <= time.monotonic() - start < 2.0
     # No config disk: both virtio disks are there at once, so there is no waiting at all.
     (dev / "vdb").unlink()
     _vfat(tmp_path, "DATA", None).rename(dev / "vdb")
     sleeps: list[float] = []
     with monkeypatch.context() as m:
-        m.setattr("eemini.guest.bootconfig.time.sleep", sleeps.append)
-        assert bc.find_config_disk(5.0, *args) is None
+        m.setattr("eemini.guest.configdisk.time.sleep", sleeps.append)
+        assert cd.find_config_disk(5.0, *args) is None
     assert sleeps == []
     # A disk that never appears: the wait is bounded.
     _pci(pci, "0000:00:05.0", "0x1af4", "0x1042")
     start = time.monotonic()
-    assert bc.find_config_disk(0.3, *args) is None
+    assert cd.find_config_disk(0.3, *args) is None
     assert time.monotonic() - start >= 0.3
 
 
 MOUNT_SCRIPT = r"""
 import sys
-from eemini.guest import bootconfig as bc, linux as k
+from eemini.guest import bootconfig as bc, configdisk as cd, linux as k
 k.mount("none", "/", None, 16384 | 1 << 18)  # MS_REC | MS_PRIVATE
-bc.find_config_disk = lambda wait: (sys.argv[1], sys.argv[2])
+cd.find_config_disk = lambda wait: (sys.argv[1], sys.argv[2])
 try:
-    print(bc.read_config_disk(0, sys.argv[3]))
+    print(cd.read_config_disk(0, sys.argv[3]))
 except bc.ConfigError as e:
     print("error:", e)
 """
@@ -390,14 +391,14 @@ def _read_fake_disk(
     def umount(target: str, flags: int = 0) -> None:
         calls.append(("umount", target, flags))
 
-    monkeypatch.setattr(bc, "find_config_disk", lambda wait: ("/dev/vdb", "iso9660"))
+    monkeypatch.setattr(cd, "find_config_disk", lambda wait: ("/dev/vdb", "iso9660"))
     monkeypatch.setattr(linux, "mount", mount)
     monkeypatch.setattr(linux, "umount", umount)
     result: list[bytes | BaseException | None] = []
 
     def read() -> None:
         try:
-            result.append(bc.read_config_disk(0, os.fspath(tmp_path / "mnt")))
+            result.append(cd.read_config_disk(0, os.fspath(tmp_path / "mnt")))
         except BaseException as e:  # handed to the test
             result.append(e)
 

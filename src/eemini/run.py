@@ -36,7 +36,7 @@ from eemini.proc import find_tool
 OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
 OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
 TDVF = Path("/usr/share/ovmf/OVMF.inteltdx.fd")
-CONFIG_LABEL = "EECONFIG"  # what eemini.guest.bootconfig looks for
+CONFIG_LABEL = "EECONFIG"  # what eemini.guest.configdisk looks for
 DEFAULT_BUILD_DIR = Path("build/local-dev")
 DISK_SUFFIXES = (".qcow2", ".raw", ".img", ".vhd")
 
