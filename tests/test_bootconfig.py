@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from eemini.guest import azure as az
 from eemini.guest import bootconfig as bc
 from eemini.guest import configdisk as cd
 from eemini.guest import metadata as md
@@ -574,15 +575,15 @@ def test_azure_userdata_first_then_customdata() -> None:
     b = Behaviour("azure", azure_userdata=b"A=user\n", azure_customdata=b"A=custom\n")
     server = Server(b).start()
     try:
-        assert md.read_azure(_fetch(server)) == (md.AZURE_USERDATA, b"A=user\n")
+        assert az.read_user_data(_fetch(server)) == (az.AZURE_USERDATA, b"A=user\n")
         b.azure_userdata = None
-        assert md.read_azure(_fetch(server)) == (md.AZURE_CUSTOMDATA, b"A=custom\n")
+        assert az.read_user_data(_fetch(server)) == (az.AZURE_CUSTOMDATA, b"A=custom\n")
         b.azure_customdata = None
-        assert md.read_azure(_fetch(server)) is None
+        assert az.read_user_data(_fetch(server)) is None
     finally:
         server.shutdown()
     paths = [p for p, _ in b.requests]
-    assert paths[:3] == [md.AZURE_USERDATA_PATH, md.AZURE_USERDATA_PATH, md.AZURE_CUSTOMDATA_PATH]
+    assert paths[:3] == [az.AZURE_USERDATA_PATH, az.AZURE_USERDATA_PATH, az.AZURE_CUSTOMDATA_PATH]
     assert all(h["metadata"] == "true" for _, h in b.requests)
 
 
@@ -591,7 +592,7 @@ def test_azure_errors() -> None:
     server = Server(b).start()
     try:
         with pytest.raises(bc.ConfigError, match="azure-userdata: IMDS answered HTTP 400"):
-            md._read_azure(_fetch(server), "/metadata/instance/compute/userData", md.AZURE_USERDATA)
+            az._read_imds(_fetch(server), "/metadata/instance/compute/userData", az.AZURE_USERDATA)
     finally:
         server.shutdown()
 
@@ -614,7 +615,9 @@ def test_azure_not_base64() -> None:
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     try:
         with pytest.raises(bc.ConfigError, match="azure-userdata: the IMDS answer is not base64"):
-            md.read_azure(md.Fetch(host="127.0.0.1", port=srv.server_address[1], timeout=1, attempts=1))
+            az.read_user_data(
+                md.Fetch(host="127.0.0.1", port=srv.server_address[1], timeout=1, attempts=1)
+            )
     finally:
         srv.shutdown()
 

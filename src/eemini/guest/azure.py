@@ -1,4 +1,5 @@
-"""The `azure-tdx-vtpm` attestation backend, and the wire server's "ready" report.
+"""Azure: the `azure-tdx-vtpm` attestation backend, the wire server's "ready" report, and boot
+config from IMDS `userData` then `customData`.
 
 Azure TDX confidential VMs run the guest behind a paravisor: no configfs-tsm TDX provider, but a
 vTPM whose HCL report carries the paravisor TD's TDREPORT. One attestation (docs/clouds.md):
@@ -34,7 +35,9 @@ import time
 
 from eemini.guest import metadata
 from eemini.guest.attest import AttestError, check_quote
+from eemini.guest.bootconfig import ConfigError
 from eemini.guest.quote_layout import REPORT_DATA_SIZE
+from eemini.guest.rtmr import RuntimeMeasurer
 from eemini.guest.tpm import (
     TPM_DEVICE,
     TPMA_NV_OWNERREAD,
@@ -64,6 +67,11 @@ RUNTIME_DATA_OFFSET = 1236
 MAX_TPM_EVENT_LOG = 4 << 20
 TPM_PCRS = range(24)
 TPM_RC_HANDLE_1 = 0x18B  # TPM_RC_HANDLE for the first handle: no such NV index
+# Boot config: which IMDS document a setting came from (Setting.source, the runtime event log).
+AZURE_USERDATA = "azure-userdata"
+AZURE_CUSTOMDATA = "azure-customdata"
+AZURE_USERDATA_PATH = "/metadata/instance/compute/userData?api-version=2021-01-01&format=text"
+AZURE_CUSTOMDATA_PATH = "/metadata/instance/compute/customData?api-version=2019-02-01&format=text"
 
 
 def b64url_decode(text: str) -> bytes:
@@ -366,6 +374,67 @@ def report_ready(fetch: metadata.Fetch | None = None) -> str:
     if answer[0] != 200:
         raise WireServerError(f"the wire server answered HTTP {answer[0]} to the health report")
     return instance
+
+
+def _read_imds(fetch: metadata.Fetch, path: str, source: str) -> bytes | None:
+    answer = metadata.http_request(fetch, "GET", path, {"Metadata": "true"})
+    if answer is None:
+        return None
+    status, _headers, body = answer
+    if status == 404:
+        return None
+    if status != 200:
+        raise ConfigError(f"{source}: IMDS answered HTTP {status}")
+    text = body.strip()
+    if not text:
+        return None  # IMDS answers 200 with an empty body when nothing was provided
+    try:
+        # What base64.b64decode(validate=True) does on 3.13.
+        return binascii.a2b_base64(text, strict_mode=True)
+    except ValueError:
+        raise ConfigError(f"{source}: the IMDS answer is not base64") from None
+
+
+def read_user_data(fetch: metadata.Fetch) -> tuple[str, bytes] | None:
+    """Boot config from IMDS: userData first; customData only when userData is empty or absent."""
+    data = _read_imds(fetch, AZURE_USERDATA_PATH, AZURE_USERDATA)
+    if data is not None:
+        return AZURE_USERDATA, data
+    data = _read_imds(fetch, AZURE_CUSTOMDATA_PATH, AZURE_CUSTOMDATA)
+    if data is not None:
+        return AZURE_CUSTOMDATA, data
+    return None
+
+
+def boot(
+    trial: Callable[[AzureVtpmBackend], int], log: Callable[[str], None]
+) -> tuple[AzureVtpmBackend, RuntimeMeasurer]:
+    """PID 1's attestation step on Azure: the backend, its trial quote (`trial` refuses the boot
+    when there is none), the RTMR3 measurer, then the ready report to the wire server."""
+    try:
+        mount_securityfs()
+    except OSError as e:
+        log(f"securityfs: {e}; attest answers will carry no TPM event log")
+    vtpm = AzureVtpmBackend()
+    size = trial(vtpm)
+    measurer = RuntimeMeasurer()
+    if not measurer.enabled:
+        measurer.reason = "the TD is Azure's paravisor: the guest has no RTMR3 of its own"
+    log(
+        f"attestation: Azure TDX through the vTPM and the HCL report (trial: {size}-byte "
+        "TD quote, vTPM quote over PCRs 0-23); RTMR3 "
+        + ("extended" if measurer.enabled else f"not extended ({measurer.reason})")
+    )
+    # Azure provisions a VM only once it reports ready (its guest agent's job). Not a security
+    # property: a failure is said on the console and the boot goes on.
+    try:
+        instance = report_ready()
+    except Exception as e:  # a WireServerError, or anything unforeseen: the boot goes on
+        why = str(e) if isinstance(e, WireServerError) else f"{type(e).__name__}: {e}"
+        log(f"azure: reporting ready failed: {why} (Azure will count the provisioning as failed)")
+    else:
+        log(f"azure: reported ready to the wire server (role instance {instance})")
+    return vtpm, measurer
 
 
 def mount_securityfs(path: str = "/sys/kernel/security") -> None:

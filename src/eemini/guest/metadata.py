@@ -1,10 +1,10 @@
-"""Boot config from the cloud's metadata server: the GCE attribute `ee-config`, Azure IMDS
-`userData` then `customData` (base64). Read once the network is up, through eemini.guest.bootconfig's
-parser and policy like every other source.
+"""Boot config from the cloud's metadata server: the GCE attribute `ee-config`, or Azure IMDS
+`userData` then `customData` (eemini.guest.azure reads those). Read once the network is up,
+through eemini.guest.bootconfig's parser and policy like every other source; `http_request` is
+the HTTP client of both clouds' metadata and wire servers.
 
 PID 1 imports this module only for an image whose profile names a metadata source, and the builder
-leaves it out of the import analysis of the others: their images carry no HTTP client (http.client,
-email). The HTTP client is imported where it is used, so the module itself imports everywhere.
+ships it only there: other images carry no HTTP client (http.client, email).
 """
 
 from __future__ import annotations
@@ -20,14 +20,8 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
     from typing import Any
 
-# Which Azure IMDS document a setting came from (Setting.source, the runtime event log).
-AZURE_USERDATA = "azure-userdata"
-AZURE_CUSTOMDATA = "azure-customdata"
-
 METADATA_HOST = "169.254.169.254"
 GCE_PATH = "/computeMetadata/v1/instance/attributes/ee-config"
-AZURE_USERDATA_PATH = "/metadata/instance/compute/userData?api-version=2021-01-01&format=text"
-AZURE_CUSTOMDATA_PATH = "/metadata/instance/compute/customData?api-version=2019-02-01&format=text"
 
 
 @record
@@ -61,13 +55,6 @@ def _connection(fetch: Fetch) -> Any:
             self.sock = sock
 
     return Connection(fetch.host, fetch.port, timeout=fetch.timeout)
-
-
-def http_get(
-    fetch: Fetch, path: str, headers: dict[str, str]
-) -> tuple[int, dict[str, str], bytes] | None:
-    """GET with bounded retries; None when the server never answered (absent source)."""
-    return http_request(fetch, "GET", path, headers)
 
 
 def http_request(
@@ -107,7 +94,7 @@ def http_request(
 
 
 def read_gce(fetch: Fetch) -> bytes | None:
-    answer = http_get(fetch, GCE_PATH, {"Metadata-Flavor": "Google"})
+    answer = http_request(fetch, "GET", GCE_PATH, {"Metadata-Flavor": "Google"})
     if answer is None:
         return None
     status, headers, body = answer
@@ -125,37 +112,6 @@ def read_gce(fetch: Fetch) -> bytes | None:
     return body
 
 
-def _read_azure(fetch: Fetch, path: str, source: str) -> bytes | None:
-    answer = http_get(fetch, path, {"Metadata": "true"})
-    if answer is None:
-        return None
-    status, _headers, body = answer
-    if status == 404:
-        return None
-    if status != 200:
-        raise ConfigError(f"{source}: IMDS answered HTTP {status}")
-    text = body.strip()
-    if not text:
-        return None  # IMDS answers 200 with an empty body when nothing was provided
-    try:
-        import base64  # Azure only
-
-        return base64.b64decode(text, validate=True)
-    except ValueError:
-        raise ConfigError(f"{source}: the IMDS answer is not base64") from None
-
-
-def read_azure(fetch: Fetch) -> tuple[str, bytes] | None:
-    """userData first; customData only when userData is empty or absent."""
-    data = _read_azure(fetch, AZURE_USERDATA_PATH, AZURE_USERDATA)
-    if data is not None:
-        return AZURE_USERDATA, data
-    data = _read_azure(fetch, AZURE_CUSTOMDATA_PATH, AZURE_CUSTOMDATA)
-    if data is not None:
-        return AZURE_CUSTOMDATA, data
-    return None
-
-
 def collect(sources: Sequence[ConfigSource], fetch: Fetch, log: Callable[[str], None]) -> list[Setting]:
     settings: list[Setting] = []
     if ConfigSource.GCE_METADATA in sources:
@@ -165,7 +121,9 @@ def collect(sources: Sequence[ConfigSource], fetch: Fetch, log: Callable[[str], 
         else:
             settings += parse_env(data, ConfigSource.GCE_METADATA)
     if ConfigSource.AZURE_IMDS in sources:
-        found = read_azure(fetch)
+        from eemini.guest.azure import read_user_data
+
+        found = read_user_data(fetch)
         if found is None:
             log("boot config: no Azure userData/customData")
         else:

@@ -244,21 +244,6 @@ def trial_quote(backend: Backend) -> int:
         raise Refusal(f"TDX attestation is unavailable: {e}") from None
 
 
-def report_ready() -> None:
-    """Azure provisions a VM only once it reports ready to the wire server (its guest agent's job).
-    Not a security property: a failure is said on the console and the boot goes on."""
-    from eemini.guest.azure import WireServerError
-    from eemini.guest.azure import report_ready as report
-
-    try:
-        instance = report()
-    except Exception as e:  # a WireServerError, or anything unforeseen: the boot goes on
-        why = str(e) if isinstance(e, WireServerError) else f"{type(e).__name__}: {e}"
-        console(f"azure: reporting ready failed: {why} (Azure will count the provisioning as failed)")
-        return
-    console(f"azure: reported ready to the wire server (role instance {instance})")
-
-
 class Boot:
     """The boot sequence, one method per step; `run()` ends in the event loop or raises."""
 
@@ -411,24 +396,8 @@ class Boot:
             return backend, measurer
         if kind is Attestation.AZURE_TDX_VTPM:
             from eemini.guest import azure
-            from eemini.guest.rtmr import RuntimeMeasurer
 
-            try:
-                azure.mount_securityfs()
-            except OSError as e:
-                console(f"securityfs: {e}; attest answers will carry no TPM event log")
-            vtpm = azure.AzureVtpmBackend()
-            size = trial_quote(vtpm)
-            measurer = RuntimeMeasurer()
-            if not measurer.enabled:
-                measurer.reason = "the TD is Azure's paravisor: the guest has no RTMR3 of its own"
-            console(
-                f"attestation: Azure TDX through the vTPM and the HCL report (trial: {size}-byte "
-                "TD quote, vTPM quote over PCRs 0-23); RTMR3 "
-                + ("extended" if measurer.enabled else f"not extended ({measurer.reason})")
-            )
-            report_ready()
-            return vtpm, measurer
+            return azure.boot(trial_quote, console)
         raise BootFailure(f"image.json: no attestation backend for {kind}")
 
     @staticmethod
