@@ -1,7 +1,8 @@
 """Boot-time configuration: untrusted KEY=VALUE settings from the host operator.
 
-Sources (the profile names which ones an image reads): `ee.KEY=VALUE` on the kernel cmdline, a
-config disk holding `agent.env` (read by eemini.guest.configdisk), the GCE metadata attribute
+Sources (the profile names which ones an image reads): `ee.KEY=VALUE` on the kernel cmdline (in
+local-dev images only, eemini.guest.dev.cmdline), a config disk holding `agent.env` (read by
+eemini.guest.configdisk), the GCE metadata attribute
 `ee-config`, and Azure IMDS `userData` then `customData` (base64; both read by
 eemini.guest.metadata). The operator controls all of them, so only the spec's
 `allow_env` keys and the network keys pass; anything else raises `ConfigError`, whose message
@@ -48,128 +49,16 @@ class Setting:
         return "sha384:" + hashlib.sha384(self.value.encode()).hexdigest()
 
 
-# --- kernel cmdline ---
-
-
-@record
-class Cmdline:
-    params: tuple[tuple[str, str | None], ...]
-
-    def get(self, key: str) -> str | None:
-        value = None
-        for k, v in self.params:
-            if k == key:
-                value = v if v is not None else ""
-        return value
-
-    def has(self, key: str, value: str | None = None) -> bool:
-        return any(k == key and (value is None or v == value) for k, v in self.params)
-
-
 # The bytes the kernel's isspace() accepts: _S in lib/ctype.c's _ctype table, i.e. \t \n \v \f \r,
 # the space, and 0xA0 (Latin-1 no-break space). The kernel splits /proc/cmdline's bytes, not
 # characters: a UTF-8 no-break space (C2 A0) is split at its second byte.
 KERNEL_SPACES = frozenset(b"\t\n\v\f\r \xa0")
-_QUOTE = ord('"')
-_EQUALS = ord("=")
-
-
-def _c_string(buf: bytearray, start: int) -> bytes:
-    return bytes(buf[start : buf.index(0, start)])
-
-
-def _next_arg(buf: bytearray, args: int) -> tuple[bytes, bytes | None, int, bool]:
-    """lib/cmdline.c next_arg() on a NUL-terminated buffer, step for step: (param, value or None,
-    where the next argument starts, whether a double quote was left open)."""
-    in_quote = quoted = False
-    if buf[args] == _QUOTE:
-        args += 1
-        in_quote = quoted = True
-    i = equals = 0
-    while buf[args + i]:
-        c = buf[args + i]
-        if c in KERNEL_SPACES and not in_quote:
-            break
-        if equals == 0 and c == _EQUALS:
-            equals = i
-        if c == _QUOTE:
-            in_quote = not in_quote
-        i += 1
-    value = None
-    if equals:
-        buf[args + equals] = 0
-        value = args + equals + 1
-        if buf[value] == _QUOTE:  # the value's own quotes are not part of it
-            value += 1
-            if buf[args + i - 1] == _QUOTE:
-                buf[args + i - 1] = 0
-    if quoted and buf[args + i - 1] == _QUOTE:
-        buf[args + i - 1] = 0
-    end = args + i
-    following = end
-    if buf[end]:
-        buf[end] = 0
-        following += 1
-    param = _c_string(buf, args)
-    val = None if value is None else _c_string(buf, value)
-    while buf[following] in KERNEL_SPACES:  # skip_spaces()
-        following += 1
-    return param, val, following, in_quote
-
-
-def parse_cmdline(text: str | bytes) -> Cmdline:
-    """Split like the kernel's parse_args() and next_arg() (lib/cmdline.c), byte for byte, so
-    every value is the value the kernel saw: kernel whitespace separates (`KERNEL_SPACES`), double
-    quotes group, the quotes around a whole argument or around a value are dropped (others stay),
-    the first `=` splits name and value, and a bare `--` ends the kernel's part. A `str` is taken
-    as the bytes it was decoded from (UTF-8 with surrogateescape, as `pid1` reads /proc/cmdline);
-    names and values are decoded the same way. The kernel would let an unterminated double quote
-    run to the end of the line; that is refused here."""
-    raw = text.encode("utf-8", "surrogateescape") if isinstance(text, str) else text
-    buf = bytearray(raw.split(b"\0", 1)[0]) + b"\0"  # the kernel's copy is a C string
-    params: list[tuple[str, str | None]] = []
-    pos = 0
-    while buf[pos] in KERNEL_SPACES:
-        pos += 1
-    while buf[pos]:
-        param, value, pos, unterminated = _next_arg(buf, pos)
-        if unterminated:
-            raise ConfigError("the kernel command line has an unterminated double quote")
-        if value is None and param == b"--":
-            break  # everything after -- belongs to init's argv, not to us
-        params.append(
-            (
-                param.decode("utf-8", "surrogateescape"),
-                None if value is None else value.decode("utf-8", "surrogateescape"),
-            )
-        )
-    return Cmdline(tuple(params))
-
-
-# ee.* names on the cmdline that are image facts, not boot config: ee.dev=1 marks a local-dev
-# image in the measured cmdline (set by the builder, checked by PID 1).
-RESERVED = frozenset({"ee.dev"})
-DEV_MARKER = ("ee.dev", "1")
-
-
-def cmdline_settings(cmdline: Cmdline) -> list[Setting]:
-    out = []
-    for key, value in cmdline.params:
-        if not key.startswith("ee.") or key in RESERVED:
-            continue
-        name = key[3:]
-        if value is None:
-            raise ConfigError(
-                f"boot config {key!r} from {ConfigSource.CMDLINE} has no value (expected ee.KEY=VALUE)"
-            )
-        out.append(_setting(ConfigSource.CMDLINE, name, value, where=f"{key}"))
-    return out
 
 
 # --- agent.env ---
 
 
-def _setting(source: str, key: str, value: str, where: str) -> Setting:
+def make_setting(source: str, key: str, value: str, where: str) -> Setting:
     if not _KEY.match(key):
         raise ConfigError(f"boot config key {key!r} from {source} ({where}) is not a valid name")
     problem = None
@@ -227,7 +116,7 @@ def parse_env(data: bytes, source: str) -> list[Setting]:
         if key in seen:
             raise ConfigError(f"boot config key {key!r} from {source} is set twice (line {number})")
         seen.add(key)
-        out.append(_setting(source, key, value, where=f"line {number}"))
+        out.append(make_setting(source, key, value, where=f"line {number}"))
     return out
 
 
@@ -310,13 +199,16 @@ def apply_policy(settings: Sequence[Setting], allow_env: Iterable[str]) -> BootC
 
 
 def collect_local(
-    cmdline: Cmdline,
+    cmdline_text: str,
     sources: Sequence[ConfigSource],
     log: Callable[[str], None],
 ) -> list[Setting]:
     settings: list[Setting] = []
     if ConfigSource.CMDLINE in sources:
-        settings += cmdline_settings(cmdline)
+        # A source of local-dev images only (the builder refuses it in production profiles).
+        from eemini.guest.dev.cmdline import cmdline_settings, parse_cmdline
+
+        settings += cmdline_settings(parse_cmdline(cmdline_text))
     if ConfigSource.CONFIG_DISK in sources:
         from eemini.guest.configdisk import read_config_disk
 

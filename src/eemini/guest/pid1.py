@@ -40,7 +40,7 @@ if TYPE_CHECKING:
     from typing import NoReturn
 
     from eemini.guest.attest import Backend
-    from eemini.guest.bootconfig import Cmdline, Setting
+    from eemini.guest.bootconfig import Setting
     from eemini.guest.events import Event
     from eemini.guest.loop import EventLoop
     from eemini.guest.net import Uplink
@@ -273,16 +273,12 @@ class Boot:
             mount_all((CONFIGFS,))
         except OSError as e:
             console(f"configfs: {e}")
-        try:
-            cmdline = bootconfig.parse_cmdline(cmdline_text)
-        except bootconfig.ConfigError as e:
-            raise BootFailure(str(e)) from None
         # The boot token: 32 bytes from the kernel CSPRNG (getrandom(2) blocks until it is seeded).
         token = os.getrandom(32).hex()
         spec_bytes, spec = self.load_spec()
         allow = spec.workload.allow_env
         try:
-            local = bootconfig.collect_local(cmdline, image.config_sources, console)
+            local = bootconfig.collect_local(cmdline_text, image.config_sources, console)
             static = bootconfig.apply_policy(local, allow).network
         except bootconfig.ConfigError as e:
             raise BootFailure(str(e)) from None
@@ -300,7 +296,7 @@ class Boot:
         for s in config.settings:
             console(f"boot config: {s.key} from {s.source} accepted ({s.digest[:23]}...)")
         self.timeline.mark("remote config")
-        backend, measurer = self.backend(image, cmdline)
+        backend, measurer = self.backend(image, cmdline_text)
         events = self.event_log(spec_bytes, spec.workload.path, config.settings, measurer)
         self.timeline.mark("attestation")
         self.serve(
@@ -362,22 +358,16 @@ class Boot:
 
         return metadata.collect(sources, metadata.Fetch(), console)
 
-    def backend(self, image: ImageFacts, cmdline: Cmdline) -> tuple[Backend, RuntimeMeasurer]:
-        from eemini.guest import bootconfig
-
+    def backend(self, image: ImageFacts, cmdline_text: str) -> tuple[Backend, RuntimeMeasurer]:
         kind = image.attestation
         if kind is Attestation.SIMULATED:
-            # Both must say so: image.json (in the initramfs) and the measured cmdline marker, so a
-            # simulated image can never pass for a production one.
-            if not cmdline.has(*bootconfig.DEV_MARKER):
-                raise BootFailure(
-                    "image.json asks for simulated attestation but the cmdline lacks ee.dev=1"
-                )
-            from eemini.guest.dev.simulated import SimulatedBackend
+            from eemini.guest.bootconfig import ConfigError
+            from eemini.guest.dev import simulated
 
-            console("attestation: simulated (local-dev image; quotes are signed by a development key)")
-            simulated = SimulatedBackend()
-            return simulated, simulated.rtmr3_measurer()
+            try:
+                return simulated.boot(cmdline_text, console)
+            except ConfigError as e:
+                raise BootFailure(str(e)) from None
         if kind is Attestation.CONFIGFS_TSM:
             from eemini.guest.attest import ConfigfsTsmBackend
             from eemini.guest.rtmr import RuntimeMeasurer
