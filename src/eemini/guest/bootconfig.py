@@ -22,6 +22,7 @@ from eemini.guest.record import field, record
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Sequence
+    from typing import Any
 
 NETWORK_KEYS = ("EE_IP", "EE_GATEWAY", "EE_DNS")
 CONFIG_FILE = "agent.env"
@@ -139,17 +140,17 @@ class BootConfig:
     network: NetworkConfig | None = None
 
 
-def _network_value(setting: Setting) -> None:
+def _network_value(setting: Setting) -> Any:
+    """EE_IP as an interface (address and prefix length), EE_GATEWAY as an address, EE_DNS as a
+    tuple of addresses (comma-separated)."""
     try:
         if setting.key == "EE_IP":
             if "/" not in setting.value:
                 raise ValueError("needs a prefix length, like 10.0.0.5/24")
-            ipaddress.IPv4Interface(setting.value)
-        elif setting.key == "EE_GATEWAY":
-            ipaddress.IPv4Address(setting.value)
-        else:
-            for part in setting.value.split(","):
-                ipaddress.IPv4Address(part.strip(ENV_BLANKS))
+            return ipaddress.IPv4Interface(setting.value)
+        if setting.key == "EE_GATEWAY":
+            return ipaddress.IPv4Address(setting.value)
+        return tuple(ipaddress.IPv4Address(part.strip(ENV_BLANKS)) for part in setting.value.split(","))
     except ValueError as e:
         raise ConfigError(
             f"boot config key {setting.key!r} from {setting.source} is not valid: {e}"
@@ -160,7 +161,7 @@ def apply_policy(settings: Sequence[Setting], allow_env: Iterable[str]) -> BootC
     """Accept only allowed keys; later sources override earlier ones for the same key."""
     allowed = set(allow_env)
     env: dict[str, str] = {}
-    net: dict[str, str] = {}
+    net: dict[str, Any] = {}
     for s in settings:
         if s.key in NETWORK_KEYS:
             if s.source not in LOCAL_SOURCES:
@@ -168,8 +169,7 @@ def apply_policy(settings: Sequence[Setting], allow_env: Iterable[str]) -> BootC
                     f"boot config key {s.key!r} from {s.source} is not allowed: network keys are read "
                     "before the network exists, so only the cmdline and the config disk may set them"
                 )
-            _network_value(s)
-            net[s.key] = s.value
+            net[s.key] = _network_value(s)
         elif s.key in allowed:
             env[s.key] = s.value
         else:
@@ -183,15 +183,7 @@ def apply_policy(settings: Sequence[Setting], allow_env: Iterable[str]) -> BootC
             raise ConfigError(
                 "boot config sets EE_GATEWAY/EE_DNS without EE_IP: static network needs EE_IP"
             )
-        network = NetworkConfig(
-            address=ipaddress.IPv4Interface(net["EE_IP"]),
-            gateway=ipaddress.IPv4Address(net["EE_GATEWAY"]) if "EE_GATEWAY" in net else None,
-            dns=tuple(
-                ipaddress.IPv4Address(p.strip(ENV_BLANKS))
-                for p in net.get("EE_DNS", "").split(",")
-                if p.strip(ENV_BLANKS)
-            ),
-        )
+        network = NetworkConfig(net["EE_IP"], net.get("EE_GATEWAY"), net.get("EE_DNS", ()))
     return BootConfig(tuple(settings), env, network)
 
 

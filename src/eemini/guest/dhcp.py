@@ -117,22 +117,12 @@ class Packet:
 
 
 def encode(packet: Packet) -> bytes:
+    # In _FIXED's order; hops 0, sname and file empty.
     fixed = _FIXED.pack(
-        packet.op,
-        HTYPE_ETHER,
-        len(packet.chaddr),
-        0,
-        packet.xid,
-        packet.secs,
-        packet.flags,
-        packet.ciaddr.packed,
-        packet.yiaddr.packed,
-        packet.siaddr.packed,
-        packet.giaddr.packed,
-        packet.chaddr.ljust(16, b"\0"),
-        b"",
-        b"",
-    )
+        packet.op, HTYPE_ETHER, len(packet.chaddr), 0, packet.xid, packet.secs, packet.flags,
+        packet.ciaddr.packed, packet.yiaddr.packed, packet.siaddr.packed, packet.giaddr.packed,
+        packet.chaddr.ljust(16, b"\0"), b"", b"",
+    )  # fmt: skip
     opts = bytearray(MAGIC_COOKIE)
     # Message type first (RFC 2131 does not require it, some servers do).
     ordered = sorted(packet.options.items(), key=lambda kv: (kv[0] != Option.MESSAGE_TYPE, kv[0]))
@@ -181,18 +171,8 @@ def decode(data: bytes) -> Packet:
         _parse_options(bootfile, options)
     if overload & 2:
         _parse_options(sname, options)
-    return Packet(
-        op=op,
-        xid=xid,
-        chaddr=chaddr[:hlen],
-        options=options,
-        flags=flags,
-        secs=secs,
-        ciaddr=ipaddress.IPv4Address(ci),
-        yiaddr=ipaddress.IPv4Address(yi),
-        siaddr=ipaddress.IPv4Address(si),
-        giaddr=ipaddress.IPv4Address(gi),
-    )
+    addresses = map(ipaddress.IPv4Address, (ci, yi, si, gi))
+    return Packet(op, xid, chaddr[:hlen], options, flags, secs, *addresses)
 
 
 @record
