@@ -167,13 +167,11 @@ class Netlink:
             out.append(Link(index, name, ltype, flags, attrs.get(IFLA_ADDRESS, b""), mtu))
         return sorted(out, key=lambda link: link.index)
 
-    def set_link(self, index: int, *, up: bool | None = None, mtu: int | None = None) -> None:
-        flags = change = 0
-        if up is not None:
-            change = IFF_UP
-            flags = IFF_UP if up else 0
+    def set_link(self, index: int, *, up: bool = False, mtu: int | None = None) -> None:
+        """Bring the interface up (the change mask touches IFF_UP only then), set its MTU."""
+        flags = IFF_UP if up else 0
         attrs = attr(IFLA_MTU, struct.pack("=I", mtu)) if mtu is not None else b""
-        body = _IFINFOMSG.pack(_socket.AF_UNSPEC, 0, index, flags, change) + attrs
+        body = _IFINFOMSG.pack(_socket.AF_UNSPEC, 0, index, flags, flags) + attrs
         self.request(RTM_NEWLINK, 0, body, f"configure interface {index}")
 
     # --- addresses ---

@@ -25,7 +25,7 @@ from eemini.guest.quote_layout import REPORT_DATA_SIZE
 from eemini.guest.record import field, record
 from eemini.guest.server import Limits, Method, RequestError, Server, encoded_size, error
 from eemini.guest.spec import EnclaveSpec, OnExit
-from eemini.guest.supervisor import Backoff, Reaper, RunRecord, Supervisor, workload_env
+from eemini.guest.supervisor import Backoff, Reaper, RunRecord, Supervisor
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -166,17 +166,11 @@ class Runtime:
         self.spec_digest = "sha256:" + hashlib.sha256(config.spec.canonical_json()).hexdigest()
         self.logbuf = LogBuffer()
         self.reaper = Reaper()
-        env = workload_env(
-            config.spec.workload,
-            token=config.token,
-            extra_env=config.extra_env,
-            socket_path=None if config.socket_path == SOCKET else config.socket_path,
-        )
         self.supervisor = Supervisor(
             self.loop,
             self.reaper,
             config.spec.workload,
-            env=env,
+            env=self._workload_env(),
             logbuf=self.logbuf,
             on_done=self._workload_done,
             backoff=config.backoff,
@@ -187,6 +181,18 @@ class Runtime:
         self.attester = AttestWorker(self.loop, config.backend, config.limits.max_connections)
         self.server = Server(self.loop, config.socket_path, config.token, self._methods(), config.limits)
         self.poweroff_reason: str | None = None  # set once shutting down
+
+    def _workload_env(self) -> dict[str, str]:
+        """The workload's whole environment: the declared env, the accepted boot config (allow_env
+        keys only, eemini.guest.bootconfig.apply_policy), and the token when the spec grants it."""
+        workload = self.config.spec.workload
+        env = {**workload.env, **self.config.extra_env}
+        if workload.inherit_token:
+            env["EE_TOKEN"] = self.config.token
+            if self.config.socket_path != SOCKET:
+                # Dev mode: the token is useless to a workload that cannot find the socket.
+                env["EE_SOCKET_PATH"] = self.config.socket_path
+        return env
 
     def _methods(self) -> dict[str, Method]:
         return {

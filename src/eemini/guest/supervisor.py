@@ -567,25 +567,3 @@ class Supervisor:
             "last_exit": None if last.running else last.describe(),
             "runs": [r.to_dict() for r in self.runs],
         }
-
-
-def workload_env(
-    workload: WorkloadSpec,
-    *,
-    token: str | None,
-    extra_env: Mapping[str, str] | None = None,
-    socket_path: str | None = None,
-) -> dict[str, str]:
-    """The workload's whole environment: declared env, accepted boot config, and the token."""
-    env = dict(workload.env)
-    for key, value in (extra_env or {}).items():
-        if key not in workload.allow_env:
-            raise ValueError(f"{key}: not in workload.allow_env, so boot config may not set it")
-        env[key] = value
-    if workload.inherit_token and token is not None:
-        env["EE_TOKEN"] = token
-        if socket_path is not None:
-            # Only when it differs from the image's fixed path (dev mode): the token is useless
-            # to a workload that cannot find the socket.
-            env["EE_SOCKET_PATH"] = socket_path
-    return env
