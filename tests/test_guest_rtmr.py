@@ -19,9 +19,8 @@ from eemini.guest.rtmr import (
     RuntimeMeasurer,
     event_bytes,
     event_digest,
-    replay,
 )
-from eemini.tdx.runtime_log import RuntimeLogBinding, RuntimeLogMismatch, check_runtime_log
+from eemini.tdx.runtime_log import RuntimeLogBinding, RuntimeLogMismatch, check_runtime_log, replay
 
 
 class FakeRtmr3:
@@ -63,7 +62,7 @@ def test_event_encoding_is_canonical_and_leaves_time_out() -> None:
     assert event_digest(ev) == hashlib.sha384(event_bytes(ev)).digest()
     assert event_digest({**ev, "time": 99.0}) == event_digest(ev)
     with pytest.raises(ValueError, match="runtime event lacks the field 'digest'"):
-        event_bytes({"seq": 0, "kind": "x", "source": "y", "key": "z"})
+        replay([{"seq": 0, "kind": "x", "source": "y", "key": "z"}])
 
 
 def test_replay() -> None:

@@ -247,7 +247,8 @@ def test_the_project_verifier_accepts_them_only_with_the_dev_root(tmp_path: Path
 def test_rtmr3_follows_the_runtime_event_log() -> None:
     from eemini.guest.bootconfig import Setting
     from eemini.guest.events import boot_log
-    from eemini.guest.rtmr import RuntimeMeasurer, replay
+    from eemini.guest.rtmr import RuntimeMeasurer
+    from eemini.tdx.runtime_log import replay
 
     backend = SimulatedBackend()
     # Wired as dev mode and local-dev images wire it (devmode.run, pid1).

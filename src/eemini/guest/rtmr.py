@@ -13,9 +13,10 @@ have no such file, and then nothing is extended and `health` says so.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
+
+from eemini.guest.spec import canonical_json
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -34,26 +35,14 @@ class RtmrError(OSError):
 
 
 def event_bytes(event: Mapping[str, object]) -> bytes:
-    """The canonical encoding of one runtime event: JSON of its measured fields, sorted keys,
-    compact separators, UTF-8 (the same canonical form as the resolved spec)."""
-    try:
-        fields = {name: event[name] for name in MEASURED_FIELDS}
-    except KeyError as e:
-        raise ValueError(f"runtime event lacks the field {e.args[0]!r}") from None
-    return json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    """The canonical encoding of one runtime event: its measured fields in the canonical JSON of
+    the resolved spec (sorted keys, compact separators, UTF-8); KeyError for a missing one."""
+    return canonical_json({name: event[name] for name in MEASURED_FIELDS})
 
 
 def event_digest(event: Mapping[str, object]) -> bytes:
-    """The 48 bytes written to RTMR3 for one runtime event."""
+    """The 48 bytes written to RTMR3 for one runtime event (eemini.tdx.runtime_log replays them)."""
     return hashlib.sha384(event_bytes(event)).digest()
-
-
-def replay(events: Iterable[Mapping[str, object]], start: bytes = bytes(RTMR_SIZE)) -> bytes:
-    """RTMR3 after extending `start` with each event in order."""
-    value = start
-    for event in events:
-        value = hashlib.sha384(value + event_digest(event)).digest()
-    return value
 
 
 class Rtmr3:
