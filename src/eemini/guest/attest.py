@@ -205,12 +205,10 @@ def _read_attr(entry: str, name: str) -> bytes:
 def _write_attr(entry: str, name: str, data: bytes) -> None:
     path = os.path.join(entry, name)
     try:
-        fd = os.open(path, os.O_WRONLY)
-        try:
-            # configfs binary attributes take the whole value in one write.
-            n = os.write(fd, data)
-        finally:
-            os.close(fd)
+        # configfs binary attributes take the whole value in one write (unbuffered: one write(2);
+        # opened without O_CREAT or O_TRUNC, which open(path, "wb") would add).
+        with open(os.open(path, os.O_WRONLY), "wb", buffering=0) as f:
+            n = f.write(data)
     except OSError as e:
         raise AttestError(f"configfs-tsm: cannot write {path}: {e.strerror}") from None
     if n != len(data):

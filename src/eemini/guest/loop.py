@@ -211,7 +211,7 @@ class EventLoop:
         while True:
             try:
                 data = os.read(self._wake_r, 4096)
-            except (BlockingIOError, InterruptedError):
+            except BlockingIOError:
                 break
             if not data:
                 break
@@ -253,11 +253,9 @@ class EventLoop:
 
     def _poll(self, timeout: float | None) -> list[tuple[int, int]]:
         # epoll_wait() rounds a timeout up to whole milliseconds itself (CPython converts with
-        # ceiling rounding), so it never wakes early, as selectors arranges by hand.
-        try:
-            ready = self._epoll.poll(-1 if timeout is None else timeout, max(len(self._registered), 1))
-        except InterruptedError:
-            return []
+        # ceiling rounding), so it never wakes early, as selectors arranges by hand. A signal
+        # does not end the wait (PEP 475: CPython retries): its byte on the wakeup pipe does.
+        ready = self._epoll.poll(-1 if timeout is None else timeout, max(len(self._registered), 1))
         found = []
         for fd, event in ready:
             registered = self._registered.get(fd)

@@ -234,7 +234,7 @@ class _Conn:
     def on_readable(self) -> None:
         try:
             data = self.sock.recv(65536)
-        except (BlockingIOError, InterruptedError):
+        except BlockingIOError:
             return
         except OSError:
             self.close()
@@ -317,7 +317,7 @@ class _Conn:
         while self.outbuf:
             try:
                 n = self.sock.send(self.outbuf)
-            except (BlockingIOError, InterruptedError):
+            except BlockingIOError:
                 break
             except OSError:
                 # Peer gone (EPIPE, ECONNRESET): nothing more to say to it.
@@ -441,7 +441,7 @@ class Server:
         for _ in range(64):  # bounded, so a connection storm does not starve the loop
             try:
                 sock = _accept(listener)
-            except (BlockingIOError, InterruptedError):
+            except BlockingIOError:
                 return
             except OSError as e:
                 # EMFILE/ENFILE: out of fds. The connection stays queued; stop watching the

@@ -48,8 +48,6 @@ class Reaper:
                 pid, status = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
                 return
-            except InterruptedError:
-                continue
             if pid == 0:
                 return
             callback = self._watch.pop(pid, None)
@@ -137,9 +135,7 @@ class Console:
         view = memoryview(chunk)
         while view:
             try:
-                n = os.write(self.fd, view)
-            except InterruptedError:
-                continue
+                n = os.write(self.fd, view)  # EINTR is retried by CPython (PEP 475)
             except OSError:
                 break  # a console that cannot take the output must not stop supervision
             view = view[n:]
@@ -252,7 +248,7 @@ class _Pipe:
         """Read once; False when nothing more is there right now (or the pipe is closed)."""
         try:
             data = os.read(self.fd, 65536)
-        except (BlockingIOError, InterruptedError):
+        except BlockingIOError:
             return False
         except OSError:
             data = b""
