@@ -24,7 +24,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
-    from eemini.guest.loop import EventLoop
+    from eemini.guest.loop import EventLoop, Timer
 
 SERVER_PORT = 67
 CLIENT_PORT = 68
@@ -397,26 +397,20 @@ class Renewer:
         self.on_expired = on_expired
         self.log = log
         self.reading = False
-        self.expired = False
-        self.generation = 0  # stale timers (from before a renewal) see a newer generation and stop
+        self._timer: Timer | None = None  # the next step: T1, a retry, or the expiry
 
     def start(self) -> None:
-        self._schedule()
+        """Wait for T1 of the lease (again after each renewal, in place of the retry due)."""
+        if self._timer is not None:
+            self._timer.cancel()
+        self._later(self.lease.obtained + self.lease.renewal_time - time.monotonic())
 
     def _later(self, delay: float) -> None:
-        generation = self.generation
-        self.timers.call_later(delay, lambda: self._tick(generation))
+        self._timer = self.timers.call_later(delay, self._tick)
 
-    def _schedule(self) -> None:
-        self.generation += 1
-        self._later(max(self.lease.obtained + self.lease.renewal_time - time.monotonic(), 0.0))
-
-    def _tick(self, generation: int) -> None:
-        if self.expired or generation != self.generation:
-            return
+    def _tick(self) -> None:
         now_rel = time.monotonic() - self.lease.obtained
-        if now_rel >= self.lease.lease_time:
-            self.expired = True
+        if now_rel >= self.lease.lease_time:  # the end: nothing is scheduled or read any more
             self._stop_reading()
             self.log(f"DHCP lease for {self.lease.address} expired")
             self.on_expired(self.lease)
@@ -459,4 +453,4 @@ class Renewer:
         self.lease = lease
         self.log(f"DHCP lease renewed: {lease.address} for {lease.lease_time} s")
         self.on_lease(lease)
-        self._schedule()
+        self.start()

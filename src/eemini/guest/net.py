@@ -81,15 +81,11 @@ class Uplink:
         """Renew the DHCP lease on the event loop (a static address or none needs nothing)."""
         if self.dhcp is None:
             return
-        nic, client, lease = self.dhcp
-        dhcp.Renewer(
-            client,
-            lease,
-            loop,
-            on_lease=lambda renewed: self._renewed(nic, renewed),
-            on_expired=lambda expired: self._expired(nic, expired),
-            log=self.log,
-        ).start()
+        _, client, lease = self.dhcp
+        renewer = dhcp.Renewer(
+            client, lease, loop, on_lease=self._renewed, on_expired=self._expired, log=self.log
+        )
+        renewer.start()
 
     def _apply(self, nl: netlink.Netlink, nic: netlink.Link, lease: dhcp.Lease) -> None:
         netlink.configure(
@@ -97,16 +93,18 @@ class Uplink:
         )
         write_resolv_conf(self.resolv_conf, lease.dns, lease.domain)
 
-    def _renewed(self, nic: netlink.Link, lease: dhcp.Lease) -> None:
+    def _renewed(self, lease: dhcp.Lease) -> None:
+        assert self.dhcp is not None
         try:
             with netlink.Netlink() as nl:
-                self._apply(nl, nic, lease)
+                self._apply(nl, self.dhcp[0], lease)
         except OSError as e:
             self.log(f"network: applying the renewed lease failed: {e}")
 
-    def _expired(self, nic: netlink.Link, lease: dhcp.Lease) -> None:
+    def _expired(self, lease: dhcp.Lease) -> None:
+        assert self.dhcp is not None
         try:
             with netlink.Netlink() as nl:
-                nl.delete_address(nic.index, lease.address)
+                nl.delete_address(self.dhcp[0].index, lease.address)
         except OSError as e:
             self.log(f"network: removing the expired address failed: {e}")
