@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 import pytest
 
+from eemini.guest.dev.devmode import close_server
 from eemini.guest.loop import EventLoop
 from eemini.guest.server import Limits, Method, Server
 from rtutil import TOKEN, RuntimeProc, wait_for, write_spec, write_workload
@@ -74,7 +75,7 @@ class InProcess:
     def close(self) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
-        self.server.close()
+        close_server(self.server)
         self.loop.close()
 
 

@@ -153,14 +153,14 @@ class Runtime:
         *,
         events: tuple[Event, ...],
         measurer: RuntimeMeasurer,
-        on_poweroff: Callable[[str], None] | None = None,
+        on_poweroff: Callable[[str], None],
     ) -> None:
         self.config = config
         self.loop = EventLoop()
         self.events = events
         # RTMR3 extension of the runtime log (docs/measurements.md); reported by health and attest.
         self.measurer = measurer
-        self.on_poweroff = on_poweroff  # else the loop stops once the workload is down
+        self.on_poweroff = on_poweroff  # power_off, or in dev mode: stop the loop
         self.started_mono = time.monotonic()
         self.started_at = time.time()
         self.spec_digest = "sha256:" + hashlib.sha256(config.spec.canonical_json()).hexdigest()
@@ -223,10 +223,7 @@ class Runtime:
 
     def _stopped(self, reason: str) -> None:
         self.supervisor.console.flush()  # before exiting or powering off
-        if self.on_poweroff is not None:
-            self.on_poweroff(reason)
-        else:
-            self.loop.stop()
+        self.on_poweroff(reason)
 
     def _workload_done(self, record: RunRecord) -> None:
         policy = self.config.spec.workload.on_exit

@@ -419,20 +419,6 @@ class Server:
         self.loop.add_reader(sock.fileno(), self._on_accept)
         self.loop.call_later(self._sweep_every, self._sweep)
 
-    def close(self) -> None:
-        """Stop listening, drop every connection and remove the socket file (dev mode, once its
-        loop has stopped)."""
-        for conn in list(self.conns):
-            conn.close()
-        if self.listener is not None:
-            self.loop.remove_reader(self.listener.fileno())
-            self.listener.close()
-            self.listener = None
-            try:
-                os.unlink(self.path)
-            except OSError:
-                pass
-
     # -- connections -------------------------------------------------------------------------
 
     def _on_accept(self) -> None:
@@ -607,11 +593,10 @@ class Server:
         if method is None:
             known = ", ".join(sorted(self.methods))
             raise RequestError(f"unknown method {_clip(name)!r} (known: {known})", "unknown_method")
-        allowed = dict(method.params)
         for key, value in request.items():
-            expected = allowed.get(key)
+            expected = method.params.get(key)
             if expected is None:
-                known = ", ".join(sorted(allowed)) or "none"
+                known = ", ".join(sorted(method.params)) or "none"
                 raise RequestError(f"{name}: unknown parameter {_clip(key)!r} (accepted: {known})")
             if not isinstance(value, expected) or (expected is not bool and isinstance(value, bool)):
                 raise RequestError(

@@ -96,12 +96,11 @@ def _expect_str_list(key: str, value: object) -> tuple[str, ...]:
     return tuple(_expect_str(f"{key}[{i}]", v) for i, v in enumerate(value))
 
 
-def _expect_env_name(key: str, value: str) -> str:
+def _expect_env_name(key: str, value: str) -> None:
     if not _ENV_NAME.match(value):
         raise SpecError(f"{key}: {value!r} is not a valid environment variable name")
     if value in RESERVED_ENV:
         raise SpecError(f"{key}: {value} is set by the runtime and cannot be declared")
-    return value
 
 
 def _reject_unknown(where: str, data: Mapping[str, object], known: tuple[str, ...]) -> None:

@@ -489,13 +489,12 @@ class Supervisor:
         for cb in callbacks:
             cb()
 
-    def stop(self, then: Callable[[], None] | None = None, *, restart: bool = False) -> None:
+    def stop(self, then: Callable[[], None], *, restart: bool = False) -> None:
         """SIGTERM to the group, SIGKILL after the grace period; then start again or stay down.
 
         `then()` runs once the workload is down (or has been restarted).
         """
-        if then is not None:
-            self._after_stop.append(then)
+        self._after_stop.append(then)
         if self._restart_timer is not None:
             self._restart_timer.cancel()
             self._restart_timer = None

@@ -20,7 +20,7 @@ from eemini.guest import linux
 from eemini.guest.events import boot_log
 from eemini.guest.record import field, record
 from eemini.guest.runtime import Runtime, RuntimeConfig
-from eemini.guest.server import Limits
+from eemini.guest.server import Limits, Server
 from eemini.guest.spec import EnclaveSpec, SpecError, load
 from eemini.guest.supervisor import Backoff
 
@@ -39,6 +39,20 @@ _prctl.restype = ctypes.c_int
 def prctl(option: int, arg2: int) -> None:
     if _prctl(option, arg2, 0, 0, 0) < 0:
         raise linux.oserror("prctl")
+
+
+def close_server(server: Server) -> None:
+    """Stop listening, drop every connection and remove the socket file, once the loop has
+    stopped (a PID 1 never closes its control socket: it powers off)."""
+    for conn in list(server.conns):
+        conn.close()
+    if server.listener is not None:
+        server.loop.remove_reader(server.listener.fileno())
+        server.listener.close()
+        try:
+            os.unlink(server.path)
+        except OSError:
+            pass
 
 
 def socket_in_use(path: str) -> bool:
@@ -181,7 +195,9 @@ def run(spec: EnclaveSpec, options: DevOptions) -> int:
         backoff=options.backoff,
         grace=options.grace,
     )
-    runtime = Runtime(config, events=events, measurer=measurer)
+    runtime = Runtime(
+        config, events=events, measurer=measurer, on_poweroff=lambda _: runtime.loop.stop()
+    )
     # Orphans of the workload's descendants come to us, as they come to PID 1.
     prctl(PR_SET_CHILD_SUBREAPER, 1)
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
@@ -201,7 +217,7 @@ def run(spec: EnclaveSpec, options: DevOptions) -> int:
     try:
         runtime.loop.run()
     finally:
-        runtime.server.close()
+        close_server(runtime.server)
         runtime.loop.close()
         try:
             os.unlink(token_path)
