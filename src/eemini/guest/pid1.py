@@ -203,13 +203,6 @@ def power_off(reason: str) -> NoReturn:
             pass
 
 
-def image_facts(doc: object) -> ImageFacts:
-    try:
-        return ImageFacts.from_dict(doc)
-    except ImageError as e:
-        raise BootFailure(f"image.json: {e}") from None
-
-
 def check_cmdline(image: ImageFacts, cmdline_text: str) -> None:
     """A production image runs only with the command line built into its UKI.
 
@@ -266,7 +259,7 @@ class Boot:
             linux.ctrl_alt_del_to_init()
         except OSError:
             pass
-        image = image_facts(self.read_json(self.paths.image_json, "image facts"))
+        image = self.image_facts()
         if image.attestation.production:
             check_cmdline(image, cmdline_text)
         try:
@@ -321,18 +314,17 @@ class Boot:
         except OSError:
             return ""
 
-    @staticmethod
-    def read_json(path: str, what: str) -> dict[str, object]:
+    def image_facts(self) -> ImageFacts:
+        path = self.paths.image_json
         try:
             with open(path, "rb") as f:
-                data = json.loads(f.read())
+                return ImageFacts.from_dict(json.loads(f.read()))
         except OSError as e:
-            raise BootFailure(f"cannot read the {what} {path}: {e.strerror}") from None
+            raise BootFailure(f"cannot read the image facts {path}: {e.strerror}") from None
+        except ImageError as e:  # first: an ImageError is a ValueError too
+            raise BootFailure(f"image.json: {e}") from None
         except ValueError as e:
-            raise BootFailure(f"the {what} {path} is not valid JSON: {e}") from None
-        if not isinstance(data, dict):
-            raise BootFailure(f"the {what} {path} is not a JSON object")
-        return data
+            raise BootFailure(f"the image facts {path} are not valid JSON: {e}") from None
 
     def load_spec(self) -> tuple[bytes, EnclaveSpec]:
         from eemini.guest import spec as guest_spec
@@ -368,27 +360,21 @@ class Boot:
                 return simulated.boot(cmdline_text, console)
             except ConfigError as e:
                 raise BootFailure(str(e)) from None
-        if kind is Attestation.CONFIGFS_TSM:
-            from eemini.guest.attest import ConfigfsTsmBackend
-            from eemini.guest.rtmr import RuntimeMeasurer
-
-            backend = ConfigfsTsmBackend(self.paths.tsm_report)
-            size = trial_quote(backend)
-            measurer = RuntimeMeasurer()
-            console(
-                f"attestation: TDX through configfs-tsm (trial quote: {size} bytes); RTMR3 "
-                + (
-                    "extended with runtime events"
-                    if measurer.enabled
-                    else f"not extended ({measurer.reason})"
-                )
-            )
-            return backend, measurer
         if kind is Attestation.AZURE_TDX_VTPM:
             from eemini.guest import azure
 
             return azure.boot(trial_quote, console)
-        raise BootFailure(f"image.json: no attestation backend for {kind}")
+        from eemini.guest.attest import ConfigfsTsmBackend  # Attestation.CONFIGFS_TSM
+        from eemini.guest.rtmr import RuntimeMeasurer
+
+        backend = ConfigfsTsmBackend(self.paths.tsm_report)
+        size = trial_quote(backend)
+        measurer = RuntimeMeasurer()
+        rtmr3 = (
+            "extended with runtime events" if measurer.enabled else f"not extended ({measurer.reason})"
+        )
+        console(f"attestation: TDX through configfs-tsm (trial quote: {size} bytes); RTMR3 {rtmr3}")
+        return backend, measurer
 
     @staticmethod
     def event_log(
