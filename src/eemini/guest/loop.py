@@ -36,8 +36,6 @@ Callback = Callable[[], object]  # what it returns is ignored
 
 # Byte written to the wakeup pipe by call_soon_threadsafe(); signal numbers are 1..64.
 _THREAD_WAKEUP = b"\0"
-# What epoll_wait reports, mapped to reading and writing as selectors.EpollSelector does: any
-# event but EPOLLOUT (EPOLLIN, EPOLLHUP, EPOLLERR, ...) is a read event, any but EPOLLIN a write.
 _READ = select.EPOLLIN
 _WRITE = select.EPOLLOUT
 
@@ -118,20 +116,17 @@ class EventLoop:
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
-        self._register(self._wake_r, _READ)
+        self._epoll.register(self._wake_r, _READ)
 
     # -- fds ---------------------------------------------------------------------------------
-
-    def _register(self, fd: int, events: int) -> None:
-        self._epoll.register(fd, events)  # raises (bad fd, a regular file) before we record it
-        self._registered[fd] = events
 
     def _update(self, fd: int) -> None:
         events = (_READ if fd in self._readers else 0) | (_WRITE if fd in self._writers else 0)
         registered = self._registered.get(fd)
         if registered is None:
             if events:
-                self._register(fd, events)
+                self._epoll.register(fd, events)  # raises (bad fd, a regular file) first
+                self._registered[fd] = events
             return
         if events:
             if registered != events:
@@ -251,30 +246,23 @@ class EventLoop:
             return None
         return max(0.0, self._timers[0][0] - self.time())
 
-    def _poll(self, timeout: float | None) -> list[tuple[int, int]]:
+    def run_once(self) -> None:
+        """One iteration: wait for fds or the next timer, then run what is due."""
         # epoll_wait() rounds a timeout up to whole milliseconds itself (CPython converts with
         # ceiling rounding), so it never wakes early, as selectors arranges by hand. A signal
         # does not end the wait (PEP 475: CPython retries): its byte on the wakeup pipe does.
-        ready = self._epoll.poll(-1 if timeout is None else timeout, max(len(self._registered), 1))
-        found = []
+        timeout = self._timeout()
+        ready = self._epoll.poll(-1 if timeout is None else timeout, len(self._registered) + 1)
         for fd, event in ready:
-            registered = self._registered.get(fd)
-            if registered is None:
-                continue
-            mask = (_READ if event & ~_WRITE else 0) | (_WRITE if event & ~_READ else 0)
-            found.append((fd, mask & registered))
-        return found
-
-    def run_once(self) -> None:
-        """One iteration: wait for fds or the next timer, then run what is due."""
-        for fd, mask in self._poll(self._timeout()):
             if fd == self._wake_r:
                 self._drain_wakeup()
                 continue
-            # Look the callback up at dispatch time: an earlier callback may have removed it.
-            if mask & _READ and fd in self._readers:
+            # As selectors.EpollSelector: any event but EPOLLOUT (EPOLLIN, EPOLLHUP, EPOLLERR, ...)
+            # is for the reader, any but EPOLLIN for the writer. The callback is looked up now:
+            # an earlier one may have removed it.
+            if event & ~_WRITE and fd in self._readers:
                 self._run_callback(self._readers[fd])
-            if mask & _WRITE and fd in self._writers:
+            if event & ~_READ and fd in self._writers:
                 self._run_callback(self._writers[fd])
         now = self.time()
         while self._timers and self._timers[0][0] <= now:
@@ -303,6 +291,5 @@ class EventLoop:
             signal.set_wakeup_fd(self._old_wakeup_fd)
             self._old_wakeup_fd = None
         self._epoll.close()
-        self._registered.clear()
         os.close(self._wake_r)
         os.close(self._wake_w)
