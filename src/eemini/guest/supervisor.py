@@ -233,11 +233,12 @@ class RunRecord:
 class _Pipe:
     """One output pipe of one run, read line by line into the console and the ring buffer."""
 
-    def __init__(self, sup: Supervisor, fd: int, stream: str, prefix: bytes, run: int) -> None:
+    def __init__(self, sup: Supervisor, fd: int, stream: str, run: int) -> None:
         self.sup = sup
         self.fd = fd
         self.stream = stream
-        self.prefix = prefix
+        # On the console: "[app] " before stdout lines, "[app:err] " before stderr lines.
+        self.prefix = b"[%s%s] " % (sup.name, b":err" if stream == "stderr" else b"")
         self.run = run
         self.closed = False
         self.splitter = LineSplitter()
@@ -299,7 +300,7 @@ class Supervisor:
         self.loop = loop
         self.reaper = reaper
         self.workload = workload
-        self.env = dict(env)
+        self.env = env
         self.logbuf = logbuf
         self.on_done = on_done
         self.console = Console(console_fd)
@@ -318,7 +319,7 @@ class Supervisor:
         self._after_stop: list[Callable[[], None]] = []
         self._restart_requested = False
         self._run_counter = 0
-        self._prefix = workload.name.encode("utf-8", "replace")
+        self.name = workload.name.encode("utf-8", "replace")
 
     # -- output ------------------------------------------------------------------------------
 
@@ -370,9 +371,7 @@ class Supervisor:
         self._remember(self.current)
         self.state = State.RUNNING
         self.reaper.watch(pid, self._on_reaped)
-        prefix = b"[" + self._prefix + b"] "
-        self.pipes.append(_Pipe(self, out_r, "stdout", prefix, run))
-        self.pipes.append(_Pipe(self, err_r, "stderr", b"[" + self._prefix + b":err] ", run))
+        self.pipes += [_Pipe(self, out_r, "stdout", run), _Pipe(self, err_r, "stderr", run)]
         self.note(f"{self.workload.name}: started run {run} as pid {pid}")
 
     def _start_failed(self, run: int, now: float, mono: float, error: str) -> None:
@@ -446,7 +445,6 @@ class Supervisor:
     def _after_exit(self, ended: RunRecord) -> None:
         if self._kill_timer is not None:
             self._kill_timer.cancel()
-            self._kill_timer = None
         if self.state is State.STOPPING:
             if self._restart_requested:
                 self._restart_requested = False
@@ -497,7 +495,6 @@ class Supervisor:
         self._after_stop.append(then)
         if self._restart_timer is not None:
             self._restart_timer.cancel()
-            self._restart_timer = None
         if self.current is None and self._draining is None:
             # Not running (backoff, exited, never started): nothing to signal.
             if restart:
@@ -521,7 +518,6 @@ class Supervisor:
         self._kill_timer = self.loop.call_later(self.grace, lambda: self._kill(pid))
 
     def _kill(self, pid: int) -> None:
-        self._kill_timer = None
         if self.current is not None and self.current.pid == pid:
             self.note(f"{self.workload.name}: pid {pid} still running after {self.grace:g} s: SIGKILL")
             self._killpg(pid, signal.SIGKILL)
