@@ -240,7 +240,6 @@ class Runtime:
     def _health(self, params: dict[str, Any], respond: Respond) -> None:
         respond(
             {
-                "ok": True,
                 "attestation_type": self.config.backend.attestation_type,
                 "workloads": 1,
                 "uptime_secs": self.uptime(),
@@ -265,7 +264,6 @@ class Runtime:
             ccel = read_ccel(self.config.ccel_path) if self.config.ccel_path else None
             respond(
                 {
-                    "ok": True,
                     "attestation_type": backend.attestation_type,
                     "quote_format": "tdx",
                     "quote_b64": _b64encode(quote),
@@ -282,7 +280,7 @@ class Runtime:
         self.attester.submit(data.ljust(REPORT_DATA_SIZE, b"\0"), done)
 
     def _list(self, params: dict[str, Any], respond: Respond) -> None:
-        respond({"ok": True, "deployments": [self.supervisor.to_dict()]})
+        respond({"deployments": [self.supervisor.to_dict()]})
 
     def _check_id(self, method: str, params: Mapping[str, Any]) -> None:
         wid = params.get("id")
@@ -308,9 +306,7 @@ class Runtime:
                 break
             kept += 1
         omitted = len(lines) - kept
-        respond(
-            {"ok": True, "lines": lines[omitted:], "dropped": self.logbuf.dropped, "omitted": omitted}
-        )
+        respond({"lines": lines[omitted:], "dropped": self.logbuf.dropped, "omitted": omitted})
 
     def _restart(self, params: dict[str, Any], respond: Respond) -> None:
         self._check_id("restart", params)
@@ -321,7 +317,6 @@ class Runtime:
             current = self.supervisor.current
             respond(
                 {
-                    "ok": True,
                     "pid": None if current is None else current.pid,
                     "restarts": self.supervisor.restarts,
                     "status": self.supervisor.state.value,
@@ -331,14 +326,13 @@ class Runtime:
         self.supervisor.stop(restarted, restart=True)
 
     def _shutdown(self, params: dict[str, Any], respond: Respond) -> None:
-        respond({"ok": True, "shutting_down": True})
+        respond({"shutting_down": True})
         # After the answer is queued: the workload stop may take the whole grace period.
         self.loop.call_soon(lambda: self.shutdown("shutdown requested over the control socket"))
 
     def _info(self, params: dict[str, Any], respond: Respond) -> None:
         respond(
             {
-                "ok": True,
                 "version": __version__,
                 "attestation_type": self.config.backend.attestation_type,
                 "started_at": round(self.started_at, 3),

@@ -70,6 +70,9 @@ class BadRequest(RequestError):
 class Method:
     """A socket method: its handler and the parameters it accepts (name -> JSON type).
 
+    The handler answers through its `respond` argument, once, at once or later (on the loop
+    thread); the server puts `"ok": true` first in an answer that has no "ok" of its own.
+
     `large`: its answers may be large (up to `max_answer`), so its requests wait while the
     unread answers of all connections are over `max_total_output`; other requests (small
     answers) wait only when the total is over that plus two largest answers.
