@@ -13,6 +13,7 @@ import _socket
 import enum
 import ipaddress
 import os
+import re
 import select
 import struct
 import time
@@ -230,29 +231,22 @@ def prefix_length(address: ipaddress.IPv4Address, mask: ipaddress.IPv4Address) -
     return 32 - host_bits.bit_length()
 
 
+# RFC 1123 host names: dot-separated labels of 1-63 letters, digits and inner hyphens (and a final
+# dot); \Z, unlike $, admits no newline at the end.
+_LABEL = rb"(?!-)[A-Za-z0-9-]{1,63}(?<!-)"
+_HOST_NAME = re.compile(rb"%s(\.%s)*\.?\Z" % (_LABEL, _LABEL))
+
+
 def host_name(raw: bytes) -> str | None:
-    """A DHCP domain name (option 15) when it is a valid host name (RFC 1123: dot-separated labels
-    of 1-63 letters, digits and inner hyphens, 253 characters at most), else None: the value goes
-    into /etc/resolv.conf, where a newline would add lines of the server's choosing."""
-    if not 0 < len(raw) <= 253:
-        return None
-    for label in raw.removesuffix(b".").split(b"."):
-        if not 0 < len(label) <= 63 or label[:1] == b"-" or label[-1:] == b"-":
-            return None
-        if not all(c in _LABEL_BYTES for c in label):
-            return None
-    return raw.decode("ascii")
+    """A DHCP domain name (option 15) when it is a valid host name of 253 characters at most,
+    else None: the value goes into /etc/resolv.conf, where a newline would add lines of the
+    server's choosing."""
+    return raw.decode("ascii") if len(raw) <= 253 and _HOST_NAME.match(raw) else None
 
 
-_LABEL_BYTES = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-")
-
-
-PARAMETERS = bytes(
-    (
-        Option.SUBNET_MASK, Option.ROUTER, Option.DNS, Option.DOMAIN_NAME, Option.MTU,
-        Option.LEASE_TIME, Option.RENEWAL_TIME, Option.REBINDING_TIME,
-    )
-)  # fmt: skip
+# The options asked for (option 55).
+PARAMETERS = bytes((Option.SUBNET_MASK, Option.ROUTER, Option.DNS, Option.DOMAIN_NAME, Option.MTU,
+                    Option.LEASE_TIME, Option.RENEWAL_TIME, Option.REBINDING_TIME))  # fmt: skip
 
 
 class Client:
@@ -268,12 +262,6 @@ class Client:
         self.sock.bind(("0.0.0.0", CLIENT_PORT))
         self.xid = 0
         self.started = time.monotonic()
-
-    def close(self) -> None:
-        self.sock.close()
-
-    def fileno(self) -> int:
-        return self.sock.fileno()
 
     def _packet(self, mtype: MessageType, **kw: Any) -> Packet:
         options: dict[int, bytes] = {
@@ -423,7 +411,7 @@ class Renewer:
         except OSError as e:
             self.log(f"DHCP {'rebind' if rebinding else 'renew'} failed to send: {e}")
         if not self.reading:
-            self.timers.add_reader(self.client.fileno(), self._readable)
+            self.timers.add_reader(self.client.sock.fileno(), self._readable)
             self.reading = True
         # RFC 2131 4.4.5: retry at half the remaining time, but not more often than every RETRY s.
         remaining = self.lease.lease_time - now_rel
@@ -431,7 +419,7 @@ class Renewer:
 
     def _stop_reading(self) -> None:
         if self.reading:
-            self.timers.remove_reader(self.client.fileno())
+            self.timers.remove_reader(self.client.sock.fileno())
             self.reading = False
 
     def _readable(self) -> None:

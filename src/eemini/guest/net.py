@@ -65,7 +65,7 @@ class Uplink:
             try:
                 lease = client.acquire(timeout=30.0, attempts=5)
             except (dhcp.DhcpError, OSError) as e:
-                client.close()
+                client.sock.close()
                 self.log(f"network: {e}; going on without an address")
                 return
             self._apply(nl, nic, lease)
