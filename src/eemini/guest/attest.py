@@ -38,10 +38,7 @@ if TYPE_CHECKING:
     class Backend(Protocol):
         """Something that turns 64 bytes of report data into a TDX quote."""
 
-        @property
-        def attestation_type(self) -> str:
-            """The `attestation_type` the socket reports ("tdx", "simulated")."""
-            ...
+        attestation_type: str  # what the socket reports: "tdx", "azure-tdx-vtpm", "simulated"
 
         def quote(self, report_data: bytes) -> bytes:
             """A quote whose report data is exactly `report_data` (64 bytes); raises AttestError."""

@@ -13,6 +13,7 @@ import hashlib
 import time
 
 from eemini.guest.record import record
+from eemini.guest.rtmr import MEASURED_FIELDS
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -31,14 +32,8 @@ class Event:
     time: float
 
     def to_dict(self) -> dict[str, object]:
-        return {
-            "seq": self.seq,
-            "kind": self.kind,
-            "source": self.source,
-            "key": self.key,
-            "digest": self.digest,
-            "time": round(self.time, 3),
-        }
+        """The measured fields (eemini.guest.rtmr), then the time to the millisecond."""
+        return {**{name: getattr(self, name) for name in MEASURED_FIELDS}, "time": round(self.time, 3)}
 
 
 def sha384_digest(data: bytes) -> str:

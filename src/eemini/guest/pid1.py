@@ -329,16 +329,15 @@ class Boot:
     def load_spec(self) -> tuple[bytes, EnclaveSpec]:
         from eemini.guest import spec as guest_spec
 
+        path = self.paths.spec_json
         try:
-            with open(self.paths.spec_json, "rb") as f:
+            with open(path, "rb") as f:
                 data = f.read()
             return data, guest_spec.loads(data)
         except OSError as e:
-            raise BootFailure(
-                f"cannot read the enclave spec {self.paths.spec_json}: {e.strerror}"
-            ) from None
+            raise BootFailure(f"cannot read the enclave spec {path}: {e.strerror}") from None
         except guest_spec.SpecError as e:
-            raise BootFailure(f"the enclave spec {self.paths.spec_json} is invalid: {e}") from None
+            raise BootFailure(f"the enclave spec {path} is invalid: {e}") from None
 
     @staticmethod
     def remote_config(sources: Sequence[ConfigSource]) -> list[Setting]:

@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 # A `logs` answer without its lines: {"ok":true,"lines":[],"dropped":…,"omitted":…} and the
 # newline, with room for the two counts.
 _LOGS_FRAME = 96
+_HEX_DIGITS = frozenset("0123456789abcdefABCDEF")
 
 
 @record
@@ -112,18 +113,14 @@ def decode_report_data(params: Mapping[str, Any]) -> bytes:
     `report_data_b64` wins when both are present (as in the original runtime). The legacy
     `nonce` is read as hex when it is an even number of hex digits, otherwise as base64.
     """
-    if "report_data_b64" in params:
-        field_name, text = "report_data_b64", params["report_data_b64"]
-        data = _b64(field_name, text)
-    elif "nonce" in params:
-        field_name, text = "nonce", params["nonce"]
-        hexdigits = set("0123456789abcdefABCDEF")
-        if text and len(text) % 2 == 0 and set(text) <= hexdigits:
-            data = bytes.fromhex(text)
-        else:
-            data = _b64(field_name, text)
-    else:
+    field_name = "report_data_b64" if "report_data_b64" in params else "nonce"
+    text = params.get(field_name)
+    if text is None:
         return b""
+    if field_name == "nonce" and text and len(text) % 2 == 0 and set(text) <= _HEX_DIGITS:
+        data = bytes.fromhex(text)
+    else:
+        data = _b64(field_name, text)
     if len(data) > REPORT_DATA_SIZE:
         raise RequestError(
             f"attest: {field_name} decodes to {len(data)} bytes; the maximum is {REPORT_DATA_SIZE}"

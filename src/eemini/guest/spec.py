@@ -206,8 +206,3 @@ def loads(data: bytes) -> EnclaveSpec:
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise SpecError(f"spec: not a JSON document: {e}") from None
     return EnclaveSpec.from_dict(doc)
-
-
-def load(path: str | os.PathLike[str]) -> EnclaveSpec:
-    with open(path, "rb") as f:
-        return loads(f.read())

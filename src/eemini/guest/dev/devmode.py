@@ -21,7 +21,7 @@ from eemini.guest.events import boot_log
 from eemini.guest.record import field, record
 from eemini.guest.runtime import Runtime, RuntimeConfig
 from eemini.guest.server import Limits, Server
-from eemini.guest.spec import EnclaveSpec, SpecError, load
+from eemini.guest.spec import EnclaveSpec, SpecError, loads
 from eemini.guest.supervisor import Backoff
 
 TOKEN_FILE = "token"  # noqa: S105 - a file name, not a secret
@@ -246,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stall-timeout", type=float, default=_DEFAULT_LIMITS.stall_timeout)
     args = p.parse_args(argv)
     try:
-        spec = load(args.spec_json)
+        with open(args.spec_json, "rb") as f:
+            spec = loads(f.read())
     except (OSError, SpecError) as e:
         print(f"devmode: {args.spec_json}: {e}", file=sys.stderr)
         return 2
