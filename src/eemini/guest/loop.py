@@ -111,7 +111,6 @@ class EventLoop:
         self._threadsafe: deque[Callback] = deque()
         self._threadsafe_lock = threading.Lock()
         self._signal_handlers: dict[int, Callback] = {}
-        self._old_wakeup_fd: int | None = None
         self._stopping = False
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
@@ -194,8 +193,7 @@ class EventLoop:
 
     def add_signal_handler(self, signum: int, callback: Callback) -> None:
         """Run `callback()` on the loop when `signum` arrives (main thread only)."""
-        if self._old_wakeup_fd is None:
-            self._old_wakeup_fd = signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+        signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
         self._signal_handlers[signum] = callback
         signal.signal(signum, _ignore_signal)
         # Restart interrupted system calls where possible; the loop sees the wakeup byte anyway.
@@ -284,12 +282,12 @@ class EventLoop:
             self.run_once()
 
     def close(self) -> None:
-        """Restore signal dispositions and the previous wakeup fd, and release the epoll fd."""
+        """Restore the default signal dispositions, stop signals writing to the wakeup pipe, and
+        release the epoll fd and the pipe."""
         for signum in self._signal_handlers:
             signal.signal(signum, signal.SIG_DFL)
-        if self._old_wakeup_fd is not None:
-            signal.set_wakeup_fd(self._old_wakeup_fd)
-            self._old_wakeup_fd = None
+        if self._signal_handlers:
+            signal.set_wakeup_fd(-1)
         self._epoll.close()
         os.close(self._wake_r)
         os.close(self._wake_w)

@@ -70,26 +70,20 @@ def http_request(
     server never answered. At most `limit` bytes of the answer are read."""
     import http.client
 
-    delay = fetch.backoff
     for attempt in range(fetch.attempts):
+        if attempt:
+            time.sleep(fetch.backoff * 2 ** (attempt - 1))
         conn = _connection(fetch)
         try:
             conn.request(method, path, body=body, headers=headers)
             resp = conn.getresponse()
-            body_read = resp.read(limit)
-            status = resp.status
-            got = {k.lower(): v for k, v in resp.getheaders()}
-            if status >= 500 and attempt + 1 < fetch.attempts:
-                time.sleep(delay)
-                delay *= 2
-                continue
-            return status, got, body_read
+            answer = resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read(limit)
         except (OSError, http.client.HTTPException):
-            if attempt + 1 < fetch.attempts:
-                time.sleep(delay)
-                delay *= 2
+            continue
         finally:
             conn.close()
+        if answer[0] < 500 or attempt + 1 == fetch.attempts:
+            return answer
     return None
 
 
