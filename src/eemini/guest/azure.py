@@ -35,7 +35,7 @@ import time
 
 from eemini.guest import metadata
 from eemini.guest.attest import AttestError, check_quote
-from eemini.guest.bootconfig import ConfigError
+from eemini.guest.bootconfig import ConfigError, Setting, parse_env
 from eemini.guest.quote_layout import REPORT_DATA_SIZE
 from eemini.guest.rtmr import RuntimeMeasurer
 from eemini.guest.tpm import (
@@ -435,6 +435,15 @@ def boot(
     else:
         log(f"azure: reported ready to the wire server (role instance {instance})")
     return vtpm, measurer
+
+
+def boot_config(fetch: metadata.Fetch, log: Callable[[str], None]) -> list[Setting]:
+    """The settings in IMDS userData, else customData; none when neither holds anything."""
+    found = read_user_data(fetch)
+    if found is None:
+        log("boot config: no Azure userData/customData")
+        return []
+    return parse_env(found[1], found[0])
 
 
 def mount_securityfs(path: str = "/sys/kernel/security") -> None:

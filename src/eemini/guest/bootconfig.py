@@ -202,11 +202,7 @@ def collect_local(
 
         settings += cmdline_settings(parse_cmdline(cmdline_text))
     if ConfigSource.CONFIG_DISK in sources:
-        from eemini.guest.configdisk import read_config_disk
+        from eemini.guest import configdisk
 
-        data = read_config_disk()
-        if data is None:
-            log("boot config: no config disk")
-        else:
-            settings += parse_env(data, ConfigSource.CONFIG_DISK)
+        settings += configdisk.boot_config(log)
     return settings

@@ -13,7 +13,12 @@ import stat
 import time
 
 from eemini.guest import linux
-from eemini.guest.bootconfig import CONFIG_FILE, MAX_FILE, ConfigError
+from eemini.guest.bootconfig import CONFIG_FILE, MAX_FILE, ConfigError, Setting, parse_env
+from eemini.guest.image import ConfigSource
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 CONFIG_LABEL = "EECONFIG"
 
@@ -104,6 +109,15 @@ def find_config_disk(
         if found is not None and found[1].upper() == CONFIG_LABEL:
             return path, found[0]
     return None
+
+
+def boot_config(log: Callable[[str], None]) -> list[Setting]:
+    """The settings in agent.env on the config disk; none when there is no config disk."""
+    data = read_config_disk()
+    if data is None:
+        log("boot config: no config disk")
+        return []
+    return parse_env(data, ConfigSource.CONFIG_DISK)
 
 
 def read_config_disk(

@@ -115,11 +115,7 @@ def collect(sources: Sequence[ConfigSource], fetch: Fetch, log: Callable[[str], 
         else:
             settings += parse_env(data, ConfigSource.GCE_METADATA)
     if ConfigSource.AZURE_IMDS in sources:
-        from eemini.guest.azure import read_user_data
+        from eemini.guest import azure
 
-        found = read_user_data(fetch)
-        if found is None:
-            log("boot config: no Azure userData/customData")
-        else:
-            settings += parse_env(found[1], found[0])
+        settings += azure.boot_config(fetch, log)
     return settings

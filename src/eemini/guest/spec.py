@@ -179,12 +179,10 @@ class EnclaveSpec:
         on_exit = _expect_enum("workload.on_exit", w.get("on_exit", "poweroff"), OnExit)
         inherit = _expect_bool("workload.inherit_token", w.get("inherit_token", False))
         allow = _expect_str_list("workload.allow_env", w.get("allow_env", []))
-        seen: set[str] = set()
         for i, name in enumerate(allow):
             _expect_env_name(f"workload.allow_env[{i}]", name)
-            if name in seen:
+            if name in allow[:i]:
                 raise SpecError(f"workload.allow_env[{i}]: {name} is listed twice")
-            seen.add(name)
         return cls(WorkloadSpec(path, args, env, restart, on_exit, inherit, allow))
 
     def to_dict(self) -> dict[str, Any]:
