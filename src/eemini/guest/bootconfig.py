@@ -60,18 +60,11 @@ KERNEL_SPACES = frozenset(b"\t\n\v\f\r \xa0")
 
 
 def make_setting(source: str, key: str, value: str, where: str) -> Setting:
+    """A setting whose key is a valid name and whose value is text of at most MAX_VALUE
+    characters (UTF-8 already: agent.env is decoded strictly, the cmdline checked by its parser)."""
     if not _KEY.match(key):
         raise ConfigError(f"boot config key {key!r} from {source} ({where}) is not a valid name")
-    problem = None
-    if len(value) > MAX_VALUE:
-        problem = "too long"
-    elif "\0" in value:
-        problem = "not text"
-    else:
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:  # cmdline bytes that are not UTF-8 (kept by surrogateescape)
-            problem = "not UTF-8"
+    problem = "too long" if len(value) > MAX_VALUE else "not text" if "\0" in value else None
     if problem is not None:
         raise ConfigError(
             f"boot config key {key!r} from {source} ({where}) has a value that is {problem}"

@@ -37,14 +37,11 @@ def power_pressed(data: bytes) -> bool:
 
 
 def has_key(capabilities: str, code: int) -> bool:
-    """Test a bit in a sysfs capabilities bitmap: hex longs, most significant word first."""
-    long_bits = struct.calcsize("@l") * 8
-    words = capabilities.split()
-    index = code // long_bits
-    if index >= len(words):
-        return False
-    word = int(words[len(words) - 1 - index], 16)
-    return bool(word >> (code % long_bits) & 1)
+    """Test a bit in a sysfs capabilities bitmap: hex longs, most significant word first, each
+    written without its leading zeros."""
+    digits = struct.calcsize("@l") * 2  # hex digits of a long
+    bitmap = int("".join(word.zfill(digits) for word in capabilities.split()) or "0", 16)
+    return bool(bitmap >> code & 1)
 
 
 def find_power_buttons(sys_input: str) -> list[str]:

@@ -112,5 +112,13 @@ def cmdline_settings(cmdline: Cmdline) -> list[Setting]:
             raise ConfigError(
                 f"boot config {key!r} from {ConfigSource.CMDLINE} has no value (expected ee.KEY=VALUE)"
             )
-        out.append(make_setting(ConfigSource.CMDLINE, name, value, where=f"{key}"))
+        setting = make_setting(ConfigSource.CMDLINE, name, value, where=key)
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:  # bytes that are not UTF-8 (kept by surrogateescape)
+            raise ConfigError(
+                f"boot config key {name!r} from {ConfigSource.CMDLINE} ({key}) has a value that "
+                "is not UTF-8"
+            ) from None
+        out.append(setting)
     return out
