@@ -184,9 +184,7 @@ def apply_policy(settings: Sequence[Setting], allow_env: Iterable[str]) -> BootC
 
 
 def collect_local(
-    cmdline_text: str,
-    sources: Sequence[ConfigSource],
-    log: Callable[[str], None],
+    cmdline_text: str, sources: Sequence[ConfigSource], log: Callable[[str], None]
 ) -> list[Setting]:
     settings: list[Setting] = []
     if ConfigSource.CMDLINE in sources:

@@ -32,6 +32,7 @@ from eemini.guest.image import (
     ImageError,
     ImageFacts,
 )
+from eemini.guest.linux import MS_NODEV, MS_NOEXEC, MS_NOSUID
 from eemini.guest.record import record
 
 TYPE_CHECKING = False
@@ -52,18 +53,12 @@ MountSpec = tuple[str, str, str, int, str | None]
 
 # (source, target, fstype, flags, options): the API filesystems, in the order they are needed.
 EARLY_MOUNTS: tuple[MountSpec, ...] = (
-    ("proc", "/proc", "proc", linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC, None),
-    ("sysfs", "/sys", "sysfs", linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC, None),
-    ("devtmpfs", "/dev", "devtmpfs", linux.MS_NOSUID, "mode=0755"),
-    (
-        "devpts",
-        "/dev/pts",
-        "devpts",
-        linux.MS_NOSUID | linux.MS_NOEXEC,
-        "newinstance,ptmxmode=0666,mode=0620",
-    ),
-    ("tmpfs", "/run", "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, "mode=0755"),
-    ("tmpfs", "/tmp", "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, "mode=1777"),
+    ("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None),
+    ("sysfs", "/sys", "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, None),
+    ("devtmpfs", "/dev", "devtmpfs", MS_NOSUID, "mode=0755"),
+    ("devpts", "/dev/pts", "devpts", MS_NOSUID | MS_NOEXEC, "newinstance,ptmxmode=0666,mode=0620"),
+    ("tmpfs", "/run", "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755"),
+    ("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777"),
 )
 # configfs-tsm's /sys/kernel/config/tsm/report (the quote interface). Built into the image's
 # kernel; a kernel without it (or a test harness) gets a console line, and a production image
@@ -72,7 +67,7 @@ CONFIGFS: MountSpec = (
     "configfs",
     "/sys/kernel/config",
     "configfs",
-    linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC,
+    MS_NOSUID | MS_NODEV | MS_NOEXEC,
     None,
 )
 GRACE_KILL = 2.0  # leftover processes at power-off: SIGTERM, this long, then SIGKILL
@@ -292,15 +287,7 @@ class Boot:
         backend, measurer = self.backend(image, cmdline_text)
         events = self.event_log(spec_bytes, spec.workload.path, config.settings, measurer)
         self.timeline.mark("attestation")
-        self.serve(
-            spec,
-            token,
-            backend,
-            image=image,
-            env=config.env,
-            events=events,
-            measurer=measurer,
-        )
+        self.serve(spec, token, backend, image=image, env=config.env, events=events, measurer=measurer)
 
     # --- steps ---
 
@@ -377,10 +364,7 @@ class Boot:
 
     @staticmethod
     def event_log(
-        spec_bytes: bytes,
-        workload_path: str,
-        settings: Sequence[Setting],
-        measurer: RuntimeMeasurer,
+        spec_bytes: bytes, workload_path: str, settings: Sequence[Setting], measurer: RuntimeMeasurer
     ) -> tuple[Event, ...]:
         from eemini.guest.events import boot_log
 
