@@ -75,7 +75,7 @@ def test_parse_attrs_stops_at_declared_length() -> None:
 
 def test_first_nic_skips_loopback_and_non_ethernet() -> None:
     links = [
-        netlink.Link(1, "lo", 772, netlink.IFF_LOOPBACK, bytes(6), 65536),  # ARPHRD_LOOPBACK
+        netlink.Link(1, "lo", 772, 0x8, bytes(6), 65536),  # ARPHRD_LOOPBACK, IFF_LOOPBACK
         netlink.Link(2, "sit0", 776, 0, b"\0\0\0\0", 1480),
         netlink.Link(3, "ens4", netlink.ARPHRD_ETHER, 0, bytes.fromhex("42010a800007"), 1460),
         netlink.Link(4, "ens5", netlink.ARPHRD_ETHER, 0, bytes.fromhex("42010a800008"), 1460),

@@ -92,7 +92,6 @@ class Packet:
     ciaddr: ipaddress.IPv4Address = ZERO
     yiaddr: ipaddress.IPv4Address = ZERO
     siaddr: ipaddress.IPv4Address = ZERO
-    giaddr: ipaddress.IPv4Address = ZERO
 
     @property
     def message_type(self) -> MessageType | None:
@@ -118,10 +117,10 @@ class Packet:
 
 
 def encode(packet: Packet) -> bytes:
-    # In _FIXED's order; hops 0, sname and file empty.
+    # In _FIXED's order; hops 0, no relay agent (giaddr), sname and file empty.
     fixed = _FIXED.pack(
         packet.op, HTYPE_ETHER, len(packet.chaddr), 0, packet.xid, packet.secs, packet.flags,
-        packet.ciaddr.packed, packet.yiaddr.packed, packet.siaddr.packed, packet.giaddr.packed,
+        packet.ciaddr.packed, packet.yiaddr.packed, packet.siaddr.packed, bytes(4),
         packet.chaddr.ljust(16, b"\0"), b"", b"",
     )  # fmt: skip
     opts = bytearray(MAGIC_COOKIE)
@@ -158,7 +157,7 @@ def decode(data: bytes) -> Packet:
     """Parse a BOOTP/DHCP message, honouring option overload (RFC 2132 9.3) into sname/file."""
     if len(data) < _FIXED.size + len(MAGIC_COOKIE):
         raise DhcpError(f"DHCP message too short: {len(data)} bytes, need at least {_FIXED.size + 4}")
-    op, htype, hlen, _hops, xid, secs, flags, ci, yi, si, gi, chaddr, sname, bootfile = (
+    op, htype, hlen, _hops, xid, secs, flags, ci, yi, si, _gi, chaddr, sname, bootfile = (
         _FIXED.unpack_from(data)
     )
     if data[_FIXED.size : _FIXED.size + 4] != MAGIC_COOKIE:
@@ -172,7 +171,7 @@ def decode(data: bytes) -> Packet:
         _parse_options(bootfile, options)
     if overload & 2:
         _parse_options(sname, options)
-    addresses = map(ipaddress.IPv4Address, (ci, yi, si, gi))
+    addresses = map(ipaddress.IPv4Address, (ci, yi, si))
     return Packet(op, xid, chaddr[:hlen], options, flags, secs, *addresses)
 
 

@@ -70,8 +70,3 @@ def reboot(cmd: int) -> None:
     """reboot(2). For POWER_OFF it does not return when it works."""
     if _reboot(ctypes.c_int(ctypes.c_uint32(cmd).value).value) != 0:
         raise oserror("reboot")
-
-
-def ctrl_alt_del_to_init() -> None:
-    """CAD_OFF: the kernel sends SIGINT to PID 1 on Ctrl-Alt-Del instead of rebooting at once."""
-    reboot(LINUX_REBOOT_CMD_CAD_OFF)

@@ -25,8 +25,7 @@ NIC_WAIT = 5.0  # drivers probe asynchronously after their module loads
 
 def write_resolv_conf(path: str, dns: tuple[ipaddress.IPv4Address, ...], domain: str | None) -> None:
     # /etc lives in the initramfs, which is the tmpfs root: nothing here reaches a disk.
-    lines = [f"search {domain}"] if domain else []
-    lines += [f"nameserver {d}" for d in dns]
+    lines = ([f"search {domain}"] if domain else []) + [f"nameserver {d}" for d in dns]
     with open(path, "w") as f:
         f.write("".join(line + "\n" for line in lines))
 

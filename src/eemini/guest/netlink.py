@@ -57,7 +57,6 @@ IFA_F_PERMANENT = 0x80
 
 # <linux/if.h>
 IFF_UP = 0x1
-IFF_LOOPBACK = 0x8
 
 # <linux/if_arp.h>
 ARPHRD_ETHER = 1
@@ -218,7 +217,7 @@ class Netlink:
 def first_nic(links: list[Link]) -> Link | None:
     """The first Ethernet interface by index (what the firmware/hypervisor enumerated first)."""
     for link in links:
-        if link.kind == ARPHRD_ETHER and not link.flags & IFF_LOOPBACK and len(link.mac) == 6:
+        if link.kind == ARPHRD_ETHER and len(link.mac) == 6:  # not lo: ARPHRD_LOOPBACK
             return link
     return None
 

@@ -251,7 +251,7 @@ class Boot:
         try:
             # Ctrl-Alt-Del becomes SIGINT to us instead of an immediate reboot. (EINVAL inside a
             # PID namespace, where the kernel offers only the power commands.)
-            linux.ctrl_alt_del_to_init()
+            linux.reboot(linux.LINUX_REBOOT_CMD_CAD_OFF)
         except OSError:
             pass
         image = self.image_facts()

@@ -231,15 +231,12 @@ class Runtime:
 
     # -- methods -----------------------------------------------------------------------------
 
-    def uptime(self) -> int:
-        return int(time.monotonic() - self.started_mono)
-
     def _health(self, params: dict[str, Any], respond: Respond) -> None:
         respond(
             {
                 "attestation_type": self.config.backend.attestation_type,
                 "workloads": 1,
-                "uptime_secs": self.uptime(),
+                "uptime_secs": int(time.monotonic() - self.started_mono),
                 "workload": self.supervisor.state.value,
                 "version": __version__,
                 **self.measurer.status(),
@@ -333,7 +330,7 @@ class Runtime:
                 "version": __version__,
                 "attestation_type": self.config.backend.attestation_type,
                 "started_at": round(self.started_at, 3),
-                "uptime_secs": self.uptime(),
+                "uptime_secs": int(time.monotonic() - self.started_mono),
                 "spec": self.config.spec.to_dict(),
                 "spec_digest": self.spec_digest,
                 "image": None if self.config.image is None else self.config.image.to_dict(),

@@ -103,11 +103,10 @@ def _expect_env_name(key: str, value: str) -> None:
         raise SpecError(f"{key}: {value} is set by the runtime and cannot be declared")
 
 
-def _reject_unknown(where: str, data: Mapping[str, object], known: tuple[str, ...]) -> None:
+def _reject_unknown(prefix: str, data: Mapping[str, object], known: tuple[str, ...]) -> None:
     for k in data:
         if k not in known:
-            name = f"{where}.{k}" if where else k
-            raise SpecError(f"{name}: unknown key (known: {', '.join(known)})")
+            raise SpecError(f"{prefix}{k}: unknown key (known: {', '.join(known)})")
 
 
 @record
@@ -163,7 +162,7 @@ class EnclaveSpec:
         w = data["workload"]
         if not isinstance(w, dict):
             raise SpecError(f"workload: expected a table, got {type_name(w)}")
-        _reject_unknown("workload", w, _WORKLOAD_KEYS)
+        _reject_unknown("workload.", w, _WORKLOAD_KEYS)
         if "path" not in w:
             raise SpecError("workload.path: missing (the workload binary to run)")
         path = _expect_str("workload.path", w["path"], empty=False)
