@@ -89,11 +89,7 @@ def parse_env(data: bytes, source: str) -> list[Setting]:
     except UnicodeDecodeError as e:
         raise ConfigError(f"{CONFIG_FILE} from {source} is not UTF-8 (byte {e.start})") from None
     out: list[Setting] = []
-    seen: set[str] = set()
-    lines = text.split("\n")
-    if lines[-1] == "":
-        lines.pop()  # the newline that ends the last line
-    for number, full in enumerate(lines, 1):
+    for number, full in enumerate(text.split("\n"), 1):
         raw = full.removesuffix("\r")
         line = raw.strip(ENV_BLANKS)
         if not line or line.startswith("#"):
@@ -107,9 +103,8 @@ def parse_env(data: bytes, source: str) -> list[Setting]:
         value = value.lstrip(ENV_BLANKS)
         if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
             value = value[1:-1]
-        if key in seen:
+        if any(s.key == key for s in out):
             raise ConfigError(f"boot config key {key!r} from {source} is set twice (line {number})")
-        seen.add(key)
         out.append(make_setting(source, key, value, where=f"line {number}"))
     return out
 
