@@ -34,7 +34,7 @@ def test_decode_hand_packed_ack() -> None:
     assert p.xid == 0xDEADBEEF
     assert p.flags == dhcp.FLAG_BROADCAST
     assert p.chaddr == MAC
-    assert p.message_type is dhcp.MessageType.ACK
+    assert p.message_type == dhcp.MessageType.ACK
     lease = dhcp.Lease.from_ack(p, 100.0)
     assert lease.address == ipaddress.IPv4Interface("10.0.2.15/24")
     assert lease.server == ipaddress.IPv4Address("10.0.2.2")

@@ -94,14 +94,10 @@ class Packet:
     siaddr: ipaddress.IPv4Address = ZERO
 
     @property
-    def message_type(self) -> MessageType | None:
+    def message_type(self) -> int | None:
+        """Option 53, to compare with MessageType members."""
         raw = self.options.get(Option.MESSAGE_TYPE)
-        if raw is None or len(raw) != 1:
-            return None
-        try:
-            return MessageType(raw[0])
-        except ValueError:
-            return None
+        return raw[0] if raw is not None and len(raw) == 1 else None
 
     def address_option(self, code: int) -> ipaddress.IPv4Address | None:
         raw = self.options.get(code)
@@ -341,8 +337,7 @@ class Client:
             wait *= 2
             if offer is None:
                 continue
-            request = self.request_offer(offer)
-            self.send(request)
+            self.send(self.request_offer(offer))
             reply = self.receive(
                 min(time.monotonic() + wait, deadline),
                 lambda p: p.message_type in (MessageType.ACK, MessageType.NAK),

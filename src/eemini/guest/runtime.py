@@ -223,8 +223,7 @@ class Runtime:
         self.on_poweroff(reason)
 
     def _workload_done(self, record: RunRecord) -> None:
-        policy = self.config.spec.workload.on_exit
-        if policy is OnExit.POWEROFF:
+        if self.config.spec.workload.on_exit is OnExit.POWEROFF:
             self.shutdown(f"workload done for good ({record.describe()}); on_exit = poweroff")
         else:
             self.supervisor.note("workload done for good; on_exit = stay, still serving")
