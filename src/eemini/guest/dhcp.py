@@ -293,10 +293,7 @@ class Client:
     def receive(self, deadline: float, accept: Callable[[Packet], bool]) -> Packet | None:
         """The next reply for our xid and MAC that `accept` likes, or None at the deadline."""
         while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return None
-            ready, _, _ = select.select([self.sock], [], [], remaining)
+            ready, _, _ = select.select([self.sock], [], [], max(deadline - time.monotonic(), 0))
             if not ready:
                 return None
             reply = self.read_reply()

@@ -43,10 +43,9 @@ _WRITE = select.EPOLLOUT
 class Timer:
     """A scheduled callback; `cancel()` it any time before it runs (cancelling twice is fine)."""
 
-    __slots__ = ("callback", "when")
+    __slots__ = ("callback",)
 
-    def __init__(self, when: float, callback: Callback) -> None:
-        self.when = when
+    def __init__(self, callback: Callback) -> None:
         self.callback: Callback | None = callback  # None once cancelled or run
 
     def cancel(self) -> None:
@@ -170,13 +169,13 @@ class EventLoop:
 
     def call_later(self, delay: float, callback: Callback) -> Timer:
         """Run `callback()` on the loop after `delay` seconds; returns a cancellable Timer."""
-        timer = Timer(self.time() + max(0.0, delay), callback)
-        heapq.heappush(self._timers, (timer.when, next(self._counter), timer))
+        timer = Timer(callback)
+        heapq.heappush(self._timers, (self.time() + max(0.0, delay), next(self._counter), timer))
         return timer
 
     def call_soon(self, callback: Callback) -> Timer:
         """Run `callback()` on the next loop iteration; returns a cancellable Timer."""
-        timer = Timer(self.time(), callback)
+        timer = Timer(callback)
         self._ready.append(timer)
         return timer
 

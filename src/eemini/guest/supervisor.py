@@ -336,7 +336,6 @@ class Supervisor:
         A run that cannot start (no pipes, no process) is a failed run: noted, then the restart
         policy applies with its backoff, as for a run that exited at once.
         """
-        self._restart_timer = None
         self.state = State.STARTING
         run = self._run_counter
         self._run_counter += 1
