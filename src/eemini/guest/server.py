@@ -319,12 +319,9 @@ class _Conn:
                 n = self.sock.send(self.outbuf)
             except BlockingIOError:
                 break
-            except OSError:
-                # Peer gone (EPIPE, ECONNRESET): nothing more to say to it.
-                self.server.output_taken(len(self.outbuf))
-                self.outbuf.clear()
-                self.closing = True
-                break
+            except OSError:  # peer gone (EPIPE, ECONNRESET): nothing more to say to it
+                self.close()
+                return
             del self.outbuf[:n]
             self.server.output_taken(n)
             self.last_read = self.last_activity = self.server.loop.time()
