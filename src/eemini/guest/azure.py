@@ -378,11 +378,9 @@ def report_ready(fetch: metadata.Fetch | None = None) -> str:
 
 def _read_imds(fetch: metadata.Fetch, path: str, source: str) -> bytes | None:
     answer = metadata.http_request(fetch, "GET", path, {"Metadata": "true"})
-    if answer is None:
+    if answer is None or answer[0] == 404:  # no server, or no such document
         return None
     status, _headers, body = answer
-    if status == 404:
-        return None
     if status != 200:
         raise ConfigError(f"{source}: IMDS answered HTTP {status}")
     text = body.strip()

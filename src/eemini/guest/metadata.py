@@ -89,11 +89,9 @@ def http_request(
 
 def read_gce(fetch: Fetch) -> bytes | None:
     answer = http_request(fetch, "GET", GCE_PATH, {"Metadata-Flavor": "Google"})
-    if answer is None:
+    if answer is None or answer[0] == 404:  # no server, or no such attribute
         return None
     status, headers, body = answer
-    if status == 404:
-        return None
     if status != 200:
         raise ConfigError(
             f"{ConfigSource.GCE_METADATA}: the metadata server answered HTTP {status} for ee-config"
