@@ -19,8 +19,6 @@ Self-checks before anything leaves the guest: the HCL report's user-data is the 
 report's report data is SHA-256 of its runtime data, the TD quote's report data is the same, the
 attestation key in the TPM is the runtime data's HCLAkPub, the vTPM quote's extraData is the
 request and its PCR digest is that of the PCR values read.
-
-Standard library only; base64 is done with binascii (the base64 module costs boot time).
 """
 
 from __future__ import annotations

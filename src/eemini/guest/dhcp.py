@@ -1,4 +1,4 @@
-"""A DHCPv4 client of our own (RFC 2131 exchange, RFC 2132 options), standard library only.
+"""A DHCPv4 client of our own (RFC 2131 exchange, RFC 2132 options).
 
 The client talks UDP from port 68 on a socket bound to the interface (SO_BINDTODEVICE), so it
 works before the interface has an address: the kernel sends limited broadcasts out of the bound

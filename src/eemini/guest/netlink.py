@@ -1,8 +1,8 @@
 """rtnetlink, just enough to bring interfaces up and give them an address and routes.
 
-Standard library only. Message layouts follow <linux/netlink.h>, <linux/rtnetlink.h>,
-<linux/if_link.h>, <linux/if_addr.h> (constants copied from those headers); every request asks
-for an ACK so a failure comes back as an errno, raised as OSError naming the operation.
+Message layouts follow <linux/netlink.h>, <linux/rtnetlink.h>, <linux/if_link.h> and
+<linux/if_addr.h> (constants copied from those headers); every request asks for an ACK so a
+failure comes back as an errno, raised as OSError naming the operation.
 """
 
 from __future__ import annotations
