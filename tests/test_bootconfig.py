@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from eemini.guest import azure as az
 from eemini.guest import bootconfig as bc
 from eemini.guest import configdisk as cd
+from eemini.guest import imds
 from eemini.guest import metadata as md
 from eemini.guest.dev import cmdline as cl
 from eemini.guest.image import ConfigSource as S
@@ -573,15 +573,15 @@ def test_azure_userdata_first_then_customdata() -> None:
     b = Behaviour("azure", azure_userdata=b"A=user\n", azure_customdata=b"A=custom\n")
     server = Server(b).start()
     try:
-        assert az.read_user_data(_fetch(server)) == (az.AZURE_USERDATA, b"A=user\n")
+        assert imds.read_user_data(_fetch(server)) == (imds.AZURE_USERDATA, b"A=user\n")
         b.azure_userdata = None
-        assert az.read_user_data(_fetch(server)) == (az.AZURE_CUSTOMDATA, b"A=custom\n")
+        assert imds.read_user_data(_fetch(server)) == (imds.AZURE_CUSTOMDATA, b"A=custom\n")
         b.azure_customdata = None
-        assert az.read_user_data(_fetch(server)) is None
+        assert imds.read_user_data(_fetch(server)) is None
     finally:
         server.shutdown()
     paths = [p for p, _ in b.requests]
-    assert paths[:3] == [az.AZURE_USERDATA_PATH, az.AZURE_USERDATA_PATH, az.AZURE_CUSTOMDATA_PATH]
+    assert paths[:3] == [imds.AZURE_USERDATA_PATH, imds.AZURE_USERDATA_PATH, imds.AZURE_CUSTOMDATA_PATH]
     assert all(h["metadata"] == "true" for _, h in b.requests)
 
 
@@ -590,7 +590,7 @@ def test_azure_errors() -> None:
     server = Server(b).start()
     try:
         with pytest.raises(bc.ConfigError, match="azure-userdata: IMDS answered HTTP 400"):
-            az._read_imds(_fetch(server), "/metadata/instance/compute/userData", az.AZURE_USERDATA)
+            imds._read_imds(_fetch(server), "/metadata/instance/compute/userData", imds.AZURE_USERDATA)
     finally:
         server.shutdown()
 
@@ -613,7 +613,7 @@ def test_azure_not_base64() -> None:
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     try:
         with pytest.raises(bc.ConfigError, match="azure-userdata: the IMDS answer is not base64"):
-            az.read_user_data(
+            imds.read_user_data(
                 md.Fetch(host="127.0.0.1", port=srv.server_address[1], timeout=1, attempts=1)
             )
     finally:

@@ -280,6 +280,7 @@ def test_only_images_with_a_metadata_source_carry_an_http_client() -> None:
         ("azure", {"azure"}),  # the Azure backend
         ("tpm", {"azure"}),  # and its TPM 2.0 client
         ("metadata", {"gcp", "azure"}),  # the metadata-server client
+        ("imds", {"azure"}),  # Azure IMDS boot config
         ("configdisk", {"local-tdx-qcow2", "local-dev"}),
     ],
 )

@@ -63,8 +63,8 @@ AVOIDED = {
 # with it; the metadata client imports its HTTP client only when it fetches).
 LEAN = [
     "attest", "azure", "bootconfig", "configdisk", "dev.cmdline", "dev.der", "dev.p256", "dev.simulated",
-    "dhcp", "events", "image", "linux", "logbuf", "loop", "metadata", "net", "netlink", "pid1", "power",
-    "record", "rtmr", "runtime", "server", "spec", "supervisor", "tpm",
+    "dhcp", "events", "image", "imds", "linux", "logbuf", "loop", "metadata", "net", "netlink", "pid1",
+    "power", "record", "rtmr", "runtime", "server", "spec", "supervisor", "tpm",
 ]  # fmt: skip
 
 

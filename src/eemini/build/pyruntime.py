@@ -55,12 +55,16 @@ DEV_PACKAGE = "eemini.guest.dev"
 DEV_DIR = "eemini/guest/dev"
 # Guest modules that PID 1 imports only for some profiles, and when: the Azure backend and its
 # TPM 2.0 client in an azure-tdx-vtpm image, the metadata-server client (and with it the HTTP
-# client) where the profile names a metadata source, the config disk where it names that.
-# Elsewhere they are neither analysed nor shipped.
+# client) where the profile names a metadata source or the Azure backend needs it, Azure IMDS
+# boot config and the config disk where the profile names those. Elsewhere they are neither
+# analysed nor shipped.
 PROFILE_ONLY: dict[str, Callable[[Profile], bool]] = {
     "eemini.guest.azure": lambda p: p.attestation is Attestation.AZURE_TDX_VTPM,
     "eemini.guest.tpm": lambda p: p.attestation is Attestation.AZURE_TDX_VTPM,
-    "eemini.guest.metadata": lambda p: not all(source.local for source in p.config_sources),
+    "eemini.guest.metadata": lambda p: (
+        p.attestation is Attestation.AZURE_TDX_VTPM or not all(s.local for s in p.config_sources)
+    ),
+    "eemini.guest.imds": lambda p: ConfigSource.AZURE_IMDS in p.config_sources,
     "eemini.guest.configdisk": lambda p: ConfigSource.CONFIG_DISK in p.config_sources,
 }
 

@@ -1,5 +1,4 @@
-"""Azure: the `azure-tdx-vtpm` attestation backend, the wire server's "ready" report, and boot
-config from IMDS `userData` then `customData`.
+"""The `azure-tdx-vtpm` attestation backend, and the wire server's "ready" report.
 
 Azure TDX confidential VMs run the guest behind a paravisor: no configfs-tsm TDX provider, but a
 vTPM whose HCL report carries the paravisor TD's TDREPORT. One attestation (docs/clouds.md):
@@ -33,7 +32,6 @@ import time
 
 from eemini.guest import metadata
 from eemini.guest.attest import AttestError, check_quote
-from eemini.guest.bootconfig import ConfigError, Setting, parse_env
 from eemini.guest.quote_layout import REPORT_DATA_SIZE
 from eemini.guest.rtmr import RuntimeMeasurer
 from eemini.guest.tpm import (
@@ -65,11 +63,6 @@ RUNTIME_DATA_OFFSET = 1236
 MAX_TPM_EVENT_LOG = 4 << 20
 TPM_PCRS = range(24)
 TPM_RC_HANDLE_1 = 0x18B  # TPM_RC_HANDLE for the first handle: no such NV index
-# Boot config: which IMDS document a setting came from (Setting.source, the runtime event log).
-AZURE_USERDATA = "azure-userdata"
-AZURE_CUSTOMDATA = "azure-customdata"
-AZURE_USERDATA_PATH = "/metadata/instance/compute/userData?api-version=2021-01-01&format=text"
-AZURE_CUSTOMDATA_PATH = "/metadata/instance/compute/customData?api-version=2019-02-01&format=text"
 
 
 def b64url_decode(text: str) -> bytes:
@@ -374,34 +367,6 @@ def report_ready(fetch: metadata.Fetch | None = None) -> str:
     return instance
 
 
-def _read_imds(fetch: metadata.Fetch, path: str, source: str) -> bytes | None:
-    answer = metadata.http_request(fetch, "GET", path, {"Metadata": "true"})
-    if answer is None or answer[0] == 404:  # no server, or no such document
-        return None
-    status, _headers, body = answer
-    if status != 200:
-        raise ConfigError(f"{source}: IMDS answered HTTP {status}")
-    text = body.strip()
-    if not text:
-        return None  # IMDS answers 200 with an empty body when nothing was provided
-    try:
-        # What base64.b64decode(validate=True) does on 3.13.
-        return binascii.a2b_base64(text, strict_mode=True)
-    except ValueError:
-        raise ConfigError(f"{source}: the IMDS answer is not base64") from None
-
-
-def read_user_data(fetch: metadata.Fetch) -> tuple[str, bytes] | None:
-    """Boot config from IMDS: userData first; customData only when userData is empty or absent."""
-    data = _read_imds(fetch, AZURE_USERDATA_PATH, AZURE_USERDATA)
-    if data is not None:
-        return AZURE_USERDATA, data
-    data = _read_imds(fetch, AZURE_CUSTOMDATA_PATH, AZURE_CUSTOMDATA)
-    if data is not None:
-        return AZURE_CUSTOMDATA, data
-    return None
-
-
 def boot(
     trial: Callable[[AzureVtpmBackend], int], log: Callable[[str], None]
 ) -> tuple[AzureVtpmBackend, RuntimeMeasurer]:
@@ -431,15 +396,6 @@ def boot(
     else:
         log(f"azure: reported ready to the wire server (role instance {instance})")
     return vtpm, measurer
-
-
-def boot_config(fetch: metadata.Fetch, log: Callable[[str], None]) -> list[Setting]:
-    """The settings in IMDS userData, else customData; none when neither holds anything."""
-    found = read_user_data(fetch)
-    if found is None:
-        log("boot config: no Azure userData/customData")
-        return []
-    return parse_env(found[1], found[0])
 
 
 def mount_securityfs(path: str = "/sys/kernel/security") -> None:

@@ -1,5 +1,5 @@
 """Boot config from the cloud's metadata server: the GCE attribute `ee-config`, or Azure IMDS
-`userData` then `customData` (eemini.guest.azure reads those). Read once the network is up,
+`userData` then `customData` (eemini.guest.imds reads those). Read once the network is up,
 through eemini.guest.bootconfig's parser and policy like every other source; `http_request` is
 the HTTP client of both clouds' metadata and wire servers.
 
@@ -113,7 +113,7 @@ def collect(sources: Sequence[ConfigSource], fetch: Fetch, log: Callable[[str], 
         else:
             settings += parse_env(data, ConfigSource.GCE_METADATA)
     if ConfigSource.AZURE_IMDS in sources:
-        from eemini.guest import azure
+        from eemini.guest import imds
 
-        settings += azure.boot_config(fetch, log)
+        settings += imds.boot_config(fetch, log)
     return settings
