@@ -9,14 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from eemini.guest.attest import (
-    AttestError,
-    ConfigfsTsmBackend,
-    check_quote,
-    pad_report_data,
-    quote_report_data,
-)
+from eemini.guest.attest import AttestError, ConfigfsTsmBackend, check_quote
 from eemini.guest.dev.simulated import make_quote
+from eemini.tdx.quote import parse_quote
 from fake_tsm import FakeTsm, sgx_quote
 
 pytestmark = pytest.mark.timeout(60)
@@ -25,9 +20,9 @@ pytestmark = pytest.mark.timeout(60)
 def test_quote_through_configfs(tmp_path: Path) -> None:
     fake = FakeTsm(tmp_path / "report", make_quote)
     backend = fake.backend()
-    data = pad_report_data(b"hello tsm")
+    data = b"hello tsm".ljust(64, b"\0")
     quote = backend.quote(data)
-    assert quote_report_data(quote) == data
+    assert parse_quote(quote).report.report_data == data
     assert fake.inblobs == [data]
     assert len(fake.created) == 1 and fake.removed == fake.created
     assert os.path.basename(fake.created[0]).startswith(f"eemini-{os.getpid()}-")
@@ -38,7 +33,7 @@ def test_each_request_gets_a_fresh_entry(tmp_path: Path) -> None:
     fake = FakeTsm(tmp_path / "report", make_quote)
     backend = fake.backend()
     for i in range(3):
-        backend.quote(pad_report_data(bytes([i])))
+        backend.quote(bytes([i]).ljust(64, b"\0"))
     assert len(set(fake.created)) == 3
     assert fake.live_entries() == []
 
@@ -49,14 +44,14 @@ def test_concurrent_callers_are_serialised(tmp_path: Path) -> None:
     results: dict[int, bytes] = {}
 
     def worker(i: int) -> None:
-        results[i] = backend.quote(pad_report_data(bytes([i]) * 8))
+        results[i] = backend.quote((bytes([i]) * 8).ljust(64, b"\0"))
 
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(6)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert {i: quote_report_data(q)[:8] for i, q in results.items()} == {
+    assert {i: parse_quote(q).report.report_data[:8] for i, q in results.items()} == {
         i: bytes([i]) * 8 for i in range(6)
     }
     assert fake.live_entries() == []
@@ -184,4 +179,4 @@ def test_self_check_accepts_real_v4_and_v5_quotes() -> None:
     quotes = shared_testdata("quotes")
     for name in ("dcap-qvl__tdx_quote.bin", "dcap-qvl__tdx_quote_outdated_v5.bin"):
         quote = (quotes / name).read_bytes()
-        check_quote(quote, quote_report_data(quote))
+        check_quote(quote, parse_quote(quote).report.report_data)

@@ -14,13 +14,16 @@ from pathlib import Path
 import pytest
 
 from eemini.guest import bootconfig as bc
+from eemini.guest import configdisk as cd
+from eemini.guest import imds
 from eemini.guest import metadata as md
+from eemini.guest.dev import cmdline as cl
 from eemini.guest.image import ConfigSource as S
 from fake_metadata import Behaviour, Server
 
 
 def test_cmdline_like_the_kernel() -> None:
-    c = bc.parse_cmdline(
+    c = cl.parse_cmdline(
         'console=ttyS0,115200 quiet ee.dev=1 ee.UPSTREAM_URL="http://a b" "ee.X=1 2" ro ee.EMPTY= '
         "-- init-arg ee.NOPE=1\n"
     )
@@ -33,11 +36,8 @@ def test_cmdline_like_the_kernel() -> None:
         ("ro", None),
         ("ee.EMPTY", ""),
     )
-    assert c.get("console") == "ttyS0,115200"
-    assert c.get("quiet") == ""
-    assert c.get("absent") is None
-    assert c.has("quiet") and not c.has("console", "tty0")
-    assert [(s.key, s.value) for s in bc.cmdline_settings(c)] == [
+    assert c.has("ee.dev", "1") and not c.has("console", "tty0") and not c.has("quiet", "")
+    assert [(s.key, s.value) for s in cl.cmdline_settings(c)] == [
         ("UPSTREAM_URL", "http://a b"),
         ("X", "1 2"),
         ("EMPTY", ""),
@@ -46,16 +46,16 @@ def test_cmdline_like_the_kernel() -> None:
 
 def test_cmdline_errors() -> None:
     with pytest.raises(bc.ConfigError, match="the kernel command line has an unterminated double quote"):
-        bc.parse_cmdline('a="b c')
+        cl.parse_cmdline('a="b c')
     with pytest.raises(
         bc.ConfigError,
         match=r"boot config 'ee.FLAG' from cmdline has no value \(expected ee.KEY=VALUE\)",
     ):
-        bc.cmdline_settings(bc.parse_cmdline("ee.FLAG"))
+        cl.cmdline_settings(cl.parse_cmdline("ee.FLAG"))
     with pytest.raises(
         bc.ConfigError, match=r"boot config key '1BAD' from cmdline \(ee.1BAD\) is not a valid name"
     ):
-        bc.cmdline_settings(bc.parse_cmdline("ee.1BAD=x"))
+        cl.cmdline_settings(cl.parse_cmdline("ee.1BAD=x"))
 
 
 # lib/ctype.c: isspace() is true for \t \n \v \f \r, the space and the byte 0xA0, nothing else.
@@ -64,7 +64,7 @@ def test_cmdline_splits_on_the_kernels_spaces(space: bytes) -> None:
     raw = b"ee.A=1" + space + b"ee.B=2" + space
     # PID 1 passes the text it read with surrogateescape; bytes are taken as they are.
     for given in (raw.decode("utf-8", "surrogateescape"), raw):
-        assert bc.parse_cmdline(given).params == (("ee.A", "1"), ("ee.B", "2"))
+        assert cl.parse_cmdline(given).params == (("ee.A", "1"), ("ee.B", "2"))
 
 
 @pytest.mark.parametrize(
@@ -76,22 +76,22 @@ def test_cmdline_keeps_what_the_kernel_does_not_split_on(other: bytes) -> None:
     raw = b"ee.A=1" + other + b"ee.B=2"
     value = (b"1" + other + b"ee.B=2").decode("utf-8", "surrogateescape")
     for given in (raw.decode("utf-8", "surrogateescape"), raw):
-        assert bc.parse_cmdline(given).params == (("ee.A", value),)
+        assert cl.parse_cmdline(given).params == (("ee.A", value),)
 
 
 def test_cmdline_utf8_no_break_space_is_split_at_its_second_byte() -> None:
     # U+00A0 is C2 A0 in UTF-8: the kernel splits at A0 and leaves C2 on the first value, which
     # is then not UTF-8 and refused; str.split() would have given A=1 and B=2.
-    c = bc.parse_cmdline("ee.A=1\u00a0ee.B=2".encode())
+    c = cl.parse_cmdline("ee.A=1\u00a0ee.B=2".encode())
     assert c.params == (("ee.A", "1\udcc2"), ("ee.B", "2"))
     with pytest.raises(
         bc.ConfigError,
         match=r"^boot config key 'A' from cmdline \(ee.A\) has a value that is not UTF-8$",
     ):
-        bc.cmdline_settings(c)
+        cl.cmdline_settings(c)
     # The same from the text PID 1 reads (surrogateescape keeps the bytes).
     text = "ee.A=1\u00a0ee.B=2".encode().decode("utf-8", "surrogateescape")
-    assert bc.parse_cmdline(text) == c
+    assert cl.parse_cmdline(text) == c
 
 
 @pytest.mark.parametrize(
@@ -110,8 +110,8 @@ def test_cmdline_utf8_no_break_space_is_split_at_its_second_byte() -> None:
     ],
 )
 def test_cmdline_quotes_and_equals_like_next_arg(cmdline: str, params: tuple[object, ...]) -> None:
-    assert bc.parse_cmdline(cmdline).params == params
-    assert bc.parse_cmdline(cmdline.encode()).params == params
+    assert cl.parse_cmdline(cmdline).params == params
+    assert cl.parse_cmdline(cmdline.encode()).params == params
 
 
 @pytest.mark.parametrize(
@@ -250,7 +250,7 @@ def _vfat(tmp: Path, label: str, content: bytes | None) -> Path:
 
 def test_detect_vfat_label(tmp_path: Path) -> None:
     img = _vfat(tmp_path, "EECONFIG", None)
-    assert bc.detect_label(os.fspath(img)) == ("vfat", "EECONFIG")
+    assert cd.detect_label(os.fspath(img)) == ("vfat", "EECONFIG")
 
 
 def test_detect_fat32_label(tmp_path: Path) -> None:
@@ -260,7 +260,7 @@ def test_detect_fat32_label(tmp_path: Path) -> None:
         check=True,
         capture_output=True,
     )
-    assert bc.detect_label(os.fspath(img)) == ("vfat", "EECONFIG")
+    assert cd.detect_label(os.fspath(img)) == ("vfat", "EECONFIG")
 
 
 def test_detect_iso9660_label(tmp_path: Path) -> None:
@@ -268,11 +268,11 @@ def test_detect_iso9660_label(tmp_path: Path) -> None:
 
     img = tmp_path / "c.iso"
     make_iso9660(img, {"agent.env": b"A=1\n"}, label="EECONFIG")
-    assert bc.detect_label(os.fspath(img)) == ("iso9660", "EECONFIG")
-    assert bc.detect_label("/nonexistent") is None
+    assert cd.detect_label(os.fspath(img)) == ("iso9660", "EECONFIG")
+    assert cd.detect_label("/nonexistent") is None
     other = tmp_path / "zero"
     other.write_bytes(bytes(40000))
-    assert bc.detect_label(os.fspath(other)) is None
+    assert cd.detect_label(os.fspath(other)) is None
 
 
 def _pci(root: Path, name: str, vendor: str, device: str) -> None:
@@ -292,7 +292,7 @@ def test_find_config_disk_waits_for_every_virtio_disk(
     _pci(pci, "0000:00:02.0", "0x1af4", "0x1041")  # virtio-net: not a disk
     _pci(pci, "0000:00:03.0", "0x1af4", "0x1001")  # virtio-blk, transitional (config disk)
     _pci(pci, "0000:00:04.0", "0x8086", "0x1042")  # someone else's device id
-    assert bc.expected_disks(os.fspath(pci)) == 2
+    assert cd.expected_disks(os.fspath(pci)) == 2
     for name in ("vda", "vda1", "loop0"):
         (sysblock / name).mkdir()
     (sysblock / "vda1" / "partition").write_text("1\n")
@@ -309,30 +309,30 @@ def test_find_config_disk_waits_for_every_virtio_disk(
 
     threading.Thread(target=config_disk_appears).start()
     start = time.monotonic()
-    assert bc.find_config_disk(5.0, *args) == (os.fspath(dev / "vdb"), "vfat")
+    assert cd.find_config_disk(5.0, *args) == (os.fspath(dev / "vdb"), "vfat")
     assert 0.3 <= time.monotonic() - start < 2.0
     # No config disk: both virtio disks are there at once, so there is no waiting at all.
     (dev / "vdb").unlink()
     _vfat(tmp_path, "DATA", None).rename(dev / "vdb")
     sleeps: list[float] = []
     with monkeypatch.context() as m:
-        m.setattr("eemini.guest.bootconfig.time.sleep", sleeps.append)
-        assert bc.find_config_disk(5.0, *args) is None
+        m.setattr("eemini.guest.configdisk.time.sleep", sleeps.append)
+        assert cd.find_config_disk(5.0, *args) is None
     assert sleeps == []
     # A disk that never appears: the wait is bounded.
     _pci(pci, "0000:00:05.0", "0x1af4", "0x1042")
     start = time.monotonic()
-    assert bc.find_config_disk(0.3, *args) is None
+    assert cd.find_config_disk(0.3, *args) is None
     assert time.monotonic() - start >= 0.3
 
 
 MOUNT_SCRIPT = r"""
 import sys
-from eemini.guest import bootconfig as bc, linux as k
+from eemini.guest import bootconfig as bc, configdisk as cd, linux as k
 k.mount("none", "/", None, 16384 | 1 << 18)  # MS_REC | MS_PRIVATE
-bc.find_config_disk = lambda wait: (sys.argv[1], sys.argv[2])
+cd.find_config_disk = lambda wait: (sys.argv[1], sys.argv[2])
 try:
-    print(bc.read_config_disk(0, sys.argv[3]))
+    print(cd.read_config_disk(0, sys.argv[3]))
 except bc.ConfigError as e:
     print("error:", e)
 """
@@ -390,14 +390,14 @@ def _read_fake_disk(
     def umount(target: str, flags: int = 0) -> None:
         calls.append(("umount", target, flags))
 
-    monkeypatch.setattr(bc, "find_config_disk", lambda wait: ("/dev/vdb", "iso9660"))
+    monkeypatch.setattr(cd, "find_config_disk", lambda wait: ("/dev/vdb", "iso9660"))
     monkeypatch.setattr(linux, "mount", mount)
     monkeypatch.setattr(linux, "umount", umount)
     result: list[bytes | BaseException | None] = []
 
     def read() -> None:
         try:
-            result.append(bc.read_config_disk(0, os.fspath(tmp_path / "mnt")))
+            result.append(cd.read_config_disk(0, os.fspath(tmp_path / "mnt")))
         except BaseException as e:  # handed to the test
             result.append(e)
 
@@ -573,15 +573,15 @@ def test_azure_userdata_first_then_customdata() -> None:
     b = Behaviour("azure", azure_userdata=b"A=user\n", azure_customdata=b"A=custom\n")
     server = Server(b).start()
     try:
-        assert md.read_azure(_fetch(server)) == (md.AZURE_USERDATA, b"A=user\n")
+        assert imds.read_user_data(_fetch(server)) == (imds.AZURE_USERDATA, b"A=user\n")
         b.azure_userdata = None
-        assert md.read_azure(_fetch(server)) == (md.AZURE_CUSTOMDATA, b"A=custom\n")
+        assert imds.read_user_data(_fetch(server)) == (imds.AZURE_CUSTOMDATA, b"A=custom\n")
         b.azure_customdata = None
-        assert md.read_azure(_fetch(server)) is None
+        assert imds.read_user_data(_fetch(server)) is None
     finally:
         server.shutdown()
     paths = [p for p, _ in b.requests]
-    assert paths[:3] == [md.AZURE_USERDATA_PATH, md.AZURE_USERDATA_PATH, md.AZURE_CUSTOMDATA_PATH]
+    assert paths[:3] == [imds.AZURE_USERDATA_PATH, imds.AZURE_USERDATA_PATH, imds.AZURE_CUSTOMDATA_PATH]
     assert all(h["metadata"] == "true" for _, h in b.requests)
 
 
@@ -590,7 +590,7 @@ def test_azure_errors() -> None:
     server = Server(b).start()
     try:
         with pytest.raises(bc.ConfigError, match="azure-userdata: IMDS answered HTTP 400"):
-            md._read_azure(_fetch(server), "/metadata/instance/compute/userData", md.AZURE_USERDATA)
+            imds._read_imds(_fetch(server), "/metadata/instance/compute/userData", imds.AZURE_USERDATA)
     finally:
         server.shutdown()
 
@@ -613,7 +613,9 @@ def test_azure_not_base64() -> None:
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     try:
         with pytest.raises(bc.ConfigError, match="azure-userdata: the IMDS answer is not base64"):
-            md.read_azure(md.Fetch(host="127.0.0.1", port=srv.server_address[1], timeout=1, attempts=1))
+            imds.read_user_data(
+                md.Fetch(host="127.0.0.1", port=srv.server_address[1], timeout=1, attempts=1)
+            )
     finally:
         srv.shutdown()
 

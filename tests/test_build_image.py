@@ -289,13 +289,24 @@ def test_only_images_with_a_metadata_source_carry_an_http_client() -> None:
     assert "json" in shipped
 
 
-def test_only_azure_images_carry_the_tpm_client() -> None:
-    """The Azure backend and its TPM 2.0 client ship only where PID 1 can import them."""
-    azure = {f"{pyruntime.GUEST_PREFIX}/eemini/guest/{n}.py" for n in ("azure", "tpm")}
-    assert azure <= guest_paths(manifest("azure"), GUEST)
-    for profile in ("gcp", "local-tdx-qcow2", "local-dev"):
+@pytest.mark.parametrize(
+    ("module", "profiles"),
+    [
+        ("azure", {"azure"}),  # the Azure backend
+        ("tpm", {"azure"}),  # and its TPM 2.0 client
+        ("metadata", {"gcp", "azure"}),  # the metadata-server client
+        ("imds", {"azure"}),  # Azure IMDS boot config
+        ("configdisk", {"local-tdx-qcow2", "local-dev"}),
+    ],
+)
+def test_profile_only_modules_ship_only_where_pid1_imports_them(module: str, profiles: set[str]) -> None:
+    """The modules PID 1 imports only for some profiles ship in exactly those images, read from
+    the SBOMs of all four (so a renamed module fails here rather than passing unseen)."""
+    path = f"{pyruntime.GUEST_PREFIX}/eemini/guest/{module}.py"
+    assert (GUEST / f"{module}.py").is_file()
+    for profile in (*PRODUCTION, "local-dev"):
         shipped = guest_paths(manifest(profile), GUEST)
-        assert not {p for p in shipped if "/guest/azure" in p or "/guest/tpm" in p}, profile
+        assert (path in shipped) == (profile in profiles), profile
         assert f"{pyruntime.GUEST_PREFIX}/eemini/guest/attest.py" in shipped
 
 

@@ -16,9 +16,9 @@ import pytest
 from conftest import REPO
 from eemini.client import CallError, ClientError, connect
 from eemini.commands.call import parse_params
-from eemini.guest.attest import quote_report_data
 from eemini.guest.dev.simulated import dev_root_pem
 from eemini.log import UserError
+from eemini.tdx.quote import parse_quote
 from rtutil import wait_for, write_workload
 
 EEMINI = [sys.executable, "-m", "eemini"]
@@ -93,7 +93,7 @@ def test_call_prints_json(dev: Dev) -> None:
     assert answer["ok"] is True and answer["attestation_type"] == "simulated"
     proc = dev.call("attest", "nonce=00112233")
     quote = base64.b64decode(json.loads(proc.stdout)["quote_b64"])
-    assert quote_report_data(quote) == bytes.fromhex("00112233").ljust(64, b"\0")
+    assert parse_quote(quote).report.report_data == bytes.fromhex("00112233").ljust(64, b"\0")
     proc = dev.call("logs", "tail=1")
     assert json.loads(proc.stdout)["lines"] == ["workload sees simulated 1"]
 

@@ -9,13 +9,12 @@ from pathlib import Path
 import pytest
 
 from conftest import shared_testdata
-from eemini.guest.rtmr import replay
 from eemini.tdx.bootevents import EventsMissing, UnexpectedEvent
 from eemini.tdx.ccel import ReplayMismatch
 from eemini.tdx.eventlog import EventType, HashAlg, parse_event_log
 from eemini.tdx.evidence import check_event_log, load_prediction
 from eemini.tdx.measure import MeasureError, PredictedEvent, Prediction
-from eemini.tdx.runtime_log import RuntimeLogBinding, RuntimeLogMismatch
+from eemini.tdx.runtime_log import RuntimeLogBinding, RuntimeLogMismatch, replay
 from test_ccel import quote_rtmrs
 
 

@@ -62,9 +62,9 @@ AVOIDED = {
 # Every module PID 1 imports on its way to the workload (the simulator too: local-dev images boot
 # with it; the metadata client imports its HTTP client only when it fetches).
 LEAN = [
-    "attest", "azure", "bootconfig", "dev.der", "dev.p256", "dev.simulated", "dhcp", "events", "image",
-    "linux", "logbuf", "loop", "metadata", "net", "netlink", "pid1", "power", "record",
-    "rtmr", "runtime", "server", "spec", "supervisor", "tpm",
+    "attest", "azure", "bootconfig", "configdisk", "dev.cmdline", "dev.der", "dev.p256", "dev.simulated",
+    "dhcp", "events", "image", "imds", "linux", "logbuf", "loop", "metadata", "net", "netlink", "pid1",
+    "power", "record", "rtmr", "runtime", "server", "spec", "supervisor", "tpm",
 ]  # fmt: skip
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from eemini.guest import linux
+from eemini.guest.dev import devmode
 
 HEADERS = Path("/usr/include/linux")
 
@@ -40,7 +41,9 @@ def _header_value(header: str, name: str) -> int:
 def test_constants_match_kernel_headers(header: str, name: str) -> None:
     if not (HEADERS / header).exists():
         pytest.skip(f"kernel UAPI headers not installed ({HEADERS / header})")
-    assert getattr(linux, name) == _header_value(header, name)
+    # prctl(2) is dev mode's and the launcher's, not PID 1's.
+    module = devmode if name.startswith("PR_") else linux
+    assert getattr(module, name) == _header_value(header, name)
 
 
 _MOUNT_SCRIPT = """
@@ -122,8 +125,8 @@ def test_nosymfollow_mount_does_not_follow_symlinks(tmp_path: Path) -> None:
 
 _SUBREAPER_SCRIPT = """
 import os, time
-from eemini.guest import linux as k
-k.set_child_subreaper()
+from eemini.guest.dev import devmode
+devmode.prctl(devmode.PR_SET_CHILD_SUBREAPER, 1)
 if os.fork() == 0:
     if os.fork() == 0:
         time.sleep(0.2)
@@ -135,7 +138,7 @@ print(os.waitstatus_to_exitcode(status))
 """
 
 
-def test_set_child_subreaper_adopts_orphans() -> None:
+def test_dev_mode_subreaper_adopts_orphans() -> None:
     proc = subprocess.run(
         [sys.executable, "-c", _SUBREAPER_SCRIPT], capture_output=True, text=True, check=True
     )
@@ -144,6 +147,6 @@ def test_set_child_subreaper_adopts_orphans() -> None:
 
 def test_prctl_bad_option_raises() -> None:
     with pytest.raises(OSError) as exc:
-        linux.prctl(0x7FFF_FFFF)
+        devmode.prctl(0x7FFF_FFFF, 0)
     assert exc.value.errno == errno.EINVAL
     assert exc.value.strerror == "prctl: Invalid argument"

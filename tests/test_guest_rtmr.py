@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from eemini.guest.events import Event
 from eemini.guest.rtmr import (
     MEASUREMENTS_DIR,
     RTMR3_FILE,
@@ -18,9 +19,8 @@ from eemini.guest.rtmr import (
     RuntimeMeasurer,
     event_bytes,
     event_digest,
-    replay,
 )
-from eemini.tdx.runtime_log import RuntimeLogBinding, RuntimeLogMismatch, check_runtime_log
+from eemini.tdx.runtime_log import RuntimeLogBinding, RuntimeLogMismatch, check_runtime_log, replay
 
 
 class FakeRtmr3:
@@ -48,20 +48,12 @@ def fake(tmp_path: Path) -> FakeRtmr3:
     return FakeRtmr3(tmp_path)
 
 
-class Ev:
-    """Stands in for eemini.guest.events.Event (anything with to_dict())."""
-
-    def __init__(self, seq: int, kind: str, key: str, digest: str) -> None:
-        self.d: dict[str, object] = {
-            "seq": seq, "kind": kind, "source": "image", "key": key, "digest": digest, "time": 1.5 + seq,
-        }  # fmt: skip
-
-    def to_dict(self) -> dict[str, object]:
-        return self.d
+def event(seq: int, kind: str, key: str, digest: str) -> Event:
+    return Event(seq, kind, "image", key, digest, 1.5 + seq)
 
 
 def test_event_encoding_is_canonical_and_leaves_time_out() -> None:
-    ev = Ev(0, "spec", "spec.json", "sha384:" + "ab" * 48).to_dict()
+    ev = event(0, "spec", "spec.json", "sha384:" + "ab" * 48).to_dict()
     assert event_bytes(ev) == (
         b'{"digest":"sha384:'
         + b"ab" * 48
@@ -70,11 +62,11 @@ def test_event_encoding_is_canonical_and_leaves_time_out() -> None:
     assert event_digest(ev) == hashlib.sha384(event_bytes(ev)).digest()
     assert event_digest({**ev, "time": 99.0}) == event_digest(ev)
     with pytest.raises(ValueError, match="runtime event lacks the field 'digest'"):
-        event_bytes({"seq": 0, "kind": "x", "source": "y", "key": "z"})
+        replay([{"seq": 0, "kind": "x", "source": "y", "key": "z"}])
 
 
 def test_replay() -> None:
-    evs = [Ev(i, "config", f"K{i}", f"sha384:{i:096x}").to_dict() for i in range(3)]
+    evs = [event(i, "config", f"K{i}", f"sha384:{i:096x}").to_dict() for i in range(3)]
     value = bytes(48)
     for e in evs:
         value = hashlib.sha384(value + event_digest(e)).digest()
@@ -86,11 +78,11 @@ def test_measurer_extends_rtmr3(tmp_path: Path, fake: FakeRtmr3) -> None:
     m = RuntimeMeasurer(Rtmr3(str(tmp_path)))
     assert m.enabled
     evs = [
-        Ev(0, "spec", "spec.json", "sha384:" + "00" * 48),
-        Ev(1, "separator", "", "sha384:" + "11" * 48),
+        event(0, "spec", "spec.json", "sha384:" + "00" * 48),
+        event(1, "separator", "", "sha384:" + "11" * 48),
     ]
     for e in evs:
-        m.on_append(e)
+        m.measure(e)
         fake.observe()
     assert fake.writes == [event_digest(e.to_dict()) for e in evs]
     assert fake.value == replay(e.to_dict() for e in evs)
@@ -100,7 +92,7 @@ def test_measurer_extends_rtmr3(tmp_path: Path, fake: FakeRtmr3) -> None:
 def test_measurer_without_the_sysfs_file(tmp_path: Path) -> None:
     m = RuntimeMeasurer(Rtmr3(str(tmp_path)))
     assert not m.enabled
-    m.on_append(Ev(0, "spec", "k", "sha384:00"))  # nothing to do, no error
+    m.measure(event(0, "spec", "k", "sha384:00"))  # nothing to do, no error
     path = tmp_path / MEASUREMENTS_DIR / RTMR3_FILE
     assert m.status() == {
         "rtmr3_extended": False,
@@ -110,8 +102,6 @@ def test_measurer_without_the_sysfs_file(tmp_path: Path) -> None:
 
 def test_extend_checks(tmp_path: Path) -> None:
     r = Rtmr3(str(tmp_path))
-    with pytest.raises(ValueError, match="an RTMR3 extension must be 48 bytes, got 47"):
-        r.extend(bytes(47))
     with pytest.raises(RtmrError, match=r"cannot open .*rtmr3:sha384 to extend RTMR3: No such file"):
         r.extend(bytes(48))
     # A read-only attribute (mode 0444): reported by unavailable_reason, refused by the kernel.
@@ -124,7 +114,7 @@ def test_extend_checks(tmp_path: Path) -> None:
 
 
 def test_verifier_checks_the_runtime_log_against_rtmr3() -> None:
-    evs = [Ev(i, "config", f"K{i}", f"sha384:{i:096x}").to_dict() for i in range(3)]
+    evs = [event(i, "config", f"K{i}", f"sha384:{i:096x}").to_dict() for i in range(3)]
     assert check_runtime_log(evs, replay(evs)) == RuntimeLogBinding.BOUND
     assert check_runtime_log(evs, bytes(48)) == RuntimeLogBinding.UNBOUND
     assert check_runtime_log([], bytes(48)) == RuntimeLogBinding.UNBOUND

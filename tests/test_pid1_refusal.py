@@ -168,10 +168,17 @@ def test_any_other_cmdline_is_refused(proc: str, got: str, capfd: pytest.Capture
     )
 
 
-def test_image_facts_without_the_cmdline_stop_the_boot(capfd: pytest.CaptureFixture[str]) -> None:
+def test_image_facts_without_the_cmdline_stop_the_boot(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    facts = tmp_path / "image.json"
+    facts.write_text('{"attestation": "configfs-tsm"}')
     with pytest.raises(pid1.BootFailure) as e:
-        pid1.image_facts({"attestation": "configfs-tsm"})
+        pid1.Boot(pid1.Paths(image_json=os.fspath(facts))).image_facts()
     assert type(e.value) is pid1.BootFailure
     assert console_line(capfd, e.value) == (
         "eemini: boot failed: image.json: cmdline (the UKI's built-in command line) must be a string\n"
     )
+    facts.write_text("[1, 2")
+    with pytest.raises(pid1.BootFailure, match=f"^the image facts {facts} are not valid JSON: "):
+        pid1.Boot(pid1.Paths(image_json=os.fspath(facts))).image_facts()

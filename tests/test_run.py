@@ -57,7 +57,7 @@ def test_vfat_config_disk_read_by_mtools(tmp_path: Path) -> None:
     launcher.make_vfat(img, {"agent.env": b"A=1\n"})
     got = subprocess.run(["mtype", "-i", os.fspath(img), "::agent.env"], capture_output=True, check=True)
     assert got.stdout == b"A=1\n"
-    from eemini.guest.bootconfig import detect_label
+    from eemini.guest.configdisk import detect_label
 
     assert detect_label(os.fspath(img)) == ("vfat", "EECONFIG")
 

@@ -245,15 +245,14 @@ def test_the_project_verifier_accepts_them_only_with_the_dev_root(tmp_path: Path
 
 
 def test_rtmr3_follows_the_runtime_event_log() -> None:
-    from eemini.guest.events import EventLog
-    from eemini.guest.rtmr import RuntimeMeasurer, replay
+    from eemini.guest.bootconfig import Setting
+    from eemini.guest.events import boot_log
+    from eemini.guest.rtmr import RuntimeMeasurer
+    from eemini.tdx.runtime_log import replay
 
     backend = SimulatedBackend()
-    log = EventLog()
     # Wired as dev mode and local-dev images wire it (devmode.run, pid1).
     measurer = RuntimeMeasurer(extend=lambda digest: backend.extend_rtmr(3, digest), via="simulated")
-    log.on_append = measurer.on_append
-    log.append_data("spec", "image", "spec.json", b"{}")
-    log.append("config", "cmdline", "UPSTREAM_URL", "sha384:" + "11" * 48)
-    log.seal()
-    assert parse(backend.quote(REPORT_DATA))["rtmr3"] == replay(log.to_list())
+    settings = [Setting("cmdline", "UPSTREAM_URL", "http://x")]
+    log = boot_log(measurer.measure, "image", b"{}", None, settings, sealed_by="pid1")
+    assert parse(backend.quote(REPORT_DATA))["rtmr3"] == replay(e.to_dict() for e in log)

@@ -12,11 +12,10 @@ from pathlib import Path
 import pytest
 
 from conftest import shared_testdata
-from eemini.guest.rtmr import replay
 from eemini.tdx.eventlog import EventType, HashAlg, parse_event_log
 from eemini.tdx.measure import PredictedEvent, Prediction
 from eemini.tdx.quote import parse_quote
-from eemini.tdx.runtime_log import RuntimeLogBinding, check_runtime_log
+from eemini.tdx.runtime_log import RuntimeLogBinding, check_runtime_log, replay
 from rtutil import RuntimeProc, wait_for, write_spec, write_workload
 
 # The GCP quote's collateral is valid at this instant (shared/testdata/quotes/README.md: verify_at

@@ -36,7 +36,7 @@ from eemini.proc import find_tool
 OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
 OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
 TDVF = Path("/usr/share/ovmf/OVMF.inteltdx.fd")
-CONFIG_LABEL = "EECONFIG"  # what eemini.guest.bootconfig looks for
+CONFIG_LABEL = "EECONFIG"  # what eemini.guest.configdisk looks for
 DEFAULT_BUILD_DIR = Path("build/local-dev")
 DISK_SUFFIXES = (".qcow2", ".raw", ".img", ".vhd")
 
@@ -162,10 +162,10 @@ def stop_signals() -> Iterator[_Stop]:
 def _qemu_child(launcher: int) -> Callable[[], None]:
     """What the QEMU child runs before exec: QEMU gets SIGTERM when the launcher dies, however it
     dies (PR_SET_PDEATHSIG; after a SIGKILL there is no other way), and at once if it is gone."""
-    from eemini.guest import linux
+    from eemini.guest.dev.devmode import PR_SET_PDEATHSIG, prctl
 
     def setup() -> None:
-        linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGTERM)
+        prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
         if os.getppid() != launcher:
             os.kill(os.getpid(), signal.SIGTERM)
 

@@ -11,13 +11,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 
 from eemini.build import elf
 from eemini.build.lock import Package
 from eemini.build.profile import Profile
 from eemini.build.tree import PROJECT, Origin, Source, Tree
-from eemini.guest.image import Attestation
+from eemini.guest.image import Attestation, ConfigSource
 from eemini.log import complete_step, die, log_debug
 from eemini.proc import run
 
@@ -52,12 +53,20 @@ PID1 = "eemini.guest.pid1"
 # Guest code that never goes into a production image: the folder, whatever it holds.
 DEV_PACKAGE = "eemini.guest.dev"
 DEV_DIR = "eemini/guest/dev"
-# The metadata-server client, which PID 1 imports only where the profile names a metadata source:
-# elsewhere the analysis leaves it, and with it the HTTP client, out.
-METADATA = "eemini.guest.metadata"
-# The Azure backend and its TPM 2.0 client, which PID 1 imports only in an azure-tdx-vtpm image:
-# elsewhere they are neither analysed nor shipped.
-AZURE_ONLY = ("eemini.guest.azure", "eemini.guest.tpm")
+# Guest modules that PID 1 imports only for some profiles, and when: the Azure backend and its
+# TPM 2.0 client in an azure-tdx-vtpm image, the metadata-server client (and with it the HTTP
+# client) where the profile names a metadata source or the Azure backend needs it, Azure IMDS
+# boot config and the config disk where the profile names those. Elsewhere they are neither
+# analysed nor shipped.
+PROFILE_ONLY: dict[str, Callable[[Profile], bool]] = {
+    "eemini.guest.azure": lambda p: p.attestation is Attestation.AZURE_TDX_VTPM,
+    "eemini.guest.tpm": lambda p: p.attestation is Attestation.AZURE_TDX_VTPM,
+    "eemini.guest.metadata": lambda p: (
+        p.attestation is Attestation.AZURE_TDX_VTPM or not all(s.local for s in p.config_sources)
+    ),
+    "eemini.guest.imds": lambda p: ConfigSource.AZURE_IMDS in p.config_sources,
+    "eemini.guest.configdisk": lambda p: ConfigSource.CONFIG_DISK in p.config_sources,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,18 +152,14 @@ def analyze(target: Target, profile: Profile) -> Analysis:
     image, which carries guest/dev/, every module there too, so that each imports) and leaving
     out what PID 1 of this profile never imports."""
     with_dev = profile.simulated
-    azure = profile.attestation is Attestation.AZURE_TDX_VTPM
-    guest = [g for g in guest_modules(with_dev) if azure or g.name not in AZURE_ONLY]
+    unused = [name for name, used in PROFILE_ONLY.items() if not used(profile)]
+    guest = [g for g in guest_modules(with_dev) if g.name not in unused]
     entries = [PID1]
-    excludes = list(EXCLUDES)
-    if not azure:
-        excludes += AZURE_ONLY
+    excludes = [*EXCLUDES, *unused]
     if with_dev:
         entries += [g.name for g in guest if g.name.startswith(DEV_PACKAGE)]
     else:
         excludes.append(DEV_PACKAGE)  # PID 1 imports it only in a simulated image
-    if all(source.local for source in profile.config_sources):
-        excludes.append(METADATA)
     with complete_step("Finding the standard-library modules the guest runtime imports"):
         request: dict[str, object] = {
             "op": "analyze",

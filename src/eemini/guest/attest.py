@@ -38,21 +38,11 @@ if TYPE_CHECKING:
     class Backend(Protocol):
         """Something that turns 64 bytes of report data into a TDX quote."""
 
-        @property
-        def attestation_type(self) -> str:
-            """The `attestation_type` the socket reports ("tdx", "simulated")."""
-            ...
+        attestation_type: str  # what the socket reports: "tdx", "azure-tdx-vtpm", "simulated"
 
         def quote(self, report_data: bytes) -> bytes:
             """A quote whose report data is exactly `report_data` (64 bytes); raises AttestError."""
             ...
-
-
-def pad_report_data(data: bytes) -> bytes:
-    """Caller data of at most 64 bytes, zero-padded to 64 (as the original runtime did)."""
-    if len(data) > REPORT_DATA_SIZE:
-        raise ValueError(f"report data is {len(data)} bytes; the maximum is {REPORT_DATA_SIZE}")
-    return data.ljust(REPORT_DATA_SIZE, b"\0")
 
 
 def _td_report(quote: bytes) -> tuple[int, int]:
@@ -83,23 +73,17 @@ def _td_report(quote: bytes) -> tuple[int, int]:
     return body, body_size
 
 
-def quote_report_data(quote: bytes) -> bytes:
-    """The 64 report-data bytes inside a TDX quote v4 or v5; raises AttestError if it is not one."""
-    start = _td_report(quote)[0] + layout.REPORT_DATA_OFFSET
-    return quote[start : start + REPORT_DATA_SIZE]
-
-
 def check_quote(quote: bytes, report_data: bytes) -> None:
     """The self-check every quote passes before it leaves the runtime; raises AttestError."""
     if not quote:
         raise AttestError("the quote is empty")
-    inside = quote_report_data(quote)
+    body, body_size = _td_report(quote)
+    inside = quote[body + layout.REPORT_DATA_OFFSET :][:REPORT_DATA_SIZE]
     if inside != report_data:
         raise AttestError(
             f"the report data inside the quote ({inside.hex()}) differs from the request "
             f"({report_data.hex()})"
         )
-    body, body_size = _td_report(quote)
     if int.from_bytes(quote[body + body_size :][: layout.SIGNATURE_DATA_LEN_SIZE], "little") == 0:
         raise AttestError("the quote carries no signature data")
 
@@ -126,31 +110,23 @@ class ConfigfsTsmBackend:
     def __init__(
         self,
         root: str = TSM_REPORT_ROOT,
-        provider: str = TDX_PROVIDER,
         *,
         mkdir: Callable[[str], None] = os.mkdir,
         rmdir: Callable[[str], None] = os.rmdir,
     ) -> None:
         self.root = root
-        self.provider = provider
         self._mkdir = mkdir
         self._rmdir = rmdir
         self._lock = threading.Lock()
 
-    def check_available(self) -> None:
-        """Raise AttestError unless the report directory exists."""
-        if not os.path.isdir(self.root):
-            raise AttestError(
-                f"configfs-tsm is not available: {self.root} does not exist (needs a TDX guest "
-                "whose kernel has the TDX guest driver, and configfs mounted)",
-                "attest_unavailable",
-            )
-
     def quote(self, report_data: bytes) -> bytes:
-        if len(report_data) != REPORT_DATA_SIZE:
-            raise ValueError(f"report data must be {REPORT_DATA_SIZE} bytes, got {len(report_data)}")
         with self._lock:
-            self.check_available()
+            if not os.path.isdir(self.root):
+                raise AttestError(
+                    f"configfs-tsm is not available: {self.root} does not exist (needs a TDX guest "
+                    "whose kernel has the TDX guest driver, and configfs mounted)",
+                    "attest_unavailable",
+                )
             # A private entry per request (the ABI's way to avoid conflicts); the random part
             # keeps two runtimes (or a leftover entry after a crash) from colliding.
             entry = os.path.join(self.root, f"eemini-{os.getpid()}-{os.urandom(8).hex()}")
@@ -178,9 +154,9 @@ class ConfigfsTsmBackend:
 
     def _quote_in(self, entry: str, report_data: bytes) -> bytes:
         provider = _read_attr(entry, "provider").decode("ascii", "replace").strip()
-        if provider != self.provider:
+        if provider != TDX_PROVIDER:
             raise AttestError(
-                f"configfs-tsm provider is {provider!r}, expected {self.provider!r} "
+                f"configfs-tsm provider is {provider!r}, expected {TDX_PROVIDER!r} "
                 "(this is not a TDX guest, or another TSM driver is loaded)",
                 "attest_unavailable",
             )
@@ -208,10 +184,7 @@ def _read_attr(entry: str, name: str) -> bytes:
     path = os.path.join(entry, name)
     try:
         with open(path, "rb", buffering=0) as f:
-            chunks = []
-            while chunk := f.read(65536):
-                chunks.append(chunk)
-            return b"".join(chunks)
+            return f.readall()
     except OSError as e:
         if e.errno == errno.EFBIG:
             raise AttestError(f"configfs-tsm: {path}: report exceeds the kernel's maximum") from None
@@ -229,12 +202,10 @@ def _read_attr(entry: str, name: str) -> bytes:
 def _write_attr(entry: str, name: str, data: bytes) -> None:
     path = os.path.join(entry, name)
     try:
-        fd = os.open(path, os.O_WRONLY)
-        try:
-            # configfs binary attributes take the whole value in one write.
-            n = os.write(fd, data)
-        finally:
-            os.close(fd)
+        # configfs binary attributes take the whole value in one write (unbuffered: one write(2);
+        # opened without O_CREAT or O_TRUNC, which open(path, "wb") would add).
+        with open(os.open(path, os.O_WRONLY), "wb", buffering=0) as f:
+            n = f.write(data)
     except OSError as e:
         raise AttestError(f"configfs-tsm: cannot write {path}: {e.strerror}") from None
     if n != len(data):

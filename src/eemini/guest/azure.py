@@ -18,8 +18,6 @@ Self-checks before anything leaves the guest: the HCL report's user-data is the 
 report's report data is SHA-256 of its runtime data, the TD quote's report data is the same, the
 attestation key in the TPM is the runtime data's HCLAkPub, the vTPM quote's extraData is the
 request and its PCR digest is that of the PCR values read.
-
-Standard library only; base64 is done with binascii (the base64 module costs boot time).
 """
 
 from __future__ import annotations
@@ -35,6 +33,7 @@ import time
 from eemini.guest import metadata
 from eemini.guest.attest import AttestError, check_quote
 from eemini.guest.quote_layout import REPORT_DATA_SIZE
+from eemini.guest.rtmr import RuntimeMeasurer
 from eemini.guest.tpm import (
     TPM_DEVICE,
     TPMA_NV_OWNERREAD,
@@ -366,6 +365,37 @@ def report_ready(fetch: metadata.Fetch | None = None) -> str:
     if answer[0] != 200:
         raise WireServerError(f"the wire server answered HTTP {answer[0]} to the health report")
     return instance
+
+
+def boot(
+    trial: Callable[[AzureVtpmBackend], int], log: Callable[[str], None]
+) -> tuple[AzureVtpmBackend, RuntimeMeasurer]:
+    """PID 1's attestation step on Azure: the backend, its trial quote (`trial` refuses the boot
+    when there is none), the RTMR3 measurer, then the ready report to the wire server."""
+    try:
+        mount_securityfs()
+    except OSError as e:
+        log(f"securityfs: {e}; attest answers will carry no TPM event log")
+    vtpm = AzureVtpmBackend()
+    size = trial(vtpm)
+    measurer = RuntimeMeasurer()
+    if not measurer.enabled:
+        measurer.reason = "the TD is Azure's paravisor: the guest has no RTMR3 of its own"
+    log(
+        f"attestation: Azure TDX through the vTPM and the HCL report (trial: {size}-byte "
+        "TD quote, vTPM quote over PCRs 0-23); RTMR3 "
+        + ("extended" if measurer.enabled else f"not extended ({measurer.reason})")
+    )
+    # Azure provisions a VM only once it reports ready (its guest agent's job). Not a security
+    # property: a failure is said on the console and the boot goes on.
+    try:
+        instance = report_ready()
+    except Exception as e:  # a WireServerError, or anything unforeseen: the boot goes on
+        why = str(e) if isinstance(e, WireServerError) else f"{type(e).__name__}: {e}"
+        log(f"azure: reporting ready failed: {why} (Azure will count the provisioning as failed)")
+    else:
+        log(f"azure: reported ready to the wire server (role instance {instance})")
+    return vtpm, measurer
 
 
 def mount_securityfs(path: str = "/sys/kernel/security") -> None:

@@ -1,9 +1,10 @@
 """Boot-time configuration: untrusted KEY=VALUE settings from the host operator.
 
-Sources (the profile names which ones an image reads): `ee.KEY=VALUE` on the kernel cmdline, a
-config disk holding `agent.env` (iso9660 or vfat, volume label EECONFIG, mounted read-only), the
-GCE metadata attribute `ee-config`, and Azure IMDS `userData` then `customData` (base64; both
-read by eemini.guest.metadata). The operator controls all of them, so only the spec's
+Sources (the profile names which ones an image reads): `ee.KEY=VALUE` on the kernel cmdline (in
+local-dev images only, eemini.guest.dev.cmdline), a config disk holding `agent.env` (read by
+eemini.guest.configdisk), the GCE metadata attribute
+`ee-config`, and Azure IMDS `userData` then `customData` (base64; both read by
+eemini.guest.metadata). The operator controls all of them, so only the spec's
 `allow_env` keys and the network keys pass; anything else raises `ConfigError`, whose message
 names the key and the source, and PID 1 stops the boot. Absent sources are normal; unreachable
 metadata servers get short timeouts and a few retries, then count as absent.
@@ -13,10 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
-import os
 import re
-import stat
-import time
 
 from eemini.guest.image import ConfigSource
 from eemini.guest.record import field, record
@@ -24,10 +22,10 @@ from eemini.guest.record import field, record
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Sequence
+    from typing import Any
 
 NETWORK_KEYS = ("EE_IP", "EE_GATEWAY", "EE_DNS")
 CONFIG_FILE = "agent.env"
-CONFIG_LABEL = "EECONFIG"
 MAX_FILE = 64 * 1024  # the Azure userData limit; plenty for KEY=VALUE lines
 MAX_VALUE = 4096
 _KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
@@ -52,140 +50,21 @@ class Setting:
         return "sha384:" + hashlib.sha384(self.value.encode()).hexdigest()
 
 
-# --- kernel cmdline ---
-
-
-@record
-class Cmdline:
-    params: tuple[tuple[str, str | None], ...]
-
-    def get(self, key: str) -> str | None:
-        value = None
-        for k, v in self.params:
-            if k == key:
-                value = v if v is not None else ""
-        return value
-
-    def has(self, key: str, value: str | None = None) -> bool:
-        return any(k == key and (value is None or v == value) for k, v in self.params)
-
-
 # The bytes the kernel's isspace() accepts: _S in lib/ctype.c's _ctype table, i.e. \t \n \v \f \r,
 # the space, and 0xA0 (Latin-1 no-break space). The kernel splits /proc/cmdline's bytes, not
 # characters: a UTF-8 no-break space (C2 A0) is split at its second byte.
 KERNEL_SPACES = frozenset(b"\t\n\v\f\r \xa0")
-_QUOTE = ord('"')
-_EQUALS = ord("=")
-
-
-def _c_string(buf: bytearray, start: int) -> bytes:
-    return bytes(buf[start : buf.index(0, start)])
-
-
-def _next_arg(buf: bytearray, args: int) -> tuple[bytes, bytes | None, int, bool]:
-    """lib/cmdline.c next_arg() on a NUL-terminated buffer, step for step: (param, value or None,
-    where the next argument starts, whether a double quote was left open)."""
-    in_quote = quoted = False
-    if buf[args] == _QUOTE:
-        args += 1
-        in_quote = quoted = True
-    i = equals = 0
-    while buf[args + i]:
-        c = buf[args + i]
-        if c in KERNEL_SPACES and not in_quote:
-            break
-        if equals == 0 and c == _EQUALS:
-            equals = i
-        if c == _QUOTE:
-            in_quote = not in_quote
-        i += 1
-    value = None
-    if equals:
-        buf[args + equals] = 0
-        value = args + equals + 1
-        if buf[value] == _QUOTE:  # the value's own quotes are not part of it
-            value += 1
-            if buf[args + i - 1] == _QUOTE:
-                buf[args + i - 1] = 0
-    if quoted and buf[args + i - 1] == _QUOTE:
-        buf[args + i - 1] = 0
-    end = args + i
-    following = end
-    if buf[end]:
-        buf[end] = 0
-        following += 1
-    param = _c_string(buf, args)
-    val = None if value is None else _c_string(buf, value)
-    while buf[following] in KERNEL_SPACES:  # skip_spaces()
-        following += 1
-    return param, val, following, in_quote
-
-
-def parse_cmdline(text: str | bytes) -> Cmdline:
-    """Split like the kernel's parse_args() and next_arg() (lib/cmdline.c), byte for byte, so
-    every value is the value the kernel saw: kernel whitespace separates (`KERNEL_SPACES`), double
-    quotes group, the quotes around a whole argument or around a value are dropped (others stay),
-    the first `=` splits name and value, and a bare `--` ends the kernel's part. A `str` is taken
-    as the bytes it was decoded from (UTF-8 with surrogateescape, as `pid1` reads /proc/cmdline);
-    names and values are decoded the same way. The kernel would let an unterminated double quote
-    run to the end of the line; that is refused here."""
-    raw = text.encode("utf-8", "surrogateescape") if isinstance(text, str) else text
-    buf = bytearray(raw.split(b"\0", 1)[0]) + b"\0"  # the kernel's copy is a C string
-    params: list[tuple[str, str | None]] = []
-    pos = 0
-    while buf[pos] in KERNEL_SPACES:
-        pos += 1
-    while buf[pos]:
-        param, value, pos, unterminated = _next_arg(buf, pos)
-        if unterminated:
-            raise ConfigError("the kernel command line has an unterminated double quote")
-        if value is None and param == b"--":
-            break  # everything after -- belongs to init's argv, not to us
-        params.append(
-            (
-                param.decode("utf-8", "surrogateescape"),
-                None if value is None else value.decode("utf-8", "surrogateescape"),
-            )
-        )
-    return Cmdline(tuple(params))
-
-
-# ee.* names on the cmdline that are image facts, not boot config: ee.dev=1 marks a local-dev
-# image in the measured cmdline (set by the builder, checked by PID 1).
-RESERVED = frozenset({"ee.dev"})
-DEV_MARKER = ("ee.dev", "1")
-
-
-def cmdline_settings(cmdline: Cmdline) -> list[Setting]:
-    out = []
-    for key, value in cmdline.params:
-        if not key.startswith("ee.") or key in RESERVED:
-            continue
-        name = key[3:]
-        if value is None:
-            raise ConfigError(
-                f"boot config {key!r} from {ConfigSource.CMDLINE} has no value (expected ee.KEY=VALUE)"
-            )
-        out.append(_setting(ConfigSource.CMDLINE, name, value, where=f"{key}"))
-    return out
 
 
 # --- agent.env ---
 
 
-def _setting(source: str, key: str, value: str, where: str) -> Setting:
+def make_setting(source: str, key: str, value: str, where: str) -> Setting:
+    """A setting whose key is a valid name and whose value is text of at most MAX_VALUE
+    characters (UTF-8 already: agent.env is decoded strictly, the cmdline checked by its parser)."""
     if not _KEY.match(key):
         raise ConfigError(f"boot config key {key!r} from {source} ({where}) is not a valid name")
-    problem = None
-    if len(value) > MAX_VALUE:
-        problem = "too long"
-    elif "\0" in value:
-        problem = "not text"
-    else:
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:  # cmdline bytes that are not UTF-8 (kept by surrogateescape)
-            problem = "not UTF-8"
+    problem = "too long" if len(value) > MAX_VALUE else "not text" if "\0" in value else None
     if problem is not None:
         raise ConfigError(
             f"boot config key {key!r} from {source} ({where}) has a value that is {problem}"
@@ -210,11 +89,7 @@ def parse_env(data: bytes, source: str) -> list[Setting]:
     except UnicodeDecodeError as e:
         raise ConfigError(f"{CONFIG_FILE} from {source} is not UTF-8 (byte {e.start})") from None
     out: list[Setting] = []
-    seen: set[str] = set()
-    lines = text.split("\n")
-    if lines[-1] == "":
-        lines.pop()  # the newline that ends the last line
-    for number, full in enumerate(lines, 1):
+    for number, full in enumerate(text.split("\n"), 1):
         raw = full.removesuffix("\r")
         line = raw.strip(ENV_BLANKS)
         if not line or line.startswith("#"):
@@ -228,10 +103,9 @@ def parse_env(data: bytes, source: str) -> list[Setting]:
         value = value.lstrip(ENV_BLANKS)
         if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
             value = value[1:-1]
-        if key in seen:
+        if any(s.key == key for s in out):
             raise ConfigError(f"boot config key {key!r} from {source} is set twice (line {number})")
-        seen.add(key)
-        out.append(_setting(source, key, value, where=f"line {number}"))
+        out.append(make_setting(source, key, value, where=f"line {number}"))
     return out
 
 
@@ -254,17 +128,17 @@ class BootConfig:
     network: NetworkConfig | None = None
 
 
-def _network_value(setting: Setting) -> None:
+def _network_value(setting: Setting) -> Any:
+    """EE_IP as an interface (address and prefix length), EE_GATEWAY as an address, EE_DNS as a
+    tuple of addresses (comma-separated)."""
     try:
         if setting.key == "EE_IP":
             if "/" not in setting.value:
                 raise ValueError("needs a prefix length, like 10.0.0.5/24")
-            ipaddress.IPv4Interface(setting.value)
-        elif setting.key == "EE_GATEWAY":
-            ipaddress.IPv4Address(setting.value)
-        else:
-            for part in setting.value.split(","):
-                ipaddress.IPv4Address(part.strip(ENV_BLANKS))
+            return ipaddress.IPv4Interface(setting.value)
+        if setting.key == "EE_GATEWAY":
+            return ipaddress.IPv4Address(setting.value)
+        return tuple(ipaddress.IPv4Address(part.strip(ENV_BLANKS)) for part in setting.value.split(","))
     except ValueError as e:
         raise ConfigError(
             f"boot config key {setting.key!r} from {setting.source} is not valid: {e}"
@@ -275,7 +149,7 @@ def apply_policy(settings: Sequence[Setting], allow_env: Iterable[str]) -> BootC
     """Accept only allowed keys; later sources override earlier ones for the same key."""
     allowed = set(allow_env)
     env: dict[str, str] = {}
-    net: dict[str, str] = {}
+    net: dict[str, Any] = {}
     for s in settings:
         if s.key in NETWORK_KEYS:
             if s.source not in LOCAL_SOURCES:
@@ -283,8 +157,7 @@ def apply_policy(settings: Sequence[Setting], allow_env: Iterable[str]) -> BootC
                     f"boot config key {s.key!r} from {s.source} is not allowed: network keys are read "
                     "before the network exists, so only the cmdline and the config disk may set them"
                 )
-            _network_value(s)
-            net[s.key] = s.value
+            net[s.key] = _network_value(s)
         elif s.key in allowed:
             env[s.key] = s.value
         else:
@@ -298,211 +171,24 @@ def apply_policy(settings: Sequence[Setting], allow_env: Iterable[str]) -> BootC
             raise ConfigError(
                 "boot config sets EE_GATEWAY/EE_DNS without EE_IP: static network needs EE_IP"
             )
-        network = NetworkConfig(
-            address=ipaddress.IPv4Interface(net["EE_IP"]),
-            gateway=ipaddress.IPv4Address(net["EE_GATEWAY"]) if "EE_GATEWAY" in net else None,
-            dns=tuple(
-                ipaddress.IPv4Address(p.strip(ENV_BLANKS))
-                for p in net.get("EE_DNS", "").split(",")
-                if p.strip(ENV_BLANKS)
-            ),
-        )
+        network = NetworkConfig(net["EE_IP"], net.get("EE_GATEWAY"), net.get("EE_DNS", ()))
     return BootConfig(tuple(settings), env, network)
-
-
-# --- config disk ---
-
-
-def detect_label(dev: str) -> tuple[str, str] | None:
-    """(fstype, volume label) for an iso9660 or FAT filesystem at the start of `dev`, else None."""
-    try:
-        with open(dev, "rb") as f:
-            boot = f.read(512)
-            f.seek(0x8000)
-            pvd = f.read(2048)
-    except OSError:
-        return None
-    # ECMA-119 8.4: the primary volume descriptor at sector 16: type 1, "CD001", volume id at 40.
-    if len(pvd) >= 72 and pvd[0] == 1 and pvd[1:6] == b"CD001":
-        return "iso9660", pvd[40:72].decode("ascii", "replace").strip()
-    # FAT boot sector: 0x55AA signature; the label sits at 0x2B (FAT12/16) or 0x47 (FAT32),
-    # after an extended boot signature 0x29 at 0x26 / 0x42.
-    if len(boot) == 512 and boot[510:512] == b"\x55\xaa":
-        if boot[0x42] == 0x29 and boot[0x52:0x57] == b"FAT32":
-            return "vfat", boot[0x47:0x52].decode("ascii", "replace").strip()
-        if boot[0x26] == 0x29 and boot[0x36:0x39] == b"FAT":
-            return "vfat", boot[0x2B:0x36].decode("ascii", "replace").strip()
-    return None
-
-
-def block_devices(sys_block: str = "/sys/class/block") -> list[str]:
-    try:
-        return sorted(os.listdir(sys_block))
-    except OSError:
-        return []
-
-
-# virtio-blk PCI functions: vendor 0x1af4, device 0x1001 (transitional) or 0x1042 (modern),
-# from the virtio spec 1.2 section 4.1.2.
-VIRTIO_VENDOR = "0x1af4"
-VIRTIO_BLK_DEVICES = ("0x1001", "0x1042")
-
-
-def expected_disks(sys_pci: str = "/sys/bus/pci/devices") -> int:
-    """How many virtio-blk disks the machine has (each becomes one whole-disk block device)."""
-    count = 0
-    try:
-        names = os.listdir(sys_pci)
-    except OSError:
-        return 0
-    for name in names:
-        try:
-            with open(os.path.join(sys_pci, name, "vendor")) as f:
-                vendor = f.read().strip()
-            with open(os.path.join(sys_pci, name, "device")) as f:
-                device = f.read().strip()
-        except OSError:
-            continue
-        if vendor == VIRTIO_VENDOR and device in VIRTIO_BLK_DEVICES:
-            count += 1
-    return count
-
-
-def whole_disks(sys_block: str) -> list[str]:
-    return [
-        n
-        for n in block_devices(sys_block)
-        if not n.startswith(("loop", "ram", "zram", "dm-"))
-        and not os.path.exists(os.path.join(sys_block, n, "partition"))
-    ]
-
-
-def find_config_disk(
-    wait: float,
-    dev_dir: str = "/dev",
-    sys_block: str = "/sys/class/block",
-    sys_pci: str = "/sys/bus/pci/devices",
-) -> tuple[str, str] | None:
-    """The device holding a filesystem labelled EECONFIG.
-
-    Block drivers probe asynchronously after their module loads: wait (at most `wait` s) until
-    every virtio-blk disk on the PCI bus has its block device, then look once. A machine without
-    virtio disks is looked at once, without waiting.
-    """
-    deadline = time.monotonic() + wait
-    expected = expected_disks(sys_pci)
-    while len(whole_disks(sys_block)) < expected and time.monotonic() < deadline:
-        time.sleep(0.02)
-    for name in whole_disks(sys_block):
-        path = os.path.join(dev_dir, name)
-        found = detect_label(path)
-        if found is not None and found[1].upper() == CONFIG_LABEL:
-            return path, found[0]
-    return None
-
-
-def read_config_disk(
-    wait: float = 2.0,
-    mountpoint: str = "/run/eemini/config",
-) -> bytes | None:
-    """agent.env from the config disk, or None when there is no config disk.
-
-    The mount is read-only, nosuid, nodev, noexec and nosymfollow: the disk is the host's, and a
-    symbolic link on it (iso9660 Rock Ridge has them) must not reach the guest's own files.
-    """
-    from eemini.guest import linux
-
-    found = find_config_disk(wait)
-    if found is None:
-        return None
-    dev, fstype = found
-    os.makedirs(mountpoint, exist_ok=True)
-    flags = linux.MS_RDONLY | linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC | linux.MS_NOSYMFOLLOW
-    # The character sets the kernel has built in (kernel/fragment.config: NLS_UTF8,
-    # NLS_CODEPAGE_437), named rather than left to the kernel's defaults. FAT has
-    # no symlinks, FIFOs or devices; on iso9660 only Rock Ridge brings them, and `norock` leaves
-    # its extensions unread (agent.env is an 8.3 name, which plain ISO 9660 and Joliet carry).
-    options = {"vfat": "iocharset=utf8,codepage=437", "iso9660": "norock"}.get(fstype)
-    try:
-        linux.mount(dev, mountpoint, fstype, flags, options)
-    except OSError as e:
-        raise ConfigError(
-            f"the config disk {dev} ({fstype}) cannot be mounted: {os.strerror(e.errno or 0)}"
-        ) from None
-    try:
-        return read_env_file(mountpoint, dev)
-    finally:
-        linux.umount(mountpoint, linux.MNT_DETACH)
-
-
-_FILE_TYPES = (
-    (stat.S_ISLNK, "a symbolic link"),
-    (stat.S_ISDIR, "a directory"),
-    (stat.S_ISFIFO, "a FIFO"),
-    (stat.S_ISCHR, "a character device"),
-    (stat.S_ISBLK, "a block device"),
-    (stat.S_ISSOCK, "a socket"),
-)
-
-
-def _file_type(mode: int) -> str:
-    return next((name for test, name in _FILE_TYPES if test(mode)), f"of type {mode >> 12:o}")
-
-
-def read_env_file(directory: str, dev: str) -> bytes:
-    """`agent.env` (any letter case) in the mounted config disk: a regular file, or ConfigError.
-
-    Nothing else is opened: not a symbolic link (O_NOFOLLOW; the mount does not follow them
-    either), a FIFO (it would block the boot), a device or a directory. The open is
-    non-blocking, and the file is checked again once open."""
-    names = {n.lower(): n for n in os.listdir(directory)}
-    if CONFIG_FILE not in names:
-        raise ConfigError(f"the config disk {dev} has no {CONFIG_FILE}")
-    name = names[CONFIG_FILE]
-    path = os.path.join(directory, name)
-    refused = f"the config disk {dev}: {name} is {{}}, not a regular file"
-    mode = os.lstat(path).st_mode
-    if not stat.S_ISREG(mode):
-        raise ConfigError(refused.format(_file_type(mode)))
-    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
-    try:
-        fd = os.open(path, flags)
-    except OSError as e:
-        raise ConfigError(
-            f"the config disk {dev}: {name} cannot be opened: {os.strerror(e.errno or 0)}"
-        ) from None
-    try:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            raise ConfigError(refused.format(_file_type(mode)))
-        chunks: list[bytes] = []
-        size = 0
-        while size <= MAX_FILE:
-            chunk = os.read(fd, MAX_FILE + 1 - size)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            size += len(chunk)
-        return b"".join(chunks)
-    finally:
-        os.close(fd)
 
 
 # --- what PID 1 reads before the network (eemini.guest.metadata reads the rest) ---
 
 
 def collect_local(
-    cmdline: Cmdline,
-    sources: Sequence[ConfigSource],
-    log: Callable[[str], None],
+    cmdline_text: str, sources: Sequence[ConfigSource], log: Callable[[str], None]
 ) -> list[Setting]:
     settings: list[Setting] = []
     if ConfigSource.CMDLINE in sources:
-        settings += cmdline_settings(cmdline)
+        # A source of local-dev images only (the builder refuses it in production profiles).
+        from eemini.guest.dev.cmdline import cmdline_settings, parse_cmdline
+
+        settings += cmdline_settings(parse_cmdline(cmdline_text))
     if ConfigSource.CONFIG_DISK in sources:
-        data = read_config_disk()
-        if data is None:
-            log("boot config: no config disk")
-        else:
-            settings += parse_env(data, ConfigSource.CONFIG_DISK)
+        from eemini.guest import configdisk
+
+        settings += configdisk.boot_config(log)
     return settings

@@ -1,4 +1,4 @@
-"""A DHCPv4 client of our own (RFC 2131 exchange, RFC 2132 options), standard library only.
+"""A DHCPv4 client of our own (RFC 2131 exchange, RFC 2132 options).
 
 The client talks UDP from port 68 on a socket bound to the interface (SO_BINDTODEVICE), so it
 works before the interface has an address: the kernel sends limited broadcasts out of the bound
@@ -13,6 +13,7 @@ import _socket
 import enum
 import ipaddress
 import os
+import re
 import select
 import struct
 import time
@@ -22,7 +23,9 @@ from eemini.guest.record import field, record
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Any, Protocol
+    from typing import Any
+
+    from eemini.guest.loop import EventLoop, Timer
 
 SERVER_PORT = 67
 CLIENT_PORT = 68
@@ -45,10 +48,8 @@ class Option(enum.IntEnum):
     SUBNET_MASK = 1
     ROUTER = 3
     DNS = 6
-    HOSTNAME = 12
     DOMAIN_NAME = 15
     MTU = 26
-    BROADCAST = 28
     REQUESTED_IP = 50
     LEASE_TIME = 51
     OVERLOAD = 52
@@ -64,16 +65,13 @@ class Option(enum.IntEnum):
 
 
 class MessageType(enum.IntEnum):
-    """RFC 2132 9.6."""
+    """RFC 2132 9.6 (the ones this client sends or reads)."""
 
     DISCOVER = 1
     OFFER = 2
     REQUEST = 3
-    DECLINE = 4
     ACK = 5
     NAK = 6
-    RELEASE = 7
-    INFORM = 8
 
 
 class DhcpError(Exception):
@@ -94,17 +92,12 @@ class Packet:
     ciaddr: ipaddress.IPv4Address = ZERO
     yiaddr: ipaddress.IPv4Address = ZERO
     siaddr: ipaddress.IPv4Address = ZERO
-    giaddr: ipaddress.IPv4Address = ZERO
 
     @property
-    def message_type(self) -> MessageType | None:
+    def message_type(self) -> int | None:
+        """Option 53, to compare with MessageType members."""
         raw = self.options.get(Option.MESSAGE_TYPE)
-        if raw is None or len(raw) != 1:
-            return None
-        try:
-            return MessageType(raw[0])
-        except ValueError:
-            return None
+        return raw[0] if raw is not None and len(raw) == 1 else None
 
     def address_option(self, code: int) -> ipaddress.IPv4Address | None:
         raw = self.options.get(code)
@@ -120,22 +113,12 @@ class Packet:
 
 
 def encode(packet: Packet) -> bytes:
+    # In _FIXED's order; hops 0, no relay agent (giaddr), sname and file empty.
     fixed = _FIXED.pack(
-        packet.op,
-        HTYPE_ETHER,
-        len(packet.chaddr),
-        0,
-        packet.xid,
-        packet.secs,
-        packet.flags,
-        packet.ciaddr.packed,
-        packet.yiaddr.packed,
-        packet.siaddr.packed,
-        packet.giaddr.packed,
-        packet.chaddr.ljust(16, b"\0"),
-        b"",
-        b"",
-    )
+        packet.op, HTYPE_ETHER, len(packet.chaddr), 0, packet.xid, packet.secs, packet.flags,
+        packet.ciaddr.packed, packet.yiaddr.packed, packet.siaddr.packed, bytes(4),
+        packet.chaddr.ljust(16, b"\0"), b"", b"",
+    )  # fmt: skip
     opts = bytearray(MAGIC_COOKIE)
     # Message type first (RFC 2131 does not require it, some servers do).
     ordered = sorted(packet.options.items(), key=lambda kv: (kv[0] != Option.MESSAGE_TYPE, kv[0]))
@@ -170,7 +153,7 @@ def decode(data: bytes) -> Packet:
     """Parse a BOOTP/DHCP message, honouring option overload (RFC 2132 9.3) into sname/file."""
     if len(data) < _FIXED.size + len(MAGIC_COOKIE):
         raise DhcpError(f"DHCP message too short: {len(data)} bytes, need at least {_FIXED.size + 4}")
-    op, htype, hlen, _hops, xid, secs, flags, ci, yi, si, gi, chaddr, sname, bootfile = (
+    op, htype, hlen, _hops, xid, secs, flags, ci, yi, si, _gi, chaddr, sname, bootfile = (
         _FIXED.unpack_from(data)
     )
     if data[_FIXED.size : _FIXED.size + 4] != MAGIC_COOKIE:
@@ -184,18 +167,8 @@ def decode(data: bytes) -> Packet:
         _parse_options(bootfile, options)
     if overload & 2:
         _parse_options(sname, options)
-    return Packet(
-        op=op,
-        xid=xid,
-        chaddr=chaddr[:hlen],
-        options=options,
-        flags=flags,
-        secs=secs,
-        ciaddr=ipaddress.IPv4Address(ci),
-        yiaddr=ipaddress.IPv4Address(yi),
-        siaddr=ipaddress.IPv4Address(si),
-        giaddr=ipaddress.IPv4Address(gi),
-    )
+    addresses = map(ipaddress.IPv4Address, (ci, yi, si))
+    return Packet(op, xid, chaddr[:hlen], options, flags, secs, *addresses)
 
 
 @record
@@ -253,29 +226,22 @@ def prefix_length(address: ipaddress.IPv4Address, mask: ipaddress.IPv4Address) -
     return 32 - host_bits.bit_length()
 
 
+# RFC 1123 host names: dot-separated labels of 1-63 letters, digits and inner hyphens (and a final
+# dot); \Z, unlike $, admits no newline at the end.
+_LABEL = rb"(?!-)[A-Za-z0-9-]{1,63}(?<!-)"
+_HOST_NAME = re.compile(rb"%s(\.%s)*\.?\Z" % (_LABEL, _LABEL))
+
+
 def host_name(raw: bytes) -> str | None:
-    """A DHCP domain name (option 15) when it is a valid host name (RFC 1123: dot-separated labels
-    of 1-63 letters, digits and inner hyphens, 253 characters at most), else None: the value goes
-    into /etc/resolv.conf, where a newline would add lines of the server's choosing."""
-    if not 0 < len(raw) <= 253:
-        return None
-    for label in raw.removesuffix(b".").split(b"."):
-        if not 0 < len(label) <= 63 or label[:1] == b"-" or label[-1:] == b"-":
-            return None
-        if not all(c in _LABEL_BYTES for c in label):
-            return None
-    return raw.decode("ascii")
+    """A DHCP domain name (option 15) when it is a valid host name of 253 characters at most,
+    else None: the value goes into /etc/resolv.conf, where a newline would add lines of the
+    server's choosing."""
+    return raw.decode("ascii") if len(raw) <= 253 and _HOST_NAME.match(raw) else None
 
 
-_LABEL_BYTES = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-")
-
-
-PARAMETERS = bytes(
-    (
-        Option.SUBNET_MASK, Option.ROUTER, Option.DNS, Option.DOMAIN_NAME, Option.MTU,
-        Option.LEASE_TIME, Option.RENEWAL_TIME, Option.REBINDING_TIME,
-    )
-)  # fmt: skip
+# The options asked for (option 55).
+PARAMETERS = bytes((Option.SUBNET_MASK, Option.ROUTER, Option.DNS, Option.DOMAIN_NAME, Option.MTU,
+                    Option.LEASE_TIME, Option.RENEWAL_TIME, Option.REBINDING_TIME))  # fmt: skip
 
 
 class Client:
@@ -291,12 +257,6 @@ class Client:
         self.sock.bind(("0.0.0.0", CLIENT_PORT))
         self.xid = 0
         self.started = time.monotonic()
-
-    def close(self) -> None:
-        self.sock.close()
-
-    def fileno(self) -> int:
-        return self.sock.fileno()
 
     def _packet(self, mtype: MessageType, **kw: Any) -> Packet:
         options: dict[int, bytes] = {
@@ -333,10 +293,7 @@ class Client:
     def receive(self, deadline: float, accept: Callable[[Packet], bool]) -> Packet | None:
         """The next reply for our xid and MAC that `accept` likes, or None at the deadline."""
         while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return None
-            ready, _, _ = select.select([self.sock], [], [], remaining)
+            ready, _, _ = select.select([self.sock], [], [], max(deadline - time.monotonic(), 0))
             if not ready:
                 return None
             reply = self.read_reply()
@@ -377,8 +334,7 @@ class Client:
             wait *= 2
             if offer is None:
                 continue
-            request = self.request_offer(offer)
-            self.send(request)
+            self.send(self.request_offer(offer))
             reply = self.receive(
                 min(time.monotonic() + wait, deadline),
                 lambda p: p.message_type in (MessageType.ACK, MessageType.NAK),
@@ -394,18 +350,6 @@ class Client:
         raise DhcpError(f"no DHCP lease on {self.ifname} after {attempts} attempts: {last_problem}")
 
 
-if TYPE_CHECKING:
-
-    class Timers(Protocol):
-        """What `Renewer` needs from the event loop (eemini.guest.loop offers these)."""
-
-        def call_later(self, delay: float, callback: Callable[[], None]) -> object: ...
-
-        def add_reader(self, fd: int, callback: Callable[[], None]) -> None: ...
-
-        def remove_reader(self, fd: int) -> None: ...
-
-
 class Renewer:
     """Keeps a lease: at T1 unicast REQUEST to the server, at T2 broadcast, at expiry give up.
 
@@ -419,7 +363,7 @@ class Renewer:
         self,
         client: Client,
         lease: Lease,
-        timers: Timers,
+        timers: EventLoop,
         *,
         on_lease: Callable[[Lease], None],
         on_expired: Callable[[Lease], None],
@@ -432,29 +376,20 @@ class Renewer:
         self.on_expired = on_expired
         self.log = log
         self.reading = False
-        self.expired = False
-        self.generation = 0  # stale timers (from before a renewal) see a newer generation and stop
+        self._timer: Timer | None = None  # the next step: T1, a retry, or the expiry
 
     def start(self) -> None:
-        self._schedule()
-
-    def _at(self, seconds: float) -> float:
-        return self.lease.obtained + seconds - time.monotonic()
+        """Wait for T1 of the lease (again after each renewal, in place of the retry due)."""
+        if self._timer is not None:
+            self._timer.cancel()
+        self._later(self.lease.obtained + self.lease.renewal_time - time.monotonic())
 
     def _later(self, delay: float) -> None:
-        generation = self.generation
-        self.timers.call_later(delay, lambda: self._tick(generation))
+        self._timer = self.timers.call_later(delay, self._tick)
 
-    def _schedule(self) -> None:
-        self.generation += 1
-        self._later(max(self._at(self.lease.renewal_time), 0.0))
-
-    def _tick(self, generation: int) -> None:
-        if self.expired or generation != self.generation:
-            return
+    def _tick(self) -> None:
         now_rel = time.monotonic() - self.lease.obtained
-        if now_rel >= self.lease.lease_time:
-            self.expired = True
+        if now_rel >= self.lease.lease_time:  # the end: nothing is scheduled or read any more
             self._stop_reading()
             self.log(f"DHCP lease for {self.lease.address} expired")
             self.on_expired(self.lease)
@@ -467,7 +402,7 @@ class Renewer:
         except OSError as e:
             self.log(f"DHCP {'rebind' if rebinding else 'renew'} failed to send: {e}")
         if not self.reading:
-            self.timers.add_reader(self.client.fileno(), self._readable)
+            self.timers.add_reader(self.client.sock.fileno(), self._readable)
             self.reading = True
         # RFC 2131 4.4.5: retry at half the remaining time, but not more often than every RETRY s.
         remaining = self.lease.lease_time - now_rel
@@ -475,7 +410,7 @@ class Renewer:
 
     def _stop_reading(self) -> None:
         if self.reading:
-            self.timers.remove_reader(self.client.fileno())
+            self.timers.remove_reader(self.client.sock.fileno())
             self.reading = False
 
     def _readable(self) -> None:
@@ -497,4 +432,4 @@ class Renewer:
         self.lease = lease
         self.log(f"DHCP lease renewed: {lease.address} for {lease.lease_time} s")
         self.on_lease(lease)
-        self._schedule()
+        self.start()

@@ -78,12 +78,6 @@ def _enum(key: str, value: object, cls: type[E]) -> E:
     raise ImageError(f"{key}: expected one of {choices}, got {_got(value)}")
 
 
-def _strings(key: str, value: object, what: str) -> tuple[str, ...]:
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise ImageError(f"{key} must be a list of {what}")
-    return tuple(value)
-
-
 def _string(key: str, value: object) -> str | None:
     if value is not None and not isinstance(value, str):
         raise ImageError(f"{key}: expected a string, got {_got(value)}")
@@ -123,20 +117,15 @@ class ImageFacts:
         cmdline = data.get("cmdline")
         if attestation.production and not isinstance(cmdline, str):
             raise ImageError("cmdline (the UKI's built-in command line) must be a string")
+        sources = data.get("config_sources", [])
+        if not isinstance(sources, list) or not all(isinstance(s, str) for s in sources):
+            raise ImageError("config_sources must be a list of names")
         return cls(
             attestation=attestation,
             network=_enum("network", data.get("network", "dhcp"), Network),
-            config_sources=tuple(
-                _enum("config_sources", s, ConfigSource)
-                for s in _strings("config_sources", data.get("config_sources", []), "names")
-            ),
+            config_sources=tuple(_enum("config_sources", s, ConfigSource) for s in sources),
             cmdline=_string("cmdline", cmdline),
-            profile=_string("profile", data.get("profile")),
-            builder_version=_string("builder_version", data.get("builder_version")),
-            kernel=_string("kernel", data.get("kernel")),
-            spec_digest=_string("spec_digest", data.get("spec_digest")),
-            workload_sha256=_string("workload_sha256", data.get("workload_sha256")),
-            workload_path=_string("workload_path", data.get("workload_path")),
+            **{key: _string(key, data.get(key)) for key in _RECORDED},
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -146,7 +135,6 @@ class ImageFacts:
             "network": self.network.value,
             "config_sources": [s.value for s in self.config_sources],
         }
-        optional: dict[str, Any] = {"cmdline": self.cmdline}
-        optional.update((key, getattr(self, key)) for key in _RECORDED)
+        optional = {key: getattr(self, key) for key in ("cmdline", *_RECORDED)}
         doc.update((key, value) for key, value in optional.items() if value is not None)
         return doc

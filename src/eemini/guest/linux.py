@@ -25,10 +25,6 @@ MNT_DETACH = 2
 LINUX_REBOOT_CMD_POWER_OFF = 0x4321FEDC
 LINUX_REBOOT_CMD_CAD_OFF = 0x00000000
 
-# <linux/prctl.h>
-PR_SET_PDEATHSIG = 1  # the host launcher's (eemini.run)
-PR_SET_CHILD_SUBREAPER = 36
-
 _libc = ctypes.CDLL(None, use_errno=True)
 
 _mount = _libc.mount
@@ -42,10 +38,6 @@ _umount2.restype = ctypes.c_int
 _reboot = _libc.reboot
 _reboot.argtypes = [ctypes.c_int]
 _reboot.restype = ctypes.c_int
-
-_prctl = _libc.prctl
-_prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
-_prctl.restype = ctypes.c_int
 
 
 def oserror(call: str, filename: str | None = None) -> OSError:
@@ -78,20 +70,3 @@ def reboot(cmd: int) -> None:
     """reboot(2). For POWER_OFF it does not return when it works."""
     if _reboot(ctypes.c_int(ctypes.c_uint32(cmd).value).value) != 0:
         raise oserror("reboot")
-
-
-def ctrl_alt_del_to_init() -> None:
-    """CAD_OFF: the kernel sends SIGINT to PID 1 on Ctrl-Alt-Del instead of rebooting at once."""
-    reboot(LINUX_REBOOT_CMD_CAD_OFF)
-
-
-def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 0) -> int:
-    ret: int = _prctl(option, arg2, arg3, arg4, arg5)
-    if ret < 0:
-        raise oserror("prctl")
-    return ret
-
-
-def set_child_subreaper() -> None:
-    """Orphans of our descendants come to us (what PID 1 gets anyway; dev mode asks for it)."""
-    prctl(PR_SET_CHILD_SUBREAPER, 1)

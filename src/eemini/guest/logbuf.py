@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import time
 from collections import deque
-
-from eemini.guest.record import record
 
 # Defaults: enough to debug a crash loop, small next to the runtime's own RSS.
 MAX_LINES = 2000
@@ -13,55 +10,31 @@ MAX_BYTES = 512 * 1024
 MAX_LINE_BYTES = 4096
 
 
-@record
-class LogLine:
-    seq: int
-    time: float  # wall clock, seconds since the epoch
-    stream: str  # "stdout" | "stderr" | "runtime"
-    text: str
-
-    def to_dict(self) -> dict[str, object]:
-        return {"seq": self.seq, "time": round(self.time, 3), "stream": self.stream, "text": self.text}
-
-
 class LogBuffer:
     """Keeps the newest lines; drops the oldest when either bound is exceeded."""
 
     def __init__(self, max_lines: int = MAX_LINES, max_bytes: int = MAX_BYTES) -> None:
-        if max_lines < 1 or max_bytes < 1:
-            raise ValueError("log buffer bounds must be positive")
         self.max_lines = max_lines
         self.max_bytes = max_bytes
-        self._lines: deque[LogLine] = deque()
-        self._bytes = 0
-        self._seq = 0
+        self._lines: deque[str] = deque()
+        self.size = 0  # bytes of UTF-8 in the buffer
         self.dropped = 0
 
-    @property
-    def size(self) -> int:
-        return self._bytes
-
-    def append(self, stream: str, text: str) -> LogLine:
+    def append(self, text: str) -> None:
         # A single line larger than the whole buffer keeps its tail, so the bound always holds.
         encoded = text.encode("utf-8", "replace")
         if len(encoded) > self.max_bytes:
             text = encoded[-self.max_bytes :].decode("utf-8", "ignore")
             encoded = text.encode()
-        line = LogLine(self._seq, time.time(), stream, text)
-        self._seq += 1
-        self._lines.append(line)
-        self._bytes += len(encoded)
-        while len(self._lines) > self.max_lines or self._bytes > self.max_bytes:
-            old = self._lines.popleft()
-            self._bytes -= len(old.text.encode("utf-8", "replace"))
+        self._lines.append(text)
+        self.size += len(encoded)
+        while len(self._lines) > self.max_lines or self.size > self.max_bytes:
+            self.size -= len(self._lines.popleft().encode("utf-8", "replace"))
             self.dropped += 1
-        return line
 
-    def tail(self, n: int | None = None) -> list[LogLine]:
-        lines = list(self._lines)
-        if n is None:
-            return lines
-        return lines[-n:] if n > 0 else []
+    def tail(self, n: int) -> list[str]:
+        """The newest `n` lines (n >= 1), oldest first."""
+        return list(self._lines)[-n:]
 
 
 class LineSplitter:
@@ -74,8 +47,6 @@ class LineSplitter:
     """
 
     def __init__(self, max_line: int = MAX_LINE_BYTES) -> None:
-        if max_line < 4:
-            raise ValueError(f"max_line must be at least 4 bytes (one UTF-8 character), got {max_line}")
         self.max_line = max_line
         self._buf = bytearray()
 
@@ -103,8 +74,5 @@ class LineSplitter:
         return out
 
     def flush(self) -> list[str]:
-        if not self._buf:
-            return []
-        piece = bytes(self._buf)
-        self._buf.clear()
-        return [piece.decode("utf-8", "replace")]
+        piece, self._buf = self._buf, bytearray()
+        return [piece.decode("utf-8", "replace")] if piece else []

@@ -32,12 +32,10 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from types import FrameType
 
-Callback = Callable[[], None]
+Callback = Callable[[], object]  # what it returns is ignored
 
 # Byte written to the wakeup pipe by call_soon_threadsafe(); signal numbers are 1..64.
 _THREAD_WAKEUP = b"\0"
-# What epoll_wait reports, mapped to reading and writing as selectors.EpollSelector does: any
-# event but EPOLLOUT (EPOLLIN, EPOLLHUP, EPOLLERR, ...) is a read event, any but EPOLLIN a write.
 _READ = select.EPOLLIN
 _WRITE = select.EPOLLOUT
 
@@ -45,15 +43,12 @@ _WRITE = select.EPOLLOUT
 class Timer:
     """A scheduled callback; `cancel()` it any time before it runs (cancelling twice is fine)."""
 
-    __slots__ = ("callback", "cancelled", "when")
+    __slots__ = ("callback",)
 
-    def __init__(self, when: float, callback: Callback) -> None:
-        self.when = when
-        self.callback: Callback | None = callback
-        self.cancelled = False
+    def __init__(self, callback: Callback) -> None:
+        self.callback: Callback | None = callback  # None once cancelled or run
 
     def cancel(self) -> None:
-        self.cancelled = True
         self.callback = None
 
 
@@ -74,13 +69,9 @@ class WorkerThread:
         self.target = target
         self._thread: threading.Thread | None = None
 
-    @property
-    def running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
-
     def ensure(self) -> None:
         """Start the thread unless it is running; ThreadStartError if it cannot start now."""
-        if self.running:
+        if self._thread is not None and self._thread.is_alive():
             return
         thread = threading.Thread(target=self.target, name=self.name, daemon=True)
         try:
@@ -104,7 +95,7 @@ class EventLoop:
     - `add_writer(fd, cb)` / `remove_writer(fd)`: call `cb()` whenever `fd` is writable.
     - `call_later(delay, cb) -> Timer`, `call_soon(cb) -> Timer`; `Timer.cancel()`.
     - `call_soon_threadsafe(cb)`: the only method other threads may call.
-    - `add_signal_handler(signum, cb)` / `remove_signal_handler(signum)` (main thread only).
+    - `add_signal_handler(signum, cb)` (main thread only; `close()` restores the defaults).
     - `run()` until `stop()`; `time()` is the loop's monotonic clock.
     """
 
@@ -119,26 +110,21 @@ class EventLoop:
         self._threadsafe: deque[Callback] = deque()
         self._threadsafe_lock = threading.Lock()
         self._signal_handlers: dict[int, Callback] = {}
-        self._old_wakeup_fd: int | None = None
         self._stopping = False
-        self._closed = False
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
-        self._register(self._wake_r, _READ)
+        self._epoll.register(self._wake_r, _READ)
 
     # -- fds ---------------------------------------------------------------------------------
-
-    def _register(self, fd: int, events: int) -> None:
-        self._epoll.register(fd, events)  # raises (bad fd, a regular file) before we record it
-        self._registered[fd] = events
 
     def _update(self, fd: int) -> None:
         events = (_READ if fd in self._readers else 0) | (_WRITE if fd in self._writers else 0)
         registered = self._registered.get(fd)
         if registered is None:
             if events:
-                self._register(fd, events)
+                self._epoll.register(fd, events)  # raises (bad fd, a regular file) first
+                self._registered[fd] = events
             return
         if events:
             if registered != events:
@@ -183,13 +169,13 @@ class EventLoop:
 
     def call_later(self, delay: float, callback: Callback) -> Timer:
         """Run `callback()` on the loop after `delay` seconds; returns a cancellable Timer."""
-        timer = Timer(self.time() + max(0.0, delay), callback)
-        heapq.heappush(self._timers, (timer.when, next(self._counter), timer))
+        timer = Timer(callback)
+        heapq.heappush(self._timers, (self.time() + max(0.0, delay), next(self._counter), timer))
         return timer
 
     def call_soon(self, callback: Callback) -> Timer:
         """Run `callback()` on the next loop iteration; returns a cancellable Timer."""
-        timer = Timer(self.time(), callback)
+        timer = Timer(callback)
         self._ready.append(timer)
         return timer
 
@@ -206,24 +192,18 @@ class EventLoop:
 
     def add_signal_handler(self, signum: int, callback: Callback) -> None:
         """Run `callback()` on the loop when `signum` arrives (main thread only)."""
-        if self._old_wakeup_fd is None:
-            self._old_wakeup_fd = signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+        signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
         self._signal_handlers[signum] = callback
         signal.signal(signum, _ignore_signal)
         # Restart interrupted system calls where possible; the loop sees the wakeup byte anyway.
         signal.siginterrupt(signum, False)
-
-    def remove_signal_handler(self, signum: int) -> None:
-        """Restore the default disposition of `signum`."""
-        if self._signal_handlers.pop(signum, None) is not None:
-            signal.signal(signum, signal.SIG_DFL)
 
     def _drain_wakeup(self) -> None:
         signums: list[int] = []
         while True:
             try:
                 data = os.read(self._wake_r, 4096)
-            except (BlockingIOError, InterruptedError):
+            except BlockingIOError:
                 break
             if not data:
                 break
@@ -257,49 +237,40 @@ class EventLoop:
     def _timeout(self) -> float | None:
         if self._ready or self._threadsafe:
             return 0.0
-        while self._timers and self._timers[0][2].cancelled:
+        while self._timers and self._timers[0][2].callback is None:
             heapq.heappop(self._timers)
         if not self._timers:
             return None
         return max(0.0, self._timers[0][0] - self.time())
 
-    def _poll(self, timeout: float | None) -> list[tuple[int, int]]:
-        # epoll_wait() rounds a timeout up to whole milliseconds itself (CPython converts with
-        # ceiling rounding), so it never wakes early, as selectors arranges by hand.
-        try:
-            ready = self._epoll.poll(-1 if timeout is None else timeout, max(len(self._registered), 1))
-        except InterruptedError:
-            return []
-        found = []
-        for fd, event in ready:
-            registered = self._registered.get(fd)
-            if registered is None:
-                continue
-            mask = (_READ if event & ~_WRITE else 0) | (_WRITE if event & ~_READ else 0)
-            found.append((fd, mask & registered))
-        return found
-
     def run_once(self) -> None:
         """One iteration: wait for fds or the next timer, then run what is due."""
-        for fd, mask in self._poll(self._timeout()):
+        # epoll_wait() rounds a timeout up to whole milliseconds itself (CPython converts with
+        # ceiling rounding), so it never wakes early, as selectors arranges by hand. A signal
+        # does not end the wait (PEP 475: CPython retries): its byte on the wakeup pipe does.
+        timeout = self._timeout()
+        ready = self._epoll.poll(-1 if timeout is None else timeout, len(self._registered) + 1)
+        for fd, event in ready:
             if fd == self._wake_r:
                 self._drain_wakeup()
                 continue
-            # Look the callback up at dispatch time: an earlier callback may have removed it.
-            if mask & _READ and fd in self._readers:
+            # As selectors.EpollSelector: any event but EPOLLOUT (EPOLLIN, EPOLLHUP, EPOLLERR, ...)
+            # is for the reader, any but EPOLLIN for the writer. The callback is looked up now:
+            # an earlier one may have removed it.
+            if event & ~_WRITE and fd in self._readers:
                 self._run_callback(self._readers[fd])
-            if mask & _WRITE and fd in self._writers:
+            if event & ~_READ and fd in self._writers:
                 self._run_callback(self._writers[fd])
         now = self.time()
         while self._timers and self._timers[0][0] <= now:
             _, _, timer = heapq.heappop(self._timers)
-            if not timer.cancelled:
+            if timer.callback is not None:
                 self._ready.append(timer)
         # Only what is ready now; callbacks scheduled meanwhile wait for the next iteration.
         for _ in range(len(self._ready)):
             timer = self._ready.popleft()
             cb = timer.callback
-            if cb is not None and not timer.cancelled:
+            if cb is not None:
                 timer.cancel()
                 self._run_callback(cb)
 
@@ -310,16 +281,12 @@ class EventLoop:
             self.run_once()
 
     def close(self) -> None:
-        """Restore signal dispositions and the previous wakeup fd, and release the epoll fd."""
-        if self._closed:
-            return
-        self._closed = True
-        for signum in list(self._signal_handlers):
-            self.remove_signal_handler(signum)
-        if self._old_wakeup_fd is not None:
-            signal.set_wakeup_fd(self._old_wakeup_fd)
-            self._old_wakeup_fd = None
+        """Restore the default signal dispositions, stop signals writing to the wakeup pipe, and
+        release the epoll fd and the pipe."""
+        for signum in self._signal_handlers:
+            signal.signal(signum, signal.SIG_DFL)
+        if self._signal_handlers:
+            signal.set_wakeup_fd(-1)
         self._epoll.close()
-        self._registered.clear()
         os.close(self._wake_r)
         os.close(self._wake_w)

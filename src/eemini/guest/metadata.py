@@ -1,10 +1,10 @@
-"""Boot config from the cloud's metadata server: the GCE attribute `ee-config`, Azure IMDS
-`userData` then `customData` (base64). Read once the network is up, through eemini.guest.bootconfig's
-parser and policy like every other source.
+"""Boot config from the cloud's metadata server: the GCE attribute `ee-config`, or Azure IMDS
+`userData` then `customData` (eemini.guest.imds reads those). Read once the network is up,
+through eemini.guest.bootconfig's parser and policy like every other source; `http_request` is
+the HTTP client of both clouds' metadata and wire servers.
 
 PID 1 imports this module only for an image whose profile names a metadata source, and the builder
-leaves it out of the import analysis of the others: their images carry no HTTP client (http.client,
-email). The HTTP client is imported where it is used, so the module itself imports everywhere.
+ships it only there: other images carry no HTTP client (http.client, email).
 """
 
 from __future__ import annotations
@@ -20,14 +20,8 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
     from typing import Any
 
-# Which Azure IMDS document a setting came from (Setting.source, the runtime event log).
-AZURE_USERDATA = "azure-userdata"
-AZURE_CUSTOMDATA = "azure-customdata"
-
 METADATA_HOST = "169.254.169.254"
 GCE_PATH = "/computeMetadata/v1/instance/attributes/ee-config"
-AZURE_USERDATA_PATH = "/metadata/instance/compute/userData?api-version=2021-01-01&format=text"
-AZURE_CUSTOMDATA_PATH = "/metadata/instance/compute/customData?api-version=2019-02-01&format=text"
 
 
 @record
@@ -63,13 +57,6 @@ def _connection(fetch: Fetch) -> Any:
     return Connection(fetch.host, fetch.port, timeout=fetch.timeout)
 
 
-def http_get(
-    fetch: Fetch, path: str, headers: dict[str, str]
-) -> tuple[int, dict[str, str], bytes] | None:
-    """GET with bounded retries; None when the server never answered (absent source)."""
-    return http_request(fetch, "GET", path, headers)
-
-
 def http_request(
     fetch: Fetch,
     method: str,
@@ -83,36 +70,28 @@ def http_request(
     server never answered. At most `limit` bytes of the answer are read."""
     import http.client
 
-    delay = fetch.backoff
     for attempt in range(fetch.attempts):
+        if attempt:
+            time.sleep(fetch.backoff * 2 ** (attempt - 1))
         conn = _connection(fetch)
         try:
             conn.request(method, path, body=body, headers=headers)
             resp = conn.getresponse()
-            body_read = resp.read(limit)
-            status = resp.status
-            got = {k.lower(): v for k, v in resp.getheaders()}
-            if status >= 500 and attempt + 1 < fetch.attempts:
-                time.sleep(delay)
-                delay *= 2
-                continue
-            return status, got, body_read
+            answer = resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read(limit)
         except (OSError, http.client.HTTPException):
-            if attempt + 1 < fetch.attempts:
-                time.sleep(delay)
-                delay *= 2
+            continue
         finally:
             conn.close()
+        if answer[0] < 500 or attempt + 1 == fetch.attempts:
+            return answer
     return None
 
 
 def read_gce(fetch: Fetch) -> bytes | None:
-    answer = http_get(fetch, GCE_PATH, {"Metadata-Flavor": "Google"})
-    if answer is None:
+    answer = http_request(fetch, "GET", GCE_PATH, {"Metadata-Flavor": "Google"})
+    if answer is None or answer[0] == 404:  # no server, or no such attribute
         return None
     status, headers, body = answer
-    if status == 404:
-        return None
     if status != 200:
         raise ConfigError(
             f"{ConfigSource.GCE_METADATA}: the metadata server answered HTTP {status} for ee-config"
@@ -125,37 +104,6 @@ def read_gce(fetch: Fetch) -> bytes | None:
     return body
 
 
-def _read_azure(fetch: Fetch, path: str, source: str) -> bytes | None:
-    answer = http_get(fetch, path, {"Metadata": "true"})
-    if answer is None:
-        return None
-    status, _headers, body = answer
-    if status == 404:
-        return None
-    if status != 200:
-        raise ConfigError(f"{source}: IMDS answered HTTP {status}")
-    text = body.strip()
-    if not text:
-        return None  # IMDS answers 200 with an empty body when nothing was provided
-    try:
-        import base64  # Azure only
-
-        return base64.b64decode(text, validate=True)
-    except ValueError:
-        raise ConfigError(f"{source}: the IMDS answer is not base64") from None
-
-
-def read_azure(fetch: Fetch) -> tuple[str, bytes] | None:
-    """userData first; customData only when userData is empty or absent."""
-    data = _read_azure(fetch, AZURE_USERDATA_PATH, AZURE_USERDATA)
-    if data is not None:
-        return AZURE_USERDATA, data
-    data = _read_azure(fetch, AZURE_CUSTOMDATA_PATH, AZURE_CUSTOMDATA)
-    if data is not None:
-        return AZURE_CUSTOMDATA, data
-    return None
-
-
 def collect(sources: Sequence[ConfigSource], fetch: Fetch, log: Callable[[str], None]) -> list[Setting]:
     settings: list[Setting] = []
     if ConfigSource.GCE_METADATA in sources:
@@ -165,9 +113,7 @@ def collect(sources: Sequence[ConfigSource], fetch: Fetch, log: Callable[[str], 
         else:
             settings += parse_env(data, ConfigSource.GCE_METADATA)
     if ConfigSource.AZURE_IMDS in sources:
-        found = read_azure(fetch)
-        if found is None:
-            log("boot config: no Azure userData/customData")
-        else:
-            settings += parse_env(found[1], found[0])
+        from eemini.guest import imds
+
+        settings += imds.boot_config(fetch, log)
     return settings

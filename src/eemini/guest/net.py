@@ -18,15 +18,14 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from eemini.guest.bootconfig import NetworkConfig
-    from eemini.guest.dhcp import Timers
+    from eemini.guest.loop import EventLoop
 
 NIC_WAIT = 5.0  # drivers probe asynchronously after their module loads
 
 
 def write_resolv_conf(path: str, dns: tuple[ipaddress.IPv4Address, ...], domain: str | None) -> None:
     # /etc lives in the initramfs, which is the tmpfs root: nothing here reaches a disk.
-    lines = [f"search {domain}"] if domain else []
-    lines += [f"nameserver {d}" for d in dns]
+    lines = ([f"search {domain}"] if domain else []) + [f"nameserver {d}" for d in dns]
     with open(path, "w") as f:
         f.write("".join(line + "\n" for line in lines))
 
@@ -41,7 +40,7 @@ class Uplink:
 
     def bring_up(self, kind: Network, static: NetworkConfig | None) -> None:
         with netlink.Netlink() as nl:
-            nl.set_link(nl.link("lo").index, up=True)
+            nl.set_link(netlink.LOOPBACK_IFINDEX, up=True)
             if kind is Network.NONE:
                 self.log("network: none (this image has no network)")
                 return
@@ -65,7 +64,7 @@ class Uplink:
             try:
                 lease = client.acquire(timeout=30.0, attempts=5)
             except (dhcp.DhcpError, OSError) as e:
-                client.close()
+                client.sock.close()
                 self.log(f"network: {e}; going on without an address")
                 return
             self._apply(nl, nic, lease)
@@ -77,19 +76,15 @@ class Uplink:
                 f"lease {lease.lease_time} s, {time.monotonic() - start:.2f} s)"
             )
 
-    def keep(self, loop: Timers) -> None:
+    def keep(self, loop: EventLoop) -> None:
         """Renew the DHCP lease on the event loop (a static address or none needs nothing)."""
         if self.dhcp is None:
             return
-        nic, client, lease = self.dhcp
-        dhcp.Renewer(
-            client,
-            lease,
-            loop,
-            on_lease=lambda renewed: self._renewed(nic, renewed),
-            on_expired=lambda expired: self._expired(nic, expired),
-            log=self.log,
-        ).start()
+        _, client, lease = self.dhcp
+        renewer = dhcp.Renewer(
+            client, lease, loop, on_lease=self._renewed, on_expired=self._expired, log=self.log
+        )
+        renewer.start()
 
     def _apply(self, nl: netlink.Netlink, nic: netlink.Link, lease: dhcp.Lease) -> None:
         netlink.configure(
@@ -97,16 +92,18 @@ class Uplink:
         )
         write_resolv_conf(self.resolv_conf, lease.dns, lease.domain)
 
-    def _renewed(self, nic: netlink.Link, lease: dhcp.Lease) -> None:
+    def _renewed(self, lease: dhcp.Lease) -> None:
+        assert self.dhcp is not None
         try:
             with netlink.Netlink() as nl:
-                self._apply(nl, nic, lease)
+                self._apply(nl, self.dhcp[0], lease)
         except OSError as e:
             self.log(f"network: applying the renewed lease failed: {e}")
 
-    def _expired(self, nic: netlink.Link, lease: dhcp.Lease) -> None:
+    def _expired(self, lease: dhcp.Lease) -> None:
+        assert self.dhcp is not None
         try:
             with netlink.Netlink() as nl:
-                nl.delete_address(nic.index, lease.address)
+                nl.delete_address(self.dhcp[0].index, lease.address)
         except OSError as e:
             self.log(f"network: removing the expired address failed: {e}")

@@ -1,8 +1,8 @@
 """rtnetlink, just enough to bring interfaces up and give them an address and routes.
 
-Standard library only. Message layouts follow <linux/netlink.h>, <linux/rtnetlink.h>,
-<linux/if_link.h>, <linux/if_addr.h> (constants copied from those headers); every request asks
-for an ACK so a failure comes back as an errno, raised as OSError naming the operation.
+Message layouts follow <linux/netlink.h>, <linux/rtnetlink.h>, <linux/if_link.h> and
+<linux/if_addr.h> (constants copied from those headers); every request asks for an ACK so a
+failure comes back as an errno, raised as OSError naming the operation.
 """
 
 from __future__ import annotations
@@ -21,9 +21,7 @@ from eemini.guest.record import record
 NETLINK_ROUTE = 0
 NLM_F_REQUEST = 0x1
 NLM_F_ACK = 0x4
-NLM_F_ROOT = 0x100
-NLM_F_MATCH = 0x200
-NLM_F_DUMP = NLM_F_ROOT | NLM_F_MATCH
+NLM_F_DUMP = 0x300  # NLM_F_ROOT | NLM_F_MATCH
 NLM_F_REPLACE = 0x100
 NLM_F_CREATE = 0x400
 NLMSG_ERROR = 2
@@ -36,7 +34,6 @@ RTM_NEWADDR = 20
 RTM_DELADDR = 21
 RTM_NEWROUTE = 24
 RT_TABLE_MAIN = 254
-RTPROT_BOOT = 3
 RTPROT_STATIC = 4
 RTPROT_DHCP = 16
 RT_SCOPE_UNIVERSE = 0
@@ -60,17 +57,18 @@ IFA_F_PERMANENT = 0x80
 
 # <linux/if.h>
 IFF_UP = 0x1
-IFF_LOOPBACK = 0x8
 
 # <linux/if_arp.h>
 ARPHRD_ETHER = 1
 
+# include/net/flow.h: drivers/net/loopback.c registers `lo` with this index in every namespace.
+LOOPBACK_IFINDEX = 1
+
 _NLMSGHDR = struct.Struct("=IHHII")  # len, type, flags, seq, pid
 _IFINFOMSG = struct.Struct("=BxHiII")  # family, type, index, flags, change
 _IFADDRMSG = struct.Struct("=BBBBI")  # family, prefixlen, flags, scope, index
-_RTMSG = struct.Struct(
-    "=BBBBBBBBI"
-)  # family, dst_len, src_len, tos, table, protocol, scope, type, flags
+# family, dst_len, src_len, tos, table, protocol, scope, type, flags
+_RTMSG = struct.Struct("=BBBBBBBBI")
 _RTATTR = struct.Struct("=HH")
 
 
@@ -125,11 +123,11 @@ class Netlink:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _send(self, kind: int, flags: int, body: bytes) -> int:
+    def request(self, kind: int, flags: int, body: bytes, what: str) -> list[tuple[int, bytes]]:
         self.seq += 1
-        header = _NLMSGHDR.pack(_NLMSGHDR.size + len(body), kind, flags | NLM_F_REQUEST, self.seq, 0)
-        self.sock.send(header + body)
-        return self.seq
+        flags |= NLM_F_REQUEST | NLM_F_ACK
+        self.sock.send(_NLMSGHDR.pack(_NLMSGHDR.size + len(body), kind, flags, self.seq, 0) + body)
+        return list(self._replies(self.seq, what))
 
     def _replies(self, seq: int, what: str) -> Iterator[tuple[int, bytes]]:
         while True:
@@ -152,10 +150,6 @@ class Netlink:
                     raise OSError(-code, f"{what}: {os.strerror(-code)}")
                 yield kind, body
 
-    def request(self, kind: int, flags: int, body: bytes, what: str) -> list[tuple[int, bytes]]:
-        seq = self._send(kind, flags | NLM_F_ACK, body)
-        return list(self._replies(seq, what))
-
     # --- links ---
 
     def links(self) -> list[Link]:
@@ -172,19 +166,11 @@ class Netlink:
             out.append(Link(index, name, ltype, flags, attrs.get(IFLA_ADDRESS, b""), mtu))
         return sorted(out, key=lambda link: link.index)
 
-    def link(self, name: str) -> Link:
-        for link in self.links():
-            if link.name == name:
-                return link
-        raise OSError(errno.ENODEV, f"no network interface named {name!r}")
-
-    def set_link(self, index: int, *, up: bool | None = None, mtu: int | None = None) -> None:
-        flags = change = 0
-        if up is not None:
-            change = IFF_UP
-            flags = IFF_UP if up else 0
+    def set_link(self, index: int, *, up: bool = False, mtu: int | None = None) -> None:
+        """Bring the interface up (the change mask touches IFF_UP only then), set its MTU."""
+        flags = IFF_UP if up else 0
         attrs = attr(IFLA_MTU, struct.pack("=I", mtu)) if mtu is not None else b""
-        body = _IFINFOMSG.pack(_socket.AF_UNSPEC, 0, index, flags, change) + attrs
+        body = _IFINFOMSG.pack(_socket.AF_UNSPEC, 0, index, flags, flags) + attrs
         self.request(RTM_NEWLINK, 0, body, f"configure interface {index}")
 
     # --- addresses ---
@@ -210,10 +196,10 @@ class Netlink:
         self,
         index: int,
         dst: ipaddress.IPv4Network,
-        gateway: ipaddress.IPv4Address | None = None,
+        gateway: ipaddress.IPv4Address | None,
         *,
-        protocol: int = RTPROT_BOOT,
-        src: ipaddress.IPv4Address | None = None,
+        protocol: int,
+        src: ipaddress.IPv4Address,
     ) -> None:
         scope = RT_SCOPE_UNIVERSE if gateway is not None else RT_SCOPE_LINK
         body = _RTMSG.pack(
@@ -223,9 +209,7 @@ class Netlink:
             body += attr(RTA_DST, dst.network_address.packed)
         if gateway is not None:
             body += attr(RTA_GATEWAY, gateway.packed)
-        if src is not None:
-            body += attr(RTA_PREFSRC, src.packed)
-        body += attr(RTA_OIF, struct.pack("=i", index))
+        body += attr(RTA_PREFSRC, src.packed) + attr(RTA_OIF, struct.pack("=i", index))
         via = f" via {gateway}" if gateway else ""
         self.request(RTM_NEWROUTE, NLM_F_CREATE | NLM_F_REPLACE, body, f"add route {dst}{via}")
 
@@ -233,7 +217,7 @@ class Netlink:
 def first_nic(links: list[Link]) -> Link | None:
     """The first Ethernet interface by index (what the firmware/hypervisor enumerated first)."""
     for link in links:
-        if link.kind == ARPHRD_ETHER and not link.flags & IFF_LOOPBACK and len(link.mac) == 6:
+        if link.kind == ARPHRD_ETHER and len(link.mac) == 6:  # not lo: ARPHRD_LOOPBACK
             return link
     return None
 
@@ -255,7 +239,7 @@ def configure(
     gateway: ipaddress.IPv4Address | None,
     *,
     mtu: int | None = None,
-    protocol: int = RTPROT_BOOT,
+    protocol: int,
 ) -> None:
     """Address + routes for one interface, including an on-link gateway outside the prefix.
 
@@ -268,7 +252,9 @@ def configure(
     if gateway is None:
         return
     if gateway not in iface.network:
-        nl.add_route(link.index, ipaddress.IPv4Network((gateway, 32)), protocol=protocol, src=iface.ip)
+        nl.add_route(
+            link.index, ipaddress.IPv4Network((gateway, 32)), None, protocol=protocol, src=iface.ip
+        )
     nl.add_route(
         link.index, ipaddress.IPv4Network("0.0.0.0/0"), gateway, protocol=protocol, src=iface.ip
     )

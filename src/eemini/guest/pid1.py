@@ -32,6 +32,7 @@ from eemini.guest.image import (
     ImageError,
     ImageFacts,
 )
+from eemini.guest.linux import MS_NODEV, MS_NOEXEC, MS_NOSUID
 from eemini.guest.record import record
 
 TYPE_CHECKING = False
@@ -40,8 +41,8 @@ if TYPE_CHECKING:
     from typing import NoReturn
 
     from eemini.guest.attest import Backend
-    from eemini.guest.bootconfig import Cmdline, Setting
-    from eemini.guest.events import EventLog
+    from eemini.guest.bootconfig import Setting
+    from eemini.guest.events import Event
     from eemini.guest.loop import EventLoop
     from eemini.guest.net import Uplink
     from eemini.guest.power import PowerWatch
@@ -52,18 +53,12 @@ MountSpec = tuple[str, str, str, int, str | None]
 
 # (source, target, fstype, flags, options): the API filesystems, in the order they are needed.
 EARLY_MOUNTS: tuple[MountSpec, ...] = (
-    ("proc", "/proc", "proc", linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC, None),
-    ("sysfs", "/sys", "sysfs", linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC, None),
-    ("devtmpfs", "/dev", "devtmpfs", linux.MS_NOSUID, "mode=0755"),
-    (
-        "devpts",
-        "/dev/pts",
-        "devpts",
-        linux.MS_NOSUID | linux.MS_NOEXEC,
-        "newinstance,ptmxmode=0666,mode=0620",
-    ),
-    ("tmpfs", "/run", "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, "mode=0755"),
-    ("tmpfs", "/tmp", "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, "mode=1777"),
+    ("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None),
+    ("sysfs", "/sys", "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, None),
+    ("devtmpfs", "/dev", "devtmpfs", MS_NOSUID, "mode=0755"),
+    ("devpts", "/dev/pts", "devpts", MS_NOSUID | MS_NOEXEC, "newinstance,ptmxmode=0666,mode=0620"),
+    ("tmpfs", "/run", "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755"),
+    ("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777"),
 )
 # configfs-tsm's /sys/kernel/config/tsm/report (the quote interface). Built into the image's
 # kernel; a kernel without it (or a test harness) gets a console line, and a production image
@@ -72,7 +67,7 @@ CONFIGFS: MountSpec = (
     "configfs",
     "/sys/kernel/config",
     "configfs",
-    linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC,
+    MS_NOSUID | MS_NODEV | MS_NOEXEC,
     None,
 )
 GRACE_KILL = 2.0  # leftover processes at power-off: SIGTERM, this long, then SIGKILL
@@ -203,13 +198,6 @@ def power_off(reason: str) -> NoReturn:
             pass
 
 
-def image_facts(doc: object) -> ImageFacts:
-    try:
-        return ImageFacts.from_dict(doc)
-    except ImageError as e:
-        raise BootFailure(f"image.json: {e}") from None
-
-
 def check_cmdline(image: ImageFacts, cmdline_text: str) -> None:
     """A production image runs only with the command line built into its UKI.
 
@@ -244,21 +232,6 @@ def trial_quote(backend: Backend) -> int:
         raise Refusal(f"TDX attestation is unavailable: {e}") from None
 
 
-def report_ready() -> None:
-    """Azure provisions a VM only once it reports ready to the wire server (its guest agent's job).
-    Not a security property: a failure is said on the console and the boot goes on."""
-    from eemini.guest.azure import WireServerError
-    from eemini.guest.azure import report_ready as report
-
-    try:
-        instance = report()
-    except Exception as e:  # a WireServerError, or anything unforeseen: the boot goes on
-        why = str(e) if isinstance(e, WireServerError) else f"{type(e).__name__}: {e}"
-        console(f"azure: reporting ready failed: {why} (Azure will count the provisioning as failed)")
-        return
-    console(f"azure: reported ready to the wire server (role instance {instance})")
-
-
 class Boot:
     """The boot sequence, one method per step; `run()` ends in the event loop or raises."""
 
@@ -278,26 +251,22 @@ class Boot:
         try:
             # Ctrl-Alt-Del becomes SIGINT to us instead of an immediate reboot. (EINVAL inside a
             # PID namespace, where the kernel offers only the power commands.)
-            linux.ctrl_alt_del_to_init()
+            linux.reboot(linux.LINUX_REBOOT_CMD_CAD_OFF)
         except OSError:
             pass
-        image = image_facts(self.read_json(self.paths.image_json, "image facts"))
+        image = self.image_facts()
         if image.attestation.production:
             check_cmdline(image, cmdline_text)
         try:
             mount_all((CONFIGFS,))
         except OSError as e:
             console(f"configfs: {e}")
-        try:
-            cmdline = bootconfig.parse_cmdline(cmdline_text)
-        except bootconfig.ConfigError as e:
-            raise BootFailure(str(e)) from None
         # The boot token: 32 bytes from the kernel CSPRNG (getrandom(2) blocks until it is seeded).
         token = os.getrandom(32).hex()
         spec_bytes, spec = self.load_spec()
         allow = spec.workload.allow_env
         try:
-            local = bootconfig.collect_local(cmdline, image.config_sources, console)
+            local = bootconfig.collect_local(cmdline_text, image.config_sources, console)
             static = bootconfig.apply_policy(local, allow).network
         except bootconfig.ConfigError as e:
             raise BootFailure(str(e)) from None
@@ -315,18 +284,10 @@ class Boot:
         for s in config.settings:
             console(f"boot config: {s.key} from {s.source} accepted ({s.digest[:23]}...)")
         self.timeline.mark("remote config")
-        backend, measurer = self.backend(image, cmdline)
+        backend, measurer = self.backend(image, cmdline_text)
         events = self.event_log(spec_bytes, spec.workload.path, config.settings, measurer)
         self.timeline.mark("attestation")
-        self.serve(
-            spec,
-            token,
-            backend,
-            image=image,
-            env=config.env,
-            events=events,
-            measurer=measurer,
-        )
+        self.serve(spec, token, backend, image=image, env=config.env, events=events, measurer=measurer)
 
     # --- steps ---
 
@@ -340,32 +301,30 @@ class Boot:
         except OSError:
             return ""
 
-    @staticmethod
-    def read_json(path: str, what: str) -> dict[str, object]:
+    def image_facts(self) -> ImageFacts:
+        path = self.paths.image_json
         try:
             with open(path, "rb") as f:
-                data = json.loads(f.read())
+                return ImageFacts.from_dict(json.loads(f.read()))
         except OSError as e:
-            raise BootFailure(f"cannot read the {what} {path}: {e.strerror}") from None
+            raise BootFailure(f"cannot read the image facts {path}: {e.strerror}") from None
+        except ImageError as e:  # first: an ImageError is a ValueError too
+            raise BootFailure(f"image.json: {e}") from None
         except ValueError as e:
-            raise BootFailure(f"the {what} {path} is not valid JSON: {e}") from None
-        if not isinstance(data, dict):
-            raise BootFailure(f"the {what} {path} is not a JSON object")
-        return data
+            raise BootFailure(f"the image facts {path} are not valid JSON: {e}") from None
 
     def load_spec(self) -> tuple[bytes, EnclaveSpec]:
         from eemini.guest import spec as guest_spec
 
+        path = self.paths.spec_json
         try:
-            with open(self.paths.spec_json, "rb") as f:
+            with open(path, "rb") as f:
                 data = f.read()
             return data, guest_spec.loads(data)
         except OSError as e:
-            raise BootFailure(
-                f"cannot read the enclave spec {self.paths.spec_json}: {e.strerror}"
-            ) from None
+            raise BootFailure(f"cannot read the enclave spec {path}: {e.strerror}") from None
         except guest_spec.SpecError as e:
-            raise BootFailure(f"the enclave spec {self.paths.spec_json} is invalid: {e}") from None
+            raise BootFailure(f"the enclave spec {path} is invalid: {e}") from None
 
     @staticmethod
     def remote_config(sources: Sequence[ConfigSource]) -> list[Setting]:
@@ -377,77 +336,46 @@ class Boot:
 
         return metadata.collect(sources, metadata.Fetch(), console)
 
-    def backend(self, image: ImageFacts, cmdline: Cmdline) -> tuple[Backend, RuntimeMeasurer]:
-        from eemini.guest import bootconfig
-
+    def backend(self, image: ImageFacts, cmdline_text: str) -> tuple[Backend, RuntimeMeasurer]:
         kind = image.attestation
         if kind is Attestation.SIMULATED:
-            # Both must say so: image.json (in the initramfs) and the measured cmdline marker, so a
-            # simulated image can never pass for a production one.
-            if not cmdline.has(*bootconfig.DEV_MARKER):
-                raise BootFailure(
-                    "image.json asks for simulated attestation but the cmdline lacks ee.dev=1"
-                )
-            from eemini.guest.dev.simulated import SimulatedBackend
-
-            console("attestation: simulated (local-dev image; quotes are signed by a development key)")
-            simulated = SimulatedBackend()
-            return simulated, simulated.rtmr3_measurer()
-        if kind is Attestation.CONFIGFS_TSM:
-            from eemini.guest.attest import ConfigfsTsmBackend
-            from eemini.guest.rtmr import RuntimeMeasurer
-
-            backend = ConfigfsTsmBackend(self.paths.tsm_report)
-            size = trial_quote(backend)
-            measurer = RuntimeMeasurer()
-            console(
-                f"attestation: TDX through configfs-tsm (trial quote: {size} bytes); RTMR3 "
-                + (
-                    "extended with runtime events"
-                    if measurer.enabled
-                    else f"not extended ({measurer.reason})"
-                )
-            )
-            return backend, measurer
-        if kind is Attestation.AZURE_TDX_VTPM:
-            from eemini.guest import azure
-            from eemini.guest.rtmr import RuntimeMeasurer
+            from eemini.guest.bootconfig import ConfigError
+            from eemini.guest.dev import simulated
 
             try:
-                azure.mount_securityfs()
-            except OSError as e:
-                console(f"securityfs: {e}; attest answers will carry no TPM event log")
-            vtpm = azure.AzureVtpmBackend()
-            size = trial_quote(vtpm)
-            measurer = RuntimeMeasurer()
-            if not measurer.enabled:
-                measurer.reason = "the TD is Azure's paravisor: the guest has no RTMR3 of its own"
-            console(
-                f"attestation: Azure TDX through the vTPM and the HCL report (trial: {size}-byte "
-                "TD quote, vTPM quote over PCRs 0-23); RTMR3 "
-                + ("extended" if measurer.enabled else f"not extended ({measurer.reason})")
-            )
-            report_ready()
-            return vtpm, measurer
-        raise BootFailure(f"image.json: no attestation backend for {kind}")
+                return simulated.boot(cmdline_text, console)
+            except ConfigError as e:
+                raise BootFailure(str(e)) from None
+        if kind is Attestation.AZURE_TDX_VTPM:
+            from eemini.guest import azure
+
+            return azure.boot(trial_quote, console)
+        from eemini.guest.attest import ConfigfsTsmBackend  # Attestation.CONFIGFS_TSM
+        from eemini.guest.rtmr import RuntimeMeasurer
+
+        backend = ConfigfsTsmBackend(self.paths.tsm_report)
+        size = trial_quote(backend)
+        measurer = RuntimeMeasurer()
+        rtmr3 = (
+            "extended with runtime events" if measurer.enabled else f"not extended ({measurer.reason})"
+        )
+        console(f"attestation: TDX through configfs-tsm (trial quote: {size} bytes); RTMR3 {rtmr3}")
+        return backend, measurer
 
     @staticmethod
     def event_log(
-        spec_bytes: bytes,
-        workload_path: str,
-        settings: Sequence[Setting],
-        measurer: RuntimeMeasurer,
-    ) -> EventLog:
-        from eemini.guest.events import EventLog
+        spec_bytes: bytes, workload_path: str, settings: Sequence[Setting], measurer: RuntimeMeasurer
+    ) -> tuple[Event, ...]:
+        from eemini.guest.events import boot_log
 
         try:
             with open(workload_path, "rb") as f:
                 workload = f.read()
         except OSError as e:
             raise BootFailure(f"cannot read the workload {workload_path}: {e.strerror}") from None
-        events = EventLog(measurer.on_append)
-        events.record_boot("image", spec_bytes, (workload_path, workload), settings, sealed_by="pid1")
-        return events
+        return boot_log(
+            measurer.measure, "image", spec_bytes, (workload_path, workload), settings, sealed_by="pid1"
+        )
 
     def serve(
         self,
@@ -457,8 +385,8 @@ class Boot:
         *,
         image: ImageFacts,
         env: Mapping[str, str],
-        events: EventLog,
-        measurer: RuntimeMeasurer | None = None,
+        events: tuple[Event, ...],
+        measurer: RuntimeMeasurer,
     ) -> None:
         from eemini.guest.attest import CCEL_PATH
         from eemini.guest.power import PowerWatch
@@ -471,7 +399,6 @@ class Boot:
             socket_path=self.paths.socket,
             image=image,
             extra_env=env,
-            console_fd=2,
             ccel_path=CCEL_PATH if os.path.exists(CCEL_PATH) else None,
         )
         runtime = Runtime(config, events=events, on_poweroff=power_off, measurer=measurer)

@@ -12,54 +12,39 @@ import signal
 import struct
 from collections.abc import Callable
 
-from eemini.guest.record import record
-
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Protocol
+    from eemini.guest.loop import EventLoop
 
 # <linux/input-event-codes.h>
 EV_KEY = 0x01
 KEY_POWER = 116
 KEY_POWER2 = 0x164
+KEY_PRESS = 1  # an input_event value: 0 is a release, 2 a repeat
 # <linux/input.h>: struct input_event { struct timeval time; __u16 type; __u16 code; __s32 value; }
 # with the native long for the timeval fields (24 bytes on x86_64).
 INPUT_EVENT = struct.Struct("@llHHi")
-KEY_RELEASE, KEY_PRESS, KEY_REPEAT = 0, 1, 2
 
 
-@record
-class InputEvent:
-    sec: int
-    usec: int
-    type: int
-    code: int
-    value: int
-
-    @property
-    def power_press(self) -> bool:
-        return self.type == EV_KEY and self.code in (KEY_POWER, KEY_POWER2) and self.value == KEY_PRESS
+def power_pressed(data: bytes) -> bool:
+    """Whether the input_event records in `data` press a power key (evdev never splits a record,
+    so a trailing partial one is ignored)."""
+    whole = data[: len(data) - len(data) % INPUT_EVENT.size]
+    return any(
+        kind == EV_KEY and code in (KEY_POWER, KEY_POWER2) and value == KEY_PRESS
+        for _sec, _usec, kind, code, value in INPUT_EVENT.iter_unpack(whole)
+    )
 
 
-def parse_events(data: bytes) -> list[InputEvent]:
-    """Whole input_event records; a trailing partial record is ignored (evdev never splits them)."""
-    size = INPUT_EVENT.size
-    return [
-        InputEvent(*INPUT_EVENT.unpack_from(data, off)) for off in range(0, len(data) - size + 1, size)
-    ]
+def has_key(capabilities: str, code: int) -> bool:
+    """Test a bit in a sysfs capabilities bitmap: hex longs, most significant word first, each
+    written without its leading zeros."""
+    digits = struct.calcsize("@l") * 2  # hex digits of a long
+    bitmap = int("".join(word.zfill(digits) for word in capabilities.split()) or "0", 16)
+    return bool(bitmap >> code & 1)
 
 
-def has_key(capabilities: str, code: int, long_bits: int = struct.calcsize("@l") * 8) -> bool:
-    """Test a bit in a sysfs capabilities bitmap: hex longs, most significant word first."""
-    words = capabilities.split()
-    index = code // long_bits
-    if index >= len(words):
-        return False
-    word = int(words[len(words) - 1 - index], 16)
-    return bool(word >> (code % long_bits) & 1)
-
-
-def find_power_buttons(sys_input: str = "/sys/class/input") -> list[str]:
+def find_power_buttons(sys_input: str) -> list[str]:
     """Names (eventN) of the input devices that can send KEY_POWER."""
     found = []
     try:
@@ -77,20 +62,12 @@ def find_power_buttons(sys_input: str = "/sys/class/input") -> list[str]:
     return found
 
 
-if TYPE_CHECKING:
-
-    class Loop(Protocol):
-        def add_reader(self, fd: int, callback: Callable[[], None]) -> None: ...
-
-        def remove_reader(self, fd: int) -> None: ...
-
-        def add_signal_handler(self, signum: int, callback: Callable[[], None]) -> None: ...
-
-
 class PowerWatch:
     """Calls `request(reason)` on SIGTERM, SIGINT (Ctrl-Alt-Del) or a power-button press."""
 
-    def __init__(self, loop: Loop, request: Callable[[str], None], log: Callable[[str], None]) -> None:
+    def __init__(
+        self, loop: EventLoop, request: Callable[[str], None], log: Callable[[str], None]
+    ) -> None:
         self.loop = loop
         self.request = request
         self.log = log
@@ -100,7 +77,7 @@ class PowerWatch:
         self.loop.add_signal_handler(signal.SIGTERM, lambda: self.request("SIGTERM received"))
         self.loop.add_signal_handler(signal.SIGINT, lambda: self.request("Ctrl-Alt-Del (SIGINT)"))
 
-    def watch_buttons(self, sys_input: str = "/sys/class/input", dev_input: str = "/dev/input") -> int:
+    def watch_buttons(self, sys_input: str, dev_input: str) -> int:
         """Watch every power-button device not watched yet; returns how many are watched."""
         watched = set(self.fds.values())
         for name in find_power_buttons(sys_input):
@@ -126,11 +103,5 @@ class PowerWatch:
             os.close(fd)
             self.fds.pop(fd, None)
             return
-        if any(ev.power_press for ev in parse_events(data)):
+        if power_pressed(data):
             self.request("ACPI power button pressed")
-
-    def close(self) -> None:
-        for fd in list(self.fds):
-            self.loop.remove_reader(fd)
-            os.close(fd)
-        self.fds.clear()

@@ -8,7 +8,7 @@ the guest may import nothing else; the host imports it from here.
 Source: Intel TDX DCAP Quoting Library API (quote format, appendix A.3 "Version 4 Quote Format" and
 A.4 "Version 5"), and the Intel SGX DCAP ECDSA quote library reference for the QE report (SGX
 REPORT body) and the certification data types. All integers are little-endian.
-Keep the widths in sync with those tables: the sizes below are sums of them, checked at import.
+Keep the widths in sync with those tables: the sizes and structs below are made from them.
 """
 
 from __future__ import annotations
@@ -47,6 +47,12 @@ class CertificationDataType(enum.IntEnum):
 
 INTEL_QE_VENDOR_ID = bytes.fromhex("939a7233f79c4ca9940a0db3957f0607")
 
+
+def _struct(fields: tuple[tuple[str, int], ...]) -> struct.Struct:
+    """The fields in order: those of 2 and 4 bytes as integers (u16, u32), the others as bytes."""
+    return struct.Struct("<" + "".join({2: "H", 4: "I"}.get(w, f"{w}s") for _, w in fields))
+
+
 # (field, width) tables, in order.
 HEADER_FIELDS: tuple[tuple[str, int], ...] = (
     ("version", 2),
@@ -58,9 +64,10 @@ HEADER_FIELDS: tuple[tuple[str, int], ...] = (
     ("qe_vendor_id", 16),
     ("user_data", 20),
 )
-HEADER_SIZE = 48
-HEADER_STRUCT = struct.Struct("<HHIHH16s20s")
+HEADER_STRUCT = _struct(HEADER_FIELDS)
+HEADER_SIZE = HEADER_STRUCT.size  # 48
 
+REPORT_DATA_SIZE = 64
 TD_REPORT_10_FIELDS: tuple[tuple[str, int], ...] = (
     ("tee_tcb_svn", 16),
     ("mr_seam", 48),
@@ -76,28 +83,26 @@ TD_REPORT_10_FIELDS: tuple[tuple[str, int], ...] = (
     ("rtmr1", 48),
     ("rtmr2", 48),
     ("rtmr3", 48),
-    ("report_data", 64),
+    ("report_data", REPORT_DATA_SIZE),  # last: REPORT_DATA_OFFSET relies on it
 )
 # TDX 1.5 appends these two to the 1.0 report (quote v5 body type 3).
 TD_REPORT_15_EXTRA_FIELDS: tuple[tuple[str, int], ...] = (
     ("tee_tcb_svn2", 16),
     ("mr_servicetd", 48),
 )
-TD_REPORT_10_SIZE = 584
-TD_REPORT_15_SIZE = 648
-REPORT_DATA_OFFSET = 520  # within the body: report_data is the last field of the TDX 1.0 report
-REPORT_DATA_SIZE = 64
+TD_REPORT_10_SIZE = sum(w for _, w in TD_REPORT_10_FIELDS)  # 584
+TD_REPORT_15_SIZE = TD_REPORT_10_SIZE + sum(w for _, w in TD_REPORT_15_EXTRA_FIELDS)  # 648
+REPORT_DATA_OFFSET = TD_REPORT_10_SIZE - REPORT_DATA_SIZE  # 520, within the body
 
 BODY_DESCRIPTOR_STRUCT = struct.Struct("<HI")  # v5: u16 body type, u32 body size
-BODY_DESCRIPTOR_SIZE = 2 + 4
+BODY_DESCRIPTOR_SIZE = BODY_DESCRIPTOR_STRUCT.size
 BODY_SIZES = {BodyType.TD_REPORT_10: TD_REPORT_10_SIZE, BodyType.TD_REPORT_15: TD_REPORT_15_SIZE}
 SIGNATURE_DATA_LEN_SIZE = 4
 
 # ECDSA-256 signature data (A.3.8): signature r||s, attestation public key x||y, certification data.
 ECDSA_SIGNATURE_SIZE = 64
 ECDSA_KEY_SIZE = 64
-CERTIFICATION_HEADER_SIZE = 2 + 4  # u16 type, u32 size
-CERTIFICATION_HEADER_STRUCT = struct.Struct("<HI")
+CERTIFICATION_HEADER_STRUCT = struct.Struct("<HI")  # u16 type, u32 size
 
 # SGX REPORT body (the QE report), 384 bytes.
 ENCLAVE_REPORT_FIELDS: tuple[tuple[str, int], ...] = (
@@ -114,8 +119,8 @@ ENCLAVE_REPORT_FIELDS: tuple[tuple[str, int], ...] = (
     ("reserved4", 60),
     ("report_data", 64),
 )
-ENCLAVE_REPORT_SIZE = 384
-ENCLAVE_REPORT_STRUCT = struct.Struct("<16sI28s16s32s32s32s96sHH60s64s")
+ENCLAVE_REPORT_STRUCT = _struct(ENCLAVE_REPORT_FIELDS)
+ENCLAVE_REPORT_SIZE = ENCLAVE_REPORT_STRUCT.size
 QE_AUTH_DATA_LEN_SIZE = 2
 
 # TD attributes (TDX module ABI, TDINFO_STRUCT.ATTRIBUTES, a little-endian u64).
@@ -128,18 +133,3 @@ TD_ATTR_PKS = 1 << 30
 TD_ATTR_KL = 1 << 31
 TD_ATTR_OTHER_RESERVED_MASK = 0x7FFFFFFF_00000000  # bits 62:32
 TD_ATTR_PERFMON = 1 << 63
-
-
-def _check() -> None:
-    assert sum(w for _, w in HEADER_FIELDS) == HEADER_SIZE == HEADER_STRUCT.size
-    assert sum(w for _, w in TD_REPORT_10_FIELDS) == TD_REPORT_10_SIZE
-    assert TD_REPORT_10_FIELDS[-1] == ("report_data", REPORT_DATA_SIZE)
-    assert REPORT_DATA_OFFSET == TD_REPORT_10_SIZE - REPORT_DATA_SIZE
-    assert BODY_DESCRIPTOR_STRUCT.size == BODY_DESCRIPTOR_SIZE
-    assert CERTIFICATION_HEADER_STRUCT.size == CERTIFICATION_HEADER_SIZE
-    assert TD_REPORT_10_SIZE + sum(w for _, w in TD_REPORT_15_EXTRA_FIELDS) == TD_REPORT_15_SIZE
-    assert sum(w for _, w in ENCLAVE_REPORT_FIELDS) == ENCLAVE_REPORT_SIZE
-    assert ENCLAVE_REPORT_STRUCT.size == ENCLAVE_REPORT_SIZE
-
-
-_check()

@@ -41,9 +41,7 @@ class _Factory:
 def field(*, default_factory: Callable[[], T]) -> T:
     """A field whose default is made afresh for each instance."""
     # A placeholder that @record replaces with the factory's product in each instance.
-    placeholder: Any = _Factory(default_factory)
-    result: T = placeholder
-    return result
+    return _Factory(default_factory)  # type: ignore[return-value]
 
 
 def _init(self: Any, *args: Any, **kwargs: Any) -> None:
@@ -117,7 +115,6 @@ def record(cls: type[T]) -> type[T]:
                 delattr(cls, name)
     setattr(cls, "__record_fields__", names)  # noqa: B010
     setattr(cls, "__record_defaults__", defaults)  # noqa: B010
-    setattr(cls, "__match_args__", names)  # noqa: B010
     for attr, method in (
         ("__init__", _init),
         ("__repr__", _repr),

@@ -8,16 +8,19 @@ TDG.MR.RTMR.EXTEND, so the register becomes SHA-384(old || written). The kernel 
 such extensions: ours is the runtime event log (eemini.guest.events). The image's kernel (Linux
 7.3, docs/kernel.md) has the file, so on TDX this is the production path; earlier kernels (6.12)
 have no such file, and then nothing is extended and `health` says so.
-
-Standard library only (this runs as PID 1 inside the image).
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
+
+from eemini.guest.spec import canonical_json
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from eemini.guest.events import Event
 
 MEASUREMENTS_DIR = "sys/class/misc/tdx_guest/measurements"
 RTMR3_FILE = "rtmr3:sha384"
@@ -32,26 +35,14 @@ class RtmrError(OSError):
 
 
 def event_bytes(event: Mapping[str, object]) -> bytes:
-    """The canonical encoding of one runtime event: JSON of its measured fields, sorted keys,
-    compact separators, UTF-8 (the same canonical form as the resolved spec)."""
-    try:
-        fields = {name: event[name] for name in MEASURED_FIELDS}
-    except KeyError as e:
-        raise ValueError(f"runtime event lacks the field {e.args[0]!r}") from None
-    return json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    """The canonical encoding of one runtime event: its measured fields in the canonical JSON of
+    the resolved spec (sorted keys, compact separators, UTF-8); KeyError for a missing one."""
+    return canonical_json({name: event[name] for name in MEASURED_FIELDS})
 
 
 def event_digest(event: Mapping[str, object]) -> bytes:
-    """The 48 bytes written to RTMR3 for one runtime event."""
+    """The 48 bytes written to RTMR3 for one runtime event (eemini.tdx.runtime_log replays them)."""
     return hashlib.sha384(event_bytes(event)).digest()
-
-
-def replay(events: Iterable[Mapping[str, object]], start: bytes = bytes(RTMR_SIZE)) -> bytes:
-    """RTMR3 after extending `start` with each event in order."""
-    value = start
-    for event in events:
-        value = hashlib.sha384(value + event_digest(event)).digest()
-    return value
 
 
 class Rtmr3:
@@ -71,8 +62,6 @@ class Rtmr3:
     def extend(self, digest: bytes) -> None:
         """Extend RTMR3 with a 48-byte digest: one write of all 48 bytes at offset 0 (a fresh
         descriptor's position)."""
-        if len(digest) != RTMR_SIZE:
-            raise ValueError(f"an RTMR3 extension must be {RTMR_SIZE} bytes, got {len(digest)}")
         try:
             fd = os.open(self.path, os.O_WRONLY | os.O_CLOEXEC)
         except OSError as e:
@@ -91,9 +80,7 @@ class Rtmr3:
 
 class RuntimeMeasurer:
     """Extends RTMR3 with each runtime event (when possible) and remembers what it did, for
-    `health` and `attest`. Set `EventLog.on_append = measurer.on_append`: it runs under the log's
-    lock, before the event becomes visible, so log order equals extension order and a failed
-    extension keeps the event out of the log."""
+    `health` and `attest`; `measure` is what eemini.guest.events.boot_log hands each event to."""
 
     def __init__(
         self,
@@ -118,15 +105,10 @@ class RuntimeMeasurer:
     def enabled(self) -> bool:
         return self._extend is not None
 
-    def on_append(self, event: object) -> None:
-        if self._extend is None:
-            return
-        to_dict = getattr(event, "to_dict", None)
-        fields = to_dict() if callable(to_dict) else event
-        if not isinstance(fields, Mapping):
-            raise TypeError(f"cannot measure a runtime event of type {type(event).__name__}")
-        self._extend(event_digest(fields))
-        self.extended += 1
+    def measure(self, event: Event) -> None:
+        if self._extend is not None:
+            self._extend(event_digest(event.to_dict()))
+            self.extended += 1
 
     def status(self) -> dict[str, object]:
         """What `health` and `attest` report about RTMR3."""

@@ -2,8 +2,8 @@
 
 Dev mode builds it with the simulated backend and runs it as an ordinary process; PID 1 builds it
 with the boot token, the spec from /etc/eemini/spec.json, the configfs-tsm (or simulated) backend,
-the image facts, its event log and an `on_poweroff` callback, adds its own fds and timers to
-`runtime.loop`, and runs the loop itself.
+the image facts, its event log and an `on_poweroff` callback. Both add their own fds, timers and
+signals to `runtime.loop`, `start()` it and run the loop themselves.
 """
 
 from __future__ import annotations
@@ -17,50 +17,29 @@ from collections import deque
 from collections.abc import Callable, Mapping
 
 from eemini import __version__
-from eemini.guest.attest import AttestError, pad_report_data, read_ccel
-from eemini.guest.events import EventLog
+from eemini.guest.attest import AttestError, read_ccel
 from eemini.guest.image import SOCKET, ImageFacts
-from eemini.guest.linux import set_child_subreaper
-from eemini.guest.logbuf import MAX_BYTES, MAX_LINES, LogBuffer
+from eemini.guest.logbuf import MAX_LINES, LogBuffer
 from eemini.guest.loop import EventLoop, ThreadStartError, WorkerThread
 from eemini.guest.quote_layout import REPORT_DATA_SIZE
 from eemini.guest.record import field, record
-from eemini.guest.rtmr import RuntimeMeasurer
 from eemini.guest.server import Limits, Method, RequestError, Server, encoded_size, error
 from eemini.guest.spec import EnclaveSpec, OnExit
-from eemini.guest.supervisor import (
-    Backoff,
-    Reaper,
-    RunRecord,
-    Supervisor,
-    workload_env,
-)
+from eemini.guest.supervisor import Backoff, Reaper, RunRecord, Supervisor
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
     from eemini.guest.attest import Backend
+    from eemini.guest.events import Event
+    from eemini.guest.rtmr import RuntimeMeasurer
     from eemini.guest.server import Respond
 
-MAX_TAIL = MAX_LINES
-# A `logs` answer without its lines: {"ok":true,"lines":[],"entries":[],"dropped":…,"omitted":…}
-# and the newline, with room for the two counts.
+# A `logs` answer without its lines: {"ok":true,"lines":[],"dropped":…,"omitted":…} and the
+# newline, with room for the two counts.
 _LOGS_FRAME = 96
-# The original runtime's status words for the supervisor's states ("exited" depends on the run).
-_EE_STATUS = {
-    "starting": "deploying",
-    "backoff": "deploying",  # waiting to start the next run
-    "running": "running",
-    "stopping": "running",  # still running until it is stopped
-    "stopped": "stopped",
-}
-
-
-def _rfc3339(t: float) -> str:
-    """`t` (seconds since the epoch) as an RFC 3339 UTC time to the millisecond."""
-    ms = round(t * 1000)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ms // 1000)) + f".{ms % 1000:03d}+00:00"
+_HEX_DIGITS = frozenset("0123456789abcdefABCDEF")
 
 
 @record
@@ -73,14 +52,10 @@ class RuntimeConfig:
     socket_path: str = SOCKET
     image: ImageFacts | None = None  # None in dev mode
     extra_env: Mapping[str, str] = field(default_factory=dict)  # accepted boot config
-    console_fd: int | None = 2
     limits: Limits = field(default_factory=Limits)
     backoff: Backoff = field(default_factory=Backoff)
     grace: float = 10.0
-    subreaper: bool = False  # dev mode: adopt orphans as PID 1 would
     ccel_path: str | None = None  # CC event log to return with quotes, when present
-    log_lines: int = MAX_LINES
-    log_bytes: int = MAX_BYTES
 
 
 class AttestWorker:
@@ -107,7 +82,7 @@ class AttestWorker:
         except ThreadStartError as e:
             raise RequestError(f"attest: {e}; try again", "busy") from None
         with self._queued:
-            if 0 < self.max_queue <= len(self._queue):
+            if len(self._queue) >= self.max_queue:
                 raise RequestError(
                     f"too many attestation requests queued ({self.max_queue}); try again", "busy"
                 )
@@ -138,18 +113,14 @@ def decode_report_data(params: Mapping[str, Any]) -> bytes:
     `report_data_b64` wins when both are present (as in the original runtime). The legacy
     `nonce` is read as hex when it is an even number of hex digits, otherwise as base64.
     """
-    if "report_data_b64" in params:
-        field_name, text = "report_data_b64", params["report_data_b64"]
-        data = _b64(field_name, text)
-    elif "nonce" in params:
-        field_name, text = "nonce", params["nonce"]
-        hexdigits = set("0123456789abcdefABCDEF")
-        if text and len(text) % 2 == 0 and set(text) <= hexdigits:
-            data = bytes.fromhex(text)
-        else:
-            data = _b64(field_name, text)
-    else:
+    field_name = "report_data_b64" if "report_data_b64" in params else "nonce"
+    text = params.get(field_name)
+    if text is None:
         return b""
+    if field_name == "nonce" and text and len(text) % 2 == 0 and set(text) <= _HEX_DIGITS:
+        data = bytes.fromhex(text)
+    else:
+        data = _b64(field_name, text)
     if len(data) > REPORT_DATA_SIZE:
         raise RequestError(
             f"attest: {field_name} decodes to {len(data)} bytes; the maximum is {REPORT_DATA_SIZE}"
@@ -171,42 +142,34 @@ def _b64encode(data: bytes) -> str:
 
 
 class Runtime:
-    """The guest runtime. Construct, `start()`, then run `runtime.loop` (or call `run()`)."""
+    """The guest runtime. Construct, `start()`, then run `runtime.loop`."""
 
     def __init__(
         self,
         config: RuntimeConfig,
         *,
-        loop: EventLoop | None = None,
-        events: EventLog | None = None,
-        on_poweroff: Callable[[str], None] | None = None,
-        measurer: RuntimeMeasurer | None = None,
+        events: tuple[Event, ...],
+        measurer: RuntimeMeasurer,
+        on_poweroff: Callable[[str], None],
     ) -> None:
         self.config = config
-        self.loop = loop if loop is not None else EventLoop()
-        self.events = events if events is not None else EventLog()
+        self.loop = EventLoop()
+        self.events = events
         # RTMR3 extension of the runtime log (docs/measurements.md); reported by health and attest.
         self.measurer = measurer
-        self.on_poweroff = on_poweroff
+        self.on_poweroff = on_poweroff  # power_off, or in dev mode: stop the loop
         self.started_mono = time.monotonic()
         self.started_at = time.time()
         self.spec_digest = "sha256:" + hashlib.sha256(config.spec.canonical_json()).hexdigest()
-        self.logbuf = LogBuffer(config.log_lines, config.log_bytes)
+        self.logbuf = LogBuffer()
         self.reaper = Reaper()
-        env = workload_env(
-            config.spec.workload,
-            token=config.token,
-            extra_env=config.extra_env,
-            socket_path=None if config.socket_path == SOCKET else config.socket_path,
-        )
         self.supervisor = Supervisor(
             self.loop,
             self.reaper,
             config.spec.workload,
-            env=env,
+            env=self._workload_env(),
             logbuf=self.logbuf,
             on_done=self._workload_done,
-            console_fd=config.console_fd,
             backoff=config.backoff,
             grace=config.grace,
         )
@@ -214,11 +177,19 @@ class Runtime:
         # quote queued: a queue as long as the connection limit never refuses a client.
         self.attester = AttestWorker(self.loop, config.backend, config.limits.max_connections)
         self.server = Server(self.loop, config.socket_path, config.token, self._methods(), config.limits)
-        self.shutting_down = False
-        self.poweroff_reason: str | None = None
+        self.poweroff_reason: str | None = None  # set once shutting down
 
-    def __repr__(self) -> str:  # the config holds the token: never print it
-        return f"Runtime(socket={self.config.socket_path!r})"
+    def _workload_env(self) -> dict[str, str]:
+        """The workload's whole environment: the declared env, the accepted boot config (allow_env
+        keys only, eemini.guest.bootconfig.apply_policy), and the token when the spec grants it."""
+        workload = self.config.spec.workload
+        env = {**workload.env, **self.config.extra_env}
+        if workload.inherit_token:
+            env["EE_TOKEN"] = self.config.token
+            if self.config.socket_path != SOCKET:
+                # Dev mode: the token is useless to a workload that cannot find the socket.
+                env["EE_SOCKET_PATH"] = self.config.socket_path
+        return env
 
     def _methods(self) -> dict[str, Method]:
         return {
@@ -235,76 +206,41 @@ class Runtime:
 
     def start(self) -> None:
         """Reap children on SIGCHLD, open the control socket, start the workload."""
-        if self.config.subreaper:
-            set_child_subreaper()
         self.loop.add_signal_handler(signal.SIGCHLD, self.reaper.reap)
         self.server.start()
         self.supervisor.start()
 
-    def install_stop_signals(self) -> None:
-        """SIGINT and SIGTERM stop the workload cleanly and end the runtime (dev mode)."""
-        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            name = signal.Signals(signum).name
-            self.loop.add_signal_handler(signum, lambda n=name: self.shutdown(f"{n} received"))  # type: ignore[misc]
-
     def shutdown(self, reason: str) -> None:
         """Stop the workload (SIGTERM, grace, SIGKILL), then call on_poweroff(reason). Idempotent."""
-        if self.shutting_down:
+        if self.poweroff_reason is not None:
             return
-        self.shutting_down = True
         self.poweroff_reason = reason
         self.supervisor.note(f"shutting down: {reason}")
-        self.supervisor.stop(self._stopped)
+        self.supervisor.stop(lambda: self._stopped(reason))
 
-    def _stopped(self) -> None:
-        reason = self.poweroff_reason or "shutdown"
-        self.supervisor.flush_console()
-        if self.on_poweroff is not None:
-            self.on_poweroff(reason)
-        else:
-            self.loop.stop()
+    def _stopped(self, reason: str) -> None:
+        self.supervisor.console.flush()  # before exiting or powering off
+        self.on_poweroff(reason)
 
     def _workload_done(self, record: RunRecord) -> None:
-        policy = self.config.spec.workload.on_exit
-        if policy is OnExit.POWEROFF:
+        if self.config.spec.workload.on_exit is OnExit.POWEROFF:
             self.shutdown(f"workload done for good ({record.describe()}); on_exit = poweroff")
         else:
             self.supervisor.note("workload done for good; on_exit = stay, still serving")
 
-    def run(self) -> None:
-        """Start and run the loop until shutdown completes, then close everything."""
-        self.start()
-        try:
-            self.loop.run()
-        finally:
-            self.close()
-
-    def close(self) -> None:
-        self.server.close()
-        self.loop.close()
-
     # -- methods -----------------------------------------------------------------------------
-
-    def uptime(self) -> int:
-        return int(time.monotonic() - self.started_mono)
 
     def _health(self, params: dict[str, Any], respond: Respond) -> None:
         respond(
             {
-                "ok": True,
                 "attestation_type": self.config.backend.attestation_type,
                 "workloads": 1,
-                "uptime_secs": self.uptime(),
+                "uptime_secs": int(time.monotonic() - self.started_mono),
                 "workload": self.supervisor.state.value,
                 "version": __version__,
-                **self._rtmr3_status(),
+                **self.measurer.status(),
             }
         )
-
-    def _rtmr3_status(self) -> dict[str, object]:
-        if self.measurer is None:
-            return {"rtmr3_extended": False, "rtmr3_reason": "no RTMR3 measurer configured"}
-        return self.measurer.status()
 
     def _attest(self, params: dict[str, Any], respond: Respond) -> None:
         data = decode_report_data(params)
@@ -321,55 +257,23 @@ class Runtime:
             ccel = read_ccel(self.config.ccel_path) if self.config.ccel_path else None
             respond(
                 {
-                    "ok": True,
                     "attestation_type": backend.attestation_type,
                     "quote_format": "tdx",
                     "quote_b64": _b64encode(quote),
                     "report_data_b64": _b64encode(data),
                     "report_data_len": len(data),
-                    "events": self.events.to_list(),
-                    "rtmr3_extended": self._rtmr3_status()["rtmr3_extended"],
+                    "events": [e.to_dict() for e in self.events],
+                    "rtmr3_extended": self.measurer.enabled,
                     "cc_eventlog_b64": None if ccel is None else _b64encode(ccel),
                     **extra,
                 }
             )
 
-        self.attester.submit(pad_report_data(data), done)
+        # Zero-padded to 64 bytes, as the original runtime did.
+        self.attester.submit(data.ljust(REPORT_DATA_SIZE, b"\0"), done)
 
     def _list(self, params: dict[str, Any], respond: Respond) -> None:
-        respond({"ok": True, "deployments": [self._deployment()]})
-
-    def _deployment(self) -> dict[str, object]:
-        """The workload as the original runtime's `DeploymentInfo`, then our own fields.
-
-        The original EasyEnclave runtime (easyenclave/easyenclave, src/workload.rs) answers
-        `list` with `DeploymentInfo {id, pid, app_name, source, status, error_message?,
-        started_at}`: `source` is the command line, `status` one of deploying | running |
-        completed | failed | stopped, `error_message` present only when it failed, and
-        `started_at` an RFC 3339 string (clients such as devopsdefender/dd, src/agent.rs, read
-        it as a string). The supervisor's own words and the float time stay, renamed to
-        `state` and `started_at_unix`.
-        """
-        sup = self.supervisor
-        ours = sup.to_dict()
-        state = ours.pop("status")
-        started = ours.pop("started_at")
-        last = sup.runs[-1] if sup.runs else None
-        status = _EE_STATUS.get(sup.state.value, "running")
-        if sup.state.value == "exited":
-            status = "failed" if last is None or last.failed else "completed"
-        workload = self.config.spec.workload
-        ee: dict[str, object] = {
-            "id": ours.pop("id"),
-            "pid": ours.pop("pid"),
-            "app_name": ours.pop("app_name"),
-            "source": " ".join(workload.argv),
-            "status": status,
-            "started_at": _rfc3339(self.started_at if last is None else last.started_at),
-        }
-        if status == "failed":
-            ee["error_message"] = "the workload never ran" if last is None else last.describe()
-        return {**ee, "state": state, "started_at_unix": started, **ours}
+        respond({"deployments": [self.supervisor.to_dict()]})
 
     def _check_id(self, method: str, params: Mapping[str, Any]) -> None:
         wid = params.get("id")
@@ -382,68 +286,54 @@ class Runtime:
     def _logs(self, params: dict[str, Any], respond: Respond) -> None:
         self._check_id("logs", params)
         tail = params.get("tail", 100)
-        if not 1 <= tail <= MAX_TAIL:
-            raise RequestError(f"logs: tail must be between 1 and {MAX_TAIL}, got {tail}")
+        if not 1 <= tail <= MAX_LINES:
+            raise RequestError(f"logs: tail must be between 1 and {MAX_LINES}, got {tail}")
         lines = self.logbuf.tail(tail)
-        # Every line goes out twice (in `lines` and `entries`), control characters six bytes
-        # each: keep the newest lines that fit in one answer and say how many were left out.
+        # Control characters take six bytes each in JSON: keep the newest lines that fit in one
+        # answer and say how many were left out.
         budget = self.config.limits.max_answer - _LOGS_FRAME
-        texts: list[str] = []
-        entries: list[dict[str, object]] = []
+        kept = 0
         for line in reversed(lines):
-            entry = line.to_dict()
-            budget -= encoded_size(line.text) + encoded_size(entry) + 2  # and two commas
+            budget -= encoded_size(line) + 1  # and a comma
             if budget < 0:
                 break
-            texts.append(line.text)
-            entries.append(entry)
-        texts.reverse()
-        entries.reverse()
-        respond(
-            {
-                "ok": True,
-                "lines": texts,
-                "entries": entries,
-                "dropped": self.logbuf.dropped,
-                "omitted": len(lines) - len(texts),
-            }
-        )
+            kept += 1
+        omitted = len(lines) - kept
+        respond({"lines": lines[omitted:], "dropped": self.logbuf.dropped, "omitted": omitted})
 
     def _restart(self, params: dict[str, Any], respond: Respond) -> None:
         self._check_id("restart", params)
-        if self.shutting_down:
+        if self.poweroff_reason is not None:
             raise RequestError("restart: the runtime is shutting down", "shutting_down")
 
         def restarted() -> None:
             current = self.supervisor.current
             respond(
                 {
-                    "ok": True,
                     "pid": None if current is None else current.pid,
                     "restarts": self.supervisor.restarts,
                     "status": self.supervisor.state.value,
                 }
             )
 
-        self.supervisor.restart(restarted)
+        self.supervisor.stop(restarted, restart=True)
 
     def _shutdown(self, params: dict[str, Any], respond: Respond) -> None:
-        respond({"ok": True, "shutting_down": True})
+        respond({"shutting_down": True})
         # After the answer is queued: the workload stop may take the whole grace period.
         self.loop.call_soon(lambda: self.shutdown("shutdown requested over the control socket"))
 
     def _info(self, params: dict[str, Any], respond: Respond) -> None:
         respond(
             {
-                "ok": True,
                 "version": __version__,
                 "attestation_type": self.config.backend.attestation_type,
                 "started_at": round(self.started_at, 3),
-                "uptime_secs": self.uptime(),
+                "uptime_secs": int(time.monotonic() - self.started_mono),
                 "spec": self.config.spec.to_dict(),
                 "spec_digest": self.spec_digest,
                 "image": None if self.config.image is None else self.config.image.to_dict(),
-                "events": self.events.to_list(),
+                "events": [e.to_dict() for e in self.events],
                 "limits": {
                     "max_line": self.config.limits.max_line,
                     "max_connections": self.config.limits.max_connections,

@@ -26,10 +26,8 @@ constant time and never logged or echoed.
 from __future__ import annotations
 
 import _socket
-import errno
 import json
 import os
-import stat
 import sys
 
 # Constant-time comparison: hmac.compare_digest is this very function when the interpreter has
@@ -61,9 +59,19 @@ class RequestError(Exception):
         self.code = code
 
 
+class BadRequest(RequestError):
+    """The line is not a request: not UTF-8, not JSON, not an object, or without a method."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, "bad_request")
+
+
 @record
 class Method:
     """A socket method: its handler and the parameters it accepts (name -> JSON type).
+
+    The handler answers through its `respond` argument, once, at once or later (on the loop
+    thread); the server puts `"ok": true` first in an answer that has no "ok" of its own.
 
     `large`: its answers may be large (up to `max_answer`), so its requests wait while the
     unread answers of all connections are over `max_total_output`; other requests (small
@@ -93,35 +101,25 @@ def error(message: str, code: str) -> Response:
     return {"ok": False, "error": message, "code": code}
 
 
-_JSON_NAMES = {str: "a string", int: "an integer", bool: "a boolean", float: "a number"}
+# What a JSON value is called in error messages (bool before int: True is an int too).
+_JSON_TYPES = {
+    bool: "a boolean",
+    int: "an integer",
+    float: "a number",
+    str: "a string",
+    list: "an array",
+}
 
 
 def _json_type_name(value: object) -> str:
     if value is None:
         return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int):
-        return "an integer"
-    if isinstance(value, float):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "an array"
-    return "an object"
+    return next((name for t, name in _JSON_TYPES.items() if isinstance(value, t)), "an object")
 
 
-def socket_in_use(path: str) -> bool:
-    """True when something accepts connections on the unix socket at `path`."""
-    probe = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
-    try:
-        probe.connect(path)
-    except OSError:
-        return False
-    finally:
-        probe.close()
-    return True
+def _clip(text: str) -> str:
+    """A name from the client, cut to a length fit for an error message."""
+    return text if len(text) <= 64 else text[:64] + "..."
 
 
 def _accept(listener: _socket.socket) -> _socket.socket:
@@ -166,8 +164,6 @@ class _Conn:
         self.eof = False  # the peer shut down its sending side
         self.closing = False  # close once outbuf is flushed
         self.closed = False
-        self.reading = False
-        self.writing = False
         self.serving = False  # inside process(): answers are flushed once, at its end
         self.scan_from = 0  # inbuf before this offset holds no newline
         self.turn: Timer | None = None
@@ -180,44 +176,33 @@ class _Conn:
     def update(self) -> None:
         if self.closed:
             return
-        if self.closing and not self.outbuf:
-            self.close()
-            return
         held = self.pending or self.turn is not None or self in self.server.starved
-        if self.eof and not held and not self.outbuf and not self.has_line():
+        # Done: said all it had to say (closing), or the peer has and was answered in full.
+        if not self.outbuf and (self.closing or (self.eof and not held and not self.has_line())):
             self.close()
             return
-        want_read = not (self.closing or self.eof or held) and (
-            len(self.outbuf) < self.server.limits.max_output and not self.has_line()
-        )
-        want_write = bool(self.outbuf)
+        # The loop touches epoll only when what is watched changes.
         loop = self.server.loop
-        if want_read != self.reading:
-            if want_read:
-                loop.add_reader(self.fd, self.on_readable)
-            else:
-                loop.remove_reader(self.fd)
-            self.reading = want_read
-        if want_write != self.writing:
-            if want_write:
-                loop.add_writer(self.fd, self.on_writable)
-            else:
-                loop.remove_writer(self.fd)
-            self.writing = want_write
+        if not (self.closing or self.eof or held or self.has_line()) and (
+            len(self.outbuf) < self.server.limits.max_output
+        ):
+            loop.add_reader(self.fd, self.on_readable)
+        else:
+            loop.remove_reader(self.fd)
+        if self.outbuf:
+            loop.add_writer(self.fd, self.on_writable)
+        else:
+            loop.remove_writer(self.fd)
 
     def close(self) -> None:
         if self.closed:
             return
         self.closed = True
         server = self.server
-        loop = server.loop
-        if self.reading:
-            loop.remove_reader(self.fd)
-        if self.writing:
-            loop.remove_writer(self.fd)
+        server.loop.remove_reader(self.fd)
+        server.loop.remove_writer(self.fd)
         if self.turn is not None:
             self.turn.cancel()
-            self.turn = None
         self.sock.close()
         server.conns.pop(self, None)
         server.starved.pop(self, None)
@@ -249,7 +234,7 @@ class _Conn:
     def on_readable(self) -> None:
         try:
             data = self.sock.recv(65536)
-        except (BlockingIOError, InterruptedError):
+        except BlockingIOError:
             return
         except OSError:
             self.close()
@@ -292,11 +277,9 @@ class _Conn:
                     self.turn = server.loop.call_soon(self.process)
                     break
                 line = bytes(self.inbuf[:nl])
-                if line.strip():
-                    if not server.handle_line(self, line):
-                        server.starved[self] = None  # resumed once the total falls
-                        break
-                    server.requests += 1
+                if line.strip() and not server.handle_line(self, line):
+                    server.starved[self] = None  # resumed once the total falls
+                    break
                 del self.inbuf[: nl + 1]
                 self.scan_from = 0
                 now = server.loop.time()
@@ -334,14 +317,11 @@ class _Conn:
         while self.outbuf:
             try:
                 n = self.sock.send(self.outbuf)
-            except (BlockingIOError, InterruptedError):
+            except BlockingIOError:
                 break
-            except OSError:
-                # Peer gone (EPIPE, ECONNRESET): nothing more to say to it.
-                self.server.output_taken(len(self.outbuf))
-                self.outbuf.clear()
-                self.closing = True
-                break
+            except OSError:  # peer gone (EPIPE, ECONNRESET): nothing more to say to it
+                self.close()
+                return
             del self.outbuf[:n]
             self.server.output_taken(n)
             self.last_read = self.last_activity = self.server.loop.time()
@@ -388,8 +368,6 @@ class Server:
         methods: Mapping[str, Method],
         limits: Limits = Limits(),
     ) -> None:
-        if not token:
-            raise ValueError("the control socket needs a non-empty token")
         self.loop = loop
         self.path = path
         self._token = token.encode()
@@ -399,28 +377,19 @@ class Server:
         # unauthenticated one is the first found.
         self.conns: dict[_Conn, None] = {}
         self.listener: _socket.socket | None = None
-        self.requests = 0  # served so far
         self.pending_output = 0  # bytes of answers not yet taken by their clients, all together
         self.starved: dict[_Conn, None] = {}  # held back until pending_output falls
         self._waking: Timer | None = None
-        self._sweeper: Timer | None = None
-
-    def __repr__(self) -> str:  # never show the token
-        return f"Server(path={self.path!r}, methods={sorted(self.methods)})"
+        # Deadlines are checked this often: a fraction of the shortest one.
+        shortest = min(limits.idle_timeout, limits.request_timeout, limits.auth_timeout)
+        self._sweep_every = max(0.05, min(1.0, shortest / 4, limits.stall_timeout / 2))
 
     def start(self) -> None:
-        """Bind the socket (mode 0600, parent directory created 0700) and start serving."""
-        parent = os.path.dirname(self.path) or "."
-        os.makedirs(parent, mode=0o700, exist_ok=True)
-        try:
-            st = os.lstat(self.path)
-            if not stat.S_ISSOCK(st.st_mode):
-                raise OSError(errno.EEXIST, f"{self.path} exists and is not a socket")
-            if socket_in_use(self.path):
-                raise OSError(errno.EADDRINUSE, f"another runtime is serving {self.path}")
-            os.unlink(self.path)  # a stale socket from an earlier run
-        except FileNotFoundError:
-            pass
+        """Bind the socket (mode 0600, parent directory created 0700) and start serving.
+
+        A socket file already at the path is replaced (dev mode checks first that no runtime
+        serves there; an image has none)."""
+        os.makedirs(os.path.dirname(self.path) or ".", mode=0o700, exist_ok=True)
         sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
         # Bind under a temporary name, listen, then rename: the path appears only once it accepts
         # connections (a client polling for it never sees ECONNREFUSED), already mode 0600.
@@ -431,53 +400,37 @@ class Server:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
-        old_umask = os.umask(0o177)
+        old_umask = os.umask(0o177)  # the socket file is made mode 0600
         try:
             sock.bind(tmp)
         finally:
             os.umask(old_umask)
-        os.chmod(tmp, 0o600)
         sock.listen(min(_socket.SOMAXCONN, 4096))
         if tmp != self.path:
             os.rename(tmp, self.path)
         sock.setblocking(False)
         self.listener = sock
         self.loop.add_reader(sock.fileno(), self._on_accept)
-        self._schedule_sweep()
-
-    def close(self) -> None:
-        """Stop listening, drop every connection and remove the socket file."""
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-        if self._waking is not None:
-            self._waking.cancel()
-        for conn in list(self.conns):
-            conn.close()
-        if self.listener is not None:
-            self.loop.remove_reader(self.listener.fileno())
-            self.listener.close()
-            self.listener = None
-            try:
-                os.unlink(self.path)
-            except OSError:
-                pass
+        self.loop.call_later(self._sweep_every, self._sweep)
 
     # -- connections -------------------------------------------------------------------------
 
     def _on_accept(self) -> None:
-        assert self.listener is not None
+        listener = self.listener
+        assert listener is not None
         for _ in range(64):  # bounded, so a connection storm does not starve the loop
             try:
-                sock = _accept(self.listener)
-            except (BlockingIOError, InterruptedError):
+                sock = _accept(listener)
+            except BlockingIOError:
                 return
             except OSError as e:
                 # EMFILE/ENFILE: out of fds. The connection stays queued; stop watching the
                 # listener for a moment, or a level-triggered select would spin on it.
                 print(f"eemini: control socket: accept failed: {e.strerror}", file=sys.stderr)
-                fd = self.listener.fileno()
-                self.loop.remove_reader(fd)
-                self.loop.call_later(0.1, lambda fd=fd: self._resume_accept(fd))  # type: ignore[misc]
+                self.loop.remove_reader(listener.fileno())
+                self.loop.call_later(
+                    0.1, lambda: self.loop.add_reader(listener.fileno(), self._on_accept)
+                )
                 return
             sock.setblocking(False)
             if len(self.conns) >= self.limits.max_connections and not self._evict():
@@ -505,10 +458,6 @@ class Server:
                 return True
         return False
 
-    def _resume_accept(self, fd: int) -> None:
-        if self.listener is not None and self.listener.fileno() == fd:
-            self.loop.add_reader(fd, self._on_accept)
-
     # -- output budget -----------------------------------------------------------------------
 
     def output_taken(self, n: int) -> None:
@@ -525,12 +474,6 @@ class Server:
             conn.resume()
 
     # -- deadlines ---------------------------------------------------------------------------
-
-    def _schedule_sweep(self) -> None:
-        limits = self.limits
-        shortest = min(limits.idle_timeout, limits.request_timeout, limits.auth_timeout)
-        interval = max(0.05, min(1.0, shortest / 4, limits.stall_timeout / 2))
-        self._sweeper = self.loop.call_later(interval, self._sweep)
 
     def _sweep(self) -> None:
         now = self.loop.time()
@@ -561,14 +504,11 @@ class Server:
             elif now >= conn.last_activity + limits.idle_timeout:
                 conn.drop(f"connection idle for {limits.idle_timeout:g} s; closing it", "idle_timeout")
         if self.pending_output >= limits.max_total_output:
-            self._shed_stalled(now)
-        self._schedule_sweep()
-
-    def _shed_stalled(self, now: float) -> None:
-        """Over the output budget: close the clients that have stopped reading their answers."""
-        for conn in list(self.conns):
-            if conn.outbuf and now >= conn.last_read + self.limits.stall_timeout:
-                conn.close()
+            # Over the output budget: close the clients that have stopped reading their answers.
+            for conn in list(self.conns):
+                if conn.outbuf and now >= conn.last_read + limits.stall_timeout:
+                    conn.close()
+        self.loop.call_later(self._sweep_every, self._sweep)
 
     # -- requests ----------------------------------------------------------------------------
 
@@ -578,51 +518,7 @@ class Server:
         if self.pending_output >= limits.max_total_output + 2 * limits.max_answer:
             return False
         try:
-            text = line.decode("utf-8")
-        except UnicodeDecodeError as e:
-            conn.send(error(f"request is not valid UTF-8 (bad byte at offset {e.start})", "bad_request"))
-            return True
-        try:
-            request = json.loads(text)
-        except json.JSONDecodeError as e:
-            conn.send(error(f"request is not valid JSON: {e.msg} at column {e.colno}", "bad_request"))
-            return True
-        except RecursionError:
-            conn.send(error("request is not valid JSON: nested too deeply", "bad_request"))
-            return True
-        except ValueError as e:  # e.g. an integer beyond the interpreter's digit limit
-            conn.send(error(f"request is not valid JSON: {e}", "bad_request"))
-            return True
-        if not isinstance(request, dict):
-            what = _json_type_name(request)
-            conn.send(error(f"request must be a JSON object, got {what}", "bad_request"))
-            return True
-        token = request.pop("token", None)
-        if token is None:
-            conn.send(error('missing "token": every request carries the boot token', "unauthenticated"))
-            return True
-        if not isinstance(token, str) or not compare_digest(
-            token.encode("utf-8", "surrogatepass"), self._token
-        ):
-            conn.send(error("wrong token", "unauthenticated"))
-            return True
-        conn.authenticated = True
-        name = request.pop("method", None)
-        if name is None:
-            conn.send(error('missing "method"', "bad_request"))
-            return True
-        if not isinstance(name, str):
-            what = _json_type_name(name)
-            conn.send(error(f'"method" must be a string, got {what}', "bad_request"))
-            return True
-        method = self.methods.get(name)
-        if method is None:
-            known = ", ".join(sorted(self.methods))
-            shown = name if len(name) <= 64 else name[:64] + "..."
-            conn.send(error(f"unknown method {shown!r} (known: {known})", "unknown_method"))
-            return True
-        try:
-            params = self._check_params(name, method, request)
+            name, method, params = self._request(conn, line)
         except RequestError as e:
             conn.send(error(str(e), e.code))
             return True
@@ -657,19 +553,47 @@ class Server:
             reply(error(f"internal error in {name}: {type(e).__name__}", "internal"))
         return True
 
-    @staticmethod
-    def _check_params(name: str, method: Method, request: dict[str, Any]) -> dict[str, Any]:
-        allowed = dict(method.params)
+    def _request(self, conn: _Conn, line: bytes) -> tuple[str, Method, dict[str, Any]]:
+        """The method a request line names and its parameters, checked; RequestError unless the
+        line is a well-formed request with the right token."""
+        try:
+            request = json.loads(line.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise BadRequest(f"request is not valid UTF-8 (bad byte at offset {e.start})") from None
+        except json.JSONDecodeError as e:
+            raise BadRequest(f"request is not valid JSON: {e.msg} at column {e.colno}") from None
+        except RecursionError:
+            raise BadRequest("request is not valid JSON: nested too deeply") from None
+        except ValueError as e:  # e.g. an integer beyond the interpreter's digit limit
+            raise BadRequest(f"request is not valid JSON: {e}") from None
+        if not isinstance(request, dict):
+            raise BadRequest(f"request must be a JSON object, got {_json_type_name(request)}")
+        token = request.pop("token", None)
+        if token is None:
+            raise RequestError(
+                'missing "token": every request carries the boot token', "unauthenticated"
+            )
+        if not isinstance(token, str) or not compare_digest(
+            token.encode("utf-8", "surrogatepass"), self._token
+        ):
+            raise RequestError("wrong token", "unauthenticated")
+        conn.authenticated = True
+        name = request.pop("method", None)
+        if name is None:
+            raise BadRequest('missing "method"')
+        if not isinstance(name, str):
+            raise BadRequest(f'"method" must be a string, got {_json_type_name(name)}')
+        method = self.methods.get(name)
+        if method is None:
+            known = ", ".join(sorted(self.methods))
+            raise RequestError(f"unknown method {_clip(name)!r} (known: {known})", "unknown_method")
         for key, value in request.items():
-            expected = allowed.get(key)
+            expected = method.params.get(key)
             if expected is None:
-                known = ", ".join(sorted(allowed)) or "none"
-                shown = key if len(key) <= 64 else key[:64] + "..."
-                raise RequestError(f"{name}: unknown parameter {shown!r} (accepted: {known})")
-            ok = isinstance(value, expected) and not (expected is not bool and isinstance(value, bool))
-            if not ok:
+                known = ", ".join(sorted(method.params)) or "none"
+                raise RequestError(f"{name}: unknown parameter {_clip(key)!r} (accepted: {known})")
+            if not isinstance(value, expected) or (expected is not bool and isinstance(value, bool)):
                 raise RequestError(
-                    f"{name}: {key} must be {_JSON_NAMES.get(expected, expected.__name__)}, "
-                    f"got {_json_type_name(value)}"
+                    f"{name}: {key} must be {_JSON_TYPES[expected]}, got {_json_type_name(value)}"
                 )
-        return request
+        return name, method, request

@@ -38,11 +38,7 @@ class RestartPolicy(enum.StrEnum):
     NEVER = "never"
 
     def restarts_after(self, *, failed: bool) -> bool:
-        if self is RestartPolicy.ALWAYS:
-            return True
-        if self is RestartPolicy.ON_FAILURE:
-            return failed
-        return False
+        return self is RestartPolicy.ALWAYS or (self is RestartPolicy.ON_FAILURE and failed)
 
 
 class OnExit(enum.StrEnum):
@@ -50,23 +46,22 @@ class OnExit(enum.StrEnum):
     STAY = "stay"
 
 
+# The TOML/JSON names of value types (bool before int: True is an int too).
+_TYPE_NAMES = {
+    bool: "boolean",
+    int: "integer",
+    float: "float",
+    str: "string",
+    list: "array",
+    dict: "table",
+}
+
+
 def type_name(value: object) -> str:
     """The TOML/JSON name of a value's type, for error messages."""
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, int):
-        return "integer"
-    if isinstance(value, float):
-        return "float"
-    if isinstance(value, str):
-        return "string"
-    if isinstance(value, list):
-        return "array"
-    if isinstance(value, dict):
-        return "table"
     if value is None:
         return "null"
-    return type(value).__name__
+    return next((name for t, name in _TYPE_NAMES.items() if isinstance(value, t)), type(value).__name__)
 
 
 def _expect_str(key: str, value: object, *, empty: bool = True) -> str:
@@ -101,19 +96,17 @@ def _expect_str_list(key: str, value: object) -> tuple[str, ...]:
     return tuple(_expect_str(f"{key}[{i}]", v) for i, v in enumerate(value))
 
 
-def _expect_env_name(key: str, value: str) -> str:
+def _expect_env_name(key: str, value: str) -> None:
     if not _ENV_NAME.match(value):
         raise SpecError(f"{key}: {value!r} is not a valid environment variable name")
     if value in RESERVED_ENV:
         raise SpecError(f"{key}: {value} is set by the runtime and cannot be declared")
-    return value
 
 
-def _reject_unknown(where: str, data: Mapping[str, object], known: tuple[str, ...]) -> None:
+def _reject_unknown(prefix: str, data: Mapping[str, object], known: tuple[str, ...]) -> None:
     for k in data:
         if k not in known:
-            name = f"{where}.{k}" if where else k
-            raise SpecError(f"{name}: unknown key (known: {', '.join(known)})")
+            raise SpecError(f"{prefix}{k}: unknown key (known: {', '.join(known)})")
 
 
 @record
@@ -169,7 +162,7 @@ class EnclaveSpec:
         w = data["workload"]
         if not isinstance(w, dict):
             raise SpecError(f"workload: expected a table, got {type_name(w)}")
-        _reject_unknown("workload", w, _WORKLOAD_KEYS)
+        _reject_unknown("workload.", w, _WORKLOAD_KEYS)
         if "path" not in w:
             raise SpecError("workload.path: missing (the workload binary to run)")
         path = _expect_str("workload.path", w["path"], empty=False)
@@ -185,12 +178,10 @@ class EnclaveSpec:
         on_exit = _expect_enum("workload.on_exit", w.get("on_exit", "poweroff"), OnExit)
         inherit = _expect_bool("workload.inherit_token", w.get("inherit_token", False))
         allow = _expect_str_list("workload.allow_env", w.get("allow_env", []))
-        seen: set[str] = set()
         for i, name in enumerate(allow):
             _expect_env_name(f"workload.allow_env[{i}]", name)
-            if name in seen:
+            if name in allow[:i]:
                 raise SpecError(f"workload.allow_env[{i}]: {name} is listed twice")
-            seen.add(name)
         return cls(WorkloadSpec(path, args, env, restart, on_exit, inherit, allow))
 
     def to_dict(self) -> dict[str, Any]:
@@ -212,8 +203,3 @@ def loads(data: bytes) -> EnclaveSpec:
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise SpecError(f"spec: not a JSON document: {e}") from None
     return EnclaveSpec.from_dict(doc)
-
-
-def load(path: str | os.PathLike[str]) -> EnclaveSpec:
-    with open(path, "rb") as f:
-        return loads(f.read())

@@ -24,6 +24,7 @@ from eemini.guest.spec import WorkloadSpec
 # Signals a spawned workload gets back at their default disposition (Python ignores SIGPIPE and
 # SIGXFSZ, and an ignored disposition survives execve).
 _SIGDEF = tuple(s for s in signal.valid_signals() if s not in (signal.SIGKILL, signal.SIGSTOP))
+HISTORY = 20  # runs kept for `list`
 
 
 class Reaper:
@@ -47,8 +48,6 @@ class Reaper:
                 pid, status = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
                 return
-            except InterruptedError:
-                continue
             if pid == 0:
                 return
             callback = self._watch.pop(pid, None)
@@ -136,9 +135,7 @@ class Console:
         view = memoryview(chunk)
         while view:
             try:
-                n = os.write(self.fd, view)
-            except InterruptedError:
-                continue
+                n = os.write(self.fd, view)  # EINTR is retried by CPython (PEP 475)
             except OSError:
                 break  # a console that cannot take the output must not stop supervision
             view = view[n:]
@@ -151,6 +148,22 @@ class State(enum.StrEnum):
     STOPPING = "stopping"
     STOPPED = "stopped"  # stopped on request (shutdown)
     EXITED = "exited"  # done for good under its restart policy
+
+
+# The original runtime's status words for the supervisor's states (EXITED's depends on the run).
+_EE_STATUS = {
+    State.STARTING: "deploying",
+    State.BACKOFF: "deploying",  # waiting to start the next run
+    State.RUNNING: "running",
+    State.STOPPING: "running",  # still running until it is stopped
+    State.STOPPED: "stopped",
+}
+
+
+def _rfc3339(t: float) -> str:
+    """`t` (seconds since the epoch) as an RFC 3339 UTC time to the millisecond."""
+    ms = round(t * 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ms // 1000)) + f".{ms % 1000:03d}+00:00"
 
 
 @record
@@ -167,8 +180,7 @@ class Backoff:
     stable_after: float = 10.0
 
     def delay(self, quick_exits: int) -> float:
-        if quick_exits <= 0:
-            return 0.0
+        """The delay before the next start after the n-th (n >= 1) quick exit in a row."""
         return float(min(self.cap, self.initial * self.factor ** (quick_exits - 1)))
 
 
@@ -195,6 +207,7 @@ class RunRecord:
         return not self.running and self.exit_code != 0
 
     def describe(self) -> str:
+        """How an ended run ended."""
         if self.error is not None:
             return f"could not start: {self.error}"
         if self.signal is not None:
@@ -203,9 +216,7 @@ class RunRecord:
             except ValueError:
                 name = f"signal {self.signal}"
             return f"killed by {name}"
-        if self.exit_code is not None:
-            return f"exited with status {self.exit_code}"
-        return "running"
+        return f"exited with status {self.exit_code}"
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -222,25 +233,23 @@ class RunRecord:
 class _Pipe:
     """One output pipe of one run, read line by line into the console and the ring buffer."""
 
-    def __init__(self, sup: Supervisor, fd: int, stream: str, prefix: bytes, run: int) -> None:
+    def __init__(self, sup: Supervisor, fd: int, stream: str, run: int) -> None:
         self.sup = sup
         self.fd = fd
         self.stream = stream
-        self.prefix = prefix
+        # On the console: "[app] " before stdout lines, "[app:err] " before stderr lines.
+        self.prefix = b"[%s%s] " % (sup.name, b":err" if stream == "stderr" else b"")
         self.run = run
         self.closed = False
-        self.splitter = LineSplitter(sup.max_line)
+        self.splitter = LineSplitter()
         os.set_blocking(fd, False)
-        sup.loop.add_reader(fd, self.on_readable)
-
-    def on_readable(self) -> None:
-        self.read_once()
+        sup.loop.add_reader(fd, self.read_once)
 
     def read_once(self) -> bool:
         """Read once; False when nothing more is there right now (or the pipe is closed)."""
         try:
             data = os.read(self.fd, 65536)
-        except (BlockingIOError, InterruptedError):
+        except BlockingIOError:
             return False
         except OSError:
             data = b""
@@ -257,7 +266,7 @@ class _Pipe:
         self.sup.loop.remove_reader(self.fd)
         os.close(self.fd)
         self.closed = True
-        self.sup.pipes.discard(self)
+        self.sup.pipes.remove(self)
 
     def read_available(self) -> None:
         """Read what the pipe holds now (a default pipe buffer is 64 KiB), without waiting."""
@@ -267,8 +276,8 @@ class _Pipe:
 
     def emit(self, lines: list[str]) -> None:
         for line in lines:
-            self.sup.logbuf.append(self.stream, line)
-            self.sup.console(self.prefix + line.encode("utf-8", "replace") + b"\n")
+            self.sup.logbuf.append(line)
+            self.sup.console.write(self.prefix + line.encode("utf-8", "replace") + b"\n")
 
 
 class Supervisor:
@@ -283,49 +292,41 @@ class Supervisor:
         env: Mapping[str, str],
         logbuf: LogBuffer,
         on_done: Callable[[RunRecord], None],
-        console_fd: int | None = 2,
+        console_fd: int = 2,
         backoff: Backoff = Backoff(),
         grace: float = 10.0,
-        max_line: int = 4096,
-        history: int = 20,
         drain: float = 0.5,
     ) -> None:
         self.loop = loop
         self.reaper = reaper
         self.workload = workload
-        self.env = dict(env)
+        self.env = env
         self.logbuf = logbuf
         self.on_done = on_done
-        self._console = Console(console_fd) if console_fd is not None else None
+        self.console = Console(console_fd)
         self.backoff = backoff
         self.grace = grace
-        self.max_line = max_line
-        self.history_len = history
         self.drain = drain
         self.state = State.STARTING
-        self.runs: list[RunRecord] = []  # the newest `history` runs
+        self.runs: list[RunRecord] = []  # the newest HISTORY runs
         self.current: RunRecord | None = None
         self.restarts = 0
         self.quick_exits = 0
-        self.pipes: set[_Pipe] = set()
+        self.pipes: list[_Pipe] = []  # stdout before stderr
         self._restart_timer: Timer | None = None
         self._kill_timer: Timer | None = None
         self._draining: tuple[RunRecord, Timer] | None = None  # ended, its output not yet read
         self._after_stop: list[Callable[[], None]] = []
         self._restart_requested = False
         self._run_counter = 0
-        self._prefix = workload.name.encode("utf-8", "replace")
+        self.name = workload.name.encode("utf-8", "replace")
 
     # -- output ------------------------------------------------------------------------------
 
-    def console(self, data: bytes) -> None:
-        if self._console is not None:
-            self._console.write(data)
-
     def note(self, text: str) -> None:
         """A runtime message about the workload: console and ring buffer."""
-        self.logbuf.append("runtime", text)
-        self.console(b"eemini: " + text.encode("utf-8", "replace") + b"\n")
+        self.logbuf.append(text)
+        self.console.write(b"eemini: " + text.encode("utf-8", "replace") + b"\n")
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -335,22 +336,15 @@ class Supervisor:
         A run that cannot start (no pipes, no process) is a failed run: noted, then the restart
         policy applies with its backoff, as for a run that exited at once.
         """
-        self._restart_timer = None
         self.state = State.STARTING
         run = self._run_counter
         self._run_counter += 1
         now, mono = time.time(), time.monotonic()
         fds: list[int] = []
         try:
-            fds.extend(os.pipe())
-            fds.extend(os.pipe())
-        except OSError as e:
-            for fd in fds:
-                os.close(fd)
-            self._start_failed(run, now, mono, f"cannot create its output pipes: {e.strerror or e}")
-            return
-        out_r, out_w, err_r, err_w = fds
-        try:
+            fds += os.pipe()
+            fds += os.pipe()
+            out_r, out_w, err_r, err_w = fds
             pid = os.posix_spawn(
                 self.workload.path,
                 self.workload.argv,
@@ -367,7 +361,8 @@ class Supervisor:
         except OSError as e:
             for fd in fds:
                 os.close(fd)
-            self._start_failed(run, now, mono, f"{self.workload.path}: {e.strerror or e}")
+            what = self.workload.path if len(fds) == 4 else "cannot create its output pipes"
+            self._start_failed(run, now, mono, f"{what}: {e.strerror or e}")
             return
         os.close(out_w)
         os.close(err_w)
@@ -375,9 +370,7 @@ class Supervisor:
         self._remember(self.current)
         self.state = State.RUNNING
         self.reaper.watch(pid, self._on_reaped)
-        prefix = b"[" + self._prefix + b"] "
-        self.pipes.add(_Pipe(self, out_r, "stdout", prefix, run))
-        self.pipes.add(_Pipe(self, err_r, "stderr", b"[" + self._prefix + b":err] ", run))
+        self.pipes += [_Pipe(self, out_r, "stdout", run), _Pipe(self, err_r, "stderr", run)]
         self.note(f"{self.workload.name}: started run {run} as pid {pid}")
 
     def _start_failed(self, run: int, now: float, mono: float, error: str) -> None:
@@ -391,7 +384,7 @@ class Supervisor:
             self.runs[-1] = record
         else:
             self.runs.append(record)
-            del self.runs[: -self.history_len]
+            del self.runs[:-HISTORY]
 
     def _on_reaped(self, status: int) -> None:
         record = self.current
@@ -431,8 +424,7 @@ class Supervisor:
         self._draining = None
         timer.cancel()
         held: list[str] = []
-        pipes = sorted((p for p in self.pipes if p.run == ended.run), key=lambda p: p.stream)
-        for pipe in reversed(pipes):  # stdout, then stderr
+        for pipe in [p for p in self.pipes if p.run == ended.run]:
             pipe.read_available()
             if not pipe.closed:
                 held.append(pipe.stream)
@@ -452,7 +444,6 @@ class Supervisor:
     def _after_exit(self, ended: RunRecord) -> None:
         if self._kill_timer is not None:
             self._kill_timer.cancel()
-            self._kill_timer = None
         if self.state is State.STOPPING:
             if self._restart_requested:
                 self._restart_requested = False
@@ -495,16 +486,14 @@ class Supervisor:
         for cb in callbacks:
             cb()
 
-    def stop(self, then: Callable[[], None] | None = None, *, restart: bool = False) -> None:
+    def stop(self, then: Callable[[], None], *, restart: bool = False) -> None:
         """SIGTERM to the group, SIGKILL after the grace period; then start again or stay down.
 
         `then()` runs once the workload is down (or has been restarted).
         """
-        if then is not None:
-            self._after_stop.append(then)
+        self._after_stop.append(then)
         if self._restart_timer is not None:
             self._restart_timer.cancel()
-            self._restart_timer = None
         if self.current is None and self._draining is None:
             # Not running (backoff, exited, never started): nothing to signal.
             if restart:
@@ -528,56 +517,43 @@ class Supervisor:
         self._kill_timer = self.loop.call_later(self.grace, lambda: self._kill(pid))
 
     def _kill(self, pid: int) -> None:
-        self._kill_timer = None
         if self.current is not None and self.current.pid == pid:
             self.note(f"{self.workload.name}: pid {pid} still running after {self.grace:g} s: SIGKILL")
             self._killpg(pid, signal.SIGKILL)
 
-    def restart(self, then: Callable[[], None] | None = None) -> None:
-        """Stop the current run (if any) and start a new one at once, without backoff."""
-        self.stop(then, restart=True)
-
-    def flush_console(self, timeout: float = 2.0) -> None:
-        """Wait until queued console output is written (before exiting or powering off)."""
-        if self._console is not None:
-            self._console.flush(timeout)
-
     # -- reporting ---------------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, object]:
-        last = self.runs[-1] if self.runs else None
-        return {
+        """The workload as the original runtime's `DeploymentInfo`, then our own fields.
+
+        The original EasyEnclave runtime (easyenclave/easyenclave, src/workload.rs) answers
+        `list` with `DeploymentInfo {id, pid, app_name, source, status, error_message?,
+        started_at}`: `source` is the command line, `status` one of deploying | running |
+        completed | failed | stopped, `error_message` present only when it failed, and
+        `started_at` an RFC 3339 string (clients such as devopsdefender/dd, src/agent.rs, read
+        it as a string). The supervisor's own words and the float time follow, as `state` and
+        `started_at_unix`. Called once `start()` has made the first run (or failed to).
+        """
+        last = self.runs[-1]
+        status = _EE_STATUS.get(self.state) or ("failed" if last.failed else "completed")
+        ee: dict[str, object] = {
             "id": self.workload.name,
+            "pid": None if self.current is None else self.current.pid,
             "app_name": self.workload.name,
+            "source": " ".join(self.workload.argv),
+            "status": status,
+            "started_at": _rfc3339(last.started_at),
+        }
+        if status == "failed":
+            ee["error_message"] = last.describe()
+        return {
+            **ee,
+            "state": self.state.value,
+            "started_at_unix": round(last.started_at, 3),
             "path": self.workload.path,
-            "status": self.state.value,
-            "pid": self.current.pid if self.current is not None else None,
-            "started_at": None if last is None else round(last.started_at, 3),
             "restarts": self.restarts,
             "restart_policy": self.workload.restart.value,
             "on_exit": self.workload.on_exit.value,
-            "last_exit": None if last is None or last.running else last.describe(),
+            "last_exit": None if last.running else last.describe(),
             "runs": [r.to_dict() for r in self.runs],
         }
-
-
-def workload_env(
-    workload: WorkloadSpec,
-    *,
-    token: str | None,
-    extra_env: Mapping[str, str] | None = None,
-    socket_path: str | None = None,
-) -> dict[str, str]:
-    """The workload's whole environment: declared env, accepted boot config, and the token."""
-    env = dict(workload.env)
-    for key, value in (extra_env or {}).items():
-        if key not in workload.allow_env:
-            raise ValueError(f"{key}: not in workload.allow_env, so boot config may not set it")
-        env[key] = value
-    if workload.inherit_token and token is not None:
-        env["EE_TOKEN"] = token
-        if socket_path is not None:
-            # Only when it differs from the image's fixed path (dev mode): the token is useless
-            # to a workload that cannot find the socket.
-            env["EE_SOCKET_PATH"] = socket_path
-    return env

@@ -3,10 +3,11 @@ events"): where the kernel let PID 1 extend RTMR3, the register is the fold of t
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import hashlib
+from collections.abc import Iterable, Mapping, Sequence
 from enum import StrEnum
 
-from eemini.guest.rtmr import RTMR_SIZE, replay
+from eemini.guest.rtmr import RTMR_SIZE, event_digest
 from eemini.tdx.errors import VerificationError
 
 
@@ -14,6 +15,19 @@ class RuntimeLogMismatch(VerificationError):
     """RTMR3 was extended, but not with this runtime log."""
 
     check = "runtime-log"
+
+
+def replay(events: Iterable[Mapping[str, object]], start: bytes = bytes(RTMR_SIZE)) -> bytes:
+    """RTMR3 after extending `start` with each event in order, as PID 1 extended it
+    (eemini.guest.rtmr); ValueError naming a measured field that an event lacks."""
+    value = start
+    for event in events:
+        try:
+            digest = event_digest(event)
+        except KeyError as e:
+            raise ValueError(f"runtime event lacks the field {e.args[0]!r}") from None
+        value = hashlib.sha384(value + digest).digest()
+    return value
 
 
 class RuntimeLogBinding(StrEnum):

@@ -6,23 +6,65 @@ tests need (grace period, backoff, socket limits) and a resolved spec JSON inste
 
 from __future__ import annotations
 
+import _socket
 import argparse
+import ctypes
 import errno
 import os
 import secrets
+import signal
 import stat
 import sys
 
-from eemini.guest.events import EventLog
+from eemini.guest import linux
+from eemini.guest.events import boot_log
 from eemini.guest.record import field, record
 from eemini.guest.runtime import Runtime, RuntimeConfig
-from eemini.guest.server import Limits, socket_in_use
-from eemini.guest.spec import EnclaveSpec, SpecError, load
+from eemini.guest.server import Limits, Server
+from eemini.guest.spec import EnclaveSpec, SpecError, loads
 from eemini.guest.supervisor import Backoff
 
 TOKEN_FILE = "token"  # noqa: S105 - a file name, not a secret
 DEV_ROOT_FILE = "dev-root.pem"
 _DEFAULT_LIMITS = Limits()
+
+# <linux/prctl.h>; production PID 1 needs no prctl(2), the standard library wraps none.
+PR_SET_PDEATHSIG = 1  # the host launcher's (eemini.run)
+PR_SET_CHILD_SUBREAPER = 36
+_prctl = ctypes.CDLL(None, use_errno=True).prctl
+_prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+_prctl.restype = ctypes.c_int
+
+
+def prctl(option: int, arg2: int) -> None:
+    if _prctl(option, arg2, 0, 0, 0) < 0:
+        raise linux.oserror("prctl")
+
+
+def close_server(server: Server) -> None:
+    """Stop listening, drop every connection and remove the socket file, once the loop has
+    stopped (a PID 1 never closes its control socket: it powers off)."""
+    for conn in list(server.conns):
+        conn.close()
+    if server.listener is not None:
+        server.loop.remove_reader(server.listener.fileno())
+        server.listener.close()
+        try:
+            os.unlink(server.path)
+        except OSError:
+            pass
+
+
+def socket_in_use(path: str) -> bool:
+    """True when something accepts connections on the unix socket at `path`."""
+    probe = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    return True
 
 
 def default_socket() -> str:
@@ -117,6 +159,8 @@ def run(spec: EnclaveSpec, options: DevOptions) -> int:
     requested = os.path.abspath(options.socket_path)
     directory = private_directory(os.path.dirname(requested))
     socket_path = os.path.join(directory, os.path.basename(requested))
+    if os.path.lexists(socket_path) and not stat.S_ISSOCK(os.lstat(socket_path).st_mode):
+        raise OSError(errno.EEXIST, f"{socket_path} exists and is not a socket")
     if socket_in_use(socket_path):
         # Before touching the token file: it belongs to the runtime already serving there.
         raise OSError(errno.EADDRINUSE, f"another runtime is serving {socket_path}")
@@ -140,22 +184,25 @@ def run(spec: EnclaveSpec, options: DevOptions) -> int:
             workload: tuple[str, bytes] | None = (spec.workload.path, f.read())
     except OSError:
         workload = None  # the supervisor reports a workload it cannot start
-    events = EventLog(measurer.on_append)
-    events.record_boot("dev", spec.canonical_json(), workload, sealed_by="dev")
+    events = boot_log(measurer.measure, "dev", spec.canonical_json(), workload, sealed_by="dev")
 
     config = RuntimeConfig(
         spec=spec,
         token=token,
         backend=backend,
         socket_path=socket_path,
-        console_fd=2,
         limits=options.limits,
         backoff=options.backoff,
         grace=options.grace,
-        subreaper=True,
     )
-    runtime = Runtime(config, events=events, measurer=measurer)
-    runtime.install_stop_signals()
+    runtime = Runtime(
+        config, events=events, measurer=measurer, on_poweroff=lambda _: runtime.loop.stop()
+    )
+    # Orphans of the workload's descendants come to us, as they come to PID 1.
+    prctl(PR_SET_CHILD_SUBREAPER, 1)
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        name = signal.Signals(signum).name
+        runtime.loop.add_signal_handler(signum, lambda n=name: runtime.shutdown(f"{n} received"))  # type: ignore[misc]
     print(
         f"eemini dev: control socket {socket_path}\n"
         f"eemini dev: token in {token_path} (eemini call finds both; workloads get EE_TOKEN "
@@ -166,14 +213,16 @@ def run(spec: EnclaveSpec, options: DevOptions) -> int:
         file=sys.stderr,
         flush=True,
     )
+    runtime.start()
     try:
-        runtime.run()
+        runtime.loop.run()
     finally:
-        for path in (token_path,):
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
+        close_server(runtime.server)
+        runtime.loop.close()
+        try:
+            os.unlink(token_path)
+        except OSError:
+            pass
     last = runtime.supervisor.runs[-1] if runtime.supervisor.runs else None
     if runtime.poweroff_reason and runtime.poweroff_reason.startswith("workload done") and last:
         if last.signal is not None:
@@ -197,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stall-timeout", type=float, default=_DEFAULT_LIMITS.stall_timeout)
     args = p.parse_args(argv)
     try:
-        spec = load(args.spec_json)
+        with open(args.spec_json, "rb") as f:
+            spec = loads(f.read())
     except (OSError, SpecError) as e:
         print(f"devmode: {args.spec_json}: {e}", file=sys.stderr)
         return 2

@@ -17,11 +17,14 @@ from __future__ import annotations
 import binascii
 import hashlib
 import threading
+from collections.abc import Callable
 from functools import cache
 
 from eemini.guest import quote_layout as layout
 from eemini.guest.attest import check_quote
+from eemini.guest.bootconfig import ConfigError
 from eemini.guest.dev import der
+from eemini.guest.dev.cmdline import DEV_MARKER, parse_cmdline
 from eemini.guest.dev.p256 import PrivateKey, PublicKey, der_signature
 from eemini.guest.quote_layout import INTEL_QE_VENDOR_ID, REPORT_DATA_SIZE
 from eemini.guest.record import record
@@ -344,3 +347,16 @@ class SimulatedBackend:
             quote = make_quote(report_data, self._m)
         check_quote(quote, report_data)
         return quote
+
+
+def boot(cmdline_text: str, log: Callable[[str], None]) -> tuple[SimulatedBackend, RuntimeMeasurer]:
+    """PID 1's attestation step in a local-dev image; ConfigError when the cmdline cannot be one.
+
+    Both must say so: image.json (in the initramfs) and the measured cmdline marker, so a
+    simulated image can never pass for a production one.
+    """
+    if not parse_cmdline(cmdline_text).has(*DEV_MARKER):
+        raise ConfigError("image.json asks for simulated attestation but the cmdline lacks ee.dev=1")
+    log("attestation: simulated (local-dev image; quotes are signed by a development key)")
+    backend = SimulatedBackend()
+    return backend, backend.rtmr3_measurer()
