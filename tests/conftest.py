@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,3 +16,16 @@ def shared_testdata(sub: str) -> Path:
     if not path.is_dir():
         pytest.skip(f"third-party test data not present: {path} (it lives beside the repo, not in it)")
     return path
+
+
+def bare_python(code: str) -> str:
+    """What `code` prints, run by this interpreter without site-packages (-S: a .pth file there
+    may import anything) and with the eemini package from src/: what a module imports by itself."""
+    out = subprocess.run(
+        [sys.executable, "-S", "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"PYTHONPATH": str(REPO / "src")},
+    )
+    return out.stdout

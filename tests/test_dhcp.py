@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import re
 import socket
 import struct
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from eemini.guest import dhcp
 from netns import namespaces, needs_root, python_in, start_dhcp_server, veth
@@ -67,6 +70,23 @@ def test_domain_must_be_a_host_name(raw: bytes, expected: str | None) -> None:
     assert dhcp.host_name(raw) == expected
     ack = _hand_packed_ack().replace(bytes([15, 4]) + b"lan\0", bytes([15, len(raw)]) + raw)
     assert dhcp.Lease.from_ack(dhcp.decode(ack), 0.0).domain == expected
+
+
+# RFC 1123 host names as a regular expression: the reference the guest's check (written without
+# `re`, which PID 1 does not import) is held to.
+_LABEL = rb"(?!-)[A-Za-z0-9-]{1,63}(?<!-)"
+HOST_NAME = re.compile(rb"%s(\.%s)*\.?\Z" % (_LABEL, _LABEL))
+
+
+@settings(max_examples=2000, deadline=None)
+@given(
+    st.lists(st.sampled_from([b"a", b"Z", b"7", b"-", b".", b"\n", b" ", b"\xff", b"_", b"a" * 60])).map(
+        b"".join
+    )
+)
+def test_host_name_is_rfc_1123(raw: bytes) -> None:
+    expected = raw.decode() if len(raw) <= 253 and HOST_NAME.match(raw) else None
+    assert dhcp.host_name(raw) == expected
 
 
 def test_encode_discover_layout() -> None:

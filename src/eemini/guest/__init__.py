@@ -16,6 +16,8 @@ workload do without the standard library's heavier conveniences, and nothing her
 - `eemini.guest.loop` stands in for `asyncio` and `selectors`: `select.epoll` directly.
 - `_socket`, the C core of the socket module, stands in for `socket` (whose enums and
   `selectors` the guest does not need).
+- `eemini.guest.wirejson` stands in for `json`: the same C codec, without json.decoder's
+  regular expressions and with them `re` (json's messages come along only with an error).
 - Nor `queue`, `random`, `hmac`, `base64` or `contextlib`: a deque under a Condition,
   `os.urandom`, `_operator._compare_digest`, `binascii` and try/except do their work.
 - `traceback` is imported where an error is being reported, never before.

@@ -24,13 +24,12 @@ from __future__ import annotations
 
 import binascii
 import hashlib
-import json
 import os
 import struct
 import threading
 import time
 
-from eemini.guest import metadata
+from eemini.guest import metadata, wirejson
 from eemini.guest.attest import AttestError, check_quote
 from eemini.guest.quote_layout import REPORT_DATA_SIZE
 from eemini.guest.rtmr import RuntimeMeasurer
@@ -114,7 +113,7 @@ class HclReport:
         self.td_report = raw[TD_REPORT_OFFSET : TD_REPORT_OFFSET + TD_REPORT_SIZE]
         self.runtime_data = raw[RUNTIME_DATA_OFFSET : RUNTIME_DATA_OFFSET + size]
         try:
-            doc = json.loads(self.runtime_data)
+            doc = wirejson.loads(self.runtime_data)
             self.user_data = bytes.fromhex(doc["user-data"])
             ak = next(k for k in doc["keys"] if k.get("kid") == "HCLAkPub")
             self.ak_n = int.from_bytes(b64url_decode(ak["n"]), "big")
@@ -133,7 +132,7 @@ class ImdsQuoteClient:
         self.fetch = fetch or metadata.Fetch(timeout=10.0, attempts=5, backoff=0.5)
 
     def td_quote(self, td_report: bytes) -> bytes:
-        body = json.dumps({"report": b64url_encode(td_report)}).encode()
+        body = wirejson.dumps({"report": b64url_encode(td_report)}).encode()
         headers = {"Content-Type": "application/json", "Metadata": "true"}
         where = f"the metadata service ({self.fetch.host}{TDQUOTE_PATH})"
         answer = metadata.http_request(
@@ -146,7 +145,7 @@ class ImdsQuoteClient:
             text = data[:200].decode("utf-8", "replace")
             raise AttestError(f"{where} answered HTTP {status}: {text!r}")
         try:
-            text = json.loads(data)["quote"]
+            text = wirejson.loads(data)["quote"]
             if not isinstance(text, str):
                 raise TypeError(f"quote is a {type(text).__name__}, not a string")
             quote = b64url_decode(text)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
-import re
 
 from eemini.guest.image import ConfigSource
 from eemini.guest.record import field, record
@@ -28,7 +27,6 @@ NETWORK_KEYS = ("EE_IP", "EE_GATEWAY", "EE_DNS")
 CONFIG_FILE = "agent.env"
 MAX_FILE = 64 * 1024  # the Azure userData limit; plenty for KEY=VALUE lines
 MAX_VALUE = 4096
-_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
 
 LOCAL_SOURCES = frozenset(source for source in ConfigSource if source.local)
@@ -62,7 +60,7 @@ KERNEL_SPACES = frozenset(b"\t\n\v\f\r \xa0")
 def make_setting(source: str, key: str, value: str, where: str) -> Setting:
     """A setting whose key is a valid name and whose value is text of at most MAX_VALUE
     characters (UTF-8 already: agent.env is decoded strictly, the cmdline checked by its parser)."""
-    if not _KEY.match(key):
+    if not (key.isascii() and key.isidentifier()):  # [A-Za-z_][A-Za-z0-9_]*
         raise ConfigError(f"boot config key {key!r} from {source} ({where}) is not a valid name")
     problem = "too long" if len(value) > MAX_VALUE else "not text" if "\0" in value else None
     if problem is not None:

@@ -13,7 +13,6 @@ import _socket
 import enum
 import ipaddress
 import os
-import re
 import select
 import struct
 import time
@@ -226,17 +225,19 @@ def prefix_length(address: ipaddress.IPv4Address, mask: ipaddress.IPv4Address) -
     return 32 - host_bits.bit_length()
 
 
-# RFC 1123 host names: dot-separated labels of 1-63 letters, digits and inner hyphens (and a final
-# dot); \Z, unlike $, admits no newline at the end.
-_LABEL = rb"(?!-)[A-Za-z0-9-]{1,63}(?<!-)"
-_HOST_NAME = re.compile(rb"%s(\.%s)*\.?\Z" % (_LABEL, _LABEL))
-
-
 def host_name(raw: bytes) -> str | None:
     """A DHCP domain name (option 15) when it is a valid host name of 253 characters at most,
     else None: the value goes into /etc/resolv.conf, where a newline would add lines of the
-    server's choosing."""
-    return raw.decode("ascii") if len(raw) <= 253 and _HOST_NAME.match(raw) else None
+    server's choosing. RFC 1123: dot-separated labels of 1-63 letters, digits and inner hyphens,
+    and perhaps a final dot (bytes.isalnum is ASCII only)."""
+    labels = (raw[:-1] if raw.endswith(b".") else raw).split(b".")
+    valid = all(
+        0 < len(label) <= 63
+        and b"-" not in (label[:1], label[-1:])
+        and label.replace(b"-", b"a").isalnum()
+        for label in labels
+    )
+    return raw.decode("ascii") if len(raw) <= 253 and valid else None
 
 
 # The options asked for (option 55).

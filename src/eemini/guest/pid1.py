@@ -16,13 +16,12 @@ workload:` and `eemini: powering off (...)` are what `eemini run` reads to judge
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sys
 import time
 
-from eemini.guest import linux
+from eemini.guest import linux, wirejson
 from eemini.guest.image import (
     IMAGE_JSON,
     SOCKET,
@@ -305,7 +304,7 @@ class Boot:
         path = self.paths.image_json
         try:
             with open(path, "rb") as f:
-                return ImageFacts.from_dict(json.loads(f.read()))
+                return ImageFacts.from_dict(wirejson.loads(f.read()))
         except OSError as e:
             raise BootFailure(f"cannot read the image facts {path}: {e.strerror}") from None
         except ImageError as e:  # first: an ImageError is a ValueError too

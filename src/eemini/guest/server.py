@@ -26,7 +26,6 @@ constant time and never logged or echoed.
 from __future__ import annotations
 
 import _socket
-import json
 import os
 import sys
 
@@ -35,6 +34,7 @@ import sys
 from _operator import _compare_digest as compare_digest
 from collections.abc import Mapping
 
+from eemini.guest import wirejson
 from eemini.guest.loop import EventLoop, Timer
 from eemini.guest.record import field, record
 
@@ -130,12 +130,12 @@ def _accept(listener: _socket.socket) -> _socket.socket:
 
 
 def _encode(response: Response) -> bytes:
-    return json.dumps(response, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
+    return wirejson.dumps(response).encode() + b"\n"
 
 
 def encoded_size(value: object) -> int:
     """How many bytes `value` takes in an answer line."""
-    return len(json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode())
+    return len(wirejson.dumps(value).encode())
 
 
 class _Conn:
@@ -557,15 +557,13 @@ class Server:
         """The method a request line names and its parameters, checked; RequestError unless the
         line is a well-formed request with the right token."""
         try:
-            request = json.loads(line.decode("utf-8"))
+            request = wirejson.loads(line)
         except UnicodeDecodeError as e:
             raise BadRequest(f"request is not valid UTF-8 (bad byte at offset {e.start})") from None
-        except json.JSONDecodeError as e:
-            raise BadRequest(f"request is not valid JSON: {e.msg} at column {e.colno}") from None
         except RecursionError:
             raise BadRequest("request is not valid JSON: nested too deeply") from None
-        except ValueError as e:  # e.g. an integer beyond the interpreter's digit limit
-            raise BadRequest(f"request is not valid JSON: {e}") from None
+        except ValueError as e:
+            raise BadRequest(f"request is not valid JSON: {wirejson.problem(e)}") from None
         if not isinstance(request, dict):
             raise BadRequest(f"request must be a JSON object, got {_json_type_name(request)}")
         token = request.pop("token", None)

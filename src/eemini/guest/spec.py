@@ -8,11 +8,10 @@ only that document (`/etc/eemini/spec.json` in the image). Both sides validate w
 from __future__ import annotations
 
 import enum
-import json
 import os
-import re
 from collections.abc import Mapping
 
+from eemini.guest import wirejson
 from eemini.guest.record import field, record
 
 TYPE_CHECKING = False
@@ -23,7 +22,6 @@ if TYPE_CHECKING:
 
 SPEC_VERSION = 1
 # POSIX portable environment names; '=' and NUL would corrupt envp.
-_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 # Set by the runtime itself; a spec may not declare or allow them.
 RESERVED_ENV = frozenset({"EE_TOKEN"})
 
@@ -97,7 +95,7 @@ def _expect_str_list(key: str, value: object) -> tuple[str, ...]:
 
 
 def _expect_env_name(key: str, value: str) -> None:
-    if not _ENV_NAME.match(value):
+    if not (value.isascii() and value.isidentifier()):  # [A-Za-z_][A-Za-z0-9_]*
         raise SpecError(f"{key}: {value!r} is not a valid environment variable name")
     if value in RESERVED_ENV:
         raise SpecError(f"{key}: {value} is set by the runtime and cannot be declared")
@@ -193,13 +191,13 @@ class EnclaveSpec:
 
 
 def canonical_json(obj: object) -> bytes:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    return wirejson.dumps(obj, sort_keys=True).encode()
 
 
 def loads(data: bytes) -> EnclaveSpec:
     """Parse the canonical JSON document (as found at /etc/eemini/spec.json)."""
     try:
-        doc = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        doc = wirejson.loads(data)
+    except ValueError as e:  # not UTF-8, or not JSON
         raise SpecError(f"spec: not a JSON document: {e}") from None
     return EnclaveSpec.from_dict(doc)
