@@ -209,8 +209,7 @@ class EventLoop:
                 break
             signums.extend(b for b in data if b != 0)
         with self._threadsafe_lock:
-            pending = list(self._threadsafe)
-            self._threadsafe.clear()
+            pending, self._threadsafe = self._threadsafe, deque()
         for cb in pending:
             self._run_callback(cb)
         for signum in dict.fromkeys(signums):  # coalesce, keep order: signals are not queued
@@ -239,9 +238,7 @@ class EventLoop:
             return 0.0
         while self._timers and self._timers[0][2].callback is None:
             heapq.heappop(self._timers)
-        if not self._timers:
-            return None
-        return max(0.0, self._timers[0][0] - self.time())
+        return max(0.0, self._timers[0][0] - self.time()) if self._timers else None
 
     def run_once(self) -> None:
         """One iteration: wait for fds or the next timer, then run what is due."""

@@ -216,10 +216,8 @@ class Netlink:
 
 def first_nic(links: list[Link]) -> Link | None:
     """The first Ethernet interface by index (what the firmware/hypervisor enumerated first)."""
-    for link in links:
-        if link.kind == ARPHRD_ETHER and len(link.mac) == 6:  # not lo: ARPHRD_LOOPBACK
-            return link
-    return None
+    # Not lo: ARPHRD_LOOPBACK.
+    return next((link for link in links if link.kind == ARPHRD_ETHER and len(link.mac) == 6), None)
 
 
 def wait_for_nic(nl: Netlink, timeout: float) -> Link | None:
