@@ -122,13 +122,6 @@ def _clip(text: str) -> str:
     return text if len(text) <= 64 else text[:64] + "..."
 
 
-def _accept(listener: _socket.socket) -> _socket.socket:
-    # socket.socket.accept() without socket.py: accept4(SOCK_CLOEXEC), then a socket object of
-    # the listener's family and type for the new fd (typeshed does not declare _accept).
-    fd, _ = listener._accept()  # type: ignore[attr-defined]
-    return _socket.socket(listener.family, listener.type, listener.proto, fileno=fd)
-
-
 def _encode(response: Response) -> bytes:
     return wirejson.dumps(response).encode() + b"\n"
 
@@ -420,7 +413,10 @@ class Server:
         assert listener is not None
         for _ in range(64):  # bounded, so a connection storm does not starve the loop
             try:
-                sock = _accept(listener)
+                # socket.socket.accept() without socket.py: accept4(SOCK_CLOEXEC), then a socket
+                # object of the listener's family and type for the new fd (typeshed does not
+                # declare _accept).
+                fd, _ = listener._accept()  # type: ignore[attr-defined]
             except BlockingIOError:
                 return
             except OSError as e:
@@ -432,6 +428,7 @@ class Server:
                     0.1, lambda: self.loop.add_reader(listener.fileno(), self._on_accept)
                 )
                 return
+            sock = _socket.socket(listener.family, listener.type, listener.proto, fileno=fd)
             sock.setblocking(False)
             if len(self.conns) >= self.limits.max_connections and not self._evict():
                 limit = self.limits.max_connections
@@ -468,8 +465,7 @@ class Server:
 
     def _wake(self) -> None:
         self._waking = None
-        starved = list(self.starved)
-        self.starved.clear()
+        starved, self.starved = self.starved, {}
         for conn in starved:
             conn.resume()
 
