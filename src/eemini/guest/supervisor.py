@@ -268,12 +268,6 @@ class _Pipe:
         self.closed = True
         self.sup.pipes.remove(self)
 
-    def read_available(self) -> None:
-        """Read what the pipe holds now (a default pipe buffer is 64 KiB), without waiting."""
-        for _ in range(16):  # bounded: a writer that is still alive may keep writing
-            if self.closed or not self.read_once():
-                return
-
     def emit(self, lines: list[str]) -> None:
         for line in lines:
             self.sup.logbuf.append(line)
@@ -362,7 +356,10 @@ class Supervisor:
             for fd in fds:
                 os.close(fd)
             what = self.workload.path if len(fds) == 4 else "cannot create its output pipes"
-            self._start_failed(run, now, mono, f"{what}: {e.strerror or e}")
+            failed = RunRecord(run, 0, now, mono, now, 127, None, f"{what}: {e.strerror or e}", mono)
+            self._remember(failed)
+            self.note(f"{self.workload.name}: run {run} {failed.describe()}")
+            self._after_exit(failed)
             return
         os.close(out_w)
         os.close(err_w)
@@ -372,12 +369,6 @@ class Supervisor:
         self.reaper.watch(pid, self._on_reaped)
         self.pipes += [_Pipe(self, out_r, "stdout", run), _Pipe(self, err_r, "stderr", run)]
         self.note(f"{self.workload.name}: started run {run} as pid {pid}")
-
-    def _start_failed(self, run: int, now: float, mono: float, error: str) -> None:
-        record = RunRecord(run, 0, now, mono, now, 127, None, error, ended_mono=mono)
-        self._remember(record)
-        self.note(f"{self.workload.name}: run {run} {record.describe()}")
-        self._after_exit(record)
 
     def _remember(self, record: RunRecord) -> None:
         if self.runs and self.runs[-1].run == record.run:
@@ -425,7 +416,11 @@ class Supervisor:
         timer.cancel()
         held: list[str] = []
         for pipe in [p for p in self.pipes if p.run == ended.run]:
-            pipe.read_available()
+            # Read what the pipe holds now (a default pipe buffer is 64 KiB), without waiting;
+            # bounded: a writer that is still alive may keep writing.
+            for _ in range(16):
+                if pipe.closed or not pipe.read_once():
+                    break
             if not pipe.closed:
                 held.append(pipe.stream)
                 pipe.close()
