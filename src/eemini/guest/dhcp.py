@@ -126,8 +126,7 @@ def encode(packet: Packet) -> bytes:
             chunk = value[i : i + 255]
             opts += bytes([code, len(chunk)]) + chunk
     opts.append(Option.END)
-    data = fixed + bytes(opts)
-    return data.ljust(MIN_PACKET, b"\0")
+    return (fixed + opts).ljust(MIN_PACKET, b"\0")
 
 
 def _parse_options(data: bytes, into: dict[int, bytes]) -> None:
@@ -270,9 +269,6 @@ class Client:
         secs = min(int(time.monotonic() - self.started), 0xFFFF)
         return Packet(op=BOOTREQUEST, xid=self.xid, chaddr=self.mac, options=options, secs=secs, **kw)
 
-    def discover(self) -> Packet:
-        return self._packet(MessageType.DISCOVER, flags=FLAG_BROADCAST)
-
     def request_offer(self, offer: Packet) -> Packet:
         server = offer.address_option(Option.SERVER_ID) or offer.siaddr
         return self._packet(
@@ -288,8 +284,7 @@ class Client:
         )
 
     def send(self, packet: Packet, to: ipaddress.IPv4Address | None = None) -> None:
-        dest = str(to) if to is not None else "255.255.255.255"
-        self.sock.sendto(encode(packet), (dest, SERVER_PORT))
+        self.sock.sendto(encode(packet), (str(to or "255.255.255.255"), SERVER_PORT))
 
     def receive(self, deadline: float, accept: Callable[[Packet], bool]) -> Packet | None:
         """The next reply for our xid and MAC that `accept` likes, or None at the deadline."""
@@ -329,7 +324,7 @@ class Client:
             if time.monotonic() >= deadline:
                 break
             self._new_xid()
-            self.send(self.discover())
+            self.send(self._packet(MessageType.DISCOVER, flags=FLAG_BROADCAST))
             step = min(time.monotonic() + wait, deadline)
             offer = self.receive(step, lambda p: p.message_type == MessageType.OFFER)
             wait *= 2
