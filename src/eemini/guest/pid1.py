@@ -204,17 +204,16 @@ def check_cmdline(image: ImageFacts, cmdline_text: str) -> None:
     instead of `.cmdline`, so the host could hand the kernel any command line. The builder records
     what the stub passes on from `.cmdline` as image.json `cmdline`; /proc/cmdline is the kernel's
     copy with a newline added."""
-    expected = image.cmdline
     from eemini.guest.bootconfig import KERNEL_SPACES
 
     # Trailing bytes the kernel takes for spaces only (str.rstrip() would also drop \x1c, U+2028 ...,
     # which the kernel keeps as part of the last argument).
     raw = cmdline_text.encode("utf-8", "surrogateescape").rstrip(bytes(sorted(KERNEL_SPACES)))
     got = raw.decode("utf-8", "surrogateescape")
-    if got != expected:
+    if got != image.cmdline:
         raise Refusal(
             f"the kernel command line is not the image's own: got {got!r}, "
-            f"the image was built with {expected!r}"
+            f"the image was built with {image.cmdline!r}"
         )
 
 
@@ -336,8 +335,7 @@ class Boot:
         return metadata.collect(sources, metadata.Fetch(), console)
 
     def backend(self, image: ImageFacts, cmdline_text: str) -> tuple[Backend, RuntimeMeasurer]:
-        kind = image.attestation
-        if kind is Attestation.SIMULATED:
+        if image.attestation is Attestation.SIMULATED:
             from eemini.guest.bootconfig import ConfigError
             from eemini.guest.dev import simulated
 
@@ -345,7 +343,7 @@ class Boot:
                 return simulated.boot(cmdline_text, console)
             except ConfigError as e:
                 raise BootFailure(str(e)) from None
-        if kind is Attestation.AZURE_TDX_VTPM:
+        if image.attestation is Attestation.AZURE_TDX_VTPM:
             from eemini.guest import azure
 
             return azure.boot(trial_quote, console)
@@ -420,8 +418,7 @@ class Boot:
     def watch_buttons(self, watch: PowerWatch, loop: EventLoop, retries: int) -> None:
         """The power button's input device may be registered a moment after /init starts: look
         again a few times."""
-        count = watch.watch_buttons(self.paths.sys_input, self.paths.dev_input)
-        if count:
+        if watch.watch_buttons(self.paths.sys_input, self.paths.dev_input):
             console(f"power button: watching {', '.join(sorted(watch.fds.values()))}")
         elif retries > 0:
             loop.call_later(1.0, lambda: self.watch_buttons(watch, loop, retries - 1))

@@ -292,13 +292,12 @@ class Runtime:
         # Control characters take six bytes each in JSON: keep the newest lines that fit in one
         # answer and say how many were left out.
         budget = self.config.limits.max_answer - _LOGS_FRAME
-        kept = 0
+        omitted = len(lines)
         for line in reversed(lines):
             budget -= encoded_size(line) + 1  # and a comma
             if budget < 0:
                 break
-            kept += 1
-        omitted = len(lines) - kept
+            omitted -= 1
         respond({"lines": lines[omitted:], "dropped": self.logbuf.dropped, "omitted": omitted})
 
     def _restart(self, params: dict[str, Any], respond: Respond) -> None:
