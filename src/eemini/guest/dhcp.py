@@ -269,14 +269,6 @@ class Client:
         secs = min(int(time.monotonic() - self.started), 0xFFFF)
         return Packet(op=BOOTREQUEST, xid=self.xid, chaddr=self.mac, options=options, secs=secs, **kw)
 
-    def request_offer(self, offer: Packet) -> Packet:
-        server = offer.address_option(Option.SERVER_ID) or offer.siaddr
-        return self._packet(
-            MessageType.REQUEST,
-            flags=FLAG_BROADCAST,
-            options={Option.REQUESTED_IP: offer.yiaddr.packed, Option.SERVER_ID: server.packed},
-        )
-
     def request_renew(self, lease: Lease, *, broadcast: bool) -> Packet:
         # RFC 2131 4.3.2: RENEWING/REBINDING put the address in ciaddr and omit server id/requested ip.
         return self._packet(
@@ -330,7 +322,9 @@ class Client:
             wait *= 2
             if offer is None:
                 continue
-            self.send(self.request_offer(offer))
+            server = offer.address_option(Option.SERVER_ID) or offer.siaddr
+            options = {Option.REQUESTED_IP: offer.yiaddr.packed, Option.SERVER_ID: server.packed}
+            self.send(self._packet(MessageType.REQUEST, flags=FLAG_BROADCAST, options=options))
             reply = self.receive(
                 min(time.monotonic() + wait, deadline),
                 lambda p: p.message_type in (MessageType.ACK, MessageType.NAK),
