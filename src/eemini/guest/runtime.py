@@ -120,20 +120,16 @@ def decode_report_data(params: Mapping[str, Any]) -> bytes:
     if field_name == "nonce" and text and len(text) % 2 == 0 and set(text) <= _HEX_DIGITS:
         data = bytes.fromhex(text)
     else:
-        data = _b64(field_name, text)
+        try:
+            # What base64.b64decode(validate=True) does on 3.13.
+            data = binascii.a2b_base64(text.encode("ascii"), strict_mode=True)
+        except (binascii.Error, UnicodeEncodeError, ValueError):
+            raise RequestError(f"attest: {field_name} is not valid base64") from None
     if len(data) > REPORT_DATA_SIZE:
         raise RequestError(
             f"attest: {field_name} decodes to {len(data)} bytes; the maximum is {REPORT_DATA_SIZE}"
         )
     return data
-
-
-def _b64(field_name: str, text: str) -> bytes:
-    try:
-        # What base64.b64decode(validate=True) does on 3.13.
-        return binascii.a2b_base64(text.encode("ascii"), strict_mode=True)
-    except (binascii.Error, UnicodeEncodeError, ValueError):
-        raise RequestError(f"attest: {field_name} is not valid base64") from None
 
 
 def _b64encode(data: bytes) -> str:
