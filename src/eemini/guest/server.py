@@ -430,30 +430,27 @@ class Server:
                 return
             sock = _socket.socket(listener.family, listener.type, listener.proto, fileno=fd)
             sock.setblocking(False)
-            if len(self.conns) >= self.limits.max_connections and not self._evict():
-                limit = self.limits.max_connections
-                try:
-                    sock.send(_encode(error(f"too many connections (limit {limit}); try again", "busy")))
-                except OSError:
-                    pass
-                sock.close()
-                continue
-            conn = _Conn(self, sock)
-            self.conns[conn] = None
-            conn.update()
-
-    def _evict(self) -> bool:
-        """Make room by closing the oldest connection that has not authenticated, if any."""
-        for conn in self.conns:
-            if not conn.authenticated:
-                limit = self.limits.max_connections
-                conn.drop(
+            limit = self.limits.max_connections
+            if len(self.conns) >= limit:
+                # Make room by closing the oldest connection that has not authenticated, if any.
+                oldest = next((conn for conn in self.conns if not conn.authenticated), None)
+                if oldest is None:
+                    try:
+                        sock.send(
+                            _encode(error(f"too many connections (limit {limit}); try again", "busy"))
+                        )
+                    except OSError:
+                        pass
+                    sock.close()
+                    continue
+                oldest.drop(
                     f"connection limit ({limit}) reached: closing the oldest connection "
                     "that has not sent the right token",
                     "evicted",
                 )
-                return True
-        return False
+            conn = _Conn(self, sock)
+            self.conns[conn] = None
+            conn.update()
 
     # -- output budget -----------------------------------------------------------------------
 
