@@ -46,6 +46,18 @@ def test_constants_match_kernel_headers(header: str, name: str) -> None:
     assert getattr(module, name) == _header_value(header, name)
 
 
+def in_mount_namespace(script: str, directory: Path) -> list[str]:
+    """The lines `script` prints, run with `directory` as its argument in a new mount namespace."""
+    proc = subprocess.run(
+        ["unshare", "-m", sys.executable, "-c", script, os.fspath(directory)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.splitlines()
+
+
 _MOUNT_SCRIPT = """
 import os, sys
 from eemini.guest import linux as k
@@ -74,14 +86,7 @@ except OSError as e:
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="mount needs root")
 def test_mount_remount_umount_in_private_namespace(tmp_path: Path) -> None:
-    proc = subprocess.run(
-        ["unshare", "-m", sys.executable, "-c", _MOUNT_SCRIPT, os.fspath(tmp_path)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.splitlines() == [
+    assert in_mount_namespace(_MOUNT_SCRIPT, tmp_path) == [
         f"ro {errno.EROFS}",
         f"bad {errno.ENODEV} mount: No such device {tmp_path}",
         "mounted-after False",
@@ -110,14 +115,7 @@ for name, flags in (("follow", 0), ("nosymfollow", k.MS_NOSYMFOLLOW)):
 def test_nosymfollow_mount_does_not_follow_symlinks(tmp_path: Path) -> None:
     # What the config disk relies on (Linux 5.10+): paths through a symlink on the mount fail
     # with ELOOP; readlink still works.
-    proc = subprocess.run(
-        ["unshare", "-m", sys.executable, "-c", _NOSYMFOLLOW_SCRIPT, os.fspath(tmp_path)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.splitlines() == [
+    assert in_mount_namespace(_NOSYMFOLLOW_SCRIPT, tmp_path) == [
         "follow secret target",
         f"nosymfollow errno {errno.ELOOP} target",
     ]
